@@ -1,0 +1,128 @@
+"""The `llama4-local` command line: thin, it parses options, calls the library and renders.
+
+torch and the model code are imported inside the commands, so `--help` answers at once.
+Exit codes: 0 success, 1 runtime failure, 2 bad usage or input, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(
+    name="llama4-local",
+    help="Run Meta's Llama 4 (Scout) on one workstation: one GPU or the CPU alone.",
+    no_args_is_help=True,
+    add_completion=True,
+    pretty_exceptions_enable=False,
+)
+
+ModelOpt = Annotated[Path, typer.Option("--model", "-m", help="Checkpoint directory (Hugging Face layout).")]
+
+
+def _fail(message: str, code: int) -> None:
+    sys.stderr.write(f"error: {message}\n")
+    raise typer.Exit(code)
+
+
+def _run(fn, verbose: bool):
+    """Call fn, turning user errors into one line and exit 2, other failures into exit 1."""
+    from llama4_local.errors import UserError
+
+    try:
+        return fn()
+    except UserError as e:
+        _fail(str(e), 2)
+    except KeyboardInterrupt:
+        sys.stderr.write("\ninterrupted\n")
+        raise typer.Exit(130) from None
+    except (typer.Exit, SystemExit):
+        raise
+    except Exception as e:
+        if verbose:
+            raise
+        name = type(e).__name__
+        msg = str(e).splitlines()[0] if str(e) else name
+        _fail(f"{name}: {msg} (run again with --verbose for details)", 1)
+
+
+@app.callback()
+def main() -> None:
+    """Run Meta's Llama 4 (Scout) on one workstation: one GPU or the CPU alone."""
+
+
+@app.command()
+def prompt(
+    text: Annotated[str, typer.Argument(help="The prompt; '-' reads it from standard input.")],
+    model: ModelOpt,
+    system: Annotated[str | None, typer.Option(help="System message for the chat template.")] = None,
+    raw: Annotated[bool, typer.Option("--raw", help="No chat template: tokenize TEXT as is, with BOS.")] = False,
+    max_tokens: Annotated[
+        int | None, typer.Option("--max-tokens", "-n", help="Most tokens to generate [default: 512].")
+    ] = None,
+    temperature: Annotated[float | None, typer.Option(help="0 means greedy [default: checkpoint's].")] = None,
+    top_k: Annotated[int | None, typer.Option(help="Keep the k most likely tokens (0: off).")] = None,
+    top_p: Annotated[float | None, typer.Option(help="Nucleus sampling threshold.")] = None,
+    min_p: Annotated[float | None, typer.Option(help="Drop tokens below min_p x the top probability.")] = None,
+    repetition_penalty: Annotated[float | None, typer.Option(help="Penalise tokens already seen (1: off).")] = None,
+    seed: Annotated[int | None, typer.Option(help="Random seed for reproducible sampling.")] = None,
+    stop: Annotated[list[str] | None, typer.Option(help="Stop when this text appears (repeatable).")] = None,
+    ignore_eos: Annotated[bool, typer.Option("--ignore-eos", help="Keep generating past end tokens.")] = False,
+    dtype: Annotated[str, typer.Option(help="bfloat16, float16 or float32.")] = "bfloat16",
+    device: Annotated[str, typer.Option(help="cpu, cuda or auto.")] = "auto",
+    prefill_chunk: Annotated[int, typer.Option(help="Prompt tokens per prefill step (bounds memory).")] = 512,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of streaming.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show tracebacks.")] = False,
+) -> None:
+    """Generate one reply to TEXT and print it as it is generated.
+
+    Examples:
+
+      llama4-local prompt "Why is the sky blue?" -m ~/models/Llama-4-Scout-17B-16E-Instruct
+
+      cat notes.txt | llama4-local prompt - -m ./scout --system "Summarise in 3 bullets."
+
+      llama4-local prompt "Once upon a time" -m ./scout --raw --temperature 0 --json
+    """
+
+    def go():
+        from llama4_local.runner import PromptRequest, run_prompt
+
+        body = sys.stdin.read() if text == "-" else text
+        req = PromptRequest(
+            model=model,
+            text=body,
+            system=system,
+            raw=raw,
+            max_tokens=max_tokens,
+            sampling=dict(
+                temperature=temperature,
+                top_k=top_k,
+                top_p=top_p,
+                min_p=min_p,
+                repetition_penalty=repetition_penalty,
+                seed=seed,
+            ),
+            stop=stop or [],
+            ignore_eos=ignore_eos,
+            dtype=dtype,
+            device=device,
+            prefill_chunk=prefill_chunk,
+        )
+        out = sys.stdout
+        result = run_prompt(req, on_text=None if as_json else lambda s: (out.write(s), out.flush()))
+        if as_json:
+            out.write(json.dumps(result.as_json(), ensure_ascii=False) + "\n")
+        else:
+            out.write("\n")
+            sys.stderr.write(result.stats.line() + "\n")
+
+    _run(go, verbose)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,129 @@
+"""Reading a Hugging Face Llama 4 checkpoint: safetensors shards, memory-mapped.
+
+This module owns the mapping from checkpoint names to module names (the one place that knows
+both): `language_model.model.X` (Llama4ForConditionalGeneration) and `model.X`
+(Llama4ForCausalLM) become `X`; `language_model.lm_head.weight` and `lm_head.weight` become
+`lm_head.weight`; vision tensors are skipped. Files are opened with safetensors, which maps
+them; nothing is unpickled and no code from the checkpoint runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from .config import read_json
+from .errors import UserError
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+
+_PREFIXES = (
+    ("language_model.model.", ""),
+    ("language_model.lm_head.", "lm_head."),
+    ("model.", ""),
+    ("lm_head.", "lm_head."),
+)
+_SKIP = ("vision_model.", "multi_modal_projector.")
+
+
+def module_name(ckpt_name: str) -> str | None:
+    """The module name a checkpoint tensor loads into, or None for tensors text ignores."""
+    if ckpt_name.startswith(_SKIP):
+        return None
+    for prefix, repl in _PREFIXES:
+        if ckpt_name.startswith(prefix):
+            return repl + ckpt_name[len(prefix) :]
+    return None
+
+
+@dataclass
+class Checkpoint:
+    """The tensors of one checkpoint, by module name, each with the shard it lives in."""
+
+    root: Path
+    files: dict[str, Path]  # module name -> shard
+    names: dict[str, str]  # module name -> checkpoint name
+
+    def __post_init__(self):
+        self._handles: dict[Path, object] = {}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.files
+
+    def _open(self, path: Path):
+        h = self._handles.get(path)
+        if h is None:
+            h = open_shard(path)
+            self._handles[path] = h
+        return h
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        path = self.files[name]
+        return tuple(self._open(path).get_slice(self.names[name]).get_shape())
+
+    def get(self, name: str) -> torch.Tensor:
+        """The tensor, memory-mapped from its shard (no copy until it is converted or moved)."""
+        path = self.files[name]
+        try:
+            return self._open(path).get_tensor(self.names[name])
+        except SafetensorError as e:
+            raise UserError(f"cannot read tensor {self.names[name]} from {path}: {e}; re-download the shard") from None
+
+    def where(self, name: str) -> str:
+        return f"{self.names[name]} in {self.files[name]}"
+
+    def items(self) -> Iterator[tuple[str, Path]]:
+        return iter(self.files.items())
+
+
+def open_shard(path: Path):
+    if not path.is_file():
+        raise UserError(f"shard {path} is missing; re-download the checkpoint")
+    try:
+        return safe_open(str(path), framework="pt")
+    except (SafetensorError, OSError) as e:
+        raise UserError(f"{path} is not a readable safetensors file ({e}); re-download it") from None
+
+
+def open_checkpoint(model_dir: Path) -> Checkpoint:
+    """Index every text tensor of the checkpoint in `model_dir` (sharded or single-file)."""
+    model_dir = Path(model_dir)
+    index_path = model_dir / INDEX_NAME
+    if index_path.is_file():
+        index = read_json(index_path)
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict):
+            raise UserError(f"{index_path} has no weight_map; re-download the checkpoint")
+        shards = sorted(set(weight_map.values()))
+        for shard in shards:
+            if not (model_dir / shard).is_file():
+                raise UserError(f"{index_path} names shard {shard}, which is missing; re-download the checkpoint")
+        ckpt_names = {}
+        for shard in shards:
+            # Read each shard's own header: a truncated or foreign shard is caught here, and
+            # the index cannot send us to a tensor the shard does not hold.
+            keys = set(open_shard(model_dir / shard).keys())
+            for name, in_shard in weight_map.items():
+                if in_shard == shard:
+                    if name not in keys:
+                        raise UserError(f"{index_path} places {name} in {shard}, which does not hold it")
+                    ckpt_names[name] = model_dir / shard
+    elif (model_dir / SINGLE_NAME).is_file():
+        path = model_dir / SINGLE_NAME
+        ckpt_names = {k: path for k in open_shard(path).keys()}
+    else:
+        found = sorted(p.name for p in model_dir.glob("*.safetensors"))
+        hint = f" (found {', '.join(found[:3])} without {INDEX_NAME})" if found else ""
+        raise UserError(f"{model_dir} has no {SINGLE_NAME} or {INDEX_NAME}{hint}; is it a complete checkpoint?")
+    files, names = {}, {}
+    for ckpt_name, path in ckpt_names.items():
+        mod = module_name(ckpt_name)
+        if mod is not None:
+            files[mod] = path
+            names[mod] = ckpt_name
+    return Checkpoint(root=model_dir, files=files, names=names)

@@ -1,0 +1,220 @@
+"""Generation in three levels, as mlx-lm does it.
+
+- `generate_step` prefills the prompt in pieces and yields token ids, one forward per token.
+- `stream_generate` turns them into `Response` records: a text piece that never splits a
+  character, timings, and why generation finished (eos, a stop string, or the length limit).
+- `generate` collects a whole reply.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import UserError
+from .kv_cache import KVCache
+from .model import Llama4Text
+from .sampling import Sampler, SamplingParams
+from .tokenizer import StreamingDetokenizer, Tokenizer
+
+DEFAULT_PREFILL_CHUNK = 512  # tokens per prefill forward: bounds activation memory on long prompts
+
+
+def check_context(cfg, prompt_tokens: int, max_new_tokens: int, context: int | None = None) -> int:
+    """The cache length this request needs; a clear error when it exceeds the context."""
+    limit = min(context or cfg.max_position_embeddings, cfg.max_position_embeddings)
+    need = prompt_tokens + max_new_tokens
+    if need > limit:
+        raise UserError(
+            f"prompt ({prompt_tokens} tokens) plus --max-tokens {max_new_tokens} is {need} tokens, "
+            f"more than the context of {limit}; shorten the prompt or lower --max-tokens"
+        )
+    if prompt_tokens == 0:
+        raise UserError("the prompt is empty after tokenization; give some text")
+    return need
+
+
+def prefill(model: Llama4Text, ids: torch.Tensor, cache: KVCache, chunk: int) -> torch.Tensor:
+    """Run ids [T] through the model in pieces of `chunk`; logits of the last position [V]."""
+    if chunk < 1:
+        raise UserError(f"--prefill-chunk must be >= 1, got {chunk}")
+    logits = None
+    for s in range(0, ids.shape[0], chunk):
+        logits = model(ids[s : s + chunk], cache)
+    return logits[-1]
+
+
+def generate_step(
+    model: Llama4Text,
+    prompt: list[int],
+    sampler: Sampler,
+    cache: KVCache,
+    prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+    history: list[int] | None = None,
+) -> Iterator[int]:
+    """Yield generated token ids without end; the caller decides when to stop.
+
+    `prompt` holds the tokens not yet in `cache`; `history` (default: prompt) is every token of
+    the context, for the repetition penalty.
+    """
+    device = model.embed_tokens.weight.device
+    ids = torch.tensor(prompt, dtype=torch.long, device=device)
+    seen = torch.tensor(history if history is not None else prompt, dtype=torch.long, device=device)
+    use_history = sampler.p.repetition_penalty != 1.0
+    logits = prefill(model, ids, cache, prefill_chunk)
+    while True:
+        token = sampler(logits, seen if use_history else None)
+        yield token
+        next_id = torch.tensor([token], dtype=torch.long, device=device)
+        if use_history:
+            seen = torch.cat([seen, next_id])
+        logits = model(next_id, cache)[-1]
+
+
+@dataclass
+class Stats:
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+
+    @property
+    def prefill_tps(self) -> float:
+        return self.prompt_tokens / self.prefill_s if self.prefill_s else 0.0
+
+    @property
+    def decode_tps(self) -> float:
+        # The first token comes from the prefill; each later one costs one decode forward.
+        n = self.generated_tokens - 1
+        return n / self.decode_s if n > 0 and self.decode_s else 0.0
+
+    def as_dict(self) -> dict:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "generated_tokens": self.generated_tokens,
+            "prefill_s": round(self.prefill_s, 4),
+            "decode_s": round(self.decode_s, 4),
+            "prefill_tok_s": round(self.prefill_tps, 2),
+            "decode_tok_s": round(self.decode_tps, 2),
+        }
+
+    def line(self) -> str:
+        return (
+            f"prompt {self.prompt_tokens} tok, generated {self.generated_tokens} tok, "
+            f"prefill {self.prefill_tps:.1f} tok/s, decode {self.decode_tps:.1f} tok/s"
+        )
+
+
+@dataclass
+class Response:
+    text: str  # new text since the previous record (may be empty)
+    token: int | None  # the token this record is for (None for a final flush)
+    finish_reason: str | None = None  # "stop" (eos or stop string) or "length" on the last record
+    stats: Stats = field(default_factory=Stats)
+
+
+class _StopMatcher:
+    """Holds back text that might be the start of a stop string, so nothing printed is retracted."""
+
+    def __init__(self, stops: list[str]):
+        self.stops = [s for s in stops if s]
+        self.text = ""
+        self.emitted = 0
+
+    def push(self, piece: str) -> tuple[str, bool]:
+        """Add a piece; return (text safe to emit, whether a stop string was hit)."""
+        self.text += piece
+        if not self.stops:
+            out, self.emitted = self.text[self.emitted :], len(self.text)
+            return out, False
+        longest = max(len(s) for s in self.stops)
+        search_from = max(0, self.emitted - longest + 1)
+        hits = [i for i in (self.text.find(s, search_from) for s in self.stops) if i >= 0]
+        if hits:
+            end = min(hits)
+            out = self.text[self.emitted : end] if end > self.emitted else ""
+            self.emitted = max(self.emitted, end)
+            return out, True
+        hold = 0
+        for s in self.stops:
+            for n in range(min(len(s) - 1, len(self.text)), 0, -1):
+                if self.text.endswith(s[:n]):
+                    hold = max(hold, n)
+                    break
+        safe = max(self.emitted, len(self.text) - hold)
+        out, self.emitted = self.text[self.emitted : safe], safe
+        return out, False
+
+    def rest(self) -> str:
+        out, self.emitted = self.text[self.emitted :], len(self.text)
+        return out
+
+
+def stream_generate(
+    model: Llama4Text,
+    tokenizer: Tokenizer,
+    prompt: list[int],
+    params: SamplingParams,
+    max_new_tokens: int,
+    eos_ids: set[int],
+    stop: list[str] | None = None,
+    ignore_eos: bool = False,
+    prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+    cache: KVCache | None = None,
+    context: int | None = None,
+) -> Iterator[Response]:
+    """Yield one Response per generated token; the last one carries finish_reason."""
+    need = check_context(model.cfg, len(prompt), max_new_tokens, context)
+    device = model.embed_tokens.weight.device
+    if cache is None:
+        cache = model.new_cache(need)
+    sampler = Sampler(params, device)
+    detok = StreamingDetokenizer(tokenizer)
+    stopper = _StopMatcher(stop or [])
+    stats = Stats(prompt_tokens=len(prompt))
+    if max_new_tokens <= 0:
+        yield Response("", None, "length", stats)
+        return
+    steps = generate_step(model, prompt, sampler, cache, prefill_chunk)
+    t0 = time.perf_counter()
+    for n, token in enumerate(steps, start=1):
+        now = time.perf_counter()
+        if n == 1:
+            stats.prefill_s = now - t0
+        else:
+            stats.decode_s += now - t0
+        stats.generated_tokens = n
+        if token in eos_ids and not ignore_eos:
+            yield Response(stopper.push(detok.flush())[0] + stopper.rest(), token, "stop", stats)
+            return
+        piece, hit = stopper.push(detok.add(token))
+        if hit:
+            yield Response(piece, token, "stop", stats)
+            return
+        if n >= max_new_tokens:
+            tail, hit = stopper.push(detok.flush())
+            yield Response(piece + tail + ("" if hit else stopper.rest()), token, "stop" if hit else "length", stats)
+            return
+        yield Response(piece, token, None, stats)
+        t0 = time.perf_counter()
+
+
+@dataclass
+class Completion:
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    stats: Stats
+
+
+def generate(model, tokenizer, prompt, params, max_new_tokens, eos_ids, **kw) -> Completion:
+    parts, ids, last = [], [], None
+    for r in stream_generate(model, tokenizer, prompt, params, max_new_tokens, eos_ids, **kw):
+        parts.append(r.text)
+        if r.token is not None:
+            ids.append(r.token)
+        last = r
+    return Completion("".join(parts), ids, last.finish_reason, last.stats)

@@ -1,0 +1,91 @@
+"""Build a Llama4Text from a checkpoint directory without allocating any weight twice.
+
+The model is constructed on the meta device (no memory), then every parameter is replaced by
+the checkpoint tensor: memory-mapped as is when dtype and device already match, otherwise
+converted once. Names and shapes are checked against the model and a mismatch names the tensor
+and the file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .checkpoint import Checkpoint, open_checkpoint
+from .config import TextConfig, load_config
+from .errors import UserError
+from .model import Llama4Text, rope_inv_freq
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
+    if device not in ("cpu", "cuda"):
+        raise UserError(f"--device must be cpu, cuda or auto, not {device!r}")
+    return torch.device(device)
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, not {name!r}") from None
+
+
+def check_model_dir(path: Path) -> Path:
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise UserError(f"model path {path} does not exist; pass a local checkpoint directory")
+    if not path.is_dir():
+        raise UserError(f"model path {path} is a file; pass the checkpoint directory that holds config.json")
+    return path
+
+
+def load_weights(model: Llama4Text, ckpt: Checkpoint, dtype: torch.dtype, device: torch.device) -> None:
+    """Assign every parameter of `model` (on meta) from `ckpt`, checking names and shapes."""
+    cfg = model.cfg
+    params = dict(model.named_parameters())
+    if cfg.tie_word_embeddings and "lm_head.weight" not in ckpt:
+        ckpt.files["lm_head.weight"] = ckpt.files.get("embed_tokens.weight")
+        ckpt.names["lm_head.weight"] = ckpt.names.get("embed_tokens.weight")
+    missing = [n for n in params if n not in ckpt or ckpt.files[n] is None]
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise UserError(
+            f"checkpoint {ckpt.root} lacks tensor {missing[0]}{more}; is it complete and a Llama 4 checkpoint?"
+        )
+    for name, p in params.items():
+        got = ckpt.shape(name)
+        if got != tuple(p.shape):
+            raise UserError(
+                f"tensor {ckpt.where(name)} has shape {list(got)}, config.json implies {list(p.shape)}; "
+                "the checkpoint and its config.json do not match"
+            )
+    shared: dict[str, torch.Tensor] = {}
+    for name, p in params.items():
+        key = ckpt.where(name)
+        t = shared.get(key)
+        if t is None:
+            t = ckpt.get(name).to(device=device, dtype=dtype)
+            shared[key] = t
+        module_path, _, attr = name.rpartition(".")
+        module = model.get_submodule(module_path)
+        setattr(module, attr, torch.nn.Parameter(t, requires_grad=False))
+    model.inv_freq = rope_inv_freq(cfg).to(device)
+
+
+def load_model(model_dir: Path, dtype: str = "bfloat16", device: str = "auto") -> tuple[Llama4Text, TextConfig]:
+    model_dir = check_model_dir(model_dir)
+    cfg = load_config(model_dir)
+    torch_dtype, torch_device = resolve_dtype(dtype), resolve_device(device)
+    ckpt = open_checkpoint(model_dir)
+    with torch.device("meta"):
+        model = Llama4Text(cfg)
+    load_weights(model, ckpt, torch_dtype, torch_device)
+    model.eval()
+    return model, cfg

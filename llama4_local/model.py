@@ -1,0 +1,231 @@
+"""The Llama 4 text decoder, computing what transformers' Llama4ForCausalLM computes.
+
+Shape legend: T new tokens, S key positions, D hidden, H query heads, KV key/value heads,
+hd head dim, E routed experts, I expert intermediate size, V vocabulary.
+
+One sequence at a time (a local runner serves one conversation), so activations are [T, D].
+Module names follow the Hugging Face checkpoint (`q_proj`, `router`, `shared_expert`,
+`experts.gate_up_proj`) so loading is a prefix strip (see checkpoint.py).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import TextConfig
+from .kv_cache import KVCache
+
+
+def rms_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
+    # In float32, cast back, as the reference does (the weight multiplies afterwards).
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).type_as(x)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.empty(dim), requires_grad=False)
+
+    def forward(self, x):
+        return rms_norm(x, self.eps) * self.weight
+
+
+def rope_inv_freq(cfg: TextConfig) -> torch.Tensor:
+    """Inverse frequencies [hd/2] in float32, with llama3 scaling when configured.
+
+    llama3 scaling divides the frequencies of long wavelengths by `factor` and keeps the short
+    ones, blending in between. Scout sets low = high = 1, so the blend band is empty: the split
+    is sharp at wavelength original_max.
+    """
+    dim = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    s = cfg.rope_scaling
+    if s is None:
+        return inv
+    low_wavelen = s.original_max_position_embeddings / s.low_freq_factor
+    high_wavelen = s.original_max_position_embeddings / s.high_freq_factor
+    wavelen = 2 * math.pi / inv
+    scaled = torch.where(wavelen > low_wavelen, inv / s.factor, inv)
+    if s.high_freq_factor != s.low_freq_factor:
+        smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (
+            s.high_freq_factor - s.low_freq_factor
+        )
+        blended = (1 - smooth) * scaled / s.factor + smooth * scaled
+        medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
+        scaled = torch.where(medium, blended, scaled)
+    return scaled
+
+
+def rope_freqs(inv_freq: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Complex rotations e^{i pos theta} [T, hd/2] (complex64), as the reference builds them."""
+    freqs = positions.float()[:, None] * inv_freq[None, :]
+    return torch.polar(torch.ones_like(freqs), freqs)
+
+
+def apply_rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs (2i, 2i+1) of x [T, heads, hd] as complex numbers."""
+    xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+    return torch.view_as_real(xc * freqs[:, None, :]).flatten(2).type_as(x)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: TextConfig, layer: int):
+        super().__init__()
+        d, h, kv, hd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.n_heads, self.n_kv, self.head_dim = h, kv, hd
+        self.use_rope = cfg.rope_layers[layer]
+        self.qk_norm = cfg.use_qk_norm and self.use_rope
+        self.temperature_tuning = cfg.attn_temperature_tuning and not self.use_rope
+        self.chunk = cfg.attention_chunk_size if cfg.chunked_layers[layer] else None
+        self.eps = cfg.rms_norm_eps
+        self.floor_scale, self.attn_scale = cfg.floor_scale, cfg.attn_scale
+        self.q_proj = nn.Linear(d, h * hd, bias=False)
+        self.k_proj = nn.Linear(d, kv * hd, bias=False)
+        self.v_proj = nn.Linear(d, kv * hd, bias=False)
+        self.o_proj = nn.Linear(h * hd, d, bias=False)
+
+    def forward(self, x: torch.Tensor, pos0: int, freqs: torch.Tensor, cache) -> torch.Tensor:
+        t = x.shape[0]
+        q = self.q_proj(x).view(t, self.n_heads, self.head_dim)  # [T, H, hd]
+        k = self.k_proj(x).view(t, self.n_kv, self.head_dim)  # [T, KV, hd]
+        v = self.v_proj(x).view(t, self.n_kv, self.head_dim)
+        if self.use_rope:
+            q, k = apply_rope(q, freqs), apply_rope(k, freqs)
+        if self.qk_norm:  # L2 norm without weight, after RoPE
+            q, k = rms_norm(q, self.eps), rms_norm(k, self.eps)
+        if self.temperature_tuning:
+            # Longer contexts flatten attention; NoPE layers sharpen queries by
+            # log(floor((pos+1)/floor_scale) + 1) * attn_scale + 1 (exactly 1 early on).
+            pos = torch.arange(pos0, pos0 + t, device=x.device).float()
+            scale = torch.log1p(torch.floor((pos + 1.0) / self.floor_scale)) * self.attn_scale + 1.0
+            q = (q * scale[:, None, None]).to(q.dtype)
+        q = q.transpose(0, 1)  # [H, T, hd]
+        keys, values, first = cache.update(pos0, k.transpose(0, 1), v.transpose(0, 1))  # [KV, S, hd]
+        mask = None
+        if t > 1:
+            qpos = torch.arange(pos0, pos0 + t, device=x.device)[:, None]
+            kpos = torch.arange(first, first + keys.shape[1], device=x.device)[None, :]
+            mask = kpos <= qpos  # [T, S]
+            if self.chunk:
+                mask &= (kpos // self.chunk) == (qpos // self.chunk)
+        out = F.scaled_dot_product_attention(
+            q.unsqueeze(0), keys.unsqueeze(0), values.unsqueeze(0), attn_mask=mask, enable_gqa=self.n_kv != self.n_heads
+        )  # [1, H, T, hd]
+        return self.o_proj(out[0].transpose(0, 1).reshape(t, -1))
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x)); the shared expert and the dense layers."""
+
+    def __init__(self, d: int, inter: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(d, inter, bias=False)
+        self.up_proj = nn.Linear(d, inter, bias=False)
+        self.down_proj = nn.Linear(inter, d, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Experts(nn.Module):
+    """The routed experts as the checkpoint stores them, fused: [E, D, 2I] and [E, I, D]."""
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        e, d, i = cfg.num_experts, cfg.hidden_size, cfg.intermediate_size
+        self.gate_up_proj = nn.Parameter(torch.empty(e, d, 2 * i), requires_grad=False)
+        self.down_proj = nn.Parameter(torch.empty(e, i, d), requires_grad=False)
+
+    def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        """Expert e on its tokens x [N, D] -> [N, D]."""
+        gate, up = (x @ self.gate_up_proj[e]).chunk(2, dim=-1)  # [N, I] each
+        return (up * F.silu(gate)) @ self.down_proj[e]
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.top_k = cfg.top_k
+        self.router = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)
+        self.experts = Experts(cfg)
+        self.shared_expert = MLP(cfg.hidden_size, cfg.intermediate_size)
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-k experts [T, k] and their sigmoid scores [T, k], in x's dtype as the reference."""
+        logits = self.router(x)  # [T, E]
+        top, idx = torch.topk(logits, self.top_k, dim=1)
+        return idx, torch.sigmoid(top.float()).to(x.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        idx, scores = self.route(x)
+        out = self.shared_expert(x)
+        # Group the (token, slot) pairs by expert so each selected expert runs once on all its
+        # tokens; experts nobody chose are never touched.
+        flat = idx.flatten()  # [T*k]
+        order = torch.argsort(flat, stable=True)
+        counts = torch.bincount(flat, minlength=self.experts.gate_up_proj.shape[0]).tolist()
+        tokens = order // self.top_k
+        weights = scores.flatten()[order][:, None]
+        start = 0
+        for e, n in enumerate(counts):
+            if n == 0:
+                continue
+            sel = tokens[start : start + n]
+            # The router score scales the expert's input, not its output.
+            y = self.experts.expert(e, x[sel] * weights[start : start + n])
+            if n == x.shape[0] and self.top_k == 1:
+                out += y  # every token chose e: sel is 0..T-1 in order
+            else:
+                out.index_add_(0, sel, y)
+            start += n
+        return out
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: TextConfig, layer: int):
+        super().__init__()
+        self.self_attn = Attention(cfg, layer)
+        self.is_moe = cfg.moe_layers[layer]
+        self.feed_forward = MoE(cfg) if self.is_moe else MLP(cfg.hidden_size, cfg.intermediate_size_mlp)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x, pos0, freqs, cache):
+        h = x + self.self_attn(self.input_layernorm(x), pos0, freqs, cache)
+        return h + self.feed_forward(self.post_attention_layernorm(h))
+
+
+class Llama4Text(nn.Module):
+    """Embeddings, decoder layers, final norm and the (untied) lm_head."""
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens.weight.requires_grad_(False)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+
+    def new_cache(self, max_len: int) -> KVCache:
+        return KVCache(self.cfg, max_len, self.embed_tokens.weight.dtype, self.embed_tokens.weight.device)
+
+    @torch.inference_mode()
+    def forward(self, ids: torch.Tensor, cache: KVCache, last_only: bool = True) -> torch.Tensor:
+        """Run ids [T] at the positions following the cache; logits [1 or T, V] in float32."""
+        pos0 = cache.length
+        x = self.embed_tokens(ids)  # [T, D]
+        positions = torch.arange(pos0, pos0 + ids.shape[0], device=ids.device)
+        freqs = rope_freqs(self.inv_freq, positions)  # [T, hd/2]
+        for layer, kv in zip(self.layers, cache.layers):
+            x = layer(x, pos0, freqs, kv)
+        if last_only:
+            x = x[-1:]
+        return self.lm_head(self.norm(x)).float()

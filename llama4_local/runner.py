@@ -1,0 +1,84 @@
+"""One-shot prompt: load a checkpoint, build the prompt, generate, report.
+
+Library code for the CLI's `prompt` command (and anything else that wants one reply).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .generate import DEFAULT_PREFILL_CHUNK, Stats, stream_generate
+from .loader import check_model_dir, load_model
+from .sampling import read_generation_config
+from .tokenizer import Tokenizer
+
+DEFAULT_MAX_TOKENS = 512
+
+
+@dataclass
+class PromptRequest:
+    model: Path
+    text: str
+    system: str | None = None
+    raw: bool = False
+    max_tokens: int | None = None
+    sampling: dict = field(default_factory=dict)  # overrides; None values keep the defaults
+    stop: list[str] = field(default_factory=list)
+    ignore_eos: bool = False
+    dtype: str = "bfloat16"
+    device: str = "auto"
+    prefill_chunk: int = DEFAULT_PREFILL_CHUNK
+
+
+@dataclass
+class PromptResult:
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    finish_reason: str
+    stats: Stats
+
+    def as_json(self) -> dict:
+        return {
+            "text": self.text,
+            "token_ids": self.token_ids,
+            "prompt_tokens": self.prompt_tokens,
+            "finish_reason": self.finish_reason,
+            "stats": self.stats.as_dict(),
+        }
+
+
+def build_prompt(tokenizer: Tokenizer, text: str, system: str | None, raw: bool) -> list[int]:
+    if raw:
+        return tokenizer.encode(text, add_special_tokens=True)
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
+    return tokenizer.encode_chat(messages, add_generation_prompt=True)
+
+
+def run_prompt(req: PromptRequest, on_text: Callable[[str], None] | None = None) -> PromptResult:
+    model_dir = check_model_dir(req.model)
+    # Cheap checks first: config and tokenizer before gigabytes of weights.
+    tokenizer = Tokenizer(model_dir)
+    defaults = read_generation_config(model_dir)
+    params = defaults.sampling.merged(**req.sampling).validate()
+    prompt = build_prompt(tokenizer, req.text, req.system, req.raw)
+    max_tokens = req.max_tokens if req.max_tokens is not None else (defaults.max_new_tokens or DEFAULT_MAX_TOKENS)
+    model, cfg = load_model(model_dir, req.dtype, req.device)
+    eos = set(cfg.eos_token_ids) | set(defaults.eos_token_ids)
+    if tokenizer.eos_id is not None:
+        eos.add(tokenizer.eos_id)
+    parts, ids, last = [], [], None
+    for r in stream_generate(
+        model, tokenizer, prompt, params, max_tokens, eos, stop=req.stop, ignore_eos=req.ignore_eos,
+        prefill_chunk=req.prefill_chunk,
+    ):
+        if r.text:
+            parts.append(r.text)
+            if on_text:
+                on_text(r.text)
+        if r.token is not None:
+            ids.append(r.token)
+        last = r
+    return PromptResult("".join(parts), ids, len(prompt), last.finish_reason, last.stats)

@@ -1,0 +1,99 @@
+"""Sampling settings and the next-token choice.
+
+The order matches transformers' logits processors: repetition penalty, then temperature,
+top-k, top-p, min-p, then a draw (or argmax when temperature is 0).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+
+import torch
+
+from .config import read_json
+from .errors import UserError
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.6  # Llama 4 Instruct's published default
+    top_k: int = 0  # 0: off
+    top_p: float = 0.9
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+
+    def validate(self) -> SamplingParams:
+        if self.temperature < 0:
+            raise UserError(f"--temperature must be >= 0 (0 means greedy), got {self.temperature}")
+        if self.top_k < 0:
+            raise UserError(f"--top-k must be >= 0 (0 turns it off), got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise UserError(f"--top-p must be in (0, 1], got {self.top_p}")
+        if not 0 <= self.min_p < 1:
+            raise UserError(f"--min-p must be in [0, 1), got {self.min_p}")
+        if self.repetition_penalty <= 0:
+            raise UserError(f"--repetition-penalty must be > 0 (1 turns it off), got {self.repetition_penalty}")
+        return self
+
+    def merged(self, **overrides) -> SamplingParams:
+        """A copy with every override that is not None."""
+        return replace(self, **{k: v for k, v in overrides.items() if v is not None})
+
+
+@dataclass(frozen=True)
+class GenerationDefaults:
+    """What the checkpoint's generation_config.json asks for."""
+
+    sampling: SamplingParams
+    max_new_tokens: int | None
+    eos_token_ids: tuple[int, ...]
+
+
+def read_generation_config(model_dir: Path) -> GenerationDefaults:
+    path = Path(model_dir) / "generation_config.json"
+    raw = read_json(path) if path.is_file() else {}
+    known = {f.name for f in fields(SamplingParams)}
+    values = {k: raw[k] for k in ("temperature", "top_k", "top_p", "min_p", "repetition_penalty") if raw.get(k) is not None}
+    if raw.get("do_sample") is False:
+        values["temperature"] = 0.0  # greedy unless the user asks otherwise
+    params = SamplingParams(**{k: v for k, v in values.items() if k in known})
+    eos = raw.get("eos_token_id")
+    eos_ids = tuple(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    return GenerationDefaults(params, raw.get("max_new_tokens"), tuple(int(e) for e in eos_ids))
+
+
+class Sampler:
+    def __init__(self, params: SamplingParams, device: torch.device):
+        self.p = params.validate()
+        self.generator = torch.Generator(device=device)
+        if params.seed is not None:
+            self.generator.manual_seed(params.seed)
+        else:
+            self.generator.seed()
+
+    def __call__(self, logits: torch.Tensor, history: torch.Tensor | None) -> int:
+        """Choose the next token from logits [V] (float32); history [N] holds the ids so far."""
+        p = self.p
+        if p.repetition_penalty != 1.0 and history is not None and history.numel():
+            prev = logits[history]
+            logits = logits.clone()
+            logits[history] = torch.where(prev < 0, prev * p.repetition_penalty, prev / p.repetition_penalty)
+        if p.temperature == 0:
+            return int(torch.argmax(logits))
+        logits = logits / p.temperature
+        if p.top_k > 0 and p.top_k < logits.shape[-1]:
+            kth = torch.topk(logits, p.top_k).values[-1]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        if p.top_p < 1.0:
+            # Keep the smallest set of most likely tokens whose probability reaches top_p.
+            sorted_logits, sorted_idx = torch.sort(logits, descending=False)
+            cum = sorted_logits.softmax(-1).cumsum(-1)
+            drop = cum <= 1 - p.top_p
+            drop[-1] = False  # always keep the most likely token
+            logits = logits.masked_fill(drop.scatter(0, sorted_idx, drop), float("-inf"))
+        probs = logits.softmax(-1)
+        if p.min_p > 0:
+            probs = probs.masked_fill(probs < p.min_p * probs.max(), 0.0)
+        return int(torch.multinomial(probs, 1, generator=self.generator))

@@ -1,0 +1,1 @@
+"""Expert offloading: hot experts on the GPU, cold experts from CPU RAM (see issue: offload manager)."""

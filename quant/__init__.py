@@ -1,0 +1,1 @@
+"""INT4 quantization of expert weights (see issue: quantizer)."""

@@ -1,0 +1,38 @@
+import pytest
+import torch
+
+from tests.factory import write_checkpoint
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def scout_ckpt(tmp_path_factory):
+    """Scout-like: every layer MoE, qk-norm, llama3 scaling; text-only, single file."""
+    return write_checkpoint(tmp_path_factory.mktemp("scout"), "scout")
+
+
+@pytest.fixture(scope="session")
+def maverick_ckpt(tmp_path_factory):
+    """Maverick-like: dense and MoE interleaved, no qk-norm; sharded."""
+    return write_checkpoint(tmp_path_factory.mktemp("maverick"), "maverick", shard_size="200KB")
+
+
+@pytest.fixture(scope="session")
+def multimodal_ckpt(tmp_path_factory):
+    """Llama4ForConditionalGeneration with a small vision tower, 4.x config spelling, top-2 routing."""
+    return write_checkpoint(
+        tmp_path_factory.mktemp("multimodal"), "top2", multimodal=True, shard_size="150KB", spelling="4.x"
+    )
+
+
+@pytest.fixture(scope="session")
+def all_ckpts(scout_ckpt, maverick_ckpt, multimodal_ckpt):
+    return {"scout": scout_ckpt, "maverick": maverick_ckpt, "multimodal": multimodal_ckpt}
