@@ -177,8 +177,7 @@ class TextConfig:
             raise UserError(f"{source}: head_dim={self.head_dim} must be even for RoPE")
         if any(self.moe_layers) and not 1 <= self.top_k <= self.num_experts:
             raise UserError(
-                f"{source}: num_experts_per_tok={self.top_k} must be between 1 and "
-                f"num_local_experts={self.num_experts}"
+                f"{source}: num_experts_per_tok={self.top_k} must be between 1 and num_local_experts={self.num_experts}"
             )
         if self.floor_scale < 1:
             raise UserError(f"{source}: floor_scale={self.floor_scale} must be >= 1")

@@ -67,7 +67,7 @@ def load_weights(model: Llama4Text, ckpt: Checkpoint, dtype: torch.dtype, device
                 "the checkpoint and its config.json do not match"
             )
     shared: dict[str, torch.Tensor] = {}
-    for name, p in params.items():
+    for name in params:
         key = ckpt.where(name)
         t = shared.get(key)
         if t is None:

@@ -224,7 +224,7 @@ class Llama4Text(nn.Module):
         x = self.embed_tokens(ids)  # [T, D]
         positions = torch.arange(pos0, pos0 + ids.shape[0], device=ids.device)
         freqs = rope_freqs(self.inv_freq, positions)  # [T, hd/2]
-        for layer, kv in zip(self.layers, cache.layers):
+        for layer, kv in zip(self.layers, cache.layers, strict=True):
             x = layer(x, pos0, freqs, kv)
         if last_only:
             x = x[-1:]

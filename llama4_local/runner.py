@@ -71,7 +71,14 @@ def run_prompt(req: PromptRequest, on_text: Callable[[str], None] | None = None)
         eos.add(tokenizer.eos_id)
     parts, ids, last = [], [], None
     for r in stream_generate(
-        model, tokenizer, prompt, params, max_tokens, eos, stop=req.stop, ignore_eos=req.ignore_eos,
+        model,
+        tokenizer,
+        prompt,
+        params,
+        max_tokens,
+        eos,
+        stop=req.stop,
+        ignore_eos=req.ignore_eos,
         prefill_chunk=req.prefill_chunk,
     ):
         if r.text:

@@ -55,7 +55,8 @@ def read_generation_config(model_dir: Path) -> GenerationDefaults:
     path = Path(model_dir) / "generation_config.json"
     raw = read_json(path) if path.is_file() else {}
     known = {f.name for f in fields(SamplingParams)}
-    values = {k: raw[k] for k in ("temperature", "top_k", "top_p", "min_p", "repetition_penalty") if raw.get(k) is not None}
+    keys = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty")
+    values = {k: raw[k] for k in keys if raw.get(k) is not None}
     if raw.get("do_sample") is False:
         values["temperature"] = 0.0  # greedy unless the user asks otherwise
     params = SamplingParams(**{k: v for k, v in values.items() if k in known})

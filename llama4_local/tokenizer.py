@@ -36,9 +36,7 @@ class Tokenizer:
             raise UserError(f"{path} is not a valid tokenizer.json ({e}); re-download it") from None
         cfg_path = model_dir / "tokenizer_config.json"
         tcfg = read_json(cfg_path) if cfg_path.is_file() else {}
-        self.special = {
-            key: _token_text(tcfg.get(key)) for key in ("bos_token", "eos_token", "pad_token", "unk_token")
-        }
+        self.special = {key: _token_text(tcfg.get(key)) for key in ("bos_token", "eos_token", "pad_token", "unk_token")}
         self.bos_id = self.token_id(self.special["bos_token"])
         self.eos_id = self.token_id(self.special["eos_token"])
         template = None
