@@ -63,3 +63,20 @@ def test_chunked_cache_is_bounded(models):
             assert kv.buf.capacity <= chunk
         else:
             assert kv.length == 120
+
+
+@pytest.mark.parametrize("kind", ["scout", "multimodal"])
+def test_bfloat16_as_close_to_float32_as_transformers_bfloat16(all_ckpts, models, kind):
+    # In bfloat16 neither implementation is exact; ours must be no further from the float32
+    # result than transformers' own bfloat16 run, for prefill (upcast GEMMs) and decode.
+    _, ref32 = models[kind]
+    ours, _ = load_model(all_ckpts[kind], "bfloat16", "cpu")
+    ref16 = load_reference(all_ckpts[kind], torch.bfloat16)
+    ids = torch.randint(0, ours.cfg.vocab_size, (40,), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        exact = ref32(input_ids=ids[None]).logits[0]
+        want = ref16(input_ids=ids[None]).logits[0].float()
+    cache = ours.new_cache(40)
+    got = torch.cat([ours(ids[:30], cache, last_only=False)] + [ours(ids[i : i + 1], cache) for i in range(30, 40)])
+    assert rel_err(got, want) < 2e-2
+    assert rel_err(got, exact) < 1.5 * rel_err(want, exact) + 1e-3

@@ -1,0 +1,59 @@
+"""The same checks on a CUDA GPU (skipped without one)."""
+
+import json
+
+import pytest
+import torch
+
+from llama4_local.loader import load_model
+from tests.cli_util import run_cli
+from tests.factory import load_reference
+
+pytestmark = pytest.mark.cuda
+
+
+def rel_err(a, b):
+    return ((a.float().cpu() - b.float().cpu()).norm() / b.float().cpu().norm()).item()
+
+
+@pytest.mark.parametrize("kind", ["scout", "maverick", "multimodal"])
+def test_float32_logits_match_transformers(all_ckpts, kind):
+    ours, _ = load_model(all_ckpts[kind], "float32", "cuda")
+    ref = load_reference(all_ckpts[kind])
+    ids = torch.randint(0, ours.cfg.vocab_size, (60,), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = ref(input_ids=ids[None]).logits[0]
+    got = ours(ids.cuda(), ours.new_cache(60), last_only=False)
+    assert rel_err(got, want) < 1e-4
+
+
+@pytest.mark.parametrize("kind", ["scout", "multimodal"])
+def test_bfloat16_close_to_transformers_bfloat16(all_ckpts, kind):
+    ours, _ = load_model(all_ckpts[kind], "bfloat16", "cuda")
+    ref = load_reference(all_ckpts[kind], torch.bfloat16).cuda()
+    ids = torch.randint(0, ours.cfg.vocab_size, (60,), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = ref(input_ids=ids[None].cuda()).logits[0]
+        exact = load_reference(all_ckpts[kind])(input_ids=ids[None]).logits[0]
+    got = ours(ids.cuda(), ours.new_cache(60), last_only=False)
+    # Both round to bfloat16 at the same places; neither is further from float32 than the other.
+    assert rel_err(got, want) < 2e-2
+    assert rel_err(got, exact) < 1.5 * rel_err(want, exact) + 1e-3
+
+
+def test_incremental_decode_equals_full_forward(scout_ckpt):
+    ours, _ = load_model(scout_ckpt, "float32", "cuda")
+    ids = torch.randint(0, ours.cfg.vocab_size, (45,), device="cuda")
+    full = ours(ids, ours.new_cache(45), last_only=False)
+    cache = ours.new_cache(45)
+    steps = torch.cat([ours(ids[i : i + 1], cache) for i in range(45)])
+    assert rel_err(steps, full) < 1e-5
+
+
+def test_prompt_cli_on_cuda_matches_cpu(scout_ckpt):
+    args = ("prompt", "The quick brown fox", "-m", scout_ckpt, "--raw", "--temperature", "0", "--ignore-eos")
+    args += ("--dtype", "float32", "--json", "-n", "32")
+    gpu = run_cli(*args, "--device", "cuda")
+    cpu = run_cli(*args, "--device", "cpu")
+    assert gpu.returncode == 0, gpu.stderr
+    assert json.loads(gpu.stdout)["token_ids"] == json.loads(cpu.stdout)["token_ids"]

@@ -1,0 +1,82 @@
+"""INT4 packing, quantization quality and the compressed-tensors pack-quantized format."""
+
+import pytest
+import torch
+
+from quant.int4 import (
+    dequantize_int4,
+    pack_int4,
+    quantize_int4,
+    quantize_rtn,
+    relative_error,
+    unpack_int4,
+)
+
+
+def test_pack_layout_lowest_nibble_first():
+    q = torch.tensor([[-8, -7, 0, 1, 2, 3, 6, 7]], dtype=torch.int8)  # stored as q + 8
+    word = pack_int4(q)
+    assert word.dtype == torch.int32 and word.shape == (1, 1)
+    want = sum((v + 8) << (4 * j) for j, v in enumerate(q[0].tolist()))
+    assert word.item() == (want - (1 << 32) if want >= 1 << 31 else want)
+
+
+@pytest.mark.parametrize("dim", [0, 1])
+def test_pack_unpack_round_trip(dim):
+    q = torch.randint(-8, 8, (64, 96), dtype=torch.int8, generator=torch.Generator().manual_seed(0))
+    packed = pack_int4(q, dim)
+    assert packed.shape == ((8, 96) if dim == 0 else (64, 12))
+    assert torch.equal(unpack_int4(packed, dim), q)
+
+
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_quantize_beats_round_to_nearest(group_size, symmetric):
+    w = torch.randn(128, 512, generator=torch.Generator().manual_seed(1)).bfloat16()
+    qw = quantize_int4(w, group_size, symmetric)
+    assert qw.packed.shape == (128, 64) and qw.scale.shape == (128, 512 // group_size)
+    assert qw.scale.dtype == torch.bfloat16
+    assert (qw.zero is None) == symmetric
+    err = relative_error(w, dequantize_int4(qw))
+    rtn = relative_error(w, dequantize_int4(quantize_rtn(w, group_size)))
+    assert err < 0.97 * rtn
+    assert err < 0.12
+
+
+def test_asymmetric_fits_shifted_groups():
+    w = torch.rand(64, 256, generator=torch.Generator().manual_seed(2)) + 1.0  # all in [1, 2)
+    sym = relative_error(w, dequantize_int4(quantize_int4(w, 64, True)))
+    asym = relative_error(w, dequantize_int4(quantize_int4(w, 64, False)))
+    assert asym < 0.5 * sym
+
+
+def test_bad_shapes():
+    with pytest.raises(ValueError):
+        quantize_int4(torch.randn(4, 100), 64)
+    with pytest.raises(ValueError):
+        pack_int4(torch.zeros(2, 12, dtype=torch.int8))
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_compressed_tensors_reads_our_tensors(symmetric):
+    """The format, proven with the compressed-tensors package that vLLM uses."""
+    from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+
+    w = torch.randn(96, 384, generator=torch.Generator().manual_seed(3)).bfloat16()
+    qw = quantize_int4(w, 128, symmetric)
+    args = QuantizationArgs(num_bits=4, type="int", symmetric=symmetric, strategy="group", group_size=128)
+    scheme = QuantizationScheme(targets=["Linear"], weights=args)
+    ours = {"weight_packed": qw.packed, "weight_scale": qw.scale, "weight_shape": torch.tensor(qw.shape)}
+    if not symmetric:
+        ours["weight_zero_point"] = pack_int4(qw.zero, dim=0)
+    theirs = PackedQuantizationCompressor.decompress(dict(ours), scheme)["weight"]
+    assert torch.equal(theirs.float(), dequantize_int4(qw).float())
+    # And their compressor, given our scales and zeros, packs the same words.
+    state = {"weight": dequantize_int4(qw), "weight_scale": qw.scale}
+    if not symmetric:
+        state["weight_zero_point"] = qw.zero
+    packed = PackedQuantizationCompressor.compress(state, scheme)
+    assert torch.equal(packed["weight_packed"], qw.packed)
+    if not symmetric:
+        assert torch.equal(packed["weight_zero_point"], ours["weight_zero_point"])
