@@ -1,0 +1,83 @@
+"""INT4 matrix multiplication behind one wrapper.
+
+`Int4Linear` takes a weight in the portable layout (quant.int4.Int4Weight) and repacks it once,
+at load time, into the layout of its device's kernel:
+
+- CPU: `aten._weight_int4pack_mm_for_cpu` (weights from `_convert_weight_to_int4pack_for_cpu`),
+- CUDA: `aten._weight_int4pack_mm` (weights from `_convert_weight_to_int4pack`, bf16 only),
+- "reference": dequantize, then an ordinary matmul; the oracle for the other two in tests and
+  the fallback where a kernel's shape rules are not met.
+
+The private aten ops live here and nowhere else. Both kernels compute, per group,
+w = (u - 8) * scale + offset from unsigned nibbles u = q + 8, so our w = scale * (q - zero)
+becomes offset = -scale * zero.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .int4 import Int4Weight, dequantize_int4, unpack_int4
+
+# Shape rules of the stock kernels (from their argument checks).
+_CUDA_INNER_K_TILES = 8  # K must be a multiple of 16 * inner_k_tiles
+_CPU_INNER_K_TILES = 2
+
+
+def _scales_and_offsets(qw: Int4Weight, dtype: torch.dtype) -> torch.Tensor:
+    """[G, N, 2]: per group and output, (scale, offset) as both kernels want them."""
+    s = qw.scale.float()  # [N, G]
+    off = torch.zeros_like(s) if qw.zero is None else -s * qw.zero.float()
+    return torch.stack([s, off], dim=-1).transpose(0, 1).contiguous().to(dtype)
+
+
+def kernel_for(qw: Int4Weight, device: torch.device, dtype: torch.dtype) -> str:
+    """Which path serves this weight on this device in this activation dtype."""
+    n, k = qw.shape
+    if device.type == "cuda":
+        ok = (
+            dtype == torch.bfloat16
+            and qw.group_size in (32, 64, 128, 256)
+            and n % 8 == 0
+            and k % (16 * _CUDA_INNER_K_TILES) == 0
+        )
+        return "cuda" if ok else "reference"
+    if device.type == "cpu":
+        ok = qw.group_size in (32, 64, 128, 256) and k % (16 * _CPU_INNER_K_TILES) == 0
+        return "cpu" if ok else "reference"
+    return "reference"
+
+
+class Int4Linear(torch.nn.Module):
+    """y = x @ W^T for an INT4 weight W [N, K], without materialising W (except on "reference")."""
+
+    def __init__(self, qw: Int4Weight, device, dtype: torch.dtype, path: str | None = None):
+        super().__init__()
+        device = torch.device(device)
+        self.shape, self.group_size, self.dtype = qw.shape, qw.group_size, dtype
+        self.path = path or kernel_for(qw, device, dtype)
+        if self.path == "reference":
+            self.register_buffer("weight", dequantize_int4(qw, dtype).to(device))
+            return
+        u = unpack_int4(qw.packed).to(torch.int32) + 8  # [N, K] unsigned nibbles
+        if self.path == "cpu":
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(u, _CPU_INNER_K_TILES)
+        elif self.path == "cuda":
+            pairs = (u[:, ::2] << 4 | u[:, 1::2]).to(torch.uint8).to(device)  # [N, K/2], high nibble first
+            packed = torch.ops.aten._convert_weight_to_int4pack(pairs, _CUDA_INNER_K_TILES)
+        else:
+            raise ValueError(f"unknown INT4 path {self.path!r}")
+        self.register_buffer("packed", packed.to(device))
+        self.register_buffer("scales_and_zeros", _scales_and_offsets(qw, dtype).to(device))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [T, K] -> [T, N] in x's dtype."""
+        if self.path == "reference":
+            return F.linear(x, self.weight)
+        if self.path == "cpu":
+            return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, self.group_size, self.scales_and_zeros)
+        return torch.ops.aten._weight_int4pack_mm(x, self.packed, self.group_size, self.scales_and_zeros)
+
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.buffers())
