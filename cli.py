@@ -124,5 +124,91 @@ def prompt(
     _run(go, verbose)
 
 
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000:
+            return f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def _parse_size(text: str) -> int:
+    from llama4_local.errors import UserError
+
+    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+    t = text.strip().upper()
+    num = t.rstrip("KMGIB")
+    try:
+        return int(float(num) * units[t[len(num) :]])
+    except (KeyError, ValueError):
+        raise UserError(f"cannot read size {text!r}; write it like 2GB, 512MiB or 1000000") from None
+
+
+@app.command()
+def quantize(
+    src: Annotated[Path, typer.Argument(help="Source checkpoint directory (bf16, Hugging Face layout).")],
+    out: Annotated[Path, typer.Argument(help="New directory for the INT4 checkpoint.")],
+    group_size: Annotated[int, typer.Option(help="Weights per scale: 32, 64 or 128.")] = 128,
+    symmetric: Annotated[bool, typer.Option("--symmetric/--asymmetric", help="Zero points or not.")] = True,
+    scheme: Annotated[str, typer.Option(help="int4 (compressed-tensors pack-quantized).")] = "int4",
+    attention: Annotated[bool, typer.Option("--attention", help="Also quantize attention.")] = False,
+    no_shared: Annotated[bool, typer.Option("--no-shared", help="Leave the shared expert in bf16.")] = False,
+    shard_size: Annotated[str, typer.Option(help="Output shard size, e.g. 2GB.")] = "2GB",
+    device: Annotated[str, typer.Option(help="Where the quantizer computes: cpu or cuda.")] = "cpu",
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show tracebacks.")] = False,
+) -> None:
+    """Quantize a checkpoint's experts to INT4 and save it (vLLM can serve the result too).
+
+    Routed and shared experts are quantized; router, norms, embeddings, lm_head and vision
+    stay as they are. Memory stays bounded: the source is read tensor by tensor.
+
+    Examples:
+
+      llama4-local quantize ~/models/scout ~/models/scout-int4
+
+      llama4-local quantize ./scout ./scout-int4-g64 --group-size 64 --asymmetric --attention
+    """
+
+    def go():
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+            TransferSpeedColumn,
+        )
+
+        from llama4_local.errors import UserError
+        from quant.quantize import QuantizeOptions, quantize_checkpoint
+
+        if scheme != "int4":
+            raise UserError(f"--scheme {scheme!r} is not available yet; use int4")
+        parts = ("experts",) + (() if no_shared else ("shared",)) + (("attention",) if attention else ())
+        opts = QuantizeOptions(group_size, symmetric, parts, _parse_size(shard_size), device)
+        err = Console(stderr=True)
+        columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn())
+        bar = Progress(*columns, TimeRemainingColumn(), console=err)
+        task = bar.add_task("quantizing", total=None)
+
+        def progress(done, total, name):
+            if not bar.live.is_started:  # only once the input has been checked
+                bar.start()
+            bar.update(task, completed=done, total=total, description=f"quantizing {name.split('.')[-2][:18]:<18}")
+
+        try:
+            s = quantize_checkpoint(src, out, opts, progress)
+        finally:
+            bar.stop()
+        err.print(
+            f"wrote {out}: {_human(s.source_bytes)} -> {_human(s.output_bytes)} "
+            f"({s.source_bytes / max(s.output_bytes, 1):.1f}x smaller), {s.quantized_linears} INT4 linears, "
+            f"{s.shards} shards, {s.seconds:.1f} s"
+        )
+
+    _run(go, verbose)
+
+
 if __name__ == "__main__":
     app()

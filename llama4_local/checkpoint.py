@@ -90,8 +90,8 @@ def open_shard(path: Path):
         raise UserError(f"{path} is not a readable safetensors file ({e}); re-download it") from None
 
 
-def open_checkpoint(model_dir: Path) -> Checkpoint:
-    """Index every text tensor of the checkpoint in `model_dir` (sharded or single-file)."""
+def list_tensors(model_dir: Path) -> dict[str, Path]:
+    """Every tensor of the checkpoint in `model_dir` (sharded or single-file): name -> shard."""
     model_dir = Path(model_dir)
     index_path = model_dir / INDEX_NAME
     if index_path.is_file():
@@ -103,7 +103,7 @@ def open_checkpoint(model_dir: Path) -> Checkpoint:
         for shard in shards:
             if not (model_dir / shard).is_file():
                 raise UserError(f"{index_path} names shard {shard}, which is missing; re-download the checkpoint")
-        ckpt_names = {}
+        names = {}
         for shard in shards:
             # Read each shard's own header: a truncated or foreign shard is caught here, and
             # the index cannot send us to a tensor the shard does not hold.
@@ -112,18 +112,22 @@ def open_checkpoint(model_dir: Path) -> Checkpoint:
                 if in_shard == shard:
                     if name not in keys:
                         raise UserError(f"{index_path} places {name} in {shard}, which does not hold it")
-                    ckpt_names[name] = model_dir / shard
-    elif (model_dir / SINGLE_NAME).is_file():
+                    names[name] = model_dir / shard
+        return names
+    if (model_dir / SINGLE_NAME).is_file():
         path = model_dir / SINGLE_NAME
-        ckpt_names = {k: path for k in open_shard(path).keys()}
-    else:
-        found = sorted(p.name for p in model_dir.glob("*.safetensors"))
-        hint = f" (found {', '.join(found[:3])} without {INDEX_NAME})" if found else ""
-        raise UserError(f"{model_dir} has no {SINGLE_NAME} or {INDEX_NAME}{hint}; is it a complete checkpoint?")
+        return {k: path for k in open_shard(path).keys()}
+    found = sorted(p.name for p in model_dir.glob("*.safetensors"))
+    hint = f" (found {', '.join(found[:3])} without {INDEX_NAME})" if found else ""
+    raise UserError(f"{model_dir} has no {SINGLE_NAME} or {INDEX_NAME}{hint}; is it a complete checkpoint?")
+
+
+def open_checkpoint(model_dir: Path) -> Checkpoint:
+    """Index every text tensor of the checkpoint in `model_dir` by module name."""
     files, names = {}, {}
-    for ckpt_name, path in ckpt_names.items():
+    for ckpt_name, path in list_tensors(model_dir).items():
         mod = module_name(ckpt_name)
         if mod is not None:
             files[mod] = path
             names[mod] = ckpt_name
-    return Checkpoint(root=model_dir, files=files, names=names)
+    return Checkpoint(root=Path(model_dir), files=files, names=names)

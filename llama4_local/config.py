@@ -57,6 +57,7 @@ class TextConfig:
     pad_token_id: int | None
     tie_word_embeddings: bool
     multimodal: bool  # saved as Llama4ForConditionalGeneration (weights under language_model.)
+    quantization: dict | None = None  # config.json's quantization_config, when the weights are quantized
 
     @property
     def num_rope_layers(self) -> int:
@@ -161,6 +162,7 @@ class TextConfig:
                 pad_token_id=text.get("pad_token_id"),
                 tie_word_embeddings=bool(tie),
                 multimodal=multimodal,
+                quantization=raw.get("quantization_config") or text.get("quantization_config"),
             )
         except (TypeError, ValueError) as e:
             raise UserError(f"{source} has a malformed value ({e}); is it a Llama 4 config?") from None

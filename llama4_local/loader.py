@@ -85,6 +85,12 @@ def load_model(model_dir: Path, dtype: str = "bfloat16", device: str = "auto") -
     torch_dtype, torch_device = resolve_dtype(dtype), resolve_device(device)
     ckpt = open_checkpoint(model_dir)
     model = Llama4Text(cfg)  # on the meta device: allocates nothing
+    if cfg.quantization:
+        from quant.format import QuantScheme
+        from quant.modules import apply_quantized
+
+        scheme = QuantScheme.from_config(cfg.quantization, str(model_dir / "config.json"))
+        apply_quantized(model, ckpt, scheme, torch_dtype, torch_device)
     load_weights(model, ckpt, torch_dtype, torch_device)
     model.eval()
     return model, cfg

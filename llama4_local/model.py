@@ -204,7 +204,7 @@ class Experts(nn.Module):
 class MoE(nn.Module):
     def __init__(self, cfg: TextConfig):
         super().__init__()
-        self.top_k = cfg.top_k
+        self.top_k, self.num_experts = cfg.top_k, cfg.num_experts
         self.router = Linear(cfg.hidden_size, cfg.num_experts)
         self.experts = Experts(cfg)
         self.shared_expert = MLP(cfg.hidden_size, cfg.intermediate_size)
@@ -226,7 +226,7 @@ class MoE(nn.Module):
         # tokens; experts nobody chose are never touched.
         flat = idx.flatten()  # [T*k]
         order = torch.argsort(flat, stable=True)
-        counts = torch.bincount(flat, minlength=self.experts.gate_up_proj.shape[0]).tolist()
+        counts = torch.bincount(flat, minlength=self.num_experts).tolist()
         tokens = order // self.top_k
         weights = scores.flatten()[order][:, None]
         start = 0

@@ -144,9 +144,9 @@ def text_config(ids: dict[str, int], kind: str = "scout", vocab_size: int = 384)
     """A tiny Llama 4 text config (5.x spelling) of one of three kinds."""
     cfg = dict(
         vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=48,
-        intermediate_size_mlp=96,
+        hidden_size=128,  # divisible by every INT4 group size (32, 64, 128)
+        intermediate_size=128,
+        intermediate_size_mlp=256,
         num_hidden_layers=4,
         num_attention_heads=4,
         num_key_value_heads=2,

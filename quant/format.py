@@ -1,0 +1,98 @@
+"""The compressed-tensors "pack-quantized" checkpoint layout (what vLLM serves).
+
+One quantized linear `P` is stored as `P.weight_packed` (int32 [O, N/8]), `P.weight_scale`
+([O, G]), `P.weight_shape` (int [2]) and, when asymmetric, `P.weight_zero_point` (int32
+[O/8, G], packed along O). Routed experts are stored one linear per expert:
+`...feed_forward.experts.{e}.{gate,up,down}_proj`. `config.json` carries the scheme in
+`quantization_config`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from llama4_local.errors import UserError
+
+from .int4 import Int4Weight, pack_int4, unpack_int4
+
+SUFFIXES = ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point")
+
+
+@dataclass(frozen=True)
+class QuantScheme:
+    group_size: int = 128
+    symmetric: bool = True
+    num_bits: int = 4
+
+    def config(self, ignore: list[str]) -> dict:
+        """The `quantization_config` entry of config.json."""
+        return {
+            "quant_method": "compressed-tensors",
+            "format": "pack-quantized",
+            "quantization_status": "compressed",
+            "config_groups": {
+                "group_0": {
+                    "targets": ["Linear"],
+                    "weights": {
+                        "num_bits": self.num_bits,
+                        "type": "int",
+                        "symmetric": self.symmetric,
+                        "strategy": "group",
+                        "group_size": self.group_size,
+                        "dynamic": False,
+                        "actorder": None,
+                        "observer": "minmax",
+                    },
+                    "input_activations": None,
+                    "output_activations": None,
+                    "format": "pack-quantized",
+                }
+            },
+            "ignore": ignore,
+            "kv_cache_scheme": None,
+        }
+
+    @classmethod
+    def from_config(cls, qc: dict, source: str) -> QuantScheme:
+        method = qc.get("quant_method")
+        if method != "compressed-tensors" or qc.get("format", "pack-quantized") != "pack-quantized":
+            raise UserError(
+                f"{source}: quantization {method!r} / {qc.get('format')!r} is not supported; "
+                "llama4-local reads compressed-tensors pack-quantized INT4 checkpoints"
+            )
+        groups = qc.get("config_groups") or {}
+        weights = [g.get("weights") for g in groups.values() if isinstance(g, dict) and g.get("weights")]
+        if len(weights) != 1:
+            raise UserError(f"{source}: expected one quantization config group, found {len(weights)}")
+        w = weights[0]
+        if w.get("num_bits") != 4 or w.get("type") != "int" or w.get("strategy") != "group":
+            raise UserError(
+                f"{source}: only 4-bit int group quantization is supported, got "
+                f"{w.get('num_bits')}-bit {w.get('type')} {w.get('strategy')}"
+            )
+        return cls(group_size=int(w["group_size"]), symmetric=bool(w.get("symmetric", True)))
+
+
+def to_tensors(prefix: str, qw: Int4Weight) -> dict[str, torch.Tensor]:
+    """The checkpoint tensors of one quantized linear named `prefix`."""
+    out = {
+        f"{prefix}.weight_packed": qw.packed.contiguous(),
+        f"{prefix}.weight_scale": qw.scale.contiguous(),
+        f"{prefix}.weight_shape": torch.tensor(qw.shape, dtype=torch.int64),
+    }
+    if qw.zero is not None:
+        out[f"{prefix}.weight_zero_point"] = pack_int4(qw.zero, dim=0)
+    return out
+
+
+def from_tensors(get, prefix: str, scheme: QuantScheme) -> Int4Weight:
+    """Read one quantized linear through `get(name) -> tensor`."""
+    packed = get(f"{prefix}.weight_packed")
+    scale = get(f"{prefix}.weight_scale")
+    shape = tuple(int(v) for v in get(f"{prefix}.weight_shape").tolist())
+    zero = None
+    if not scheme.symmetric:
+        zero = unpack_int4(get(f"{prefix}.weight_zero_point"), dim=0)[: shape[0]]
+    return Int4Weight(packed, scale, zero, shape, scheme.group_size)

@@ -1,0 +1,64 @@
+"""Swapping a model's linears for INT4 ones when the checkpoint holds them quantized."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llama4_local.errors import UserError
+
+from .format import QuantScheme, from_tensors
+from .kernels import Int4Linear
+
+
+class QuantizedExpert(nn.Module):
+    def __init__(self, gate: Int4Linear, up: Int4Linear, down: Int4Linear):
+        super().__init__()
+        self.gate_proj, self.up_proj, self.down_proj = gate, up, down
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class QuantizedExperts(nn.Module):
+    """Routed experts as E separate INT4 SwiGLU MLPs; same `expert(e, x)` as model.Experts."""
+
+    def __init__(self, experts: list[QuantizedExpert]):
+        super().__init__()
+        self.experts = nn.ModuleList(experts)
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.experts)
+
+    def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        return self.experts[e](x)
+
+
+def apply_quantized(model: nn.Module, ckpt, scheme: QuantScheme, dtype: torch.dtype, device) -> int:
+    """Replace every linear whose checkpoint tensors are quantized; returns how many."""
+
+    def load(prefix: str) -> Int4Linear:
+        try:
+            qw = from_tensors(lambda n: ckpt.get(n), prefix, scheme)
+        except KeyError as e:
+            raise UserError(f"quantized checkpoint {ckpt.root} lacks {e.args[0]}; is it complete?") from None
+        return Int4Linear(qw, device, dtype)
+
+    count = 0
+    for i, layer in enumerate(model.layers):
+        ff = layer.feed_forward
+        base = f"layers.{i}.feed_forward.experts"
+        if getattr(layer, "is_moe", False) and f"{base}.0.gate_proj.weight_packed" in ckpt:
+            n = ff.num_experts
+            ff.experts = QuantizedExperts(
+                [QuantizedExpert(*(load(f"{base}.{e}.{p}_proj") for p in ("gate", "up", "down"))) for e in range(n)]
+            )
+            count += 3 * n
+    for name, module in list(model.named_modules()):
+        if hasattr(module, "weight") and f"{name}.weight_packed" in ckpt:
+            parent, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent), attr, load(name))
+            count += 1
+    return count

@@ -1,0 +1,233 @@
+"""Quantize a Llama 4 checkpoint to INT4 and save it, tensor by tensor, with bounded memory.
+
+Reads the source memory-mapped, quantizes one expert matrix at a time, and writes output
+shards as they fill, so peak memory is about one shard plus one expert's working set whatever
+the checkpoint's size. Everything goes into a temporary directory next to OUT that is renamed
+to OUT only when complete: an interrupted run leaves nothing that looks like a checkpoint.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from llama4_local.checkpoint import INDEX_NAME, list_tensors
+from llama4_local.config import load_config, read_json
+from llama4_local.errors import UserError
+from llama4_local.loader import check_model_dir
+
+from .format import QuantScheme, to_tensors
+from .int4 import quantize_int4
+
+PARTS = ("experts", "shared", "attention")
+DEFAULT_PARTS = ("experts", "shared")
+# Files copied from the source as they are (tokenizer, chat template, generation defaults, ...).
+COPY_SUFFIXES = (".json", ".jinja", ".txt", ".model", ".md")
+SKIP_FILES = {"config.json", INDEX_NAME}
+_ATTENTION = (
+    "self_attn.q_proj.weight",
+    "self_attn.k_proj.weight",
+    "self_attn.v_proj.weight",
+    "self_attn.o_proj.weight",
+)
+_SHARED = ("shared_expert.gate_proj.weight", "shared_expert.up_proj.weight", "shared_expert.down_proj.weight")
+
+
+@dataclass
+class QuantizeOptions:
+    group_size: int = 128
+    symmetric: bool = True
+    parts: tuple[str, ...] = DEFAULT_PARTS
+    shard_bytes: int = 2 << 30
+    device: str = "cpu"  # where the quantizer's arithmetic runs
+
+
+@dataclass
+class QuantizeSummary:
+    source_bytes: int
+    output_bytes: int
+    seconds: float
+    quantized_linears: int
+    shards: int
+    files_copied: list[str] = field(default_factory=list)
+
+
+class _ShardWriter:
+    """Collects tensors and writes a shard whenever `limit` bytes have gathered."""
+
+    def __init__(self, root: Path, limit: int):
+        self.root, self.limit = root, limit
+        self.pending: dict[str, torch.Tensor] = {}
+        self.pending_bytes = 0
+        self.shards: list[tuple[Path, list[str]]] = []
+        self.total = 0
+
+    def add(self, tensors: dict[str, torch.Tensor]) -> None:
+        for name, t in tensors.items():
+            t = t.contiguous()
+            self.pending[name] = t
+            self.pending_bytes += t.numel() * t.element_size()
+        if self.pending_bytes >= self.limit:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        path = self.root / f"shard-{len(self.shards):05d}.safetensors"
+        save_file(self.pending, str(path), metadata={"format": "pt"})
+        self.total += self.pending_bytes
+        self.shards.append((path, list(self.pending)))
+        self.pending, self.pending_bytes = {}, 0
+
+    def finish(self) -> int:
+        """Name shards model-0000i-of-0000n and write the index; returns the shard count."""
+        self.flush()
+        n = len(self.shards)
+        weight_map = {}
+        for i, (path, names) in enumerate(self.shards, start=1):
+            final = f"model-{i:05d}-of-{n:05d}.safetensors"
+            path.rename(self.root / final)
+            weight_map.update(dict.fromkeys(names, final))
+        index = {"metadata": {"total_size": self.total}, "weight_map": dict(sorted(weight_map.items()))}
+        (self.root / INDEX_NAME).write_text(json.dumps(index, indent=2))
+        return n
+
+
+def _expert_prefix(name: str) -> str | None:
+    """'...experts.gate_up_proj' / '...experts.down_proj' -> '...experts', else None."""
+    for fused in (".experts.gate_up_proj", ".experts.down_proj"):
+        if name.endswith(fused):
+            return name[: -len(fused)] + ".experts"
+    return None
+
+
+def _is_target(name: str, parts: tuple[str, ...]) -> bool:
+    if "vision_model." in name or "multi_modal_projector." in name:
+        return False  # vision stays as it is
+    if "shared" in parts and name.endswith(_SHARED):
+        return True
+    return "attention" in parts and name.endswith(_ATTENTION)
+
+
+def _check_out(out: Path) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"output {out} already exists and is not empty; choose a new directory or remove it")
+
+
+def quantize_checkpoint(
+    src: Path,
+    out: Path,
+    opts: QuantizeOptions,
+    on_progress: Callable[[int, int, str], None] | None = None,
+) -> QuantizeSummary:
+    """Quantize checkpoint `src` into directory `out`; on_progress(done, total, name) in source bytes."""
+    src, out = check_model_dir(Path(src)), Path(out).expanduser()
+    cfg = load_config(src)
+    if cfg.quantization:
+        raise UserError(f"{src} is already quantized ({cfg.quantization.get('quant_method')}); quantize the original")
+    bad = [p for p in opts.parts if p not in PARTS]
+    if bad or "experts" not in opts.parts:
+        raise UserError(f"--parts takes experts (always), shared and attention, not {', '.join(bad) or opts.parts}")
+    if opts.group_size not in (32, 64, 128):
+        raise UserError(f"--group-size must be 32, 64 or 128, not {opts.group_size}")
+    if cfg.hidden_size % opts.group_size or cfg.intermediate_size % opts.group_size:
+        raise UserError(
+            f"--group-size {opts.group_size} does not divide hidden {cfg.hidden_size} and "
+            f"intermediate {cfg.intermediate_size}; pick a smaller group"
+        )
+    _check_out(out)
+    tensors = list_tensors(src)
+    total = sum(p.stat().st_size for p in set(tensors.values()))
+    scheme = QuantScheme(opts.group_size, opts.symmetric)
+    device = torch.device(opts.device)
+
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    try:
+        tmp.mkdir()
+        writer = _ShardWriter(tmp, opts.shard_bytes)
+        done, count, handles = 0, 0, {}
+
+        def quantize(w: torch.Tensor):
+            qw = quantize_int4(w.to(device), opts.group_size, opts.symmetric, scale_dtype=w.dtype)
+            qw.packed, qw.scale = qw.packed.cpu(), qw.scale.cpu()
+            qw.zero = None if qw.zero is None else qw.zero.cpu()
+            return qw
+
+        for name in sorted(tensors, key=lambda n: (str(tensors[n]), n)):
+            path = tensors[name]
+            f = handles.get(path) or handles.setdefault(path, safe_open(str(path), framework="pt"))
+            t = f.get_tensor(name)
+            prefix = _expert_prefix(name)
+            if prefix and t.dim() == 3:
+                n_exp = t.shape[0]
+                for e in range(n_exp):
+                    if name.endswith("gate_up_proj"):  # [E, D, 2I]: gate = first I columns
+                        inter = t.shape[2] // 2
+                        mats = {"gate_proj": t[e, :, :inter].t(), "up_proj": t[e, :, inter:].t()}
+                    else:  # down_proj [E, I, D]
+                        mats = {"down_proj": t[e].t()}
+                    for proj, w in mats.items():
+                        writer.add(to_tensors(f"{prefix}.{e}.{proj}", quantize(w)))
+                        count += 1
+            elif _is_target(name, opts.parts):
+                writer.add(to_tensors(name.removesuffix(".weight"), quantize(t)))
+                count += 1
+            else:
+                writer.add({name: t})
+            done += t.numel() * t.element_size()
+            if on_progress:
+                on_progress(done, total, name)
+        n_shards = writer.finish()
+        handles.clear()
+
+        raw = read_json(src / "config.json")
+        raw["quantization_config"] = scheme.config(_ignore_list(opts.parts))
+        (tmp / "config.json").write_text(json.dumps(raw, indent=2))
+        copied = []
+        for p in sorted(src.iterdir()):
+            if p.is_file() and p.suffix in COPY_SUFFIXES and p.name not in SKIP_FILES:
+                shutil.copy2(p, tmp / p.name)
+                copied.append(p.name)
+        if out.exists():
+            out.rmdir()  # empty, checked above
+        tmp.rename(out)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if e.errno == errno.ENOSPC:
+            raise UserError(
+                f"disk full while writing {out}; free space (about {total // 4 >> 30} GiB) and re-run"
+            ) from None
+        raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    out_bytes = sum(p.stat().st_size for p in out.glob("*.safetensors"))
+    return QuantizeSummary(total, out_bytes, time.perf_counter() - start, count, n_shards, copied)
+
+
+def _ignore_list(parts: tuple[str, ...]) -> list[str]:
+    """Linear modules left unquantized, as compressed-tensors names them (re: prefixes)."""
+    ignore = [
+        "re:.*lm_head",
+        "re:.*router",
+        "re:.*vision_model.*",
+        "re:.*multi_modal_projector.*",
+        r"re:.*feed_forward\.(gate|up|down)_proj$",  # dense MLP layers (interleaved MoE)
+    ]
+    if "attention" not in parts:
+        ignore.append("re:.*self_attn.*")
+    if "shared" not in parts:
+        ignore.append("re:.*shared_expert.*")
+    return ignore
