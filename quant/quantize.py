@@ -157,7 +157,7 @@ def quantize_checkpoint(
     try:
         tmp.mkdir()
         writer = _ShardWriter(tmp, opts.shard_bytes)
-        done, count, handles = 0, 0, {}
+        done, count = 0, 0
 
         def quantize(w: torch.Tensor):
             qw = quantize_int4(w.to(device), opts.group_size, opts.symmetric, scale_dtype=w.dtype)
@@ -165,32 +165,25 @@ def quantize_checkpoint(
             qw.zero = None if qw.zero is None else qw.zero.cpu()
             return qw
 
-        for name in sorted(tensors, key=lambda n: (str(tensors[n]), n)):
-            path = tensors[name]
-            f = handles.get(path) or handles.setdefault(path, safe_open(str(path), framework="pt"))
-            t = f.get_tensor(name)
-            prefix = _expert_prefix(name)
-            if prefix and t.dim() == 3:
-                n_exp = t.shape[0]
-                for e in range(n_exp):
-                    if name.endswith("gate_up_proj"):  # [E, D, 2I]: gate = first I columns
-                        inter = t.shape[2] // 2
-                        mats = {"gate_proj": t[e, :, :inter].t(), "up_proj": t[e, :, inter:].t()}
-                    else:  # down_proj [E, I, D]
-                        mats = {"down_proj": t[e].t()}
-                    for proj, w in mats.items():
-                        writer.add(to_tensors(f"{prefix}.{e}.{proj}", quantize(w)))
+        by_shard: dict[Path, list[str]] = {}
+        for name, path in tensors.items():
+            by_shard.setdefault(path, []).append(name)
+        for path in sorted(by_shard):
+            # One source shard mapped at a time: its pages leave our address space when it closes.
+            with safe_open(str(path), framework="pt") as f:
+                for name in sorted(by_shard[path]):
+                    prefix = _expert_prefix(name)
+                    if prefix and len(f.get_slice(name).get_shape()) == 3:
+                        count += _quantize_experts(f, name, prefix, writer, quantize)
+                    elif _is_target(name, opts.parts):
+                        writer.add(to_tensors(name.removesuffix(".weight"), quantize(f.get_tensor(name))))
                         count += 1
-            elif _is_target(name, opts.parts):
-                writer.add(to_tensors(name.removesuffix(".weight"), quantize(t)))
-                count += 1
-            else:
-                writer.add({name: t})
-            done += t.numel() * t.element_size()
-            if on_progress:
-                on_progress(done, total, name)
+                    else:
+                        writer.add({name: f.get_tensor(name).clone()})  # a copy, not a view of the map
+                    done += _nbytes(f, name)
+                    if on_progress:
+                        on_progress(done, total, name)
         n_shards = writer.finish()
-        handles.clear()
 
         raw = read_json(src / "config.json")
         raw["quantization_config"] = scheme.config(_ignore_list(opts.parts))
@@ -215,6 +208,35 @@ def quantize_checkpoint(
         raise
     out_bytes = sum(p.stat().st_size for p in out.glob("*.safetensors"))
     return QuantizeSummary(total, out_bytes, time.perf_counter() - start, count, n_shards, copied)
+
+
+def _nbytes(f, name: str) -> int:
+    sl = f.get_slice(name)
+    n = 1
+    for d in sl.get_shape():
+        n *= d
+    return n * _DTYPE_BYTES.get(sl.get_dtype(), 2)
+
+
+_DTYPE_BYTES = {"F32": 4, "BF16": 2, "F16": 2, "I32": 4, "I64": 8, "U8": 1, "I8": 1, "F64": 8, "BOOL": 1}
+
+
+def _quantize_experts(f, name: str, prefix: str, writer: _ShardWriter, quantize) -> int:
+    """Quantize a fused expert tensor one expert at a time (each slice read on its own)."""
+    sl = f.get_slice(name)
+    n_exp = sl.get_shape()[0]
+    count = 0
+    for e in range(n_exp):
+        t = sl[e]  # [D, 2I] (gate_up) or [I, D] (down): only this expert's bytes are read
+        if name.endswith("gate_up_proj"):  # gate = first I columns, up = the rest
+            inter = t.shape[1] // 2
+            mats = {"gate_proj": t[:, :inter].t(), "up_proj": t[:, inter:].t()}
+        else:
+            mats = {"down_proj": t.t()}
+        for proj, w in mats.items():
+            writer.add(to_tensors(f"{prefix}.{e}.{proj}", quantize(w)))
+            count += 1
+    return count
 
 
 def _ignore_list(parts: tuple[str, ...]) -> list[str]:
