@@ -124,6 +124,68 @@ def prompt(
     _run(go, verbose)
 
 
+@app.command(name="eval")
+def eval_(
+    model: ModelOpt,
+    text: Annotated[Path, typer.Option("--text", help="UTF-8 text file to score.")],
+    reference: Annotated[
+        Path | None, typer.Option(help="Checkpoint to compare with: KL divergence and top-1 agreement.")
+    ] = None,
+    ctx: Annotated[int, typer.Option(help="Tokens per window (each starts with BOS).")] = 512,
+    max_windows: Annotated[int | None, typer.Option(help="Score at most this many windows.")] = None,
+    dtype: Annotated[str, typer.Option(help="bfloat16, float16 or float32.")] = "bfloat16",
+    device: Annotated[str, typer.Option(help="cpu, cuda or auto.")] = "auto",
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show tracebacks.")] = False,
+) -> None:
+    """Perplexity of MODEL on a text; with --reference, how far MODEL's predictions are from it.
+
+    Examples:
+
+      llama4-local eval -m ./scout-int4 --text wiki.txt
+
+      llama4-local eval -m ./scout-int4 --reference ./scout --text wiki.txt --ctx 512 --json
+    """
+
+    def go():
+        from llama4_local.errors import UserError
+        from llama4_local.evaluate import evaluate
+        from llama4_local.loader import load_model
+        from llama4_local.tokenizer import Tokenizer
+
+        if not text.is_file():
+            raise UserError(f"text file {text} does not exist")
+        try:
+            body = text.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise UserError(f"{text} is not UTF-8 text") from None
+        tok = Tokenizer(model)
+        ids = tok.encode(body, add_special_tokens=False)
+        m, _ = load_model(model, dtype, device)
+        ref = load_model(reference, dtype, device)[0] if reference else None
+        res = evaluate(m, ids, ctx, tok.bos_id, ref, max_windows)
+        if as_json:
+            sys.stdout.write(json.dumps(res.as_dict()) + "\n")
+            return
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(title=f"{model} on {text.name}: {res.tokens} tokens in {res.windows} windows of {ctx}")
+        table.add_column("measure")
+        table.add_column("value", justify="right")
+        table.add_row("perplexity", f"{res.perplexity:.4f}")
+        if ref is not None:
+            table.add_row("reference perplexity", f"{res.reference_perplexity:.4f}")
+            table.add_row("KL mean", f"{res.kl_mean:.6f}")
+            table.add_row("KL median", f"{res.kl_median:.6f}")
+            table.add_row("KL 99th percentile", f"{res.kl_p99:.6f}")
+            table.add_row("KL max", f"{res.kl_max:.6f}")
+            table.add_row("top-1 agreement", f"{100 * res.top1_agreement:.2f}%")
+        Console().print(table)
+
+    _run(go, verbose)
+
+
 def _human(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if n < 1000:

@@ -14,42 +14,21 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from timing import best_time, copy_bandwidth  # noqa: E402
 
 from llama4_local.model import linear  # noqa: E402
 from quant.int4 import Int4Weight, dequantize_int4, quantize_rtn  # noqa: E402
 from quant.kernels import Int4Linear  # noqa: E402
 
 SHAPES = {"gate_or_up": (8192, 5120), "down": (5120, 8192)}
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def best_time(fn, device, reps):
-    fn()
-    best = float("inf")
-    for _ in range(reps):
-        sync(device)
-        t = time.perf_counter()
-        fn()
-        sync(device)
-        best = min(best, time.perf_counter() - t)
-    return best
-
-
-def copy_bandwidth(device, nbytes=1 << 29):
-    src = torch.ones(nbytes // 4, device=device)
-    dst = torch.empty_like(src)
-    return nbytes / best_time(lambda: dst.copy_(src), device, 5)
 
 
 def main():

@@ -25,6 +25,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from timing import copy_bandwidth, matvec_bandwidth  # noqa: E402
 
 from llama4_local.generate import generate_step  # noqa: E402
 from llama4_local.loader import load_model  # noqa: E402
@@ -58,40 +61,6 @@ CONFIG = dict(
     ),
 )
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def copy_bandwidth(device, nbytes=1 << 29, reps=5) -> float:
-    """Bytes/s of a large tensor copy (source bytes per second), best of `reps`."""
-    src = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
-    dst = torch.empty_like(src)
-    best = float("inf")
-    for _ in range(reps):
-        sync(device)
-        t = time.perf_counter()
-        dst.copy_(src)
-        sync(device)
-        best = min(best, time.perf_counter() - t)
-    return nbytes / best
-
-
-def matvec_bandwidth(device, nbytes=1 << 29, reps=5) -> float:
-    """Bytes/s a float32 matrix-vector product streams (the weights of a decode step), best of `reps`."""
-    ws = [torch.randn(4096, 1024, device=device) for _ in range(nbytes // (4096 * 1024 * 4))]
-    x = torch.randn(1, 1024, device=device)
-    best = float("inf")
-    for _ in range(reps):
-        sync(device)
-        t = time.perf_counter()
-        for w in ws:
-            torch.nn.functional.linear(x, w)
-        sync(device)
-        best = min(best, time.perf_counter() - t)
-    return nbytes / best
 
 
 def bytes_per_decode_token(model) -> int:

@@ -1,13 +1,15 @@
 """Quantize a Llama 4 checkpoint to INT4 and save it, tensor by tensor, with bounded memory.
 
-Reads the source memory-mapped, quantizes one expert matrix at a time, and writes output
-shards as they fill, so peak memory is about one shard plus one expert's working set whatever
-the checkpoint's size. Everything goes into a temporary directory next to OUT that is renamed
-to OUT only when complete: an interrupted run leaves nothing that looks like a checkpoint.
+Reads the source memory-mapped, one shard at a time, quantizes one expert matrix at a time, and
+writes output shards as they fill, so peak memory is about two output shards (the shard and
+its serialised copy) plus one expert's working set, whatever the checkpoint's size.
+Everything goes into a temporary directory next to OUT that is renamed to OUT only when
+complete: an interrupted run leaves nothing that looks like a checkpoint.
 """
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import json
 import os
@@ -119,6 +121,21 @@ def _is_target(name: str, parts: tuple[str, ...]) -> bool:
     return "attention" in parts and name.endswith(_ATTENTION)
 
 
+def _bound_heap() -> None:
+    """Make freed temporaries go back to the OS (glibc only; elsewhere a no-op).
+
+    glibc raises its mmap threshold each time a large block is freed; after that, the
+    expert-sized temporaries of the quantizer come from the heap, which the small long-lived
+    packed tensors fragment, and anonymous memory grew by about 9 MB per expert (4.4 GB for a
+    2.3 GB checkpoint). A fixed threshold sends every block over 64 KiB to mmap and back to
+    the OS when it is freed.
+    """
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 16)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
 def _check_out(out: Path) -> None:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"output {out} already exists and is not empty; choose a new directory or remove it")
@@ -151,6 +168,7 @@ def quantize_checkpoint(
     scheme = QuantScheme(opts.group_size, opts.symmetric)
     device = torch.device(opts.device)
 
+    _bound_heap()
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     out.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()

@@ -57,3 +57,20 @@ def test_prompt_cli_on_cuda_matches_cpu(scout_ckpt):
     cpu = run_cli(*args, "--device", "cpu")
     assert gpu.returncode == 0, gpu.stderr
     assert json.loads(gpu.stdout)["token_ids"] == json.loads(cpu.stdout)["token_ids"]
+
+
+def test_int4_checkpoint_on_cuda(tmp_path, scout_ckpt):
+    from quant.quantize import QuantizeOptions, quantize_checkpoint
+
+    out = tmp_path / "q"
+    quantize_checkpoint(scout_ckpt, out, QuantizeOptions(group_size=64, device="cuda"))
+    gpu, _ = load_model(out, "bfloat16", "cuda")
+    assert gpu.layers[0].feed_forward.experts.experts[0].gate_proj.path == "cuda"
+    cpu, _ = load_model(out, "float32", "cpu")
+    ids = torch.randint(0, 300, (20,), generator=torch.Generator().manual_seed(0))
+    want = cpu(ids, cpu.new_cache(20), last_only=False)
+    cache = gpu.new_cache(20)
+    got = torch.cat(
+        [gpu(ids[:12].cuda(), cache, last_only=False)] + [gpu(ids[i : i + 1].cuda(), cache) for i in range(12, 20)]
+    )
+    assert rel_err(got, want) < 3e-2
