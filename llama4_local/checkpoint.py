@@ -9,7 +9,6 @@ them; nothing is unpickled and no code from the checkpoint runs.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,9 +75,6 @@ class Checkpoint:
 
     def where(self, name: str) -> str:
         return f"{self.names[name]} in {self.files[name]}"
-
-    def items(self) -> Iterator[tuple[str, Path]]:
-        return iter(self.files.items())
 
 
 def open_shard(path: Path):

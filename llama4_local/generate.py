@@ -9,7 +9,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -212,10 +212,16 @@ class Completion:
     stats: Stats
 
 
-def generate(model, tokenizer, prompt, params, max_new_tokens, eos_ids, **kw) -> Completion:
+def generate(
+    model, tokenizer, prompt, params, max_new_tokens, eos_ids, on_text: Callable[[str], None] | None = None, **kw
+) -> Completion:
+    """The whole reply; `on_text` sees each text piece as it is generated."""
     parts, ids, last = [], [], None
     for r in stream_generate(model, tokenizer, prompt, params, max_new_tokens, eos_ids, **kw):
-        parts.append(r.text)
+        if r.text:
+            parts.append(r.text)
+            if on_text:
+                on_text(r.text)
         if r.token is not None:
             ids.append(r.token)
         last = r

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .generate import DEFAULT_PREFILL_CHUNK, Stats, stream_generate
+from .generate import DEFAULT_PREFILL_CHUNK, Stats, generate
 from .loader import check_model_dir, load_model
 from .sampling import read_generation_config
 from .tokenizer import Tokenizer
@@ -69,23 +69,16 @@ def run_prompt(req: PromptRequest, on_text: Callable[[str], None] | None = None)
     eos = set(cfg.eos_token_ids) | set(defaults.eos_token_ids)
     if tokenizer.eos_id is not None:
         eos.add(tokenizer.eos_id)
-    parts, ids, last = [], [], None
-    for r in stream_generate(
+    done = generate(
         model,
         tokenizer,
         prompt,
         params,
         max_tokens,
         eos,
+        on_text=on_text,
         stop=req.stop,
         ignore_eos=req.ignore_eos,
         prefill_chunk=req.prefill_chunk,
-    ):
-        if r.text:
-            parts.append(r.text)
-            if on_text:
-                on_text(r.text)
-        if r.token is not None:
-            ids.append(r.token)
-        last = r
-    return PromptResult("".join(parts), ids, len(prompt), last.finish_reason, last.stats)
+    )
+    return PromptResult(done.text, done.token_ids, len(prompt), done.finish_reason, done.stats)

@@ -70,7 +70,7 @@ def unpack_int4(packed: torch.Tensor, dim: int = 1) -> torch.Tensor:
 
 def _grouped(w: torch.Tensor, group_size: int) -> torch.Tensor:
     out, inp = w.shape
-    if group_size not in GROUP_SIZES and group_size <= 0:
+    if group_size <= 0:
         raise ValueError(f"group size must be positive, got {group_size}")
     if inp % group_size:
         raise ValueError(f"input dimension {inp} is not a multiple of group size {group_size}")
