@@ -68,7 +68,10 @@ def bytes_per_decode_token(model) -> int:
     routed experts nobody chose (top-k of E per MoE layer)."""
     cfg = model.cfg
     total = 0
-    for name, p in model.named_parameters():
+    tensors = [*model.named_parameters(), *model.named_buffers()]  # INT4 linears hold buffers
+    for name, p in tensors:
+        if name.endswith("inv_freq"):
+            continue
         n = p.numel() * p.element_size()
         if name == "embed_tokens.weight":
             n = p.shape[1] * p.element_size()

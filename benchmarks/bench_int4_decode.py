@@ -1,0 +1,54 @@
+"""Decode and prefill of the INT4 checkpoint against the unquantized one, in one run.
+
+Uses bench_runner's mid-sized checkpoint (hidden 1024, 16 experts of 3 x 1024 x 1024, 8 layers),
+quantizes its experts and shared experts (INT4, group 128, symmetric) with `quant.quantize`,
+and times this runner on both in bfloat16.
+
+    python benchmarks/bench_int4_decode.py [--device cpu|cuda]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_runner import time_ours, write_checkpoint  # noqa: E402
+from timing import copy_bandwidth  # noqa: E402
+
+from quant.quantize import QuantizeOptions, quantize_checkpoint  # noqa: E402
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--reps", type=int, default=3)
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    bw = copy_bandwidth(device)
+    print(json.dumps({"device": args.device, "threads": torch.get_num_threads(), "copy_GB_s": round(bw / 1e9, 2)}))
+    prompt = torch.randint(3, 32000, (128,), generator=torch.Generator().manual_seed(0)).tolist()
+    with tempfile.TemporaryDirectory() as tmp:
+        src, q = Path(tmp) / "bf16", Path(tmp) / "int4"
+        write_checkpoint(src)
+        quantize_checkpoint(src, q, QuantizeOptions(device=args.device))
+        for name, path in (("bfloat16", src), ("int4", q)):
+            r = time_ours(path, "bfloat16", device, prompt, 32, args.reps)
+            row = {
+                "weights": name,
+                "prefill_tok_s": round(r["prefill_tok_s"], 1),
+                "decode_tok_s": round(r["decode_tok_s"], 1),
+                "MB_per_token": round(r["bytes_per_token"] / 1e6, 1),
+            }
+            print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+    main()
