@@ -59,10 +59,6 @@ class TextConfig:
     multimodal: bool  # saved as Llama4ForConditionalGeneration (weights under language_model.)
     quantization: dict | None = None  # config.json's quantization_config, when the weights are quantized
 
-    @property
-    def num_rope_layers(self) -> int:
-        return sum(self.rope_layers)
-
     @classmethod
     def from_hf(cls, raw: dict, source: str = "config.json") -> TextConfig:
         """Build from a parsed config.json; unknown keys are ignored."""

@@ -29,7 +29,7 @@ from llama4_local.errors import UserError
 from llama4_local.loader import check_model_dir
 
 from .format import QuantScheme, to_tensors
-from .int4 import quantize_int4
+from .int4 import GROUP_SIZES, quantize_int4
 
 PARTS = ("experts", "shared", "attention")
 DEFAULT_PARTS = ("experts", "shared")
@@ -160,8 +160,8 @@ def quantize_checkpoint(
     bad = [p for p in opts.parts if p not in PARTS]
     if bad or "experts" not in opts.parts:
         raise UserError(f"--parts takes experts (always), shared and attention, not {', '.join(bad) or opts.parts}")
-    if opts.group_size not in (32, 64, 128):
-        raise UserError(f"--group-size must be 32, 64 or 128, not {opts.group_size}")
+    if opts.group_size not in GROUP_SIZES:
+        raise UserError(f"--group-size must be one of {', '.join(map(str, GROUP_SIZES))}, not {opts.group_size}")
     if cfg.hidden_size % opts.group_size or cfg.intermediate_size % opts.group_size:
         raise UserError(
             f"--group-size {opts.group_size} does not divide hidden {cfg.hidden_size} and "
