@@ -79,18 +79,81 @@ def load_weights(model: Llama4Text, ckpt: Checkpoint, dtype: torch.dtype, device
     model.inv_freq = rope_inv_freq(cfg).to(device)
 
 
-def load_model(model_dir: Path, dtype: str = "bfloat16", device: str = "auto") -> tuple[Llama4Text, TextConfig]:
+def quantized_parts(ckpt: Checkpoint, cfg: TextConfig, scheme):
+    """What the checkpoint holds in INT4, for the memory plan (None: nothing)."""
+    if scheme is None:
+        return None
+    from offload.plan import Quantized
+
+    i = cfg.moe_layers.index(True) if True in cfg.moe_layers else 0
+    return Quantized(
+        group_size=scheme.group_size,
+        experts=f"layers.{i}.feed_forward.experts.0.gate_proj.weight_packed" in ckpt,
+        shared=f"layers.{i}.feed_forward.shared_expert.gate_proj.weight_packed" in ckpt,
+        attention=f"layers.{i}.self_attn.q_proj.weight_packed" in ckpt,
+    )
+
+
+def _offload_slots(cfg, ckpt, scheme, torch_dtype, torch_device, opts, context: int, prefill_chunk: int):
+    """(slots, plan): the cache size to build, or None to keep every expert on the device."""
+    from offload.plan import DEFAULT_MARGIN, plan_memory
+
+    if torch_device.type != "cuda":
+        if opts.gpu_memory is not None:
+            raise UserError("--gpu-memory plans GPU memory, but the model runs on the CPU; use --expert-cache-slots N")
+        return opts.slots, None
+    if opts.gpu_memory is not None:
+        budget = opts.gpu_memory
+    else:
+        free, _ = torch.cuda.mem_get_info(torch_device)
+        budget = free - DEFAULT_MARGIN
+    elt = torch.empty((), dtype=torch_dtype).element_size()
+    plan = plan_memory(cfg, budget, context, elt, quantized_parts(ckpt, cfg, scheme), prefill_chunk, opts.host_memory)
+    if opts.slots is not None:
+        return opts.slots, plan
+    return (None if plan.all_resident else plan.slots), plan
+
+
+def load_model(
+    model_dir: Path,
+    dtype: str = "bfloat16",
+    device: str = "auto",
+    offload=None,
+    context: int | None = None,
+    prefill_chunk: int = 512,
+) -> tuple[Llama4Text, TextConfig]:
+    """Load a checkpoint; with `offload` (offload.setup.OffloadOptions), routed experts go to a cache.
+
+    The manager, when one is built, is `model.offload`, and the memory plan `model.plan`.
+    """
     model_dir = check_model_dir(model_dir)
     cfg = load_config(model_dir)
     torch_dtype, torch_device = resolve_dtype(dtype), resolve_device(device)
     ckpt = open_checkpoint(model_dir)
     model = Llama4Text(cfg)  # on the meta device: allocates nothing
+    model.plan = None
+    scheme = None
     if cfg.quantization:
         from quant.format import QuantScheme
-        from quant.modules import apply_quantized
 
         scheme = QuantScheme.from_config(cfg.quantization, str(model_dir / "config.json"))
-        apply_quantized(model, ckpt, scheme, torch_dtype, torch_device)
+    slots = None
+    if offload is not None and any(cfg.moe_layers):
+        offload.validate()
+        ctx = context or min(cfg.max_position_embeddings, 8192)
+        slots, model.plan = _offload_slots(cfg, ckpt, scheme, torch_dtype, torch_device, offload, ctx, prefill_chunk)
+    if slots is not None:
+        from offload.setup import replace_experts
+
+        replace_experts(model)
+    if scheme is not None:
+        from quant.modules import apply_quantized
+
+        apply_quantized(model, ckpt, scheme, torch_dtype, torch_device, routed=slots is None)
     load_weights(model, ckpt, torch_dtype, torch_device)
+    if slots is not None:
+        from offload.setup import attach_offload
+
+        model.offload = attach_offload(model, ckpt, scheme, torch_dtype, torch_device, slots, offload)
     model.eval()
     return model, cfg

@@ -200,11 +200,16 @@ class Experts(nn.Module):
         gate, up = matmul(x, self.gate_up_proj[e]).chunk(2, dim=-1)  # [N, I] each
         return matmul(up * F.silu(gate), self.down_proj[e])
 
+    def run(self, groups: list[tuple[int, torch.Tensor]]) -> list[torch.Tensor]:
+        """Each (expert, its tokens) group's output, in order. Offloaded experts reorder inside."""
+        return [self.expert(e, x) for e, x in groups]
+
 
 class MoE(nn.Module):
-    def __init__(self, cfg: TextConfig):
+    def __init__(self, cfg: TextConfig, layer: int = 0):
         super().__init__()
-        self.top_k, self.num_experts = cfg.top_k, cfg.num_experts
+        self.layer, self.top_k, self.num_experts = layer, cfg.top_k, cfg.num_experts
+        self.observer = None  # called with (layer, expert ids [T, k]); e.g. a routing recorder
         self.router = Linear(cfg.hidden_size, cfg.num_experts)
         self.experts = Experts(cfg)
         self.shared_expert = MLP(cfg.hidden_size, cfg.intermediate_size)
@@ -217,10 +222,13 @@ class MoE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         idx, scores = self.route(x)
+        if self.observer is not None:
+            self.observer(self.layer, idx)
         out = self.shared_expert(x)
         if x.shape[0] == 1:  # decode: no grouping needed; k experts for the one token
-            for j, e in enumerate(idx[0].tolist()):
-                out += self.experts.expert(e, x * scores[:, j : j + 1])
+            groups = [(e, x * scores[:, j : j + 1]) for j, e in enumerate(idx[0].tolist())]
+            for y in self.experts.run(groups):
+                out += y
             return out
         # Group the (token, slot) pairs by expert so each selected expert runs once on all its
         # tokens; experts nobody chose are never touched.
@@ -229,18 +237,21 @@ class MoE(nn.Module):
         counts = torch.bincount(flat, minlength=self.num_experts).tolist()
         tokens = order // self.top_k
         weights = scores.flatten()[order][:, None]
+        groups, sels = [], []
         start = 0
         for e, n in enumerate(counts):
             if n == 0:
                 continue
             sel = tokens[start : start + n]
             # The router score scales the expert's input, not its output.
-            y = self.experts.expert(e, x[sel] * weights[start : start + n])
-            if n == x.shape[0] and self.top_k == 1:
-                out += y  # every token chose e: sel is 0..T-1 in order
+            groups.append((e, x[sel] * weights[start : start + n]))
+            sels.append(sel)
+            start += n
+        for sel, y in zip(sels, self.experts.run(groups), strict=True):
+            if sel.shape[0] == x.shape[0] and self.top_k == 1:
+                out += y  # every token chose this expert: sel is 0..T-1 in order
             else:
                 out.index_add_(0, sel, y)
-            start += n
         return out
 
 
@@ -249,7 +260,7 @@ class DecoderLayer(nn.Module):
         super().__init__()
         self.self_attn = Attention(cfg, layer)
         self.is_moe = cfg.moe_layers[layer]
-        self.feed_forward = MoE(cfg) if self.is_moe else MLP(cfg.hidden_size, cfg.intermediate_size_mlp)
+        self.feed_forward = MoE(cfg, layer) if self.is_moe else MLP(cfg.hidden_size, cfg.intermediate_size_mlp)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -273,6 +284,7 @@ class Llama4Text(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size)
         self.register_buffer("inv_freq", rope_inv_freq(cfg).to("meta"), persistent=False)
+        self.offload = None  # an offload manager: told before each layer runs (to prefetch)
 
     def new_cache(self, max_len: int) -> KVCache:
         return KVCache(self.cfg, max_len, self.embed_tokens.weight.dtype, self.embed_tokens.weight.device)
@@ -284,7 +296,9 @@ class Llama4Text(nn.Module):
         x = F.embedding(ids, self.embed_tokens.weight)  # [T, D]
         positions = torch.arange(pos0, pos0 + ids.shape[0], device=ids.device)
         freqs = rope_freqs(self.inv_freq, positions)  # [T, hd/2]
-        for layer, kv in zip(self.layers, cache.layers, strict=True):
+        for i, (layer, kv) in enumerate(zip(self.layers, cache.layers, strict=True)):
+            if self.offload is not None:
+                self.offload.before_layer(i, x)
             x = layer(x, pos0, freqs, kv)
         if last_only:
             x = x[-1:]

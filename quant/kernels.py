@@ -50,6 +50,15 @@ def kernel_for(qw: Int4Weight, device: torch.device, dtype: torch.dtype) -> str:
     return "reference"
 
 
+def int4_matmul(path: str, group_size: int, x: torch.Tensor, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    """x [T, K] @ W^T for W held in `tensors` (an Int4Linear's buffers, or views of them)."""
+    if path == "reference":
+        return F.linear(x, tensors["weight"])
+    if path == "cpu":
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x, tensors["packed"], group_size, tensors["scales_and_zeros"])
+    return torch.ops.aten._weight_int4pack_mm(x, tensors["packed"], group_size, tensors["scales_and_zeros"])
+
+
 class Int4Linear(torch.nn.Module):
     """y = x @ W^T for an INT4 weight W [N, K], without materialising W (except on "reference")."""
 
@@ -74,11 +83,11 @@ class Int4Linear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, K] -> [T, N] in x's dtype."""
-        if self.path == "reference":
-            return F.linear(x, self.weight)
-        if self.path == "cpu":
-            return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, self.group_size, self.scales_and_zeros)
-        return torch.ops.aten._weight_int4pack_mm(x, self.packed, self.group_size, self.scales_and_zeros)
+        return int4_matmul(self.path, self.group_size, x, self.tensors())
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The buffers the kernel reads, by name (what the offload store packs per expert)."""
+        return dict(self.named_buffers())
 
     def nbytes(self) -> int:
         return sum(b.numel() * b.element_size() for b in self.buffers())

@@ -35,9 +35,15 @@ class QuantizedExperts(nn.Module):
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         return self.experts[e](x)
 
+    def run(self, groups: list[tuple[int, torch.Tensor]]) -> list[torch.Tensor]:
+        return [self.experts[e](x) for e, x in groups]
 
-def apply_quantized(model: nn.Module, ckpt, scheme: QuantScheme, dtype: torch.dtype, device) -> int:
-    """Replace every linear whose checkpoint tensors are quantized; returns how many."""
+
+def apply_quantized(model: nn.Module, ckpt, scheme: QuantScheme, dtype: torch.dtype, device, routed: bool = True) -> int:
+    """Replace every linear whose checkpoint tensors are quantized; returns how many.
+
+    With `routed=False` the routed experts are left alone (the offload manager serves them).
+    """
 
     def load(prefix: str) -> Int4Linear:
         try:
@@ -50,7 +56,7 @@ def apply_quantized(model: nn.Module, ckpt, scheme: QuantScheme, dtype: torch.dt
     for i, layer in enumerate(model.layers):
         ff = layer.feed_forward
         base = f"layers.{i}.feed_forward.experts"
-        if getattr(layer, "is_moe", False) and f"{base}.0.gate_proj.weight_packed" in ckpt:
+        if routed and getattr(layer, "is_moe", False) and f"{base}.0.gate_proj.weight_packed" in ckpt:
             n = ff.num_experts
             ff.experts = QuantizedExperts(
                 [QuantizedExpert(*(load(f"{base}.{e}.{p}_proj") for p in ("gate", "up", "down"))) for e in range(n)]

@@ -36,3 +36,13 @@ def multimodal_ckpt(tmp_path_factory):
 @pytest.fixture(scope="session")
 def all_ckpts(scout_ckpt, maverick_ckpt, multimodal_ckpt):
     return {"scout": scout_ckpt, "maverick": maverick_ckpt, "multimodal": multimodal_ckpt}
+
+
+@pytest.fixture(scope="session")
+def scout_int4(tmp_path_factory, scout_ckpt):
+    """The Scout-like checkpoint quantized (INT4, group 64, symmetric): (directory, summary)."""
+    from quant.quantize import QuantizeOptions, quantize_checkpoint
+
+    out = tmp_path_factory.mktemp("q") / "scout-int4"
+    summary = quantize_checkpoint(scout_ckpt, out, QuantizeOptions(group_size=64, shard_bytes=300_000))
+    return out, summary

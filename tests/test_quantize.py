@@ -20,10 +20,8 @@ def rel_err(a, b):
 
 
 @pytest.fixture(scope="module")
-def quantized(tmp_path_factory, scout_ckpt):
-    out = tmp_path_factory.mktemp("q") / "scout-int4"
-    summary = quantize_checkpoint(scout_ckpt, out, QuantizeOptions(group_size=64, shard_bytes=300_000))
-    return out, summary
+def quantized(scout_int4):
+    return scout_int4
 
 
 def test_layout_and_config(quantized, scout_ckpt):

@@ -1,0 +1,193 @@
+"""Host store and device expert cache.
+
+`HostStore` keeps each expert's block in host memory (pinned when a GPU is used, so a move is
+one asynchronous DMA copy). Experts beyond `--host-memory` are not held: their block is built
+again from the memory-mapped checkpoint each time one is needed.
+
+`ExpertCache` owns `slots` blocks on the compute device, allocated once as one tensor. Copies
+run on their own CUDA stream; each slot has a `ready` event (its copy finished) that compute
+waits on, and a `released` event (the last compute that read it finished) that the next copy
+into the slot waits on. Nothing blocks the host. On the CPU the same code copies synchronously.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields
+
+import torch
+
+from .layout import ExpertLayout
+
+Key = tuple[int, int]  # (layer, expert)
+
+
+@dataclass
+class LayerStats:
+    uses: int = 0  # experts the layer ran (one per distinct expert per forward)
+    hits: int = 0  # resident when the layer started (prefetched ones included)
+    misses: int = 0
+    cpu: int = 0  # misses computed on the CPU instead of copied
+    loads: int = 0  # blocks copied into the cache (demand and prefetch)
+    bytes_moved: int = 0
+    copy_s: float = 0.0  # time spent copying (device time on CUDA)
+    stall_s: float = 0.0  # time compute waited for demand copies (host-measured on the CPU)
+    prefetch_guessed: int = 0
+    prefetch_correct: int = 0
+    prefetch_loads: int = 0
+
+    def add(self, other: LayerStats) -> None:
+        for f in fields(self):
+            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d["hit_rate"] = self.hits / self.uses if self.uses else None
+        d["prefetch_accuracy"] = self.prefetch_correct / self.prefetch_guessed if self.prefetch_guessed else None
+        return d
+
+
+class HostStore:
+    """Expert blocks in host memory, up to a budget; the rest rebuilt on demand."""
+
+    def __init__(
+        self,
+        layout: ExpertLayout,
+        keys: list[Key],
+        build: Callable[[Key], dict[str, torch.Tensor]],
+        pin: bool,
+        budget_bytes: int | None = None,
+    ):
+        self.layout, self.build, self.pin = layout, build, pin
+        held = len(keys) if budget_bytes is None else min(len(keys), max(0, budget_bytes // layout.nbytes))
+        self.held_keys = keys[:held]
+        self.blocks: dict[Key, torch.Tensor] = {}
+        if held:
+            # One allocation per layer keeps pinning cheap; every expert is a row.
+            by_layer: dict[int, list[Key]] = {}
+            for k in self.held_keys:
+                by_layer.setdefault(k[0], []).append(k)
+            for layer_keys in by_layer.values():
+                buf = torch.empty((len(layer_keys), layout.nbytes), dtype=torch.uint8, pin_memory=pin)
+                for row, k in zip(buf, layer_keys, strict=True):
+                    self.blocks[k] = layout.pack(build(k), row)
+        self._staging = torch.empty(layout.nbytes, dtype=torch.uint8, pin_memory=pin)
+        self._staging_busy: torch.cuda.Event | None = None
+        self.rebuilt = 0
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.blocks) * self.layout.nbytes
+
+    def block(self, key: Key) -> torch.Tensor:
+        """The expert's block; for one not held, a staging buffer valid until the next call."""
+        b = self.blocks.get(key)
+        if b is not None:
+            return b
+        if self._staging_busy is not None:
+            self._staging_busy.synchronize()  # the previous copy out of staging must be done
+            self._staging_busy = None
+        self.rebuilt += 1
+        return self.layout.pack(self.build(key), self._staging)
+
+    def staging_in_use(self, event: torch.cuda.Event) -> None:
+        self._staging_busy = event
+
+
+class ExpertCache:
+    """`slots` expert blocks on `device`, filled from a HostStore; a policy ranks evictions."""
+
+    def __init__(self, store: HostStore, slots: int, device: torch.device, policy):
+        if slots < 1:
+            raise ValueError("the expert cache needs at least one slot")
+        self.store, self.device, self.policy = store, torch.device(device), policy
+        self.layout = store.layout
+        self.buf = torch.empty((slots, self.layout.nbytes), dtype=torch.uint8, device=self.device)
+        self.slots = slots
+        self.slot_of: dict[Key, int] = {}
+        self.key_of: list[Key | None] = [None] * slots
+        self.cuda = self.device.type == "cuda"
+        self.stream = torch.cuda.Stream(self.device) if self.cuda else None
+        self.ready: list = [None] * slots
+        self.released: list = [None] * slots
+        self._timings: list[tuple[LayerStats, torch.cuda.Event, torch.cuda.Event, bool]] = []
+        self._views = [self.layout.views(self.buf[s]) for s in range(slots)]
+
+    def resident(self, key: Key) -> bool:
+        return key in self.slot_of
+
+    def load(self, key: Key, stats: LayerStats, protect: set[Key], demand: bool) -> bool:
+        """Start copying `key` in; False when every resident block is protected (nothing moved)."""
+        if key in self.slot_of:
+            return True
+        if len(self.slot_of) < self.slots:
+            slot = self.key_of.index(None)
+        else:
+            candidates = [k for k in self.slot_of if k not in protect]
+            if not candidates:
+                return False
+            victim = self.policy.victim(candidates)
+            slot = self.slot_of.pop(victim)
+            self.policy.evict(victim)
+        self.key_of[slot] = key
+        self.slot_of[key] = slot
+        self.policy.insert(key)
+        src = self.store.block(key)
+        n = self.layout.nbytes
+        stats.loads += 1
+        stats.bytes_moved += n
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            with torch.cuda.stream(self.stream):
+                if self.released[slot] is not None:
+                    self.stream.wait_event(self.released[slot])
+                start.record(self.stream)
+                self.buf[slot].copy_(src, non_blocking=True)
+                end.record(self.stream)
+            self.ready[slot] = end
+            if key not in self.store.blocks:
+                self.store.staging_in_use(end)
+            self._timings.append((stats, start, end, demand))
+            if len(self._timings) > 1024:
+                self.collect_timings(wait=False)
+        else:
+            t0 = time.perf_counter()
+            self.buf[slot].copy_(src)
+            dt = time.perf_counter() - t0
+            stats.copy_s += dt
+            if demand:
+                stats.stall_s += dt
+        return True
+
+    def acquire(self, key: Key) -> dict:
+        """Views of a resident expert's slot, ordered after its copy on the compute stream."""
+        slot = self.slot_of[key]
+        if self.cuda and self.ready[slot] is not None:
+            torch.cuda.current_stream(self.device).wait_event(self.ready[slot])
+        return self._views[slot]
+
+    def release(self, key: Key) -> None:
+        """Compute that reads the slot has been queued; a later copy into it waits for it."""
+        if self.cuda:
+            ev = torch.cuda.Event()
+            ev.record(torch.cuda.current_stream(self.device))
+            self.released[self.slot_of[key]] = ev
+
+    def collect_timings(self, wait: bool = True) -> None:
+        """Fold finished CUDA copy timings into the stats (all of them when `wait`)."""
+        if not self._timings:
+            return
+        if wait:
+            torch.cuda.synchronize(self.device)
+        pending = []
+        for item in self._timings:
+            stats, start, end, demand = item
+            if not wait and not end.query():
+                pending.append(item)
+                continue
+            dt = start.elapsed_time(end) / 1000
+            stats.copy_s += dt
+            if demand:
+                stats.stall_s += dt
+        self._timings = pending

@@ -1,0 +1,155 @@
+"""The memory plan: what goes on the GPU, and how many expert slots the rest buys.
+
+Everything but the routed experts (embeddings, attention, norms, routers, shared experts, dense
+MLPs, lm_head) lives on the device, with the KV cache for the requested context and a
+workspace for activations. What is left of the budget becomes expert-cache slots of one
+expert block each. Sizes are computed from the config and the quantization scheme, in the
+layout the device kernels use (INT4: half a byte per weight plus a bf16 scale and offset per
+group and row), so the plan can be made, printed and tested without any weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from llama4_local.config import TextConfig
+from llama4_local.errors import UserError
+
+GiB = 1 << 30
+MiB = 1 << 20
+DEFAULT_MARGIN = 1 * GiB  # left free for the CUDA context, allocator slack and other processes
+WORKSPACE_FIXED = 256 * MiB
+
+
+@dataclass(frozen=True)
+class Quantized:
+    """Which parts are INT4, and the group size (None: a bf16/fp16 checkpoint)."""
+
+    group_size: int = 128
+    experts: bool = True
+    shared: bool = True
+    attention: bool = False
+
+
+def linear_bytes(n_out: int, n_in: int, elt: int, q: Quantized | None, quantized: bool) -> int:
+    if q is None or not quantized:
+        return n_out * n_in * elt
+    groups = n_in // q.group_size
+    return n_out * n_in // 2 + groups * n_out * 2 * 2  # nibbles + (scale, offset) in bf16
+
+
+def expert_bytes(cfg: TextConfig, elt: int, q: Quantized | None) -> int:
+    d, i = cfg.hidden_size, cfg.intermediate_size
+    quant = q is not None and q.experts
+    return 2 * linear_bytes(i, d, elt, q, quant) + linear_bytes(d, i, elt, q, quant)
+
+
+def kv_bytes(cfg: TextConfig, context: int, elt: int) -> int:
+    per_pos = 2 * cfg.num_kv_heads * cfg.head_dim * elt
+    total = 0
+    for chunked in cfg.chunked_layers:
+        total += per_pos * (min(context, cfg.attention_chunk_size) if chunked else context)
+    return total
+
+
+def dense_parts(cfg: TextConfig, elt: int, q: Quantized | None) -> dict[str, int]:
+    """Bytes of everything but the routed experts, by part."""
+    d, h, kv, hd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    att_q = q is not None and q.attention
+    sh_q = q is not None and q.shared
+    parts = {"embeddings": cfg.vocab_size * d * elt, "lm_head": cfg.vocab_size * d * elt}
+    attention = norms = routers = shared = mlp = 0
+    for layer in range(cfg.num_layers):
+        attention += 2 * linear_bytes(h * hd, d, elt, q, att_q) + 2 * linear_bytes(kv * hd, d, elt, q, att_q)
+        norms += 2 * d * elt
+        if cfg.moe_layers[layer]:
+            routers += cfg.num_experts * d * elt
+            shared += 3 * linear_bytes(cfg.intermediate_size, d, elt, q, sh_q)
+        else:
+            mlp += 3 * cfg.intermediate_size_mlp * d * elt
+    parts.update(attention=attention, norms=norms + d * elt, routers=routers, shared_experts=shared, dense_mlp=mlp)
+    return parts
+
+
+def workspace_bytes(cfg: TextConfig, prefill_chunk: int, context: int) -> int:
+    """Activations of one prefill piece, with room for attention scores if not fused (float32)."""
+    d, i = cfg.hidden_size, max(cfg.intermediate_size, cfg.intermediate_size_mlp)
+    act = prefill_chunk * (6 * d + 4 * i) * 4
+    scores = cfg.num_heads * prefill_chunk * min(context, 8192) * 4
+    return WORKSPACE_FIXED + act + scores + cfg.vocab_size * 4
+
+
+@dataclass
+class MemoryPlan:
+    budget: int
+    context: int
+    dense: dict[str, int]
+    kv_cache: int
+    workspace: int
+    expert_bytes: int
+    experts_total: int
+    slots: int
+    host_budget: int | None
+    host_experts: int
+
+    @property
+    def dense_total(self) -> int:
+        return sum(self.dense.values())
+
+    @property
+    def used(self) -> int:
+        return self.dense_total + self.kv_cache + self.workspace + self.slots * self.expert_bytes
+
+    @property
+    def all_resident(self) -> bool:
+        return self.slots >= self.experts_total
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d.update(dense_total=self.dense_total, used=self.used, all_resident=self.all_resident)
+        return d
+
+    def rows(self) -> list[tuple[str, str, int]]:
+        """(what, where, bytes) for printing."""
+        rows = [(name.replace("_", " "), "gpu", n) for name, n in self.dense.items() if n]
+        rows.append((f"KV cache ({self.context} tokens)", "gpu", self.kv_cache))
+        rows.append(("workspace", "gpu", self.workspace))
+        rows.append((f"expert cache: {self.slots} of {self.experts_total} experts", "gpu", self.slots * self.expert_bytes))
+        if self.all_resident:
+            return rows
+        rows.append((f"experts in host RAM: {self.host_experts}", "cpu", self.host_experts * self.expert_bytes))
+        cold = self.experts_total - self.host_experts
+        if cold:
+            rows.append((f"experts read from disk on demand: {cold}", "disk", cold * self.expert_bytes))
+        return rows
+
+
+def plan_memory(
+    cfg: TextConfig,
+    budget: int,
+    context: int,
+    elt: int = 2,
+    q: Quantized | None = None,
+    prefill_chunk: int = 512,
+    host_budget: int | None = None,
+) -> MemoryPlan:
+    """Fit a model into `budget` bytes of device memory; UserError naming the minimum if it cannot."""
+    dense = dense_parts(cfg, elt, q)
+    kv = kv_bytes(cfg, context, elt)
+    work = workspace_bytes(cfg, prefill_chunk, context)
+    one = expert_bytes(cfg, elt, q)
+    total = cfg.num_experts * sum(cfg.moe_layers)
+    fixed = sum(dense.values()) + kv + work
+    if fixed + one > budget:
+        need = (fixed + one) / GiB
+        raise UserError(
+            f"the model needs at least {need:.1f} GiB of GPU memory for a {context}-token context "
+            f"(everything but the experts, plus one expert slot); {budget / GiB:.1f} GiB were given: "
+            "raise --gpu-memory, lower --context, or quantize attention too (quantize --parts experts,shared,attention)"
+        )
+    slots = min(total, (budget - fixed) // one)
+    if slots >= total:
+        host = 0  # every expert lives on the device; none is staged in host RAM
+    else:
+        host = total if host_budget is None else min(total, host_budget // one)
+    return MemoryPlan(budget, context, dense, kv, work, one, total, int(slots), host_budget, host)

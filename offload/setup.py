@@ -1,0 +1,110 @@
+"""Wiring: replace a model's routed experts by offloaded ones and build store, cache and manager."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from llama4_local.checkpoint import Checkpoint
+from llama4_local.errors import UserError
+
+from .cache import ExpertCache, HostStore, Key
+from .layout import ExpertKernel, ExpertLayout
+from .manager import MISS_POLICIES, OffloadedExperts, OffloadManager
+from .policy import POLICIES, make_policy
+
+
+@dataclass
+class OffloadOptions:
+    """What the user asked for; `slots` None means: as many as the memory plan allows."""
+
+    slots: int | None = None
+    gpu_memory: int | None = None  # bytes; None: the GPU's free memory minus a margin
+    host_memory: int | None = None  # bytes of host RAM for expert blocks; None: all experts
+    policy: str = "lru"
+    miss_policy: str = "auto"
+    prefetch: bool = True
+
+    def validate(self) -> OffloadOptions:
+        if self.slots is not None and self.slots < 1:
+            raise UserError(f"--expert-cache-slots must be at least 1, not {self.slots}")
+        if self.policy not in POLICIES:
+            raise UserError(f"--cache-policy must be one of {', '.join(POLICIES)}, not {self.policy!r}")
+        if self.miss_policy not in MISS_POLICIES:
+            raise UserError(f"--miss-policy must be one of {', '.join(MISS_POLICIES)}, not {self.miss_policy!r}")
+        return self
+
+
+def replace_experts(model) -> None:
+    """Swap every MoE layer's experts for a weightless stand-in (before weights are loaded)."""
+    for i, layer in enumerate(model.layers):
+        if layer.is_moe:
+            layer.feed_forward.experts = OffloadedExperts(i, layer.feed_forward.num_experts)
+
+
+def expert_builder(ckpt: Checkpoint, scheme, dtype: torch.dtype, device: torch.device):
+    """(build(key) -> tensors in `device`'s kernel layout, on the CPU; the kernel that reads them)."""
+    if scheme is None:
+        cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+        def build_dense(key: Key) -> dict[str, torch.Tensor]:
+            i, e = key
+            if i not in cache:  # memory-mapped, so this reads nothing yet
+                base = f"layers.{i}.feed_forward.experts"
+                cache.clear()
+                cache[i] = (ckpt.get(f"{base}.gate_up_proj"), ckpt.get(f"{base}.down_proj"))
+            gate_up, down = cache[i]
+            return {"gate_up": gate_up[e].to(dtype), "down": down[e].to(dtype)}
+
+        return build_dense, ExpertKernel()
+
+    from quant.format import from_tensors
+    from quant.kernels import Int4Linear, kernel_for
+
+    def read(key: Key, p: str):
+        prefix = f"layers.{key[0]}.feed_forward.experts.{key[1]}.{p}_proj"
+        try:
+            return from_tensors(ckpt.get, prefix, scheme)
+        except KeyError as err:
+            raise UserError(f"quantized checkpoint {ckpt.root} lacks {err.args[0]}; is it complete?") from None
+
+    # One kernel path for all projections of all experts (same shapes, group and dtype), so one
+    # layout fits every expert; the reference path where a shape rule fails for one of them.
+    first = (min(int(n.split(".")[1]) for n in ckpt.names if ".feed_forward.experts." in n), 0)
+    paths = {kernel_for(read(first, p), device, dtype) for p in ("gate", "down")}
+    path = paths.pop() if len(paths) == 1 else "reference"
+
+    def build_int4(key: Key) -> dict[str, torch.Tensor]:
+        out = {}
+        for p in ("gate", "up", "down"):
+            lin = Int4Linear(read(key, p), device, dtype, path=path)
+            out.update({f"{p}.{n}": b.to("cpu") for n, b in lin.tensors().items()})
+        return out
+
+    return build_int4, ExpertKernel(path, scheme.group_size)
+
+
+def attach_offload(
+    model,
+    ckpt: Checkpoint,
+    scheme,
+    dtype: torch.dtype,
+    device: torch.device,
+    slots: int,
+    opts: OffloadOptions,
+) -> OffloadManager:
+    """Build host store(s), the device cache and the manager for a model from `replace_experts`."""
+    keys = [(i, e) for i, layer in enumerate(model.layers) if layer.is_moe for e in range(layer.feed_forward.num_experts)]
+    slots = min(slots, len(keys))
+    pin = device.type == "cuda"
+    build, kernel = expert_builder(ckpt, scheme, dtype, device)
+    layout = ExpertLayout(build(keys[0]))
+    store = HostStore(layout, keys, build, pin=pin, budget_bytes=opts.host_memory)
+    cpu_store, cpu_kernel = store, kernel
+    if device.type != "cpu" and opts.miss_policy != "swap":
+        cpu_build, cpu_kernel = expert_builder(ckpt, scheme, dtype, torch.device("cpu"))
+        left = None if opts.host_memory is None else max(0, opts.host_memory - store.nbytes)
+        cpu_store = HostStore(ExpertLayout(cpu_build(keys[0])), keys, cpu_build, pin=False, budget_bytes=left)
+    cache = ExpertCache(store, slots, device, make_policy(opts.policy))
+    return OffloadManager(model, cache, kernel, cpu_store, cpu_kernel, opts.miss_policy, opts.prefetch)

@@ -1,0 +1,225 @@
+"""The offload manager on the CPU: same outputs as the resident model, statistics that add up."""
+
+import itertools
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from llama4_local.errors import UserError
+from llama4_local.loader import load_model
+from offload.plan import GiB, Quantized, plan_memory
+from offload.policy import LRU, LFUDecay, belady, replay
+from offload.setup import OffloadOptions
+
+DATA = Path(__file__).parent / "data"
+
+
+def run(model, prompt: torch.Tensor, decode: int = 6) -> tuple[torch.Tensor, list[int]]:
+    """Prefill in two pieces, then greedy decode; all logits and the generated tokens."""
+    cache = model.new_cache(64)
+    cut = prompt.shape[0] // 2
+    logits = [model(prompt[:cut], cache, last_only=False), model(prompt[cut:], cache, last_only=False)]
+    tokens = []
+    for _ in range(decode):
+        tok = int(logits[-1][-1].argmax())
+        tokens.append(tok)
+        logits.append(model(torch.tensor([tok]), cache))
+    return torch.cat(logits), tokens
+
+
+PROMPT = torch.randint(0, 300, (20,), generator=torch.Generator().manual_seed(3))
+
+
+@pytest.fixture(scope="module")
+def references(all_ckpts, scout_int4):
+    refs = {}
+    for name, path in all_ckpts.items():
+        refs[name] = (path, "float32", run(load_model(path, "float32", "cpu")[0], PROMPT))
+    path = scout_int4[0]
+    refs["int4"] = (path, "bfloat16", run(load_model(path, "bfloat16", "cpu")[0], PROMPT))
+    return refs
+
+
+def offloaded(path, dtype, **kw):
+    model, _ = load_model(path, dtype, "cpu", offload=OffloadOptions(**kw))
+    assert model.offload is not None
+    return model
+
+
+def test_every_slot_count_gives_identical_outputs(references):
+    path, dtype, (want, want_tokens) = references["scout"]
+    total = 4 * 4
+    for slots in range(1, total + 1):
+        model = offloaded(path, dtype, slots=slots, miss_policy="swap")
+        got, tokens = run(model, PROMPT)
+        assert torch.equal(got, want), slots
+        assert tokens == want_tokens
+        t = model.offload.totals()
+        assert t.hits + t.misses == t.uses
+        if slots == total:
+            assert t.loads <= total  # nothing is ever evicted
+
+
+@pytest.mark.parametrize("name", ["maverick", "multimodal", "int4"])
+@pytest.mark.parametrize("policy,miss,prefetch", [("lru", "swap", True), ("lfu", "cpu", False), ("lru", "auto", True)])
+def test_every_policy_and_checkpoint_kind(references, name, policy, miss, prefetch):
+    path, dtype, (want, want_tokens) = references[name]
+    for slots in (1, 3):
+        model = offloaded(path, dtype, slots=slots, policy=policy, miss_policy=miss, prefetch=prefetch)
+        got, tokens = run(model, PROMPT)
+        assert torch.equal(got, want), (name, slots)
+        assert tokens == want_tokens
+
+
+def test_statistics_add_up(references):
+    path, dtype, _ = references["multimodal"]  # top-2 routing, MoE on layers 0, 2, 3
+    model = offloaded(path, dtype, slots=2, miss_policy="cpu", prefetch=True)
+    uses = {}
+
+    def observe(layer, idx):  # distinct experts per layer per forward: what the layer runs
+        uses[layer] = uses.get(layer, 0) + idx.unique().numel()
+
+    for layer in model.layers:
+        if layer.is_moe:
+            layer.feed_forward.observer = observe
+    run(model, PROMPT, decode=8)
+    m = model.offload
+    assert set(m.stats) == {0, 2, 3}
+    for i, st in m.stats.items():
+        assert st.uses == uses[i]
+        assert st.hits + st.misses == st.uses
+        assert st.cpu <= st.misses and st.cpu > 0  # decode misses went to the CPU
+        assert st.bytes_moved == st.loads * m.cache.layout.nbytes
+        assert 0 <= st.prefetch_correct <= st.prefetch_guessed
+    summary = m.summary()
+    assert summary["total"]["uses"] == sum(uses.values())
+    assert 0 <= summary["total"]["hit_rate"] <= 1
+
+
+def test_prefetch_guesses_and_hits(references):
+    path, dtype, (want, _) = references["scout"]
+    on = offloaded(path, dtype, slots=8, miss_policy="swap", prefetch=True)
+    off = offloaded(path, dtype, slots=8, miss_policy="swap", prefetch=False)
+    assert torch.equal(run(on, PROMPT)[0], want)
+    run(off, PROMPT)
+    a, b = on.offload.totals(), off.offload.totals()
+    assert a.prefetch_guessed > 0 and a.prefetch_correct > 0 and a.prefetch_loads > 0
+    assert b.prefetch_guessed == 0
+    assert a.hits >= b.hits  # prefetched experts count as hits when the layer runs
+
+
+def test_host_budget_rebuilds_the_rest(references):
+    path, dtype, (want, _) = references["int4"]
+    model = offloaded(path, dtype, slots=2, miss_policy="swap", host_memory=1)  # no expert held
+    assert torch.equal(run(model, PROMPT)[0], want)
+    assert model.offload.cache.store.blocks == {} and model.offload.cache.store.rebuilt > 0
+
+
+def test_bad_offload_options(scout_ckpt):
+    with pytest.raises(UserError, match="--expert-cache-slots"):
+        load_model(scout_ckpt, "float32", "cpu", offload=OffloadOptions(slots=0))
+    with pytest.raises(UserError, match="--cache-policy"):
+        load_model(scout_ckpt, "float32", "cpu", offload=OffloadOptions(slots=2, policy="fifo"))
+    with pytest.raises(UserError, match="--miss-policy"):
+        load_model(scout_ckpt, "float32", "cpu", offload=OffloadOptions(slots=2, miss_policy="never"))
+    with pytest.raises(UserError, match="--gpu-memory"):
+        load_model(scout_ckpt, "float32", "cpu", offload=OffloadOptions(gpu_memory=GiB))
+
+
+# -- the planner at Scout's real sizes ------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def scout_cfg(tmp_path_factory):
+    from llama4_local.config import load_config
+
+    d = tmp_path_factory.mktemp("scout-config")
+    (d / "config.json").write_text((DATA / "scout-instruct-config.json").read_text())
+    return load_config(d)
+
+
+@pytest.mark.parametrize("gib", [24, 80])
+@pytest.mark.parametrize("context", [8192, 131072])
+def test_plan_never_exceeds_its_budget(scout_cfg, gib, context):
+    q = Quantized(group_size=128)
+    plan = plan_memory(scout_cfg, gib * GiB, context, 2, q)
+    assert plan.used <= gib * GiB
+    assert plan.experts_total == 48 * 16
+    # An INT4 expert (3 x 5120 x 8192 nibbles plus a bf16 scale and offset per 128 weights).
+    assert plan.expert_bytes == 3 * (5120 * 8192 // 2 + 5120 * 8192 // 128 * 4)
+    if gib == 24:
+        assert 0 < plan.slots < plan.experts_total
+        # Adding one more slot would break the budget: the plan uses what it is given.
+        assert plan.used + plan.expert_bytes > gib * GiB
+    else:
+        assert context == 131072 or plan.all_resident
+
+
+def test_plan_names_the_minimum(scout_cfg):
+    with pytest.raises(UserError, match=r"at least (\d+\.\d) GiB") as e:
+        plan_memory(scout_cfg, 8 * GiB, 8192, 2, Quantized())
+    need = float(e.value.args[0].split("at least ")[1].split(" GiB")[0])
+    plan_memory(scout_cfg, int((need + 0.1) * GiB), 8192, 2, Quantized())  # the named minimum works
+    with pytest.raises(UserError):  # bf16 Scout's non-expert part alone is ~20.5 GiB
+        plan_memory(scout_cfg, 20 * GiB, 8192, 2, None)
+
+
+# -- policies and replay ------------------------------------------------------------------------
+
+
+def test_lru_and_lfu_rank_victims():
+    lru = LRU()
+    for k in "abc":
+        lru.insert(k)
+    lru.hit("a")
+    assert lru.victim("abc") == "b"
+    assert lru.victim("ac") == "c"
+    lfu = LFUDecay(half_life=1000)
+    for k in "aaabbc":
+        (lfu.hit if k in lfu.score else lfu.insert)(k)
+    assert lfu.victim("abc") == "c"
+    assert lfu.victim("ab") == "b"
+
+
+def brute_force_optimum(trace, slots):
+    """Most hits over every eviction choice (exponential; for tiny traces)."""
+    best = 0
+
+    def go(i, resident, hits):
+        nonlocal best
+        if i == len(trace):
+            best = max(best, hits)
+            return
+        k = trace[i]
+        if k in resident:
+            go(i + 1, resident, hits + 1)
+        elif len(resident) < slots:
+            go(i + 1, resident | {k}, hits)
+        else:
+            for v in resident:
+                go(i + 1, (resident - {v}) | {k}, hits)
+
+    go(0, frozenset(), 0)
+    return best
+
+
+def test_belady_is_optimal_and_bounds_the_policies():
+    rng = random.Random(0)
+    for _ in range(30):
+        trace = [rng.choice("abcde") for _ in range(11)]
+        for slots in (1, 2, 3):
+            opt = belady(trace, slots)
+            assert opt == brute_force_optimum(trace, slots)
+            assert replay(trace, slots, LRU()) <= opt
+            assert replay(trace, slots, LFUDecay()) <= opt
+    long = [(rng.randrange(4), int(rng.paretovariate(1.2)) % 16) for _ in range(3000)]
+    for slots in (4, 16, 32):
+        opt = belady(long, slots)
+        assert max(replay(long, slots, LRU()), replay(long, slots, LFUDecay())) <= opt
+
+
+def test_replay_counts_with_full_cache():
+    trace = list(itertools.chain.from_iterable([(0, e) for e in range(4)] for _ in range(3)))
+    assert replay(trace, 4, LRU()) == 8 == belady(trace, 4)
