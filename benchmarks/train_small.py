@@ -207,8 +207,11 @@ def main() -> None:
     for doc in train_text.split("\n\n"):
         stream.extend(tok.encode(doc, add_special_tokens=False).ids + [eot])
     data = torch.tensor(stream, dtype=torch.long)
-    print(f"train text {len(train_text) / 1e6:.2f} MB -> {len(data) / 1e6:.2f} M tokens; "
-          f"eval text {len(eval_text) / 1e3:.0f} kB", flush=True)
+    print(
+        f"train text {len(train_text) / 1e6:.2f} MB -> {len(data) / 1e6:.2f} M tokens; "
+        f"eval text {len(eval_text) / 1e3:.0f} kB",
+        flush=True,
+    )
 
     torch.manual_seed(args.seed)
     cfg = Llama4TextConfig(**model_config(ids, args.vocab))
@@ -246,8 +249,10 @@ def main() -> None:
             el = time.perf_counter() - t0
             tps = (step + 1) * args.batch * args.seq / el
             log.append(dict(step=step, loss=round(lm.item(), 4), balance=round(aux.item(), 4), seconds=round(el, 1)))
-            print(f"step {step:5d}  loss {lm.item():.3f}  balance {aux.item():.3f}  {tps:.0f} tok/s  {el / 60:.1f} min",
-                  flush=True)
+            print(
+                f"step {step:5d}  loss {lm.item():.3f}  balance {aux.item():.3f}  {tps:.0f} tok/s  {el / 60:.1f} min",
+                flush=True,
+            )
 
     model = model.eval().to(torch.bfloat16)
     model.save_pretrained(tmp)

@@ -90,7 +90,7 @@ class OffloadManager:
         self.guess: dict[int, set[Key]] = {}
         self.cost: CostModel | None = None
         self.lookahead = LOOKAHEAD if cache.cuda else 0
-        for i, ff in self.moe.items():
+        for ff in self.moe.values():
             ff.experts.manager = self
         if miss_policy == "auto":
             self.cost = self.calibrate()
@@ -164,7 +164,9 @@ class OffloadManager:
         on_cpu = [j for j in range(n) if not was_resident[j] and self._cpu_for(groups[j][1].shape[0])]
         cpu_inputs = {j: groups[j][1].to("cpu") for j in on_cpu}  # before queueing device work
         skip = set(on_cpu)
-        order = [j for j in range(n) if was_resident[j]] + [j for j in range(n) if not was_resident[j] and j not in skip]
+        order = [j for j in range(n) if was_resident[j]] + [
+            j for j in range(n) if not was_resident[j] and j not in skip
+        ]
         pending = [keys[j] for j in order]
         results: list[torch.Tensor | None] = [None] * n
         for pos, j in enumerate(order):

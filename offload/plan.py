@@ -114,7 +114,9 @@ class MemoryPlan:
         rows = [(name.replace("_", " "), "gpu", n) for name, n in self.dense.items() if n]
         rows.append((f"KV cache ({self.context} tokens)", "gpu", self.kv_cache))
         rows.append(("workspace", "gpu", self.workspace))
-        rows.append((f"expert cache: {self.slots} of {self.experts_total} experts", "gpu", self.slots * self.expert_bytes))
+        rows.append(
+            (f"expert cache: {self.slots} of {self.experts_total} experts", "gpu", self.slots * self.expert_bytes)
+        )
         if self.all_resident:
             return rows
         rows.append((f"experts in host RAM: {self.host_experts}", "cpu", self.host_experts * self.expert_bytes))

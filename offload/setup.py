@@ -95,7 +95,9 @@ def attach_offload(
     opts: OffloadOptions,
 ) -> OffloadManager:
     """Build host store(s), the device cache and the manager for a model from `replace_experts`."""
-    keys = [(i, e) for i, layer in enumerate(model.layers) if layer.is_moe for e in range(layer.feed_forward.num_experts)]
+    keys = [
+        (i, e) for i, layer in enumerate(model.layers) if layer.is_moe for e in range(layer.feed_forward.num_experts)
+    ]
     slots = min(slots, len(keys))
     pin = device.type == "cuda"
     build, kernel = expert_builder(ckpt, scheme, dtype, device)

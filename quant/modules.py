@@ -39,7 +39,9 @@ class QuantizedExperts(nn.Module):
         return [self.experts[e](x) for e, x in groups]
 
 
-def apply_quantized(model: nn.Module, ckpt, scheme: QuantScheme, dtype: torch.dtype, device, routed: bool = True) -> int:
+def apply_quantized(
+    model: nn.Module, ckpt, scheme: QuantScheme, dtype: torch.dtype, device, routed: bool = True
+) -> int:
     """Replace every linear whose checkpoint tensors are quantized; returns how many.
 
     With `routed=False` the routed experts are left alone (the offload manager serves them).
