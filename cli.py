@@ -23,6 +23,51 @@ app = typer.Typer(
 
 ModelOpt = Annotated[Path, typer.Option("--model", "-m", help="Checkpoint directory (Hugging Face layout).")]
 
+_OFF = "Offloading"
+GpuMemoryOpt = Annotated[
+    str | None,
+    typer.Option(help="GPU memory to plan for, e.g. 24GiB (default: free memory minus 1 GiB).", rich_help_panel=_OFF),
+]
+HostMemoryOpt = Annotated[
+    str | None,
+    typer.Option(help="Host RAM for expert copies; beyond it experts are read from disk.", rich_help_panel=_OFF),
+]
+SlotsOpt = Annotated[
+    int | None,
+    typer.Option(
+        help="Experts kept on the compute device (overrides the plan; works with --device cpu).", rich_help_panel=_OFF
+    ),
+]
+PolicyOpt = Annotated[str, typer.Option(help="Expert cache eviction: lru or lfu.", rich_help_panel=_OFF)]
+MissOpt = Annotated[
+    str,
+    typer.Option(
+        help="A missing expert is copied (swap), run on the CPU (cpu), or either (auto).", rich_help_panel=_OFF
+    ),
+]
+PrefetchOpt = Annotated[
+    bool,
+    typer.Option(
+        "--prefetch/--no-prefetch", help="Guess the next layer's experts and copy them early.", rich_help_panel=_OFF
+    ),
+]
+ContextOpt = Annotated[
+    int | None, typer.Option(help="Context length the memory plan reserves KV cache for.", rich_help_panel=_OFF)
+]
+
+
+def _offload_options(gpu_memory, host_memory, slots, policy, miss_policy, prefetch):
+    from offload.setup import OffloadOptions
+
+    return OffloadOptions(
+        slots=slots,
+        gpu_memory=_parse_size(gpu_memory) if gpu_memory else None,
+        host_memory=_parse_size(host_memory) if host_memory else None,
+        policy=policy,
+        miss_policy=miss_policy,
+        prefetch=prefetch,
+    ).validate()
+
 
 def _fail(message: str, code: int) -> None:
     sys.stderr.write(f"error: {message}\n")
@@ -76,6 +121,16 @@ def prompt(
     device: Annotated[str, typer.Option(help="cpu, cuda or auto.")] = "auto",
     prefill_chunk: Annotated[int, typer.Option(help="Prompt tokens per prefill step (bounds memory).")] = 512,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of streaming.")] = False,
+    gpu_memory: GpuMemoryOpt = None,
+    host_memory: HostMemoryOpt = None,
+    expert_cache_slots: SlotsOpt = None,
+    cache_policy: PolicyOpt = "lru",
+    miss_policy: MissOpt = "auto",
+    prefetch: PrefetchOpt = True,
+    context: ContextOpt = None,
+    record_routing: Annotated[
+        Path | None, typer.Option(help="Write the experts each token chose, per layer, to this CSV file.")
+    ] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show tracebacks.")] = False,
 ) -> None:
     """Generate one reply to TEXT and print it as it is generated.
@@ -87,10 +142,14 @@ def prompt(
       cat notes.txt | llama4-local prompt - -m ./scout --system "Summarise in 3 bullets."
 
       llama4-local prompt "Once upon a time" -m ./scout --raw --temperature 0 --json
+
+      llama4-local prompt "Hi" -m ./scout-int4 --gpu-memory 24GiB --miss-policy auto
     """
 
     def go():
         from llama4_local.runner import PromptRequest, run_prompt
+
+        off = _offload_options(gpu_memory, host_memory, expert_cache_slots, cache_policy, miss_policy, prefetch)
 
         body = sys.stdin.read() if text == "-" else text
         req = PromptRequest(
@@ -112,6 +171,9 @@ def prompt(
             dtype=dtype,
             device=device,
             prefill_chunk=prefill_chunk,
+            offload=off,
+            context=context,
+            record_routing=record_routing,
         )
         out = sys.stdout
         result = run_prompt(req, on_text=None if as_json else lambda s: (out.write(s), out.flush()))
@@ -268,6 +330,79 @@ def quantize(
             f"({s.source_bytes / max(s.output_bytes, 1):.1f}x smaller), {s.quantized_linears} INT4 linears, "
             f"{s.shards} shards, {s.seconds:.1f} s"
         )
+
+    _run(go, verbose)
+
+
+@app.command()
+def bench(
+    model: ModelOpt,
+    prompt_tokens: Annotated[int, typer.Option(help="Prompt length (random token ids).")] = 128,
+    gen_tokens: Annotated[int, typer.Option(help="Tokens to decode (greedy).")] = 64,
+    dtype: Annotated[str, typer.Option(help="bfloat16, float16 or float32.")] = "bfloat16",
+    device: Annotated[str, typer.Option(help="cpu, cuda or auto.")] = "auto",
+    prefill_chunk: Annotated[int, typer.Option(help="Prompt tokens per prefill step.")] = 512,
+    gpu_memory: GpuMemoryOpt = None,
+    host_memory: HostMemoryOpt = None,
+    expert_cache_slots: SlotsOpt = None,
+    cache_policy: PolicyOpt = "lru",
+    miss_policy: MissOpt = "auto",
+    prefetch: PrefetchOpt = True,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show tracebacks.")] = False,
+) -> None:
+    """Measure prefill and decode speed, peak memory and the expert cache of one setup.
+
+    Examples:
+
+      llama4-local bench -m ./scout-int4 --gpu-memory 24GiB
+
+      llama4-local bench -m ./scout-int4 --gpu-memory 24GiB --miss-policy swap --no-prefetch --json
+
+      llama4-local bench -m ./small --device cpu --expert-cache-slots 8 --prompt-tokens 64
+    """
+
+    def go():
+        from llama4_local.bench import BenchRequest, run_bench
+
+        off = _offload_options(gpu_memory, host_memory, expert_cache_slots, cache_policy, miss_policy, prefetch)
+        res = run_bench(BenchRequest(model, prompt_tokens, gen_tokens, dtype, device, prefill_chunk, off))
+        if as_json:
+            sys.stdout.write(json.dumps(res) + "\n")
+            return
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(title=f"{model} on {res['device']} ({dtype})")
+        table.add_column("phase")
+        table.add_column("tokens", justify="right")
+        table.add_column("tok/s", justify="right")
+        table.add_column("cache hits", justify="right")
+        table.add_column("on CPU", justify="right")
+        table.add_column("prefetch right", justify="right")
+        table.add_column("moved", justify="right")
+        for phase in ("prefill", "decode"):
+            p = res[phase]
+            c = p.get("expert_cache")
+            pct = lambda v: "-" if v is None else f"{100 * v:.1f}%"  # noqa: E731
+            table.add_row(
+                phase,
+                str(p["tokens"]),
+                f"{p['tok_s']:.2f}",
+                pct(c["hit_rate"]) if c else "-",
+                str(c["cpu"]) if c else "-",
+                pct(c["prefetch_accuracy"]) if c else "-",
+                _human(c["bytes_moved"]) if c else "-",
+            )
+        con = Console()
+        con.print(table)
+        mem = f"peak RSS {_human(res['peak_rss_bytes'])}"
+        if res["peak_gpu_bytes"] is not None:
+            mem += f", peak GPU {_human(res['peak_gpu_bytes'])}"
+        if "offload" in res:
+            o = res["offload"]
+            mem += f"; expert cache {o['slots']} of {o['experts']} experts ({o['policy']}, misses {o['miss_policy']})"
+        con.print(mem)
 
     _run(go, verbose)
 

@@ -82,6 +82,7 @@ class Stats:
     generated_tokens: int = 0
     prefill_s: float = 0.0
     decode_s: float = 0.0
+    cache: dict | None = None  # expert-cache figures when offloading (offload.cache.LayerStats)
 
     @property
     def prefill_tps(self) -> float:
@@ -101,13 +102,21 @@ class Stats:
             "decode_s": round(self.decode_s, 4),
             "prefill_tok_s": round(self.prefill_tps, 2),
             "decode_tok_s": round(self.decode_tps, 2),
+            **({"expert_cache": self.cache} if self.cache is not None else {}),
         }
 
     def line(self) -> str:
-        return (
+        text = (
             f"prompt {self.prompt_tokens} tok, generated {self.generated_tokens} tok, "
             f"prefill {self.prefill_tps:.1f} tok/s, decode {self.decode_tps:.1f} tok/s"
         )
+        c = self.cache
+        if c:
+            hit = f"{c['hit_rate']:.0%}" if c["hit_rate"] is not None else "-"
+            text += f"; expert cache hits {hit}, {c['cpu']} on CPU, moved {c['bytes_moved'] / 2**20:.0f} MiB"
+            if c["prefetch_accuracy"] is not None:
+                text += f", prefetch right {c['prefetch_accuracy']:.0%}"
+        return text
 
 
 @dataclass

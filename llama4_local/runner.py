@@ -30,6 +30,9 @@ class PromptRequest:
     dtype: str = "bfloat16"
     device: str = "auto"
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK
+    offload: object | None = None  # offload.setup.OffloadOptions
+    context: int | None = None  # tokens the memory plan reserves KV cache for
+    record_routing: Path | None = None
 
 
 @dataclass
@@ -65,11 +68,35 @@ def run_prompt(req: PromptRequest, on_text: Callable[[str], None] | None = None)
     params = defaults.sampling.merged(**req.sampling).validate()
     prompt = build_prompt(tokenizer, req.text, req.system, req.raw)
     max_tokens = req.max_tokens if req.max_tokens is not None else (defaults.max_new_tokens or DEFAULT_MAX_TOKENS)
-    model, cfg = load_model(model_dir, req.dtype, req.device)
+    context = req.context or len(prompt) + max_tokens
+    if req.record_routing is not None:
+        from offload.trace import check_trace_path
+
+        check_trace_path(req.record_routing)
+    model, cfg = load_model(model_dir, req.dtype, req.device, req.offload, context, req.prefill_chunk)
     eos = set(cfg.eos_token_ids) | set(defaults.eos_token_ids)
     if tokenizer.eos_id is not None:
         eos.add(tokenizer.eos_id)
-    done = generate(
+    recorder = None
+    if req.record_routing is not None:
+        from offload.trace import RoutingRecorder
+
+        recorder = RoutingRecorder(req.record_routing, model)
+    try:
+        done = _generate(model, tokenizer, prompt, params, max_tokens, eos, on_text, req)
+    except BaseException:
+        if recorder:
+            recorder.abort()
+        raise
+    if recorder:
+        recorder.close()
+    if model.offload is not None:
+        done.stats.cache = model.offload.totals().as_dict()
+    return PromptResult(done.text, done.token_ids, len(prompt), done.finish_reason, done.stats)
+
+
+def _generate(model, tokenizer, prompt, params, max_tokens, eos, on_text, req):
+    return generate(
         model,
         tokenizer,
         prompt,
@@ -81,4 +108,3 @@ def run_prompt(req: PromptRequest, on_text: Callable[[str], None] | None = None)
         ignore_eos=req.ignore_eos,
         prefill_chunk=req.prefill_chunk,
     )
-    return PromptResult(done.text, done.token_ids, len(prompt), done.finish_reason, done.stats)

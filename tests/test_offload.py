@@ -1,6 +1,7 @@
 """The offload manager on the CPU: same outputs as the resident model, statistics that add up."""
 
 import itertools
+import json
 import random
 from pathlib import Path
 
@@ -223,3 +224,74 @@ def test_belady_is_optimal_and_bounds_the_policies():
 def test_replay_counts_with_full_cache():
     trace = list(itertools.chain.from_iterable([(0, e) for e in range(4)] for _ in range(3)))
     assert replay(trace, 4, LRU()) == 8 == belady(trace, 4)
+
+
+# -- the command line: prompt with offload options, routing traces, bench --------------------------
+
+
+def test_prompt_offloaded_equals_resident_and_records_routing(tmp_path, scout_ckpt):
+    from offload.trace import accesses, read_trace
+    from tests.cli_util import run_cli
+
+    base = ["prompt", "a b c d", "-m", scout_ckpt, "--raw", "--temperature", "0", "--ignore-eos", "-n", "12"]
+    base += ["--dtype", "float32", "--device", "cpu", "--json"]
+    plain = run_cli(*base, "--record-routing", tmp_path / "plain.csv")
+    off = run_cli(*base, "--expert-cache-slots", "2", "--miss-policy", "swap", "--record-routing", tmp_path / "o.csv")
+    assert plain.returncode == 0 and off.returncode == 0, off.stderr
+    a, b = json.loads(plain.stdout), json.loads(off.stdout)
+    assert a["token_ids"] == b["token_ids"]
+    assert "expert_cache" not in a["stats"]
+    c = b["stats"]["expert_cache"]
+    assert c["hits"] + c["misses"] == c["uses"] and c["bytes_moved"] > 0
+    rows = read_trace(tmp_path / "o.csv")
+    assert rows == read_trace(tmp_path / "plain.csv")  # offloading does not change routing
+    forwarded = a["prompt_tokens"] + len(a["token_ids"]) - 1  # the last token is never fed back
+    assert len(rows) == forwarded * 4  # one row per token and MoE layer
+    assert sorted({r[0] for r in rows}) == list(range(forwarded))
+    assert all(len(r[2]) == 1 and 0 <= r[2][0] < 4 for r in rows)
+    assert c["uses"] == len(accesses(rows))  # the cache served exactly the trace's accesses
+    assert not list(tmp_path.glob(".*partial"))
+
+
+def test_bench_json(scout_int4):
+    from tests.cli_util import run_cli
+
+    r = run_cli(
+        "bench",
+        "-m",
+        scout_int4[0],
+        "--device",
+        "cpu",
+        "--expert-cache-slots",
+        "3",
+        "--prompt-tokens",
+        "24",
+        "--gen-tokens",
+        "9",
+        "--json",
+    )
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert res["offload"]["slots"] == 3 and res["offload"]["experts"] == 16
+    assert res["prefill"]["tokens"] == 24 and res["decode"]["tokens"] == 8
+    dec = res["decode"]["expert_cache"]
+    assert dec["uses"] == 8 * 4  # top-1, 4 MoE layers, one token per step
+    assert dec["hits"] + dec["misses"] == dec["uses"]
+    assert res["decode"]["tok_s"] > 0 and res["peak_rss_bytes"] > 0
+
+
+@pytest.mark.parametrize(
+    "extra,words",
+    [
+        (["--expert-cache-slots", "0"], ["--expert-cache-slots"]),
+        (["--gpu-memory", "24GiB"], ["--gpu-memory", "CPU"]),
+        (["--gpu-memory", "lots"], ["size"]),
+        (["--expert-cache-slots", "2", "--cache-policy", "fifo"], ["--cache-policy"]),
+        (["--expert-cache-slots", "2", "--miss-policy", "sometimes"], ["--miss-policy"]),
+        (["--record-routing", "/nonexistent/dir/trace.csv"], ["--record-routing", "does not exist"]),
+    ],
+)
+def test_bad_offload_input_is_one_line(scout_ckpt, extra, words):
+    from tests.test_bad_input import assert_user_error, prompt
+
+    assert_user_error(prompt(scout_ckpt, *extra), *words)
