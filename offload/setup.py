@@ -95,17 +95,25 @@ def attach_offload(
     opts: OffloadOptions,
 ) -> OffloadManager:
     """Build host store(s), the device cache and the manager for a model from `replace_experts`."""
-    keys = [
-        (i, e) for i, layer in enumerate(model.layers) if layer.is_moe for e in range(layer.feed_forward.num_experts)
-    ]
-    slots = min(slots, len(keys))
-    pin = device.type == "cuda"
     build, kernel = expert_builder(ckpt, scheme, dtype, device)
-    layout = ExpertLayout(build(keys[0]))
-    store = HostStore(layout, keys, build, pin=pin, budget_bytes=opts.host_memory)
-    cpu_store, cpu_kernel = store, kernel
+    cpu = None
     if device.type != "cpu" and opts.miss_policy != "swap":
-        cpu_build, cpu_kernel = expert_builder(ckpt, scheme, dtype, torch.device("cpu"))
+        cpu = expert_builder(ckpt, scheme, dtype, torch.device("cpu"))
+    return build_manager(model, build, kernel, device, slots, opts, cpu)
+
+
+def build_manager(model, build, kernel, device: torch.device, slots: int, opts: OffloadOptions, cpu=None):
+    """Store, cache and manager from a block builder: `build(key)` gives an expert's tensors in the
+    device kernel's layout, `cpu` (a (build, kernel) pair) the CPU layout for CPU-computed misses."""
+    moe = [i for i, layer in enumerate(model.layers) if layer.is_moe]
+    keys = [(i, e) for i in moe for e in range(model.layers[i].feed_forward.num_experts)]
+    slots = min(slots, len(keys))
+    store = HostStore(
+        ExpertLayout(build(keys[0])), keys, build, pin=device.type == "cuda", budget_bytes=opts.host_memory
+    )
+    cpu_store, cpu_kernel = store, kernel
+    if cpu is not None:
+        cpu_build, cpu_kernel = cpu
         left = None if opts.host_memory is None else max(0, opts.host_memory - store.nbytes)
         cpu_store = HostStore(ExpertLayout(cpu_build(keys[0])), keys, cpu_build, pin=False, budget_bytes=left)
     cache = ExpertCache(store, slots, device, make_policy(opts.policy))

@@ -1,0 +1,226 @@
+"""Offloaded decode and prefill of a Scout-shaped INT4 model built in memory.
+
+48 layers, 16 experts of 3 x 5120 x 8192 per layer as random INT4 (group 128, symmetric), the
+shared experts INT4, attention/embeddings/lm_head in bf16 with Scout's real shapes: about 60 GB,
+built directly in memory (never through disk). For each setup it reports prefill and decode
+tok/s, the cache hit rate, prefetch accuracy, bytes moved and the host-to-device bandwidth the
+copies reached against the measured peak of one large pinned copy.
+
+Setups: --gpu-memory 24GiB with miss policies swap, cpu and auto, each with and without
+prefetch; and 80GiB (clamped to what the GPU has), where every expert may fit.
+
+Random weights route almost uniformly, so hit rates here are the worst case; traces of the
+trained model (bench_offload_policies.py) show the locality real models have.
+
+    python benchmarks/bench_offload_gpu.py                   # needs a GPU with ~24+ GB and ~110 GB RAM
+    python benchmarks/bench_offload_gpu.py --small --device cpu   # a smoke run of the same code
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from llama4_local.config import TextConfig, read_json  # noqa: E402
+from llama4_local.model import Llama4Text, rope_inv_freq  # noqa: E402
+from offload.cache import ExpertCache, HostStore  # noqa: E402
+from offload.layout import ExpertKernel, ExpertLayout  # noqa: E402
+from offload.manager import OffloadManager  # noqa: E402
+from offload.plan import GiB, Quantized, plan_memory  # noqa: E402
+from offload.policy import make_policy  # noqa: E402
+from offload.setup import replace_experts  # noqa: E402
+from quant.int4 import Int4Weight  # noqa: E402
+from quant.kernels import Int4Linear, kernel_for  # noqa: E402
+
+GROUP = 128
+
+
+def scout_config(small: bool) -> TextConfig:
+    raw = read_json(ROOT / "tests" / "data" / "scout-instruct-config.json")
+    cfg = TextConfig.from_hf(raw)
+    if small:  # same structure, ~1/10 of every dimension, 4 layers
+        n = 4
+        cfg = replace(
+            cfg,
+            vocab_size=8192,
+            hidden_size=512,
+            intermediate_size=1024,
+            num_layers=n,
+            num_heads=8,
+            num_kv_heads=2,
+            head_dim=64,
+            rope_layers=cfg.rope_layers[:n],
+            chunked_layers=cfg.chunked_layers[:n],
+            moe_layers=cfg.moe_layers[:n],
+        )
+    return cfg
+
+
+def random_int4(n: int, k: int, gen: torch.Generator) -> Int4Weight:
+    packed = torch.randint(-(2**31), 2**31 - 1, (n, k // 8), dtype=torch.int32, generator=gen)
+    scale = torch.rand(n, k // GROUP, generator=gen, dtype=torch.float32).mul(0.004).add(0.001).bfloat16()
+    return Int4Weight(packed, scale, None, (n, k), GROUP)
+
+
+def build_model(cfg: TextConfig, device: torch.device, dtype: torch.dtype) -> Llama4Text:
+    """Random non-expert weights on the device (shared experts INT4); routed experts left out."""
+    gen = torch.Generator().manual_seed(0)
+    model = Llama4Text(cfg)
+    replace_experts(model)
+    for name, p in list(model.named_parameters()):
+        mod_name, _, attr = name.rpartition(".")
+        mod = model.get_submodule(mod_name)
+        if name.endswith("norm.weight"):
+            t = torch.ones(p.shape, dtype=dtype, device=device)
+        else:
+            t = (torch.randn(p.shape, dtype=dtype, device=device) * 0.02).to(dtype)
+        setattr(mod, attr, torch.nn.Parameter(t, requires_grad=False))
+    d, i = cfg.hidden_size, cfg.intermediate_size
+    for layer in model.layers:
+        if layer.is_moe:
+            sh = layer.feed_forward.shared_expert
+            for proj, (n, k) in (("gate_proj", (i, d)), ("up_proj", (i, d)), ("down_proj", (d, i))):
+                setattr(sh, proj, Int4Linear(random_int4(n, k, gen), device, dtype))
+    model.inv_freq = rope_inv_freq(cfg).to(device)
+    return model.eval()
+
+
+def expert_tensors(cfg: TextConfig, device: torch.device, dtype: torch.dtype):
+    """One random expert in `device`'s kernel layout (on the CPU), reused for every expert's block."""
+    gen = torch.Generator().manual_seed(1)
+    d, i = cfg.hidden_size, cfg.intermediate_size
+    out, path = {}, None
+    for p, (n, k) in (("gate", (i, d)), ("up", (i, d)), ("down", (d, i))):
+        qw = random_int4(n, k, gen)
+        path = kernel_for(qw, device, dtype)
+        lin = Int4Linear(qw, device, dtype, path=path)
+        out.update({f"{p}.{name}": b.to("cpu") for name, b in lin.tensors().items()})
+    return out, ExpertKernel(path, GROUP)
+
+
+def pinned_h2d(device: torch.device, nbytes: int = 1 << 30) -> float | None:
+    if device.type != "cuda":
+        return None
+    src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    best = float("inf")
+    for _ in range(4):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        dst.copy_(src, non_blocking=True)
+        torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t)
+    return nbytes / best
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def run_setup(model, device, prompt_tokens: int, gen_tokens: int) -> dict:
+    cache = model.new_cache(prompt_tokens + gen_tokens)
+    gen = torch.Generator().manual_seed(2)
+    ids = torch.randint(0, model.cfg.vocab_size, (prompt_tokens,), generator=gen).to(device)
+    m = model.offload
+    res = {}
+    m.reset_stats()
+    sync(device)
+    t = time.perf_counter()
+    logits = model(ids, cache)
+    tok = int(logits[-1].argmax())
+    sync(device)
+    dt = time.perf_counter() - t
+    res["prefill"] = dict(tok_s=round(prompt_tokens / dt, 2), **phase_stats(m))
+    m.reset_stats()
+    t = time.perf_counter()
+    for _ in range(gen_tokens):
+        tok = int(model(torch.tensor([tok], device=device), cache)[-1].argmax())
+    sync(device)
+    dt = time.perf_counter() - t
+    res["decode"] = dict(tok_s=round(gen_tokens / dt, 3), **phase_stats(m))
+    return res
+
+
+def phase_stats(m) -> dict:
+    t = m.totals()
+    return {
+        "hit_rate": round(t.hits / t.uses, 4) if t.uses else None,
+        "cpu_misses": t.cpu,
+        "prefetch_accuracy": round(t.prefetch_correct / t.prefetch_guessed, 4) if t.prefetch_guessed else None,
+        "GB_moved": round(t.bytes_moved / 1e9, 3),
+        "h2d_GB_s": round(t.bytes_moved / t.copy_s / 1e9, 2) if t.copy_s else None,
+    }
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cuda", choices=["cpu", "cuda"])
+    ap.add_argument("--small", action="store_true", help="a scaled-down model (for a CPU smoke run)")
+    ap.add_argument("--prompt-tokens", type=int, default=256)
+    ap.add_argument("--gen-tokens", type=int, default=24)
+    ap.add_argument("--budgets", default="24,80", help="GiB, comma-separated")
+    ap.add_argument("--miss-policies", default="swap,cpu,auto")
+    ap.add_argument("--slots", type=int, default=0, help="with --device cpu: cache slots (no GPU plan)")
+    args = ap.parse_args()
+    device, dtype = torch.device(args.device), torch.bfloat16
+    cfg = scout_config(args.small)
+    t0 = time.perf_counter()
+    model = build_model(cfg, device, dtype)
+    dev_tensors, kernel = expert_tensors(cfg, device, dtype)
+    layout = ExpertLayout(dev_tensors)
+    keys = [(i, e) for i in range(cfg.num_layers) if cfg.moe_layers[i] for e in range(cfg.num_experts)]
+    store = HostStore(layout, keys, lambda k: dev_tensors, pin=device.type == "cuda")
+    cpu_store, cpu_kernel = store, kernel
+    if device.type == "cuda" and set(args.miss_policies.split(",")) - {"swap"}:
+        cpu_tensors, cpu_kernel = expert_tensors(cfg, torch.device("cpu"), dtype)
+        cpu_store = HostStore(ExpertLayout(cpu_tensors), keys, lambda k: cpu_tensors, pin=False)
+    peak = pinned_h2d(device)
+    head = {
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "threads": torch.get_num_threads(),
+        "experts": len(keys),
+        "expert_MB": round(layout.nbytes / 1e6, 2),
+        "host_store_GB": round(store.nbytes / 1e9, 2),
+        "pinned_h2d_peak_GB_s": round(peak / 1e9, 2) if peak else None,
+        "build_s": round(time.perf_counter() - t0, 1),
+    }
+    print(json.dumps(head), flush=True)
+    for gib in [int(b) for b in args.budgets.split(",")]:
+        if device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info()
+            used_now = torch.cuda.memory_allocated()
+            budget = min(gib * GiB, free + used_now - GiB)
+            plan = plan_memory(cfg, budget, args.prompt_tokens + args.gen_tokens, 2, Quantized(GROUP))
+            slots = plan.slots
+        else:
+            slots = args.slots or len(keys) // 5
+        for miss in args.miss_policies.split(","):
+            for prefetch in (True, False):
+                cache = ExpertCache(store, slots, device, make_policy("lru"))
+                cs = cpu_store if miss != "swap" else store
+                model.offload = OffloadManager(model, cache, kernel, cs, cpu_kernel, miss, prefetch)
+                res = run_setup(model, device, args.prompt_tokens, args.gen_tokens)
+                row = {"gpu_memory_GiB": gib, "slots": slots, "miss_policy": miss, "prefetch": prefetch, **res}
+                if model.offload.cost:
+                    row["cost_model_ms"] = model.offload.cost.as_dict()
+                print(json.dumps(row), flush=True)
+                model.offload = None
+                del cache
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+            if slots >= len(keys):
+                break  # everything resident: the miss policy never acts
+
+
+if __name__ == "__main__":
+    main()
