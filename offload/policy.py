@@ -85,21 +85,37 @@ def make_policy(name: str):
     raise ValueError(f"unknown cache policy {name!r}; choose one of {', '.join(POLICIES)}")
 
 
-def replay(trace: Sequence[Hashable], slots: int, policy) -> int:
-    """Hits of `policy` serving the access sequence `trace` with `slots` slots (demand loads only)."""
+def replay(trace: Sequence, slots: int, policy) -> int:
+    """Hits of `policy` serving `trace` with `slots` slots, the way the live cache serves it.
+
+    `trace` is a sequence of keys, or of groups (lists) of keys that one layer runs together
+    (see offload.trace.access_groups). As in OffloadManager.run, a group's resident keys are
+    used first, then its misses are loaded in order, and a miss never evicts a key its own group
+    still needs unless nothing else is resident.
+    """
     resident: set = set()
     hits = 0
-    for key in trace:
-        if key in resident:
-            hits += 1
-            policy.hit(key)
-            continue
-        if len(resident) >= slots:
-            v = policy.victim(resident)
-            resident.discard(v)
-            policy.evict(v)
-        resident.add(key)
-        policy.insert(key)
+    for group in trace:
+        group = group if isinstance(group, list) else [group]
+        was = [k in resident for k in group]
+        hits += sum(was)
+        for k, w in zip(group, was, strict=True):
+            if w:
+                policy.hit(k)
+        order = [k for k, w in zip(group, was, strict=True) if w] + [
+            k for k, w in zip(group, was, strict=True) if not w
+        ]
+        for pos, key in enumerate(order):
+            if key in resident:
+                continue
+            if len(resident) >= slots:
+                needed = set(order[pos:])
+                candidates = [k for k in resident if k not in needed] or list(resident)
+                v = policy.victim(candidates)
+                resident.discard(v)
+                policy.evict(v)
+            resident.add(key)
+            policy.insert(key)
     return hits
 
 

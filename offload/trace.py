@@ -11,6 +11,7 @@ File format (CSV, one row per token and layer, in the order the runner computed 
 (top-k order). Rows of one forward pass come layer by layer, all its tokens per layer, which is
 the order a cache sees them; `accesses` turns a trace into that access sequence so policies can
 be replayed offline against Belady's optimum (offload.policy).
+
 """
 
 from __future__ import annotations
@@ -84,18 +85,35 @@ def read_trace(path: Path) -> list[tuple[int, int, tuple[int, ...]]]:
     return rows
 
 
+def access_groups(rows) -> list[list[tuple[int, int]]]:
+    """Per forward pass and layer, the (layer, expert) keys the layer ran, in the order the
+    runner's MoE hands them to the cache: top-k order for one token, expert id order for many.
+
+    A new group starts where the layer changes (or the token position goes back); consecutive
+    forwards of a model with a single MoE layer are therefore merged.
+    """
+    groups: list[list[tuple[int, int]]] = []
+    cur: list[tuple[int, int, tuple[int, ...]]] = []
+
+    def flush():
+        if not cur:
+            return
+        layer = cur[0][1]
+        if len(cur) == 1:
+            keys = list(dict.fromkeys((layer, e) for e in cur[0][2]))
+        else:
+            keys = sorted({(layer, e) for r in cur for e in r[2]})
+        groups.append(keys)
+        cur.clear()
+
+    for row in rows:
+        if cur and (row[1] != cur[-1][1] or row[0] < cur[-1][0]):
+            flush()
+        cur.append(row)
+    flush()
+    return groups
+
+
 def accesses(rows) -> list[tuple[int, int]]:
-    """The (layer, expert) sequence a cache serves: per run of rows of one layer, each distinct
-    expert once, in first-use order (a layer runs each chosen expert once per forward)."""
-    out: list[tuple[int, int]] = []
-    group: dict[tuple[int, int], None] = {}
-    prev = None
-    for tok, layer, experts in rows:
-        if prev is not None and (layer != prev[1] or tok < prev[0]):
-            out.extend(group)
-            group = {}
-        for e in experts:
-            group[(layer, e)] = None
-        prev = (tok, layer)
-    out.extend(group)
-    return out
+    """The (layer, expert) sequence a cache serves, flattened from `access_groups`."""
+    return [k for g in access_groups(rows) for k in g]

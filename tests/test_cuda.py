@@ -74,3 +74,31 @@ def test_int4_checkpoint_on_cuda(tmp_path, scout_ckpt):
         [gpu(ids[:12].cuda(), cache, last_only=False)] + [gpu(ids[i : i + 1].cuda(), cache) for i in range(12, 20)]
     )
     assert rel_err(got, want) < 3e-2
+
+
+@pytest.mark.parametrize("miss,prefetch", [("swap", True), ("swap", False), ("cpu", True), ("auto", True)])
+def test_offloaded_equals_resident_on_cuda(scout_int4, miss, prefetch):
+    """The expert cache on the GPU (copy stream, events, pinned store) changes nothing computed."""
+    from offload.setup import OffloadOptions
+    from tests.test_offload import PROMPT, run
+
+    path = scout_int4[0]
+    want, want_tokens = run(load_model(path, "bfloat16", "cuda")[0], PROMPT.cuda())
+    for slots in (1, 3, 16):
+        opts = OffloadOptions(slots=slots, miss_policy=miss, prefetch=prefetch)
+        model, _ = load_model(path, "bfloat16", "cuda", offload=opts)
+        got, tokens = run(model, PROMPT.cuda())
+        if miss == "swap":
+            assert torch.equal(got, want), slots
+        else:  # CPU-computed misses use the CPU kernel: same weights, another summation order
+            assert rel_err(got, want) < 2e-2, slots
+        t = model.offload.totals()
+        assert t.hits + t.misses == t.uses and (slots == 16 or t.bytes_moved > 0)
+        assert t.copy_s >= 0
+
+
+def test_plan_on_cuda_fits_free_memory(scout_int4):
+    from offload.setup import OffloadOptions
+
+    model, _ = load_model(scout_int4[0], "bfloat16", "cuda", offload=OffloadOptions(gpu_memory=2**30))
+    assert model.plan is not None and model.plan.all_resident and model.offload is None

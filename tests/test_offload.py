@@ -26,7 +26,7 @@ def run(model, prompt: torch.Tensor, decode: int = 6) -> tuple[torch.Tensor, lis
     for _ in range(decode):
         tok = int(logits[-1][-1].argmax())
         tokens.append(tok)
-        logits.append(model(torch.tensor([tok]), cache))
+        logits.append(model(torch.tensor([tok], device=prompt.device), cache))
     return torch.cat(logits), tokens
 
 
@@ -295,3 +295,19 @@ def test_bad_offload_input_is_one_line(scout_ckpt, extra, words):
     from tests.test_bad_input import assert_user_error, prompt
 
     assert_user_error(prompt(scout_ckpt, *extra), *words)
+
+
+@pytest.mark.parametrize("policy", ["lru", "lfu"])
+def test_live_cache_equals_offline_replay_of_its_trace(tmp_path, scout_ckpt, policy):
+    """Without prefetch, the live cache's hits are what replaying the recorded trace gives."""
+    from offload.policy import make_policy
+    from offload.trace import RoutingRecorder, access_groups, accesses, read_trace
+
+    model = offloaded(scout_ckpt, "float32", slots=5, policy=policy, miss_policy="swap", prefetch=False)
+    rec = RoutingRecorder(tmp_path / "t.csv", model)
+    run(model, PROMPT, decode=12)
+    rec.close()
+    rows = read_trace(tmp_path / "t.csv")
+    t = model.offload.totals()
+    assert t.uses == len(accesses(rows))
+    assert t.hits == replay(access_groups(rows), 5, make_policy(policy))
