@@ -335,6 +335,76 @@ def quantize(
 
 
 @app.command()
+def chat(
+    model: ModelOpt,
+    system: Annotated[str | None, typer.Option(help="System message.")] = None,
+    max_tokens: Annotated[
+        int | None, typer.Option("--max-tokens", "-n", help="Most tokens per reply [default: 1024].")
+    ] = None,
+    temperature: Annotated[float | None, typer.Option(help="0 means greedy [default: checkpoint's].")] = None,
+    top_k: Annotated[int | None, typer.Option(help="Keep the k most likely tokens (0: off).")] = None,
+    top_p: Annotated[float | None, typer.Option(help="Nucleus sampling threshold.")] = None,
+    min_p: Annotated[float | None, typer.Option(help="Drop tokens below min_p x the top probability.")] = None,
+    repetition_penalty: Annotated[float | None, typer.Option(help="Penalise tokens already seen (1: off).")] = None,
+    seed: Annotated[int | None, typer.Option(help="Random seed for reproducible sampling.")] = None,
+    context: Annotated[int | None, typer.Option(help="Context length in tokens [default: 8192].")] = None,
+    dtype: Annotated[str, typer.Option(help="bfloat16, float16 or float32.")] = "bfloat16",
+    device: Annotated[str, typer.Option(help="cpu, cuda or auto.")] = "auto",
+    prefill_chunk: Annotated[int, typer.Option(help="Prompt tokens per prefill step (bounds memory).")] = 512,
+    gpu_memory: GpuMemoryOpt = None,
+    host_memory: HostMemoryOpt = None,
+    expert_cache_slots: SlotsOpt = None,
+    cache_policy: PolicyOpt = "lru",
+    miss_policy: MissOpt = "auto",
+    prefetch: PrefetchOpt = True,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show tracebacks.")] = False,
+) -> None:
+    """Talk with the model in the terminal; replies stream as they are generated.
+
+    Type /help inside for commands (/system, /reset, /save, /load, /set, /stats, /exit).
+    Ctrl-C stops a reply; Ctrl-D or Ctrl-C at an empty prompt leaves.
+
+    Examples:
+
+      llama4-local chat -m ~/models/Llama-4-Scout-17B-16E-Instruct-int4
+
+      llama4-local chat -m ./scout-int4 --gpu-memory 24GiB --system "Answer briefly."
+    """
+
+    def go():
+        from llama4_local.chat import ChatSession, run_chat
+        from llama4_local.loader import check_model_dir, load_model
+        from llama4_local.sampling import read_generation_config
+        from llama4_local.tokenizer import Tokenizer
+
+        off = _offload_options(gpu_memory, host_memory, expert_cache_slots, cache_policy, miss_policy, prefetch)
+        path = check_model_dir(model)
+        tok = Tokenizer(path)
+        tok.render_chat([{"role": "user", "content": "x"}])  # no chat template: say so before loading
+        defaults = read_generation_config(path)
+        params = defaults.sampling.merged(
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            min_p=min_p,
+            repetition_penalty=repetition_penalty,
+            seed=seed,
+        ).validate()
+        if context is not None and context < 16:
+            from llama4_local.errors import UserError
+
+            raise UserError(f"--context must be at least 16 tokens, not {context}")
+        m, cfg = load_model(path, dtype, device, off, context, prefill_chunk)
+        ctx = min(context or 8192, cfg.max_position_embeddings)
+        n = max_tokens if max_tokens is not None else min(defaults.max_new_tokens or 1024, ctx // 2)
+        eos = set(cfg.eos_token_ids) | set(defaults.eos_token_ids) | ({tok.eos_id} if tok.eos_id is not None else set())
+        session = ChatSession(m, tok, params, n, eos, ctx, system, prefill_chunk)
+        raise typer.Exit(run_chat(session))
+
+    _run(go, verbose)
+
+
+@app.command()
 def bench(
     model: ModelOpt,
     prompt_tokens: Annotated[int, typer.Option(help="Prompt length (random token ids).")] = 128,

@@ -1,0 +1,130 @@
+"""KL divergence and perplexity of INT4 against the original, on the small trained Llama 4.
+
+For each group size (32, 64, 128), symmetric and asymmetric, experts (routed + shared) only and
+experts plus attention, it quantizes the trained checkpoint with `quant.quantize` (the code
+behind `llama4-local quantize`) and scores it against the original with `llama4_local.evaluate`
+(the code behind `llama4-local eval --reference`): mean, median, 99th percentile and maximum
+KL(original || INT4) of the next-token distributions over the held-out text, top-1 agreement,
+and both perplexities. Float32 activations, so only the weights differ. Two weight-only
+baselines sit beside ours: plain round-to-nearest (symmetric, per group absmax) and, when
+bitsandbytes is installed, its NF4 at the same group size, both applied to the same tensors.
+
+    python benchmarks/bench_quant_kl.py [--model benchmarks/.cache/small-llama4] [--ctx 256]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from llama4_local.evaluate import evaluate  # noqa: E402
+from llama4_local.loader import load_model  # noqa: E402
+from llama4_local.tokenizer import Tokenizer  # noqa: E402
+from quant.int4 import dequantize_int4, quantize_rtn  # noqa: E402
+from quant.quantize import QuantizeOptions, quantize_checkpoint  # noqa: E402
+
+DEFAULT_MODEL = ROOT / "benchmarks" / ".cache" / "small-llama4"
+
+
+def fake_quantized(model_dir: Path, fn, attention: bool):
+    """The original model with experts and shared experts (and attention) replaced by fn(weight)."""
+    model, _ = load_model(model_dir, "float32", "cpu")
+    for layer in model.layers:
+        ff = layer.feed_forward
+        mats = []
+        if layer.is_moe:
+            ex = ff.experts
+            for e in range(ex.gate_up_proj.shape[0]):
+                # Stored [D, 2I] / [I, D]: quantize along the input dimension, as a linear [out, in].
+                gu = ex.gate_up_proj.data[e]
+                ex.gate_up_proj.data[e] = fn(gu.T.contiguous()).T
+                dn = ex.down_proj.data[e]
+                ex.down_proj.data[e] = fn(dn.T.contiguous()).T
+            mats += [ff.shared_expert.gate_proj, ff.shared_expert.up_proj, ff.shared_expert.down_proj]
+        if attention:
+            a = layer.self_attn
+            mats += [a.q_proj, a.k_proj, a.v_proj, a.o_proj]
+        for lin in mats:
+            lin.weight.data = fn(lin.weight.data)
+    return model
+
+
+def rtn(group: int):
+    def f(w):
+        return dequantize_int4(quantize_rtn(w.float(), group), torch.float32)
+
+    return f
+
+
+def nf4(group: int):
+    import bitsandbytes.functional as bnbf
+
+    def f(w):
+        q, state = bnbf.quantize_4bit(w.float().contiguous(), blocksize=group, quant_type="nf4")
+        return bnbf.dequantize_4bit(q, state).float()
+
+    return f
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", type=Path, default=DEFAULT_MODEL)
+    ap.add_argument("--ctx", type=int, default=256)
+    ap.add_argument("--max-windows", type=int, default=None)
+    args = ap.parse_args()
+    tok = Tokenizer(args.model)
+    ids = tok.encode((args.model / "eval.txt").read_text(), add_special_tokens=False)
+    ref, _ = load_model(args.model, "float32", "cpu")
+    base = evaluate(ref, ids, args.ctx, tok.bos_id, max_windows=args.max_windows)
+    print(json.dumps({"model": str(args.model), "tokens": base.tokens, "perplexity": round(base.perplexity, 4)}))
+
+    def report(name, model, **kw):
+        r = evaluate(model, ids, args.ctx, tok.bos_id, ref, args.max_windows)
+        row = {
+            "weights": name,
+            **kw,
+            "kl_mean": r.kl_mean,
+            "kl_median": r.kl_median,
+            "kl_p99": r.kl_p99,
+            "kl_max": r.kl_max,
+            "top1": r.top1_agreement,
+            "ppl": r.perplexity,
+            "ref_ppl": r.reference_perplexity,
+        }
+        print(json.dumps({k: round(v, 6) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for attention in (False, True):
+            parts = ("experts", "shared") + (("attention",) if attention else ())
+            for group in (32, 64, 128):
+                for symmetric in (True, False):
+                    out = Path(tmp) / f"q{group}{symmetric}{attention}"
+                    quantize_checkpoint(args.model, out, QuantizeOptions(group, symmetric, parts))
+                    model, _ = load_model(out, "float32", "cpu")
+                    report("int4", model, group=group, symmetric=symmetric, attention=attention)
+                    shutil.rmtree(out)
+                report(
+                    "rtn",
+                    fake_quantized(args.model, rtn(group), attention),
+                    group=group,
+                    symmetric=True,
+                    attention=attention,
+                )
+                try:
+                    fn = nf4(group)
+                except ImportError:
+                    continue
+                report("nf4", fake_quantized(args.model, fn, attention), group=group, attention=attention)
+
+
+if __name__ == "__main__":
+    main()
