@@ -21,7 +21,24 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-ModelOpt = Annotated[Path, typer.Option("--model", "-m", help="Checkpoint directory (Hugging Face layout).")]
+ModelOpt = Annotated[
+    str,
+    typer.Option(
+        "--model",
+        "-m",
+        help="Checkpoint directory (Hugging Face layout), or a hub repo id "
+        "like meta-llama/Llama-4-Scout-17B-16E-Instruct.",
+    ),
+]
+RevisionOpt = Annotated[str | None, typer.Option(help="Hub revision (branch, tag or commit) of a repo id model.")]
+
+
+def _model(model: str, revision: str | None = None) -> Path:
+    """A local directory, or a hub repo id fetched into the Hugging Face cache."""
+    from llama4_local.hub import resolve_model
+
+    return resolve_model(model, revision)
+
 
 _OFF = "Offloading"
 GpuMemoryOpt = Annotated[
@@ -104,6 +121,7 @@ def main() -> None:
 def prompt(
     text: Annotated[str, typer.Argument(help="The prompt; '-' reads it from standard input.")],
     model: ModelOpt,
+    revision: RevisionOpt = None,
     system: Annotated[str | None, typer.Option(help="System message for the chat template.")] = None,
     raw: Annotated[bool, typer.Option("--raw", help="No chat template: tokenize TEXT as is, with BOS.")] = False,
     max_tokens: Annotated[
@@ -153,7 +171,7 @@ def prompt(
 
         body = sys.stdin.read() if text == "-" else text
         req = PromptRequest(
-            model=model,
+            model=_model(model, revision),
             text=body,
             system=system,
             raw=raw,
@@ -190,8 +208,9 @@ def prompt(
 def eval_(
     model: ModelOpt,
     text: Annotated[Path, typer.Option("--text", help="UTF-8 text file to score.")],
+    revision: RevisionOpt = None,
     reference: Annotated[
-        Path | None, typer.Option(help="Checkpoint to compare with: KL divergence and top-1 agreement.")
+        str | None, typer.Option(help="Checkpoint (or repo id) to compare with: KL divergence and top-1 agreement.")
     ] = None,
     ctx: Annotated[int, typer.Option(help="Tokens per window (each starts with BOS).")] = 512,
     max_windows: Annotated[int | None, typer.Option(help="Score at most this many windows.")] = None,
@@ -221,10 +240,12 @@ def eval_(
             body = text.read_text(encoding="utf-8")
         except UnicodeDecodeError:
             raise UserError(f"{text} is not UTF-8 text") from None
-        tok = Tokenizer(model)
+        path = _model(model, revision)
+        ref_path = _model(reference) if reference else None
+        tok = Tokenizer(path)
         ids = tok.encode(body, add_special_tokens=False)
-        m, _ = load_model(model, dtype, device)
-        ref = load_model(reference, dtype, device)[0] if reference else None
+        m, _ = load_model(path, dtype, device)
+        ref = load_model(ref_path, dtype, device)[0] if ref_path else None
         res = evaluate(m, ids, ctx, tok.bos_id, ref, max_windows)
         if as_json:
             sys.stdout.write(json.dumps(res.as_dict()) + "\n")
@@ -270,7 +291,7 @@ def _parse_size(text: str) -> int:
 
 @app.command()
 def quantize(
-    src: Annotated[Path, typer.Argument(help="Source checkpoint directory (bf16, Hugging Face layout).")],
+    src: Annotated[str, typer.Argument(help="Source checkpoint directory (bf16, Hugging Face layout) or hub repo id.")],
     out: Annotated[Path, typer.Argument(help="New directory for the INT4 checkpoint.")],
     group_size: Annotated[int, typer.Option(help="Weights per scale: 32, 64 or 128.")] = 128,
     symmetric: Annotated[bool, typer.Option("--symmetric/--asymmetric", help="Zero points or not.")] = True,
@@ -279,6 +300,7 @@ def quantize(
     no_shared: Annotated[bool, typer.Option("--no-shared", help="Leave the shared expert in bf16.")] = False,
     shard_size: Annotated[str, typer.Option(help="Output shard size, e.g. 2GB.")] = "2GB",
     device: Annotated[str, typer.Option(help="Where the quantizer computes: cpu or cuda.")] = "cpu",
+    revision: RevisionOpt = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show tracebacks.")] = False,
 ) -> None:
     """Quantize a checkpoint's experts to INT4 and save it (vLLM can serve the result too).
@@ -322,7 +344,7 @@ def quantize(
             bar.update(task, completed=done, total=total, description=f"quantizing {name.split('.')[-2][:18]:<18}")
 
         try:
-            s = quantize_checkpoint(src, out, opts, progress)
+            s = quantize_checkpoint(_model(src, revision), out, opts, progress)
         finally:
             bar.stop()
         err.print(
@@ -337,6 +359,7 @@ def quantize(
 @app.command()
 def chat(
     model: ModelOpt,
+    revision: RevisionOpt = None,
     system: Annotated[str | None, typer.Option(help="System message.")] = None,
     max_tokens: Annotated[
         int | None, typer.Option("--max-tokens", "-n", help="Most tokens per reply [default: 1024].")
@@ -378,7 +401,7 @@ def chat(
         from llama4_local.tokenizer import Tokenizer
 
         off = _offload_options(gpu_memory, host_memory, expert_cache_slots, cache_policy, miss_policy, prefetch)
-        path = check_model_dir(model)
+        path = check_model_dir(_model(model, revision))
         tok = Tokenizer(path)
         tok.render_chat([{"role": "user", "content": "x"}])  # no chat template: say so before loading
         defaults = read_generation_config(path)
@@ -407,6 +430,7 @@ def chat(
 @app.command()
 def bench(
     model: ModelOpt,
+    revision: RevisionOpt = None,
     prompt_tokens: Annotated[int, typer.Option(help="Prompt length (random token ids).")] = 128,
     gen_tokens: Annotated[int, typer.Option(help="Tokens to decode (greedy).")] = 64,
     dtype: Annotated[str, typer.Option(help="bfloat16, float16 or float32.")] = "bfloat16",
@@ -436,7 +460,8 @@ def bench(
         from llama4_local.bench import BenchRequest, run_bench
 
         off = _offload_options(gpu_memory, host_memory, expert_cache_slots, cache_policy, miss_policy, prefetch)
-        res = run_bench(BenchRequest(model, prompt_tokens, gen_tokens, dtype, device, prefill_chunk, off))
+        path = _model(model, revision)
+        res = run_bench(BenchRequest(path, prompt_tokens, gen_tokens, dtype, device, prefill_chunk, off))
         if as_json:
             sys.stdout.write(json.dumps(res) + "\n")
             return
