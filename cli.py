@@ -277,6 +277,21 @@ def _human(n: float) -> str:
     return f"{n:.1f} TB"
 
 
+def _count(n: int) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return str(n)
+
+
+def _binary(n: float) -> str:
+    for unit in ("B", "KiB", "MiB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.2f} GiB"
+
+
 def _parse_size(text: str) -> int:
     from llama4_local.errors import UserError
 
@@ -423,6 +438,88 @@ def chat(
         eos = set(cfg.eos_token_ids) | set(defaults.eos_token_ids) | ({tok.eos_id} if tok.eos_id is not None else set())
         session = ChatSession(m, tok, params, n, eos, ctx, system, prefill_chunk)
         raise typer.Exit(run_chat(session))
+
+    _run(go, verbose)
+
+
+@app.command()
+def info(
+    model: Annotated[str, typer.Argument(help="Checkpoint directory or hub repo id.")],
+    revision: RevisionOpt = None,
+    gpu_memory: Annotated[
+        str | None,
+        typer.Option(help="Plan for this much GPU memory (default: this GPU's free memory, else 24GiB and 80GiB)."),
+    ] = None,
+    context: Annotated[int, typer.Option(help="Context length to reserve KV cache for.")] = 8192,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show tracebacks.")] = False,
+) -> None:
+    """Architecture, parameters, quantization, size on disk, and the memory plan of a checkpoint.
+
+    Examples:
+
+      llama4-local info ~/models/scout-int4
+
+      llama4-local info ./scout-int4 --gpu-memory 24GiB --context 32768 --json
+    """
+
+    def go():
+        from llama4_local.errors import UserError
+        from llama4_local.info import model_info
+        from llama4_local.loader import check_model_dir
+
+        if context < 1:
+            raise UserError(f"--context must be at least 1, not {context}")
+        path = check_model_dir(_model(model, revision))
+        if gpu_memory:
+            budgets = [_parse_size(gpu_memory)]
+        else:
+            budgets = [24 * 2**30, 80 * 2**30]
+            import importlib.util
+
+            if importlib.util.find_spec("torch"):
+                import torch
+
+                if torch.cuda.is_available():
+                    budgets = [torch.cuda.mem_get_info()[0] - 2**30]
+        res = model_info(path, budgets, context)
+        if as_json:
+            res = dict(res)
+            res["plans"] = [{k: v for k, v in p.items() if k != "rows"} for p in res["plans"]]
+            sys.stdout.write(json.dumps(res) + "\n")
+            return
+        from rich.console import Console
+        from rich.table import Table
+
+        con = Console()
+        t = Table(title=f"{path.name}", show_header=False)
+        t.add_column("what")
+        t.add_column("value")
+        b = _count
+        t.add_row("architecture", res["architecture"])
+        t.add_row("layers", f"{res['layers']} ({res['moe_layers']} MoE, NoPE at {res['nope_layers']})")
+        t.add_row("hidden / heads / kv heads", f"{res['hidden_size']} / {res['heads']} / {res['kv_heads']}")
+        t.add_row("experts", f"{res['experts']} routed, {res['experts_per_token']} per token, + 1 shared")
+        t.add_row("parameters", f"{b(res['parameters_total'])} total, {b(res['parameters_active'])} active per token")
+        if res["parameters_vision"]:
+            t.add_row("vision", b(res["parameters_vision"]))
+        q = res["quantization"]
+        t.add_row("quantization", f"{q['scheme']} ({', '.join(q['parts'])})" if q else "none (bf16/fp16 weights)")
+        t.add_row("on disk", _human(res["bytes_on_disk"]))
+        t.add_row("context", f"{res['max_context']} max; plans below for {res['context_planned']}")
+        con.print(t)
+        for p in res["plans"]:
+            title = f"memory plan for {p['gpu_memory'] / 2**30:.1f} GiB of GPU memory"
+            if "error" in p:
+                con.print(f"[bold]{title}[/bold]: {p['error']}")
+                continue
+            pt = Table(title=title)
+            pt.add_column("what")
+            pt.add_column("where")
+            pt.add_column("size", justify="right")
+            for what, where, n in p["rows"]:
+                pt.add_row(what, where, _binary(n))
+            con.print(pt)
 
     _run(go, verbose)
 

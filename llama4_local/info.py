@@ -1,0 +1,110 @@
+"""`llama4-local info`: what a checkpoint is, and how it would be laid out in memory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .checkpoint import open_checkpoint
+from .config import TextConfig, load_config
+from .errors import UserError
+from .loader import quantized_parts
+
+
+def text_parameters(cfg: TextConfig) -> tuple[int, int, int]:
+    """(total, active per token, routed experts) parameters of the language model."""
+    d, hd = cfg.hidden_size, cfg.head_dim
+    total = cfg.vocab_size * d * (1 if cfg.tie_word_embeddings else 2) + d
+    active = total
+    routed_total = 0
+    for layer in range(cfg.num_layers):
+        attn = d * cfg.num_heads * hd * 2 + d * cfg.num_kv_heads * hd * 2 + 2 * d
+        total += attn
+        active += attn
+        if cfg.moe_layers[layer]:
+            one = 3 * d * cfg.intermediate_size
+            shared_and_router = one + cfg.num_experts * d
+            routed_total += cfg.num_experts * one
+            total += shared_and_router + cfg.num_experts * one
+            active += shared_and_router + cfg.top_k * one
+        else:
+            mlp = 3 * d * cfg.intermediate_size_mlp
+            total += mlp
+            active += mlp
+    return total, active, routed_total
+
+
+def model_info(path: Path, budgets: list[int], context: int) -> dict:
+    from offload.plan import plan_memory
+
+    cfg = load_config(path)
+    context = min(context, cfg.max_position_embeddings)
+    try:
+        ckpt = open_checkpoint(path)
+    except UserError:
+        ckpt = None  # a config alone still describes the model and plans its memory
+    vision = 0
+    total, active, routed = text_parameters(cfg)
+    # Vision tower and projector are outside the text model's names: count them from the files.
+    from safetensors import safe_open
+
+    files = sorted(set(Path(f) for f in path.glob("*.safetensors")))
+    for f in files:
+        with safe_open(f, "pt") as h:
+            for key in h.keys():
+                if "vision_model" in key or "multi_modal_projector" in key:
+                    n = 1
+                    for s in h.get_slice(key).get_shape():
+                        n *= s
+                    vision += n
+    scheme = None
+    if cfg.quantization:
+        from quant.format import QuantScheme
+
+        scheme = QuantScheme.from_config(cfg.quantization, str(path / "config.json"))
+    if ckpt is not None:
+        q = quantized_parts(ckpt, cfg, scheme)
+    elif scheme is not None:  # no weights to look at: read the parts from the ignore list
+        from offload.plan import Quantized
+
+        ignore = " ".join(cfg.quantization.get("ignore") or [])
+        q = Quantized(scheme.group_size, True, "shared_expert" not in ignore, "self_attn" not in ignore)
+    else:
+        q = None
+    quant = None
+    if q is not None:
+        parts = [p for p in ("experts", "shared", "attention") if getattr(q, p)]
+        quant = {
+            "scheme": f"INT4 group {q.group_size} {'symmetric' if scheme.symmetric else 'asymmetric'}",
+            "parts": parts,
+        }
+    plans = []
+    for budget in budgets:
+        try:
+            plan = plan_memory(cfg, budget, context, 2, q)
+            plans.append({"gpu_memory": budget, "plan": plan.as_dict(), "rows": plan.rows()})
+        except Exception as e:  # a budget too small is information here, not an error
+            plans.append({"gpu_memory": budget, "error": str(e)})
+    return {
+        "path": str(path),
+        "architecture": "Llama4ForConditionalGeneration" if cfg.multimodal else "Llama4ForCausalLM",
+        "layers": cfg.num_layers,
+        "hidden_size": cfg.hidden_size,
+        "heads": cfg.num_heads,
+        "kv_heads": cfg.num_kv_heads,
+        "experts": cfg.num_experts,
+        "experts_per_token": cfg.top_k,
+        "moe_layers": sum(cfg.moe_layers),
+        "nope_layers": [i for i, r in enumerate(cfg.rope_layers) if not r],
+        "attention_chunk_size": cfg.attention_chunk_size,
+        "vocab_size": cfg.vocab_size,
+        "max_context": cfg.max_position_embeddings,
+        "parameters_total": total + vision,
+        "parameters_text": total,
+        "parameters_vision": vision,
+        "parameters_active": active,
+        "parameters_routed_experts": routed,
+        "quantization": quant,
+        "bytes_on_disk": sum(f.stat().st_size for f in path.iterdir() if f.is_file()),
+        "context_planned": context,
+        "plans": plans,
+    }
