@@ -123,3 +123,29 @@ def test_raw_needed_without_template(broken):
     del cfg["chat_template"]
     (broken / "tokenizer_config.json").write_text(json.dumps(cfg))
     assert_user_error(prompt(broken), "--raw")
+
+
+@pytest.mark.parametrize("command", ["prompt", "chat", "quantize", "eval", "info", "bench"])
+def test_help_teaches_by_example_without_importing_torch(command):
+    """--help for every command: examples included, and no torch import (so it answers at once)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, cli\n"
+        "from typer.testing import CliRunner\n"
+        f"r = CliRunner().invoke(cli.app, ['{command}', '--help'])\n"
+        "assert r.exit_code == 0, r.output\n"
+        "assert 'Examples' in r.output and 'llama4-local' in r.output, r.output\n"
+        "assert 'torch' not in sys.modules\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+
+
+def test_exit_codes(scout_ckpt, tmp_path):
+    ok = run_cli("prompt", "hi", "-m", scout_ckpt, "--device", "cpu", "-n", "1")
+    assert ok.returncode == 0
+    assert run_cli("prompt", "hi").returncode == 2  # usage: --model missing
+    assert run_cli("no-such-command").returncode == 2
+    assert_user_error(prompt(scout_ckpt, "--dtype", "int3"), "--dtype")
