@@ -135,6 +135,8 @@ def test_chat_in_a_pseudo_terminal(endless_ckpt, tmp_path):
     child.expect(prompt)
     child.sendline("/stats")
     child.expect(r"context: \d+ of \d+ tokens, 2 messages")
+    child.send("\x1b[A\r")  # up arrow: readline recalls /stats from the history
+    child.expect(r"context: \d+ of \d+ tokens, 2 messages")
     child.sendline(f"/save {tmp_path / 'conv.json'}")
     child.expect("saved 2 messages")
     child.sendline("/reset")

@@ -107,3 +107,33 @@ def test_cli_repo_errors_are_one_line(hub):
 
 def test_revision_on_a_local_directory_is_an_error(maverick_ckpt):
     assert_user_error(run_cli("prompt", "hi", "-m", maverick_ckpt, "--revision", "main"), "--revision")
+
+
+@pytest.mark.parametrize(
+    "error,words",
+    [
+        ("GatedRepoError", ["gated", "HF_TOKEN"]),
+        ("RepositoryNotFoundError", ["no repo", "HF_TOKEN"]),
+        ("RevisionNotFoundError", ["--revision"]),
+    ],
+)
+def test_hub_errors_say_what_to_do(monkeypatch, error, words):
+    import huggingface_hub
+    import huggingface_hub.errors as errors
+
+    class FakeResponse:
+        status_code = 403
+        headers = {}
+        request = None
+        url = "https://huggingface.co/api/models/acme/x"
+
+    def fake(repo_id, **kw):
+        if kw.get("local_files_only"):
+            raise errors.LocalEntryNotFoundError("not cached")
+        raise getattr(errors, error)(f"{error} for {repo_id}", response=FakeResponse())
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake)
+    with pytest.raises(UserError) as e:
+        resolve_model("acme/x", revision="v9" if error == "RevisionNotFoundError" else None)
+    for w in words:
+        assert w in str(e.value)
