@@ -126,6 +126,8 @@ def test_chat_in_a_pseudo_terminal(endless_ckpt, tmp_path):
     )
     prompt = ">>> "
     child.expect(prompt)
+    child.sendline("/help")
+    child.expect("/save FILE")
     child.sendline("/system You are terse.")
     child.expect("system message set")
     child.sendline("/set temperature 0")
