@@ -29,7 +29,7 @@ from offload.policy import LRU, LFUDecay, belady, replay  # noqa: E402
 from offload.setup import OffloadOptions  # noqa: E402
 from offload.trace import RoutingRecorder, access_groups, accesses, read_trace  # noqa: E402
 
-DEFAULT_MODEL = ROOT / "benchmarks" / ".cache" / "small-llama4"
+DEFAULT_MODEL = ROOT / "benchmarks" / "small-llama4"
 
 
 def decode_through(model, ids: list[int]) -> None:

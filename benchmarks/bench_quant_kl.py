@@ -32,7 +32,7 @@ from llama4_local.tokenizer import Tokenizer  # noqa: E402
 from quant.int4 import dequantize_int4, quantize_rtn  # noqa: E402
 from quant.quantize import QuantizeOptions, quantize_checkpoint  # noqa: E402
 
-DEFAULT_MODEL = ROOT / "benchmarks" / ".cache" / "small-llama4"
+DEFAULT_MODEL = ROOT / "benchmarks" / "small-llama4"
 
 
 def fake_quantized(model_dir: Path, fn, attention: bool):

@@ -16,11 +16,13 @@ forward replaced by a sparse one that computes each token's chosen expert only: 
 function as transformers' dense one (which multiplies unchosen experts by zero), 16x less work.
 A small load-balancing loss (Switch Transformer style) keeps experts from collapsing.
 
-Output (default benchmarks/.cache/small-llama4): the checkpoint in the Hugging Face layout in
-bfloat16, tokenizer.json with Llama 4's specials and chat template, `eval.txt`, `train.txt`,
-and `train_log.json`.
+Output (default benchmarks/small-llama4, committed): the checkpoint in the Hugging Face layout
+in bfloat16, tokenizer.json with Llama 4's specials and chat template, `eval.txt` (held-out
+text) and `train_log.json`. The committed one: 3.81 M parameters, 2000 steps of 16 x 256
+tokens (8.2 M tokens, ~14 passes over 0.60 M), final training loss 1.86; perplexity 35 on
+eval.txt (it overfits the small corpus, which does not matter for what it is used for).
 
-    python benchmarks/train_small.py                 # about 40 minutes on 2 cores
+    python benchmarks/train_small.py                 # about 40 minutes on 2 idle cores
     python benchmarks/train_small.py --steps 50      # a quick smoke run
 """
 
@@ -44,7 +46,7 @@ sys.path.insert(0, str(ROOT))
 
 from tests.factory import CHAT_TEMPLATE, SPECIALS  # noqa: E402
 
-DEFAULT_OUT = ROOT / "benchmarks" / ".cache" / "small-llama4"
+DEFAULT_OUT = ROOT / "benchmarks" / "small-llama4"  # committed: 7.6 MB in bfloat16
 
 
 def docstrings() -> tuple[str, str]:
@@ -198,7 +200,6 @@ def main() -> None:
     tmp = out.with_name(out.name + ".partial")
     tmp.mkdir(parents=True, exist_ok=True)
     train_text, eval_text = docstrings()
-    (tmp / "train.txt").write_text(train_text)
     (tmp / "eval.txt").write_text(eval_text)
     ids = write_tokenizer(tmp, train_text, args.vocab)
     tok = Tokenizer.from_file(str(tmp / "tokenizer.json"))

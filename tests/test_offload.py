@@ -311,3 +311,16 @@ def test_live_cache_equals_offline_replay_of_its_trace(tmp_path, scout_ckpt, pol
     t = model.offload.totals()
     assert t.uses == len(accesses(rows))
     assert t.hits == replay(access_groups(rows), 5, make_policy(policy))
+
+
+def test_committed_small_trained_model_runs_and_is_trained():
+    """benchmarks/small-llama4 (used by the quality and routing benchmarks) loads and knows its text."""
+    from llama4_local.evaluate import evaluate
+    from llama4_local.tokenizer import Tokenizer
+
+    path = Path(__file__).parents[1] / "benchmarks" / "small-llama4"
+    tok = Tokenizer(path)
+    ids = tok.encode((path / "eval.txt").read_text()[:6000], add_special_tokens=False)
+    model, cfg = load_model(path, "float32", "cpu")
+    assert cfg.num_experts == 16 and all(cfg.moe_layers) and not cfg.rope_layers[3]
+    assert evaluate(model, ids, 256, tok.bos_id, max_windows=4).perplexity < 60  # random weights: ~1000
