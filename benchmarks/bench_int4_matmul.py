@@ -2,8 +2,9 @@
 
 For each weight shape (gate/up [8192, 5120], down [5120, 8192]) and each row count (1 = decode,
 more = prefill), times y = x @ W^T through:
-  float32 F.linear, bfloat16 (torch.mv for one row), the INT4 CPU or CUDA kernel
-  (quant.kernels.Int4Linear), and the INT4 reference (dequantize then matmul),
+  float32 F.linear, bfloat16 (torch.mv for one row), the INT4 kernel Int4Linear picks (ours,
+  "avx2", on AVX2 CPUs; the stock aten one on CUDA), the stock aten CPU kernel beside it, and the
+  INT4 reference (dequantize then matmul),
 and reports GB/s of weight bytes read (packed bytes for INT4) next to the copy bandwidth.
 
     python benchmarks/bench_int4_matmul.py [--device cpu|cuda] [--rows 1,8,64]
@@ -48,6 +49,7 @@ def main():
         w16 = w32.bfloat16()
         int4 = Int4Linear(qw, dev, torch.bfloat16)
         int4_f32 = Int4Linear(qw, dev, torch.float32) if dev.type == "cpu" else None
+        stock = Int4Linear(qw, dev, torch.bfloat16, path="cpu") if dev.type == "cpu" else None
         int4_bytes = qw.packed.numel() * 4 + qw.scale.numel() * 2
         qw_dev = Int4Weight(qw.packed.to(dev), qw.scale.to(dev), None, qw.shape, qw.group_size)
         for rows in [int(r) for r in args.rows.split(",")]:
@@ -62,6 +64,8 @@ def main():
             }
             if int4_f32 is not None:
                 cases[f"int4_{int4_f32.path}_f32"] = (lambda: int4_f32(x), int4_bytes)
+            if stock is not None and int4.path != "cpu":  # the stock aten kernel, side by side
+                cases["int4_stock_cpu_bf16"] = (lambda: stock(xb), int4_bytes)
             row = {"shape": name, "rows": rows}
             for case, (fn, nbytes) in cases.items():
                 t = best_time(fn, dev, args.reps)

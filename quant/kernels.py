@@ -5,7 +5,9 @@ at load time, into the layout of its device's kernel:
 
 - CPU: `aten._weight_int4pack_mm_for_cpu` (weights from `_convert_weight_to_int4pack_for_cpu`),
 - CUDA: `aten._weight_int4pack_mm` (weights from `_convert_weight_to_int4pack`, bf16 only),
-- "reference": dequantize, then an ordinary matmul; the oracle for the other two in tests and
+- CPU with AVX2 and FMA: quant.cpu_kernel (ours, compiled on first use), for bf16 and float32
+  activations, 1 to 8 rows per pass; several times faster than the stock CPU kernel at decode,
+- "reference": dequantize, then an ordinary matmul; the oracle for the others in tests and
   the fallback where a kernel's shape rules are not met.
 
 The private aten ops live here and nowhere else. Both kernels compute, per group,
@@ -44,7 +46,11 @@ def kernel_for(qw: Int4Weight, device: torch.device, dtype: torch.dtype) -> str:
         )
         return "cuda" if ok else "reference"
     if device.type == "cpu":
-        # With float32 activations the CPU kernel takes a path 16x slower than with bf16 ones.
+        from . import cpu_kernel
+
+        if qw.group_size % cpu_kernel.GROUP_MULTIPLE == 0 and k % qw.group_size == 0 and cpu_kernel.available():
+            return "avx2"
+        # With float32 activations the stock CPU kernel takes a path 16x slower than with bf16 ones.
         ok = dtype == torch.bfloat16 and qw.group_size in (32, 64, 128, 256) and k % (16 * _CPU_INNER_K_TILES) == 0
         return "cpu" if ok else "reference"
     return "reference"
@@ -54,6 +60,13 @@ def int4_matmul(path: str, group_size: int, x: torch.Tensor, tensors: dict[str, 
     """x [T, K] @ W^T for W held in `tensors` (an Int4Linear's buffers, or views of them)."""
     if path == "reference":
         return F.linear(x, tensors["weight"])
+    if path == "avx2":
+        from .cpu_kernel import MAX_ROWS, int4_mv
+
+        p, so = tensors["packed"], tensors["scales_and_zeros"]
+        if x.shape[0] <= MAX_ROWS:
+            return int4_mv(x, p, so, group_size)
+        return torch.cat([int4_mv(x[i : i + MAX_ROWS], p, so, group_size) for i in range(0, x.shape[0], MAX_ROWS)])
     if path == "cpu":
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x, tensors["packed"], group_size, tensors["scales_and_zeros"])
     return torch.ops.aten._weight_int4pack_mm(x, tensors["packed"], group_size, tensors["scales_and_zeros"])
@@ -71,6 +84,13 @@ class Int4Linear(torch.nn.Module):
             self.register_buffer("weight", dequantize_int4(qw, dtype).to(device))
             return
         u = unpack_int4(qw.packed).to(torch.int32) + 8  # [N, K] unsigned nibbles
+        if self.path == "avx2":
+            from .cpu_kernel import pack_for_avx2
+
+            self.register_buffer("packed", pack_for_avx2(u))
+            so = _scales_and_offsets(qw, torch.float32).transpose(0, 1).contiguous()  # [N, G, 2]
+            self.register_buffer("scales_and_zeros", so)
+            return
         if self.path == "cpu":
             packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(u, _CPU_INNER_K_TILES)
         elif self.path == "cuda":

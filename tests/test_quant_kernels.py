@@ -15,17 +15,33 @@ def rel_err(a, b):
 @pytest.mark.parametrize("symmetric", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows", [1, 5, 33])
-def test_cpu_kernel_matches_reference(group_size, symmetric, dtype, rows):
-    # float32 activations are served by the reference path unless the kernel is forced.
+@pytest.mark.parametrize("path", ["cpu", "avx2"])
+def test_cpu_kernels_match_reference(group_size, symmetric, dtype, rows, path):
+    from quant import cpu_kernel
+
+    if path == "avx2" and not cpu_kernel.available():
+        pytest.skip("no AVX2/FMA CPU or no C++ compiler")
     g = torch.Generator().manual_seed(group_size + rows)
     qw = quantize_int4(torch.randn(96, 256, generator=g), group_size, symmetric, scale_dtype=torch.bfloat16)
     cpu = torch.device("cpu")
-    assert kernel_for(qw, cpu, dtype) == ("cpu" if dtype == torch.bfloat16 else "reference")
+    # Ours where it builds; else the stock kernel for bf16, the reference for float32 activations.
+    expect = "avx2" if cpu_kernel.available() else ("cpu" if dtype == torch.bfloat16 else "reference")
+    assert kernel_for(qw, cpu, dtype) == expect
     x = torch.randn(rows, 256, generator=g).to(dtype)
-    got = Int4Linear(qw, cpu, dtype, path="cpu")(x)
+    got = Int4Linear(qw, cpu, dtype, path=path)(x)
     want = Int4Linear(qw, cpu, torch.float32, path="reference")(x.float())
     assert got.dtype == dtype and got.shape == (rows, 96)
     assert rel_err(got, want) < (1e-5 if dtype == torch.float32 else 1e-2)
+
+
+def test_avx2_layout_holds_each_nibble_once():
+    from quant.cpu_kernel import pack_for_avx2
+
+    u = torch.arange(64).remainder(16).reshape(1, 64)
+    p = pack_for_avx2(u)
+    assert p.shape == (1, 32) and p.dtype == torch.uint8
+    lo, hi = p & 15, p >> 4
+    assert torch.equal(torch.cat([lo[:, :16], hi[:, :16], lo[:, 16:], hi[:, 16:]], 1), u.to(torch.uint8))
 
 
 def test_unsupported_shape_falls_back_to_reference():
