@@ -5,8 +5,10 @@ experts plus attention, it quantizes the trained checkpoint with `quant.quantize
 behind `llama4-local quantize`) and scores it against the original with `llama4_local.evaluate`
 (the code behind `llama4-local eval --reference`): mean, median, 99th percentile and maximum
 KL(original || INT4) of the next-token distributions over the held-out text, top-1 agreement,
-and both perplexities. Float32 activations, so only the weights differ. Two weight-only
-baselines sit beside ours: plain round-to-nearest (symmetric, per group absmax) and, when
+and both perplexities. Float32 activations, so only the weights differ. On a model whose rows are multiples
+of 256 it first reports the anchor, llama.cpp's Q4_K_M (benchmarks/kquants.py, a torch port
+of ggml's reference quantizers), on the whole model and on our default's tensors only. Two
+weight-only baselines sit beside ours: plain round-to-nearest (symmetric, per group absmax) and, when
 bitsandbytes is installed, its NF4 at the same group size, both applied to the same tensors.
 
     python benchmarks/bench_quant_kl.py [--model benchmarks/.cache/small-llama4] [--ctx 256]
@@ -25,6 +27,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from llama4_local.evaluate import evaluate  # noqa: E402
 from llama4_local.loader import load_model  # noqa: E402
@@ -58,6 +61,41 @@ def fake_quantized(model_dir: Path, fn, attention: bool):
     return model
 
 
+def q4_k_m(model_dir: Path, only_ours: bool):
+    """llama.cpp's Q4_K_M applied to the model (benchmarks/kquants.py): every matrix but routers
+    and norms, Q6_K for lm_head and for attn_v / ffn_down in "more bits" layers; with
+    `only_ours`, Q4_K on exactly the tensors our default quantizes (routed and shared experts)."""
+    from kquants import q4_k, q4_k_m_type, q6_k
+
+    model, cfg = load_model(model_dir, "float32", "cpu")
+    n = cfg.num_layers
+    fn = {"q4_k": q4_k, "q6_k": q6_k}
+
+    def put(lin, kind):
+        if kind != "f32":
+            lin.weight.data = fn[kind](lin.weight.data)
+
+    for i, layer in enumerate(model.layers):
+        ff = layer.feed_forward
+        down_kind = "q4_k" if only_ours else q4_k_m_type("ffn_down", i, n)
+        ex = ff.experts
+        for e in range(ex.gate_up_proj.shape[0]):
+            ex.gate_up_proj.data[e] = q4_k(ex.gate_up_proj.data[e].T.contiguous()).T
+            ex.down_proj.data[e] = fn[down_kind](ex.down_proj.data[e].T.contiguous()).T
+        put(ff.shared_expert.gate_proj, "q4_k")
+        put(ff.shared_expert.up_proj, "q4_k")
+        put(ff.shared_expert.down_proj, down_kind)
+        if not only_ours:
+            a = layer.self_attn
+            for lin in (a.q_proj, a.k_proj, a.o_proj):
+                put(lin, "q4_k")
+            put(a.v_proj, q4_k_m_type("attn_v", i, n))
+    if not only_ours:
+        model.embed_tokens.weight.data = q4_k(model.embed_tokens.weight.data)
+        put(model.lm_head, q4_k_m_type("output", None, n))
+    return model
+
+
 def rtn(group: int):
     def f(w):
         return dequantize_int4(quantize_rtn(w.float(), group), torch.float32)
@@ -80,6 +118,8 @@ def main():
     ap.add_argument("--model", type=Path, default=DEFAULT_MODEL)
     ap.add_argument("--ctx", type=int, default=256)
     ap.add_argument("--max-windows", type=int, default=None)
+    ap.add_argument("--groups", default="32,64,128")
+    ap.add_argument("--parts", default="experts,attention", help="experts (+shared), attention (+experts), or both")
     args = ap.parse_args()
     tok = Tokenizer(args.model)
     ids = tok.encode((args.model / "eval.txt").read_text(), add_special_tokens=False)
@@ -102,10 +142,17 @@ def main():
         }
         print(json.dumps({k: round(v, 6) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
 
+    if ref.cfg.hidden_size % 256 == 0 and ref.cfg.intermediate_size % 256 == 0:
+        # The anchor: llama.cpp's Q4_K_M (whole model), and its Q4_K on our default's tensors.
+        report("q4_k_m (llama.cpp, whole model)", q4_k_m(args.model, only_ours=False))
+        report("q4_k (experts + shared only)", q4_k_m(args.model, only_ours=True))
+    else:
+        print(json.dumps({"note": "rows are not multiples of 256: llama.cpp would not use K-quants here"}))
     with tempfile.TemporaryDirectory() as tmp:
-        for attention in (False, True):
+        kinds = args.parts.split(",")
+        for attention in [a for a, k in ((False, "experts"), (True, "attention")) if k in kinds]:
             parts = ("experts", "shared") + (("attention",) if attention else ())
-            for group in (32, 64, 128):
+            for group in [int(g) for g in args.groups.split(",")]:
                 for symmetric in (True, False):
                     out = Path(tmp) / f"q{group}{symmetric}{attention}"
                     quantize_checkpoint(args.model, out, QuantizeOptions(group, symmetric, parts))

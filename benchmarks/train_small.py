@@ -106,14 +106,14 @@ def write_tokenizer(out: Path, text: str, vocab_size: int) -> dict[str, int]:
     return ids
 
 
-def model_config(ids: dict[str, int], vocab_size: int) -> dict:
+def model_config(ids: dict[str, int], vocab_size: int, hidden: int = 128, intermediate: int = 128) -> dict:
     return dict(
         vocab_size=vocab_size,
-        hidden_size=128,  # every INT4 group size (32, 64, 128) divides it
-        intermediate_size=128,
-        intermediate_size_mlp=256,
+        hidden_size=hidden,  # 128: every INT4 group size divides it; 256: llama.cpp's K-quants too
+        intermediate_size=intermediate,
+        intermediate_size_mlp=2 * intermediate,
         num_hidden_layers=4,
-        num_attention_heads=4,
+        num_attention_heads=hidden // 32,
         num_key_value_heads=2,
         head_dim=32,
         num_local_experts=16,
@@ -186,6 +186,8 @@ def main() -> None:
     ap.add_argument("--balance", type=float, default=0.01, help="weight of the load-balancing loss")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--hidden", type=int, default=128, help="256 makes every row a multiple of llama.cpp's 256")
+    ap.add_argument("--intermediate", type=int, default=128)
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -215,7 +217,7 @@ def main() -> None:
     )
 
     torch.manual_seed(args.seed)
-    cfg = Llama4TextConfig(**model_config(ids, args.vocab))
+    cfg = Llama4TextConfig(**model_config(ids, args.vocab, args.hidden, args.intermediate))
     model = Llama4ForCausalLM(cfg).train()
     n_params = sum(p.numel() for p in model.parameters())
     moes = [m for m in model.modules() if isinstance(m, modeling_llama4.Llama4TextMoe)]
