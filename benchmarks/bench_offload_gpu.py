@@ -77,6 +77,8 @@ def build_model(cfg: TextConfig, device: torch.device, dtype: torch.dtype) -> Ll
     model = Llama4Text(cfg)
     replace_experts(model)
     for name, p in list(model.named_parameters()):
+        if ".shared_expert." in name:
+            continue  # replaced by INT4 linears below
         mod_name, _, attr = name.rpartition(".")
         mod = model.get_submodule(mod_name)
         if name.endswith("norm.weight"):
