@@ -65,9 +65,9 @@ def make_qkx2_quants(x, w, nmax=15, rmin=-1.0, rdelta=0.1, nstep=20):
     return scale, -mn, L
 
 
-def q4_k(w: torch.Tensor) -> torch.Tensor:
-    """Dequantized Q4_K of a weight [out, in] (in a multiple of 256), float32."""
-    out_f, in_f = w.shape
+def q4_k_parts(w: torch.Tensor):
+    """Q4_K of a weight [out, in] (in a multiple of 256): per super-block d, dmin [nb] (fp16
+    values), 6-bit scales ls and mins lm [nb, 8], and nibbles L [nb, 8, 32]."""
     x = w.float().reshape(-1, 8, 32)  # super-blocks of 8 blocks of 32
     nb = x.shape[0]
     flat = x.reshape(-1, 32)
@@ -87,7 +87,29 @@ def q4_k(w: torch.Tensor) -> torch.Tensor:
     safe = torch.where(dj == 0, torch.ones_like(dj), dj)
     requant = _round((x + dmj[..., None]) / safe[..., None]).clamp(0, 15)
     L = torch.where((dj != 0)[..., None], requant, L)
-    return (dj[..., None] * L - dmj[..., None]).reshape(out_f, in_f)
+    return d, dmin, ls, lm, L
+
+
+def q4_k(w: torch.Tensor) -> torch.Tensor:
+    """Dequantized Q4_K of a weight [out, in] (in a multiple of 256), float32."""
+    d, dmin, ls, lm, L = q4_k_parts(w)
+    dj, dmj = d[:, None] * ls, dmin[:, None] * lm
+    return (dj[..., None] * L - dmj[..., None]).reshape(w.shape)
+
+
+def pack_q4_k(parts) -> torch.Tensor:
+    """GGUF block_q4_K bytes [nb, 144]: d, dmin (fp16), 12 bytes of 6-bit scales/mins, 128 of nibbles."""
+    d, dmin, ls, lm, L = parts
+    nb = d.shape[0]
+    ls, lm, L = ls.to(torch.uint8), lm.to(torch.uint8), L.to(torch.uint8)
+    sc = torch.zeros(nb, 12, dtype=torch.uint8)
+    sc[:, 0:4] = ls[:, 0:4] | ((ls[:, 4:8] >> 4) << 6)
+    sc[:, 4:8] = lm[:, 0:4] | ((lm[:, 4:8] >> 4) << 6)
+    sc[:, 8:12] = (ls[:, 4:8] & 0xF) | ((lm[:, 4:8] & 0xF) << 4)
+    pairs = L.reshape(nb, 4, 2, 32)  # per 64 weights: 32 low nibbles, then 32 high
+    qs = (pairs[:, :, 0] | (pairs[:, :, 1] << 4)).reshape(nb, 128)
+    head = torch.stack([d, dmin], 1).half().view(torch.uint8).reshape(nb, 4)
+    return torch.cat([head, sc, qs], 1)
 
 
 def make_qx_quants(x, nmax=32):
