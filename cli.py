@@ -32,6 +32,17 @@ ModelOpt = Annotated[
 ]
 RevisionOpt = Annotated[str | None, typer.Option(help="Hub revision (branch, tag or commit) of a repo id model.")]
 
+TemperatureOpt = Annotated[float | None, typer.Option(help="0 means greedy [default: checkpoint's].")]
+TopKOpt = Annotated[int | None, typer.Option(help="Keep the k most likely tokens (0: off).")]
+TopPOpt = Annotated[float | None, typer.Option(help="Nucleus sampling threshold.")]
+MinPOpt = Annotated[float | None, typer.Option(help="Drop tokens below min_p x the top probability.")]
+RepetitionOpt = Annotated[float | None, typer.Option(help="Penalise tokens already seen (1: off).")]
+SeedOpt = Annotated[int | None, typer.Option(help="Random seed for reproducible sampling.")]
+DtypeOpt = Annotated[str, typer.Option(help="bfloat16, float16 or float32.")]
+DeviceOpt = Annotated[str, typer.Option(help="cpu, cuda or auto.")]
+PrefillChunkOpt = Annotated[int, typer.Option(help="Prompt tokens per prefill step (bounds memory).")]
+VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Show tracebacks.")]
+
 
 def _model(model: str, revision: str | None = None) -> Path:
     """A local directory, or a hub repo id fetched into the Hugging Face cache."""
@@ -127,17 +138,17 @@ def prompt(
     max_tokens: Annotated[
         int | None, typer.Option("--max-tokens", "-n", help="Most tokens to generate [default: 512].")
     ] = None,
-    temperature: Annotated[float | None, typer.Option(help="0 means greedy [default: checkpoint's].")] = None,
-    top_k: Annotated[int | None, typer.Option(help="Keep the k most likely tokens (0: off).")] = None,
-    top_p: Annotated[float | None, typer.Option(help="Nucleus sampling threshold.")] = None,
-    min_p: Annotated[float | None, typer.Option(help="Drop tokens below min_p x the top probability.")] = None,
-    repetition_penalty: Annotated[float | None, typer.Option(help="Penalise tokens already seen (1: off).")] = None,
-    seed: Annotated[int | None, typer.Option(help="Random seed for reproducible sampling.")] = None,
+    temperature: TemperatureOpt = None,
+    top_k: TopKOpt = None,
+    top_p: TopPOpt = None,
+    min_p: MinPOpt = None,
+    repetition_penalty: RepetitionOpt = None,
+    seed: SeedOpt = None,
     stop: Annotated[list[str] | None, typer.Option(help="Stop when this text appears (repeatable).")] = None,
     ignore_eos: Annotated[bool, typer.Option("--ignore-eos", help="Keep generating past end tokens.")] = False,
-    dtype: Annotated[str, typer.Option(help="bfloat16, float16 or float32.")] = "bfloat16",
-    device: Annotated[str, typer.Option(help="cpu, cuda or auto.")] = "auto",
-    prefill_chunk: Annotated[int, typer.Option(help="Prompt tokens per prefill step (bounds memory).")] = 512,
+    dtype: DtypeOpt = "bfloat16",
+    device: DeviceOpt = "auto",
+    prefill_chunk: PrefillChunkOpt = 512,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of streaming.")] = False,
     gpu_memory: GpuMemoryOpt = None,
     host_memory: HostMemoryOpt = None,
@@ -149,7 +160,7 @@ def prompt(
     record_routing: Annotated[
         Path | None, typer.Option(help="Write the experts each token chose, per layer, to this CSV file.")
     ] = None,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show tracebacks.")] = False,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Generate one reply to TEXT and print it as it is generated.
 
@@ -214,10 +225,10 @@ def eval_(
     ] = None,
     ctx: Annotated[int, typer.Option(help="Tokens per window (each starts with BOS).")] = 512,
     max_windows: Annotated[int | None, typer.Option(help="Score at most this many windows.")] = None,
-    dtype: Annotated[str, typer.Option(help="bfloat16, float16 or float32.")] = "bfloat16",
-    device: Annotated[str, typer.Option(help="cpu, cuda or auto.")] = "auto",
+    dtype: DtypeOpt = "bfloat16",
+    device: DeviceOpt = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show tracebacks.")] = False,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Perplexity of MODEL on a text; with --reference, how far MODEL's predictions are from it.
 
@@ -316,7 +327,7 @@ def quantize(
     shard_size: Annotated[str, typer.Option(help="Output shard size, e.g. 2GB.")] = "2GB",
     device: Annotated[str, typer.Option(help="Where the quantizer computes: cpu or cuda.")] = "cpu",
     revision: RevisionOpt = None,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show tracebacks.")] = False,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Quantize a checkpoint's experts to INT4 and save it (vLLM can serve the result too).
 
@@ -379,23 +390,23 @@ def chat(
     max_tokens: Annotated[
         int | None, typer.Option("--max-tokens", "-n", help="Most tokens per reply [default: 1024].")
     ] = None,
-    temperature: Annotated[float | None, typer.Option(help="0 means greedy [default: checkpoint's].")] = None,
-    top_k: Annotated[int | None, typer.Option(help="Keep the k most likely tokens (0: off).")] = None,
-    top_p: Annotated[float | None, typer.Option(help="Nucleus sampling threshold.")] = None,
-    min_p: Annotated[float | None, typer.Option(help="Drop tokens below min_p x the top probability.")] = None,
-    repetition_penalty: Annotated[float | None, typer.Option(help="Penalise tokens already seen (1: off).")] = None,
-    seed: Annotated[int | None, typer.Option(help="Random seed for reproducible sampling.")] = None,
+    temperature: TemperatureOpt = None,
+    top_k: TopKOpt = None,
+    top_p: TopPOpt = None,
+    min_p: MinPOpt = None,
+    repetition_penalty: RepetitionOpt = None,
+    seed: SeedOpt = None,
     context: Annotated[int | None, typer.Option(help="Context length in tokens [default: 8192].")] = None,
-    dtype: Annotated[str, typer.Option(help="bfloat16, float16 or float32.")] = "bfloat16",
-    device: Annotated[str, typer.Option(help="cpu, cuda or auto.")] = "auto",
-    prefill_chunk: Annotated[int, typer.Option(help="Prompt tokens per prefill step (bounds memory).")] = 512,
+    dtype: DtypeOpt = "bfloat16",
+    device: DeviceOpt = "auto",
+    prefill_chunk: PrefillChunkOpt = 512,
     gpu_memory: GpuMemoryOpt = None,
     host_memory: HostMemoryOpt = None,
     expert_cache_slots: SlotsOpt = None,
     cache_policy: PolicyOpt = "lru",
     miss_policy: MissOpt = "auto",
     prefetch: PrefetchOpt = True,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show tracebacks.")] = False,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Talk with the model in the terminal; replies stream as they are generated.
 
@@ -452,7 +463,7 @@ def info(
     ] = None,
     context: Annotated[int, typer.Option(help="Context length to reserve KV cache for.")] = 8192,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show tracebacks.")] = False,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Architecture, parameters, quantization, size on disk, and the memory plan of a checkpoint.
 
@@ -530,8 +541,8 @@ def bench(
     revision: RevisionOpt = None,
     prompt_tokens: Annotated[int, typer.Option(help="Prompt length (random token ids).")] = 128,
     gen_tokens: Annotated[int, typer.Option(help="Tokens to decode (greedy).")] = 64,
-    dtype: Annotated[str, typer.Option(help="bfloat16, float16 or float32.")] = "bfloat16",
-    device: Annotated[str, typer.Option(help="cpu, cuda or auto.")] = "auto",
+    dtype: DtypeOpt = "bfloat16",
+    device: DeviceOpt = "auto",
     prefill_chunk: Annotated[int, typer.Option(help="Prompt tokens per prefill step.")] = 512,
     gpu_memory: GpuMemoryOpt = None,
     host_memory: HostMemoryOpt = None,
@@ -540,7 +551,7 @@ def bench(
     miss_policy: MissOpt = "auto",
     prefetch: PrefetchOpt = True,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show tracebacks.")] = False,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Measure prefill and decode speed, peak memory and the expert cache of one setup.
 

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.factory import CHAT_TEMPLATE, SPECIALS  # noqa: E402
+from tests.factory import SPECIALS, write_tokenizer  # noqa: E402
 
 DEFAULT_OUT = ROOT / "benchmarks" / "small-llama4"  # committed: 7.6 MB in bfloat16
 
@@ -69,41 +69,6 @@ def docstrings() -> tuple[str, str]:
                     docs.append(doc.strip())
         (held if zlib.crc32(rel.encode()) % 20 == 0 else train).extend(docs)
     return "\n\n".join(train), "\n\n".join(held)
-
-
-def write_tokenizer(out: Path, text: str, vocab_size: int) -> dict[str, int]:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size - len(SPECIALS),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(text.split("\n\n"), trainer)
-    tok.add_special_tokens(SPECIALS)
-    ids = {s: tok.token_to_id(s) for s in SPECIALS}
-    bos = "<|begin_of_text|>"
-    tok.post_processor = processors.TemplateProcessing(
-        single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, ids[bos])]
-    )
-    tok.save(str(out / "tokenizer.json"))
-    (out / "tokenizer_config.json").write_text(
-        json.dumps(
-            {
-                "tokenizer_class": "PreTrainedTokenizerFast",
-                "bos_token": bos,
-                "eos_token": "<|eot|>",
-                "pad_token": "<|finetune_right_pad|>",
-                "model_max_length": 1000000,
-                "chat_template": CHAT_TEMPLATE,
-            },
-            indent=1,
-        )
-    )
-    return ids
 
 
 def model_config(ids: dict[str, int], vocab_size: int, hidden: int = 128, intermediate: int = 128) -> dict:
@@ -203,7 +168,8 @@ def main() -> None:
     tmp.mkdir(parents=True, exist_ok=True)
     train_text, eval_text = docstrings()
     (tmp / "eval.txt").write_text(eval_text)
-    ids = write_tokenizer(tmp, train_text, args.vocab)
+    # The specials come on top of the trained vocabulary: vocab_size counts both.
+    ids = write_tokenizer(tmp, args.vocab - len(SPECIALS), train_text.split("\n\n"))
     tok = Tokenizer.from_file(str(tmp / "tokenizer.json"))
     eot = ids["<|end_of_text|>"]
     stream = []

@@ -102,8 +102,9 @@ CORPUS = [
 ]
 
 
-def write_tokenizer(out: Path, vocab_size: int = 320) -> dict[str, int]:
-    """Train a byte-level BPE, add Llama 4's specials; returns special token -> id."""
+def write_tokenizer(out: Path, vocab_size: int = 320, texts: list[str] | None = None) -> dict[str, int]:
+    """Train a byte-level BPE on `texts` (default: a small corpus), add Llama 4's specials, BOS
+    post-processor and chat template; returns special token -> id."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     tok = Tokenizer(models.BPE())
@@ -115,7 +116,7 @@ def write_tokenizer(out: Path, vocab_size: int = 320) -> dict[str, int]:
         special_tokens=[],
         show_progress=False,
     )
-    tok.train_from_iterator(CORPUS * 20, trainer)
+    tok.train_from_iterator(CORPUS * 20 if texts is None else texts, trainer)
     tok.add_special_tokens(SPECIALS)
     ids = {s: tok.token_to_id(s) for s in SPECIALS}
     bos = "<|begin_of_text|>"
