@@ -156,11 +156,11 @@ def run_setup(model, device, prompt_tokens: int, gen_tokens: int) -> dict:
 def phase_stats(m) -> dict:
     t = m.totals()
     return {
-        "hit_rate": round(t.hits / t.uses, 4) if t.uses else None,
+        "hit_rate": round(t.hit_rate, 4) if t.uses else None,
         "cpu_misses": t.cpu,
-        "prefetch_accuracy": round(t.prefetch_correct / t.prefetch_guessed, 4) if t.prefetch_guessed else None,
+        "prefetch_accuracy": round(t.prefetch_accuracy, 4) if t.prefetch_guessed else None,
         "GB_moved": round(t.bytes_moved / 1e9, 3),
-        "h2d_GB_s": round(t.bytes_moved / t.copy_s / 1e9, 2) if t.copy_s else None,
+        "h2d_GB_s": round(t.h2d_bytes_per_s / 1e9, 2) if t.copy_s else None,
     }
 
 

@@ -127,10 +127,8 @@ def main():
                                 "model": name,
                                 "live_slots": s,
                                 "prefetch": prefetch,
-                                "hit_rate": round(t.hits / t.uses, 4),
-                                "prefetch_accuracy": round(t.prefetch_correct / t.prefetch_guessed, 4)
-                                if t.prefetch_guessed
-                                else None,
+                                "hit_rate": round(t.hit_rate, 4),
+                                "prefetch_accuracy": round(t.prefetch_accuracy, 4) if t.prefetch_guessed else None,
                             }
                         ),
                         flush=True,

@@ -42,7 +42,8 @@ def _phase(model, seconds: float, tokens: int) -> dict:
     if model.offload is not None:
         t = model.offload.totals()
         out["expert_cache"] = t.as_dict()
-        out["expert_cache"]["h2d_gb_s"] = round(t.bytes_moved / t.copy_s / 1e9, 2) if t.copy_s else None
+        bw = t.h2d_bytes_per_s
+        out["expert_cache"]["h2d_gb_s"] = round(bw / 1e9, 2) if bw else None
     return out
 
 

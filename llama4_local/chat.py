@@ -305,7 +305,7 @@ def stats_text(session: ChatSession, offload) -> str:
     lines.append(f"context: {session.context_used()} of {session.context} tokens, {len(session.messages)} messages")
     if offload is not None:
         t = offload.totals()
-        rate = f"{t.hits / t.uses:.1%}" if t.uses else "-"
+        rate = f"{t.hit_rate:.1%}" if t.uses else "-"
         lines.append(
             f"expert cache: {offload.cache.slots} slots, hit rate {rate}, {t.cpu} misses on CPU, "
             f"{t.bytes_moved / 2**20:.0f} MiB moved"

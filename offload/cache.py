@@ -41,10 +41,23 @@ class LayerStats:
         for f in fields(self):
             setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
 
+    @property
+    def hit_rate(self) -> float | None:
+        return self.hits / self.uses if self.uses else None
+
+    @property
+    def prefetch_accuracy(self) -> float | None:
+        return self.prefetch_correct / self.prefetch_guessed if self.prefetch_guessed else None
+
+    @property
+    def h2d_bytes_per_s(self) -> float | None:
+        """Bytes moved per second of copying (the bandwidth the copies reached)."""
+        return self.bytes_moved / self.copy_s if self.copy_s else None
+
     def as_dict(self) -> dict:
         d = asdict(self)
-        d["hit_rate"] = self.hits / self.uses if self.uses else None
-        d["prefetch_accuracy"] = self.prefetch_correct / self.prefetch_guessed if self.prefetch_guessed else None
+        d["hit_rate"] = self.hit_rate
+        d["prefetch_accuracy"] = self.prefetch_accuracy
         return d
 
 
