@@ -135,6 +135,10 @@ def prompt(
     revision: RevisionOpt = None,
     system: Annotated[str | None, typer.Option(help="System message for the chat template.")] = None,
     raw: Annotated[bool, typer.Option("--raw", help="No chat template: tokenize TEXT as is, with BOS.")] = False,
+    image: Annotated[
+        list[Path] | None,
+        typer.Option("--image", "-i", help="An image (JPEG, PNG, WebP) to ask about; repeatable, in prompt order."),
+    ] = None,
     max_tokens: Annotated[
         int | None, typer.Option("--max-tokens", "-n", help="Most tokens to generate [default: 512].")
     ] = None,
@@ -172,6 +176,8 @@ def prompt(
 
       llama4-local prompt "Once upon a time" -m ./scout --raw --temperature 0 --json
 
+      llama4-local prompt "What does this chart show?" -m ./scout --image chart.png
+
       llama4-local prompt "Hi" -m ./scout-int4 --gpu-memory 24GiB --miss-policy auto
     """
 
@@ -203,6 +209,7 @@ def prompt(
             offload=off,
             context=context,
             record_routing=record_routing,
+            images=list(image or []),
         )
         out = sys.stdout
         result = run_prompt(req, on_text=None if as_json else lambda s: (out.write(s), out.flush()))
@@ -406,11 +413,15 @@ def chat(
     cache_policy: PolicyOpt = "lru",
     miss_policy: MissOpt = "auto",
     prefetch: PrefetchOpt = True,
+    vision: Annotated[
+        bool,
+        typer.Option(help="Load the vision tower (when the checkpoint has one) so /image works; about 2 GB for Scout."),
+    ] = True,
     verbose: VerboseOpt = False,
 ) -> None:
     """Talk with the model in the terminal; replies stream as they are generated.
 
-    Type /help inside for commands (/system, /reset, /save, /load, /set, /stats, /exit).
+    Type /help inside for commands (/image, /system, /reset, /save, /load, /set, /stats, /exit).
     Ctrl-C stops a reply; Ctrl-D or Ctrl-C at an empty prompt leaves.
 
     Examples:
@@ -422,7 +433,7 @@ def chat(
 
     def go():
         from llama4_local.chat import ChatSession, run_chat
-        from llama4_local.loader import check_model_dir, load_model
+        from llama4_local.loader import check_model_dir, has_vision, load_model
         from llama4_local.sampling import read_generation_config
         from llama4_local.tokenizer import Tokenizer
 
@@ -443,11 +454,16 @@ def chat(
             from llama4_local.errors import UserError
 
             raise UserError(f"--context must be at least 16 tokens, not {context}")
-        m, cfg = load_model(path, dtype, device, off, context, prefill_chunk)
+        images = None
+        if vision and has_vision(path):
+            from llama4_local.images import ImageReader
+
+            images = ImageReader(path, tok)
+        m, cfg = load_model(path, dtype, device, off, context, prefill_chunk, vision=images is not None)
         ctx = min(context or 8192, cfg.max_position_embeddings)
         n = max_tokens if max_tokens is not None else min(defaults.max_new_tokens or 1024, ctx // 2)
         eos = set(cfg.eos_token_ids) | set(defaults.eos_token_ids) | ({tok.eos_id} if tok.eos_id is not None else set())
-        session = ChatSession(m, tok, params, n, eos, ctx, system, prefill_chunk)
+        session = ChatSession(m, tok, params, n, eos, ctx, system, prefill_chunk, images=images)
         raise typer.Exit(run_chat(session))
 
     _run(go, verbose)

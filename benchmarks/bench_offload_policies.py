@@ -22,6 +22,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from tests.oracle_images import import_torchvision  # noqa: E402
+
+import_torchvision()  # transformers imports torchvision; see tests/oracle_images.py
 
 from llama4_local.loader import load_model  # noqa: E402
 from llama4_local.tokenizer import Tokenizer  # noqa: E402

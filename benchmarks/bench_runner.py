@@ -26,6 +26,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from tests.oracle_images import import_torchvision  # noqa: E402
+
+import_torchvision()  # transformers imports torchvision; see tests/oracle_images.py
 
 from timing import copy_bandwidth, matvec_bandwidth  # noqa: E402
 

@@ -45,6 +45,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from tests.factory import SPECIALS, write_tokenizer  # noqa: E402
+from tests.oracle_images import import_torchvision  # noqa: E402
+
+import_torchvision()  # transformers imports torchvision; see tests/oracle_images.py
 
 DEFAULT_OUT = ROOT / "benchmarks" / "small-llama4"  # committed: 7.6 MB in bfloat16
 

@@ -28,6 +28,7 @@ from .tokenizer import Tokenizer
 
 HELP = """commands:
   /help                      this list
+  /image FILE                attach an image (JPEG, PNG, WebP) to your next message; repeatable
   /system TEXT               set the system message (starts the conversation over)
   /reset                     forget the conversation (keeps the system message)
   /save FILE                 save the conversation as JSON
@@ -70,8 +71,12 @@ class ChatSession:
     system: str | None = None
     prefill_chunk: int = 512
     messages: list[dict] = field(default_factory=list)  # user/assistant turns, no system
+    images: object | None = None  # images.ImageReader when the model reads images
 
     def __post_init__(self):
+        self.attached: list[str] = []  # image files for the next user message
+        self._prepared: dict[str, object] = {}  # path -> images.PreparedImage, read once
+        self._features: dict[str, object] = {}  # path -> the vision tower's features
         self.cache = None
         self.cached: list[int] = []  # token ids whose K/V are in the cache
         self.pending: list[int] = []  # generated ids not yet run (the reply's last token)
@@ -86,6 +91,7 @@ class ChatSession:
     def reset(self, keep_messages: bool = False) -> None:
         if not keep_messages:
             self.messages = []
+            self.attached = []
         self.cache, self.cached, self.pending, self.known_text = None, [], [], ""
 
     def set_system(self, text: str | None) -> None:
@@ -133,7 +139,7 @@ class ChatSession:
             raise UserError(f"{path} is not a saved conversation: {e}") from None
         msgs = data.get("messages") if isinstance(data, dict) else None
         ok = isinstance(msgs, list) and all(
-            isinstance(m, dict) and m.get("role") in ("user", "assistant") and isinstance(m.get("content"), str)
+            isinstance(m, dict) and m.get("role") in ("user", "assistant") and _valid_content(m.get("content"))
             for m in msgs
         )
         if not ok:
@@ -164,24 +170,68 @@ class ChatSession:
         else:
             self.params = replace(self.params, **{name: v}).validate()
 
+    # -- images -----------------------------------------------------------------------------------
+    def attach(self, path: str | Path):
+        """Read an image now (errors at once) and send it with the next message; its PreparedImage."""
+        if self.images is None:
+            raise UserError("this model cannot read images (a text-only checkpoint, or chat was started --no-vision)")
+        key = str(Path(path).expanduser().resolve())
+        image = self._image(key)
+        self.attached.append(key)
+        return image
+
+    def _image(self, key: str):
+        image = self._prepared.get(key)
+        if image is None:
+            image = self._prepared[key] = self.images.load(key)
+        return image
+
+    def _images_in(self, messages: list[dict]) -> list[str]:
+        return [
+            part["path"]
+            for m in messages
+            if isinstance(m["content"], list)
+            for part in m["content"]
+            if part.get("type") == "image"
+        ]
+
+    def _image_features(self, keys: list[str]):
+        import torch
+
+        for key in keys:
+            if key not in self._features:
+                self._features[key] = self.model.encode_images(self._image(key).pixels)
+        return torch.cat([self._features[k] for k in keys])
+
     # -- one turn ---------------------------------------------------------------------------------
-    def _plan_prompt(self, messages: list[dict]) -> tuple[list[int], bool, str]:
-        """(ids to run, whether the cache must start over, the rendered text) for messages.
+    def _plan_prompt(self, messages: list[dict]) -> tuple[list[int], bool, str, list[str]]:
+        """(ids to run, whether the cache must start over, the rendered text, images among the ids).
 
         The model keeps the ids it generated (not a re-tokenization of the reply), so the new
-        text is found by comparing the rendering with the text those ids stand for.
+        text is found by comparing the rendering with the text those ids stand for. The template
+        writes one <|image|> per image; those in the new text are the conversation's last ones.
         """
         text = self.tokenizer.render_chat(messages, add_generation_prompt=True)
-        if self.known_text and text.startswith(self.known_text):
-            delta = self.tokenizer.encode(text[len(self.known_text) :], add_special_tokens=False)
-            return self.pending + delta, False, text
-        return self.tokenizer.encode(text, add_special_tokens=False), True, text
+        restart = not (self.known_text and text.startswith(self.known_text))
+        new = text if restart else text[len(self.known_text) :]
+        ids = self.tokenizer.encode(new, add_special_tokens=False)
+        keys: list[str] = []
+        if self.images is None and self._images_in(messages):
+            raise UserError("the conversation has images, but this model cannot read them; /reset to drop them")
+        if self.images is not None:
+            n = sum(1 for i in ids if i == self.images.tokens.image)
+            keys = self._images_in(messages)[-n:] if n else []
+            ids = self.images.expand(ids, [self._image(k) for k in keys])
+        return (ids if restart else self.pending + ids), restart, text, keys
 
     def reply(self, text: str, on_text: Callable[[str], None] | None = None) -> TurnResult:
         """Answer `text`; Ctrl-C (KeyboardInterrupt) ends the reply early and keeps it."""
-        user = {"role": "user", "content": text}
+        content = text
+        if self.attached:
+            content = [{"type": "image", "path": k} for k in self.attached] + [{"type": "text", "text": text}]
+        user = {"role": "user", "content": content}
         dropped = 0
-        ids, restart, text_now = self._plan_prompt(self.all_messages() + [user])
+        ids, restart, text_now, keys = self._plan_prompt(self.all_messages() + [user])
         while (0 if restart else len(self.cached)) + len(ids) + self.max_tokens > self.context:
             if not self.messages:
                 raise UserError(
@@ -192,9 +242,11 @@ class ChatSession:
             self.messages = self.messages[2:] if len(self.messages) >= 2 else []  # oldest user+assistant pair
             dropped += 1
             self.reset(keep_messages=True)
-            ids, restart, text_now = self._plan_prompt(self.all_messages() + [user])
+            ids, restart, text_now, keys = self._plan_prompt(self.all_messages() + [user])
         if restart:
             self.reset(keep_messages=True)
+        self.attached = []
+        features = self._image_features(keys) if keys else None
         if self.cache is None:
             self.cache = self.model.new_cache(self.context)
         pieces, generated, finish, stats = [], [], "interrupted", Stats(prompt_tokens=len(ids))
@@ -209,6 +261,7 @@ class ChatSession:
             prefill_chunk=self.prefill_chunk,
             cache=self.cache,
             context=self.context - len(self.cached),
+            image_features=features,
         )
         try:
             for r in stream:
@@ -242,6 +295,20 @@ class ChatSession:
         self.messages = self.messages + [user, {"role": "assistant", "content": reply_text}]
         self.last = TurnResult(reply_text, finish, stats, len(ids), generated, dropped)
         return self.last
+
+
+def _valid_content(content) -> bool:
+    """A message's content: a string, or a list of {"type": "text", "text"} / {"type": "image", "path"} parts."""
+    if isinstance(content, str):
+        return True
+    return isinstance(content, list) and all(
+        isinstance(p, dict)
+        and (
+            (p.get("type") == "text" and isinstance(p.get("text"), str))
+            or (p.get("type") == "image" and isinstance(p.get("path"), str))
+        )
+        for p in content
+    )
 
 
 # -- terminal front end ---------------------------------------------------------------------------
@@ -357,6 +424,15 @@ def run_chat(session: ChatSession, out=None, err=None) -> int:
                     name, _, value = arg.partition(" ")
                     session.set(name, value.strip())
                     out.write(f"{name} = {value.strip()}\n")
+                elif cmd == "image":
+                    if not arg:
+                        raise UserError("/image needs a file name")
+                    im = session.attach(arg)
+                    h, w = im.size
+                    out.write(
+                        f"attached {Path(arg).name} ({w}x{h}, {im.tiles} tile(s), "
+                        f"{session.images.tokens_for(im)} tokens); it goes with your next message\n"
+                    )
                 elif cmd == "stats":
                     out.write(stats_text(session, offload) + "\n")
                 else:

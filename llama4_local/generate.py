@@ -39,13 +39,22 @@ def check_context(cfg, prompt_tokens: int, max_new_tokens: int, context: int | N
     return need
 
 
-def prefill(model: Llama4Text, ids: torch.Tensor, cache: KVCache, chunk: int) -> torch.Tensor:
-    """Run ids [T] through the model in pieces of `chunk`; logits of the last position [V]."""
+def prefill(
+    model: Llama4Text, ids: torch.Tensor, cache: KVCache, chunk: int, image_features: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Run ids [T] through the model in pieces of `chunk`; logits of the last position [V].
+
+    `image_features` hold one row per <|patch|> token of ids, in order; each piece gets its own.
+    """
     if chunk < 1:
         raise UserError(f"--prefill-chunk must be >= 1, got {chunk}")
-    logits = None
+    logits, used = None, 0
     for s in range(0, ids.shape[0], chunk):
-        logits = model(ids[s : s + chunk], cache)
+        piece, feats = ids[s : s + chunk], None
+        if image_features is not None:
+            n = int((piece == model.image_token_id).sum())
+            feats, used = (image_features[used : used + n] if n else None), used + n
+        logits = model(piece, cache, image_features=feats)
     return logits[-1]
 
 
@@ -56,6 +65,7 @@ def generate_step(
     cache: KVCache,
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
     history: list[int] | None = None,
+    image_features: torch.Tensor | None = None,
 ) -> Iterator[int]:
     """Yield generated token ids without end; the caller decides when to stop.
 
@@ -66,7 +76,7 @@ def generate_step(
     ids = torch.tensor(prompt, dtype=torch.long, device=device)
     seen = torch.tensor(history if history is not None else prompt, dtype=torch.long, device=device)
     use_history = sampler.p.repetition_penalty != 1.0
-    logits = prefill(model, ids, cache, prefill_chunk)
+    logits = prefill(model, ids, cache, prefill_chunk, image_features)
     while True:
         token = sampler(logits, seen if use_history else None)
         yield token
@@ -83,6 +93,8 @@ class Stats:
     prefill_s: float = 0.0
     decode_s: float = 0.0
     cache: dict | None = None  # expert-cache figures when offloading (offload.cache.LayerStats)
+    images: int = 0
+    vision_s: float = 0.0  # the vision tower's time on the images (before the prefill)
 
     @property
     def prefill_tps(self) -> float:
@@ -103,6 +115,7 @@ class Stats:
             "prefill_tok_s": round(self.prefill_tps, 2),
             "decode_tok_s": round(self.decode_tps, 2),
             **({"expert_cache": self.cache} if self.cache is not None else {}),
+            **({"images": self.images, "vision_s": round(self.vision_s, 4)} if self.images else {}),
         }
 
     def line(self) -> str:
@@ -110,6 +123,8 @@ class Stats:
             f"prompt {self.prompt_tokens} tok, generated {self.generated_tokens} tok, "
             f"prefill {self.prefill_tps:.1f} tok/s, decode {self.decode_tps:.1f} tok/s"
         )
+        if self.images:
+            text += f"; {self.images} image(s) encoded in {self.vision_s:.2f} s"
         c = self.cache
         if c:
             hit = f"{c['hit_rate']:.0%}" if c["hit_rate"] is not None else "-"
@@ -176,6 +191,7 @@ def stream_generate(
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
     cache: KVCache | None = None,
     context: int | None = None,
+    image_features: torch.Tensor | None = None,
 ) -> Iterator[Response]:
     """Yield one Response per generated token; the last one carries finish_reason."""
     need = check_context(model.cfg, len(prompt), max_new_tokens, context)
@@ -189,7 +205,7 @@ def stream_generate(
     if max_new_tokens <= 0:
         yield Response("", None, "length", stats)
         return
-    steps = generate_step(model, prompt, sampler, cache, prefill_chunk)
+    steps = generate_step(model, prompt, sampler, cache, prefill_chunk, image_features=image_features)
     t0 = time.perf_counter()
     for n, token in enumerate(steps, start=1):
         now = time.perf_counter()

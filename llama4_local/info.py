@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .checkpoint import open_checkpoint
-from .config import TextConfig, load_config
+from .config import TextConfig, load_config, read_json
 from .errors import UserError
 from .loader import quantized_parts
 
@@ -77,10 +77,16 @@ def model_info(path: Path, budgets: list[int], context: int) -> dict:
             "scheme": f"INT4 group {q.group_size} {'symmetric' if scheme.symmetric else 'asymmetric'}",
             "parts": parts,
         }
+    from .vision import VisionConfig, vision_memory, vision_parameters
+
+    vcfg = VisionConfig.from_hf(read_json(path / "config.json"), str(path / "config.json")) if cfg.multimodal else None
+    vbytes = vision_memory(vcfg, 2) if vcfg is not None else 0  # what chat loads for /image
+    if vcfg is not None and not vision:  # a config without weights: count from the config
+        vision = vision_parameters(vcfg)
     plans = []
     for budget in budgets:
         try:
-            plan = plan_memory(cfg, budget, context, 2, q)
+            plan = plan_memory(cfg, budget, context, 2, q, vision=vbytes)
             plans.append({"gpu_memory": budget, "plan": plan.as_dict(), "rows": plan.rows()})
         except Exception as e:  # a budget too small is information here, not an error
             plans.append({"gpu_memory": budget, "error": str(e)})

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import Checkpoint, open_checkpoint
-from .config import TextConfig, load_config
+from .config import TextConfig, load_config, read_json
 from .errors import UserError
 from .model import Llama4Text, rope_inv_freq
 
@@ -94,7 +94,7 @@ def quantized_parts(ckpt: Checkpoint, cfg: TextConfig, scheme):
     )
 
 
-def _offload_slots(cfg, ckpt, scheme, torch_dtype, torch_device, opts, context: int, prefill_chunk: int):
+def _offload_slots(cfg, ckpt, scheme, torch_dtype, torch_device, opts, context: int, prefill_chunk: int, vision=0):
     """(slots, plan): the cache size to build, or None to keep every expert on the device."""
     from offload.plan import DEFAULT_MARGIN, plan_memory
 
@@ -108,10 +108,19 @@ def _offload_slots(cfg, ckpt, scheme, torch_dtype, torch_device, opts, context: 
         free, _ = torch.cuda.mem_get_info(torch_device)
         budget = free - DEFAULT_MARGIN
     elt = torch.empty((), dtype=torch_dtype).element_size()
-    plan = plan_memory(cfg, budget, context, elt, quantized_parts(ckpt, cfg, scheme), prefill_chunk, opts.host_memory)
+    q = quantized_parts(ckpt, cfg, scheme)
+    plan = plan_memory(cfg, budget, context, elt, q, prefill_chunk, opts.host_memory, vision=vision)
     if opts.slots is not None:
         return opts.slots, plan
     return (None if plan.all_resident else plan.slots), plan
+
+
+def has_vision(model_dir: Path) -> bool:
+    """Whether the checkpoint has a vision tower (config and weights)."""
+    from .vision import VisionConfig, vision_checkpoint
+
+    path = Path(model_dir) / "config.json"
+    return VisionConfig.from_hf(read_json(path), str(path)) is not None and vision_checkpoint(model_dir) is not None
 
 
 def load_model(
@@ -121,10 +130,12 @@ def load_model(
     offload=None,
     context: int | None = None,
     prefill_chunk: int = 512,
+    vision: bool = False,
 ) -> tuple[Llama4Text, TextConfig]:
     """Load a checkpoint; with `offload` (offload.setup.OffloadOptions), routed experts go to a cache.
 
-    The manager, when one is built, is `model.offload`, and the memory plan `model.plan`.
+    The manager, when one is built, is `model.offload`, and the memory plan `model.plan`. With
+    `vision`, the vision tower is loaded too (`model.vision`) and counted in the plan.
     """
     model_dir = check_model_dir(model_dir)
     cfg = load_config(model_dir)
@@ -137,11 +148,29 @@ def load_model(
         from quant.format import QuantScheme
 
         scheme = QuantScheme.from_config(cfg.quantization, str(model_dir / "config.json"))
+    vcfg = vckpt = None
+    if vision:
+        from .vision import VisionConfig, vision_checkpoint
+
+        vcfg = VisionConfig.from_hf(read_json(model_dir / "config.json"), str(model_dir / "config.json"))
+        vckpt = vision_checkpoint(model_dir) if vcfg is not None else None
+        if vckpt is None:
+            raise UserError(
+                f"{model_dir} is a text-only checkpoint (no vision tower); images need a Llama 4 checkpoint "
+                "saved as Llama4ForConditionalGeneration with its vision_model weights"
+            )
     slots = None
     if offload is not None and any(cfg.moe_layers):
         offload.validate()
         ctx = context or min(cfg.max_position_embeddings, 8192)
-        slots, model.plan = _offload_slots(cfg, ckpt, scheme, torch_dtype, torch_device, offload, ctx, prefill_chunk)
+        vbytes = 0
+        if vckpt is not None:
+            from .vision import vision_memory
+
+            vbytes = vision_memory(vcfg, torch.empty((), dtype=torch_dtype).element_size())
+        slots, model.plan = _offload_slots(
+            cfg, ckpt, scheme, torch_dtype, torch_device, offload, ctx, prefill_chunk, vbytes
+        )
     if slots is not None:
         from offload.setup import replace_experts
 
@@ -155,5 +184,10 @@ def load_model(
         from offload.setup import attach_offload
 
         model.offload = attach_offload(model, ckpt, scheme, torch_dtype, torch_device, slots, offload)
+    if vcfg is not None:
+        from .vision import load_vision
+
+        model.vision = load_vision(model_dir, vcfg, torch_dtype, torch_device)
+        model.image_token_id = vcfg.image_token_id
     model.eval()
     return model, cfg

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import TextConfig
+from .errors import UserError
 from .kv_cache import KVCache
 
 
@@ -285,15 +286,33 @@ class Llama4Text(nn.Module):
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size)
         self.register_buffer("inv_freq", rope_inv_freq(cfg).to("meta"), persistent=False)
         self.offload = None  # an offload manager: told before each layer runs (to prefetch)
+        self.vision = None  # vision.Vision when the checkpoint's vision tower is loaded
+        self.image_token_id: int | None = None  # <|patch|>: where image features go
+
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Image tiles [N, 3, S, S] -> features [N * tokens_per_tile, hidden] for the <|patch|> positions."""
+        if self.vision is None:
+            raise UserError("this model was loaded without its vision tower; it cannot read images")
+        return self.vision(pixels).to(self.embed_tokens.weight.dtype)
 
     def new_cache(self, max_len: int) -> KVCache:
         return KVCache(self.cfg, max_len, self.embed_tokens.weight.dtype, self.embed_tokens.weight.device)
 
     @torch.inference_mode()
-    def forward(self, ids: torch.Tensor, cache: KVCache, last_only: bool = True) -> torch.Tensor:
-        """Run ids [T] at the positions following the cache; logits [1 or T, V] in float32."""
+    def forward(
+        self, ids: torch.Tensor, cache: KVCache, last_only: bool = True, image_features: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Run ids [T] at the positions following the cache; logits [1 or T, V] in float32.
+
+        `image_features` [n, D] replace the embeddings of the n <|patch|> tokens among ids, in order.
+        """
         pos0 = cache.length
         x = F.embedding(ids, self.embed_tokens.weight)  # [T, D]
+        if image_features is not None:
+            mask = ids == self.image_token_id
+            if int(mask.sum()) != image_features.shape[0]:
+                raise ValueError(f"{int(mask.sum())} image token(s) for {image_features.shape[0]} feature rows")
+            x[mask] = image_features.to(device=x.device, dtype=x.dtype)
         positions = torch.arange(pos0, pos0 + ids.shape[0], device=ids.device)
         freqs = rope_freqs(self.inv_freq, positions)  # [T, hd/2]
         for i, (layer, kv) in enumerate(zip(self.layers, cache.layers, strict=True)):

@@ -134,9 +134,15 @@ def plan_memory(
     q: Quantized | None = None,
     prefill_chunk: int = 512,
     host_budget: int | None = None,
+    vision: int = 0,
 ) -> MemoryPlan:
-    """Fit a model into `budget` bytes of device memory; UserError naming the minimum if it cannot."""
+    """Fit a model into `budget` bytes of device memory; UserError naming the minimum if it cannot.
+
+    `vision`: bytes of the vision tower and its activations, when images will be read.
+    """
     dense = dense_parts(cfg, elt, q)
+    if vision:
+        dense["vision"] = vision
     kv = kv_bytes(cfg, context, elt)
     work = workspace_bytes(cfg, prefill_chunk, context)
     one = expert_bytes(cfg, elt, q)
@@ -146,8 +152,10 @@ def plan_memory(
         need = (fixed + one) / GiB
         raise UserError(
             f"the model needs at least {need:.1f} GiB of GPU memory for a {context}-token context "
-            f"(everything but the experts, plus one expert slot); {budget / GiB:.1f} GiB were given: "
-            "raise --gpu-memory, lower --context, or quantize attention too (quantize --parts experts,shared,attention)"
+            f"(everything but the experts, plus one expert slot{', with the vision tower' if vision else ''}); "
+            f"{budget / GiB:.1f} GiB were given: raise --gpu-memory, lower --context, "
+            + ("leave images out (chat --no-vision), " if vision else "")
+            + "or quantize attention too (quantize --parts experts,shared,attention)"
         )
     slots = min(total, (budget - fixed) // one)
     if slots >= total:

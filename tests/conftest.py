@@ -2,6 +2,11 @@ import pytest
 import torch
 
 from tests.factory import write_checkpoint
+from tests.oracle_images import import_torchvision
+
+# transformers imports torchvision when it is installed; make that import work on CPU torch
+# before any test imports transformers (see tests/oracle_images.py).
+import_torchvision()
 
 
 def pytest_collection_modifyitems(config, items):

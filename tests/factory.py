@@ -24,6 +24,8 @@ SPECIALS = [
     "<|image_end|>",
     "<|image|>",
     "<|patch|>",
+    "<|tile_x_separator|>",
+    "<|tile_y_separator|>",
 ]
 
 # Llama 4 Instruct's chat template, as its tokenizer_config.json carries it (tool-calling
@@ -204,17 +206,39 @@ def text_config(ids: dict[str, int], kind: str = "scout", vocab_size: int = 384)
 
 
 def vision_config() -> dict:
+    """A tiny vision tower: 56-pixel tiles of 4x4 patches, 4 tokens per tile after pixel shuffle."""
     return dict(
         hidden_size=32,
-        num_hidden_layers=1,
+        num_hidden_layers=2,
         num_attention_heads=2,
-        intermediate_size=64,
-        image_size=28,
+        intermediate_size=128,  # hidden_size / pixel_shuffle_ratio^2, as Scout's 5632 = 4 x 1408
+        image_size=56,
         patch_size=14,
+        pixel_shuffle_ratio=0.5,
         vision_output_dim=48,
-        projector_input_dim=32,
-        projector_output_dim=32,
+        projector_input_dim=48,
+        projector_output_dim=48,
+        rope_parameters=dict(rope_type="default", rope_theta=10000.0),
+        initializer_range=0.1,
     )
+
+
+# Scout's preprocessor_config.json, with the tile size of the tiny tower and at most 6 tiles.
+PREPROCESSOR = {
+    "do_convert_rgb": True,
+    "do_normalize": True,
+    "do_rescale": True,
+    "do_resize": True,
+    "image_mean": [0.5, 0.5, 0.5],
+    "image_processor_type": "Llama4ImageProcessorFast",
+    "image_std": [0.5, 0.5, 0.5],
+    "max_patches": 6,
+    "processor_class": "Llama4Processor",
+    "resample": 2,
+    "rescale_factor": 0.00392156862745098,
+    "resize_to_max_canvas": False,
+    "size": {"height": 56, "width": 56},
+}
 
 
 def to_4x_spelling(text: dict) -> dict:
@@ -246,13 +270,22 @@ def write_checkpoint(
     tc = text_config(ids, kind)
     torch.manual_seed(seed)
     if multimodal:
-        model = Llama4ForConditionalGeneration(Llama4Config(text_config=tc, vision_config=vision_config()))
+        config = Llama4Config(
+            text_config=tc,
+            vision_config=vision_config(),
+            boi_token_index=ids["<|image_start|>"],
+            eoi_token_index=ids["<|image_end|>"],
+            image_token_index=ids["<|patch|>"],
+        )
+        model = Llama4ForConditionalGeneration(config)
     else:
         model = Llama4ForCausalLM(Llama4TextConfig(**tc))
     if dtype != torch.float32:
         model = model.to(dtype)
     kw = {"max_shard_size": shard_size} if shard_size else {}
     model.save_pretrained(out, **kw)
+    if multimodal:
+        (out / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR, indent=1))
     if spelling == "4.x":
         path = out / "config.json"
         cfg = json.loads(path.read_text())

@@ -18,11 +18,16 @@ def info(*args):
 def test_scout_config_alone(tmp_path):
     (tmp_path / "config.json").write_text((DATA / "scout-instruct-config.json").read_text())
     res = info(tmp_path, "--gpu-memory", "24GiB")
-    assert 107.5e9 < res["parameters_text"] < 108.0e9  # "109B" with the vision tower
+    assert 107.5e9 < res["parameters_text"] < 108.0e9
+    assert 108.5e9 < res["parameters_total"] < 109.0e9  # "109B" with the vision tower
     assert 17.0e9 < res["parameters_active"] < 17.3e9  # "17B active"
     assert res["experts"] == 16 and res["layers"] == 48 and res["nope_layers"][:2] == [3, 7]
+    # bf16 attention and shared experts, plus the 2 GiB vision tower, do not fit 24 GiB...
     (plan,) = res["plans"]
-    assert "error" not in plan and plan["plan"]["used"] <= 24 * 2**30  # bf16 shared experts: a few slots
+    assert "vision tower" in plan["error"] and "--no-vision" in plan["error"]
+    # ...26 GiB holds them and a few expert slots.
+    (plan,) = info(tmp_path, "--gpu-memory", "26GiB")["plans"]
+    assert "error" not in plan and plan["plan"]["used"] <= 26 * 2**30 and plan["plan"]["slots"] > 0
 
 
 def test_quantized_and_multimodal_checkpoints(scout_int4, multimodal_ckpt):

@@ -1,0 +1,402 @@
+"""Image input against transformers: pixels, tile layout, features, logits and greedy tokens."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+import zlib
+
+import pytest
+import torch
+from PIL import Image
+
+from llama4_local.images import ImageReader, ImageSettings, prepare, read_image
+from llama4_local.loader import load_model
+from llama4_local.runner import build_prompt
+from llama4_local.tokenizer import Tokenizer
+from tests import oracle_images
+from tests.cli_util import run_cli
+from tests.factory import PREPROCESSOR, load_reference
+from tests.test_bad_input import assert_user_error
+
+TINY = {k: PREPROCESSOR[k] for k in ("size", "max_patches")}
+
+
+def noise(h: int, w: int, seed: int = 0, mode: str = "RGB") -> Image.Image:
+    g = torch.Generator().manual_seed(seed)
+    channels = {"RGB": 3, "RGBA": 4, "L": 1}[mode]
+    px = torch.randint(0, 256, (h, w, channels), dtype=torch.uint8, generator=g)
+    if mode == "L":
+        px = px[..., 0]
+    return Image.frombytes(mode, (w, h), bytes(px.flatten().tolist()))
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+# -- preprocessing --------------------------------------------------------------------------------
+
+SIZES = [
+    (336, 336),  # exactly one tile
+    (50, 60),  # smaller than a tile: padded, not upscaled
+    (200, 300),  # one tile, downscaled
+    (500, 900),  # 2x3 tiles + global view
+    (1500, 400),  # tall
+    (400, 1500),  # wide
+    (1000, 1000),  # 3x3
+    (3000, 90),  # extreme aspect ratio
+    (2000, 3000),  # large, many tiles
+]
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_pixels_equal_llama4_image_processor(size):
+    ref = oracle_images.image_processor()
+    img = noise(*size, seed=size[0])
+    want = ref(img, return_tensors="pt")
+    got = prepare(img, ImageSettings())
+    assert got.grid == tuple(want["aspect_ratios"][0].tolist())
+    assert got.pixels.dtype == want["pixel_values"].dtype == torch.bfloat16
+    assert torch.equal(got.pixels, want["pixel_values"])
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "L"])
+def test_pixels_equal_for_transparent_and_grey_images(mode):
+    from llama4_local.images import to_rgb
+
+    ref = oracle_images.image_processor(**TINY)
+    img = noise(90, 130, seed=7, mode=mode)
+    want = ref(img, return_tensors="pt")["pixel_values"]
+    assert torch.equal(prepare(to_rgb(img), ImageSettings(tile=56, max_patches=6)).pixels, want)
+
+
+def test_settings_come_from_preprocessor_config(multimodal_ckpt):
+    s = ImageSettings.from_dir(multimodal_ckpt, 56)
+    assert (s.tile, s.max_patches) == (56, 6)
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    img = noise(40, 100, seed=3)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    path = tmp_path / "rotated.jpg"
+    img.save(path, exif=exif.tobytes())
+    assert read_image(path).size == (40, 100)  # (width, height): displayed upright, portrait
+
+
+# -- the prompt -----------------------------------------------------------------------------------
+
+
+def test_prompt_layout_equals_llama4_processor(multimodal_ckpt):
+    """Our expanded chat prompt equals what Llama4Processor makes of the same text and images."""
+    tok = Tokenizer(multimodal_ckpt)
+    reader = ImageReader(multimodal_ckpt, tok)
+    images = [noise(100, 170, seed=1), noise(40, 40, seed=2)]  # 2x3 tiles + global; one tile
+    prepared = [prepare(im, reader.settings) for im in images]
+    ids = reader.expand(build_prompt(tok, "Compare them.", "Be brief.", False, images=2), prepared)
+
+    proc = oracle_images.processor(multimodal_ckpt, **TINY)
+    text = tok.render_chat(
+        [
+            {"role": "system", "content": "Be brief."},
+            {
+                "role": "user",
+                "content": [{"type": "image"}, {"type": "image"}, {"type": "text", "text": "Compare them."}],
+            },
+        ]
+    )
+    want = proc(text=text, images=images, return_tensors="pt", add_special_tokens=False)
+    assert ids == want["input_ids"][0].tolist()
+    assert torch.equal(torch.cat([p.pixels for p in prepared]), want["pixel_values"])
+    patch = tok.token_id("<|patch|>")
+    assert sum(i == patch for i in ids) == (7 + 1) * 4  # 7 tiles + 1, 4 tokens each
+
+
+# -- the model ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def models(multimodal_ckpt):
+    ours, _ = load_model(multimodal_ckpt, "float32", "cpu", vision=True)
+    return ours, load_reference(multimodal_ckpt)
+
+
+def test_image_features_equal_transformers(models, multimodal_ckpt):
+    ours, ref = models
+    pixels = prepare(noise(120, 60, seed=4), ImageSettings.from_dir(multimodal_ckpt, 56)).pixels
+    got = ours.encode_images(pixels)
+    with torch.no_grad():
+        f = ref.get_image_features(pixel_values=pixels.float(), return_dict=True).last_hidden_state
+        want = ref.multi_modal_projector(f.view(-1, f.shape[-1]))
+    assert got.shape == want.shape == (pixels.shape[0] * 4, 128)
+    assert rel(got, want) < 1e-4
+
+
+def _image_prompt(ckpt, images, text="What is in these pictures?"):
+    tok = Tokenizer(ckpt)
+    reader = ImageReader(ckpt, tok)
+    prepared = [prepare(im, reader.settings) for im in images]
+    ids = reader.expand(build_prompt(tok, text, None, False, images=len(images)), prepared)
+    return ids, torch.cat([p.pixels for p in prepared])
+
+
+def test_logits_equal_transformers_with_two_images(models, multimodal_ckpt):
+    ours, ref = models
+    ids, pixels = _image_prompt(multimodal_ckpt, [noise(100, 170, seed=5), noise(60, 50, seed=6)])
+    assert len(ids) > 2 * 8  # the image tokens cross several attention chunks of 8
+    feats = ours.encode_images(pixels)
+    logits = ours(torch.tensor(ids), ours.new_cache(len(ids)), last_only=False, image_features=feats)
+    with torch.no_grad():
+        want = ref(input_ids=torch.tensor([ids]), pixel_values=pixels.float()).logits[0]
+    assert rel(logits, want) < 1e-4
+    # Prefill in pieces that cut through an image gives the same last logits.
+    from llama4_local.generate import prefill
+
+    last = prefill(ours, torch.tensor(ids), ours.new_cache(len(ids)), 5, feats)
+    assert rel(last, want[-1]) < 1e-4
+
+
+@pytest.mark.parametrize("count", [1, 2])
+def test_prompt_cli_greedy_equals_transformers_generate(tmp_path, multimodal_ckpt, models, count):
+    from transformers import GenerationConfig
+
+    _, ref = models
+    images = [noise(100, 170, seed=8), noise(64, 64, seed=9)][:count]
+    paths = []
+    for i, im in enumerate(images):
+        paths += ["--image", tmp_path / f"img{i}.png"]
+        im.save(paths[-1])
+    r = run_cli(
+        "prompt",
+        "What is in these pictures?",
+        "-m",
+        multimodal_ckpt,
+        *paths,
+        "--temperature",
+        "0",
+        "--ignore-eos",
+        "--dtype",
+        "float32",
+        "--device",
+        "cpu",
+        "--json",
+        "-n",
+        "24",
+        "--prefill-chunk",
+        "7",
+    )
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    ids, pixels = _image_prompt(multimodal_ckpt, images)
+    assert out["prompt_tokens"] == len(ids)
+    assert out["stats"]["images"] == count
+    gen = GenerationConfig(do_sample=False, max_new_tokens=24, eos_token_id=None, pad_token_id=0)
+    with torch.no_grad():
+        want = ref.generate(torch.tensor([ids]), pixel_values=pixels.float(), generation_config=gen)[0, len(ids) :]
+    assert out["token_ids"] == want.tolist()
+
+
+def test_raw_prompt_places_images_at_placeholders(multimodal_ckpt):
+    tok = Tokenizer(multimodal_ckpt)
+    image = tok.token_id("<|image|>")
+    ids = build_prompt(tok, "a<|image|>b", None, True, images=1)
+    assert ids.count(image) == 1 and ids.index(image) > 1
+    ids = build_prompt(tok, "ab", None, True, images=2)
+    assert ids[:3] == [tok.bos_id, image, image]
+
+
+# -- chat -----------------------------------------------------------------------------------------
+
+
+def test_chat_image_turn_reuses_cache_and_matches_a_fresh_run(tmp_path, models, multimodal_ckpt):
+    from llama4_local.chat import ChatSession
+    from llama4_local.sampling import SamplingParams
+
+    ours, _ = models
+    tok = Tokenizer(multimodal_ckpt)
+    noise(100, 170, seed=10).save(tmp_path / "a.png")
+    noise(50, 50, seed=11).save(tmp_path / "b.png")
+    greedy = SamplingParams(temperature=0.0)
+
+    def session():
+        return ChatSession(ours, tok, greedy, 8, {tok.eos_id}, 512, images=ImageReader(multimodal_ckpt, tok))
+
+    s = session()
+    im = s.attach(tmp_path / "a.png")
+    assert im.grid == (2, 3)
+    first = s.reply("Describe it.")
+    s.attach(tmp_path / "b.png")
+    second = s.reply("And this one?")
+
+    # The second turn ran only what the cache did not hold: the first reply's last token and
+    # the new text, its image expanded.
+    reader = ImageReader(multimodal_ckpt, tok)
+    a, b = reader.load(tmp_path / "a.png"), reader.load(tmp_path / "b.png")
+    msgs = s.all_messages()
+    prompt1 = reader.expand(tok.encode_chat(msgs[:1]), [a])
+    known = tok.render_chat(msgs[:1]) + first.text
+    if first.finish_reason == "stop":
+        known += tok.decode(first.token_ids[-1:], skip_special_tokens=False)
+    new = reader.expand(tok.encode(tok.render_chat(msgs[:3])[len(known) :], add_special_tokens=False), [b])
+    assert second.prefilled == 1 + len(new)
+
+    # What the reused cache produced equals a fresh greedy run over the same tokens and images.
+    history = prompt1 + first.token_ids + new
+    feats = ours.encode_images(torch.cat([a.pixels, b.pixels]))
+    cache = ours.new_cache(len(history) + 8)
+    logits = ours(torch.tensor(history), cache, image_features=feats)
+    want = []
+    for _ in range(len(second.token_ids)):
+        want.append(int(logits[-1].argmax()))
+        logits = ours(torch.tensor(want[-1:]), cache)
+    assert second.token_ids == want
+
+    path = tmp_path / "conv.json"
+    s.save(path)
+    again = session()
+    again.load(path)
+    assert [m["content"] for m in again.messages] == [m["content"] for m in s.messages]
+
+
+def test_chat_image_command_in_a_terminal(tmp_path, multimodal_ckpt):
+    pexpect = pytest.importorskip("pexpect")
+    import sys
+
+    noise(100, 170, seed=12).save(tmp_path / "photo.png")
+    child = pexpect.spawn(
+        sys.executable,
+        ["-m", "cli", "chat", "-m", str(multimodal_ckpt), "--device", "cpu", "-n", "4", "--temperature", "0"],
+        encoding="utf-8",
+        timeout=120,
+        env={"LLAMA4_LOCAL_HISTORY": str(tmp_path / "hist"), "PATH": "/usr/bin:/bin", "TERM": "dumb"},
+    )
+    child.expect(">>> ")
+    child.sendline(f"/image {tmp_path / 'photo.png'}")
+    child.expect(r"attached photo.png \(170x100, 7 tile\(s\), (\d+) tokens\)")
+    child.expect(">>> ")
+    child.sendline(f"/image {tmp_path / 'missing.png'}")
+    child.expect("error: image .*missing.png does not exist")
+    child.expect(">>> ")
+    child.sendline("What is it?")
+    child.expect(">>> ")
+    child.sendline("/exit")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+
+
+# -- quantize and plan ----------------------------------------------------------------------------
+
+
+def test_quantize_keeps_vision_and_the_int4_model_reads_images(tmp_path, multimodal_ckpt, models):
+    from safetensors import safe_open
+
+    from llama4_local.checkpoint import list_tensors
+    from quant.quantize import QuantizeOptions, quantize_checkpoint
+
+    out = tmp_path / "int4"
+    quantize_checkpoint(multimodal_ckpt, out, QuantizeOptions(group_size=32))
+    assert (out / "preprocessor_config.json").is_file()
+    src, dst = list_tensors(multimodal_ckpt), list_tensors(out)
+    vision = [n for n in src if n.startswith(("vision_model.", "multi_modal_projector."))]
+    assert vision
+    for name in vision:
+        with safe_open(src[name], "pt") as a, safe_open(dst[name], "pt") as b:
+            assert torch.equal(a.get_tensor(name), b.get_tensor(name)), name
+    q, _ = load_model(out, "float32", "cpu", vision=True)
+    pixels = prepare(noise(70, 70, seed=13), ImageSettings.from_dir(out, 56)).pixels
+    assert torch.equal(q.encode_images(pixels), models[0].encode_images(pixels))
+
+
+def test_planner_counts_the_vision_tower(multimodal_ckpt):
+    from llama4_local.config import TextConfig
+    from llama4_local.info import model_info
+    from llama4_local.vision import VisionConfig, vision_memory, vision_parameters
+    from offload.plan import GiB, plan_memory
+
+    raw = json.loads((multimodal_ckpt / "config.json").read_text())
+    info = model_info(multimodal_ckpt, [2**30], 256)
+    assert vision_parameters(VisionConfig.from_hf(raw)) == info["parameters_vision"]
+    assert info["plans"][0]["plan"]["dense"]["vision"] == vision_memory(VisionConfig.from_hf(raw), 2)
+
+    from pathlib import Path
+
+    scout = json.loads((Path(__file__).parents[2] / "shared/fixtures/scout-instruct-config.json").read_text())
+    vcfg, tcfg = VisionConfig.from_hf(scout), TextConfig.from_hf(scout)
+    assert vcfg.tokens_per_tile == 144
+    assert 0.86e9 < vision_parameters(vcfg) < 0.88e9
+    from offload.plan import Quantized
+
+    q = Quantized(group_size=128, experts=True, shared=True, attention=False)
+    without = plan_memory(tcfg, 24 * GiB, 8192, 2, q)
+    extra = vision_memory(vcfg, 2)
+    with_vision = plan_memory(tcfg, 24 * GiB, 8192, 2, q, vision=extra)
+    assert with_vision.dense["vision"] == extra
+    assert with_vision.used <= 24 * GiB < with_vision.used + with_vision.expert_bytes
+    assert with_vision.slots < without.slots
+
+
+# -- bad input ------------------------------------------------------------------------------------
+
+
+def _png_claiming(path, width: int, height: int) -> None:
+    """A PNG whose header claims width x height (the pixels are never there)."""
+    noise(4, 4).save(path)
+    data = bytearray(path.read_bytes())
+    ihdr = struct.pack(">II", width, height) + bytes(data[24:29])
+    data[16:29] = ihdr
+    data[29:33] = struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize(
+    "case,words",
+    [
+        ("missing", ["does not exist"]),
+        ("directory", ["is a directory"]),
+        ("text", ["not an image"]),
+        ("truncated", ["cannot decode image"]),
+        ("huge", ["too large"]),
+    ],
+)
+def test_bad_images_are_one_line_errors(tmp_path, multimodal_ckpt, case, words):
+    path = tmp_path / "img.png"
+    if case == "directory":
+        path.mkdir()
+    elif case == "text":
+        path.write_text("not a picture\n")
+    elif case == "truncated":
+        noise(200, 200).save(path)
+        path.write_bytes(path.read_bytes()[:300])
+    elif case == "huge":
+        _png_claiming(path, 100_000, 100_000)
+    r = run_cli("prompt", "hi", "-m", multimodal_ckpt, "--image", path, "--device", "cpu", "-n", "2")
+    assert_user_error(r, *words)
+
+
+def test_image_with_a_text_only_checkpoint(tmp_path, scout_ckpt):
+    noise(20, 20).save(tmp_path / "a.png")
+    r = run_cli("prompt", "hi", "-m", scout_ckpt, "--image", tmp_path / "a.png", "--device", "cpu", "-n", "2")
+    assert_user_error(r, "text-only")
+
+
+def test_checkpoint_without_vision_weights(tmp_path, multimodal_ckpt):
+    """A multimodal config whose vision tensors were left out: said before generating."""
+    from safetensors.torch import load_file, save_file
+
+    from llama4_local.checkpoint import list_tensors
+
+    ckpt = tmp_path / "novision"
+    shutil.copytree(multimodal_ckpt, ckpt)
+    for shard in {p for n, p in list_tensors(ckpt).items() if n.startswith("vision_model.")}:
+        shard = ckpt / shard.name
+        tensors = {k: v for k, v in load_file(shard).items() if not k.startswith("vision_model.")}
+        save_file(tensors, shard, metadata={"format": "pt"})
+    index = json.loads((ckpt / "model.safetensors.index.json").read_text())
+    index["weight_map"] = {k: v for k, v in index["weight_map"].items() if not k.startswith("vision_model.")}
+    (ckpt / "model.safetensors.index.json").write_text(json.dumps(index))
+    noise(20, 20).save(tmp_path / "a.png")
+    r = run_cli("prompt", "hi", "-m", ckpt, "--image", tmp_path / "a.png", "--device", "cpu", "-n", "2")
+    assert_user_error(r, "vision")
