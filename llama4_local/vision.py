@@ -23,6 +23,7 @@ from torch import nn
 
 from .checkpoint import Checkpoint, list_tensors
 from .errors import UserError
+from .model import linear
 
 LN_EPS = 1e-5  # the reference builds its LayerNorms with torch's default eps
 
@@ -112,7 +113,9 @@ class _Linear(nn.Module):
         self.bias = _p(d_out) if bias else None
 
     def forward(self, x):
-        return F.linear(x, self.weight, self.bias)
+        # model.linear: float32 products for bf16/fp16 on the CPU (its low-precision GEMM is slow).
+        y = linear(x.flatten(0, -2), self.weight).unflatten(0, x.shape[:-1])
+        return y if self.bias is None else y + self.bias
 
 
 class _LayerNorm(nn.Module):

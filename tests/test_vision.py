@@ -77,6 +77,17 @@ def test_settings_come_from_preprocessor_config(multimodal_ckpt):
     assert (s.tile, s.max_patches) == (56, 6)
 
 
+@pytest.mark.parametrize("fmt", ["png", "webp", "jpeg"])
+def test_formats_decode_to_the_same_pixels_as_pillow(tmp_path, fmt):
+    img = noise(30, 50, seed=5)
+    path = tmp_path / f"a.{fmt}"
+    img.save(path, **({"lossless": True} if fmt == "webp" else {}))
+    got = read_image(path)
+    assert got.size == (50, 30) and got.mode == "RGB"
+    if fmt != "jpeg":  # lossless formats round-trip exactly
+        assert got.tobytes() == img.tobytes()
+
+
 def test_exif_orientation_is_applied(tmp_path):
     img = noise(40, 100, seed=3)
     exif = Image.Exif()
@@ -140,6 +151,39 @@ def _image_prompt(ckpt, images, text="What is in these pictures?"):
     prepared = [prepare(im, reader.settings) for im in images]
     ids = reader.expand(build_prompt(tok, text, None, False, images=len(images)), prepared)
     return ids, torch.cat([p.pixels for p in prepared])
+
+
+def test_bfloat16_features_no_further_from_float32_than_transformers_own(models, multimodal_ckpt):
+    ours, ref = models
+    pixels = prepare(noise(100, 170, seed=14), ImageSettings.from_dir(multimodal_ckpt, 56)).pixels
+    exact = ours.encode_images(pixels)
+    ours16, _ = load_model(multimodal_ckpt, "bfloat16", "cpu", vision=True)
+    ref16 = load_reference(multimodal_ckpt, torch.bfloat16)
+    with torch.no_grad():
+        f = ref16.get_image_features(pixel_values=pixels, return_dict=True).last_hidden_state
+        theirs = ref16.multi_modal_projector(f.view(-1, f.shape[-1]))
+    got = ours16.encode_images(pixels)
+    assert got.dtype == torch.bfloat16
+    assert rel(got, exact) <= 1.5 * rel(theirs, exact)
+
+
+@pytest.fixture(scope="module")
+def scout_multimodal(tmp_path_factory):
+    """Scout-like text (every layer MoE, qk-norm, llama3 scaling), 5.x spelling, one file, with vision."""
+    from tests.factory import write_checkpoint
+
+    return write_checkpoint(tmp_path_factory.mktemp("scout-mm"), "scout", multimodal=True, seed=1)
+
+
+def test_logits_equal_transformers_on_a_scout_like_config(scout_multimodal):
+    ours, _ = load_model(scout_multimodal, "float32", "cpu", vision=True)
+    ref = load_reference(scout_multimodal)
+    ids, pixels = _image_prompt(scout_multimodal, [noise(200, 90, seed=15)])
+    feats = ours.encode_images(pixels)
+    logits = ours(torch.tensor(ids), ours.new_cache(len(ids)), last_only=False, image_features=feats)
+    with torch.no_grad():
+        want = ref(input_ids=torch.tensor([ids]), pixel_values=pixels.float()).logits[0]
+    assert rel(logits, want) < 1e-4
 
 
 def test_logits_equal_transformers_with_two_images(models, multimodal_ckpt):
