@@ -6,7 +6,11 @@ Student-t with 5 degrees of freedom (heavy tails). For group sizes 64 and 128: r
 scale), our symmetric and asymmetric fits, and NF4 (bitsandbytes, blocksize = group size), and
 each one's ratio to NF4. Also the quantizer's speed.
 
-    pip install bitsandbytes && python benchmarks/bench_quant_error.py [--rows 8192] [--device cpu]
+With `--optimum ROWS`, also the best any uniform INT4 grid in this format (integer zero point,
+bf16 scale) can do on the first ROWS rows: an exhaustive search per group over all 16 zero
+points x 48 scales, each refined by least squares. It bounds what a better fit could gain.
+
+    pip install bitsandbytes && python benchmarks/bench_quant_error.py [--rows 8192] [--device cpu] [--optimum 256]
 """
 
 from __future__ import annotations
@@ -21,7 +25,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from quant.int4 import dequantize_int4, quantize_int4, quantize_rtn, relative_error  # noqa: E402
+from quant.int4 import (  # noqa: E402
+    QMAX,
+    QMIN,
+    _err,
+    _grouped,
+    dequantize_int4,
+    quantize_int4,
+    quantize_rtn,
+    relative_error,  # noqa: E402
+)
 
 
 def nf4_error(w: torch.Tensor, group_size: int) -> float:
@@ -31,11 +44,44 @@ def nf4_error(w: torch.Tensor, group_size: int) -> float:
     return relative_error(w, bnbf.dequantize_4bit(q, state))
 
 
+def optimum_error(w: torch.Tensor, group_size: int, n_scales: int = 48, iters: int = 3) -> float:
+    """Relative error of the best uniform grid per group (integer zero, bf16 scale), by exhaustive search."""
+    wg = _grouped(w, group_size)
+    lo, hi = wg.amin(-1, keepdim=True), wg.amax(-1, keepdim=True)
+    best = None
+    for z in range(QMIN, QMAX + 1):
+        top, bottom = QMAX - z, QMIN - z  # the grid spans s * bottom .. s * top
+        reach = torch.zeros_like(hi)
+        if top > 0:
+            reach = torch.maximum(reach, hi / top)
+        if bottom < 0:
+            reach = torch.maximum(reach, lo / bottom)
+        for k in range(n_scales):
+            s = (reach * (0.45 + 0.6 * k / (n_scales - 1))).clamp_min(1e-12)
+            q = torch.clamp(torch.round(wg / s + z), QMIN, QMAX)
+            for _ in range(iters):
+                d = q - z
+                s = ((wg * d).sum(-1, keepdim=True) / d.pow(2).sum(-1, keepdim=True).clamp_min(1e-12)).clamp_min(1e-12)
+                s = s.to(w.dtype).float()
+                q = torch.clamp(torch.round(wg / s + z), QMIN, QMAX)
+            e = _err(wg, s, z, q)
+            zt = torch.full_like(s, z)
+            if best is None:
+                best = [e, s, zt]
+            else:
+                b = e < best[0]
+                best = [torch.min(e, best[0]), torch.where(b, s, best[1]), torch.where(b, zt, best[2])]
+    _, s, z = best
+    q = torch.clamp(torch.round(wg / s + z), QMIN, QMAX)
+    return relative_error(w, (s * (q - z)).reshape(w.shape).to(w.dtype))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, default=8192)
     ap.add_argument("--cols", type=int, default=5120)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--optimum", type=int, default=0, metavar="ROWS", help="also the exhaustive optimum on ROWS rows")
     args = ap.parse_args()
     g = torch.Generator().manual_seed(0)
     shape = (args.rows, args.cols)
@@ -63,6 +109,13 @@ def main():
                 row[label] = round(err, 5)
                 row[f"{label}_vs_nf4"] = round(err / nf4, 3)
                 row[f"{label}_Mparam_s"] = round(w.numel() / dt / 1e6, 1)
+            if args.optimum:
+                part = w[: args.optimum]
+                nf4_part = nf4_error(part, gs)
+                asym_part = relative_error(part, dequantize_int4(quantize_int4(part, gs, False)))
+                row["rows_for_optimum"] = args.optimum
+                row["asym_vs_nf4_on_those_rows"] = round(asym_part / nf4_part, 4)
+                row["optimum_vs_nf4"] = round(optimum_error(part, gs) / nf4_part, 4)
             print(json.dumps(row), flush=True)
 
 

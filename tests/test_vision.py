@@ -242,6 +242,29 @@ def test_prompt_cli_greedy_equals_transformers_generate(tmp_path, multimodal_ckp
     assert out["token_ids"] == want.tolist()
 
 
+def test_images_with_offloaded_experts_give_the_same_tokens(tmp_path, multimodal_ckpt):
+    """Image features and the expert cache together: the same greedy tokens as everything resident."""
+    from llama4_local.runner import PromptRequest, run_prompt
+    from offload.setup import OffloadOptions
+
+    noise(100, 170, seed=16).save(tmp_path / "a.png")
+    common = dict(
+        model=multimodal_ckpt,
+        text="What is this?",
+        images=[tmp_path / "a.png"],
+        max_tokens=12,
+        sampling={"temperature": 0.0},
+        ignore_eos=True,
+        dtype="float32",
+        device="cpu",
+        prefill_chunk=9,
+    )
+    want = run_prompt(PromptRequest(**common)).token_ids
+    got = run_prompt(PromptRequest(**common, offload=OffloadOptions(slots=1, miss_policy="cpu")))
+    assert got.token_ids == want
+    assert got.stats.cache["uses"] > 0
+
+
 def test_raw_prompt_places_images_at_placeholders(multimodal_ckpt):
     tok = Tokenizer(multimodal_ckpt)
     image = tok.token_id("<|image|>")
