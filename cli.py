@@ -328,7 +328,9 @@ def quantize(
     out: Annotated[Path, typer.Argument(help="New directory for the INT4 checkpoint.")],
     group_size: Annotated[int, typer.Option(help="Weights per scale: 32, 64 or 128.")] = 128,
     symmetric: Annotated[bool, typer.Option("--symmetric/--asymmetric", help="Zero points or not.")] = True,
-    scheme: Annotated[str, typer.Option(help="int4 (compressed-tensors pack-quantized).")] = "int4",
+    scheme: Annotated[
+        str, typer.Option(help="int4 (compressed-tensors pack-quantized) or nf4 (bitsandbytes; group = block size).")
+    ] = "int4",
     attention: Annotated[bool, typer.Option("--attention", help="Also quantize attention.")] = False,
     no_shared: Annotated[bool, typer.Option("--no-shared", help="Leave the shared expert in bf16.")] = False,
     shard_size: Annotated[str, typer.Option(help="Output shard size, e.g. 2GB.")] = "2GB",
@@ -339,13 +341,16 @@ def quantize(
     """Quantize a checkpoint's experts to INT4 and save it (vLLM can serve the result too).
 
     Routed and shared experts are quantized; router, norms, embeddings, lm_head and vision
-    stay as they are. Memory stays bounded: the source is read tensor by tensor.
+    stay as they are. Memory stays bounded: the source is read tensor by tensor. --scheme nf4
+    writes bitsandbytes NF4 instead (its serialization, one linear per expert).
 
     Examples:
 
       llama4-local quantize ~/models/scout ~/models/scout-int4
 
       llama4-local quantize ./scout ./scout-int4-g64 --group-size 64 --asymmetric --attention
+
+      llama4-local quantize ./scout ./scout-nf4 --scheme nf4 --group-size 64
     """
 
     def go():
@@ -359,13 +364,10 @@ def quantize(
             TransferSpeedColumn,
         )
 
-        from llama4_local.errors import UserError
         from quant.quantize import QuantizeOptions, quantize_checkpoint
 
-        if scheme != "int4":
-            raise UserError(f"--scheme {scheme!r} is not available yet; use int4")
         parts = ("experts",) + (() if no_shared else ("shared",)) + (("attention",) if attention else ())
-        opts = QuantizeOptions(group_size, symmetric, parts, _parse_size(shard_size), device)
+        opts = QuantizeOptions(group_size, symmetric, parts, _parse_size(shard_size), device, scheme)
         err = Console(stderr=True)
         columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn())
         bar = Progress(*columns, TimeRemainingColumn(), console=err)
@@ -382,8 +384,8 @@ def quantize(
             bar.stop()
         err.print(
             f"wrote {out}: {_human(s.source_bytes)} -> {_human(s.output_bytes)} "
-            f"({s.source_bytes / max(s.output_bytes, 1):.1f}x smaller), {s.quantized_linears} INT4 linears, "
-            f"{s.shards} shards, {s.seconds:.1f} s"
+            f"({s.source_bytes / max(s.output_bytes, 1):.1f}x smaller), "
+            f"{s.quantized_linears} {scheme.upper()} linears, {s.shards} shards, {s.seconds:.1f} s"
         )
 
     _run(go, verbose)

@@ -66,15 +66,16 @@ def model_info(path: Path, budgets: list[int], context: int) -> dict:
     elif scheme is not None:  # no weights to look at: read the parts from the ignore list
         from offload.plan import Quantized
 
-        ignore = " ".join(cfg.quantization.get("ignore") or [])
-        q = Quantized(scheme.group_size, True, "shared_expert" not in ignore, "self_attn" not in ignore)
+        qc = cfg.quantization
+        ignore = " ".join(qc.get("ignore") or qc.get("llm_int8_skip_modules") or [])
+        q = Quantized(scheme.group_size, True, "shared_expert" not in ignore, "self_attn" not in ignore, scheme.kind)
     else:
         q = None
     quant = None
     if q is not None:
         parts = [p for p in ("experts", "shared", "attention") if getattr(q, p)]
         quant = {
-            "scheme": f"INT4 group {q.group_size} {'symmetric' if scheme.symmetric else 'asymmetric'}",
+            "scheme": scheme.label,
             "parts": parts,
         }
     from .vision import VisionConfig, vision_memory, vision_parameters

@@ -88,9 +88,10 @@ def quantized_parts(ckpt: Checkpoint, cfg: TextConfig, scheme):
     i = cfg.moe_layers.index(True) if True in cfg.moe_layers else 0
     return Quantized(
         group_size=scheme.group_size,
-        experts=f"layers.{i}.feed_forward.experts.0.gate_proj.weight_packed" in ckpt,
-        shared=f"layers.{i}.feed_forward.shared_expert.gate_proj.weight_packed" in ckpt,
-        attention=f"layers.{i}.self_attn.q_proj.weight_packed" in ckpt,
+        experts=scheme.marker(f"layers.{i}.feed_forward.experts.0.gate_proj") in ckpt,
+        shared=scheme.marker(f"layers.{i}.feed_forward.shared_expert.gate_proj") in ckpt,
+        attention=scheme.marker(f"layers.{i}.self_attn.q_proj") in ckpt,
+        kind=scheme.kind,
     )
 
 

@@ -60,7 +60,7 @@ def expert_builder(ckpt: Checkpoint, scheme, dtype: torch.dtype, device: torch.d
         return build_dense, ExpertKernel()
 
     from quant.format import from_tensors
-    from quant.kernels import Int4Linear, kernel_for
+    from quant.kernels import kernel_for, make_linear
 
     def read(key: Key, p: str):
         prefix = f"layers.{key[0]}.feed_forward.experts.{key[1]}.{p}_proj"
@@ -78,7 +78,7 @@ def expert_builder(ckpt: Checkpoint, scheme, dtype: torch.dtype, device: torch.d
     def build_int4(key: Key) -> dict[str, torch.Tensor]:
         out = {}
         for p in ("gate", "up", "down"):
-            lin = Int4Linear(read(key, p), device, dtype, path=path)
+            lin = make_linear(read(key, p), device, dtype, path=path)
             out.update({f"{p}.{n}": b.to("cpu") for n, b in lin.tensors().items()})
         return out
 

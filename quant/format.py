@@ -22,12 +22,35 @@ SUFFIXES = ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point"
 
 @dataclass(frozen=True)
 class QuantScheme:
-    group_size: int = 128
+    group_size: int = 128  # NF4: the block size
     symmetric: bool = True
     num_bits: int = 4
+    kind: str = "int4"  # "int4" (compressed-tensors) or "nf4" (bitsandbytes, quant/nf4.py)
+
+    def marker(self, prefix: str) -> str:
+        """The tensor whose presence says the linear `prefix` is stored quantized."""
+        return f"{prefix}.weight.absmax" if self.kind == "nf4" else f"{prefix}.weight_packed"
+
+    @property
+    def label(self) -> str:
+        if self.kind == "nf4":
+            return f"NF4 block {self.group_size} (bitsandbytes)"
+        return f"INT4 group {self.group_size} {'symmetric' if self.symmetric else 'asymmetric'}"
 
     def config(self, ignore: list[str]) -> dict:
         """The `quantization_config` entry of config.json."""
+        if self.kind == "nf4":
+            return {
+                "quant_method": "bitsandbytes",
+                "load_in_4bit": True,
+                "load_in_8bit": False,
+                "bnb_4bit_quant_type": "nf4",
+                "bnb_4bit_use_double_quant": False,
+                "bnb_4bit_compute_dtype": "bfloat16",
+                "bnb_4bit_quant_storage": "uint8",
+                "bnb_4bit_blocksize": self.group_size,  # ours; each tensor's quant_state has it too
+                "llm_int8_skip_modules": ignore,
+            }
         return {
             "quant_method": "compressed-tensors",
             "format": "pack-quantized",
@@ -57,6 +80,12 @@ class QuantScheme:
     @classmethod
     def from_config(cls, qc: dict, source: str) -> QuantScheme:
         method = qc.get("quant_method")
+        if method == "bitsandbytes":
+            if not qc.get("load_in_4bit") or qc.get("bnb_4bit_quant_type") != "nf4":
+                raise UserError(f"{source}: of bitsandbytes' formats only 4-bit NF4 is supported")
+            if qc.get("bnb_4bit_use_double_quant"):
+                raise UserError(f"{source}: NF4 with double quantization is not supported; re-quantize without it")
+            return cls(group_size=int(qc.get("bnb_4bit_blocksize", 64)), kind="nf4")
         if method != "compressed-tensors" or qc.get("format", "pack-quantized") != "pack-quantized":
             raise UserError(
                 f"{source}: quantization {method!r} / {qc.get('format')!r} is not supported; "
@@ -75,8 +104,12 @@ class QuantScheme:
         return cls(group_size=int(w["group_size"]), symmetric=bool(w.get("symmetric", True)))
 
 
-def to_tensors(prefix: str, qw: Int4Weight) -> dict[str, torch.Tensor]:
-    """The checkpoint tensors of one quantized linear named `prefix`."""
+def to_tensors(prefix: str, qw) -> dict[str, torch.Tensor]:
+    """The checkpoint tensors of one quantized linear named `prefix` (an Int4Weight or an Nf4Weight)."""
+    if not isinstance(qw, Int4Weight):
+        from . import nf4
+
+        return nf4.to_tensors(prefix, qw)
     out = {
         f"{prefix}.weight_packed": qw.packed.contiguous(),
         f"{prefix}.weight_scale": qw.scale.contiguous(),
@@ -87,8 +120,12 @@ def to_tensors(prefix: str, qw: Int4Weight) -> dict[str, torch.Tensor]:
     return out
 
 
-def from_tensors(get, prefix: str, scheme: QuantScheme) -> Int4Weight:
-    """Read one quantized linear through `get(name) -> tensor`."""
+def from_tensors(get, prefix: str, scheme: QuantScheme):
+    """Read one quantized linear through `get(name) -> tensor` (an Int4Weight, or an Nf4Weight)."""
+    if scheme.kind == "nf4":
+        from . import nf4
+
+        return nf4.from_tensors(get, prefix)
     packed = get(f"{prefix}.weight_packed")
     scale = get(f"{prefix}.weight_scale")
     shape = tuple(int(v) for v in get(f"{prefix}.weight_shape").tolist())

@@ -34,8 +34,10 @@ def _scales_and_offsets(qw: Int4Weight, dtype: torch.dtype) -> torch.Tensor:
     return torch.stack([s, off], dim=-1).transpose(0, 1).contiguous().to(dtype)
 
 
-def kernel_for(qw: Int4Weight, device: torch.device, dtype: torch.dtype) -> str:
+def kernel_for(qw, device: torch.device, dtype: torch.dtype) -> str:
     """Which path serves this weight on this device in this activation dtype."""
+    if not isinstance(qw, Int4Weight):
+        return "nf4"
     n, k = qw.shape
     if device.type == "cuda":
         ok = (
@@ -60,6 +62,10 @@ def int4_matmul(path: str, group_size: int, x: torch.Tensor, tensors: dict[str, 
     """x [T, K] @ W^T for W held in `tensors` (an Int4Linear's buffers, or views of them)."""
     if path == "reference":
         return F.linear(x, tensors["weight"])
+    if path == "nf4":
+        from .nf4 import nf4_matmul
+
+        return nf4_matmul(x, tensors, group_size)
     if path == "avx2":
         from .cpu_kernel import MAX_ROWS, int4_mv
 
@@ -70,6 +76,15 @@ def int4_matmul(path: str, group_size: int, x: torch.Tensor, tensors: dict[str, 
     if path == "cpu":
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x, tensors["packed"], group_size, tensors["scales_and_zeros"])
     return torch.ops.aten._weight_int4pack_mm(x, tensors["packed"], group_size, tensors["scales_and_zeros"])
+
+
+def make_linear(qw, device, dtype: torch.dtype, path: str | None = None) -> torch.nn.Module:
+    """The module computing with a quantized weight: Int4Linear, or Nf4Linear for NF4."""
+    if isinstance(qw, Int4Weight):
+        return Int4Linear(qw, device, dtype, path)
+    from .nf4 import Nf4Linear
+
+    return Nf4Linear(qw, device, dtype)
 
 
 class Int4Linear(torch.nn.Module):

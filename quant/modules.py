@@ -9,7 +9,7 @@ from torch import nn
 from llama4_local.errors import UserError
 
 from .format import QuantScheme, from_tensors
-from .kernels import Int4Linear
+from .kernels import Int4Linear, make_linear
 
 
 class QuantizedExpert(nn.Module):
@@ -52,20 +52,20 @@ def apply_quantized(
             qw = from_tensors(lambda n: ckpt.get(n), prefix, scheme)
         except KeyError as e:
             raise UserError(f"quantized checkpoint {ckpt.root} lacks {e.args[0]}; is it complete?") from None
-        return Int4Linear(qw, device, dtype)
+        return make_linear(qw, device, dtype)
 
     count = 0
     for i, layer in enumerate(model.layers):
         ff = layer.feed_forward
         base = f"layers.{i}.feed_forward.experts"
-        if routed and getattr(layer, "is_moe", False) and f"{base}.0.gate_proj.weight_packed" in ckpt:
+        if routed and getattr(layer, "is_moe", False) and scheme.marker(f"{base}.0.gate_proj") in ckpt:
             n = ff.num_experts
             ff.experts = QuantizedExperts(
                 [QuantizedExpert(*(load(f"{base}.{e}.{p}_proj") for p in ("gate", "up", "down"))) for e in range(n)]
             )
             count += 3 * n
     for name, module in list(model.named_modules()):
-        if hasattr(module, "weight") and f"{name}.weight_packed" in ckpt:
+        if hasattr(module, "weight") and scheme.marker(name) in ckpt:
             parent, _, attr = name.rpartition(".")
             setattr(model.get_submodule(parent), attr, load(name))
             count += 1

@@ -52,6 +52,7 @@ class QuantizeOptions:
     parts: tuple[str, ...] = DEFAULT_PARTS
     shard_bytes: int = 2 << 30
     device: str = "cpu"  # where the quantizer's arithmetic runs
+    scheme: str = "int4"  # or "nf4" (bitsandbytes)
 
 
 @dataclass
@@ -160,6 +161,10 @@ def quantize_checkpoint(
     bad = [p for p in opts.parts if p not in PARTS]
     if bad or "experts" not in opts.parts:
         raise UserError(f"--parts takes experts (always), shared and attention, not {', '.join(bad) or opts.parts}")
+    if opts.scheme not in ("int4", "nf4"):
+        raise UserError(f"--scheme must be int4 or nf4, not {opts.scheme!r}")
+    if opts.scheme == "nf4" and not opts.symmetric:
+        raise UserError("NF4 has no asymmetric form (its levels are fixed); drop --asymmetric or use --scheme int4")
     if opts.group_size not in GROUP_SIZES:
         raise UserError(f"--group-size must be one of {', '.join(map(str, GROUP_SIZES))}, not {opts.group_size}")
     if cfg.hidden_size % opts.group_size or cfg.intermediate_size % opts.group_size:
@@ -170,7 +175,7 @@ def quantize_checkpoint(
     _check_out(out)
     tensors = list_tensors(src)
     total = sum(p.stat().st_size for p in set(tensors.values()))
-    scheme = QuantScheme(opts.group_size, opts.symmetric)
+    scheme = QuantScheme(opts.group_size, opts.symmetric, kind=opts.scheme)
     device = torch.device(opts.device)
 
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
@@ -182,6 +187,10 @@ def quantize_checkpoint(
         done, count = 0, 0
 
         def quantize(w: torch.Tensor):
+            if opts.scheme == "nf4":
+                from .nf4 import quantize_nf4
+
+                return quantize_nf4(w.to(device), opts.group_size)
             qw = quantize_int4(w.to(device), opts.group_size, opts.symmetric, scale_dtype=w.dtype)
             qw.packed, qw.scale = qw.packed.cpu(), qw.scale.cpu()
             qw.zero = None if qw.zero is None else qw.zero.cpu()
@@ -208,7 +217,9 @@ def quantize_checkpoint(
         n_shards = writer.finish()
 
         raw = read_json(src / "config.json")
-        raw["quantization_config"] = scheme.config(_ignore_list(opts.parts))
+        raw["quantization_config"] = scheme.config(
+            _skip_modules(opts.parts) if opts.scheme == "nf4" else _ignore_list(opts.parts)
+        )
         (tmp / "config.json").write_text(json.dumps(raw, indent=2))
         copied = []
         for p in sorted(src.iterdir()):
@@ -260,6 +271,16 @@ def _quantize_experts(f, name: str, prefix: str, writer: _ShardWriter, quantize)
             count += 1
         _release_freed_memory()
     return count
+
+
+def _skip_modules(parts: tuple[str, ...]) -> list[str]:
+    """Modules left unquantized, as bitsandbytes' llm_int8_skip_modules names them (name parts)."""
+    skip = ["lm_head", "router", "vision_model", "multi_modal_projector"]
+    if "attention" not in parts:
+        skip.append("self_attn")
+    if "shared" not in parts:
+        skip.append("shared_expert")
+    return skip
 
 
 def _ignore_list(parts: tuple[str, ...]) -> list[str]:
