@@ -4,10 +4,10 @@ For each weight shape (gate/up [8192, 5120], down [5120, 8192]) and each row cou
 more = prefill), times y = x @ W^T through:
   float32 F.linear, bfloat16 (torch.mv for one row), the INT4 kernel Int4Linear picks (ours,
   "avx2", on AVX2 CPUs; the stock aten one on CUDA), the stock aten CPU kernel beside it, and the
-  INT4 reference (dequantize then matmul),
+  INT4 reference (dequantize then matmul), and with --nf4 bitsandbytes' NF4 matmul_4bit,
 and reports GB/s of weight bytes read (packed bytes for INT4) next to the copy bandwidth.
 
-    python benchmarks/bench_int4_matmul.py [--device cpu|cuda] [--rows 1,8,64]
+    python benchmarks/bench_int4_matmul.py [--device cpu|cuda] [--rows 1,8,64] [--nf4]
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ def main():
     ap.add_argument("--rows", default="1,8,64")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--group-size", type=int, default=128)
+    ap.add_argument("--nf4", action="store_true", help="also bitsandbytes NF4 (block = group size) via matmul_4bit")
     args = ap.parse_args()
     dev = torch.device(args.device)
     bw = copy_bandwidth(dev)
@@ -52,6 +53,12 @@ def main():
         stock = Int4Linear(qw, dev, torch.bfloat16, path="cpu") if dev.type == "cpu" else None
         int4_bytes = qw.packed.numel() * 4 + qw.scale.numel() * 2
         qw_dev = Int4Weight(qw.packed.to(dev), qw.scale.to(dev), None, qw.shape, qw.group_size)
+        nf4 = None
+        if args.nf4:
+            from quant.nf4 import Nf4Linear, quantize_nf4
+
+            nf4 = Nf4Linear(quantize_nf4(w16, args.group_size), dev, torch.bfloat16)
+            nf4_f32 = Nf4Linear(quantize_nf4(w16, args.group_size), dev, torch.float32)
         for rows in [int(r) for r in args.rows.split(",")]:
             x = torch.randn(rows, k, device=dev)
             xb = x.bfloat16()
@@ -62,6 +69,9 @@ def main():
                 # Dequantize on the device on every call, then a bf16 matmul.
                 "int4_dequant_then_bf16": (lambda: F.linear(xb, dequantize_int4(qw_dev, torch.bfloat16)), int4_bytes),
             }
+            if nf4 is not None:
+                cases["nf4_bnb_bf16"] = (lambda: nf4(xb), nf4.nbytes())
+                cases["nf4_bnb_f32"] = (lambda: nf4_f32(x), nf4.nbytes())
             if int4_f32 is not None:
                 cases[f"int4_{int4_f32.path}_f32"] = (lambda: int4_f32(x), int4_bytes)
             if stock is not None and int4.path != "cpu":  # the stock aten kernel, side by side
