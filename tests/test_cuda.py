@@ -102,3 +102,35 @@ def test_plan_on_cuda_fits_free_memory(scout_int4):
 
     model, _ = load_model(scout_int4[0], "bfloat16", "cuda", offload=OffloadOptions(gpu_memory=2**30))
     assert model.plan is not None and model.plan.all_resident and model.offload is None
+
+
+def test_image_features_and_logits_on_cuda(multimodal_ckpt):
+    """The vision tower and the merge at <|patch|> on the GPU equal transformers (float32)."""
+    from llama4_local.images import ImageSettings, prepare
+    from tests.test_vision import _image_prompt, noise
+
+    ours, _ = load_model(multimodal_ckpt, "float32", "cuda", vision=True)
+    ref = load_reference(multimodal_ckpt)
+    ids, pixels = _image_prompt(multimodal_ckpt, [noise(100, 170, seed=5), noise(60, 50, seed=6)])
+    feats = ours.encode_images(pixels)
+    assert feats.device.type == "cuda"
+    logits = ours(torch.tensor(ids).cuda(), ours.new_cache(len(ids)), last_only=False, image_features=feats)
+    with torch.no_grad():
+        want = ref(input_ids=torch.tensor([ids]), pixel_values=pixels.float()).logits[0]
+    assert rel_err(logits, want) < 1e-4
+    settings = ImageSettings.from_dir(multimodal_ckpt, 56)
+    assert prepare(noise(30, 30), settings).pixels.shape[0] == 1
+
+
+def test_nf4_on_cuda(tmp_path, scout_ckpt):
+    """bitsandbytes' CUDA NF4 kernels give what its CPU path gives."""
+    from quant.quantize import QuantizeOptions, quantize_checkpoint
+
+    out = tmp_path / "nf4"
+    quantize_checkpoint(scout_ckpt, out, QuantizeOptions(group_size=64, scheme="nf4"))
+    ids = torch.randint(0, 300, (16,), generator=torch.Generator().manual_seed(0))
+    gpu, _ = load_model(out, "bfloat16", "cuda")
+    cpu, _ = load_model(out, "float32", "cpu")
+    a = gpu(ids.cuda(), gpu.new_cache(16), last_only=False)
+    b = cpu(ids, cpu.new_cache(16), last_only=False)
+    assert rel_err(a, b) < 3e-2
