@@ -113,6 +113,14 @@ def endless_ckpt(scout_ckpt, tmp_path_factory):
     return out
 
 
+def _default_sigint():
+    """Give the chat process Ctrl-C back: a shell that starts the tests in the background (no job
+    control) ignores SIGINT, and children inherit that, so Ctrl-C would never reach the chat."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_chat_in_a_pseudo_terminal(endless_ckpt, tmp_path):
     pexpect = pytest.importorskip("pexpect")
     child = pexpect.spawn(
@@ -123,6 +131,7 @@ def test_chat_in_a_pseudo_terminal(endless_ckpt, tmp_path):
         timeout=120,
         env={"LLAMA4_LOCAL_HISTORY": str(tmp_path / "history"), "PATH": "/usr/bin:/bin", "TERM": "dumb"},
         cwd=str(__import__("pathlib").Path(__file__).resolve().parents[1]),
+        preexec_fn=_default_sigint,
     )
     prompt = ">>> "
     child.expect(prompt)
@@ -183,6 +192,7 @@ def test_chat_ctrl_c_at_empty_prompt_exits_cleanly(scout_ckpt):
         encoding="utf-8",
         timeout=120,
         cwd=str(__import__("pathlib").Path(__file__).resolve().parents[1]),
+        preexec_fn=_default_sigint,
     )
     child.expect(">>> ")
     child.sendintr()

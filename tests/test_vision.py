@@ -390,7 +390,7 @@ def test_planner_counts_the_vision_tower(multimodal_ckpt):
 
     from pathlib import Path
 
-    scout = json.loads((Path(__file__).parents[2] / "shared/fixtures/scout-instruct-config.json").read_text())
+    scout = json.loads((Path(__file__).parent / "data" / "scout-instruct-config.json").read_text())
     vcfg, tcfg = VisionConfig.from_hf(scout), TextConfig.from_hf(scout)
     assert vcfg.tokens_per_tile == 144
     assert 0.86e9 < vision_parameters(vcfg) < 0.88e9
