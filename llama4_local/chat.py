@@ -215,12 +215,12 @@ class ChatSession:
         restart = not (self.known_text and text.startswith(self.known_text))
         new = text if restart else text[len(self.known_text) :]
         ids = self.tokenizer.encode(new, add_special_tokens=False)
-        keys: list[str] = []
-        if self.images is None and self._images_in(messages):
+        keys = self._images_in(messages)
+        if keys and self.images is None:
             raise UserError("the conversation has images, but this model cannot read them; /reset to drop them")
         if self.images is not None:
             n = sum(1 for i in ids if i == self.images.tokens.image)
-            keys = self._images_in(messages)[-n:] if n else []
+            keys = keys[-n:] if n else []
             ids = self.images.expand(ids, [self._image(k) for k in keys])
         return (ids if restart else self.pending + ids), restart, text, keys
 

@@ -306,8 +306,7 @@ class ImageReader:
     def __init__(self, model_dir: Path, tokenizer):
         from .vision import VisionConfig
 
-        path = Path(model_dir) / "config.json"
-        vcfg = VisionConfig.from_hf(read_json(path), str(path))
+        vcfg = VisionConfig.from_dir(model_dir)
         if vcfg is None:
             raise UserError(
                 f"{model_dir} is a text-only checkpoint (no vision_config); images need a Llama 4 checkpoint "

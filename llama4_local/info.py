@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .checkpoint import open_checkpoint
-from .config import TextConfig, load_config, read_json
+from .config import TextConfig, load_config
 from .errors import UserError
 from .loader import quantized_parts
 
@@ -80,7 +80,7 @@ def model_info(path: Path, budgets: list[int], context: int) -> dict:
         }
     from .vision import VisionConfig, vision_memory, vision_parameters
 
-    vcfg = VisionConfig.from_hf(read_json(path / "config.json"), str(path / "config.json")) if cfg.multimodal else None
+    vcfg = VisionConfig.from_dir(path) if cfg.multimodal else None
     vbytes = vision_memory(vcfg, 2) if vcfg is not None else 0  # what chat loads for /image
     if vcfg is not None and not vision:  # a config without weights: count from the config
         vision = vision_parameters(vcfg)

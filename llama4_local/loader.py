@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import Checkpoint, open_checkpoint
-from .config import TextConfig, load_config, read_json
+from .config import TextConfig, load_config
 from .errors import UserError
 from .model import Llama4Text, rope_inv_freq
 
@@ -49,10 +49,19 @@ def check_model_dir(path: Path) -> Path:
 def load_weights(model: Llama4Text, ckpt: Checkpoint, dtype: torch.dtype, device: torch.device) -> None:
     """Assign every parameter of `model` (on meta) from `ckpt`, checking names and shapes."""
     cfg = model.cfg
-    params = dict(model.named_parameters())
     if cfg.tie_word_embeddings and "lm_head.weight" not in ckpt:
         ckpt.files["lm_head.weight"] = ckpt.files.get("embed_tokens.weight")
         ckpt.names["lm_head.weight"] = ckpt.names.get("embed_tokens.weight")
+    assign_weights(model, ckpt, dtype, device)
+    model.inv_freq = rope_inv_freq(cfg).to(device)
+
+
+def assign_weights(module: torch.nn.Module, ckpt: Checkpoint, dtype: torch.dtype, device: torch.device) -> None:
+    """Replace every parameter of `module` (on meta) by its checkpoint tensor, checking names and shapes.
+
+    Parameters that name the same checkpoint tensor (tied embeddings) share one copy.
+    """
+    params = dict(module.named_parameters())
     missing = [n for n in params if n not in ckpt or ckpt.files[n] is None]
     if missing:
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
@@ -74,9 +83,7 @@ def load_weights(model: Llama4Text, ckpt: Checkpoint, dtype: torch.dtype, device
             t = ckpt.get(name).to(device=device, dtype=dtype)
             shared[key] = t
         module_path, _, attr = name.rpartition(".")
-        module = model.get_submodule(module_path)
-        setattr(module, attr, torch.nn.Parameter(t, requires_grad=False))
-    model.inv_freq = rope_inv_freq(cfg).to(device)
+        setattr(module.get_submodule(module_path), attr, torch.nn.Parameter(t, requires_grad=False))
 
 
 def quantized_parts(ckpt: Checkpoint, cfg: TextConfig, scheme):
@@ -95,8 +102,10 @@ def quantized_parts(ckpt: Checkpoint, cfg: TextConfig, scheme):
     )
 
 
-def _offload_slots(cfg, ckpt, scheme, torch_dtype, torch_device, opts, context: int, prefill_chunk: int, vision=0):
-    """(slots, plan): the cache size to build, or None to keep every expert on the device."""
+def _offload_slots(cfg, ckpt, scheme, torch_dtype, torch_device, opts, context: int, prefill_chunk: int, vcfg=None):
+    """(slots, plan): the cache size to build, or None to keep every expert on the device.
+
+    `vcfg`: the vision tower's config when it is loaded too (the plan counts it)."""
     from offload.plan import DEFAULT_MARGIN, plan_memory
 
     if torch_device.type != "cuda":
@@ -110,6 +119,11 @@ def _offload_slots(cfg, ckpt, scheme, torch_dtype, torch_device, opts, context: 
         budget = free - DEFAULT_MARGIN
     elt = torch.empty((), dtype=torch_dtype).element_size()
     q = quantized_parts(ckpt, cfg, scheme)
+    vision = 0
+    if vcfg is not None:
+        from .vision import vision_memory
+
+        vision = vision_memory(vcfg, elt)
     plan = plan_memory(cfg, budget, context, elt, q, prefill_chunk, opts.host_memory, vision=vision)
     if opts.slots is not None:
         return opts.slots, plan
@@ -120,8 +134,7 @@ def has_vision(model_dir: Path) -> bool:
     """Whether the checkpoint has a vision tower (config and weights)."""
     from .vision import VisionConfig, vision_checkpoint
 
-    path = Path(model_dir) / "config.json"
-    return VisionConfig.from_hf(read_json(path), str(path)) is not None and vision_checkpoint(model_dir) is not None
+    return VisionConfig.from_dir(model_dir) is not None and vision_checkpoint(model_dir) is not None
 
 
 def load_model(
@@ -153,7 +166,7 @@ def load_model(
     if vision:
         from .vision import VisionConfig, vision_checkpoint
 
-        vcfg = VisionConfig.from_hf(read_json(model_dir / "config.json"), str(model_dir / "config.json"))
+        vcfg = VisionConfig.from_dir(model_dir)
         vckpt = vision_checkpoint(model_dir) if vcfg is not None else None
         if vckpt is None:
             raise UserError(
@@ -164,13 +177,8 @@ def load_model(
     if offload is not None and any(cfg.moe_layers):
         offload.validate()
         ctx = context or min(cfg.max_position_embeddings, 8192)
-        vbytes = 0
-        if vckpt is not None:
-            from .vision import vision_memory
-
-            vbytes = vision_memory(vcfg, torch.empty((), dtype=torch_dtype).element_size())
         slots, model.plan = _offload_slots(
-            cfg, ckpt, scheme, torch_dtype, torch_device, offload, ctx, prefill_chunk, vbytes
+            cfg, ckpt, scheme, torch_dtype, torch_device, offload, ctx, prefill_chunk, vcfg
         )
     if slots is not None:
         from offload.setup import replace_experts
@@ -188,7 +196,7 @@ def load_model(
     if vcfg is not None:
         from .vision import load_vision
 
-        model.vision = load_vision(model_dir, vcfg, torch_dtype, torch_device)
+        model.vision = load_vision(vckpt, vcfg, torch_dtype, torch_device)
         model.image_token_id = vcfg.image_token_id
     model.eval()
     return model, cfg

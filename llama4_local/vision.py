@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .checkpoint import Checkpoint, list_tensors
+from .config import read_json
 from .errors import UserError
 from .model import linear
 
@@ -43,6 +44,12 @@ class VisionConfig:
     rope_theta: float
     text_hidden_size: int
     image_token_id: int | None  # <|patch|>: the positions image features are written into
+
+    @classmethod
+    def from_dir(cls, model_dir: Path) -> VisionConfig | None:
+        """The vision config of the checkpoint in `model_dir` (None for a text-only one)."""
+        path = Path(model_dir) / "config.json"
+        return cls.from_hf(read_json(path), str(path))
 
     @classmethod
     def from_hf(cls, raw: dict, source: str = "config.json") -> VisionConfig | None:
@@ -280,23 +287,12 @@ def vision_parameters(cfg: VisionConfig) -> int:
     return tower + adapter + cfg.vision_output_dim * cfg.text_hidden_size
 
 
-def load_vision(model_dir: Path, cfg: VisionConfig, dtype: torch.dtype, device: torch.device) -> Vision:
-    """Build the vision tower from the checkpoint's `vision_model.*` / `multi_modal_projector.*` tensors."""
-    ckpt = vision_checkpoint(model_dir)
-    if ckpt is None:
-        raise UserError(f"{model_dir} has no vision weights (vision_model.*); this checkpoint cannot read images")
+def load_vision(ckpt: Checkpoint, cfg: VisionConfig, dtype: torch.dtype, device: torch.device) -> Vision:
+    """Build the vision tower from a `vision_checkpoint` (names and shapes checked as for the text model)."""
+    from .loader import assign_weights
+
     vision = Vision(cfg)
-    for name, p in list(vision.named_parameters()):
-        if name not in ckpt:
-            raise UserError(f"checkpoint {model_dir} lacks vision tensor {name}; is it complete?")
-        got = ckpt.shape(name)
-        if got != tuple(p.shape):
-            raise UserError(
-                f"tensor {ckpt.where(name)} has shape {list(got)}, config.json implies {list(p.shape)}; "
-                "the checkpoint and its config.json do not match"
-            )
-        module_path, _, attr = name.rpartition(".")
-        setattr(vision.get_submodule(module_path), attr, nn.Parameter(ckpt.get(name).to(device, dtype), False))
+    assign_weights(vision, ckpt, dtype, device)
     cos, sin = rope_2d(cfg)
     vision.rope_cos, vision.rope_sin = cos.to(device), sin.to(device)
     return vision.eval()
