@@ -2,10 +2,12 @@
 
 For each weight shape (gate/up [8192, 5120], down [5120, 8192]) and each row count (1 = decode,
 more = prefill), times y = x @ W^T through:
-  float32 F.linear, bfloat16 (torch.mv for one row), the INT4 kernel Int4Linear picks (ours,
-  "avx2", on AVX2 CPUs; the stock aten one on CUDA), the stock aten CPU kernel beside it, and the
+  float32 F.linear, bfloat16 (torch.mv for one row), the INT4 kernel Int4Linear picks (ours on
+  AVX2 CPUs: "avx2_q8", int8 activations, for bf16 x and "avx2", float activations, for float32
+  x; the stock aten one on CUDA), the stock aten CPU kernel beside it, and the
   INT4 reference (dequantize then matmul), and with --nf4 bitsandbytes' NF4 matmul_4bit,
-and reports GB/s of weight bytes read (packed bytes for INT4) next to the copy bandwidth.
+and reports GB/s of weight bytes read (packed bytes for INT4) next to the copy bandwidth and
+next to a float32 matvec over as many bytes as the packed INT4 weight ("float32_same_bytes").
 
     python benchmarks/bench_int4_matmul.py [--device cpu|cuda] [--rows 1,8,64] [--nf4]
 """
@@ -48,6 +50,9 @@ def main():
         qw = quantize_rtn(w32.bfloat16(), args.group_size)  # the kernel's speed does not depend on the fit
         w32 = w32.to(dev)
         w16 = w32.bfloat16()
+        # A float32 matrix as many bytes as the packed INT4 weight: the speed a matvec streams
+        # this many bytes at (the memory-bound line for the INT4 kernels at one row).
+        w_same = torch.randn(n, k // 8, device=dev)
         int4 = Int4Linear(qw, dev, torch.bfloat16)
         int4_f32 = Int4Linear(qw, dev, torch.float32) if dev.type == "cpu" else None
         stock = Int4Linear(qw, dev, torch.bfloat16, path="cpu") if dev.type == "cpu" else None
@@ -62,8 +67,10 @@ def main():
         for rows in [int(r) for r in args.rows.split(",")]:
             x = torch.randn(rows, k, device=dev)
             xb = x.bfloat16()
+            x_same = torch.randn(rows, k // 8, device=dev)
             cases = {
                 "float32": (lambda: F.linear(x, w32), w32.numel() * 4),
+                "float32_same_bytes": (lambda: F.linear(x_same, w_same), w_same.numel() * 4),
                 "bfloat16": (lambda: linear(xb, w16), w16.numel() * 2),
                 f"int4_{int4.path}_bf16": (lambda: int4(xb), int4_bytes),
                 # Dequantize on the device on every call, then a bf16 matmul.

@@ -11,7 +11,12 @@ of ggml's reference quantizers), on the whole model and on our default's tensors
 weight-only baselines sit beside ours: plain round-to-nearest (symmetric, per group absmax) and, when
 bitsandbytes is installed, its NF4 at the same group size, both applied to the same tensors.
 
-    python benchmarks/bench_quant_kl.py [--model benchmarks/.cache/small-llama4] [--ctx 256]
+With --bf16 it measures instead what a bf16 run costs on top of the weights: the original in
+bf16, and the default INT4 (and asymmetric group 64) in bf16 with float activations in the
+INT4 kernel and with int8 ones (what bf16 runs use on AVX2 CPUs), all against the float32
+original.
+
+    python benchmarks/bench_quant_kl.py [--model benchmarks/.cache/small-llama4] [--ctx 256] [--bf16]
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from llama4_local.evaluate import evaluate  # noqa: E402
 from llama4_local.loader import load_model  # noqa: E402
 from llama4_local.tokenizer import Tokenizer  # noqa: E402
 from quant.int4 import dequantize_int4, quantize_rtn  # noqa: E402
+from quant.kernels import Int4Linear  # noqa: E402
 from quant.quantize import QuantizeOptions, quantize_checkpoint  # noqa: E402
 
 DEFAULT_MODEL = ROOT / "benchmarks" / "small-llama4"
@@ -113,6 +119,32 @@ def nf4(group: int):
     return f
 
 
+def with_cpu_path(model, path: str):
+    """Switch every INT4 linear on our AVX2 kernel to float ("avx2") or int8 ("avx2_q8")
+    activations; both read the same buffers."""
+    n = 0
+    for m in model.modules():
+        if isinstance(m, Int4Linear) and m.path in ("avx2", "avx2_q8"):
+            m.path, n = path, n + 1
+    if not n:
+        raise SystemExit("the AVX2 INT4 kernel is not in use here (no AVX2/FMA or no compiler)")
+    return model
+
+
+def bf16_costs(args, report):
+    """KL against the float32 original of bf16 runs: original, INT4 with float / int8 activations."""
+    report("original", load_model(args.model, "bfloat16", "cpu")[0], dtype="bfloat16")
+    with tempfile.TemporaryDirectory() as tmp:
+        for group, symmetric in ((128, True), (64, False)):
+            out = Path(tmp) / f"q{group}{symmetric}"
+            quantize_checkpoint(args.model, out, QuantizeOptions(group, symmetric, ("experts", "shared")))
+            report("int4", load_model(out, "float32", "cpu")[0], group=group, symmetric=symmetric, dtype="float32")
+            for path, act in (("avx2", "float"), ("avx2_q8", "int8")):
+                model = with_cpu_path(load_model(out, "bfloat16", "cpu")[0], path)
+                report("int4", model, group=group, symmetric=symmetric, dtype="bfloat16", activations=act)
+            shutil.rmtree(out)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", type=Path, default=DEFAULT_MODEL)
@@ -120,6 +152,7 @@ def main():
     ap.add_argument("--max-windows", type=int, default=None)
     ap.add_argument("--groups", default="32,64,128")
     ap.add_argument("--parts", default="experts,attention", help="experts (+shared), attention (+experts), or both")
+    ap.add_argument("--bf16", action="store_true", help="the cost of bf16 runs and of int8 activations instead")
     args = ap.parse_args()
     tok = Tokenizer(args.model)
     ids = tok.encode((args.model / "eval.txt").read_text(), add_special_tokens=False)
@@ -142,6 +175,8 @@ def main():
         }
         print(json.dumps({k: round(v, 6) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
 
+    if args.bf16:
+        return bf16_costs(args, report)
     if ref.cfg.hidden_size % 256 == 0 and ref.cfg.intermediate_size % 256 == 0:
         # The anchor: llama.cpp's Q4_K_M (whole model), and its Q4_K on our default's tensors.
         report("q4_k_m (llama.cpp, whole model)", q4_k_m(args.model, only_ours=False))

@@ -1,16 +1,25 @@
-"""A CPU INT4 matrix-vector kernel for decode (a few rows), compiled on first use.
+"""CPU INT4 matrix-vector kernels for decode (a few rows), compiled on first use.
 
-PyTorch's `_weight_int4pack_mm_for_cpu` moves about 2.5 GB/s of packed weights on a 2-core
-AVX2 machine at Scout's expert shape, far under what memory allows. This kernel keeps the
-weights as packed nibbles and never materialises them: per group of 32 input features it loads
-16 bytes, splits them into 32 unsigned nibbles, converts eight at a time to float32 and
-accumulates u * x with FMA for up to 8 activation rows at once, so each weight byte is read
-once per call whatever the row count. The group's scale and offset are applied once per group:
-sum_k (s * (u_k - 8) + o) * x_k = s * sum_k u_k x_k + (o - 8 s) * sum_k x_k. Rows of the
-output are split across threads with at::parallel_for. Accumulation is float32.
+PyTorch's `_weight_int4pack_mm_for_cpu` moves about 2.5-6 GB/s of packed weights on a 2-core
+AVX2 machine at Scout's expert shape, far under what memory allows. These kernels keep the
+weights as packed nibbles and never materialise them; each weight byte is read once per call
+for up to 8 activation rows, and rows of the output are split across threads with
+at::parallel_for. Per group the scale s and offset o are applied once:
+sum_k (s * (u_k - 8) + o) * x_k = s * sum_k u_k x_k + (o - 8 s) * sum_k x_k.
 
-Layout (`pack_for_avx2`): uint8 [N, K/2]; within each group of 32 inputs, byte j holds input j
-in its low nibble and input j + 16 in its high nibble; scales and offsets float32 [N, G, 2].
+Two ways to form sum_k u_k x_k per block of 32 inputs (16 bytes of weights):
+- int8 activations (`int8_activations=True`, what bf16 runs use): x is rounded per block of 32
+  to int8 with one float32 scale d (llama.cpp's Q8_0); `maddubs` multiplies the 32 unsigned
+  nibbles by the 32 signed bytes, `madd` sums pairs, and the 8 int32 partial sums are scaled by
+  s * d in float32. About 10 instructions per 16 weight bytes: memory speed on one row.
+- float activations (float32 runs, the precise mode): nibbles converted to float32 eight at a
+  time and FMA'd with x; bit-for-bit the reference's arithmetic up to summation order, but the
+  conversions make it compute-bound at about half the speed.
+Accumulation is float32 in both.
+
+Layout (`pack_for_avx2`, `pack_scales`): uint8 [N, K/2]; within each block of 32 inputs, byte j
+holds input j in its low nibble and input j + 16 in its high nibble; per row, float32 [2, G]:
+the G group scales, then the G constants o - 8 s.
 
 Built with torch.utils.cpp_extension (needs a C++ compiler and ninja); where that fails, or the
 CPU lacks AVX2/FMA, `available()` is False and callers keep the stock kernel.
@@ -31,17 +40,29 @@ _SOURCE = r"""
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
+#include <cmath>
 
-// Rows n0..n1 of y[t, n] = sum_k w[n, k] x[t, k], w from nibbles u: w = s * (u - 8) + o per group.
+// Weights: nibbles u (0..15), w = s * (u - 8) + o per group, stored as packed bytes and, per row,
+// G scales s then G constants c = o - 8 s, so that sum_k w_k x_k = s * sum_k u_k x_k + c * sum_k x_k.
+
+static inline float hsum(__m256 v) {
+  __m128 r = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  r = _mm_add_ps(r, _mm_movehl_ps(r, r));
+  r = _mm_add_ss(r, _mm_movehdup_ps(r));
+  return _mm_cvtss_f32(r);
+}
+
+// Float activations. Rows n0..n1 of y[t, n]; xs[t, g] = sum of x over group g.
 // T is a template parameter so the accumulators live in registers; A accumulators per row break
 // the FMA dependency chain when there are few rows (FMA latency, not bandwidth, bounds T = 1).
 template <int T, int A = (T <= 2 ? 4 : (T <= 4 ? 2 : 1))>
-static void rows(const float* xp, const uint8_t* qp, const float* sp, const float* xs, float* yp,
-                 int64_t K, int64_t N, int64_t group, int64_t n0, int64_t n1) {
+static void rows_f32(const float* xp, const uint8_t* qp, const float* sp, const float* xs, float* yp,
+                     int64_t K, int64_t N, int64_t group, int64_t n0, int64_t n1) {
   const int64_t G = K / group;
   const __m128i low = _mm_set1_epi8(0x0F);
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* qrow = qp + n * (K / 2);
+    const float* srow = sp + n * 2 * G;
     float out[T];
     for (int t = 0; t < T; ++t) out[t] = 0.f;
     for (int64_t g = 0; g < G; ++g) {
@@ -65,52 +86,119 @@ static void rows(const float* xp, const uint8_t* qp, const float* sp, const floa
           acc[t][3 % A] = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xr + 24), acc[t][3 % A]);
         }
       }
-      const float s = sp[(n * G + g) * 2], o = sp[(n * G + g) * 2 + 1];
+      const float s = srow[g], c = srow[G + g];
       for (int t = 0; t < T; ++t) {
         __m256 sum = acc[t][0];
         for (int a = 1; a < A; ++a) sum = _mm256_add_ps(sum, acc[t][a]);
-        __m128 v = _mm_add_ps(_mm256_castps256_ps128(sum), _mm256_extractf128_ps(sum, 1));
-        v = _mm_add_ps(v, _mm_movehl_ps(v, v));
-        v = _mm_add_ss(v, _mm_movehdup_ps(v));
-        out[t] += s * _mm_cvtss_f32(v) + (o - 8.f * s) * xs[t * G + g];
+        out[t] += s * hsum(sum) + c * xs[t * G + g];
       }
     }
     for (int t = 0; t < T; ++t) yp[t * N + n] = out[t];
   }
 }
 
-torch::Tensor int4_mv(torch::Tensor x, torch::Tensor q, torch::Tensor so, int64_t group) {
+// Int8 activations: x ~ d[t, b] * xq[t, k] per block b of 32 inputs (llama.cpp's Q8_0 blocks).
+// Per block, maddubs multiplies the 32 unsigned nibbles by the 32 signed bytes and adds pairs
+// (|sum| <= 2 * 15 * 127, no saturation), madd adds pairs again: 8 int32 partial dot products,
+// converted once and scaled by d; per group the sum is scaled by s (group accumulators are
+// independent, so out-of-order execution overlaps groups). xs[t, g] = sum of dequantized x.
+template <int T>
+static void rows_q8(const int8_t* xq, const float* xd, const uint8_t* qp, const float* sp, const float* xs,
+                    float* yp, int64_t K, int64_t N, int64_t group, int64_t n0, int64_t n1) {
+  const int64_t G = K / group, B = K / 32, per = group / 32;
+  const __m128i low = _mm_set1_epi8(0x0F);
+  const __m256i ones = _mm256_set1_epi16(1);
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* qrow = qp + n * (K / 2);
+    const float* srow = sp + n * 2 * G;
+    __m256 acc[T];
+    for (int t = 0; t < T; ++t) acc[t] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < G; ++g) {
+      _mm_prefetch((const char*)(qrow + g * group / 2 + 1024), _MM_HINT_T0);  // about 5% at one row
+      __m256 ga[T];
+      for (int t = 0; t < T; ++t) ga[t] = _mm256_setzero_ps();
+      for (int64_t j = 0; j < per; ++j) {
+        const int64_t b = g * per + j;
+        const __m128i bytes = _mm_loadu_si128((const __m128i*)(qrow + b * 16));
+        const __m128i lo = _mm_and_si128(bytes, low);
+        const __m128i hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), low);
+        const __m256i u = _mm256_inserti128_si256(_mm256_castsi128_si256(lo), hi, 1);  // inputs 32b .. 32b+31
+        for (int t = 0; t < T; ++t) {
+          const __m256i q = _mm256_loadu_si256((const __m256i*)(xq + t * K + b * 32));
+          const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(u, q), ones);
+          ga[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_broadcast_ss(xd + t * B + b), ga[t]);
+        }
+      }
+      const __m256 s = _mm256_broadcast_ss(srow + g);
+      for (int t = 0; t < T; ++t) acc[t] = _mm256_fmadd_ps(ga[t], s, acc[t]);
+    }
+    for (int t = 0; t < T; ++t) {
+      float off = 0.f;
+      const float* xst = xs + t * G;
+      for (int64_t g = 0; g < G; ++g) off += srow[G + g] * xst[g];
+      yp[t * N + n] = hsum(acc[t]) + off;
+    }
+  }
+}
+
+#define DISPATCH_ROWS(FN, ...)                         \
+  switch (T) {                                         \
+    case 1: FN<1>(__VA_ARGS__); break;                 \
+    case 2: FN<2>(__VA_ARGS__); break;                 \
+    case 3: FN<3>(__VA_ARGS__); break;                 \
+    case 4: FN<4>(__VA_ARGS__); break;                 \
+    case 5: FN<5>(__VA_ARGS__); break;                 \
+    case 6: FN<6>(__VA_ARGS__); break;                 \
+    case 7: FN<7>(__VA_ARGS__); break;                 \
+    default: FN<8>(__VA_ARGS__); break;                \
+  }
+
+torch::Tensor int4_mv(torch::Tensor x, torch::Tensor q, torch::Tensor so, int64_t group, bool q8) {
   TORCH_CHECK(x.dim() == 2 && q.dim() == 2 && so.dim() == 3, "bad ranks");
   TORCH_CHECK(x.scalar_type() == torch::kFloat && so.scalar_type() == torch::kFloat, "x, so must be float32");
   TORCH_CHECK(q.scalar_type() == torch::kUInt8, "q must be uint8");
   TORCH_CHECK(x.is_contiguous() && q.is_contiguous() && so.is_contiguous(), "contiguous inputs");
-  const int64_t T = x.size(0), K = x.size(1), N = q.size(0), G = K / group;
+  const int64_t T = x.size(0), K = x.size(1), N = q.size(0), G = K / group, B = K / 32;
   TORCH_CHECK(T >= 1 && T <= 8, "1 to 8 rows");
-  TORCH_CHECK(group % 32 == 0 && K % group == 0 && q.size(1) * 2 == K && so.size(1) == G, "bad shapes");
+  TORCH_CHECK(group % 32 == 0 && K % group == 0 && q.size(1) * 2 == K, "bad shapes");
+  TORCH_CHECK(so.size(0) == N && so.size(1) == 2 && so.size(2) == G, "scales must be [N, 2, G]");
   auto y = torch::empty({T, N}, x.options());
   const float* xp = x.data_ptr<float>();
   const uint8_t* qp = q.data_ptr<uint8_t>();
   const float* sp = so.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  std::vector<float> xs(T * G);  // per row and group: the sum of x (for the offset term)
+  std::vector<float> xs(T * G, 0.f);
+  if (!q8) {
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t k = 0; k < K; ++k) xs[t * G + k / group] += xp[t * K + k];
+    const float* xsp = xs.data();
+    at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
+      DISPATCH_ROWS(rows_f32, xp, qp, sp, xsp, yp, K, N, group, n0, n1)
+    });
+    return y;
+  }
+  std::vector<int8_t> xq(T * K);
+  std::vector<float> xd(T * B);
   for (int64_t t = 0; t < T; ++t)
-    for (int64_t g = 0; g < G; ++g) {
-      float s = 0.f;
-      for (int64_t k = 0; k < group; ++k) s += xp[t * K + g * group + k];
-      xs[t * G + g] = s;
+    for (int64_t b = 0; b < B; ++b) {
+      const float* xb = xp + t * K + b * 32;
+      float amax = 0.f;
+      for (int k = 0; k < 32; ++k) amax = std::max(amax, std::fabs(xb[k]));
+      const float d = amax / 127.f, id = amax > 0.f ? 127.f / amax : 0.f;
+      int sum = 0;
+      for (int k = 0; k < 32; ++k) {
+        const int v = (int)std::nearbyint(xb[k] * id);
+        xq[t * K + b * 32 + k] = (int8_t)v;
+        sum += v;
+      }
+      xd[t * B + b] = d;
+      xs[t * G + (b * 32) / group] += d * (float)sum;
     }
+  const int8_t* xqp = xq.data();
+  const float* xdp = xd.data();
   const float* xsp = xs.data();
   at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
-    switch (T) {
-      case 1: rows<1>(xp, qp, sp, xsp, yp, K, N, group, n0, n1); break;
-      case 2: rows<2>(xp, qp, sp, xsp, yp, K, N, group, n0, n1); break;
-      case 3: rows<3>(xp, qp, sp, xsp, yp, K, N, group, n0, n1); break;
-      case 4: rows<4>(xp, qp, sp, xsp, yp, K, N, group, n0, n1); break;
-      case 5: rows<5>(xp, qp, sp, xsp, yp, K, N, group, n0, n1); break;
-      case 6: rows<6>(xp, qp, sp, xsp, yp, K, N, group, n0, n1); break;
-      case 7: rows<7>(xp, qp, sp, xsp, yp, K, N, group, n0, n1); break;
-      default: rows<8>(xp, qp, sp, xsp, yp, K, N, group, n0, n1); break;
-    }
+    DISPATCH_ROWS(rows_q8, xqp, xdp, qp, sp, xsp, yp, K, N, group, n0, n1)
   });
   return y;
 }
@@ -137,7 +225,7 @@ def _module():
 
         from torch.utils.cpp_extension import _get_build_directory, load_inline
 
-        name = "llama4_local_int4_avx2_v3"
+        name = "llama4_local_int4_avx2_v11"
         if not list(Path(_get_build_directory(name, verbose=False)).glob("*.so")):
             sys.stderr.write("llama4-local: building the INT4 CPU kernel (once, about a minute)\n")
         return load_inline(
@@ -162,7 +250,26 @@ def pack_for_avx2(u: torch.Tensor) -> torch.Tensor:
     return (g[:, :, 0] | (g[:, :, 1] << 4)).reshape(n, k // 2).contiguous()
 
 
-def int4_mv(x: torch.Tensor, packed: torch.Tensor, scales_offsets: torch.Tensor, group_size: int) -> torch.Tensor:
-    """x [T, K] (T <= 8) -> [T, N] in x's dtype."""
-    y = _module().int4_mv(x.float().contiguous(), packed, scales_offsets, group_size)
+def pack_scales(scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+    """Per row and group, scale s and offset o (w = s * (u - 8) + o) -> float32 [N, 2, G]: the G
+    scales, then the G constants o - 8 s."""
+    s, o = scale.float(), offset.float()
+    return torch.stack([s, o - 8 * s], dim=1).contiguous()
+
+
+def int4_mv(
+    x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, group_size: int, int8_activations: bool = False
+) -> torch.Tensor:
+    """x [T, K] (T <= 8) -> [T, N] in x's dtype; with int8_activations, x is first rounded to int8
+    per block of 32 (one float scale per block) and the dot products run on integers."""
+    y = _module().int4_mv(x.float().contiguous(), packed, scales, group_size, int8_activations)
     return y.to(x.dtype)
+
+
+def round_activations_int8(x: torch.Tensor) -> torch.Tensor:
+    """What the int8-activation kernel computes with in place of x [T, K], as float32: x rounded
+    per block of 32 to int8 with scale max|x| / 127 (the reference for tests and benchmarks)."""
+    xb = x.float().reshape(x.shape[0], -1, 32)
+    amax = xb.abs().amax(-1, keepdim=True)
+    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+    return (torch.round(xb * inv) * (amax / 127.0)).reshape(x.shape)

@@ -15,23 +15,54 @@ def rel_err(a, b):
 @pytest.mark.parametrize("symmetric", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows", [1, 5, 33])
-@pytest.mark.parametrize("path", ["cpu", "avx2"])
+@pytest.mark.parametrize("path", ["cpu", "avx2", "avx2_q8"])
 def test_cpu_kernels_match_reference(group_size, symmetric, dtype, rows, path):
     from quant import cpu_kernel
 
-    if path == "avx2" and not cpu_kernel.available():
+    if path.startswith("avx2") and not cpu_kernel.available():
         pytest.skip("no AVX2/FMA CPU or no C++ compiler")
     g = torch.Generator().manual_seed(group_size + rows)
     qw = quantize_int4(torch.randn(96, 256, generator=g), group_size, symmetric, scale_dtype=torch.bfloat16)
     cpu = torch.device("cpu")
-    # Ours where it builds; else the stock kernel for bf16, the reference for float32 activations.
-    expect = "avx2" if cpu_kernel.available() else ("cpu" if dtype == torch.bfloat16 else "reference")
+    # Ours where it builds (int8 activations for bf16 runs); else the stock kernel for bf16, the
+    # reference for float32 activations.
+    if cpu_kernel.available():
+        expect = "avx2_q8" if dtype == torch.bfloat16 else "avx2"
+    else:
+        expect = "cpu" if dtype == torch.bfloat16 else "reference"
     assert kernel_for(qw, cpu, dtype) == expect
     x = torch.randn(rows, 256, generator=g).to(dtype)
     got = Int4Linear(qw, cpu, dtype, path=path)(x)
-    want = Int4Linear(qw, cpu, torch.float32, path="reference")(x.float())
+    ref = Int4Linear(qw, cpu, torch.float32, path="reference")
+    want = ref(x.float())
     assert got.dtype == dtype and got.shape == (rows, 96)
+    if path == "avx2_q8":  # the rounding of activations to int8 costs about 0.5% here
+        assert rel_err(got, want) < 1.5e-2
+        want = ref(cpu_kernel.round_activations_int8(x))
     assert rel_err(got, want) < (1e-5 if dtype == torch.float32 else 1e-2)
+
+
+@pytest.mark.parametrize("group_size", [32, 128])
+@pytest.mark.parametrize("rows", [1, 2, 3, 8])
+def test_int8_activation_kernel_is_exact_on_rounded_activations(group_size, rows):
+    """In float32 out, the int8 kernel equals the reference fed the int8-rounded activations:
+    the integer dot products add no error beyond that rounding."""
+    from quant import cpu_kernel
+
+    if not cpu_kernel.available():
+        pytest.skip("no AVX2/FMA CPU or no C++ compiler")
+    g = torch.Generator().manual_seed(rows)
+    qw = quantize_int4(torch.randn(64, 512, generator=g), group_size, False, scale_dtype=torch.bfloat16)
+    lin = Int4Linear(qw, "cpu", torch.bfloat16)
+    x = torch.randn(rows, 512, generator=g) * torch.logspace(-3, 1, 512)  # blocks of very different scale
+    x[0, :32] = 0  # an all-zero block
+    got = cpu_kernel.int4_mv(x, lin.packed, lin.scales_and_zeros, group_size, True)
+    xr = cpu_kernel.round_activations_int8(x)
+    assert torch.equal(xr[0, :32], torch.zeros(32))
+    want = Int4Linear(qw, "cpu", torch.float32, path="reference")(xr)
+    assert rel_err(got, want) < 1e-5
+    plain = cpu_kernel.int4_mv(x, lin.packed, lin.scales_and_zeros, group_size, False)
+    assert rel_err(plain, Int4Linear(qw, "cpu", torch.float32, path="reference")(x)) < 1e-5
 
 
 def test_avx2_layout_holds_each_nibble_once():
