@@ -2,7 +2,8 @@
 
 Uses bench_runner's mid-sized checkpoint (hidden 1024, 16 experts of 3 x 1024 x 1024, 8 layers),
 quantizes its experts and shared experts (INT4, group 128, symmetric) with `quant.quantize`,
-and times this runner on both in bfloat16.
+and times this runner on both in bfloat16. On a CPU where our AVX2 kernel serves, INT4 is
+timed twice: with int8 activations (what bf16 runs use) and with float ones.
 
     python benchmarks/bench_int4_decode.py [--device cpu|cuda]
 """
@@ -23,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_runner import time_ours, write_checkpoint  # noqa: E402
 from timing import copy_bandwidth  # noqa: E402
 
+from quant.kernels import use_cpu_path  # noqa: E402
 from quant.quantize import QuantizeOptions, quantize_checkpoint  # noqa: E402
 
 
@@ -39,8 +41,11 @@ def main():
         src, q = Path(tmp) / "bf16", Path(tmp) / "int4"
         write_checkpoint(src)
         quantize_checkpoint(src, q, QuantizeOptions(device=args.device))
-        for name, path in (("bfloat16", src), ("int4", q)):
-            r = time_ours(path, "bfloat16", device, prompt, 32, args.reps)
+        runs = [("bfloat16", src, None), ("int4", q, None)]
+        if device.type == "cpu":
+            runs.append(("int4 (float activations)", q, lambda m: use_cpu_path(m, "avx2")))
+        for name, path, prepare in runs:
+            r = time_ours(path, "bfloat16", device, prompt, 32, args.reps, prepare)
             row = {
                 "weights": name,
                 "prefill_tok_s": round(r["prefill_tok_s"], 1),

@@ -38,7 +38,7 @@ from llama4_local.evaluate import evaluate  # noqa: E402
 from llama4_local.loader import load_model  # noqa: E402
 from llama4_local.tokenizer import Tokenizer  # noqa: E402
 from quant.int4 import dequantize_int4, quantize_rtn  # noqa: E402
-from quant.kernels import Int4Linear  # noqa: E402
+from quant.kernels import use_cpu_path  # noqa: E402
 from quant.quantize import QuantizeOptions, quantize_checkpoint  # noqa: E402
 
 DEFAULT_MODEL = ROOT / "benchmarks" / "small-llama4"
@@ -120,13 +120,7 @@ def nf4(group: int):
 
 
 def with_cpu_path(model, path: str):
-    """Switch every INT4 linear on our AVX2 kernel to float ("avx2") or int8 ("avx2_q8")
-    activations; both read the same buffers."""
-    n = 0
-    for m in model.modules():
-        if isinstance(m, Int4Linear) and m.path in ("avx2", "avx2_q8"):
-            m.path, n = path, n + 1
-    if not n:
+    if not use_cpu_path(model, path):
         raise SystemExit("the AVX2 INT4 kernel is not in use here (no AVX2/FMA or no compiler)")
     return model
 

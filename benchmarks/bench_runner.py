@@ -84,8 +84,10 @@ def bytes_per_decode_token(model) -> int:
     return total
 
 
-def time_ours(path, dtype, device, prompt, n_new, reps):
+def time_ours(path, dtype, device, prompt, n_new, reps, prepare=None):
     model, _ = load_model(path, dtype, device.type)
+    if prepare is not None:
+        prepare(model)
     sampler = Sampler(SamplingParams(temperature=0), device)
     best_pre, best_dec, tokens = float("inf"), float("inf"), None
     for _ in range(reps):

@@ -130,3 +130,15 @@ class Int4Linear(torch.nn.Module):
 
     def nbytes(self) -> int:
         return sum(b.numel() * b.element_size() for b in self.buffers())
+
+
+def use_cpu_path(model: torch.nn.Module, path: str) -> int:
+    """Switch every INT4 linear served by our AVX2 kernel to float ("avx2") or int8 ("avx2_q8")
+    activations (both read the same buffers); returns how many were switched."""
+    if path not in ("avx2", "avx2_q8"):
+        raise ValueError(f"not an AVX2 INT4 path: {path!r}")
+    n = 0
+    for m in model.modules():
+        if isinstance(m, Int4Linear) and m.path in ("avx2", "avx2_q8"):
+            m.path, n = path, n + 1
+    return n
