@@ -86,9 +86,33 @@ def open_shard(path: Path):
         raise UserError(f"{path} is not a readable safetensors file ({e}); re-download it") from None
 
 
+_LISTINGS: dict[tuple, dict[str, Path]] = {}  # the last few listings, by the files' identities
+
+
+def _stamp(model_dir: Path) -> tuple:
+    """What identifies a listing: the directory and each safetensors file's size and mtime."""
+    files = []
+    for p in sorted(model_dir.glob("*.safetensors*")):
+        st = p.stat()
+        files.append((p.name, st.st_size, st.st_mtime_ns))
+    return (str(model_dir.resolve()), tuple(files))
+
+
 def list_tensors(model_dir: Path) -> dict[str, Path]:
-    """Every tensor of the checkpoint in `model_dir` (sharded or single-file): name -> shard."""
+    """Every tensor of the checkpoint in `model_dir` (sharded or single-file): name -> shard.
+
+    Listed once per state of the files: `chat` asks whether a vision tower exists, then loads
+    the text model and the tower; each shard header is read once."""
     model_dir = Path(model_dir)
+    key = _stamp(model_dir)
+    if key not in _LISTINGS:
+        if len(_LISTINGS) >= 4:
+            _LISTINGS.pop(next(iter(_LISTINGS)))
+        _LISTINGS[key] = _list_tensors(model_dir)
+    return dict(_LISTINGS[key])
+
+
+def _list_tensors(model_dir: Path) -> dict[str, Path]:
     index_path = model_dir / INDEX_NAME
     if index_path.is_file():
         index = read_json(index_path)

@@ -149,3 +149,22 @@ def test_exit_codes(scout_ckpt, tmp_path):
     assert run_cli("prompt", "hi").returncode == 2  # usage: --model missing
     assert run_cli("no-such-command").returncode == 2
     assert_user_error(prompt(scout_ckpt, "--dtype", "int3"), "--dtype")
+
+
+def test_shard_headers_read_once_per_state_of_the_files(broken, monkeypatch):
+    """`chat` lists the checkpoint three times (vision? text, tower): each header is read once,
+    and a shard changed on disk afterwards is read again (its error is not hidden)."""
+    from llama4_local import checkpoint
+
+    reads = []
+    real = checkpoint.open_shard
+    monkeypatch.setattr(checkpoint, "open_shard", lambda p: reads.append(p) or real(p))
+    shards = first_shard(broken)
+    first = checkpoint.list_tensors(broken)
+    assert sorted({p.name for p in reads}) == shards and len(reads) == len(shards)
+    assert checkpoint.list_tensors(broken) == first and len(reads) == len(shards)
+    shard = broken / shards[0]
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 2])
+    with pytest.raises(checkpoint.UserError, match=shards[0]):
+        checkpoint.list_tensors(broken)
