@@ -10,7 +10,12 @@ With `--optimum ROWS`, also the best any uniform INT4 grid in this format (integ
 bf16 scale) can do on the first ROWS rows: an exhaustive search per group over all 16 zero
 points x 48 scales, each refined by least squares. It bounds what a better fit could gain.
 
+With `--checkpoint DIR`, instead the expert tensors of a real checkpoint (routed experts, each
+as the linear [out, in] it is, and shared experts), the error over all of them together
+(sqrt of summed squared errors over sqrt of summed squares).
+
     pip install bitsandbytes && python benchmarks/bench_quant_error.py [--rows 8192] [--device cpu] [--optimum 256]
+    python benchmarks/bench_quant_error.py --checkpoint benchmarks/small-llama4
 """
 
 from __future__ import annotations
@@ -76,13 +81,67 @@ def optimum_error(w: torch.Tensor, group_size: int, n_scales: int = 48, iters: i
     return relative_error(w, (s * (q - z)).reshape(w.shape).to(w.dtype))
 
 
+def expert_matrices(model_dir: Path):
+    """Every routed and shared expert weight of a checkpoint as a linear [out, in], in bf16."""
+    from safetensors import safe_open
+
+    from llama4_local.checkpoint import list_tensors
+
+    for name, path in sorted(list_tensors(model_dir).items()):
+        if ".feed_forward.experts." in name:
+            with safe_open(str(path), "pt") as f:
+                t = f.get_tensor(name)  # [E, in, out]: gate_up_proj [E, D, 2I], down_proj [E, I, D]
+            if name.endswith("gate_up_proj"):
+                half = t.shape[-1] // 2  # gate and up are separate linears once quantized
+                for e in range(t.shape[0]):
+                    yield t[e, :, :half].T.contiguous()
+                    yield t[e, :, half:].T.contiguous()
+            else:
+                for e in range(t.shape[0]):
+                    yield t[e].T.contiguous()
+        elif ".feed_forward.shared_expert." in name:
+            with safe_open(str(path), "pt") as f:
+                yield f.get_tensor(name)
+
+
+def checkpoint_errors(model_dir: Path) -> None:
+    import bitsandbytes.functional as bnbf
+
+    mats = [w.bfloat16() for w in expert_matrices(model_dir)]
+    print(json.dumps({"checkpoint": str(model_dir), "matrices": len(mats), "params": sum(w.numel() for w in mats)}))
+    for gs in (64, 128):
+        sq = {"nf4": 0.0, "rtn": 0.0, "int4_sym": 0.0, "int4_asym": 0.0}
+        norm = 0.0
+        for w in mats:
+            wf = w.float()
+            norm += wf.pow(2).sum().item()
+            q, state = bnbf.quantize_4bit(w, blocksize=gs, quant_type="nf4")
+            deq = {
+                "nf4": bnbf.dequantize_4bit(q, state),
+                "rtn": dequantize_int4(quantize_rtn(w, gs)),
+                "int4_sym": dequantize_int4(quantize_int4(w, gs, True)),
+                "int4_asym": dequantize_int4(quantize_int4(w, gs, False)),
+            }
+            for k, d in deq.items():
+                sq[k] += (wf - d.float()).pow(2).sum().item()
+        row = {"weights": "checkpoint experts", "group_size": gs}
+        for k, v in sq.items():
+            row[k] = round((v / norm) ** 0.5, 5)
+            if k != "nf4":
+                row[f"{k}_vs_nf4"] = round((v / sq["nf4"]) ** 0.5, 3)
+        print(json.dumps(row), flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, default=8192)
     ap.add_argument("--cols", type=int, default=5120)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--optimum", type=int, default=0, metavar="ROWS", help="also the exhaustive optimum on ROWS rows")
+    ap.add_argument("--checkpoint", type=Path, help="measure on this checkpoint's expert tensors instead")
     args = ap.parse_args()
+    if args.checkpoint:
+        return checkpoint_errors(args.checkpoint)
     g = torch.Generator().manual_seed(0)
     shape = (args.rows, args.cols)
     mats = {
