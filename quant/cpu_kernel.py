@@ -183,8 +183,14 @@ torch::Tensor int4_mv(torch::Tensor x, torch::Tensor q, torch::Tensor so, int64_
     for (int64_t b = 0; b < B; ++b) {
       const float* xb = xp + t * K + b * 32;
       float amax = 0.f;
-      for (int k = 0; k < 32; ++k) amax = std::max(amax, std::fabs(xb[k]));
-      const float d = amax / 127.f, id = amax > 0.f ? 127.f / amax : 0.f;
+      bool finite = true;
+      for (int k = 0; k < 32; ++k) {
+        amax = std::max(amax, std::fabs(xb[k]));
+        finite = finite && std::isfinite(xb[k]);
+      }
+      // A NaN or infinity makes the block's scale NaN, so the outputs it touches are NaN, as
+      // with float activations (rounding would hide it).
+      const float d = finite ? amax / 127.f : NAN, id = finite && amax > 0.f ? 127.f / amax : 0.f;
       int sum = 0;
       for (int k = 0; k < 32; ++k) {
         const int v = (int)std::nearbyint(xb[k] * id);
@@ -225,7 +231,7 @@ def _module():
 
         from torch.utils.cpp_extension import _get_build_directory, load_inline
 
-        name = "llama4_local_int4_avx2_v11"
+        name = "llama4_local_int4_avx2_v12"
         if not list(Path(_get_build_directory(name, verbose=False)).glob("*.so")):
             sys.stderr.write("llama4-local: building the INT4 CPU kernel (once, about a minute)\n")
         return load_inline(

@@ -95,3 +95,17 @@ def test_cuda_kernel_matches_reference(symmetric, rows):
     x = torch.randn(rows, 512, generator=g).to(dev, torch.bfloat16)
     want = Int4Linear(qw, dev, torch.float32, path="reference")(x.float())
     assert rel_err(lin(x), want) < 1e-2
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_int8_activation_kernel_does_not_hide_non_finite_inputs(bad):
+    from quant import cpu_kernel
+
+    if not cpu_kernel.available():
+        pytest.skip("no AVX2/FMA CPU or no C++ compiler")
+    qw = quantize_int4(torch.randn(16, 128), 64, True)
+    lin = Int4Linear(qw, "cpu", torch.bfloat16)
+    x = torch.randn(2, 128).bfloat16()
+    x[1, 5] = bad
+    y = lin(x)
+    assert torch.isfinite(y[0]).all() and not torch.isfinite(y[1]).any()
