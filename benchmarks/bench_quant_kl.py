@@ -34,6 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from llama4_local.config import load_config  # noqa: E402
 from llama4_local.evaluate import evaluate  # noqa: E402
 from llama4_local.loader import load_model  # noqa: E402
 from llama4_local.tokenizer import Tokenizer  # noqa: E402
@@ -119,6 +120,12 @@ def nf4(group: int):
     return f
 
 
+def q4_k_fits(model_dir: Path) -> bool:
+    """Whether llama.cpp would use K-quants here: every row a multiple of 256."""
+    cfg = load_config(model_dir)
+    return cfg.hidden_size % 256 == 0 and cfg.intermediate_size % 256 == 0
+
+
 def with_cpu_path(model, path: str):
     if not use_cpu_path(model, path):
         raise SystemExit("the AVX2 INT4 kernel is not in use here (no AVX2/FMA or no compiler)")
@@ -126,7 +133,10 @@ def with_cpu_path(model, path: str):
 
 
 def bf16_costs(args, report):
-    """KL against the float32 original of bf16 runs: original, INT4 with float / int8 activations."""
+    """KL against the float32 original of bf16 runs: original, INT4 with float / int8 activations
+    (and, on a model whose rows are multiples of 256, llama.cpp's Q4_K_M beside them)."""
+    if args.model and q4_k_fits(args.model):
+        report("q4_k_m (llama.cpp, whole model)", q4_k_m(args.model, only_ours=False), dtype="float32")
     report("original", load_model(args.model, "bfloat16", "cpu")[0], dtype="bfloat16")
     with tempfile.TemporaryDirectory() as tmp:
         for group, symmetric in ((128, True), (64, False)):
@@ -171,7 +181,7 @@ def main():
 
     if args.bf16:
         return bf16_costs(args, report)
-    if ref.cfg.hidden_size % 256 == 0 and ref.cfg.intermediate_size % 256 == 0:
+    if q4_k_fits(args.model):
         # The anchor: llama.cpp's Q4_K_M (whole model), and its Q4_K on our default's tensors.
         report("q4_k_m (llama.cpp, whole model)", q4_k_m(args.model, only_ours=False))
         report("q4_k (experts + shared only)", q4_k_m(args.model, only_ours=True))
