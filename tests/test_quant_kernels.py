@@ -109,3 +109,28 @@ def test_int8_activation_kernel_does_not_hide_non_finite_inputs(bad):
     x[1, 5] = bad
     y = lin(x)
     assert torch.isfinite(y[0]).all() and not torch.isfinite(y[1]).any()
+
+
+def test_use_cpu_path_switches_a_loaded_model(scout_int4):
+    from llama4_local.loader import load_model
+    from quant import cpu_kernel
+    from quant.kernels import use_cpu_path
+
+    if not cpu_kernel.available():
+        pytest.skip("no AVX2/FMA CPU or no C++ compiler")
+    model, _ = load_model(scout_int4[0], "bfloat16", "cpu")
+    ids = torch.arange(3, 15)
+    q8 = model(ids, model.new_cache(12), last_only=False)
+    n = use_cpu_path(model, "avx2")
+    assert n > 0
+    plain = model(ids, model.new_cache(12), last_only=False)
+    m32, _ = load_model(scout_int4[0], "float32", "cpu")
+    exact = m32(ids, m32.new_cache(12), last_only=False)
+    # This random tiny model amplifies any rounding (bf16 alone: about 14% here); int8
+    # activations add little to what bf16 costs.
+    assert not torch.equal(q8, plain)
+    assert rel_err(q8, exact) < 1.25 * rel_err(plain, exact)
+    assert use_cpu_path(model, "avx2_q8") == n
+    assert torch.equal(model(ids, model.new_cache(12), last_only=False), q8)
+    with pytest.raises(ValueError):
+        use_cpu_path(model, "cuda")
