@@ -14,6 +14,9 @@ trained model (bench_offload_policies.py) show the locality real models have.
 
     python benchmarks/bench_offload_gpu.py                   # needs a GPU with ~24+ GB and ~110 GB RAM
     python benchmarks/bench_offload_gpu.py --small --device cpu   # a smoke run of the same code
+
+On a CPU, `--layers N --slots 16N --miss-policies swap --budgets 0` times Scout's first N
+layers at full size with every expert resident: CPU-only decode per layer, to extrapolate to 48.
 """
 
 from __future__ import annotations
@@ -44,9 +47,17 @@ from quant.kernels import Int4Linear, kernel_for  # noqa: E402
 GROUP = 128
 
 
-def scout_config(small: bool) -> TextConfig:
+def scout_config(small: bool, layers: int | None = None) -> TextConfig:
     raw = read_json(ROOT / "tests" / "data" / "scout-instruct-config.json")
     cfg = TextConfig.from_hf(raw)
+    if layers:  # Scout's first `layers` layers, at full size (for per-layer timings on small machines)
+        cfg = replace(
+            cfg,
+            num_layers=layers,
+            rope_layers=cfg.rope_layers[:layers],
+            chunked_layers=cfg.chunked_layers[:layers],
+            moe_layers=cfg.moe_layers[:layers],
+        )
     if small:  # same structure, ~1/10 of every dimension, 4 layers
         n = 4
         cfg = replace(
@@ -173,9 +184,10 @@ def main():
     ap.add_argument("--budgets", default="24,80", help="GiB, comma-separated")
     ap.add_argument("--miss-policies", default="swap,cpu,auto")
     ap.add_argument("--slots", type=int, default=0, help="with --device cpu: cache slots (no GPU plan)")
+    ap.add_argument("--layers", type=int, default=0, help="only Scout's first N layers (full size)")
     args = ap.parse_args()
     device, dtype = torch.device(args.device), torch.bfloat16
-    cfg = scout_config(args.small)
+    cfg = scout_config(args.small, args.layers or None)
     t0 = time.perf_counter()
     model = build_model(cfg, device, dtype)
     dev_tensors, kernel = expert_tensors(cfg, device, dtype)
