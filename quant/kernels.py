@@ -28,11 +28,19 @@ _CUDA_INNER_K_TILES = 8  # K must be a multiple of 16 * inner_k_tiles
 _CPU_INNER_K_TILES = 2
 
 
+# Our AVX2 kernel with int8 or float activations: the same buffers serve both.
+AVX2_PATHS = ("avx2", "avx2_q8")
+
+
+def _scale_offset(qw: Int4Weight) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per output and group [N, G], float32: the scale and the offset -scale * zero."""
+    s = qw.scale.float()
+    return s, torch.zeros_like(s) if qw.zero is None else -s * qw.zero.float()
+
+
 def _scales_and_offsets(qw: Int4Weight, dtype: torch.dtype) -> torch.Tensor:
-    """[G, N, 2]: per group and output, (scale, offset) as both kernels want them."""
-    s = qw.scale.float()  # [N, G]
-    off = torch.zeros_like(s) if qw.zero is None else -s * qw.zero.float()
-    return torch.stack([s, off], dim=-1).transpose(0, 1).contiguous().to(dtype)
+    """[G, N, 2]: per group and output, (scale, offset) as both stock kernels want them."""
+    return torch.stack(_scale_offset(qw), dim=-1).transpose(0, 1).contiguous().to(dtype)
 
 
 def kernel_for(qw, device: torch.device, dtype: torch.dtype) -> str:
@@ -70,7 +78,7 @@ def int4_matmul(path: str, group_size: int, x: torch.Tensor, tensors: dict[str, 
         from .nf4 import nf4_matmul
 
         return nf4_matmul(x, tensors, group_size)
-    if path in ("avx2", "avx2_q8"):
+    if path in AVX2_PATHS:
         from .cpu_kernel import MAX_ROWS, int4_mv
 
         p, so, q8 = tensors["packed"], tensors["scales_and_zeros"], path == "avx2_q8"
@@ -103,12 +111,11 @@ class Int4Linear(torch.nn.Module):
             self.register_buffer("weight", dequantize_int4(qw, dtype).to(device))
             return
         u = unpack_int4(qw.packed).to(torch.int32) + 8  # [N, K] unsigned nibbles
-        if self.path in ("avx2", "avx2_q8"):
+        if self.path in AVX2_PATHS:
             from .cpu_kernel import pack_for_avx2, pack_scales
 
             self.register_buffer("packed", pack_for_avx2(u))
-            so = _scales_and_offsets(qw, torch.float32)  # [G, N, 2]
-            self.register_buffer("scales_and_zeros", pack_scales(so[..., 0].T, so[..., 1].T))  # [N, 2, G]
+            self.register_buffer("scales_and_zeros", pack_scales(*_scale_offset(qw)))  # [N, 2, G]
             return
         if self.path == "cpu":
             packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(u, _CPU_INNER_K_TILES)
@@ -135,10 +142,10 @@ class Int4Linear(torch.nn.Module):
 def use_cpu_path(model: torch.nn.Module, path: str) -> int:
     """Switch every INT4 linear served by our AVX2 kernel to float ("avx2") or int8 ("avx2_q8")
     activations (both read the same buffers); returns how many were switched."""
-    if path not in ("avx2", "avx2_q8"):
+    if path not in AVX2_PATHS:
         raise ValueError(f"not an AVX2 INT4 path: {path!r}")
     n = 0
     for m in model.modules():
-        if isinstance(m, Int4Linear) and m.path in ("avx2", "avx2_q8"):
+        if isinstance(m, Int4Linear) and m.path in AVX2_PATHS:
             m.path, n = path, n + 1
     return n
