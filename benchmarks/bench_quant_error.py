@@ -40,6 +40,7 @@ from quant.int4 import (  # noqa: E402
     quantize_rtn,
     relative_error,  # noqa: E402
 )
+from quant.quantize import expert_weights  # noqa: E402
 
 
 def nf4_error(w: torch.Tensor, group_size: int) -> float:
@@ -81,33 +82,10 @@ def optimum_error(w: torch.Tensor, group_size: int, n_scales: int = 48, iters: i
     return relative_error(w, (s * (q - z)).reshape(w.shape).to(w.dtype))
 
 
-def expert_matrices(model_dir: Path):
-    """Every routed and shared expert weight of a checkpoint as a linear [out, in], in bf16."""
-    from safetensors import safe_open
-
-    from llama4_local.checkpoint import list_tensors
-
-    for name, path in sorted(list_tensors(model_dir).items()):
-        if ".feed_forward.experts." in name:
-            with safe_open(str(path), "pt") as f:
-                t = f.get_tensor(name)  # [E, in, out]: gate_up_proj [E, D, 2I], down_proj [E, I, D]
-            if name.endswith("gate_up_proj"):
-                half = t.shape[-1] // 2  # gate and up are separate linears once quantized
-                for e in range(t.shape[0]):
-                    yield t[e, :, :half].T.contiguous()
-                    yield t[e, :, half:].T.contiguous()
-            else:
-                for e in range(t.shape[0]):
-                    yield t[e].T.contiguous()
-        elif ".feed_forward.shared_expert." in name:
-            with safe_open(str(path), "pt") as f:
-                yield f.get_tensor(name)
-
-
 def checkpoint_errors(model_dir: Path) -> None:
     import bitsandbytes.functional as bnbf
 
-    mats = [w.bfloat16() for w in expert_matrices(model_dir)]
+    mats = [w.bfloat16() for w in expert_weights(model_dir)]
     print(json.dumps({"checkpoint": str(model_dir), "matrices": len(mats), "params": sum(w.numel() for w in mats)}))
     for gs in (64, 128):
         sq = {"nf4": 0.0, "rtn": 0.0, "int4_sym": 0.0, "int4_asym": 0.0}

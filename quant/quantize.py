@@ -254,19 +254,37 @@ def _nbytes(f, name: str) -> int:
 _DTYPE_BYTES = {"F32": 4, "BF16": 2, "F16": 2, "I32": 4, "I64": 8, "U8": 1, "I8": 1, "F64": 8, "BOOL": 1}
 
 
+def expert_linears(name: str, t: torch.Tensor) -> dict[str, torch.Tensor]:
+    """One expert's slice of a fused tensor as the linears [out, in] it becomes (views):
+    gate_up_proj [D, 2I] -> gate_proj and up_proj [I, D]; down_proj [I, D] -> down_proj [D, I]."""
+    if name.endswith("gate_up_proj"):  # gate = first I columns, up = the rest
+        inter = t.shape[1] // 2
+        return {"gate_proj": t[:, :inter].t(), "up_proj": t[:, inter:].t()}
+    return {"down_proj": t.t()}
+
+
+def expert_weights(model_dir: Path):
+    """Every weight the default quantizes, as a contiguous linear [out, in]: each routed expert's
+    gate, up and down, and the shared experts (for measuring quantization error)."""
+    for name, path in sorted(list_tensors(model_dir).items()):
+        if _expert_prefix(name) or name.endswith(_SHARED):
+            with safe_open(str(path), framework="pt") as f:
+                sl = f.get_slice(name)
+                if len(sl.get_shape()) == 3:
+                    for e in range(sl.get_shape()[0]):
+                        yield from (w.contiguous() for w in expert_linears(name, sl[e]).values())
+                else:
+                    yield f.get_tensor(name)
+
+
 def _quantize_experts(f, name: str, prefix: str, writer: _ShardWriter, quantize) -> int:
     """Quantize a fused expert tensor one expert at a time (each slice read on its own)."""
     sl = f.get_slice(name)
     n_exp = sl.get_shape()[0]
     count = 0
     for e in range(n_exp):
-        t = sl[e]  # [D, 2I] (gate_up) or [I, D] (down): only this expert's bytes are read
-        if name.endswith("gate_up_proj"):  # gate = first I columns, up = the rest
-            inter = t.shape[1] // 2
-            mats = {"gate_proj": t[:, :inter].t(), "up_proj": t[:, inter:].t()}
-        else:
-            mats = {"down_proj": t.t()}
-        for proj, w in mats.items():
+        # [D, 2I] (gate_up) or [I, D] (down): only this expert's bytes are read
+        for proj, w in expert_linears(name, sl[e]).items():
             writer.add(to_tensors(f"{prefix}.{e}.{proj}", quantize(w)))
             count += 1
         _release_freed_memory()

@@ -89,22 +89,10 @@ def test_asymmetric_fit_beats_nf4_on_a_checkpoints_experts(scout_ckpt):
     become, and shared experts): our asymmetric fit's error over all of them is no worse than
     bitsandbytes NF4's at group 64 and 128 (measured: 0.949x and 0.995x); RTN's is far worse."""
     import bitsandbytes.functional as bnbf
-    from safetensors import safe_open
 
-    from llama4_local.checkpoint import list_tensors
+    from quant.quantize import expert_weights
 
-    mats = []
-    for name, path in list_tensors(scout_ckpt).items():
-        if ".feed_forward.experts." in name or ".feed_forward.shared_expert." in name:
-            with safe_open(str(path), "pt") as f:
-                t = f.get_tensor(name).bfloat16()
-            if name.endswith("gate_up_proj"):  # [E, D, 2I]: gate and up, each [I, D] once quantized
-                h = t.shape[-1] // 2
-                mats += [m.T.contiguous() for e in t for m in (e[:, :h], e[:, h:])]
-            elif name.endswith("experts.down_proj"):  # [E, I, D]
-                mats += [e.T.contiguous() for e in t]
-            else:
-                mats.append(t)
+    mats = [w.bfloat16() for w in expert_weights(scout_ckpt)]
     assert len(mats) > 40
     for gs in (64, 128):
         err = {"nf4": 0.0, "ours": 0.0, "rtn": 0.0}
