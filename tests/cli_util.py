@@ -1,3 +1,4 @@
+import json
 import subprocess
 import sys
 
@@ -11,3 +12,12 @@ def run_cli(*args, stdin: str | None = None, timeout: int = 300) -> subprocess.C
         text=True,
         timeout=timeout,
     )
+
+
+def greedy_json(*args) -> dict:
+    """`prompt` ARGS greedily, exactly (float32 on the CPU, past end tokens), as its --json object."""
+    r = run_cli(
+        "prompt", *args, "--temperature", "0", "--ignore-eos", "--dtype", "float32", "--device", "cpu", "--json"
+    )
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)

@@ -4,7 +4,7 @@ import json
 
 import torch
 
-from tests.cli_util import run_cli
+from tests.cli_util import greedy_json, run_cli
 from tests.factory import load_reference
 
 PROMPT = "The quick brown fox jumps over the lazy dog. Llama 4 Scout"
@@ -13,25 +13,7 @@ PROMPT = "The quick brown fox jumps over the lazy dog. Llama 4 Scout"
 def test_raw_greedy_matches_transformers_generate(scout_ckpt):
     from transformers import AutoTokenizer, GenerationConfig
 
-    r = run_cli(
-        "prompt",
-        PROMPT,
-        "--model",
-        scout_ckpt,
-        "--raw",
-        "--temperature",
-        "0",
-        "--ignore-eos",
-        "--dtype",
-        "float32",
-        "--device",
-        "cpu",
-        "--json",
-        "--max-tokens",
-        "64",
-    )
-    assert r.returncode == 0, r.stderr
-    out = json.loads(r.stdout)
+    out = greedy_json(PROMPT, "--model", scout_ckpt, "--raw", "--max-tokens", "64")
     assert set(out) == {"text", "token_ids", "prompt_tokens", "finish_reason", "stats"}
     assert out["finish_reason"] == "length"
 

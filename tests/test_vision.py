@@ -16,7 +16,7 @@ from llama4_local.loader import load_model
 from llama4_local.runner import build_prompt
 from llama4_local.tokenizer import Tokenizer
 from tests import oracle_images
-from tests.cli_util import run_cli
+from tests.cli_util import greedy_json, run_cli
 from tests.factory import PREPROCESSOR, load_reference
 from tests.test_bad_input import assert_user_error
 
@@ -212,27 +212,7 @@ def test_prompt_cli_greedy_equals_transformers_generate(tmp_path, multimodal_ckp
     for i, im in enumerate(images):
         paths += ["--image", tmp_path / f"img{i}.png"]
         im.save(paths[-1])
-    r = run_cli(
-        "prompt",
-        "What is in these pictures?",
-        "-m",
-        multimodal_ckpt,
-        *paths,
-        "--temperature",
-        "0",
-        "--ignore-eos",
-        "--dtype",
-        "float32",
-        "--device",
-        "cpu",
-        "--json",
-        "-n",
-        "24",
-        "--prefill-chunk",
-        "7",
-    )
-    assert r.returncode == 0, r.stderr
-    out = json.loads(r.stdout)
+    out = greedy_json("What is in these pictures?", "-m", multimodal_ckpt, *paths, "-n", "24", "--prefill-chunk", "7")
     ids, pixels = _image_prompt(multimodal_ckpt, images)
     assert out["prompt_tokens"] == len(ids)
     assert out["stats"]["images"] == count
