@@ -472,6 +472,87 @@ def chat(
 
 
 @app.command()
+def serve(
+    model: ModelOpt,
+    revision: RevisionOpt = None,
+    host: Annotated[str, typer.Option(help="Address to listen on (127.0.0.1: this machine only).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on (0: any free port).")] = 8080,
+    api_key: Annotated[
+        str | None,
+        typer.Option(envvar="LLAMA4_LOCAL_API_KEY", help="Require 'Authorization: Bearer KEY' on every API call."),
+    ] = None,
+    max_queue: Annotated[int, typer.Option(help="Requests that may wait behind the running one; more get 429.")] = 16,
+    max_tokens: Annotated[
+        int | None,
+        typer.Option("--max-tokens", "-n", help="Reply length when a request names none [default: rest of context]."),
+    ] = None,
+    temperature: TemperatureOpt = None,
+    top_k: TopKOpt = None,
+    top_p: TopPOpt = None,
+    min_p: MinPOpt = None,
+    repetition_penalty: RepetitionOpt = None,
+    seed: SeedOpt = None,
+    context: Annotated[int | None, typer.Option(help="Context length in tokens [default: 8192].")] = None,
+    prompt_cache: Annotated[
+        int, typer.Option(help="Recent conversations whose KV cache is kept to skip their prefill (0: off).")
+    ] = 4,
+    dtype: DtypeOpt = "bfloat16",
+    device: DeviceOpt = "auto",
+    prefill_chunk: PrefillChunkOpt = 512,
+    gpu_memory: GpuMemoryOpt = None,
+    host_memory: HostMemoryOpt = None,
+    expert_cache_slots: SlotsOpt = None,
+    cache_policy: PolicyOpt = "lru",
+    miss_policy: MissOpt = "auto",
+    prefetch: PrefetchOpt = True,
+    vision: Annotated[bool, typer.Option(help="Load the vision tower (if the checkpoint has one) for images.")] = True,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Serve the model over the OpenAI API (chat completions, completions, tools, JSON output).
+
+    Point any OpenAI client at http://HOST:PORT/v1. Ctrl-C or SIGTERM stops it.
+
+    Examples:
+
+      llama4-local serve -m ~/models/scout-int4
+
+      llama4-local serve -m ./scout-int4 --gpu-memory 24GiB --port 8000
+
+      llama4-local serve -m ./scout-int4 --host 0.0.0.0 --api-key "$(openssl rand -hex 16)"
+    """
+
+    def go():
+        from llama4_local.server.launch import ServeConfig
+        from llama4_local.server.launch import serve as run_server
+
+        off = _offload_options(gpu_memory, host_memory, expert_cache_slots, cache_policy, miss_policy, prefetch)
+        sampling = dict(
+            temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty,
+            seed=seed,
+        )  # fmt: skip
+        cfg = ServeConfig(
+            model=_model(model, revision),
+            model_id=model,
+            host=host,
+            port=port,
+            api_key=api_key,
+            max_queue=max_queue,
+            dtype=dtype,
+            device=device,
+            prefill_chunk=prefill_chunk,
+            offload=off,
+            context=context,
+            max_tokens=max_tokens,
+            sampling=sampling,
+            vision=vision,
+            cache_entries=prompt_cache,
+        )
+        raise typer.Exit(run_server(cfg))
+
+    _run(go, verbose)
+
+
+@app.command()
 def info(
     model: Annotated[str, typer.Argument(help="Checkpoint directory or hub repo id.")],
     revision: RevisionOpt = None,

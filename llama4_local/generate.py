@@ -9,8 +9,9 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
@@ -58,6 +59,75 @@ def prefill(
     return logits[-1]
 
 
+class LogitsProcessor(Protocol):
+    """Changes the next token's logits [V] before sampling and learns which token was chosen."""
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor: ...
+
+    def accept(self, token: int) -> None: ...
+
+
+class OutputPenalties:
+    """OpenAI's presence and frequency penalties over the tokens generated so far.
+
+    logit[t] -= presence * (count[t] > 0) + frequency * count[t]; the prompt does not count.
+    """
+
+    def __init__(self, presence: float, frequency: float, vocab: int, device):
+        self.presence, self.frequency = presence, frequency
+        self.counts = torch.zeros(vocab, dtype=torch.float32, device=device)
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits - self.presence * (self.counts > 0) - self.frequency * self.counts
+
+    def accept(self, token: int) -> None:
+        self.counts[token] += 1
+
+
+class LogitBias:
+    """Adds a fixed bias to some tokens' logits (OpenAI's logit_bias: -100 bans, +100 forces)."""
+
+    def __init__(self, bias: dict[int, float], device):
+        self.ids = torch.tensor(list(bias), dtype=torch.long, device=device)
+        self.values = torch.tensor(list(bias.values()), dtype=torch.float32, device=device)
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits.index_add(0, self.ids, self.values)
+
+    def accept(self, token: int) -> None:
+        pass
+
+
+def _steps(
+    model: Llama4Text,
+    prompt: list[int],
+    sampler: Sampler,
+    cache: KVCache,
+    prefill_chunk: int,
+    history: list[int] | None,
+    image_features: torch.Tensor | None,
+    processors: Sequence[LogitsProcessor] = (),
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """Yield (token, the model's own logits [V] for it) without end."""
+    device = model.embed_tokens.weight.device
+    ids = torch.tensor(prompt, dtype=torch.long, device=device)
+    seen = torch.tensor(history if history is not None else prompt, dtype=torch.long, device=device)
+    use_history = sampler.p.repetition_penalty != 1.0
+    logits = prefill(model, ids, cache, prefill_chunk, image_features)
+    while True:
+        shaped = logits
+        for proc in processors:
+            shaped = proc(shaped)
+        token = sampler(shaped, seen if use_history else None)
+        for proc in processors:
+            proc.accept(token)
+        yield token, logits
+        next_id = torch.tensor([token], dtype=torch.long, device=device)
+        if use_history:
+            seen = torch.cat([seen, next_id])
+        logits = model(next_id, cache)[-1]
+
+
 def generate_step(
     model: Llama4Text,
     prompt: list[int],
@@ -72,18 +142,26 @@ def generate_step(
     `prompt` holds the tokens not yet in `cache`; `history` (default: prompt) is every token of
     the context, for the repetition penalty.
     """
-    device = model.embed_tokens.weight.device
-    ids = torch.tensor(prompt, dtype=torch.long, device=device)
-    seen = torch.tensor(history if history is not None else prompt, dtype=torch.long, device=device)
-    use_history = sampler.p.repetition_penalty != 1.0
-    logits = prefill(model, ids, cache, prefill_chunk, image_features)
-    while True:
-        token = sampler(logits, seen if use_history else None)
+    for token, _ in _steps(model, prompt, sampler, cache, prefill_chunk, history, image_features):
         yield token
-        next_id = torch.tensor([token], dtype=torch.long, device=device)
-        if use_history:
-            seen = torch.cat([seen, next_id])
-        logits = model(next_id, cache)[-1]
+
+
+@dataclass
+class TokenLogprob:
+    """A generated token's log probability under the model, and the most likely alternatives."""
+
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]  # (token id, logprob), most likely first
+
+
+def token_logprob(logits: torch.Tensor, token: int, top: int) -> TokenLogprob:
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    alts = []
+    if top > 0:
+        values, ids = torch.topk(lp, min(top, lp.shape[-1]))
+        alts = list(zip(ids.tolist(), values.tolist(), strict=True))
+    return TokenLogprob(token, float(lp[token]), alts)
 
 
 @dataclass
@@ -140,6 +218,7 @@ class Response:
     token: int | None  # the token this record is for (None for a final flush)
     finish_reason: str | None = None  # "stop" (eos or stop string) or "length" on the last record
     stats: Stats = field(default_factory=Stats)
+    logprob: TokenLogprob | None = None  # when asked for
 
 
 class _StopMatcher:
@@ -192,8 +271,16 @@ def stream_generate(
     cache: KVCache | None = None,
     context: int | None = None,
     image_features: torch.Tensor | None = None,
+    processors: Sequence[LogitsProcessor] = (),
+    logprobs: int | None = None,
+    history: list[int] | None = None,
 ) -> Iterator[Response]:
-    """Yield one Response per generated token; the last one carries finish_reason."""
+    """Yield one Response per generated token; the last one carries finish_reason.
+
+    `processors` shape the logits before sampling (penalties, biases, a grammar); `logprobs`
+    (the number of alternatives, 0 for none) adds each token's log probability under the model.
+    `history` is every token of the context when `prompt` is only the part not yet cached.
+    """
     need = check_context(model.cfg, len(prompt), max_new_tokens, context)
     device = model.embed_tokens.weight.device
     if cache is None:
@@ -205,27 +292,29 @@ def stream_generate(
     if max_new_tokens <= 0:
         yield Response("", None, "length", stats)
         return
-    steps = generate_step(model, prompt, sampler, cache, prefill_chunk, image_features=image_features)
+    steps = _steps(model, prompt, sampler, cache, prefill_chunk, history, image_features, processors)
     t0 = time.perf_counter()
-    for n, token in enumerate(steps, start=1):
+    for n, (token, logits) in enumerate(steps, start=1):
         now = time.perf_counter()
         if n == 1:
             stats.prefill_s = now - t0
         else:
             stats.decode_s += now - t0
         stats.generated_tokens = n
+        lp = token_logprob(logits, token, logprobs) if logprobs is not None else None
         if token in eos_ids and not ignore_eos:
-            yield Response(stopper.push(detok.flush())[0] + stopper.rest(), token, "stop", stats)
+            yield Response(stopper.push(detok.flush())[0] + stopper.rest(), token, "stop", stats, lp)
             return
         piece, hit = stopper.push(detok.add(token))
         if hit:
-            yield Response(piece, token, "stop", stats)
+            yield Response(piece, token, "stop", stats, lp)
             return
         if n >= max_new_tokens:
             tail, hit = stopper.push(detok.flush())
-            yield Response(piece + tail + ("" if hit else stopper.rest()), token, "stop" if hit else "length", stats)
+            text = piece + tail + ("" if hit else stopper.rest())
+            yield Response(text, token, "stop" if hit else "length", stats, lp)
             return
-        yield Response(piece, token, None, stats)
+        yield Response(piece, token, None, stats, lp)
         t0 = time.perf_counter()
 
 

@@ -93,8 +93,6 @@ class PreparedImage:
 
 def read_image(path: str | Path):
     """Decode an image file into an RGB PIL image; a one-line UserError for anything wrong."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
-
     path = Path(path).expanduser()
     if not path.exists():
         raise UserError(f"image {path} does not exist")
@@ -106,24 +104,31 @@ def read_image(path: str | Path):
         raise UserError(f"cannot read image {path}: {e.strerror}") from None
     if nbytes > MAX_FILE_BYTES:
         raise UserError(f"image {path} is {nbytes / 2**20:.0f} MiB; images over 256 MiB are refused, shrink it")
+    return decode_image(path, str(path))
+
+
+def decode_image(source, name: str):
+    """Decode an image (a path or a binary file object) into an RGB PIL image, refusing decompression bombs."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
     saved = Image.MAX_IMAGE_PIXELS
     Image.MAX_IMAGE_PIXELS = MAX_PIXELS // 2  # Pillow raises past twice this
     try:
-        with Image.open(path) as im:
+        with Image.open(source) as im:
             w, h = im.size
             if w * h > MAX_PIXELS:
-                raise UserError(f"image {path} is {w}x{h} pixels, too large to decode safely; shrink it")
+                raise UserError(f"image {name} is {w}x{h} pixels, too large to decode safely; shrink it")
             im.load()
             im = ImageOps.exif_transpose(im)
             return to_rgb(im)
     except UserError:
         raise
     except Image.DecompressionBombError:
-        raise UserError(f"image {path} is too large to decode safely; shrink it") from None
+        raise UserError(f"image {name} is too large to decode safely; shrink it") from None
     except UnidentifiedImageError:
-        raise UserError(f"{path} is not an image Pillow can read (JPEG, PNG, WebP, ...)") from None
+        raise UserError(f"{name} is not an image Pillow can read (JPEG, PNG, WebP, ...)") from None
     except (OSError, SyntaxError, ValueError) as e:
-        raise UserError(f"cannot decode image {path}: {e}; is the file complete?") from None
+        raise UserError(f"cannot decode image {name}: {e}; is the file complete?") from None
     finally:
         Image.MAX_IMAGE_PIXELS = saved
 
@@ -323,6 +328,12 @@ class ImageReader:
 
     def load(self, path: str | Path) -> PreparedImage:
         return load_image(path, self.settings)
+
+    def load_bytes(self, data: bytes, name: str = "image") -> PreparedImage:
+        """An image sent as bytes (a server's data URL)."""
+        import io
+
+        return prepare(decode_image(io.BytesIO(data), name), self.settings, source=name)
 
     def tokens_for(self, image: PreparedImage) -> int:
         return len(image_layout(image.grid, self.per_tile, self.tokens))

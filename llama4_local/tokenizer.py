@@ -78,16 +78,24 @@ class Tokenizer:
             self._compiled = _compile(self.chat_template)
         kwargs = {k: v for k, v in self.special.items() if v is not None}
         kwargs.update(extra)
+        kwargs.setdefault("tools", None)
         try:
             return self._compiled.render(
-                messages=messages, tools=None, documents=None, add_generation_prompt=add_generation_prompt, **kwargs
+                messages=messages, documents=None, add_generation_prompt=add_generation_prompt, **kwargs
             )
         except jinja2.TemplateError as e:
-            raise UserError(f"the checkpoint's chat template failed: {e}") from None
+            raise UserError(f"the checkpoint's chat template failed: {_one_line(e)}") from None
+        except (RecursionError, MemoryError, OverflowError, ArithmeticError, LookupError, TypeError, ValueError) as e:
+            # A template is the checkpoint's code: any failure inside it is the checkpoint's, not ours.
+            raise UserError(f"the checkpoint's chat template failed ({type(e).__name__}: {_one_line(e)})") from None
 
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
         # The template writes the BOS text itself: tokenize without adding another.
         return self.encode(self.render_chat(messages, add_generation_prompt), add_special_tokens=False)
+
+
+def _one_line(e: Exception) -> str:
+    return " ".join(str(e).split())[:300] or type(e).__name__
 
 
 def _compile(source: str):
