@@ -49,7 +49,8 @@ TOOL_TEMPLATE = """{{- bos_token }}
             {{- message.content }}
         {%- else %}
             {%- for part in message.content %}
-                {%- if part.type == 'image' %}{{- '<|image|>' }}{%- elif part.type == 'text' %}{{- part.text }}{%- endif %}
+                {%- if part.type == 'image' %}{{- '<|image|>' }}
+                {%- elif part.type == 'text' %}{{- part.text }}{%- endif %}
             {%- endfor %}
         {%- endif %}
         {{- "<|eot|>" }}

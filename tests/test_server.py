@@ -146,7 +146,10 @@ WEATHER = {
         "description": "Weather in a city",
         "parameters": {
             "type": "object",
-            "properties": {"city": {"enum": ["Paris", "Oslo"]}, "days": {"type": "integer", "minimum": 1, "maximum": 7}},
+            "properties": {
+                "city": {"enum": ["Paris", "Oslo"]},
+                "days": {"type": "integer", "minimum": 1, "maximum": 7},
+            },
             "required": ["city", "days"],
             "additionalProperties": False,
         },
@@ -283,7 +286,8 @@ def test_errors_have_openai_shape_and_status(server):
     err(post(server, "/v1/chat/completions", ok, key=None), 401)
     err(post(server, "/v1/chat/completions", ok, key="wrong"), 401)
     assert post(server, "/v1/chat/completions", ok).status_code == 200
-    res = httpx.post(server.url + "/v1/chat/completions", content=b"{not json", headers={"Authorization": f"Bearer {KEY}"})
+    auth = {"Authorization": f"Bearer {KEY}"}
+    res = httpx.post(server.url + "/v1/chat/completions", content=b"{not json", headers=auth)
     err(res, 400)
     assert err(post(server, "/v1/chat/completions", {**ok, "temperature": "hot"}), 400)["param"] == "temperature"
     assert err(post(server, "/v1/chat/completions", {**ok, "n": 2}), 400)["param"] == "n"
