@@ -97,6 +97,19 @@ def _offload_options(gpu_memory, host_memory, slots, policy, miss_policy, prefet
     ).validate()
 
 
+def _read_stdin() -> str:
+    from llama4_local.errors import UserError
+
+    data = sys.stdin.buffer.read()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(
+            f"standard input is not UTF-8 text (byte {data[e.start]:#04x} at offset {e.start}); "
+            "convert it first, e.g. with iconv -t UTF-8"
+        ) from None
+
+
 def _fail(message: str, code: int) -> None:
     sys.stderr.write(f"error: {message}\n")
     raise typer.Exit(code)
@@ -186,7 +199,7 @@ def prompt(
 
         off = _offload_options(gpu_memory, host_memory, expert_cache_slots, cache_policy, miss_policy, prefetch)
 
-        body = sys.stdin.read() if text == "-" else text
+        body = _read_stdin() if text == "-" else text
         req = PromptRequest(
             model=_model(model, revision),
             text=body,

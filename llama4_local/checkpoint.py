@@ -119,6 +119,12 @@ def _list_tensors(model_dir: Path) -> dict[str, Path]:
         weight_map = index.get("weight_map") if isinstance(index, dict) else None
         if not isinstance(weight_map, dict):
             raise UserError(f"{index_path} has no weight_map; re-download the checkpoint")
+        for shard in weight_map.values():
+            if not plain_file_name(shard):
+                raise UserError(
+                    f"{index_path} names shard {shard!r}, which is not a file in the checkpoint directory; "
+                    "the index is damaged or hostile: re-download the checkpoint"
+                )
         shards = sorted(set(weight_map.values()))
         for shard in shards:
             if not (model_dir / shard).is_file():
@@ -151,3 +157,15 @@ def open_checkpoint(model_dir: Path) -> Checkpoint:
             files[mod] = path
             names[mod] = ckpt_name
     return Checkpoint(root=Path(model_dir), files=files, names=names)
+
+
+def plain_file_name(name) -> bool:
+    """A shard name is a file name in the checkpoint's directory: no path, no parent, no drive."""
+    return (
+        isinstance(name, str)
+        and name not in ("", ".", "..")
+        and "/" not in name
+        and "\\" not in name
+        and "\0" not in name
+        and ":" not in name
+    )

@@ -206,11 +206,22 @@ def _rope(text: dict, source: str) -> tuple[float, RopeScaling | None]:
         raise UserError(f"{source}: llama3 rope scaling lacks {e.args[0]!r}") from None
 
 
+class _NonFinite(ValueError):
+    pass
+
+
+def _no_constant(name: str):
+    # Python's json reads NaN and Infinity, which JSON does not have; a config never needs them.
+    raise _NonFinite(name)
+
+
 def read_json(path: Path) -> dict:
     """Parse a JSON file, turning a broken one into a UserError that names it."""
     try:
         with open(path, encoding="utf-8") as f:
-            return json.load(f)
+            return json.load(f, parse_constant=_no_constant)
+    except _NonFinite as e:
+        raise UserError(f"{path} holds {e.args[0]}, which is not a number; re-download it or fix the value") from None
     except json.JSONDecodeError as e:
         raise UserError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}); re-download it") from None
     except UnicodeDecodeError:

@@ -71,7 +71,7 @@ def longest_common_prefix(a: Sequence, b: Sequence) -> int:
 def rewind(cache: KVCache, length: int) -> bool:
     """Cut a cache back to its first `length` positions; False where a chunked layer cannot."""
     for kv in cache.layers:
-        if kv.chunked and length < kv.start:
+        if kv.chunked and not kv.can_truncate(length):
             return False
     for kv in cache.layers:
         kv.truncate(length)
@@ -144,7 +144,7 @@ class Engine:
     ):
         self.model, self.tokenizer, self.eos_ids = model, tokenizer, eos_ids
         self.context, self.prefill_chunk, self.images = context, prefill_chunk, images
-        self.prefix = PrefixCache(lambda: model.new_cache(context), cache_entries, cache_bytes)
+        self.prefix = PrefixCache(lambda: model.new_cache(context, keep_previous=True), cache_entries, cache_bytes)
         self._features: OrderedDict[str, torch.Tensor] = OrderedDict()  # image digest -> tower output
 
     def keys(self, req: GenerationRequest) -> list:

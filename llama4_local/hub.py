@@ -47,7 +47,9 @@ def _complete(snapshot: Path) -> bool:
             shards = set(json.loads(index.read_text())["weight_map"].values())
         except (ValueError, KeyError):
             return False
-        return all((snapshot / s).is_file() for s in shards)
+        from .checkpoint import plain_file_name
+
+        return all(plain_file_name(s) and (snapshot / s).is_file() for s in shards)
     return any(snapshot.glob("*.safetensors"))
 
 

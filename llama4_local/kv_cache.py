@@ -75,8 +75,13 @@ class ChunkedKV:
 
     chunked = True
 
-    def __init__(self, kv_heads, head_dim, chunk, dtype, device, max_len: int | None = None):
+    def __init__(self, kv_heads, head_dim, chunk, dtype, device, max_len: int | None = None, keep_previous=False):
         self.chunk = chunk
+        # With keep_previous, the block before the current one is kept too (a copy made when a
+        # block ends), so the cache can be rewound into it: a server reusing a conversation's
+        # cache cuts it back to the common prefix, which may lie just before a block boundary.
+        self.keep_previous = keep_previous
+        self.prev: tuple[torch.Tensor, torch.Tensor, int] | None = None  # (k, v, first position)
         # Never more than one block, and never more than the whole context.
         limit = min(chunk, max_len) if max_len else chunk
         self.buf = _Buffer(kv_heads, head_dim, limit, dtype, device)
@@ -102,6 +107,13 @@ class ChunkedKV:
             values = torch.cat([self.buf.v[:, :held], v], dim=1)
             first = self.start
         new_start = (end // c) * c
+        if new_start > self.start and self.keep_previous:
+            a = max(first, new_start - c)  # keys hold positions [first, end)
+            self.prev = (
+                keys[:, a - first : new_start - first].clone(),
+                values[:, a - first : new_start - first].clone(),
+                a,
+            )
         if new_start > self.start:
             keep = end - new_start  # positions [new_start, end), all among the new tokens
             if keep:
@@ -112,22 +124,39 @@ class ChunkedKV:
         self.length = end
         return keys, values, first
 
+    def can_truncate(self, length: int) -> bool:
+        if length >= self.start:
+            return True
+        block = (length // self.chunk) * self.chunk
+        return self.prev is not None and self.prev[2] <= block and length <= self.start
+
     def truncate(self, length: int) -> None:
-        if length < self.length:
-            if length < self.start:
-                raise ValueError("cannot rewind a chunked cache past the start of its block")
+        if length >= self.length:
+            return
+        if length >= self.start:
             self.length = length
+            return
+        if not self.can_truncate(length):
+            raise ValueError("cannot rewind a chunked cache past the start of the block it keeps")
+        k, v, first = self.prev
+        block = (length // self.chunk) * self.chunk
+        n = length - block
+        self.buf.reserve(max(n, 1), keep=0)
+        self.buf.k[:, :n] = k[:, block - first : length - first]
+        self.buf.v[:, :n] = v[:, block - first : length - first]
+        self.start, self.length, self.prev = block, length, None
 
 
 class KVCache:
     """One cache per decoder layer, of the kind the layer needs."""
 
-    def __init__(self, cfg, max_len: int, dtype, device):
+    def __init__(self, cfg, max_len: int, dtype, device, keep_previous: bool = False):
         self.max_len = max_len
         self.layers = []
         for i in range(cfg.num_layers):
             if cfg.chunked_layers[i]:
-                kv = ChunkedKV(cfg.num_kv_heads, cfg.head_dim, cfg.attention_chunk_size, dtype, device, max_len)
+                c = cfg.attention_chunk_size
+                kv = ChunkedKV(cfg.num_kv_heads, cfg.head_dim, c, dtype, device, max_len, keep_previous)
                 self.layers.append(kv)
             else:
                 self.layers.append(FullKV(cfg.num_kv_heads, cfg.head_dim, max_len, dtype, device))
@@ -137,4 +166,5 @@ class KVCache:
         return self.layers[0].length if self.layers else 0
 
     def nbytes(self) -> int:
-        return sum(layer.buf.nbytes() for layer in self.layers)
+        prev = sum(2 * kv.prev[0].nbytes for kv in self.layers if getattr(kv, "prev", None) is not None)
+        return sum(layer.buf.nbytes() for layer in self.layers) + prev

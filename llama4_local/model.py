@@ -295,8 +295,10 @@ class Llama4Text(nn.Module):
             raise UserError("this model was loaded without its vision tower; it cannot read images")
         return self.vision(pixels).to(self.embed_tokens.weight.dtype)
 
-    def new_cache(self, max_len: int) -> KVCache:
-        return KVCache(self.cfg, max_len, self.embed_tokens.weight.dtype, self.embed_tokens.weight.device)
+    def new_cache(self, max_len: int, keep_previous: bool = False) -> KVCache:
+        """An empty cache; `keep_previous` lets it be rewound into the chunk before the current one."""
+        w = self.embed_tokens.weight
+        return KVCache(self.cfg, max_len, w.dtype, w.device, keep_previous)
 
     @torch.inference_mode()
     def forward(

@@ -168,3 +168,57 @@ def test_shard_headers_read_once_per_state_of_the_files(broken, monkeypatch):
     shard.write_bytes(data[: len(data) // 2])
     with pytest.raises(checkpoint.UserError, match=shards[0]):
         checkpoint.list_tensors(broken)
+
+
+# -- untrusted input at every edge (the server takes what any client sends) ---------------------
+
+
+def test_stdin_that_is_not_utf8(scout_ckpt):
+    import subprocess
+    import sys
+
+    r = subprocess.run(
+        [sys.executable, "-m", "cli", "prompt", "-", "-m", str(scout_ckpt), "--device", "cpu", "-n", "2"],
+        input=b"hi \xff there",
+        capture_output=True,
+    )
+    r.stdout, r.stderr = r.stdout.decode(), r.stderr.decode()
+    assert_user_error(r, "standard input is not UTF-8", "0xff")
+
+
+@pytest.mark.parametrize("value", ["NaN", "Infinity", "-Infinity"])
+def test_config_value_that_is_not_a_number(broken, value):
+    path = broken / "config.json"
+    text = path.read_text()
+    key = '"rms_norm_eps": '
+    start = text.index(key) + len(key)
+    end = start + len(text[start:].split(",")[0].split("\n")[0])
+    path.write_text(text[:start] + value + text[end:])
+    assert_user_error(prompt(broken), "config.json", value, "not a number")
+
+
+@pytest.mark.parametrize(
+    "template, words",
+    [
+        ('{{ raise_exception("only system and user roles") }}', ["chat template", "only system and user roles"]),
+        ("{% for i in range(10**9) %}x{% endfor %}", ["chat template", "OverflowError"]),
+        ("{{ messages.__class__.__mro__ }}", ["chat template"]),
+        ("{{ 1 / 0 }}", ["chat template", "ZeroDivisionError"]),
+    ],
+)
+def test_chat_template_that_raises_or_escapes(broken, template, words):
+    path = broken / "tokenizer_config.json"
+    cfg = json.loads(path.read_text())
+    cfg["chat_template"] = template
+    path.write_text(json.dumps(cfg))
+    assert_user_error(prompt(broken), *words)
+
+
+@pytest.mark.parametrize("shard", ["../../../etc/passwd", "/etc/passwd", "sub/model.safetensors", ".."])
+def test_index_shard_names_outside_the_checkpoint(broken, shard):
+    path = broken / "model.safetensors.index.json"
+    index = json.loads(path.read_text())
+    name = next(iter(index["weight_map"]))
+    index["weight_map"][name] = shard
+    path.write_text(json.dumps(index))
+    assert_user_error(prompt(broken), "not a file in the checkpoint directory")
