@@ -449,7 +449,7 @@ def chat(
     def go():
         from llama4_local.chat import ChatSession, run_chat
         from llama4_local.loader import check_model_dir, has_vision, load_model
-        from llama4_local.sampling import read_generation_config
+        from llama4_local.sampling import end_token_ids, read_generation_config
         from llama4_local.tokenizer import Tokenizer
 
         off = _offload_options(gpu_memory, host_memory, expert_cache_slots, cache_policy, miss_policy, prefetch)
@@ -477,7 +477,7 @@ def chat(
         m, cfg = load_model(path, dtype, device, off, context, prefill_chunk, vision=images is not None)
         ctx = min(context or 8192, cfg.max_position_embeddings)
         n = max_tokens if max_tokens is not None else min(defaults.max_new_tokens or 1024, ctx // 2)
-        eos = set(cfg.eos_token_ids) | set(defaults.eos_token_ids) | ({tok.eos_id} if tok.eos_id is not None else set())
+        eos = end_token_ids(cfg, defaults, tok)
         session = ChatSession(m, tok, params, n, eos, ctx, system, prefill_chunk, images=images)
         raise typer.Exit(run_chat(session))
 

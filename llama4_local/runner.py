@@ -14,7 +14,7 @@ import torch
 
 from .generate import DEFAULT_PREFILL_CHUNK, Stats, generate
 from .loader import check_model_dir, load_model
-from .sampling import read_generation_config
+from .sampling import end_token_ids, read_generation_config
 from .tokenizer import Tokenizer
 
 DEFAULT_MAX_TOKENS = 512
@@ -104,9 +104,7 @@ def run_prompt(req: PromptRequest, on_text: Callable[[str], None] | None = None)
         t0 = time.perf_counter()
         features = model.encode_images(torch.cat([im.pixels for im in images]))
         vision_s = time.perf_counter() - t0
-    eos = set(cfg.eos_token_ids) | set(defaults.eos_token_ids)
-    if tokenizer.eos_id is not None:
-        eos.add(tokenizer.eos_id)
+    eos = end_token_ids(cfg, defaults, tokenizer)
     recorder = None
     if req.record_routing is not None:
         from offload.trace import RoutingRecorder

@@ -51,6 +51,14 @@ class GenerationDefaults:
     eos_token_ids: tuple[int, ...]
 
 
+def end_token_ids(cfg, defaults: GenerationDefaults, tokenizer) -> set[int]:
+    """Every id that ends a reply: config.json's, generation_config.json's and the tokenizer's eos."""
+    ids = set(cfg.eos_token_ids) | set(defaults.eos_token_ids)
+    if tokenizer.eos_id is not None:
+        ids.add(tokenizer.eos_id)
+    return ids
+
+
 def read_generation_config(model_dir: Path) -> GenerationDefaults:
     path = Path(model_dir) / "generation_config.json"
     raw = read_json(path) if path.is_file() else {}

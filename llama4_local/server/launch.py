@@ -60,15 +60,18 @@ def bind(host: str, port: int) -> socket.socket:
 
 def prepare_loader(cfg: ServeConfig):
     """Check what is cheap to check now; return the function that loads the model (in the worker)."""
+    from dataclasses import replace
+
     from ..loader import check_model_dir, has_vision
-    from ..sampling import read_generation_config
+    from ..sampling import end_token_ids, read_generation_config
     from ..tokenizer import Tokenizer
 
     path = check_model_dir(cfg.model)
     tok = Tokenizer(path)
     tok.render_chat([{"role": "user", "content": "x"}])  # no chat template: say so before loading
     defaults = read_generation_config(path)
-    defaults.sampling.merged(**cfg.sampling).validate()
+    # The server's defaults: the checkpoint's, overridden by the command line's.
+    defaults = replace(defaults, sampling=defaults.sampling.merged(**cfg.sampling).validate())
     if cfg.context is not None and cfg.context < 16:
         raise UserError(f"--context must be at least 16 tokens, not {cfg.context}")
     if cfg.max_queue < 0:
@@ -80,8 +83,6 @@ def prepare_loader(cfg: ServeConfig):
         images = ImageReader(path, tok)
 
     def load():
-        from dataclasses import replace
-
         from ..engine import Engine
         from ..loader import load_model
         from .serving import Serving
@@ -90,12 +91,9 @@ def prepare_loader(cfg: ServeConfig):
             path, cfg.dtype, cfg.device, cfg.offload, cfg.context, cfg.prefill_chunk, vision=images is not None
         )
         context = min(cfg.context or 8192, mcfg.max_position_embeddings)
-        eos = set(mcfg.eos_token_ids) | set(defaults.eos_token_ids)
-        if tok.eos_id is not None:
-            eos.add(tok.eos_id)
+        eos = end_token_ids(mcfg, defaults, tok)
         engine = Engine(model, tok, eos, context, cfg.prefill_chunk, images, cfg.cache_entries, cfg.cache_bytes)
-        server_defaults = replace(defaults, sampling=defaults.sampling.merged(**cfg.sampling))
-        return Serving(engine, server_defaults, cfg.model_id, path, cfg.max_tokens)
+        return Serving(engine, defaults, cfg.model_id, path, cfg.max_tokens)
 
     return load
 
