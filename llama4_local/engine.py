@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .errors import UserError
-from .generate import DEFAULT_PREFILL_CHUNK, LogitsProcessor, Response, stream_generate
+from .generate import DEFAULT_PREFILL_CHUNK, LogitsProcessor, Response, check_context, stream_generate
 from .kv_cache import KVCache
 from .sampling import SamplingParams
 from .tokenizer import Tokenizer
@@ -164,14 +164,7 @@ class Engine:
         return keys
 
     def check(self, prompt_tokens: int, max_tokens: int) -> None:
-        if prompt_tokens == 0:
-            raise UserError("the prompt is empty after tokenization; give some text")
-        if prompt_tokens + max_tokens > self.context:
-            raise UserError(
-                f"the prompt ({prompt_tokens} tokens) plus max_tokens ({max_tokens}) is "
-                f"{prompt_tokens + max_tokens} tokens, more than the context of {self.context}; "
-                "shorten the messages or lower max_tokens"
-            )
+        check_context(self.model.cfg, prompt_tokens, max_tokens, self.context, option="max_tokens")
 
     def _image_features(self, req: GenerationRequest, keys: list, start: int) -> torch.Tensor | None:
         """Tower features for the <|patch|> tokens at positions >= start (earlier ones are cached)."""

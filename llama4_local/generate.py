@@ -24,16 +24,21 @@ from .tokenizer import StreamingDetokenizer, Tokenizer
 DEFAULT_PREFILL_CHUNK = 512  # tokens per prefill forward: bounds activation memory on long prompts
 
 
-def check_context(cfg, prompt_tokens: int, max_new_tokens: int, context: int | None = None) -> int:
-    """The cache length this request needs; a clear error when it exceeds the context."""
+def check_context(
+    cfg, prompt_tokens: int, max_new_tokens: int, context: int | None = None, option: str = "--max-tokens"
+) -> int:
+    """The cache length this request needs; a clear error when it exceeds the context.
+
+    `option` is what the user calls the reply length (the server's clients say max_tokens).
+    """
     if max_new_tokens < 0:
-        raise UserError(f"--max-tokens must be >= 0, got {max_new_tokens}")
+        raise UserError(f"{option} must be >= 0, got {max_new_tokens}")
     limit = min(context or cfg.max_position_embeddings, cfg.max_position_embeddings)
     need = prompt_tokens + max_new_tokens
     if need > limit:
         raise UserError(
-            f"prompt ({prompt_tokens} tokens) plus --max-tokens {max_new_tokens} is {need} tokens, "
-            f"more than the context of {limit}; shorten the prompt or lower --max-tokens"
+            f"prompt ({prompt_tokens} tokens) plus {option} {max_new_tokens} is {need} tokens, "
+            f"more than the context of {limit}; shorten the prompt or lower {option}"
         )
     if prompt_tokens == 0:
         raise UserError("the prompt is empty after tokenization; give some text")
