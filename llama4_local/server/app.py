@@ -36,7 +36,7 @@ from .protocol import (
     TokenizeRequest,
     error_body,
 )
-from .serving import Prepared, ReplyBuilder
+from .serving import Prepared, ReplyBuilder, Serving
 
 _DONE = object()
 
@@ -231,8 +231,11 @@ def build_app(server: Server) -> Starlette:
             return JSONResponse(card)
         return JSONResponse({"object": "list", "data": [card]})
 
-    async def run_job(request: Request, prepare, body):
+    async def run_job(request: Request, model, prepare):
+        """Check, prepare (in a thread), queue and relay one generation request."""
+        server.check_key(request)
         s = server.ready()
+        body = await server.body(request, model)
         try:
             prepared = await run_in_threadpool(prepare, s, body)
         except UserError as e:
@@ -284,16 +287,10 @@ def build_app(server: Server) -> Starlette:
             job.cancelled.set()  # a no-op when finished; stops the worker when the client left
 
     async def chat(request: Request):
-        server.check_key(request)
-        server.ready()
-        body = await server.body(request, ChatCompletionRequest)
-        return await run_job(request, lambda s, b: s.chat(b), body)
+        return await run_job(request, ChatCompletionRequest, Serving.chat)
 
     async def completions(request: Request):
-        server.check_key(request)
-        server.ready()
-        body = await server.body(request, CompletionRequest)
-        return await run_job(request, lambda s, b: s.completion(b), body)
+        return await run_job(request, CompletionRequest, Serving.completion)
 
     async def tokenize(request: Request):
         server.check_key(request)

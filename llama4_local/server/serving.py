@@ -20,7 +20,7 @@ from ..errors import UserError
 from ..generate import LogitBias, OutputPenalties, Response
 from ..sampling import GenerationDefaults, SamplingParams
 from .protocol import APIError, ChatCompletionRequest, ChatMessage, CompletionRequest
-from .tools import parse_tool_calls, required_schema
+from .tools import might_be_tool_call, parse_tool_calls, required_schema
 
 MAX_STOPS = 16
 
@@ -34,12 +34,15 @@ class Prepared:
     engine: Engine
     stream: bool = False
     include_usage: bool = False
-    logprobs: bool = False
     tool_names: set[str] | None = None  # parse the reply for calls to these
     echo: str = ""  # completions: the prompt text, sent back before the reply
     id: str = field(default_factory=lambda: secrets.token_hex(12))
     created: int = field(default_factory=lambda: int(time.time()))
     usage: Usage = field(default_factory=lambda: Usage(0, 0))
+
+    @property
+    def logprobs(self) -> bool:
+        return self.gen.logprobs is not None
 
     def run(self):
         return self.engine.generate(self.gen, self.usage)
@@ -206,15 +209,7 @@ class Serving:
             ids, params, max_tokens, images, stop, req.ignore_eos, processors,
             (req.top_logprobs or 0) if req.logprobs else None,
         )  # fmt: skip
-        return Prepared(
-            "chat",
-            gen,
-            self.engine,
-            stream=req.stream,
-            include_usage=bool(req.stream_options and req.stream_options.include_usage),
-            logprobs=req.logprobs,
-            tool_names=names if choice != "none" else None,
-        )
+        return self._prepared("chat", req, gen, tool_names=names if choice != "none" else None)
 
     # -- completions --------------------------------------------------------------------------------
     def completion(self, req: CompletionRequest) -> Prepared:
@@ -223,15 +218,11 @@ class Serving:
         max_tokens = self._max_tokens(req.max_tokens, len(ids))
         self.engine.check(len(ids), max_tokens)
         gen = GenerationRequest(ids, params, max_tokens, [], stop, req.ignore_eos, processors, req.logprobs)
-        return Prepared(
-            "text",
-            gen,
-            self.engine,
-            stream=req.stream,
-            include_usage=bool(req.stream_options and req.stream_options.include_usage),
-            logprobs=req.logprobs is not None,
-            echo=req.prompt if req.echo else "",
-        )
+        return self._prepared("text", req, gen, echo=req.prompt if req.echo else "")
+
+    def _prepared(self, kind: str, req, gen: GenerationRequest, **kw) -> Prepared:
+        usage = bool(req.stream_options and req.stream_options.include_usage)
+        return Prepared(kind, gen, self.engine, stream=req.stream, include_usage=usage, **kw)
 
 
 class ReplyBuilder:
@@ -328,8 +319,6 @@ class ReplyBuilder:
 
     def chunks(self, r: Response) -> list[dict]:
         """The chunks one record gives (none while text is held back)."""
-        from .tools import might_be_tool_call
-
         self.add(r)
         piece, lps = r.text, [r.logprob] if r.logprob is not None else []
         out = []
