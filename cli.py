@@ -42,6 +42,18 @@ DtypeOpt = Annotated[str, typer.Option(help="bfloat16, float16 or float32.")]
 DeviceOpt = Annotated[str, typer.Option(help="cpu, cuda or auto.")]
 PrefillChunkOpt = Annotated[int, typer.Option(help="Prompt tokens per prefill step (bounds memory).")]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Show tracebacks.")]
+SessionContextOpt = Annotated[int | None, typer.Option(help="Context length in tokens [default: 8192].")]
+VisionOpt = Annotated[
+    bool,
+    typer.Option(help="Load the vision tower (when the checkpoint has one) for images; about 2 GB for Scout."),
+]
+
+
+def _sampling(temperature, top_k, top_p, min_p, repetition_penalty, seed) -> dict:
+    """The sampling options as SamplingParams overrides (None keeps the checkpoint's value)."""
+    return dict(
+        temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty, seed=seed
+    )
 
 
 def _model(model: str, revision: str | None = None) -> Path:
@@ -206,14 +218,7 @@ def prompt(
             system=system,
             raw=raw,
             max_tokens=max_tokens,
-            sampling=dict(
-                temperature=temperature,
-                top_k=top_k,
-                top_p=top_p,
-                min_p=min_p,
-                repetition_penalty=repetition_penalty,
-                seed=seed,
-            ),
+            sampling=_sampling(temperature, top_k, top_p, min_p, repetition_penalty, seed),
             stop=stop or [],
             ignore_eos=ignore_eos,
             dtype=dtype,
@@ -418,7 +423,7 @@ def chat(
     min_p: MinPOpt = None,
     repetition_penalty: RepetitionOpt = None,
     seed: SeedOpt = None,
-    context: Annotated[int | None, typer.Option(help="Context length in tokens [default: 8192].")] = None,
+    context: SessionContextOpt = None,
     dtype: DtypeOpt = "bfloat16",
     device: DeviceOpt = "auto",
     prefill_chunk: PrefillChunkOpt = 512,
@@ -428,10 +433,7 @@ def chat(
     cache_policy: PolicyOpt = "lru",
     miss_policy: MissOpt = "auto",
     prefetch: PrefetchOpt = True,
-    vision: Annotated[
-        bool,
-        typer.Option(help="Load the vision tower (when the checkpoint has one) so /image works; about 2 GB for Scout."),
-    ] = True,
+    vision: VisionOpt = True,
     verbose: VerboseOpt = False,
 ) -> None:
     """Talk with the model in the terminal; replies stream as they are generated.
@@ -457,14 +459,8 @@ def chat(
         tok = Tokenizer(path)
         tok.render_chat([{"role": "user", "content": "x"}])  # no chat template: say so before loading
         defaults = read_generation_config(path)
-        params = defaults.sampling.merged(
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            min_p=min_p,
-            repetition_penalty=repetition_penalty,
-            seed=seed,
-        ).validate()
+        params = defaults.sampling.merged(**_sampling(temperature, top_k, top_p, min_p, repetition_penalty, seed))
+        params = params.validate()
         if context is not None and context < 16:
             from llama4_local.errors import UserError
 
@@ -505,7 +501,7 @@ def serve(
     min_p: MinPOpt = None,
     repetition_penalty: RepetitionOpt = None,
     seed: SeedOpt = None,
-    context: Annotated[int | None, typer.Option(help="Context length in tokens [default: 8192].")] = None,
+    context: SessionContextOpt = None,
     prompt_cache: Annotated[
         int, typer.Option(help="Recent conversations whose KV cache is kept to skip their prefill (0: off).")
     ] = 4,
@@ -518,7 +514,7 @@ def serve(
     cache_policy: PolicyOpt = "lru",
     miss_policy: MissOpt = "auto",
     prefetch: PrefetchOpt = True,
-    vision: Annotated[bool, typer.Option(help="Load the vision tower (if the checkpoint has one) for images.")] = True,
+    vision: VisionOpt = True,
     verbose: VerboseOpt = False,
 ) -> None:
     """Serve the model over the OpenAI API (chat completions, completions, tools, JSON output).
@@ -539,10 +535,7 @@ def serve(
         from llama4_local.server.launch import serve as run_server
 
         off = _offload_options(gpu_memory, host_memory, expert_cache_slots, cache_policy, miss_policy, prefetch)
-        sampling = dict(
-            temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty,
-            seed=seed,
-        )  # fmt: skip
+        sampling = _sampling(temperature, top_k, top_p, min_p, repetition_penalty, seed)
         cfg = ServeConfig(
             model=_model(model, revision),
             model_id=model,

@@ -107,14 +107,11 @@ class ChunkedKV:
             values = torch.cat([self.buf.v[:, :held], v], dim=1)
             first = self.start
         new_start = (end // c) * c
-        if new_start > self.start and self.keep_previous:
-            a = max(first, new_start - c)  # keys hold positions [first, end)
-            self.prev = (
-                keys[:, a - first : new_start - first].clone(),
-                values[:, a - first : new_start - first].clone(),
-                a,
-            )
         if new_start > self.start:
+            if self.keep_previous:
+                a = max(first, new_start - c)  # keys hold positions [first, end)
+                lo, hi = a - first, new_start - first
+                self.prev = (keys[:, lo:hi].clone(), values[:, lo:hi].clone(), a)
             keep = end - new_start  # positions [new_start, end), all among the new tokens
             if keep:
                 self.buf.reserve(keep, keep=0)
