@@ -68,16 +68,6 @@ def longest_common_prefix(a: Sequence, b: Sequence) -> int:
     return i
 
 
-def rewind(cache: KVCache, length: int) -> bool:
-    """Cut a cache back to its first `length` positions; False where a chunked layer cannot."""
-    for kv in cache.layers:
-        if kv.chunked and not kv.can_truncate(length):
-            return False
-    for kv in cache.layers:
-        kv.truncate(length)
-    return True
-
-
 class PrefixCache:
     """KV caches of recent requests, each with the keys (tokens) it holds; least recently used go first.
 
@@ -104,7 +94,7 @@ class PrefixCache:
             if best is not None:
                 cache, _ = self._idle.pop(best)
                 reuse = min(best_n, len(keys) - 1)  # the last prompt token must run: its logits start the reply
-                if rewind(cache, reuse):
+                if cache.rewind(reuse):
                     return cache, reuse
         return self.new_cache(), 0
 

@@ -162,6 +162,15 @@ class KVCache:
     def length(self) -> int:
         return self.layers[0].length if self.layers else 0
 
+    def rewind(self, length: int) -> bool:
+        """Cut every layer back to its first `length` positions; False (and nothing cut) where a
+        chunked layer no longer holds the block that position falls in."""
+        if not all(kv.can_truncate(length) for kv in self.layers if kv.chunked):
+            return False
+        for kv in self.layers:
+            kv.truncate(length)
+        return True
+
     def nbytes(self) -> int:
         prev = sum(2 * kv.prev[0].nbytes for kv in self.layers if getattr(kv, "prev", None) is not None)
         return sum(layer.buf.nbytes() for layer in self.layers) + prev
