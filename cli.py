@@ -450,31 +450,15 @@ def chat(
 
     def go():
         from llama4_local.chat import ChatSession, run_chat
-        from llama4_local.loader import check_model_dir, has_vision, load_model
-        from llama4_local.sampling import end_token_ids, read_generation_config
-        from llama4_local.tokenizer import Tokenizer
+        from llama4_local.session import ModelSetup
 
         off = _offload_options(gpu_memory, host_memory, expert_cache_slots, cache_policy, miss_policy, prefetch)
-        path = check_model_dir(_model(model, revision))
-        tok = Tokenizer(path)
-        tok.render_chat([{"role": "user", "content": "x"}])  # no chat template: say so before loading
-        defaults = read_generation_config(path)
-        params = defaults.sampling.merged(**_sampling(temperature, top_k, top_p, min_p, repetition_penalty, seed))
-        params = params.validate()
-        if context is not None and context < 16:
-            from llama4_local.errors import UserError
-
-            raise UserError(f"--context must be at least 16 tokens, not {context}")
-        images = None
-        if vision and has_vision(path):
-            from llama4_local.images import ImageReader
-
-            images = ImageReader(path, tok)
-        m, cfg = load_model(path, dtype, device, off, context, prefill_chunk, vision=images is not None)
-        ctx = min(context or 8192, cfg.max_position_embeddings)
-        n = max_tokens if max_tokens is not None else min(defaults.max_new_tokens or 1024, ctx // 2)
-        eos = end_token_ids(cfg, defaults, tok)
-        session = ChatSession(m, tok, params, n, eos, ctx, system, prefill_chunk, images=images)
+        sampling = _sampling(temperature, top_k, top_p, min_p, repetition_penalty, seed)
+        setup = ModelSetup.check(_model(model, revision), sampling, context, vision)
+        engine = setup.load(dtype, device, off, prefill_chunk, cache_entries=1, reply_option="max_tokens")
+        defaults = setup.defaults
+        n = max_tokens if max_tokens is not None else min(defaults.max_new_tokens or 1024, engine.context // 2)
+        session = ChatSession(engine, defaults.sampling, n, system)
         raise typer.Exit(run_chat(session))
 
     _run(go, verbose)

@@ -1,11 +1,13 @@
 """A multi-turn conversation that keeps its KV cache between turns.
 
-`ChatSession` owns the messages, the KV cache and the exact token ids the cache holds. A new
-turn renders the whole conversation with the chat template, checks that the text already in
-the cache is a prefix of it, and prefills only the rest: the reply's end token and the new
+`ChatSession` owns the messages and the exact token ids the conversation stands for (replies as
+generated, not re-tokenized); the engine (`engine.Engine`, the one `prompt` and `serve` run on)
+keeps their KV cache. A new turn renders the whole conversation with the chat template, checks
+that the text those ids stand for is a prefix of it, and sends those ids plus the new text's; the
+engine finds them in its cache and prefills only the rest: the reply's end token and the new
 user turn, never the conversation again. When the template would render the past differently
 (or the context would overflow, which drops the oldest turns but keeps the system message),
-the cache starts over and the conversation is prefilled once.
+the conversation is tokenized and prefilled once more.
 
 `run_chat` is the terminal front end: readline line editing and history, multi-line input,
 slash commands, streaming replies, Ctrl-C to stop a reply.
@@ -21,8 +23,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from .engine import Engine, GenerationRequest, ImageInput, Usage
 from .errors import UserError
-from .generate import Stats, stream_generate
+from .generate import Stats
 from .sampling import SamplingParams
 from .tokenizer import Tokenizer
 
@@ -62,26 +65,35 @@ class TurnResult:
 
 @dataclass
 class ChatSession:
-    model: object
-    tokenizer: Tokenizer
+    engine: Engine  # keeps the conversation's KV cache (one prefix-cache entry is enough)
     params: SamplingParams
     max_tokens: int
-    eos_ids: set[int]
-    context: int
     system: str | None = None
-    prefill_chunk: int = 512
     messages: list[dict] = field(default_factory=list)  # user/assistant turns, no system
-    images: object | None = None  # images.ImageReader when the model reads images
 
     def __post_init__(self):
         self.attached: list[str] = []  # image files for the next user message
-        self._prepared: dict[str, object] = {}  # path -> images.PreparedImage, read once
-        self._features: dict[str, object] = {}  # path -> the vision tower's features
-        self.cache = None
-        self.cached: list[int] = []  # token ids whose K/V are in the cache
-        self.pending: list[int] = []  # generated ids not yet run (the reply's last token)
+        self._inputs: dict[str, ImageInput] = {}  # path -> the image, read once
+        self.tokens: list[int] = []  # the conversation's ids so far: prompts, and replies as generated
+        self.token_images: list[ImageInput] = []  # the images among those ids, in order
         self.known_text = ""  # the conversation text those ids stand for, as the template writes it
         self.last: TurnResult | None = None
+
+    @property
+    def model(self):
+        return self.engine.model
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        return self.engine.tokenizer
+
+    @property
+    def images(self):
+        return self.engine.images
+
+    @property
+    def context(self) -> int:
+        return self.engine.context
 
     # -- conversation state ------------------------------------------------------------------
     def all_messages(self) -> list[dict]:
@@ -92,14 +104,14 @@ class ChatSession:
         if not keep_messages:
             self.messages = []
             self.attached = []
-        self.cache, self.cached, self.pending, self.known_text = None, [], [], ""
+        self.tokens, self.token_images, self.known_text = [], [], ""
 
     def set_system(self, text: str | None) -> None:
         self.system = text or None
         self.reset()
 
     def context_used(self) -> int:
-        return len(self.cached) + len(self.pending)
+        return len(self.tokens)
 
     def as_json(self) -> dict:
         p = self.params
@@ -178,12 +190,12 @@ class ChatSession:
         key = str(Path(path).expanduser().resolve())
         image = self._image(key)
         self.attached.append(key)
-        return image
+        return image.prepared
 
-    def _image(self, key: str):
-        image = self._prepared.get(key)
+    def _image(self, key: str) -> ImageInput:
+        image = self._inputs.get(key)
         if image is None:
-            image = self._prepared[key] = self.images.load(key)
+            image = self._inputs[key] = ImageInput.from_file(self.images, key)
         return image
 
     def _images_in(self, messages: list[dict]) -> list[str]:
@@ -195,34 +207,30 @@ class ChatSession:
             if part.get("type") == "image"
         ]
 
-    def _image_features(self, keys: list[str]):
-        import torch
-
-        for key in keys:
-            if key not in self._features:
-                self._features[key] = self.model.encode_images(self._image(key).pixels)
-        return torch.cat([self._features[k] for k in keys])
-
     # -- one turn ---------------------------------------------------------------------------------
-    def _plan_prompt(self, messages: list[dict]) -> tuple[list[int], bool, str, list[str]]:
-        """(ids to run, whether the cache must start over, the rendered text, images among the ids).
+    def _plan_prompt(self, messages: list[dict]) -> tuple[list[int], list[ImageInput], str]:
+        """(the conversation's ids, the images among them, the rendered text).
 
-        The model keeps the ids it generated (not a re-tokenization of the reply), so the new
-        text is found by comparing the rendering with the text those ids stand for. The template
-        writes one <|image|> per image; those in the new text are the conversation's last ones.
+        The ids the model generated are kept (not a re-tokenization of the reply), so the engine
+        finds them in its cache: the new text is found by comparing the rendering with the text
+        those ids stand for. The template writes one <|image|> per image; those in the new text
+        are the conversation's last ones. When the template renders the past differently, the
+        whole conversation is tokenized again.
         """
         text = self.tokenizer.render_chat(messages, add_generation_prompt=True)
-        restart = not (self.known_text and text.startswith(self.known_text))
-        new = text if restart else text[len(self.known_text) :]
-        ids = self.tokenizer.encode(new, add_special_tokens=False)
+        reuse = bool(self.known_text) and text.startswith(self.known_text)
+        ids = self.tokenizer.encode(text[len(self.known_text) :] if reuse else text, add_special_tokens=False)
         keys = self._images_in(messages)
         if keys and self.images is None:
             raise UserError("the conversation has images, but this model cannot read them; /reset to drop them")
+        inputs: list[ImageInput] = []
         if self.images is not None:
             n = sum(1 for i in ids if i == self.images.tokens.image)
-            keys = keys[-n:] if n else []
-            ids = self.images.expand(ids, [self._image(k) for k in keys])
-        return (ids if restart else self.pending + ids), restart, text, keys
+            inputs = [self._image(k) for k in (keys[-n:] if n else [])]
+            ids = self.images.expand(ids, [im.prepared for im in inputs])
+        if reuse:
+            return self.tokens + ids, self.token_images + inputs, text
+        return ids, inputs, text
 
     def reply(self, text: str, on_text: Callable[[str], None] | None = None) -> TurnResult:
         """Answer `text`; Ctrl-C (KeyboardInterrupt) ends the reply early and keeps it."""
@@ -231,8 +239,8 @@ class ChatSession:
             content = [{"type": "image", "path": k} for k in self.attached] + [{"type": "text", "text": text}]
         user = {"role": "user", "content": content}
         dropped = 0
-        ids, restart, text_now, keys = self._plan_prompt(self.all_messages() + [user])
-        while (0 if restart else len(self.cached)) + len(ids) + self.max_tokens > self.context:
+        ids, inputs, text_now = self._plan_prompt(self.all_messages() + [user])
+        while len(ids) + self.max_tokens > self.context:
             if not self.messages:
                 raise UserError(
                     f"this message ({len(ids)} tokens) plus max_tokens {self.max_tokens} does not fit the "
@@ -242,27 +250,13 @@ class ChatSession:
             self.messages = self.messages[2:] if len(self.messages) >= 2 else []  # oldest user+assistant pair
             dropped += 1
             self.reset(keep_messages=True)
-            ids, restart, text_now, keys = self._plan_prompt(self.all_messages() + [user])
-        if restart:
-            self.reset(keep_messages=True)
+            ids, inputs, text_now = self._plan_prompt(self.all_messages() + [user])
         self.attached = []
-        features = self._image_features(keys) if keys else None
-        if self.cache is None:
-            self.cache = self.model.new_cache(self.context)
-        pieces, generated, finish, stats = [], [], "interrupted", Stats(prompt_tokens=len(ids))
+        usage = Usage(len(ids), 0)
+        request = GenerationRequest(ids, self.params, self.max_tokens, images=inputs)
+        pieces, generated, finish, stats = [], [], "interrupted", None
         t0 = time.perf_counter()
-        stream = stream_generate(
-            self.model,
-            self.tokenizer,
-            ids,
-            self.params,
-            self.max_tokens,
-            self.eos_ids,
-            prefill_chunk=self.prefill_chunk,
-            cache=self.cache,
-            context=self.context - len(self.cached),
-            image_features=features,
-        )
+        stream = self.engine.generate(request, usage)
         try:
             for r in stream:
                 stats = r.stats
@@ -276,24 +270,22 @@ class ChatSession:
                     finish = r.finish_reason
         except KeyboardInterrupt:
             finish = "interrupted"
-            if not generated:  # interrupted during the prefill: the cache is in an unknown state
-                self.reset(keep_messages=True)
         finally:
             stream.close()
-        if generated or finish != "interrupted":
-            # Every id but the last went through the model; the last waits for the next turn.
-            self.cached = self.cached + ids + generated[:-1]
-            self.pending = generated[-1:]
-            ended = generated and generated[-1] in self.eos_ids and finish == "stop"
+        prefilled = len(ids) - usage.cached_tokens
+        if stats is None:  # nothing generated (interrupted in the prefill)
+            stats = Stats(prompt_tokens=prefilled, prefill_s=time.perf_counter() - t0)
+        stats.images, stats.vision_s = len(inputs), usage.vision_s
+        if generated:
+            self.tokens, self.token_images = ids + generated, inputs
+            ended = generated[-1] in self.engine.eos_ids and finish == "stop"
             end_text = self.tokenizer.decode(generated[-1:], skip_special_tokens=False) if ended else ""
             self.known_text = text_now + "".join(pieces) + end_text
-            if self.cache is not None and self.cache.length != len(self.cached):
-                self.reset(keep_messages=True)  # a reply cut between model calls: rebuild next turn
-        if not generated:
-            stats.prefill_s = time.perf_counter() - t0
+        else:
+            self.reset(keep_messages=True)
         reply_text = "".join(pieces)  # without the end token: the template writes it
         self.messages = self.messages + [user, {"role": "assistant", "content": reply_text}]
-        self.last = TurnResult(reply_text, finish, stats, len(ids), generated, dropped)
+        self.last = TurnResult(reply_text, finish, stats, prefilled, generated, dropped)
         return self.last
 
 

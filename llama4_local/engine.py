@@ -1,20 +1,23 @@
-"""The engine behind `serve`: one loaded model, requests as token ids, KV caches reused by prefix.
+"""The engine behind `prompt`, `chat` and `serve`: one loaded model, requests as token ids, KV
+caches reused by prefix.
 
 Clients resend the whole conversation every turn. `PrefixCache` keeps the KV caches of recent
 requests (llama.cpp's "slots") keyed by the exact tokens they hold; a new request takes the
 cache that shares the longest prefix with it, rewinds it to that prefix and prefills only the
 rest. Image positions are keyed by the image's bytes too, so two different images of the same
-size never match. Generation itself is `generate.stream_generate`, the loop `prompt` and `chat`
-use as well.
+size never match. Generation itself is `generate.stream_generate`. The terminal chat keeps one
+conversation (one cache entry), the server a few, a one-shot prompt none.
 """
 
 from __future__ import annotations
 
 import hashlib
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -36,6 +39,12 @@ class ImageInput:
     def of(cls, prepared, data: bytes) -> ImageInput:
         return cls(prepared, hashlib.sha256(data).hexdigest())
 
+    @classmethod
+    def from_file(cls, reader, path) -> ImageInput:
+        """An image file, read and checked now (images.ImageReader.load), keyed by its bytes."""
+        prepared = reader.load(path)
+        return cls.of(prepared, Path(path).expanduser().read_bytes())
+
 
 @dataclass
 class GenerationRequest:
@@ -54,6 +63,7 @@ class Usage:
     prompt_tokens: int
     cached_tokens: int
     completion_tokens: int = 0
+    vision_s: float = 0.0  # the vision tower's time on this request's new images
 
     @property
     def total_tokens(self) -> int:
@@ -96,6 +106,8 @@ class PrefixCache:
                 reuse = min(best_n, len(keys) - 1)  # the last prompt token must run: its logits start the reply
                 if cache.rewind(reuse):
                     return cache, reuse
+            while self._idle and len(self._idle) >= self.entries:  # would go when this one comes back: free it now
+                self._idle.popitem(last=False)
         return self.new_cache(), 0
 
     def give(self, cache: KVCache, keys: list) -> None:
@@ -131,10 +143,13 @@ class Engine:
         images=None,  # images.ImageReader, when the model reads images
         cache_entries: int = 4,
         cache_bytes: int | None = None,
+        reply_option: str = "max_tokens",  # what the front end calls the reply length, for errors
     ):
         self.model, self.tokenizer, self.eos_ids = model, tokenizer, eos_ids
         self.context, self.prefill_chunk, self.images = context, prefill_chunk, images
-        self.prefix = PrefixCache(lambda: model.new_cache(context, keep_previous=True), cache_entries, cache_bytes)
+        self.reply_option = reply_option
+        keep = cache_entries > 0  # a cache that may be rewound keeps its previous attention block
+        self.prefix = PrefixCache(lambda: model.new_cache(context, keep_previous=keep), cache_entries, cache_bytes)
         self._features: OrderedDict[str, torch.Tensor] = OrderedDict()  # image digest -> tower output
 
     def keys(self, req: GenerationRequest) -> list:
@@ -154,9 +169,9 @@ class Engine:
         return keys
 
     def check(self, prompt_tokens: int, max_tokens: int) -> None:
-        check_context(self.model.cfg, prompt_tokens, max_tokens, self.context, option="max_tokens")
+        check_context(self.model.cfg, prompt_tokens, max_tokens, self.context, option=self.reply_option)
 
-    def _image_features(self, req: GenerationRequest, keys: list, start: int) -> torch.Tensor | None:
+    def _image_features(self, req: GenerationRequest, keys: list, start: int, usage: Usage | None):
         """Tower features for the <|patch|> tokens at positions >= start (earlier ones are cached)."""
         patch = self.model.image_token_id
         rows = []
@@ -167,7 +182,10 @@ class Engine:
                 continue
             feats = self._features.get(image.digest)
             if feats is None:
+                t0 = time.perf_counter()
                 feats = self.model.encode_images(image.prepared.pixels)
+                if usage is not None:
+                    usage.vision_s += time.perf_counter() - t0
                 self._features[image.digest] = feats
                 while len(self._features) > 8:
                     self._features.popitem(last=False)
@@ -183,7 +201,7 @@ class Engine:
         cache, reused = self.prefix.take(keys)
         if usage is not None:
             usage.prompt_tokens, usage.cached_tokens = len(req.prompt), reused
-        features = self._image_features(req, keys, reused) if req.images else None
+        features = self._image_features(req, keys, reused, usage) if req.images else None
         stream = stream_generate(
             self.model,
             self.tokenizer,

@@ -331,12 +331,10 @@ class Completion:
     stats: Stats
 
 
-def generate(
-    model, tokenizer, prompt, params, max_new_tokens, eos_ids, on_text: Callable[[str], None] | None = None, **kw
-) -> Completion:
-    """The whole reply; `on_text` sees each text piece as it is generated."""
+def collect(stream: Iterator[Response], on_text: Callable[[str], None] | None = None) -> Completion:
+    """The whole reply from a stream of Responses; `on_text` sees each text piece as it comes."""
     parts, ids, last = [], [], None
-    for r in stream_generate(model, tokenizer, prompt, params, max_new_tokens, eos_ids, **kw):
+    for r in stream:
         if r.text:
             parts.append(r.text)
             if on_text:
@@ -345,3 +343,10 @@ def generate(
             ids.append(r.token)
         last = r
     return Completion("".join(parts), ids, last.finish_reason, last.stats)
+
+
+def generate(
+    model, tokenizer, prompt, params, max_new_tokens, eos_ids, on_text: Callable[[str], None] | None = None, **kw
+) -> Completion:
+    """The whole reply; `on_text` sees each text piece as it is generated."""
+    return collect(stream_generate(model, tokenizer, prompt, params, max_new_tokens, eos_ids, **kw), on_text)

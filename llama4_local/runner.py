@@ -5,16 +5,14 @@ Library code for the CLI's `prompt` command (and anything else that wants one re
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
-from .generate import DEFAULT_PREFILL_CHUNK, Stats, generate
-from .loader import check_model_dir, load_model
-from .sampling import end_token_ids, read_generation_config
+from .engine import GenerationRequest, ImageInput, Usage
+from .errors import UserError
+from .generate import DEFAULT_PREFILL_CHUNK, Stats, collect
+from .session import ModelSetup
 from .tokenizer import Tokenizer
 
 DEFAULT_MAX_TOKENS = 512
@@ -76,42 +74,39 @@ def build_prompt(tokenizer: Tokenizer, text: str, system: str | None, raw: bool,
 
 
 def run_prompt(req: PromptRequest, on_text: Callable[[str], None] | None = None) -> PromptResult:
-    model_dir = check_model_dir(req.model)
-    # Cheap checks first: config and tokenizer before gigabytes of weights.
-    tokenizer = Tokenizer(model_dir)
-    defaults = read_generation_config(model_dir)
-    params = defaults.sampling.merged(**req.sampling).validate()
-    images, reader = [], None
-    if req.images:
-        from .images import ImageReader
-
-        reader = ImageReader(model_dir, tokenizer)
-        images = [reader.load(p) for p in req.images]
+    # Cheap checks first: config, tokenizer and images before gigabytes of weights.
+    setup = ModelSetup.check(req.model, req.sampling, vision=bool(req.images), template=False)
+    tokenizer, defaults = setup.tokenizer, setup.defaults
+    if req.images and setup.images is None:
+        raise UserError(
+            f"{setup.path} is a text-only checkpoint (no vision tower); images need a Llama 4 checkpoint "
+            "saved as Llama4ForConditionalGeneration with its vision_model weights"
+        )
+    images = [ImageInput.from_file(setup.images, p) for p in req.images]
     prompt = build_prompt(tokenizer, req.text, req.system, req.raw, len(images))
     if images:
-        prompt = reader.expand(prompt, images)
+        prompt = setup.images.expand(prompt, [im.prepared for im in images])
     max_tokens = req.max_tokens if req.max_tokens is not None else (defaults.max_new_tokens or DEFAULT_MAX_TOKENS)
-    context = req.context or len(prompt) + max_tokens
+    context = req.context or len(prompt) + max(max_tokens, 0)
     if req.record_routing is not None:
         from offload.trace import check_trace_path
 
         check_trace_path(req.record_routing)
-    model, cfg = load_model(
-        model_dir, req.dtype, req.device, req.offload, context, req.prefill_chunk, vision=bool(images)
+    engine = setup.load(
+        req.dtype, req.device, req.offload, req.prefill_chunk, context, cache_entries=0, reply_option="--max-tokens"
     )
-    features, vision_s = None, 0.0
-    if images:
-        t0 = time.perf_counter()
-        features = model.encode_images(torch.cat([im.pixels for im in images]))
-        vision_s = time.perf_counter() - t0
-    eos = end_token_ids(cfg, defaults, tokenizer)
+    model = engine.model
     recorder = None
     if req.record_routing is not None:
         from offload.trace import RoutingRecorder
 
         recorder = RoutingRecorder(req.record_routing, model)
+    request = GenerationRequest(
+        prompt, setup.defaults.sampling, max_tokens, images, stop=req.stop, ignore_eos=req.ignore_eos
+    )
+    usage = Usage(len(prompt), 0)
     try:
-        done = _generate(model, tokenizer, prompt, params, max_tokens, eos, on_text, req, features)
+        done = collect(engine.generate(request, usage), on_text)
     except BaseException:
         if recorder:
             recorder.abort()
@@ -120,21 +115,5 @@ def run_prompt(req: PromptRequest, on_text: Callable[[str], None] | None = None)
         recorder.close()
     if model.offload is not None:
         done.stats.cache = model.offload.totals().as_dict()
-    done.stats.vision_s, done.stats.images = vision_s, len(images)
+    done.stats.vision_s, done.stats.images = usage.vision_s, len(images)
     return PromptResult(done.text, done.token_ids, len(prompt), done.finish_reason, done.stats)
-
-
-def _generate(model, tokenizer, prompt, params, max_tokens, eos, on_text, req, features=None):
-    return generate(
-        model,
-        tokenizer,
-        prompt,
-        params,
-        max_tokens,
-        eos,
-        on_text=on_text,
-        stop=req.stop,
-        ignore_eos=req.ignore_eos,
-        prefill_chunk=req.prefill_chunk,
-        image_features=features,
-    )

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from llama4_local.chat import ChatSession
+from llama4_local.engine import Engine
 from llama4_local.errors import UserError
 from llama4_local.loader import load_model
 from llama4_local.sampling import SamplingParams
@@ -23,7 +24,7 @@ def loaded(scout_ckpt):
 
 def session(loaded, context=512, max_tokens=6, system=None):
     model, cfg, tok = loaded
-    return ChatSession(model, tok, GREEDY, max_tokens, set(cfg.eos_token_ids), context, system)
+    return ChatSession(Engine(model, tok, set(cfg.eos_token_ids), context, cache_entries=1), GREEDY, max_tokens, system)
 
 
 def greedy_continuation(model, ids, n):
@@ -43,7 +44,7 @@ def test_second_turn_prefills_only_its_new_tokens(loaded):
     first = s.reply("Hello there")
     full1 = tok.encode_chat(s.all_messages()[:-1])
     assert first.prefilled == len(full1)
-    before = s.cached + s.pending
+    before = list(s.tokens)
     second = s.reply("And what else?")
     full2 = tok.encode_chat(s.all_messages()[:-1])
     assert second.prefilled < len(full2) // 2  # not the whole conversation again

@@ -259,6 +259,7 @@ def test_raw_prompt_places_images_at_placeholders(multimodal_ckpt):
 
 def test_chat_image_turn_reuses_cache_and_matches_a_fresh_run(tmp_path, models, multimodal_ckpt):
     from llama4_local.chat import ChatSession
+    from llama4_local.engine import Engine
     from llama4_local.sampling import SamplingParams
 
     ours, _ = models
@@ -268,7 +269,8 @@ def test_chat_image_turn_reuses_cache_and_matches_a_fresh_run(tmp_path, models, 
     greedy = SamplingParams(temperature=0.0)
 
     def session():
-        return ChatSession(ours, tok, greedy, 8, {tok.eos_id}, 512, images=ImageReader(multimodal_ckpt, tok))
+        engine = Engine(ours, tok, {tok.eos_id}, 512, images=ImageReader(multimodal_ckpt, tok), cache_entries=1)
+        return ChatSession(engine, greedy, 8)
 
     s = session()
     im = s.attach(tmp_path / "a.png")

@@ -60,40 +60,20 @@ def bind(host: str, port: int) -> socket.socket:
 
 def prepare_loader(cfg: ServeConfig):
     """Check what is cheap to check now; return the function that loads the model (in the worker)."""
-    from dataclasses import replace
+    from ..session import ModelSetup
 
-    from ..loader import check_model_dir, has_vision
-    from ..sampling import end_token_ids, read_generation_config
-    from ..tokenizer import Tokenizer
-
-    path = check_model_dir(cfg.model)
-    tok = Tokenizer(path)
-    tok.render_chat([{"role": "user", "content": "x"}])  # no chat template: say so before loading
-    defaults = read_generation_config(path)
-    # The server's defaults: the checkpoint's, overridden by the command line's.
-    defaults = replace(defaults, sampling=defaults.sampling.merged(**cfg.sampling).validate())
-    if cfg.context is not None and cfg.context < 16:
-        raise UserError(f"--context must be at least 16 tokens, not {cfg.context}")
+    # The server's sampling defaults: the checkpoint's, overridden by the command line's.
+    setup = ModelSetup.check(cfg.model, cfg.sampling, cfg.context, cfg.vision)
     if cfg.max_queue < 0:
         raise UserError(f"--max-queue must be >= 0, not {cfg.max_queue}")
-    images = None
-    if cfg.vision and has_vision(path):
-        from ..images import ImageReader
-
-        images = ImageReader(path, tok)
 
     def load():
-        from ..engine import Engine
-        from ..loader import load_model
         from .serving import Serving
 
-        model, mcfg = load_model(
-            path, cfg.dtype, cfg.device, cfg.offload, cfg.context, cfg.prefill_chunk, vision=images is not None
+        engine = setup.load(
+            cfg.dtype, cfg.device, cfg.offload, cfg.prefill_chunk, None, cfg.cache_entries, cfg.cache_bytes
         )
-        context = min(cfg.context or 8192, mcfg.max_position_embeddings)
-        eos = end_token_ids(mcfg, defaults, tok)
-        engine = Engine(model, tok, eos, context, cfg.prefill_chunk, images, cfg.cache_entries, cfg.cache_bytes)
-        return Serving(engine, defaults, cfg.model_id, path, cfg.max_tokens)
+        return Serving(engine, setup.defaults, cfg.model_id, setup.path, cfg.max_tokens)
 
     return load
 
