@@ -116,3 +116,40 @@ class ServerProcess:
         finally:
             if self.proc.poll() is None:
                 self.proc.kill()
+
+
+def bigram_checkpoint(src: Path, out: Path, chain: list[int]) -> Path:
+    """A copy of `src` rigged to write `chain` after its prompt, whatever the prompt says.
+
+    Every attention output and MLP/expert down projection is zeroed, so the last hidden state
+    is the input token's embedding: the model is a bigram table. Each chain token gets its own
+    unit embedding, and the lm_head row of its successor reads it; chain[0] follows any token
+    outside the chain (the prompt's last). The chain's tokens must be distinct.
+    """
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    assert len(set(chain)) == len(chain)
+    server_checkpoint(src, out)
+    for path in sorted(out.glob("*.safetensors")):
+        tensors = load_file(path)
+        for name, t in tensors.items():
+            if "o_proj" in name or "down_proj" in name:
+                tensors[name] = torch.zeros_like(t)
+            elif name.endswith("language_model.model.norm.weight") or name == "model.norm.weight":
+                tensors[name] = torch.ones_like(t)
+            elif name.endswith("embed_tokens.weight"):
+                e = torch.zeros_like(t)
+                e[:, len(chain)] = 1.0  # every other token: the direction that leads into the chain
+                for i, tok in enumerate(chain):
+                    e[tok] = 0.0
+                    e[tok, i] = 1.0
+                tensors[name] = e
+            elif name.endswith("lm_head.weight"):
+                w = torch.zeros_like(t)
+                w[chain[0], len(chain)] = 10.0
+                for i in range(len(chain) - 1):
+                    w[chain[i + 1], i] = 10.0
+                tensors[name] = w
+        save_file(tensors, str(path), metadata={"format": "pt"})
+    return out
