@@ -271,15 +271,24 @@ def build_app(server: Server) -> Starlette:
         try:
             for c in builder.first_chunks():
                 yield event(c)
-            while True:
-                item = await job.events.get()
-                if item is _DONE:
-                    break
-                if isinstance(item, APIError):
-                    yield event(item.body())
-                    break
-                for c in builder.chunks(item):
-                    yield event(c)
+            ended = False
+            while not ended:
+                # Whatever the worker has queued goes out in one write: a client that reads
+                # slower than the model writes gets the tokens in fewer, larger sends.
+                items, out = [await job.events.get()], []
+                while not job.events.empty():
+                    items.append(job.events.get_nowait())
+                for item in items:
+                    if item is _DONE:
+                        ended = True
+                        break
+                    if isinstance(item, APIError):
+                        out.append(event(item.body()))
+                        ended = True
+                        break
+                    out.extend(event(c) for c in builder.chunks(item))
+                if out:
+                    yield "".join(out)
             if job.prepared.include_usage:
                 yield event(builder.usage_chunk())
             yield "data: [DONE]\n\n"
