@@ -359,7 +359,8 @@ def quantize(
     """Quantize a checkpoint's experts to INT4 and save it (vLLM can serve the result too).
 
     Routed and shared experts are quantized; router, norms, embeddings, lm_head and vision
-    stay as they are. Memory stays bounded: the source is read tensor by tensor. --scheme nf4
+    stay as they are. Memory stays bounded: the source is read tensor by tensor. An interrupted
+    run keeps the shards it finished; the same command again resumes from them. --scheme nf4
     writes bitsandbytes NF4 instead (its serialization, one linear per expert).
 
     Examples:
@@ -398,8 +399,17 @@ def quantize(
 
         try:
             s = quantize_checkpoint(_model(src, revision), out, opts, progress)
+        except KeyboardInterrupt:
+            bar.stop()
+            work = out.parent / f".{out.name}.partial"
+            if work.is_dir():
+                sys.stderr.write(f"\ninterrupted; finished shards are kept in {work}: run the same command to resume\n")
+                raise typer.Exit(130) from None
+            raise
         finally:
             bar.stop()
+        if s.resumed_shards:
+            err.print(f"resumed: {s.resumed_shards} shards were already finished by an earlier run")
         err.print(
             f"wrote {out}: {_human(s.source_bytes)} -> {_human(s.output_bytes)} "
             f"({s.source_bytes / max(s.output_bytes, 1):.1f}x smaller), "

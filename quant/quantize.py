@@ -3,8 +3,9 @@
 Reads the source memory-mapped, one shard at a time, quantizes one expert matrix at a time, and
 writes output shards as they fill, so peak memory is about two output shards (the shard and
 its serialised copy) plus one expert's working set, whatever the checkpoint's size.
-Everything goes into a temporary directory next to OUT that is renamed to OUT only when
-complete: an interrupted run leaves nothing that looks like a checkpoint.
+Everything goes into a hidden directory next to OUT that is renamed to OUT only when complete:
+an interrupted run leaves nothing that looks like a checkpoint, and a re-run resumes from the
+output shards it finished (quant/resume.py).
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from __future__ import annotations
 import ctypes
 import errno
 import json
-import os
 import shutil
 import time
 from collections.abc import Callable
@@ -30,6 +30,7 @@ from llama4_local.loader import check_model_dir
 
 from .format import QuantScheme, to_tensors
 from .int4 import GROUP_SIZES, quantize_int4
+from .resume import WorkDir, remove_old_partials, source_fingerprint
 
 PARTS = ("experts", "shared", "attention")
 DEFAULT_PARTS = ("experts", "shared")
@@ -63,34 +64,43 @@ class QuantizeSummary:
     quantized_linears: int
     shards: int
     files_copied: list[str] = field(default_factory=list)
+    resumed_shards: int = 0  # finished shards taken over from an interrupted run
 
 
 class _ShardWriter:
-    """Collects tensors and writes a shard whenever `limit` bytes have gathered."""
+    """Collects tensors and writes a shard whenever `limit` bytes have gathered.
 
-    def __init__(self, root: Path, limit: int):
-        self.root, self.limit = root, limit
+    Tensors come in units (one source tensor, or one expert of a fused tensor) that never
+    straddle two shards, so the work directory can record which units a finished shard holds.
+    """
+
+    def __init__(self, work: WorkDir, limit: int):
+        self.work, self.limit = work, limit
         self.pending: dict[str, torch.Tensor] = {}
+        self.pending_units: list[str] = []
         self.pending_bytes = 0
-        self.shards: list[tuple[Path, list[str]]] = []
-        self.total = 0
+        self.shards: list[tuple[Path, list[str]]] = [(work.path / s["file"], s["tensors"]) for s in work.shards]
+        self.total = sum(s["tensor_bytes"] for s in work.shards)
 
-    def add(self, tensors: dict[str, torch.Tensor]) -> None:
+    def add(self, tensors: dict[str, torch.Tensor], unit: str) -> None:
         for name, t in tensors.items():
             t = t.contiguous()
             self.pending[name] = t
             self.pending_bytes += t.numel() * t.element_size()
+        self.pending_units.append(unit)
         if self.pending_bytes >= self.limit:
             self.flush()
 
     def flush(self) -> None:
         if not self.pending:
             return
-        path = self.root / f"shard-{len(self.shards):05d}.safetensors"
-        save_file(self.pending, str(path), metadata={"format": "pt"})
+        name = f"shard-{len(self.shards):05d}.safetensors"
+        tmp = self.work.path / (name + ".tmp")
+        save_file(self.pending, str(tmp), metadata={"format": "pt"})
+        path = self.work.add_shard(tmp, name, self.pending_units, list(self.pending), self.pending_bytes)
         self.total += self.pending_bytes
         self.shards.append((path, list(self.pending)))
-        self.pending, self.pending_bytes = {}, 0
+        self.pending, self.pending_units, self.pending_bytes = {}, [], 0
 
     def finish(self) -> int:
         """Name shards model-0000i-of-0000n and write the index; returns the shard count."""
@@ -99,10 +109,10 @@ class _ShardWriter:
         weight_map = {}
         for i, (path, names) in enumerate(self.shards, start=1):
             final = f"model-{i:05d}-of-{n:05d}.safetensors"
-            path.rename(self.root / final)
+            path.rename(self.work.path / final)
             weight_map.update(dict.fromkeys(names, final))
         index = {"metadata": {"total_size": self.total}, "weight_map": dict(sorted(weight_map.items()))}
-        (self.root / INDEX_NAME).write_text(json.dumps(index, indent=2))
+        (self.work.path / INDEX_NAME).write_text(json.dumps(index, indent=2))
         return n
 
 
@@ -178,12 +188,19 @@ def quantize_checkpoint(
     scheme = QuantScheme(opts.group_size, opts.symmetric, kind=opts.scheme)
     device = torch.device(opts.device)
 
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    fingerprint = {
+        "source": source_fingerprint(list(tensors.values())),
+        "options": [opts.group_size, opts.symmetric, list(opts.parts), opts.shard_bytes, opts.device, opts.scheme],
+    }
     out.parent.mkdir(parents=True, exist_ok=True)
+    remove_old_partials(out)
+    work = WorkDir(out, fingerprint)
     start = time.perf_counter()
+    work.open()  # refuses (touching nothing) when another run holds it
     try:
-        tmp.mkdir()
-        writer = _ShardWriter(tmp, opts.shard_bytes)
+        resumed = len(work.shards)
+        skip = work.done_units()
+        writer = _ShardWriter(work, opts.shard_bytes)
         done, count = 0, 0
 
         def quantize(w: torch.Tensor):
@@ -205,12 +222,14 @@ def quantize_checkpoint(
                 for name in sorted(by_shard[path]):
                     prefix = _expert_prefix(name)
                     if prefix and len(f.get_slice(name).get_shape()) == 3:
-                        count += _quantize_experts(f, name, prefix, writer, quantize)
+                        count += _quantize_experts(f, name, prefix, writer, quantize, skip)
+                    elif name in skip:
+                        count += _is_target(name, opts.parts)
                     elif _is_target(name, opts.parts):
-                        writer.add(to_tensors(name.removesuffix(".weight"), quantize(f.get_tensor(name))))
+                        writer.add(to_tensors(name.removesuffix(".weight"), quantize(f.get_tensor(name))), name)
                         count += 1
                     else:
-                        writer.add({name: f.get_tensor(name).clone()})  # a copy, not a view of the map
+                        writer.add({name: f.get_tensor(name).clone()}, name)  # a copy, not a view of the map
                     done += _nbytes(f, name)
                     if on_progress:
                         on_progress(done, total, name)
@@ -220,27 +239,36 @@ def quantize_checkpoint(
         raw["quantization_config"] = scheme.config(
             _skip_modules(opts.parts) if opts.scheme == "nf4" else _ignore_list(opts.parts)
         )
-        (tmp / "config.json").write_text(json.dumps(raw, indent=2))
+        (work.path / "config.json").write_text(json.dumps(raw, indent=2))
         copied = []
         for p in sorted(src.iterdir()):
             if p.is_file() and p.suffix in COPY_SUFFIXES and p.name not in SKIP_FILES:
-                shutil.copy2(p, tmp / p.name)
+                shutil.copy2(p, work.path / p.name)
                 copied.append(p.name)
-        if out.exists():
-            out.rmdir()  # empty, checked above
-        tmp.rename(out)
+        work.finish()
     except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _abandon(work)
         if e.errno == errno.ENOSPC:
+            kept = f"; the {len(work.shards)} shards finished are kept for the re-run" if work.shards else ""
             raise UserError(
-                f"disk full while writing {out}; free space (about {total // 4 >> 30} GiB) and re-run"
+                f"disk full while writing {out}; free space (about {total // 4 >> 30} GiB) and re-run{kept}"
             ) from None
         raise
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _abandon(work)
         raise
     out_bytes = sum(p.stat().st_size for p in out.glob("*.safetensors"))
-    return QuantizeSummary(total, out_bytes, time.perf_counter() - start, count, n_shards, copied)
+    return QuantizeSummary(total, out_bytes, time.perf_counter() - start, count, n_shards, copied, resumed)
+
+
+def _abandon(work: WorkDir) -> None:
+    """A run that stops early keeps its finished shards for the next run, or nothing at all."""
+    work.release()
+    if not work.shards:
+        shutil.rmtree(work.path, ignore_errors=True)
+        return
+    for p in work.path.glob("*.tmp"):
+        p.unlink(missing_ok=True)
 
 
 def _nbytes(f, name: str) -> int:
@@ -277,16 +305,23 @@ def expert_weights(model_dir: Path):
                     yield f.get_tensor(name)
 
 
-def _quantize_experts(f, name: str, prefix: str, writer: _ShardWriter, quantize) -> int:
-    """Quantize a fused expert tensor one expert at a time (each slice read on its own)."""
+def _quantize_experts(f, name: str, prefix: str, writer: _ShardWriter, quantize, skip: set[str]) -> int:
+    """Quantize a fused expert tensor one expert at a time (each slice read on its own); experts
+    in `skip` are already in finished shards."""
     sl = f.get_slice(name)
     n_exp = sl.get_shape()[0]
     count = 0
     for e in range(n_exp):
+        unit = f"{name}#{e}"
+        if unit in skip:
+            count += 1 if name.endswith("down_proj") else 2
+            continue
         # [D, 2I] (gate_up) or [I, D] (down): only this expert's bytes are read
+        tensors = {}
         for proj, w in expert_linears(name, sl[e]).items():
-            writer.add(to_tensors(f"{prefix}.{e}.{proj}", quantize(w)))
+            tensors.update(to_tensors(f"{prefix}.{e}.{proj}", quantize(w)))
             count += 1
+        writer.add(tensors, unit)
         _release_freed_memory()
     return count
 
