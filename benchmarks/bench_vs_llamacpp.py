@@ -1,0 +1,189 @@
+"""This runner against llama.cpp on the CPU, side by side: one machine, one run, same threads.
+
+Builds (once, cached under benchmarks/.cache/) llama.cpp's CPU tools from the llama-cpp-python
+sdist, a Scout-width slice checkpoint (benchmarks/scout_slice.py: Scout's layer widths, 4
+layers, 4 experts top-1, vocab 600, 2.77 B parameters), its F16 GGUF (llama.cpp's converter),
+Q4_0 and Q4_K_M (llama-quantize) and our default INT4 checkpoint (`llama4-local quantize`),
+timing each quantize. Then, for each thread count, it alternates the sides `--reps` times:
+`llama-bench -p 128 -n 32` on Q4_0, Q4_K_M and F16, and the same work in this runner (a
+128-token prefill from an empty cache, 32 single-token decode steps) on INT4 and bf16, and
+reports the best of each: tok/s, the ratio to llama.cpp Q4_0 (INT4) or F16 (bf16), and the bytes
+of weights a decode token reads with the GB/s that makes.
+
+    python benchmarks/bench_vs_llamacpp.py [--threads 1,2] [--reps 3] [--json FILE]
+
+Needs cmake, a C++ compiler and the test extras (transformers, for llama.cpp's converter).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import llamacpp  # noqa: E402
+from bench_runner import bytes_per_decode_token  # noqa: E402
+from scout_slice import write_slice  # noqa: E402
+
+from llama4_local.loader import load_model  # noqa: E402
+
+CACHE = ROOT / "benchmarks" / ".cache"
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def prepare(cache: Path, threads: int) -> tuple[Path, dict[str, Path], dict[str, float]]:
+    """The llama.cpp tools, the model files, and seconds each quantize took (measured when made)."""
+    cache.mkdir(parents=True, exist_ok=True)
+    bin_dir = llamacpp.build(cache, log=log)
+    src = cache / "scout-slice"
+    if not (src / "model.safetensors.index.json").exists():
+        log("writing the Scout-width slice checkpoint (5.5 GB)")
+        write_slice(src)
+    files = {"bf16": src, "F16": cache / "scout-slice-f16.gguf", "int4": cache / "scout-slice-int4"}
+    times_path = cache / "quantize-times.json"
+    times = json.loads(times_path.read_text()) if times_path.exists() else {}
+    if not files["F16"].exists():
+        log("converting to GGUF F16 with llama.cpp's convert_hf_to_gguf.py")
+        llamacpp.convert(cache, src, files["F16"])
+    for kind in ("Q4_0", "Q4_K_M"):
+        files[kind] = cache / f"scout-slice-{kind.lower()}.gguf"
+        if not files[kind].exists():
+            log(f"llama-quantize {kind}")
+            times[kind] = llamacpp.quantize(bin_dir, files["F16"], files[kind], kind, threads)
+    if not (files["int4"] / "config.json").exists():
+        log("llama4-local quantize (default INT4)")
+        t0 = time.perf_counter()
+        cmd = [sys.executable, "-m", "cli", "quantize", str(src), str(files["int4"])]
+        subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+        times["ours INT4"] = time.perf_counter() - t0
+    times_path.write_text(json.dumps(times, indent=1))
+    return bin_dir, files, times
+
+
+class Ours:
+    """A loaded checkpoint of ours, timed the way llama-bench times (no sampling, greedy argmax)."""
+
+    def __init__(self, path: Path, dtype: str = "bfloat16"):
+        t0 = time.perf_counter()
+        self.model, self.cfg = load_model(path, dtype, "cpu")
+        self.load_s = time.perf_counter() - t0
+        self.bytes_per_token = bytes_per_decode_token(self.model)
+
+    @torch.inference_mode()
+    def run(self, threads: int, prompt: int, gen: int) -> dict[str, float]:
+        torch.set_num_threads(threads)
+        ids = torch.randint(0, self.cfg.vocab_size, (prompt,), generator=torch.Generator().manual_seed(0))
+        self.model(ids[:8], self.model.new_cache(8))  # warm-up, as llama-bench does
+        cache = self.model.new_cache(prompt)
+        t0 = time.perf_counter()
+        int(self.model(ids, cache)[-1].argmax())
+        prefill = prompt / (time.perf_counter() - t0)
+        cache, token = self.model.new_cache(gen + 1), torch.tensor([1])
+        t0 = time.perf_counter()
+        for _ in range(gen):
+            token = self.model(token, cache)[-1].argmax().reshape(1)
+        return {"prefill": prefill, "decode": gen / (time.perf_counter() - t0)}
+
+
+def memory_status() -> dict[str, int]:
+    """This process's resident memory, anonymous and file-backed, in bytes (Linux)."""
+    out = {}
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key in ("VmHWM", "RssAnon", "RssFile"):
+                out[key] = int(value.split()[0]) * 1024
+    except OSError:
+        pass
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", default=",".join(str(t) for t in sorted({1, os.cpu_count() or 1})))
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--prompt", type=int, default=128)
+    ap.add_argument("--gen", type=int, default=32)
+    ap.add_argument("--cache", type=Path, default=CACHE)
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    threads = [int(t) for t in args.threads.split(",")]
+    bin_dir, files, qtimes = prepare(args.cache, max(threads))
+
+    log("loading our INT4 and bf16 checkpoints")
+    before = memory_status()
+    ours = {"ours INT4": Ours(files["int4"])}
+    after_int4 = memory_status()
+    ours["ours bf16"] = Ours(files["bf16"])
+    cfg = ours["ours INT4"].cfg
+    src = llamacpp.source_dir(args.cache)
+    peers = {k: files[k] for k in ("Q4_0", "Q4_K_M", "F16")}
+    nbytes = {k: llamacpp.decode_bytes(p, cfg.top_k, cfg.num_experts, src) for k, p in peers.items()}
+    nbytes.update({k: o.bytes_per_token for k, o in ours.items()})
+
+    best: dict[tuple[str, int], dict[str, float]] = {}
+    sides = [*peers, *ours]
+    for rep in range(args.reps):
+        for t in threads:
+            order = sides[rep % len(sides) :] + sides[: rep % len(sides)]  # a different side first each rep
+            for side in order:
+                if side in peers:
+                    r = llamacpp.bench(bin_dir, peers[side], t, args.prompt, args.gen)
+                else:
+                    r = ours[side].run(t, args.prompt, args.gen)
+                b = best.setdefault((side, t), {"prefill": 0.0, "decode": 0.0})
+                for k in b:
+                    b[k] = max(b[k], r[k])
+                log(f"rep {rep + 1} threads {t} {side:10s} prefill {r['prefill']:6.1f} decode {r['decode']:5.1f} tok/s")
+
+    rows = []
+    base = {"ours INT4": "Q4_0", "ours bf16": "F16"}
+    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}"
+    print(f"\n{machine}, llama-cpp-python {llamacpp.VERSION}; prefill {args.prompt}, decode {args.gen}, "
+          f"best of {args.reps}")  # fmt: skip
+    print("| threads | side | prefill tok/s | decode tok/s | vs peer (prefill, decode) | MB/token | decode GB/s |")
+    print("|---|---|---|---|---|---|---|")
+    for t in threads:
+        for side in sides:
+            b, mb = best[(side, t)], nbytes[side] / 1e6
+            row = {"threads": t, "side": side, **{k: round(v, 2) for k, v in b.items()}, "MB_per_token": round(mb)}
+            row["decode_GB_s"] = round(b["decode"] * mb / 1e3, 1)
+            ratio = ""
+            if side in base:
+                peer = best[(base[side], t)]
+                row["prefill_ratio"] = round(b["prefill"] / peer["prefill"], 2)
+                row["decode_ratio"] = round(b["decode"] / peer["decode"], 2)
+                ratio = f"{row['prefill_ratio']:.2f}x, {row['decode_ratio']:.2f}x {base[side]}"
+            cells = [t, side, f"{b['prefill']:.1f}", f"{b['decode']:.1f}", ratio, f"{mb:.0f}", row["decode_GB_s"]]
+            print("| " + " | ".join(map(str, cells)) + " |")
+            rows.append(row)
+    int4 = ours["ours INT4"]
+    size = sum(f.stat().st_size for f in files["int4"].glob("*.safetensors"))
+    anon = after_int4.get("RssAnon", 0) - before.get("RssAnon", 0)
+    filed = after_int4.get("RssFile", 0) - before.get("RssFile", 0)
+    print(f"\nload our INT4 checkpoint ({size / 1e9:.2f} GB, page cache warm): {int4.load_s:.1f} s; "
+          f"resident after load: +{anon / 1e9:.2f} GB anonymous, +{filed / 1e9:.2f} GB file-backed")  # fmt: skip
+    if qtimes:
+        print("quantize times (s, measured when each file was made): "
+              + ", ".join(f"{k} {v:.0f}" for k, v in qtimes.items()))  # fmt: skip
+    if args.json:
+        memory = {"int4_load_s": int4.load_s, "int4_anon_bytes": anon, "int4_file_bytes": filed}
+        args.json.write_text(json.dumps({"rows": rows, "quantize_s": qtimes, "memory": memory}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

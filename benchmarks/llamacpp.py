@@ -1,0 +1,119 @@
+"""llama.cpp as a peer on this machine: built from the source the llama-cpp-python sdist vendors.
+
+Nothing here is committed llama.cpp code: `build` downloads the sdist from the package registry
+(`pip download --no-binary :all:`), unpacks its `vendor/llama.cpp` under benchmarks/.cache/ and
+builds the CPU tools with CMake and the system compiler (no network during the build).
+`convert` runs llama.cpp's own `convert_hf_to_gguf.py` on a Hugging Face checkpoint; a made-up
+tokenizer has no pre-tokenizer hash llama.cpp knows, so the converter is told its name (our test
+tokenizers split like GPT-2). `bench` runs `llama-bench` and returns its JSON records.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+VERSION = "0.3.36"  # llama-cpp-python; its vendor/llama.cpp is the peer measured
+TOOLS = ("llama-bench", "llama-quantize")
+
+
+def source_dir(cache: Path, version: str = VERSION) -> Path:
+    return cache / f"llama.cpp-{version}"
+
+
+def build(cache: Path, version: str = VERSION, log=print) -> Path:
+    """The directory holding llama-bench and llama-quantize, building them if needed."""
+    src = source_dir(cache, version)
+    bin_dir = src / "build" / "bin"
+    if all((bin_dir / t).exists() for t in TOOLS):
+        return bin_dir
+    if not (src / "CMakeLists.txt").exists():
+        with tempfile.TemporaryDirectory(dir=cache) as tmp:
+            log(f"downloading the llama-cpp-python {version} sdist")
+            subprocess.run(
+                [sys.executable, "-m", "pip", "download", "--no-binary", ":all:", "--no-deps", "-q",
+                 f"llama-cpp-python=={version}", "-d", tmp],
+                check=True,
+            )  # fmt: skip
+            (sdist,) = Path(tmp).glob("llama_cpp_python-*.tar.gz")
+            prefix = f"{sdist.name.removesuffix('.tar.gz')}/vendor/llama.cpp/"
+            with tarfile.open(sdist) as tar:
+                members = [m for m in tar.getmembers() if m.name.startswith(prefix)]
+                for m in members:
+                    m.name = m.name[len(prefix) :]
+                tar.extractall(src, members=[m for m in members if m.name], filter="data")
+    log(f"building llama.cpp's CPU tools in {src / 'build'} (a few minutes)")
+    gen = ["-G", "Ninja"] if shutil.which("ninja") else []
+    off = ("BUILD_SHARED_LIBS", "LLAMA_CURL", "LLAMA_OPENSSL", "LLAMA_BUILD_TESTS", "LLAMA_BUILD_SERVER")
+    flags = ["-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON", *(f"-D{name}=OFF" for name in off)]
+    quiet = {"stdout": subprocess.DEVNULL}
+    subprocess.run(["cmake", "-S", str(src), "-B", str(src / "build"), *gen, *flags], check=True, **quiet)
+    jobs = str(os.cpu_count() or 2)
+    subprocess.run(["cmake", "--build", str(src / "build"), "--target", *TOOLS, "-j", jobs], check=True, **quiet)
+    return bin_dir
+
+
+_CONVERT = """
+import sys
+sys.path[:0] = [{src!r}, {gguf!r}]
+import conversion.base as base
+base.TextModel.get_vocab_base_pre = lambda self, tokenizer: {pre!r}
+sys.argv = ["convert_hf_to_gguf.py", {model!r}, "--outtype", "f16", "--outfile", {out!r}]
+import convert_hf_to_gguf
+convert_hf_to_gguf.main()
+"""
+
+
+def convert(cache: Path, model: Path, out: Path, pre: str = "gpt-2", version: str = VERSION) -> float:
+    """HF checkpoint -> F16 GGUF with llama.cpp's converter; seconds taken."""
+    src = source_dir(cache, version)
+    code = _CONVERT.format(src=str(src), gguf=str(src / "gguf-py"), pre=pre, model=str(model), out=str(out) + ".tmp")
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-c", code], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    os.replace(str(out) + ".tmp", out)
+    return time.perf_counter() - t0
+
+
+def quantize(bin_dir: Path, f16: Path, out: Path, kind: str, threads: int) -> float:
+    """llama-quantize F16 -> kind (Q4_0, Q4_K_M, ...); seconds taken."""
+    t0 = time.perf_counter()
+    tmp = out.with_name(out.name + ".tmp")
+    cmd = [str(bin_dir / "llama-quantize"), str(f16), str(tmp), kind, str(threads)]
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    os.replace(tmp, out)
+    return time.perf_counter() - t0
+
+
+def bench(bin_dir: Path, gguf: Path, threads: int, prompt: int, gen: int, reps: int = 1) -> dict[str, float]:
+    """llama-bench's tok/s: {"prefill": pp<prompt>, "decode": tg<gen>}."""
+    cmd = [str(bin_dir / "llama-bench"), "-m", str(gguf), "-p", str(prompt), "-n", str(gen), "-t", str(threads),
+           "-r", str(reps), "-o", "json"]  # fmt: skip
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    result = {}
+    for rec in json.loads(out):
+        result["prefill" if rec["n_gen"] == 0 else "decode"] = rec["avg_ts"]
+    return result
+
+
+def decode_bytes(gguf: Path, top_k: int, experts: int, version_src: Path) -> int:
+    """Bytes of weights one decode token reads from a GGUF file: all tensors but the unchosen
+    experts (top_k of `experts` per MoE tensor) and the embedding table (one row)."""
+    sys.path.insert(0, str(version_src / "gguf-py"))
+    from gguf import GGUFReader
+
+    total = 0
+    for t in GGUFReader(str(gguf)).tensors:
+        n = int(t.n_bytes)
+        if t.name == "token_embd.weight":
+            n //= int(t.shape[-1])  # rows are the last dimension in GGUF's order
+        elif "_exps" in t.name:
+            n = n * top_k // experts
+        total += n
+    return total
