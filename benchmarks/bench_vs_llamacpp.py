@@ -120,6 +120,7 @@ def main() -> None:
     ap.add_argument("--gen", type=int, default=32)
     ap.add_argument("--cache", type=Path, default=CACHE)
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--no-bf16", action="store_true", help="only the INT4 / Q4 sides (faster)")
     args = ap.parse_args()
     threads = [int(t) for t in args.threads.split(",")]
     bin_dir, files, qtimes = prepare(args.cache, max(threads))
@@ -128,10 +129,11 @@ def main() -> None:
     before = memory_status()
     ours = {"ours INT4": Ours(files["int4"])}
     after_int4 = memory_status()
-    ours["ours bf16"] = Ours(files["bf16"])
+    if not args.no_bf16:
+        ours["ours bf16"] = Ours(files["bf16"])
     cfg = ours["ours INT4"].cfg
     src = llamacpp.source_dir(args.cache)
-    peers = {k: files[k] for k in ("Q4_0", "Q4_K_M", "F16")}
+    peers = {k: files[k] for k in ("Q4_0", "Q4_K_M", "F16") if k != "F16" or not args.no_bf16}
     nbytes = {k: llamacpp.decode_bytes(p, cfg.top_k, cfg.num_experts, src) for k, p in peers.items()}
     nbytes.update({k: o.bytes_per_token for k, o in ours.items()})
 

@@ -100,45 +100,72 @@ static void rows_f32(const float* xp, const uint8_t* qp, const float* sp, const 
 // Int8 activations: x ~ d[t, b] * xq[t, k] per block b of 32 inputs (llama.cpp's Q8_0 blocks).
 // Per block, maddubs multiplies the 32 unsigned nibbles by the 32 signed bytes and adds pairs
 // (|sum| <= 2 * 15 * 127, no saturation), madd adds pairs again: 8 int32 partial dot products,
-// converted once and scaled by d; per group the sum is scaled by s (group accumulators are
-// independent, so out-of-order execution overlaps groups). xs[t, g] = sum of dequantized x.
-template <int T>
-static void rows_q8(const int8_t* xq, const float* xd, const uint8_t* qp, const float* sp, const float* xs,
-                    float* yp, int64_t K, int64_t N, int64_t group, int64_t n0, int64_t n1) {
+// converted once and scaled by d; per group the sum is scaled by s. R weight rows go together:
+// each activation block is loaded once for the R rows, and the T * R block accumulators are
+// independent FMA chains (one row alone is bound by the FMA latency, not by memory).
+// xs[t, g] = sum of dequantized x.
+template <int T, int R>
+static void tile_q8(const int8_t* xq, const float* xd, const uint8_t* qp, const float* sp, const float* xs,
+                    float* yp, int64_t K, int64_t N, int64_t group, int64_t n) {
   const int64_t G = K / group, B = K / 32, per = group / 32;
   const __m128i low = _mm_set1_epi8(0x0F);
   const __m256i ones = _mm256_set1_epi16(1);
-  for (int64_t n = n0; n < n1; ++n) {
-    const uint8_t* qrow = qp + n * (K / 2);
-    const float* srow = sp + n * 2 * G;
-    __m256 acc[T];
-    for (int t = 0; t < T; ++t) acc[t] = _mm256_setzero_ps();
-    for (int64_t g = 0; g < G; ++g) {
-      _mm_prefetch((const char*)(qrow + g * group / 2 + 1024), _MM_HINT_T0);  // about 5% at one row
-      __m256 ga[T];
-      for (int t = 0; t < T; ++t) ga[t] = _mm256_setzero_ps();
-      for (int64_t j = 0; j < per; ++j) {
-        const int64_t b = g * per + j;
-        const __m128i bytes = _mm_loadu_si128((const __m128i*)(qrow + b * 16));
+  const uint8_t* qrow[R];
+  const float* srow[R];
+  for (int r = 0; r < R; ++r) {
+    qrow[r] = qp + (n + r) * (K / 2);
+    srow[r] = sp + (n + r) * 2 * G;
+  }
+  __m256 acc[T][R];
+  for (int t = 0; t < T; ++t)
+    for (int r = 0; r < R; ++r) acc[t][r] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < G; ++g) {
+    for (int r = 0; r < R; ++r) _mm_prefetch((const char*)(qrow[r] + g * group / 2 + 768), _MM_HINT_T0);
+    __m256 ga[T][R];
+    for (int t = 0; t < T; ++t)
+      for (int r = 0; r < R; ++r) ga[t][r] = _mm256_setzero_ps();
+    for (int64_t j = 0; j < per; ++j) {
+      const int64_t b = g * per + j;
+      __m256i q[T];
+      __m256 d[T];
+      for (int t = 0; t < T; ++t) {
+        q[t] = _mm256_loadu_si256((const __m256i*)(xq + t * K + b * 32));
+        d[t] = _mm256_broadcast_ss(xd + t * B + b);
+      }
+      for (int r = 0; r < R; ++r) {
+        const __m128i bytes = _mm_loadu_si128((const __m128i*)(qrow[r] + b * 16));
         const __m128i lo = _mm_and_si128(bytes, low);
         const __m128i hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), low);
         const __m256i u = _mm256_inserti128_si256(_mm256_castsi128_si256(lo), hi, 1);  // inputs 32b .. 32b+31
         for (int t = 0; t < T; ++t) {
-          const __m256i q = _mm256_loadu_si256((const __m256i*)(xq + t * K + b * 32));
-          const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(u, q), ones);
-          ga[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_broadcast_ss(xd + t * B + b), ga[t]);
+          const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(u, q[t]), ones);
+          ga[t][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), d[t], ga[t][r]);
         }
       }
-      const __m256 s = _mm256_broadcast_ss(srow + g);
-      for (int t = 0; t < T; ++t) acc[t] = _mm256_fmadd_ps(ga[t], s, acc[t]);
     }
+    for (int r = 0; r < R; ++r) {
+      const __m256 s = _mm256_broadcast_ss(srow[r] + g);
+      for (int t = 0; t < T; ++t) acc[t][r] = _mm256_fmadd_ps(ga[t][r], s, acc[t][r]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
     for (int t = 0; t < T; ++t) {
       float off = 0.f;
       const float* xst = xs + t * G;
-      for (int64_t g = 0; g < G; ++g) off += srow[G + g] * xst[g];
-      yp[t * N + n] = hsum(acc[t]) + off;
+      for (int64_t g = 0; g < G; ++g) off += srow[r][G + g] * xst[g];
+      yp[t * N + n + r] = hsum(acc[t][r]) + off;
     }
-  }
+}
+
+// Rows n0..n1 in tiles of R (R = 4 for one activation row, 2 for two: enough independent chains
+// without spilling the 16 vector registers), the remainder one at a time.
+template <int T>
+static void rows_q8(const int8_t* xq, const float* xd, const uint8_t* qp, const float* sp, const float* xs,
+                    float* yp, int64_t K, int64_t N, int64_t group, int64_t n0, int64_t n1) {
+  constexpr int R = T == 1 ? 4 : (T == 2 ? 2 : 1);
+  int64_t n = n0;
+  for (; n + R <= n1; n += R) tile_q8<T, R>(xq, xd, qp, sp, xs, yp, K, N, group, n);
+  for (; n < n1; ++n) tile_q8<T, 1>(xq, xd, qp, sp, xs, yp, K, N, group, n);
 }
 
 #define DISPATCH_ROWS(FN, ...)                         \
@@ -231,7 +258,7 @@ def _module():
 
         from torch.utils.cpp_extension import _get_build_directory, load_inline
 
-        name = "llama4_local_int4_avx2_v12"
+        name = "llama4_local_int4_avx2_v13"
         if not list(Path(_get_build_directory(name, verbose=False)).glob("*.so")):
             sys.stderr.write("llama4-local: building the INT4 CPU kernel (once, about a minute)\n")
         return load_inline(
