@@ -35,7 +35,23 @@ def _cpu_low_precision(x: torch.Tensor, w: torch.Tensor) -> bool:
 
 
 def _rows_mv(x: torch.Tensor, w_out_in: torch.Tensor) -> torch.Tensor:
+    kernel = _half_kernel()
+    k = w_out_in.shape[1]
+    if kernel is not None and x.shape[0] <= kernel.HALF_MAX_ROWS and k % 16 == 0 and w_out_in.is_contiguous():
+        return kernel.half_mv(x, w_out_in)
     return torch.stack([torch.mv(w_out_in, row) for row in x])
+
+
+_HALF_KERNEL: list = []
+
+
+def _half_kernel():
+    """quant.cpu_kernel when its AVX2 build is available (a bf16/fp16 matvec at memory speed), else None."""
+    if not _HALF_KERNEL:
+        from quant import cpu_kernel
+
+        _HALF_KERNEL.append(cpu_kernel if cpu_kernel.available() else None)
+    return _HALF_KERNEL[0]
 
 
 # CPUs without bf16/fp16 matrix units are slow at low-precision GEMM, and pathologically slow

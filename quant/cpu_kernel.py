@@ -1,4 +1,4 @@
-"""CPU INT4 matrix-vector kernels for decode (a few rows), compiled on first use.
+"""CPU INT4 (and bf16/fp16) matrix-vector kernels for decode (a few rows), compiled on first use.
 
 PyTorch's `_weight_int4pack_mm_for_cpu` moves about 2.5-6 GB/s of packed weights on a 2-core
 AVX2 machine at Scout's expert shape, far under what memory allows. These kernels keep the
@@ -236,7 +236,82 @@ torch::Tensor int4_mv(torch::Tensor x, torch::Tensor q, torch::Tensor so, int64_
   return y;
 }
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("int4_mv", &int4_mv, "INT4 matrix-vector (AVX2)"); }
+// bf16 / fp16 weights [N, K] times float32 activations [T, K]: what attention and the other
+// unquantized linears of a low-precision run do at decode. 8 weights at a time are widened to
+// float32 (bf16: a 16-bit shift; fp16: F16C) and FMA'd; R rows share each activation load and
+// give independent accumulator chains. Accumulation in float32, as torch.mv's.
+template <bool BF16>
+static inline __m256 widen8(const uint16_t* p) {
+  const __m128i h = _mm_loadu_si128((const __m128i*)p);
+  if (BF16) return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+  return _mm256_cvtph_ps(h);
+}
+
+template <bool BF16, int T, int R>
+static void tile_half(const float* xp, const uint16_t* wp, float* yp, int64_t K, int64_t N, int64_t n) {
+  __m256 acc[T][R][2];
+  for (int t = 0; t < T; ++t)
+    for (int r = 0; r < R; ++r) acc[t][r][0] = acc[t][r][1] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < K; k += 16) {
+    __m256 x0[T], x1[T];
+    for (int t = 0; t < T; ++t) {
+      x0[t] = _mm256_loadu_ps(xp + t * K + k);
+      x1[t] = _mm256_loadu_ps(xp + t * K + k + 8);
+    }
+    for (int r = 0; r < R; ++r) {
+      const uint16_t* wr = wp + (n + r) * K + k;
+      _mm_prefetch((const char*)(wr + 512), _MM_HINT_T0);
+      const __m256 w0 = widen8<BF16>(wr), w1 = widen8<BF16>(wr + 8);
+      for (int t = 0; t < T; ++t) {
+        acc[t][r][0] = _mm256_fmadd_ps(w0, x0[t], acc[t][r][0]);
+        acc[t][r][1] = _mm256_fmadd_ps(w1, x1[t], acc[t][r][1]);
+      }
+    }
+  }
+  for (int t = 0; t < T; ++t)
+    for (int r = 0; r < R; ++r) yp[t * N + n + r] = hsum(_mm256_add_ps(acc[t][r][0], acc[t][r][1]));
+}
+
+template <bool BF16, int T>
+static void rows_half(const float* xp, const uint16_t* wp, float* yp, int64_t K, int64_t N, int64_t n0, int64_t n1) {
+  constexpr int R = T == 1 ? 4 : (T == 2 ? 2 : 1);
+  int64_t n = n0;
+  for (; n + R <= n1; n += R) tile_half<BF16, T, R>(xp, wp, yp, K, N, n);
+  for (; n < n1; ++n) tile_half<BF16, T, 1>(xp, wp, yp, K, N, n);
+}
+
+#define DISPATCH_HALF(B)                                                                   \
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {                                 \
+    switch (T) {                                                                           \
+      case 1: rows_half<B, 1>(xp, wp, yp, K, N, n0, n1); break;                            \
+      case 2: rows_half<B, 2>(xp, wp, yp, K, N, n0, n1); break;                            \
+      case 3: rows_half<B, 3>(xp, wp, yp, K, N, n0, n1); break;                            \
+      default: rows_half<B, 4>(xp, wp, yp, K, N, n0, n1); break;                           \
+    }                                                                                      \
+  });
+
+torch::Tensor half_mv(torch::Tensor x, torch::Tensor w) {
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.scalar_type() == torch::kFloat, "x float32 [T, K], w [N, K]");
+  TORCH_CHECK(w.scalar_type() == torch::kBFloat16 || w.scalar_type() == torch::kHalf, "w must be bf16 or fp16");
+  TORCH_CHECK(x.is_contiguous() && w.is_contiguous(), "contiguous inputs");
+  const int64_t T = x.size(0), K = x.size(1), N = w.size(0);
+  TORCH_CHECK(T >= 1 && T <= 4 && w.size(1) == K && K % 16 == 0, "1 to 4 rows, K a multiple of 16");
+  auto y = torch::empty({T, N}, x.options());
+  const float* xp = x.data_ptr<float>();
+  const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.data_ptr());
+  float* yp = y.data_ptr<float>();
+  if (w.scalar_type() == torch::kBFloat16) {
+    DISPATCH_HALF(true)
+  } else {
+    DISPATCH_HALF(false)
+  }
+  return y;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("int4_mv", &int4_mv, "INT4 matrix-vector (AVX2)");
+  m.def("half_mv", &half_mv, "bf16/fp16 matrix-vector (AVX2)");
+}
 """
 
 
@@ -258,13 +333,13 @@ def _module():
 
         from torch.utils.cpp_extension import _get_build_directory, load_inline
 
-        name = "llama4_local_int4_avx2_v13"
+        name = "llama4_local_int4_avx2_v14"
         if not list(Path(_get_build_directory(name, verbose=False)).glob("*.so")):
             sys.stderr.write("llama4-local: building the INT4 CPU kernel (once, about a minute)\n")
         return load_inline(
             name=name,
             cpp_sources=[_SOURCE],
-            extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"],
+            extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"],
             extra_ldflags=["-fopenmp"],
             verbose=False,
         )
@@ -297,6 +372,15 @@ def int4_mv(
     per block of 32 (one float scale per block) and the dot products run on integers."""
     y = _module().int4_mv(x.float().contiguous(), packed, scales, group_size, int8_activations)
     return y.to(x.dtype)
+
+
+HALF_MAX_ROWS = 4
+
+
+def half_mv(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x [T, K] (T <= 4) @ w [N, K]^T for bf16 or fp16 w (K a multiple of 16), accumulated in
+    float32; the result in x's dtype."""
+    return _module().half_mv(x.float().contiguous(), w).to(x.dtype)
 
 
 def round_activations_int8(x: torch.Tensor) -> torch.Tensor:

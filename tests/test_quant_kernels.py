@@ -134,3 +134,39 @@ def test_use_cpu_path_switches_a_loaded_model(scout_int4):
     assert torch.equal(model(ids, model.new_cache(12), last_only=False), q8)
     with pytest.raises(ValueError):
         use_cpu_path(model, "cuda")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4])
+@pytest.mark.parametrize("n", [1, 7, 130])
+def test_half_matvec_matches_float32_product(dtype, rows, n):
+    from quant import cpu_kernel
+
+    if not cpu_kernel.available():
+        pytest.skip("no AVX2 kernel on this machine")
+    g = torch.Generator().manual_seed(rows * 1000 + n)
+    w = torch.randn(n, 96, generator=g).to(dtype)
+    x = torch.randn(rows, 96, generator=g)
+    want = x @ w.float().t()
+    got = cpu_kernel.half_mv(x, w)  # float32 in, float32 out: only the summation order differs
+    assert got.dtype == torch.float32 and torch.allclose(got, want, rtol=1e-5, atol=1e-5)
+    x[0, 5] = float("nan")
+    assert cpu_kernel.half_mv(x, w)[0].isnan().all()
+
+
+def test_low_precision_decode_linear_uses_the_half_kernel(monkeypatch):
+    """model.linear on a bf16 CPU weight with a few rows goes through half_mv, rounded like torch.mv's."""
+    from llama4_local import model
+    from quant import cpu_kernel
+
+    if not cpu_kernel.available():
+        pytest.skip("no AVX2 kernel on this machine")
+    calls = []
+    real = cpu_kernel.half_mv
+    monkeypatch.setattr(cpu_kernel, "half_mv", lambda x, w: calls.append(x.shape) or real(x, w))
+    w = torch.randn(64, 128).bfloat16()
+    x = torch.randn(2, 128).bfloat16()
+    got = model.linear(x, w)
+    assert calls == [(2, 128)] and got.dtype == torch.bfloat16
+    want = torch.stack([torch.mv(w, r) for r in x])
+    assert (got.float() - want.float()).abs().max() <= 2 * want.float().abs().max() * 2**-8
