@@ -121,6 +121,7 @@ def main() -> None:
     ap.add_argument("--cache", type=Path, default=CACHE)
     ap.add_argument("--json", type=Path)
     ap.add_argument("--no-bf16", action="store_true", help="only the INT4 / Q4 sides (faster)")
+    ap.add_argument("--also", action="append", default=[], metavar="NAME=DIR", help="another checkpoint of ours")
     args = ap.parse_args()
     threads = [int(t) for t in args.threads.split(",")]
     bin_dir, files, qtimes = prepare(args.cache, max(threads))
@@ -131,6 +132,9 @@ def main() -> None:
     after_int4 = memory_status()
     if not args.no_bf16:
         ours["ours bf16"] = Ours(files["bf16"])
+    for item in args.also:
+        name, _, path = item.partition("=")
+        ours[name] = Ours(Path(path))
     cfg = ours["ours INT4"].cfg
     src = llamacpp.source_dir(args.cache)
     peers = {k: files[k] for k in ("Q4_0", "Q4_K_M", "F16") if k != "F16" or not args.no_bf16}
@@ -153,7 +157,7 @@ def main() -> None:
                 log(f"rep {rep + 1} threads {t} {side:10s} prefill {r['prefill']:6.1f} decode {r['decode']:5.1f} tok/s")
 
     rows = []
-    base = {"ours INT4": "Q4_0", "ours bf16": "F16"}
+    base = {name: "Q4_0" for name in ours} | {"ours bf16": "F16"}
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}"
     print(f"\n{machine}, llama-cpp-python {llamacpp.VERSION}; prefill {args.prompt}, decode {args.gen}, "
           f"best of {args.reps}")  # fmt: skip
