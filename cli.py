@@ -42,6 +42,9 @@ DtypeOpt = Annotated[str, typer.Option(help="bfloat16, float16 or float32.")]
 DeviceOpt = Annotated[str, typer.Option(help="cpu, cuda or auto.")]
 PrefillChunkOpt = Annotated[int, typer.Option(help="Prompt tokens per prefill step (bounds memory).")]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Show tracebacks.")]
+ThreadsOpt = Annotated[
+    int | None, typer.Option("--threads", "-t", help="CPU threads for computing [default: the physical cores].")
+]
 SessionContextOpt = Annotated[int | None, typer.Option(help="Context length in tokens [default: 8192].")]
 VisionOpt = Annotated[
     bool,
@@ -122,6 +125,12 @@ def _read_stdin() -> str:
         ) from None
 
 
+def _threads(n: int | None) -> None:
+    from llama4_local.threads import set_threads
+
+    set_threads(n)
+
+
 def _fail(message: str, code: int) -> None:
     sys.stderr.write(f"error: {message}\n")
     raise typer.Exit(code)
@@ -189,6 +198,7 @@ def prompt(
     record_routing: Annotated[
         Path | None, typer.Option(help="Write the experts each token chose, per layer, to this CSV file.")
     ] = None,
+    threads: ThreadsOpt = None,
     verbose: VerboseOpt = False,
 ) -> None:
     """Generate one reply to TEXT and print it as it is generated.
@@ -207,6 +217,7 @@ def prompt(
     """
 
     def go():
+        _threads(threads)
         from llama4_local.runner import PromptRequest, run_prompt
 
         off = _offload_options(gpu_memory, host_memory, expert_cache_slots, cache_policy, miss_policy, prefetch)
@@ -253,6 +264,7 @@ def eval_(
     dtype: DtypeOpt = "bfloat16",
     device: DeviceOpt = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    threads: ThreadsOpt = None,
     verbose: VerboseOpt = False,
 ) -> None:
     """Perplexity of MODEL on a text; with --reference, how far MODEL's predictions are from it.
@@ -265,6 +277,7 @@ def eval_(
     """
 
     def go():
+        _threads(threads)
         from llama4_local.errors import UserError
         from llama4_local.evaluate import evaluate
         from llama4_local.loader import load_model
@@ -354,6 +367,7 @@ def quantize(
     shard_size: Annotated[str, typer.Option(help="Output shard size, e.g. 2GB.")] = "2GB",
     device: Annotated[str, typer.Option(help="Where the quantizer computes: cpu or cuda.")] = "cpu",
     revision: RevisionOpt = None,
+    threads: ThreadsOpt = None,
     verbose: VerboseOpt = False,
 ) -> None:
     """Quantize a checkpoint's experts to INT4 and save it (vLLM can serve the result too).
@@ -373,6 +387,7 @@ def quantize(
     """
 
     def go():
+        _threads(threads)
         from rich.console import Console
         from rich.progress import (
             BarColumn,
@@ -444,6 +459,7 @@ def chat(
     miss_policy: MissOpt = "auto",
     prefetch: PrefetchOpt = True,
     vision: VisionOpt = True,
+    threads: ThreadsOpt = None,
     verbose: VerboseOpt = False,
 ) -> None:
     """Talk with the model in the terminal; replies stream as they are generated.
@@ -459,6 +475,7 @@ def chat(
     """
 
     def go():
+        _threads(threads)
         from llama4_local.chat import ChatSession, run_chat
         from llama4_local.session import ModelSetup
 
@@ -509,6 +526,7 @@ def serve(
     miss_policy: MissOpt = "auto",
     prefetch: PrefetchOpt = True,
     vision: VisionOpt = True,
+    threads: ThreadsOpt = None,
     verbose: VerboseOpt = False,
 ) -> None:
     """Serve the model over the OpenAI API (chat completions, completions, tools, JSON output).
@@ -525,6 +543,7 @@ def serve(
     """
 
     def go():
+        _threads(threads)
         from llama4_local.server.launch import ServeConfig
         from llama4_local.server.launch import serve as run_server
 
@@ -650,6 +669,7 @@ def bench(
     miss_policy: MissOpt = "auto",
     prefetch: PrefetchOpt = True,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    threads: ThreadsOpt = None,
     verbose: VerboseOpt = False,
 ) -> None:
     """Measure prefill and decode speed, peak memory and the expert cache of one setup.
@@ -664,6 +684,7 @@ def bench(
     """
 
     def go():
+        _threads(threads)
         from llama4_local.bench import BenchRequest, run_bench
 
         off = _offload_options(gpu_memory, host_memory, expert_cache_slots, cache_policy, miss_policy, prefetch)

@@ -112,6 +112,7 @@ def test_context_overflow(scout_ckpt):
         ("--device", "tpu", "--device"),
         ("--prefill-chunk", "0", "--prefill-chunk"),
         ("--max-tokens", "-3", "--max-tokens"),
+        ("--threads", "0", "--threads"),
     ],
 )
 def test_bad_options(scout_ckpt, opt, value, words):

@@ -1,0 +1,49 @@
+"""How many CPU threads the computing commands use (`--threads`; default: the physical cores).
+
+Decode on the CPU streams weights from memory; one thread per physical core reaches what the
+memory gives, and a second hardware thread on the same core mostly competes for it.
+"""
+
+from __future__ import annotations
+
+import os
+
+from .errors import UserError
+
+
+def physical_cores() -> int:
+    """Physical cores this process may run on (Linux: distinct (package, core) pairs among the
+    CPUs of its affinity mask); elsewhere the logical CPU count."""
+    try:
+        allowed = os.sched_getaffinity(0)
+    except (AttributeError, OSError):
+        allowed = None
+    cores, cpu, package = set(), None, "0"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key, value = key.strip(), value.strip()
+                if key == "processor":
+                    cpu = int(value)
+                elif key == "physical id":
+                    package = value
+                elif key == "core id" and (allowed is None or cpu in allowed):
+                    cores.add((package, value))
+    except (OSError, ValueError):
+        cores = set()
+    if cores:
+        return len(cores)
+    return len(allowed) if allowed else (os.cpu_count() or 1)
+
+
+def set_threads(n: int | None) -> int:
+    """Use `n` threads for torch's CPU work (None: the physical cores); returns the count."""
+    import torch
+
+    if n is None:
+        n = physical_cores()
+    if n < 1:
+        raise UserError(f"--threads must be at least 1, not {n}")
+    torch.set_num_threads(n)
+    return n
