@@ -17,9 +17,13 @@ Two ways to form sum_k u_k x_k per block of 32 inputs (16 bytes of weights):
   conversions make it compute-bound at about half the speed.
 Accumulation is float32 in both.
 
-Layout (`pack_for_avx2`, `pack_scales`): uint8 [N, K/2]; within each block of 32 inputs, byte j
-holds input j in its low nibble and input j + 16 in its high nibble; per row, float32 [2, G]:
-the G group scales, then the G constants o - 8 s.
+Layout: the weights as compressed-tensors stores them (`weight_packed`, int32 [N, K/8] read as
+uint8 [N, K/2]): byte j of a row holds input 2j in its low nibble and input 2j + 1 in its high
+nibble, so a loaded checkpoint's tensor is used as it is, with no repack. The kernels split a
+load into low and high nibbles (even and odd inputs) and take the activations permuted to
+match, once per call: per block of 32, the even inputs then the odd ones (and for two blocks per
+load, per 64). Per row, `pack_scales` gives float32 [2, G]: the G group scales, then the G
+constants o - 8 s.
 
 Built with torch.utils.cpp_extension (needs a C++ compiler and ninja); where that fails, or the
 CPU lacks AVX2/FMA, `available()` is False and callers keep the stock kernel.
@@ -29,6 +33,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -72,8 +77,8 @@ static void rows_f32(const float* xp, const uint8_t* qp, const float* sp, const 
       for (int64_t b = 0; b < group; b += 32) {
         const int64_t k0 = g * group + b;
         const __m128i bytes = _mm_loadu_si128((const __m128i*)(qrow + k0 / 2));
-        const __m128i lo = _mm_and_si128(bytes, low);                     // inputs k0 .. k0+15
-        const __m128i hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), low);  // inputs k0+16 .. k0+31
+        const __m128i lo = _mm_and_si128(bytes, low);                     // inputs k0, k0+2, .. k0+30
+        const __m128i hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), low);  // inputs k0+1, .. k0+31
         const __m256 w0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo));
         const __m256 w1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_unpackhi_epi64(lo, lo)));
         const __m256 w2 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));
@@ -136,7 +141,7 @@ static void tile_q8(const int8_t* xq, const float* xd, const uint8_t* qp, const 
         const __m128i bytes = _mm_loadu_si128((const __m128i*)(qrow[r] + b * 16));
         const __m128i lo = _mm_and_si128(bytes, low);
         const __m128i hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), low);
-        const __m256i u = _mm256_inserti128_si256(_mm256_castsi128_si256(lo), hi, 1);  // inputs 32b .. 32b+31
+        const __m256i u = _mm256_inserti128_si256(_mm256_castsi128_si256(lo), hi, 1);  // even inputs, odd ones
         for (int t = 0; t < T; ++t) {
           const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(u, q[t]), ones);
           ga[t][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), d[t], ga[t][r]);
@@ -158,9 +163,9 @@ static void tile_q8(const int8_t* xq, const float* xd, const uint8_t* qp, const 
 }
 
 // Two blocks at a time (groups of 64 or more): 32 weight bytes are one load; their low nibbles
-// are the first 16 inputs of both blocks and their high nibbles the last 16, so the activations
-// are stored permuted to match (xq2: per pair of blocks, [b0 0..15, b1 0..15, b0 16..31,
-// b1 16..31]) and the scales as lanes (xd8: per pair, d0 four times then d1 four times). The two
+// are the even inputs of both blocks and their high nibbles the odd ones, so the activations
+// are stored permuted to match (xq2: per pair of blocks, [b0 even, b1 even, b0 odd, b1 odd])
+// and the scales as lanes (xd8: per pair, d0 four times then d1 four times). The two
 // maddubs results add in int16 (|sum| <= 4 * 15 * 127), so a pair costs one madd, one conversion
 // and one FMA: about 10 instructions per 32 weight bytes against 18 one block at a time.
 template <int T, int R>
@@ -264,11 +269,16 @@ torch::Tensor int4_mv(torch::Tensor x, torch::Tensor q, torch::Tensor so, int64_
   float* yp = y.data_ptr<float>();
   std::vector<float> xs(T * G, 0.f);
   if (!q8) {
+    std::vector<float> xperm(T * K);  // per block of 32: even inputs, then odd ones
     for (int64_t t = 0; t < T; ++t)
-      for (int64_t k = 0; k < K; ++k) xs[t * G + k / group] += xp[t * K + k];
+      for (int64_t k = 0; k < K; ++k) {
+        xs[t * G + k / group] += xp[t * K + k];
+        xperm[t * K + (k & ~31) + (k & 1) * 16 + (k & 31) / 2] = xp[t * K + k];
+      }
     const float* xsp = xs.data();
+    const float* xpp = xperm.data();
     at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
-      DISPATCH_ROWS(rows_f32, xp, qp, sp, xsp, yp, K, N, group, n0, n1)
+      DISPATCH_ROWS(rows_f32, xpp, qp, sp, xsp, yp, K, N, group, n0, n1)
     });
     return y;
   }
@@ -289,7 +299,7 @@ torch::Tensor int4_mv(torch::Tensor x, torch::Tensor q, torch::Tensor so, int64_
       int sum = 0;
       for (int k = 0; k < 32; ++k) {
         const int v = (int)std::nearbyint(xb[k] * id);
-        xq[t * K + b * 32 + k] = (int8_t)v;
+        xq[t * K + b * 32 + (k & 1) * 16 + k / 2] = (int8_t)v;  // even inputs, then odd ones
         sum += v;
       }
       xd[t * B + b] = d;
@@ -302,13 +312,15 @@ torch::Tensor int4_mv(torch::Tensor x, torch::Tensor q, torch::Tensor so, int64_
     std::vector<float> xd8(T * P * 8);
     for (int64_t t = 0; t < T; ++t)
       for (int64_t p = 0; p < P; ++p) {
+        // xq holds each block of 32 as (16 even inputs, 16 odd ones); a pair wants the 32 even
+        // inputs of its 64 (block 0's, then block 1's), then the 32 odd ones.
         const int8_t* src = xq.data() + t * K + p * 64;
         int8_t* dst = xq2.data() + t * K + p * 64;
         for (int k = 0; k < 16; ++k) {
-          dst[k] = src[k];             // block 0, inputs 0..15
-          dst[16 + k] = src[32 + k];   // block 1, inputs 0..15
-          dst[32 + k] = src[16 + k];   // block 0, inputs 16..31
-          dst[48 + k] = src[48 + k];   // block 1, inputs 16..31
+          dst[k] = src[k];             // block 0, even inputs
+          dst[16 + k] = src[32 + k];   // block 1, even inputs
+          dst[32 + k] = src[16 + k];   // block 0, odd inputs
+          dst[48 + k] = src[48 + k];   // block 1, odd inputs
         }
         for (int k = 0; k < 4; ++k) {
           xd8[(t * P + p) * 8 + k] = xd[t * B + 2 * p];
@@ -427,7 +439,7 @@ def _module():
 
         from torch.utils.cpp_extension import _get_build_directory, load_inline
 
-        name = "llama4_local_int4_avx2_v15"
+        name = "llama4_local_int4_avx2_v16"
         if not list(Path(_get_build_directory(name, verbose=False)).glob("*.so")):
             sys.stderr.write("llama4-local: building the INT4 CPU kernel (once, about a minute)\n")
         return load_inline(
@@ -445,11 +457,12 @@ def available() -> bool:
     return _module() is not None
 
 
-def pack_for_avx2(u: torch.Tensor) -> torch.Tensor:
-    """Unsigned nibbles u [N, K] (0..15, int) -> uint8 [N, K/2] in this kernel's layout."""
-    n, k = u.shape
-    g = u.to(torch.uint8).reshape(n, k // 32, 2, 16)  # per 32 inputs: first 16, last 16
-    return (g[:, :, 0] | (g[:, :, 1] << 4)).reshape(n, k // 2).contiguous()
+def stored_bytes(packed: torch.Tensor) -> torch.Tensor:
+    """compressed-tensors' int32 [N, K/8] words as the uint8 [N, K/2] rows the kernel reads (a
+    view: nibble i of a little-endian word is byte i // 2's low or high half)."""
+    if sys.byteorder != "little":
+        raise RuntimeError("the INT4 CPU kernel reads little-endian words")
+    return packed.contiguous().view(torch.uint8)
 
 
 def pack_scales(scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:

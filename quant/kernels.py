@@ -1,7 +1,7 @@
 """INT4 matrix multiplication behind one wrapper.
 
-`Int4Linear` takes a weight in the portable layout (quant.int4.Int4Weight) and repacks it once,
-at load time, into the layout of its device's kernel:
+`Int4Linear` takes a weight in the portable layout (quant.int4.Int4Weight) and, for the stock
+kernels, repacks it once, at load time, into their layout (ours reads the stored bytes as they are):
 
 - CPU: `aten._weight_int4pack_mm_for_cpu` (weights from `_convert_weight_to_int4pack_for_cpu`),
 - CUDA: `aten._weight_int4pack_mm` (weights from `_convert_weight_to_int4pack`, bf16 only),
@@ -110,13 +110,13 @@ class Int4Linear(torch.nn.Module):
         if self.path == "reference":
             self.register_buffer("weight", dequantize_int4(qw, dtype).to(device))
             return
-        u = unpack_int4(qw.packed).to(torch.int32) + 8  # [N, K] unsigned nibbles
-        if self.path in AVX2_PATHS:
-            from .cpu_kernel import pack_for_avx2, pack_scales
+        if self.path in AVX2_PATHS:  # the stored bytes as they are: no unpacking, no repack
+            from .cpu_kernel import pack_scales, stored_bytes
 
-            self.register_buffer("packed", pack_for_avx2(u))
+            self.register_buffer("packed", stored_bytes(qw.packed))
             self.register_buffer("scales_and_zeros", pack_scales(*_scale_offset(qw)))  # [N, 2, G]
             return
+        u = unpack_int4(qw.packed).to(torch.int32) + 8  # [N, K] unsigned nibbles
         if self.path == "cpu":
             packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(u, _CPU_INNER_K_TILES)
         elif self.path == "cuda":

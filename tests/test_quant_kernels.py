@@ -65,14 +65,22 @@ def test_int8_activation_kernel_is_exact_on_rounded_activations(group_size, rows
     assert rel_err(plain, Int4Linear(qw, "cpu", torch.float32, path="reference")(x)) < 1e-5
 
 
-def test_avx2_layout_holds_each_nibble_once():
-    from quant.cpu_kernel import pack_for_avx2
+def test_the_kernel_reads_the_stored_words_as_they_are():
+    """Byte j of a row holds input 2j (low nibble) and 2j + 1 (high): compressed-tensors' order,
+    and the kernel's buffer is a view of the loaded tensor, not a copy."""
+    from quant.cpu_kernel import stored_bytes
+    from quant.int4 import pack_int4
 
-    u = torch.arange(64).remainder(16).reshape(1, 64)
-    p = pack_for_avx2(u)
-    assert p.shape == (1, 32) and p.dtype == torch.uint8
+    q = (torch.arange(64).remainder(16) - 8).reshape(1, 64).to(torch.int8)
+    packed = pack_int4(q)
+    p = stored_bytes(packed)
+    assert p.shape == (1, 32) and p.dtype == torch.uint8 and p.data_ptr() == packed.data_ptr()
     lo, hi = p & 15, p >> 4
-    assert torch.equal(torch.cat([lo[:, :16], hi[:, :16], lo[:, 16:], hi[:, 16:]], 1), u.to(torch.uint8))
+    assert torch.equal(torch.stack([lo, hi], -1).reshape(1, 64), (q + 8).to(torch.uint8))
+    qw = quantize_int4(torch.randn(16, 256), 64)
+    lin = Int4Linear(qw, "cpu", torch.bfloat16)
+    if lin.path in ("avx2", "avx2_q8"):
+        assert lin.packed.data_ptr() == qw.packed.data_ptr()
 
 
 def test_unsupported_shape_falls_back_to_reference():
