@@ -181,8 +181,12 @@ def main() -> None:
     size = sum(f.stat().st_size for f in files["int4"].glob("*.safetensors"))
     anon = after_int4.get("RssAnon", 0) - before.get("RssAnon", 0)
     filed = after_int4.get("RssFile", 0) - before.get("RssFile", 0)
+    end = memory_status()
     print(f"\nload our INT4 checkpoint ({size / 1e9:.2f} GB, page cache warm): {int4.load_s:.1f} s; "
           f"resident after load: +{anon / 1e9:.2f} GB anonymous, +{filed / 1e9:.2f} GB file-backed")  # fmt: skip
+    gb = {k: v / 1e9 for k, v in end.items()}
+    print(f"this process after the runs (every model of ours loaded): {gb.get('RssAnon', 0):.2f} GB anonymous, "
+          f"{gb.get('RssFile', 0):.2f} GB file-backed, peak {gb.get('VmHWM', 0):.2f} GB")  # fmt: skip
     if qtimes:
         print("quantize times (s, measured when each file was made): "
               + ", ".join(f"{k} {v:.0f}" for k, v in qtimes.items()))  # fmt: skip
