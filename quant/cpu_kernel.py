@@ -414,9 +414,76 @@ torch::Tensor half_mv(torch::Tensor x, torch::Tensor w) {
   return y;
 }
 
+// The symmetric INT4 fit of quant/int4.py (_fit_symmetric), one group at a time in registers:
+// the min-max scale, a search over clipping ratios, then `iters` least-squares refits of the
+// scale for the current integers, keeping the scale of least squared error. Same float32
+// operations as the torch version (division, round half to even, clamp, then s * q and the
+// difference); only the order of the error sums differs. Returns the scales [O, G].
+static inline float group_err(const float* w, int64_t g, float s) {
+  const __m256 vs = _mm256_set1_ps(s), lo = _mm256_set1_ps(-8.f), hi = _mm256_set1_ps(7.f);
+  __m256 e = _mm256_setzero_ps();
+  for (int64_t k = 0; k < g; k += 8) {
+    const __m256 x = _mm256_loadu_ps(w + k);
+    __m256 q = _mm256_round_ps(_mm256_div_ps(x, vs), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    q = _mm256_min_ps(_mm256_max_ps(q, lo), hi);
+    const __m256 d = _mm256_sub_ps(x, _mm256_mul_ps(vs, q));
+    e = _mm256_add_ps(e, _mm256_mul_ps(d, d));
+  }
+  return hsum(e);
+}
+
+static inline void group_refit(const float* w, int64_t g, float s, float* num, float* den) {
+  const __m256 vs = _mm256_set1_ps(s), lo = _mm256_set1_ps(-8.f), hi = _mm256_set1_ps(7.f);
+  __m256 a = _mm256_setzero_ps(), b = _mm256_setzero_ps();
+  for (int64_t k = 0; k < g; k += 8) {
+    const __m256 x = _mm256_loadu_ps(w + k);
+    __m256 q = _mm256_round_ps(_mm256_div_ps(x, vs), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    q = _mm256_min_ps(_mm256_max_ps(q, lo), hi);
+    a = _mm256_add_ps(a, _mm256_mul_ps(x, q));
+    b = _mm256_add_ps(b, _mm256_mul_ps(q, q));
+  }
+  *num = hsum(a);
+  *den = hsum(b);
+}
+
+torch::Tensor fit_symmetric(torch::Tensor w, int64_t group, std::vector<double> ratios, int64_t iters) {
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == torch::kFloat && w.is_contiguous(), "w: float32 [O, K]");
+  const int64_t O = w.size(0), K = w.size(1);
+  TORCH_CHECK(group % 8 == 0 && K % group == 0, "group must divide K and be a multiple of 8");
+  const int64_t G = K / group;
+  auto out = torch::empty({O, G}, w.options());
+  const float* wp = w.data_ptr<float>();
+  float* sp = out.data_ptr<float>();
+  std::vector<float> r(ratios.begin(), ratios.end());
+  at::parallel_for(0, O * G, 256, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const float* x = wp + i * group;
+      float amax = 0.f;
+      for (int64_t k = 0; k < group; ++k) amax = std::max(amax, std::fabs(x[k]));
+      amax = std::max(amax, 1e-12f);
+      float best_s = amax / 7.5f, best_e = group_err(x, group, best_s);
+      for (float ratio : r) {
+        const float s = amax * (float)((double)ratio / 7.5), e = group_err(x, group, s);
+        if (e < best_e) best_s = s, best_e = e;
+      }
+      float s = best_s;
+      for (int64_t it = 0; it < iters; ++it) {
+        float num, den;
+        group_refit(x, group, s, &num, &den);
+        s = std::max(num / std::max(den, 1e-12f), 1e-12f);
+        const float e = group_err(x, group, s);
+        if (e < best_e) best_s = s, best_e = e;
+      }
+      sp[i] = best_s;
+    }
+  });
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int4_mv", &int4_mv, "INT4 matrix-vector (AVX2)");
   m.def("half_mv", &half_mv, "bf16/fp16 matrix-vector (AVX2)");
+  m.def("fit_symmetric", &fit_symmetric, "symmetric INT4 group scales (AVX2)");
 }
 """
 
@@ -439,7 +506,7 @@ def _module():
 
         from torch.utils.cpp_extension import _get_build_directory, load_inline
 
-        name = "llama4_local_int4_avx2_v16"
+        name = "llama4_local_int4_avx2_v17"
         if not list(Path(_get_build_directory(name, verbose=False)).glob("*.so")):
             sys.stderr.write("llama4-local: building the INT4 CPU kernel (once, about a minute)\n")
         return load_inline(
@@ -482,6 +549,11 @@ def int4_mv(
 
 
 HALF_MAX_ROWS = 4
+
+
+def fit_symmetric(w: torch.Tensor, group_size: int, ratios: list[float], iters: int) -> torch.Tensor:
+    """The symmetric INT4 fit's group scales [O, G] (float32) for w [O, K], as quant.int4's."""
+    return _module().fit_symmetric(w.float().contiguous(), group_size, [float(r) for r in ratios], iters)
 
 
 def half_mv(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

@@ -105,6 +105,18 @@ def _fit_symmetric(wg: torch.Tensor, iters: int) -> tuple[torch.Tensor, torch.Te
     return best_s, best_q
 
 
+def _symmetric_scales(wg: torch.Tensor, iters: int) -> torch.Tensor:
+    """The symmetric fit's scales [O, G, 1]: our AVX2 kernel on the CPU where it is built (the
+    same search, one group at a time in registers, about 10x faster), else the torch version."""
+    if wg.device.type == "cpu":
+        from . import cpu_kernel
+
+        if cpu_kernel.available():
+            o, groups, g = wg.shape
+            return cpu_kernel.fit_symmetric(wg.reshape(o, groups * g), g, SYM_RATIOS, iters).unsqueeze(-1)
+    return _fit_symmetric(wg, iters)[0]
+
+
 def _fit_asymmetric(wg: torch.Tensor, iters: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Scale, integer zero [O, G, 1] and q [O, G, g] minimising ||w - s (q - z)||^2."""
     lo = wg.amin(-1, keepdim=True).clamp(max=0)
@@ -155,7 +167,7 @@ def quantize_int4(
     for r in range(0, out, rows):
         wg = _grouped(w[r : r + rows], group_size)  # [o, G, g] float32
         if symmetric:
-            s, q = _fit_symmetric(wg, iters)
+            s = _symmetric_scales(wg, iters)
             z = torch.zeros_like(s)
         else:
             s, z, q = _fit_asymmetric(wg, iters)

@@ -106,3 +106,28 @@ def test_asymmetric_fit_beats_nf4_on_a_checkpoints_experts(scout_ckpt):
                 err[k] += (w.float() - d.float()).pow(2).sum().item()
         assert err["ours"] <= err["nf4"], (gs, err)
         assert err["rtn"] > 1.2 * err["nf4"], (gs, err)  # 1.12x / 1.16x in error, squared here
+
+
+@pytest.mark.parametrize("group_size", [32, 128])
+def test_the_cpu_fit_kernel_finds_the_torch_fits_scales(group_size):
+    """The AVX2 symmetric fit runs the same search as the torch one: the same scales up to the last
+    bit of a least-squares refit (its sums add in another order), and no more error."""
+    from quant import cpu_kernel
+    from quant.int4 import SYM_RATIOS, _fit_symmetric, _grouped
+
+    if not cpu_kernel.available():
+        pytest.skip("no AVX2 kernel on this machine")
+    g = torch.Generator().manual_seed(group_size)
+    w = torch.randn(96, 512, generator=g) * torch.logspace(-4, 0, 96).unsqueeze(1)  # rows of very different scale
+    w[3] = 0  # an all-zero row
+    wg = _grouped(w, group_size)
+    want, _ = _fit_symmetric(wg, 4)
+    got = cpu_kernel.fit_symmetric(w, group_size, SYM_RATIOS, 4).unsqueeze(-1)
+    close = ((got - want).abs() <= 1e-5 * want).float().mean()
+    assert close > 0.99, close
+
+    def err(s):
+        q = torch.clamp(torch.round(wg / s), -8, 7)
+        return (wg - s * q).pow(2).sum()
+
+    assert err(got) <= err(want) * (1 + 1e-5)
