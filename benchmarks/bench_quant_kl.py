@@ -13,8 +13,8 @@ bitsandbytes is installed, its NF4 at the same group size, both applied to the s
 
 With --bf16 it measures instead what a bf16 run costs on top of the weights: the original in
 bf16, and the default INT4 (and asymmetric group 64) in bf16 with float activations in the
-INT4 kernel and with int8 ones (what bf16 runs use on AVX2 CPUs), all against the float32
-original.
+INT4 kernel and with int8 ones (what bf16 runs use on AVX2 CPUs), and with attention rounded to
+INT8 at load (`load_model(..., int8_attention=True)`), all against the float32 original.
 
     python benchmarks/bench_quant_kl.py [--model benchmarks/.cache/small-llama4] [--ctx 256] [--bf16]
 """
@@ -146,6 +146,9 @@ def bf16_costs(args, report):
             for path, act in (("avx2", "float"), ("avx2_q8", "int8")):
                 model = with_cpu_path(load_model(out, "bfloat16", "cpu")[0], path)
                 report("int4", model, group=group, symmetric=symmetric, dtype="bfloat16", activations=act)
+            # Attention rounded to INT8 at load (quant.kernels.Int8Linear), int8 activations throughout.
+            model = with_cpu_path(load_model(out, "bfloat16", "cpu", int8_attention=True)[0], "avx2_q8")
+            report("int4 + int8 attention", model, group=group, symmetric=symmetric, dtype="bfloat16")
             shutil.rmtree(out)
 
 

@@ -77,9 +77,9 @@ def prepare(cache: Path, threads: int) -> tuple[Path, dict[str, Path], dict[str,
 class Ours:
     """A loaded checkpoint of ours, timed the way llama-bench times (no sampling, greedy argmax)."""
 
-    def __init__(self, path: Path, dtype: str = "bfloat16"):
+    def __init__(self, path: Path, dtype: str = "bfloat16", int8_attention: bool = False):
         t0 = time.perf_counter()
-        self.model, self.cfg = load_model(path, dtype, "cpu")
+        self.model, self.cfg = load_model(path, dtype, "cpu", int8_attention=int8_attention)
         self.load_s = time.perf_counter() - t0
         self.bytes_per_token = bytes_per_decode_token(self.model)
 
@@ -121,6 +121,7 @@ def main() -> None:
     ap.add_argument("--cache", type=Path, default=CACHE)
     ap.add_argument("--json", type=Path)
     ap.add_argument("--no-bf16", action="store_true", help="only the INT4 / Q4 sides (faster)")
+    ap.add_argument("--int8-attention", action="store_true", help="also ours INT4 with attention in INT8")
     ap.add_argument("--also", action="append", default=[], metavar="NAME=DIR", help="another checkpoint of ours")
     args = ap.parse_args()
     threads = [int(t) for t in args.threads.split(",")]
@@ -132,6 +133,8 @@ def main() -> None:
     after_int4 = memory_status()
     if not args.no_bf16:
         ours["ours bf16"] = Ours(files["bf16"])
+    if args.int8_attention:
+        ours["ours INT4+int8 attn"] = Ours(files["int4"], int8_attention=True)
     for item in args.also:
         name, _, path = item.partition("=")
         ours[name] = Ours(Path(path))

@@ -145,11 +145,14 @@ def load_model(
     context: int | None = None,
     prefill_chunk: int = 512,
     vision: bool = False,
+    int8_attention: bool = False,
 ) -> tuple[Llama4Text, TextConfig]:
     """Load a checkpoint; with `offload` (offload.setup.OffloadOptions), routed experts go to a cache.
 
     The manager, when one is built, is `model.offload`, and the memory plan `model.plan`. With
-    `vision`, the vision tower is loaded too (`model.vision`) and counted in the plan.
+    `vision`, the vision tower is loaded too (`model.vision`) and counted in the plan. With
+    `int8_attention`, a bf16/fp16 CPU run rounds the attention projections to INT8 at load
+    (quant.kernels.Int8Linear): half the bytes a decode step reads there.
     """
     model_dir = check_model_dir(model_dir)
     cfg = load_config(model_dir)
@@ -198,5 +201,9 @@ def load_model(
 
         model.vision = load_vision(vckpt, vcfg, torch_dtype, torch_device)
         model.image_token_id = vcfg.image_token_id
+    if int8_attention and torch_device.type == "cpu" and torch_dtype in (torch.bfloat16, torch.float16):
+        from quant.kernels import int8_attention as to_int8
+
+        to_int8(model)
     model.eval()
     return model, cfg

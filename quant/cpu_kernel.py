@@ -480,10 +480,111 @@ torch::Tensor fit_symmetric(torch::Tensor w, int64_t group, std::vector<double> 
   return out;
 }
 
+// INT8 weights (symmetric, one float32 scale per block of 32 inputs, llama.cpp's Q8_0) for the
+// linears a bf16 run would otherwise read in bf16 (attention): half the bytes, and int8 dot
+// products with the int8-rounded activations. maddubs wants an unsigned operand, so the
+// weights' signs move onto the activations (|w| * sign(x, w), llama.cpp's trick).
+std::vector<torch::Tensor> q8_quantize(torch::Tensor w) {
+  TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && w.size(1) % 32 == 0, "w: contiguous [N, K], K % 32 == 0");
+  auto wf = w.to(torch::kFloat).contiguous();
+  const int64_t N = w.size(0), K = w.size(1), B = K / 32;
+  auto q = torch::empty({N, K}, w.options().dtype(torch::kChar));
+  auto sc = torch::empty({N, B}, w.options().dtype(torch::kFloat));
+  const float* wp = wf.data_ptr<float>();
+  int8_t* qp = q.data_ptr<int8_t>();
+  float* sp = sc.data_ptr<float>();
+  at::parallel_for(0, N * B, 1024, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const float* x = wp + i * 32;
+      float amax = 0.f;
+      for (int k = 0; k < 32; ++k) amax = std::max(amax, std::fabs(x[k]));
+      const float d = amax / 127.f, id = amax > 0.f ? 127.f / amax : 0.f;
+      for (int k = 0; k < 32; ++k) qp[i * 32 + k] = (int8_t)std::nearbyint(x[k] * id);
+      sp[i] = std::isfinite(amax) ? d : NAN;
+    }
+  });
+  return {q, sc};
+}
+
+template <int T, int R>
+static void tile_w8(const int8_t* xq, const float* xd, const int8_t* wq, const float* ws, float* yp,
+                    int64_t K, int64_t N, int64_t n) {
+  const int64_t B = K / 32;
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256 acc[T][R];
+  for (int t = 0; t < T; ++t)
+    for (int r = 0; r < R; ++r) acc[t][r] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < B; ++b) {
+    for (int r = 0; r < R; ++r) {
+      const int8_t* wr = wq + (n + r) * K + b * 32;
+      _mm_prefetch((const char*)(wr + 512), _MM_HINT_T0);
+      const __m256i w = _mm256_loadu_si256((const __m256i*)wr);
+      const __m256i aw = _mm256_sign_epi8(w, w);
+      const float s = ws[(n + r) * B + b];
+      for (int t = 0; t < T; ++t) {
+        const __m256i x = _mm256_loadu_si256((const __m256i*)(xq + t * K + b * 32));
+        const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(x, w)), ones);
+        acc[t][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(s * xd[t * B + b]), acc[t][r]);
+      }
+    }
+  }
+  for (int t = 0; t < T; ++t)
+    for (int r = 0; r < R; ++r) yp[t * N + n + r] = hsum(acc[t][r]);
+}
+
+template <int T>
+static void rows_w8(const int8_t* xq, const float* xd, const int8_t* wq, const float* ws, float* yp,
+                    int64_t K, int64_t N, int64_t n0, int64_t n1) {
+  constexpr int R = T == 1 ? 4 : (T == 2 ? 2 : 1);
+  int64_t n = n0;
+  for (; n + R <= n1; n += R) tile_w8<T, R>(xq, xd, wq, ws, yp, K, N, n);
+  for (; n < n1; ++n) tile_w8<T, 1>(xq, xd, wq, ws, yp, K, N, n);
+}
+
+torch::Tensor q8_mv(torch::Tensor x, torch::Tensor wq, torch::Tensor ws) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat && x.is_contiguous(), "x: float32 [T, K]");
+  TORCH_CHECK(wq.scalar_type() == torch::kChar && ws.scalar_type() == torch::kFloat, "wq int8, ws float32");
+  TORCH_CHECK(wq.is_contiguous() && ws.is_contiguous(), "contiguous weights");
+  const int64_t T = x.size(0), K = x.size(1), N = wq.size(0), B = K / 32;
+  TORCH_CHECK(T >= 1 && T <= 4 && wq.size(1) == K && K % 32 == 0 && ws.size(0) == N && ws.size(1) == B, "shapes");
+  auto y = torch::empty({T, N}, x.options());
+  std::vector<int8_t> xq(T * K);
+  std::vector<float> xd(T * B);
+  const float* xp = x.data_ptr<float>();
+  for (int64_t i = 0; i < T * B; ++i) {
+    const float* xb = xp + i * 32;
+    float amax = 0.f;
+    bool finite = true;
+    for (int k = 0; k < 32; ++k) {
+      amax = std::max(amax, std::fabs(xb[k]));
+      finite = finite && std::isfinite(xb[k]);
+    }
+    const float id = finite && amax > 0.f ? 127.f / amax : 0.f;
+    xd[i] = finite ? amax / 127.f : NAN;
+    for (int k = 0; k < 32; ++k) xq[i * 32 + k] = (int8_t)std::nearbyint(xb[k] * id);
+  }
+  const int8_t* xqp = xq.data();
+  const float* xdp = xd.data();
+  const int8_t* wp = wq.data_ptr<int8_t>();
+  const float* sp = ws.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    switch (T) {
+      case 1: rows_w8<1>(xqp, xdp, wp, sp, yp, K, N, n0, n1); break;
+      case 2: rows_w8<2>(xqp, xdp, wp, sp, yp, K, N, n0, n1); break;
+      case 3: rows_w8<3>(xqp, xdp, wp, sp, yp, K, N, n0, n1); break;
+      default: rows_w8<4>(xqp, xdp, wp, sp, yp, K, N, n0, n1); break;
+    }
+  });
+  return y;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int4_mv", &int4_mv, "INT4 matrix-vector (AVX2)");
   m.def("half_mv", &half_mv, "bf16/fp16 matrix-vector (AVX2)");
   m.def("fit_symmetric", &fit_symmetric, "symmetric INT4 group scales (AVX2)");
+  m.def("q8_quantize", &q8_quantize, "INT8 weights, one scale per block of 32");
+  m.def("q8_mv", &q8_mv, "INT8 weights x int8 activations (AVX2)");
 }
 """
 
@@ -506,7 +607,7 @@ def _module():
 
         from torch.utils.cpp_extension import _get_build_directory, load_inline
 
-        name = "llama4_local_int4_avx2_v17"
+        name = "llama4_local_int4_avx2_v18"
         if not list(Path(_get_build_directory(name, verbose=False)).glob("*.so")):
             sys.stderr.write("llama4-local: building the INT4 CPU kernel (once, about a minute)\n")
         return load_inline(
@@ -549,6 +650,20 @@ def int4_mv(
 
 
 HALF_MAX_ROWS = 4
+
+
+Q8_MAX_ROWS = 4
+
+
+def q8_quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [N, K] (K % 32 == 0) -> (int8 [N, K], float32 scales [N, K/32]): symmetric, per block of 32."""
+    q, s = _module().q8_quantize(w.contiguous())
+    return q, s
+
+
+def q8_mv(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """x [T, K] (T <= 4) @ dequant(q, s)^T with x rounded to int8 per block of 32; x's dtype."""
+    return _module().q8_mv(x.float().contiguous(), q, s).to(x.dtype)
 
 
 def fit_symmetric(w: torch.Tensor, group_size: int, ratios: list[float], iters: int) -> torch.Tensor:

@@ -149,3 +149,48 @@ def use_cpu_path(model: torch.nn.Module, path: str) -> int:
         if isinstance(m, Int4Linear) and m.path in AVX2_PATHS:
             m.path, n = path, n + 1
     return n
+
+
+class Int8Linear(torch.nn.Module):
+    """y = x @ W^T with W rounded at load time to INT8 (one float32 scale per block of 32 inputs,
+    llama.cpp's Q8_0) and x to int8 per block of 32: for the linears a bf16 CPU run would
+    otherwise read in bf16 (attention), half the bytes and integer dot products."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        from .cpu_kernel import q8_quantize
+
+        self.shape, self.dtype = tuple(weight.shape), weight.dtype
+        q, s = q8_quantize(weight)
+        self.register_buffer("qweight", q)
+        self.register_buffer("scales", s)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from .cpu_kernel import Q8_MAX_ROWS, q8_mv
+
+        if x.shape[0] <= Q8_MAX_ROWS:
+            return q8_mv(x, self.qweight, self.scales)
+        step = Q8_MAX_ROWS
+        return torch.cat([q8_mv(x[i : i + step], self.qweight, self.scales) for i in range(0, x.shape[0], step)])
+
+
+def int8_attention(model: torch.nn.Module) -> int:
+    """Replace the attention projections of a bf16/fp16 CPU model by Int8Linear where our kernel
+    runs (K a multiple of 32); returns how many were replaced."""
+    from . import cpu_kernel
+
+    if not cpu_kernel.available():
+        return 0
+    n = 0
+    for name, module in list(model.named_modules()):
+        if not name.endswith(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")):
+            continue
+        w = getattr(module, "weight", None)
+        if not isinstance(w, torch.Tensor) or w.device.type != "cpu" or w.dtype not in (torch.bfloat16, torch.float16):
+            continue
+        if w.shape[1] % 32:
+            continue
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent), attr, Int8Linear(w))
+        n += 1
+    return n

@@ -178,3 +178,45 @@ def test_low_precision_decode_linear_uses_the_half_kernel(monkeypatch):
     assert calls == [(2, 128)] and got.dtype == torch.bfloat16
     want = torch.stack([torch.mv(w, r) for r in x])
     assert (got.float() - want.float()).abs().max() <= 2 * want.float().abs().max() * 2**-8
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 9])
+@pytest.mark.parametrize("n", [1, 6, 67])
+def test_int8_weight_kernel_is_exact_on_rounded_inputs(rows, n):
+    """Int8Linear: fed the int8-rounded activations, the integer kernel equals a float product with
+    the dequantized INT8 weight; a NaN in x reaches its outputs."""
+    from quant import cpu_kernel
+    from quant.kernels import Int8Linear
+
+    if not cpu_kernel.available():
+        pytest.skip("no AVX2 kernel on this machine")
+    g = torch.Generator().manual_seed(rows * 100 + n)
+    w = (torch.randn(n, 160, generator=g) * torch.logspace(-3, 0, 160)).bfloat16()
+    lin = Int8Linear(w)
+    deq = (lin.qweight.float().view(n, -1, 32) * lin.scales.unsqueeze(-1)).view(n, 160)
+    assert rel_err(deq, w.float()) < 0.01  # INT8 per block of 32: under 1% of the weight's norm
+    x = torch.randn(rows, 160, generator=g)
+    want = cpu_kernel.round_activations_int8(x) @ deq.t()
+    assert rel_err(lin(x), want) < 1e-4  # the order of the float32 sums differs
+    x[0, 7] = float("nan")
+    assert lin(x)[0].isnan().all()
+
+
+def test_int8_attention_replaces_the_projections_of_a_bf16_model(scout_ckpt):
+    from llama4_local.loader import load_model
+    from quant import cpu_kernel
+    from quant.kernels import Int8Linear
+
+    if not cpu_kernel.available():
+        pytest.skip("no AVX2 kernel on this machine")
+    plain, cfg = load_model(scout_ckpt, "bfloat16", "cpu")
+    q8, _ = load_model(scout_ckpt, "bfloat16", "cpu", int8_attention=True)
+    assert sum(isinstance(m, Int8Linear) for m in q8.modules()) == 4 * cfg.num_layers
+    f32, _ = load_model(scout_ckpt, "float32", "cpu", int8_attention=True)
+    assert not any(isinstance(m, Int8Linear) for m in f32.modules())  # the precise mode stays exact
+    ids = torch.arange(3, 40)
+    exact = f32(ids, f32.new_cache(40), last_only=False)
+    bf16 = plain(ids, plain.new_cache(40), last_only=False).float()
+    int8 = q8(ids, q8.new_cache(40), last_only=False).float()
+    # Against the float32 run, INT8 attention in a bf16 run costs no more than bf16 itself does.
+    assert rel_err(int8, exact) < rel_err(bf16, exact)
