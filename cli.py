@@ -32,7 +32,7 @@ ModelOpt = Annotated[
 ]
 RevisionOpt = Annotated[str | None, typer.Option(help="Hub revision (branch, tag or commit) of a repo id model.")]
 
-TemperatureOpt = Annotated[float | None, typer.Option(help="0 means greedy [default: checkpoint's].")]
+TemperatureOpt = Annotated[float | None, typer.Option(help="0 means greedy (default: checkpoint's).")]
 TopKOpt = Annotated[int | None, typer.Option(help="Keep the k most likely tokens (0: off).")]
 TopPOpt = Annotated[float | None, typer.Option(help="Nucleus sampling threshold.")]
 MinPOpt = Annotated[float | None, typer.Option(help="Drop tokens below min_p x the top probability.")]
@@ -42,10 +42,17 @@ DtypeOpt = Annotated[str, typer.Option(help="bfloat16, float16 or float32.")]
 DeviceOpt = Annotated[str, typer.Option(help="cpu, cuda or auto.")]
 PrefillChunkOpt = Annotated[int, typer.Option(help="Prompt tokens per prefill step (bounds memory).")]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Show tracebacks.")]
-ThreadsOpt = Annotated[
-    int | None, typer.Option("--threads", "-t", help="CPU threads for computing [default: the physical cores].")
+Int8AttentionOpt = Annotated[
+    bool,
+    typer.Option(
+        "--int8-attention/--bf16-attention",
+        help="CPU bf16/fp16 runs: attention weights rounded to INT8 at load (half the bytes; see docs/benchmarks.md).",
+    ),
 ]
-SessionContextOpt = Annotated[int | None, typer.Option(help="Context length in tokens [default: 8192].")]
+ThreadsOpt = Annotated[
+    int | None, typer.Option("--threads", "-t", help="CPU threads for computing (default: the physical cores).")
+]
+SessionContextOpt = Annotated[int | None, typer.Option(help="Context length in tokens (default: 8192).")]
 VisionOpt = Annotated[
     bool,
     typer.Option(help="Load the vision tower (when the checkpoint has one) for images; about 2 GB for Scout."),
@@ -174,7 +181,7 @@ def prompt(
         typer.Option("--image", "-i", help="An image (JPEG, PNG, WebP) to ask about; repeatable, in prompt order."),
     ] = None,
     max_tokens: Annotated[
-        int | None, typer.Option("--max-tokens", "-n", help="Most tokens to generate [default: 512].")
+        int | None, typer.Option("--max-tokens", "-n", help="Most tokens to generate (default: 512).")
     ] = None,
     temperature: TemperatureOpt = None,
     top_k: TopKOpt = None,
@@ -198,6 +205,7 @@ def prompt(
     record_routing: Annotated[
         Path | None, typer.Option(help="Write the experts each token chose, per layer, to this CSV file.")
     ] = None,
+    int8_attention: Int8AttentionOpt = True,
     threads: ThreadsOpt = None,
     verbose: VerboseOpt = False,
 ) -> None:
@@ -239,6 +247,7 @@ def prompt(
             context=context,
             record_routing=record_routing,
             images=list(image or []),
+            int8_attention=int8_attention,
         )
         out = sys.stdout
         result = run_prompt(req, on_text=None if as_json else lambda s: (out.write(s), out.flush()))
@@ -264,6 +273,7 @@ def eval_(
     dtype: DtypeOpt = "bfloat16",
     device: DeviceOpt = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    int8_attention: Int8AttentionOpt = True,
     threads: ThreadsOpt = None,
     verbose: VerboseOpt = False,
 ) -> None:
@@ -293,7 +303,7 @@ def eval_(
         ref_path = _model(reference) if reference else None
         tok = Tokenizer(path)
         ids = tok.encode(body, add_special_tokens=False)
-        m, _ = load_model(path, dtype, device)
+        m, _ = load_model(path, dtype, device, int8_attention=int8_attention)
         ref = load_model(ref_path, dtype, device)[0] if ref_path else None
         res = evaluate(m, ids, ctx, tok.bos_id, ref, max_windows)
         if as_json:
@@ -440,7 +450,7 @@ def chat(
     revision: RevisionOpt = None,
     system: Annotated[str | None, typer.Option(help="System message.")] = None,
     max_tokens: Annotated[
-        int | None, typer.Option("--max-tokens", "-n", help="Most tokens per reply [default: 1024].")
+        int | None, typer.Option("--max-tokens", "-n", help="Most tokens per reply (default: 1024).")
     ] = None,
     temperature: TemperatureOpt = None,
     top_k: TopKOpt = None,
@@ -459,6 +469,7 @@ def chat(
     miss_policy: MissOpt = "auto",
     prefetch: PrefetchOpt = True,
     vision: VisionOpt = True,
+    int8_attention: Int8AttentionOpt = True,
     threads: ThreadsOpt = None,
     verbose: VerboseOpt = False,
 ) -> None:
@@ -482,7 +493,9 @@ def chat(
         off = _offload_options(gpu_memory, host_memory, expert_cache_slots, cache_policy, miss_policy, prefetch)
         sampling = _sampling(temperature, top_k, top_p, min_p, repetition_penalty, seed)
         setup = ModelSetup.check(_model(model, revision), sampling, context, vision)
-        engine = setup.load(dtype, device, off, prefill_chunk, cache_entries=1, reply_option="max_tokens")
+        engine = setup.load(
+            dtype, device, off, prefill_chunk, cache_entries=1, reply_option="max_tokens", int8_attention=int8_attention
+        )
         defaults = setup.defaults
         n = max_tokens if max_tokens is not None else min(defaults.max_new_tokens or 1024, engine.context // 2)
         session = ChatSession(engine, defaults.sampling, n, system)
@@ -504,7 +517,7 @@ def serve(
     max_queue: Annotated[int, typer.Option(help="Requests that may wait behind the running one; more get 429.")] = 16,
     max_tokens: Annotated[
         int | None,
-        typer.Option("--max-tokens", "-n", help="Reply length when a request names none [default: rest of context]."),
+        typer.Option("--max-tokens", "-n", help="Reply length when a request names none (default: rest of context)."),
     ] = None,
     temperature: TemperatureOpt = None,
     top_k: TopKOpt = None,
@@ -526,6 +539,7 @@ def serve(
     miss_policy: MissOpt = "auto",
     prefetch: PrefetchOpt = True,
     vision: VisionOpt = True,
+    int8_attention: Int8AttentionOpt = True,
     threads: ThreadsOpt = None,
     verbose: VerboseOpt = False,
 ) -> None:
@@ -565,6 +579,7 @@ def serve(
             sampling=sampling,
             vision=vision,
             cache_entries=prompt_cache,
+            int8_attention=int8_attention,
         )
         raise typer.Exit(run_server(cfg))
 
@@ -669,6 +684,7 @@ def bench(
     miss_policy: MissOpt = "auto",
     prefetch: PrefetchOpt = True,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    int8_attention: Int8AttentionOpt = True,
     threads: ThreadsOpt = None,
     verbose: VerboseOpt = False,
 ) -> None:
@@ -689,7 +705,8 @@ def bench(
 
         off = _offload_options(gpu_memory, host_memory, expert_cache_slots, cache_policy, miss_policy, prefetch)
         path = _model(model, revision)
-        res = run_bench(BenchRequest(path, prompt_tokens, gen_tokens, dtype, device, prefill_chunk, off))
+        req = BenchRequest(path, prompt_tokens, gen_tokens, dtype, device, prefill_chunk, off, 0, int8_attention)
+        res = run_bench(req)
         if as_json:
             sys.stdout.write(json.dumps(res) + "\n")
             return

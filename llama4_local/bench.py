@@ -30,6 +30,7 @@ class BenchRequest:
     prefill_chunk: int = 512
     offload: object | None = None  # offload.setup.OffloadOptions
     seed: int = 0
+    int8_attention: bool = False  # CPU bf16 runs: attention rounded to INT8 at load
 
 
 def _sync(device: torch.device) -> None:
@@ -51,8 +52,9 @@ def run_bench(req: BenchRequest) -> dict:
     if req.prompt_tokens < 1 or req.gen_tokens < 1:
         raise UserError("--prompt-tokens and --gen-tokens must be at least 1")
     t0 = time.perf_counter()
+    context = req.prompt_tokens + req.gen_tokens
     model, cfg = load_model(
-        req.model, req.dtype, req.device, req.offload, req.prompt_tokens + req.gen_tokens, req.prefill_chunk
+        req.model, req.dtype, req.device, req.offload, context, req.prefill_chunk, int8_attention=req.int8_attention
     )
     load_s = time.perf_counter() - t0
     device = model.embed_tokens.weight.device

@@ -35,6 +35,7 @@ class PromptRequest:
     context: int | None = None  # tokens the memory plan reserves KV cache for
     record_routing: Path | None = None
     images: list[Path] = field(default_factory=list)  # image files, in the order they go into the prompt
+    int8_attention: bool = False  # CPU bf16 runs: attention rounded to INT8 at load
 
 
 @dataclass
@@ -93,7 +94,7 @@ def run_prompt(req: PromptRequest, on_text: Callable[[str], None] | None = None)
 
         check_trace_path(req.record_routing)
     engine = setup.load(
-        req.dtype, req.device, req.offload, req.prefill_chunk, context, cache_entries=0, reply_option="--max-tokens"
+        req.dtype, req.device, req.offload, req.prefill_chunk, context, 0, None, "--max-tokens", req.int8_attention
     )
     model = engine.model
     recorder = None

@@ -64,6 +64,7 @@ class ModelSetup:
         cache_entries: int = 1,
         cache_bytes: int | None = None,
         reply_option: str = "max_tokens",
+        int8_attention: bool = False,
     ):
         """Load the weights; the Engine over them. `context` overrides the session's (a one-shot
         prompt sizes it to the prompt and reply)."""
@@ -72,7 +73,8 @@ class ModelSetup:
         from .sampling import end_token_ids
 
         ctx = context or self.context
-        model, cfg = load_model(self.path, dtype, device, offload, ctx, prefill_chunk, vision=self.images is not None)
+        vision = self.images is not None
+        model, cfg = load_model(self.path, dtype, device, offload, ctx, prefill_chunk, vision, int8_attention)
         ctx = min(ctx or DEFAULT_CONTEXT, cfg.max_position_embeddings)
         eos = end_token_ids(cfg, self.defaults, self.tokenizer)
         return Engine(

@@ -30,6 +30,7 @@ class ServeConfig:
     vision: bool = True
     cache_entries: int = 4  # idle KV caches kept for prefix reuse
     cache_bytes: int | None = None
+    int8_attention: bool = False  # CPU bf16 runs: attention rounded to INT8 at load
 
 
 def is_loopback(host: str) -> bool:
@@ -71,7 +72,14 @@ def prepare_loader(cfg: ServeConfig):
         from .serving import Serving
 
         engine = setup.load(
-            cfg.dtype, cfg.device, cfg.offload, cfg.prefill_chunk, None, cfg.cache_entries, cfg.cache_bytes
+            cfg.dtype,
+            cfg.device,
+            cfg.offload,
+            cfg.prefill_chunk,
+            None,
+            cfg.cache_entries,
+            cfg.cache_bytes,
+            int8_attention=cfg.int8_attention,
         )
         return Serving(engine, setup.defaults, cfg.model_id, setup.path, cfg.max_tokens)
 
