@@ -168,23 +168,28 @@ class Int8Linear(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from .cpu_kernel import Q8_MAX_ROWS, q8_mv
 
+        lead, x = x.shape[:-1], x.reshape(-1, x.shape[-1])
         if x.shape[0] <= Q8_MAX_ROWS:
-            return q8_mv(x, self.qweight, self.scales)
-        step = Q8_MAX_ROWS
-        return torch.cat([q8_mv(x[i : i + step], self.qweight, self.scales) for i in range(0, x.shape[0], step)])
+            y = q8_mv(x, self.qweight, self.scales)
+        else:
+            step = Q8_MAX_ROWS
+            y = torch.cat([q8_mv(x[i : i + step], self.qweight, self.scales) for i in range(0, x.shape[0], step)])
+        return y.reshape(*lead, y.shape[-1])
 
 
 def int8_attention(model: torch.nn.Module) -> int:
-    """Replace the attention projections of a bf16/fp16 CPU model by Int8Linear where our kernel
-    runs (K a multiple of 32); returns how many were replaced."""
+    """Replace the attention projections of a bf16/fp16 CPU text decoder (`layers.N.self_attn`)
+    by Int8Linear where our kernel runs (K a multiple of 32); returns how many were replaced."""
     from . import cpu_kernel
 
     if not cpu_kernel.available():
         return 0
     n = 0
     for name, module in list(model.named_modules()):
-        if not name.endswith(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")):
-            continue
+        if not name.startswith("layers.") or not name.endswith(
+            ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
+        ):
+            continue  # the text decoder's attention only (the vision tower runs once per image)
         w = getattr(module, "weight", None)
         if not isinstance(w, torch.Tensor) or w.device.type != "cpu" or w.dtype not in (torch.bfloat16, torch.float16):
             continue

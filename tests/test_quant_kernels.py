@@ -198,6 +198,7 @@ def test_int8_weight_kernel_is_exact_on_rounded_inputs(rows, n):
     x = torch.randn(rows, 160, generator=g)
     want = cpu_kernel.round_activations_int8(x) @ deq.t()
     assert rel_err(lin(x), want) < 1e-4  # the order of the float32 sums differs
+    assert lin(x.reshape(1, rows, 160)).shape == (1, rows, n)  # leading dimensions are kept
     x[0, 7] = float("nan")
     assert lin(x)[0].isnan().all()
 
