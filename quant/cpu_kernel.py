@@ -484,23 +484,52 @@ torch::Tensor fit_symmetric(torch::Tensor w, int64_t group, std::vector<double> 
 // linears a bf16 run would otherwise read in bf16 (attention): half the bytes, and int8 dot
 // products with the int8-rounded activations. maddubs wants an unsigned operand, so the
 // weights' signs move onto the activations (|w| * sign(x, w), llama.cpp's trick).
+// 8 weights as float32 from bf16, fp16 or float32 storage.
+static inline __m256 load8(const void* p, int kind, int64_t i) {
+  if (kind == 0) return _mm256_loadu_ps((const float*)p + i);
+  const __m128i h = _mm_loadu_si128((const __m128i*)((const uint16_t*)p + i));
+  if (kind == 1) return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+  return _mm256_cvtph_ps(h);
+}
+
 std::vector<torch::Tensor> q8_quantize(torch::Tensor w) {
   TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && w.size(1) % 32 == 0, "w: contiguous [N, K], K % 32 == 0");
-  auto wf = w.to(torch::kFloat).contiguous();
+  const auto st = w.scalar_type();
+  TORCH_CHECK(st == torch::kFloat || st == torch::kBFloat16 || st == torch::kHalf, "w: float32, bf16 or fp16");
+  const int kind = st == torch::kFloat ? 0 : (st == torch::kBFloat16 ? 1 : 2);
   const int64_t N = w.size(0), K = w.size(1), B = K / 32;
   auto q = torch::empty({N, K}, w.options().dtype(torch::kChar));
   auto sc = torch::empty({N, B}, w.options().dtype(torch::kFloat));
-  const float* wp = wf.data_ptr<float>();
+  const void* wp = w.data_ptr();
   int8_t* qp = q.data_ptr<int8_t>();
   float* sp = sc.data_ptr<float>();
+  const __m256 sign = _mm256_set1_ps(-0.f);
   at::parallel_for(0, N * B, 1024, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
-      const float* x = wp + i * 32;
-      float amax = 0.f;
-      for (int k = 0; k < 32; ++k) amax = std::max(amax, std::fabs(x[k]));
-      const float d = amax / 127.f, id = amax > 0.f ? 127.f / amax : 0.f;
-      for (int k = 0; k < 32; ++k) qp[i * 32 + k] = (int8_t)std::nearbyint(x[k] * id);
-      sp[i] = std::isfinite(amax) ? d : NAN;
+      __m256 v[4], m = _mm256_setzero_ps();
+      for (int j = 0; j < 4; ++j) {
+        v[j] = load8(wp, kind, i * 32 + j * 8);
+        m = _mm256_max_ps(m, _mm256_andnot_ps(sign, v[j]));
+      }
+      __m128 r = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+      r = _mm_max_ps(r, _mm_movehl_ps(r, r));
+      r = _mm_max_ss(r, _mm_movehdup_ps(r));
+      const float amax = _mm_cvtss_f32(r);
+      const float id = amax > 0.f ? 127.f / amax : 0.f;
+      __m256i n[4];
+      for (int j = 0; j < 4; ++j)
+        n[j] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v[j], _mm256_set1_ps(id)),
+                                                  _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+      // int32 -> int8 with the lanes put back in order after the in-lane packs
+      const __m256i a = _mm256_packs_epi32(n[0], n[1]), b = _mm256_packs_epi32(n[2], n[3]);
+      const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+      const __m256i c = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(a, b), order);
+      _mm256_storeu_si256((__m256i*)(qp + i * 32), c);
+      // A NaN or infinity among the weights makes the block's scale NaN (max_ps drops NaN).
+      bool finite = std::isfinite(amax);
+      for (int j = 0; j < 4 && finite; ++j)
+        finite = _mm256_movemask_ps(_mm256_cmp_ps(v[j], v[j], _CMP_UNORD_Q)) == 0;
+      sp[i] = finite ? amax / 127.f : NAN;
     }
   });
   return {q, sc};
@@ -607,7 +636,7 @@ def _module():
 
         from torch.utils.cpp_extension import _get_build_directory, load_inline
 
-        name = "llama4_local_int4_avx2_v18"
+        name = "llama4_local_int4_avx2_v20"
         if not list(Path(_get_build_directory(name, verbose=False)).glob("*.so")):
             sys.stderr.write("llama4-local: building the INT4 CPU kernel (once, about a minute)\n")
         return load_inline(
