@@ -109,11 +109,18 @@ static void rows_f32(const float* xp, const uint8_t* qp, const float* sp, const 
 // each activation block is loaded once for the R rows, and the T * R block accumulators are
 // independent FMA chains (one row alone is bound by the FMA latency, not by memory).
 // xs[t, g] = sum of dequantized x.
-template <int T, int R>
+//
+// PAIRS (groups of 64 or more): two blocks at a time. 32 weight bytes are one load; their low
+// nibbles are the even inputs of both blocks and their high nibbles the odd ones, so the
+// activations come permuted to match (xq: per pair of blocks, [b0 even, b1 even, b0 odd, b1
+// odd]) and the scales as lanes (xd: per pair, d0 four times then d1 four times). The two maddubs
+// results add in int16 (|sum| <= 4 * 15 * 127), so a pair costs one madd, one conversion and one
+// FMA: about 10 instructions per 32 weight bytes against 18 one block at a time. Otherwise xq
+// holds each block as (16 even inputs, 16 odd ones) and xd one scale per block.
+template <int T, int R, bool PAIRS>
 static void tile_q8(const int8_t* xq, const float* xd, const uint8_t* qp, const float* sp, const float* xs,
                     float* yp, int64_t K, int64_t N, int64_t group, int64_t n) {
-  const int64_t G = K / group, B = K / 32, per = group / 32;
-  const __m128i low = _mm_set1_epi8(0x0F);
+  const int64_t G = K / group, B = K / 32, P = K / 64, steps = PAIRS ? group / 64 : group / 32;
   const __m256i ones = _mm256_set1_epi16(1);
   const uint8_t* qrow[R];
   const float* srow[R];
@@ -129,82 +136,39 @@ static void tile_q8(const int8_t* xq, const float* xd, const uint8_t* qp, const 
     __m256 ga[T][R];
     for (int t = 0; t < T; ++t)
       for (int r = 0; r < R; ++r) ga[t][r] = _mm256_setzero_ps();
-    for (int64_t j = 0; j < per; ++j) {
-      const int64_t b = g * per + j;
-      __m256i q[T];
-      __m256 d[T];
-      for (int t = 0; t < T; ++t) {
-        q[t] = _mm256_loadu_si256((const __m256i*)(xq + t * K + b * 32));
-        d[t] = _mm256_broadcast_ss(xd + t * B + b);
-      }
-      for (int r = 0; r < R; ++r) {
-        const __m128i bytes = _mm_loadu_si128((const __m128i*)(qrow[r] + b * 16));
-        const __m128i lo = _mm_and_si128(bytes, low);
-        const __m128i hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), low);
-        const __m256i u = _mm256_inserti128_si256(_mm256_castsi128_si256(lo), hi, 1);  // even inputs, odd ones
-        for (int t = 0; t < T; ++t) {
-          const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(u, q[t]), ones);
-          ga[t][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), d[t], ga[t][r]);
-        }
-      }
-    }
-    for (int r = 0; r < R; ++r) {
-      const __m256 s = _mm256_broadcast_ss(srow[r] + g);
-      for (int t = 0; t < T; ++t) acc[t][r] = _mm256_fmadd_ps(ga[t][r], s, acc[t][r]);
-    }
-  }
-  for (int r = 0; r < R; ++r)
-    for (int t = 0; t < T; ++t) {
-      float off = 0.f;
-      const float* xst = xs + t * G;
-      for (int64_t g = 0; g < G; ++g) off += srow[r][G + g] * xst[g];
-      yp[t * N + n + r] = hsum(acc[t][r]) + off;
-    }
-}
-
-// Two blocks at a time (groups of 64 or more): 32 weight bytes are one load; their low nibbles
-// are the even inputs of both blocks and their high nibbles the odd ones, so the activations
-// are stored permuted to match (xq2: per pair of blocks, [b0 even, b1 even, b0 odd, b1 odd])
-// and the scales as lanes (xd8: per pair, d0 four times then d1 four times). The two
-// maddubs results add in int16 (|sum| <= 4 * 15 * 127), so a pair costs one madd, one conversion
-// and one FMA: about 10 instructions per 32 weight bytes against 18 one block at a time.
-template <int T, int R>
-static void tile_q8_pairs(const int8_t* xq2, const float* xd8, const uint8_t* qp, const float* sp, const float* xs,
-                          float* yp, int64_t K, int64_t N, int64_t group, int64_t n) {
-  const int64_t G = K / group, P = K / 64, pairs = group / 64;
-  const __m256i low = _mm256_set1_epi8(0x0F);
-  const __m256i ones = _mm256_set1_epi16(1);
-  const uint8_t* qrow[R];
-  const float* srow[R];
-  for (int r = 0; r < R; ++r) {
-    qrow[r] = qp + (n + r) * (K / 2);
-    srow[r] = sp + (n + r) * 2 * G;
-  }
-  __m256 acc[T][R];
-  for (int t = 0; t < T; ++t)
-    for (int r = 0; r < R; ++r) acc[t][r] = _mm256_setzero_ps();
-  for (int64_t g = 0; g < G; ++g) {
-    for (int r = 0; r < R; ++r) _mm_prefetch((const char*)(qrow[r] + g * group / 2 + 768), _MM_HINT_T0);
-    __m256 ga[T][R];
-    for (int t = 0; t < T; ++t)
-      for (int r = 0; r < R; ++r) ga[t][r] = _mm256_setzero_ps();
-    for (int64_t j = 0; j < pairs; ++j) {
-      const int64_t pr = g * pairs + j;
+    for (int64_t j = 0; j < steps; ++j) {
+      const int64_t b = g * steps + j;  // a pair of blocks, or a block
       __m256i qa[T], qb[T];
       __m256 d[T];
       for (int t = 0; t < T; ++t) {
-        qa[t] = _mm256_loadu_si256((const __m256i*)(xq2 + t * K + pr * 64));
-        qb[t] = _mm256_loadu_si256((const __m256i*)(xq2 + t * K + pr * 64 + 32));
-        d[t] = _mm256_loadu_ps(xd8 + (t * P + pr) * 8);
+        if (PAIRS) {
+          qa[t] = _mm256_loadu_si256((const __m256i*)(xq + t * K + b * 64));
+          qb[t] = _mm256_loadu_si256((const __m256i*)(xq + t * K + b * 64 + 32));
+          d[t] = _mm256_loadu_ps(xd + (t * P + b) * 8);
+        } else {
+          qa[t] = _mm256_loadu_si256((const __m256i*)(xq + t * K + b * 32));
+          d[t] = _mm256_broadcast_ss(xd + t * B + b);
+        }
       }
       for (int r = 0; r < R; ++r) {
-        const __m256i bytes = _mm256_loadu_si256((const __m256i*)(qrow[r] + pr * 32));
-        const __m256i lo = _mm256_and_si256(bytes, low);
-        const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low);
-        for (int t = 0; t < T; ++t) {
-          const __m256i s16 = _mm256_add_epi16(_mm256_maddubs_epi16(lo, qa[t]), _mm256_maddubs_epi16(hi, qb[t]));
-          ga[t][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(s16, ones)), d[t], ga[t][r]);
+        __m256i s16[T];
+        if (PAIRS) {
+          const __m256i low = _mm256_set1_epi8(0x0F);
+          const __m256i bytes = _mm256_loadu_si256((const __m256i*)(qrow[r] + b * 32));
+          const __m256i lo = _mm256_and_si256(bytes, low);
+          const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low);
+          for (int t = 0; t < T; ++t)
+            s16[t] = _mm256_add_epi16(_mm256_maddubs_epi16(lo, qa[t]), _mm256_maddubs_epi16(hi, qb[t]));
+        } else {
+          const __m128i low = _mm_set1_epi8(0x0F);
+          const __m128i bytes = _mm_loadu_si128((const __m128i*)(qrow[r] + b * 16));
+          const __m128i lo = _mm_and_si128(bytes, low);
+          const __m128i hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), low);
+          const __m256i u = _mm256_inserti128_si256(_mm256_castsi128_si256(lo), hi, 1);  // even inputs, odd ones
+          for (int t = 0; t < T; ++t) s16[t] = _mm256_maddubs_epi16(u, qa[t]);
         }
+        for (int t = 0; t < T; ++t)
+          ga[t][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(s16[t], ones)), d[t], ga[t][r]);
       }
     }
     for (int r = 0; r < R; ++r) {
@@ -219,26 +183,29 @@ static void tile_q8_pairs(const int8_t* xq2, const float* xd8, const uint8_t* qp
       for (int64_t g = 0; g < G; ++g) off += srow[r][G + g] * xst[g];
       yp[t * N + n + r] = hsum(acc[t][r]) + off;
     }
-}
-
-template <int T>
-static void rows_q8_pairs(const int8_t* xq2, const float* xd8, const uint8_t* qp, const float* sp, const float* xs,
-                          float* yp, int64_t K, int64_t N, int64_t group, int64_t n0, int64_t n1) {
-  constexpr int R = T == 1 ? 4 : (T == 2 ? 2 : 1);
-  int64_t n = n0;
-  for (; n + R <= n1; n += R) tile_q8_pairs<T, R>(xq2, xd8, qp, sp, xs, yp, K, N, group, n);
-  for (; n < n1; ++n) tile_q8_pairs<T, 1>(xq2, xd8, qp, sp, xs, yp, K, N, group, n);
 }
 
 // Rows n0..n1 in tiles of R (R = 4 for one activation row, 2 for two: enough independent chains
 // without spilling the 16 vector registers), the remainder one at a time.
-template <int T>
+template <bool PAIRS, int T>
 static void rows_q8(const int8_t* xq, const float* xd, const uint8_t* qp, const float* sp, const float* xs,
                     float* yp, int64_t K, int64_t N, int64_t group, int64_t n0, int64_t n1) {
   constexpr int R = T == 1 ? 4 : (T == 2 ? 2 : 1);
   int64_t n = n0;
-  for (; n + R <= n1; n += R) tile_q8<T, R>(xq, xd, qp, sp, xs, yp, K, N, group, n);
-  for (; n < n1; ++n) tile_q8<T, 1>(xq, xd, qp, sp, xs, yp, K, N, group, n);
+  for (; n + R <= n1; n += R) tile_q8<T, R, PAIRS>(xq, xd, qp, sp, xs, yp, K, N, group, n);
+  for (; n < n1; ++n) tile_q8<T, 1, PAIRS>(xq, xd, qp, sp, xs, yp, K, N, group, n);
+}
+
+template <int T>
+static void rows_q8_pairs(const int8_t* xq, const float* xd, const uint8_t* qp, const float* sp, const float* xs,
+                          float* yp, int64_t K, int64_t N, int64_t group, int64_t n0, int64_t n1) {
+  rows_q8<true, T>(xq, xd, qp, sp, xs, yp, K, N, group, n0, n1);
+}
+
+template <int T>
+static void rows_q8_blocks(const int8_t* xq, const float* xd, const uint8_t* qp, const float* sp, const float* xs,
+                           float* yp, int64_t K, int64_t N, int64_t group, int64_t n0, int64_t n1) {
+  rows_q8<false, T>(xq, xd, qp, sp, xs, yp, K, N, group, n0, n1);
 }
 
 #define DISPATCH_ROWS(FN, ...)                         \
@@ -337,7 +304,7 @@ torch::Tensor int4_mv(torch::Tensor x, torch::Tensor q, torch::Tensor so, int64_
   const int8_t* xqp = xq.data();
   const float* xdp = xd.data();
   at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
-    DISPATCH_ROWS(rows_q8, xqp, xdp, qp, sp, xsp, yp, K, N, group, n0, n1)
+    DISPATCH_ROWS(rows_q8_blocks, xqp, xdp, qp, sp, xsp, yp, K, N, group, n0, n1)
   });
   return y;
 }
@@ -636,7 +603,7 @@ def _module():
 
         from torch.utils.cpp_extension import _get_build_directory, load_inline
 
-        name = "llama4_local_int4_avx2_v20"
+        name = "llama4_local_int4_avx2_v21"
         if not list(Path(_get_build_directory(name, verbose=False)).glob("*.so")):
             sys.stderr.write("llama4-local: building the INT4 CPU kernel (once, about a minute)\n")
         return load_inline(
