@@ -50,6 +50,35 @@ _SOURCE = r"""
 // Weights: nibbles u (0..15), w = s * (u - 8) + o per group, stored as packed bytes and, per row,
 // G scales s then G constants c = o - 8 s, so that sum_k w_k x_k = s * sum_k u_k x_k + c * sum_k x_k.
 
+// Weight rows per tile for T activation rows: 4 for one, 2 for two (enough independent FMA chains
+// without spilling the 16 vector registers), else 1.
+template <int T>
+constexpr int tile_rows() {
+  return T == 1 ? 4 : (T == 2 ? 2 : 1);
+}
+
+// x [32] rounded to int8 with scale d = max|x| / 127 (llama.cpp's Q8_0 block), written where
+// at(k) says; returns d and, in *sum, the sum of the integers. A NaN or infinity makes d NaN, so
+// the outputs the block touches are NaN, as with float activations (rounding would hide it).
+template <class At>
+static inline float round_block_q8(const float* x, int8_t* dst, At at, int* sum) {
+  float amax = 0.f;
+  bool finite = true;
+  for (int k = 0; k < 32; ++k) {
+    amax = std::max(amax, std::fabs(x[k]));
+    finite = finite && std::isfinite(x[k]);
+  }
+  const float id = finite && amax > 0.f ? 127.f / amax : 0.f;
+  int total = 0;
+  for (int k = 0; k < 32; ++k) {
+    const int v = (int)std::nearbyint(x[k] * id);
+    dst[at(k)] = (int8_t)v;
+    total += v;
+  }
+  *sum = total;
+  return finite ? amax / 127.f : NAN;
+}
+
 static inline float hsum(__m256 v) {
   __m128 r = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   r = _mm_add_ps(r, _mm_movehl_ps(r, r));
@@ -190,7 +219,7 @@ static void tile_q8(const int8_t* xq, const float* xd, const uint8_t* qp, const 
 template <bool PAIRS, int T>
 static void rows_q8(const int8_t* xq, const float* xd, const uint8_t* qp, const float* sp, const float* xs,
                     float* yp, int64_t K, int64_t N, int64_t group, int64_t n0, int64_t n1) {
-  constexpr int R = T == 1 ? 4 : (T == 2 ? 2 : 1);
+  constexpr int R = tile_rows<T>();
   int64_t n = n0;
   for (; n + R <= n1; n += R) tile_q8<T, R, PAIRS>(xq, xd, qp, sp, xs, yp, K, N, group, n);
   for (; n < n1; ++n) tile_q8<T, 1, PAIRS>(xq, xd, qp, sp, xs, yp, K, N, group, n);
@@ -249,62 +278,32 @@ torch::Tensor int4_mv(torch::Tensor x, torch::Tensor q, torch::Tensor so, int64_
     });
     return y;
   }
+  // Each block of 32 is rounded straight into the order the tiles read: per block (its 16 even
+  // inputs, its 16 odd ones) with one scale; with two blocks per step (groups of 64 or more) per
+  // pair (b0 even, b1 even, b0 odd, b1 odd) with each scale four times, as lanes.
+  const bool pairs = group % 64 == 0;
+  const int64_t lanes = pairs ? 4 : 1;
   std::vector<int8_t> xq(T * K);
-  std::vector<float> xd(T * B);
+  std::vector<float> xd(T * B * lanes);
   for (int64_t t = 0; t < T; ++t)
     for (int64_t b = 0; b < B; ++b) {
-      const float* xb = xp + t * K + b * 32;
-      float amax = 0.f;
-      bool finite = true;
-      for (int k = 0; k < 32; ++k) {
-        amax = std::max(amax, std::fabs(xb[k]));
-        finite = finite && std::isfinite(xb[k]);
-      }
-      // A NaN or infinity makes the block's scale NaN, so the outputs it touches are NaN, as
-      // with float activations (rounding would hide it).
-      const float d = finite ? amax / 127.f : NAN, id = finite && amax > 0.f ? 127.f / amax : 0.f;
-      int sum = 0;
-      for (int k = 0; k < 32; ++k) {
-        const int v = (int)std::nearbyint(xb[k] * id);
-        xq[t * K + b * 32 + (k & 1) * 16 + k / 2] = (int8_t)v;  // even inputs, then odd ones
-        sum += v;
-      }
-      xd[t * B + b] = d;
+      const int64_t base = pairs ? (b & ~1) * 32 : b * 32, half = pairs ? (b & 1) * 16 : 0;
+      const int64_t odd = pairs ? 32 : 16;
+      int sum;
+      const float d = round_block_q8(xp + t * K + b * 32, xq.data() + t * K + base,
+                                     [&](int k) { return (k & 1) * odd + half + k / 2; }, &sum);
+      for (int64_t l = 0; l < lanes; ++l) xd[(t * B + b) * lanes + l] = d;
       xs[t * G + (b * 32) / group] += d * (float)sum;
     }
-  const float* xsp = xs.data();
-  if (group % 64 == 0) {
-    const int64_t P = K / 64;
-    std::vector<int8_t> xq2(T * K);
-    std::vector<float> xd8(T * P * 8);
-    for (int64_t t = 0; t < T; ++t)
-      for (int64_t p = 0; p < P; ++p) {
-        // xq holds each block of 32 as (16 even inputs, 16 odd ones); a pair wants the 32 even
-        // inputs of its 64 (block 0's, then block 1's), then the 32 odd ones.
-        const int8_t* src = xq.data() + t * K + p * 64;
-        int8_t* dst = xq2.data() + t * K + p * 64;
-        for (int k = 0; k < 16; ++k) {
-          dst[k] = src[k];             // block 0, even inputs
-          dst[16 + k] = src[32 + k];   // block 1, even inputs
-          dst[32 + k] = src[16 + k];   // block 0, odd inputs
-          dst[48 + k] = src[48 + k];   // block 1, odd inputs
-        }
-        for (int k = 0; k < 4; ++k) {
-          xd8[(t * P + p) * 8 + k] = xd[t * B + 2 * p];
-          xd8[(t * P + p) * 8 + 4 + k] = xd[t * B + 2 * p + 1];
-        }
-      }
-    const int8_t* xq2p = xq2.data();
-    const float* xd8p = xd8.data();
-    at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
-      DISPATCH_ROWS(rows_q8_pairs, xq2p, xd8p, qp, sp, xsp, yp, K, N, group, n0, n1)
-    });
-    return y;
-  }
   const int8_t* xqp = xq.data();
   const float* xdp = xd.data();
+  const float* xsp = xs.data();
   at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
-    DISPATCH_ROWS(rows_q8_blocks, xqp, xdp, qp, sp, xsp, yp, K, N, group, n0, n1)
+    if (pairs) {
+      DISPATCH_ROWS(rows_q8_pairs, xqp, xdp, qp, sp, xsp, yp, K, N, group, n0, n1)
+    } else {
+      DISPATCH_ROWS(rows_q8_blocks, xqp, xdp, qp, sp, xsp, yp, K, N, group, n0, n1)
+    }
   });
   return y;
 }
@@ -347,7 +346,7 @@ static void tile_half(const float* xp, const uint16_t* wp, float* yp, int64_t K,
 
 template <bool BF16, int T>
 static void rows_half(const float* xp, const uint16_t* wp, float* yp, int64_t K, int64_t N, int64_t n0, int64_t n1) {
-  constexpr int R = T == 1 ? 4 : (T == 2 ? 2 : 1);
+  constexpr int R = tile_rows<T>();
   int64_t n = n0;
   for (; n + R <= n1; n += R) tile_half<BF16, T, R>(xp, wp, yp, K, N, n);
   for (; n < n1; ++n) tile_half<BF16, T, 1>(xp, wp, yp, K, N, n);
@@ -386,26 +385,28 @@ torch::Tensor half_mv(torch::Tensor x, torch::Tensor w) {
 // scale for the current integers, keeping the scale of least squared error. Same float32
 // operations as the torch version (division, round half to even, clamp, then s * q and the
 // difference); only the order of the error sums differs. Returns the scales [O, G].
+static inline __m256 int4_levels(__m256 x, __m256 s) {  // clamp(round(x / s), -8, 7)
+  const __m256 q = _mm256_round_ps(_mm256_div_ps(x, s), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  return _mm256_min_ps(_mm256_max_ps(q, _mm256_set1_ps(-8.f)), _mm256_set1_ps(7.f));
+}
+
 static inline float group_err(const float* w, int64_t g, float s) {
-  const __m256 vs = _mm256_set1_ps(s), lo = _mm256_set1_ps(-8.f), hi = _mm256_set1_ps(7.f);
+  const __m256 vs = _mm256_set1_ps(s);
   __m256 e = _mm256_setzero_ps();
   for (int64_t k = 0; k < g; k += 8) {
     const __m256 x = _mm256_loadu_ps(w + k);
-    __m256 q = _mm256_round_ps(_mm256_div_ps(x, vs), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    q = _mm256_min_ps(_mm256_max_ps(q, lo), hi);
-    const __m256 d = _mm256_sub_ps(x, _mm256_mul_ps(vs, q));
+    const __m256 d = _mm256_sub_ps(x, _mm256_mul_ps(vs, int4_levels(x, vs)));
     e = _mm256_add_ps(e, _mm256_mul_ps(d, d));
   }
   return hsum(e);
 }
 
 static inline void group_refit(const float* w, int64_t g, float s, float* num, float* den) {
-  const __m256 vs = _mm256_set1_ps(s), lo = _mm256_set1_ps(-8.f), hi = _mm256_set1_ps(7.f);
+  const __m256 vs = _mm256_set1_ps(s);
   __m256 a = _mm256_setzero_ps(), b = _mm256_setzero_ps();
   for (int64_t k = 0; k < g; k += 8) {
     const __m256 x = _mm256_loadu_ps(w + k);
-    __m256 q = _mm256_round_ps(_mm256_div_ps(x, vs), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    q = _mm256_min_ps(_mm256_max_ps(q, lo), hi);
+    const __m256 q = int4_levels(x, vs);
     a = _mm256_add_ps(a, _mm256_mul_ps(x, q));
     b = _mm256_add_ps(b, _mm256_mul_ps(q, q));
   }
@@ -421,7 +422,6 @@ torch::Tensor fit_symmetric(torch::Tensor w, int64_t group, std::vector<double> 
   auto out = torch::empty({O, G}, w.options());
   const float* wp = w.data_ptr<float>();
   float* sp = out.data_ptr<float>();
-  std::vector<float> r(ratios.begin(), ratios.end());
   at::parallel_for(0, O * G, 256, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
       const float* x = wp + i * group;
@@ -429,8 +429,8 @@ torch::Tensor fit_symmetric(torch::Tensor w, int64_t group, std::vector<double> 
       for (int64_t k = 0; k < group; ++k) amax = std::max(amax, std::fabs(x[k]));
       amax = std::max(amax, 1e-12f);
       float best_s = amax / 7.5f, best_e = group_err(x, group, best_s);
-      for (float ratio : r) {
-        const float s = amax * (float)((double)ratio / 7.5), e = group_err(x, group, s);
+      for (double ratio : ratios) {  // amax * (ratio / 7.5) as torch computes it: the quotient in double
+        const float s = amax * (float)(ratio / 7.5), e = group_err(x, group, s);
         if (e < best_e) best_s = s, best_e = e;
       }
       float s = best_s;
@@ -454,9 +454,8 @@ torch::Tensor fit_symmetric(torch::Tensor w, int64_t group, std::vector<double> 
 // 8 weights as float32 from bf16, fp16 or float32 storage.
 static inline __m256 load8(const void* p, int kind, int64_t i) {
   if (kind == 0) return _mm256_loadu_ps((const float*)p + i);
-  const __m128i h = _mm_loadu_si128((const __m128i*)((const uint16_t*)p + i));
-  if (kind == 1) return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-  return _mm256_cvtph_ps(h);
+  const uint16_t* h = (const uint16_t*)p + i;
+  return kind == 1 ? widen8<true>(h) : widen8<false>(h);
 }
 
 std::vector<torch::Tensor> q8_quantize(torch::Tensor w) {
@@ -531,7 +530,7 @@ static void tile_w8(const int8_t* xq, const float* xd, const int8_t* wq, const f
 template <int T>
 static void rows_w8(const int8_t* xq, const float* xd, const int8_t* wq, const float* ws, float* yp,
                     int64_t K, int64_t N, int64_t n0, int64_t n1) {
-  constexpr int R = T == 1 ? 4 : (T == 2 ? 2 : 1);
+  constexpr int R = tile_rows<T>();
   int64_t n = n0;
   for (; n + R <= n1; n += R) tile_w8<T, R>(xq, xd, wq, ws, yp, K, N, n);
   for (; n < n1; ++n) tile_w8<T, 1>(xq, xd, wq, ws, yp, K, N, n);
@@ -547,18 +546,9 @@ torch::Tensor q8_mv(torch::Tensor x, torch::Tensor wq, torch::Tensor ws) {
   std::vector<int8_t> xq(T * K);
   std::vector<float> xd(T * B);
   const float* xp = x.data_ptr<float>();
-  for (int64_t i = 0; i < T * B; ++i) {
-    const float* xb = xp + i * 32;
-    float amax = 0.f;
-    bool finite = true;
-    for (int k = 0; k < 32; ++k) {
-      amax = std::max(amax, std::fabs(xb[k]));
-      finite = finite && std::isfinite(xb[k]);
-    }
-    const float id = finite && amax > 0.f ? 127.f / amax : 0.f;
-    xd[i] = finite ? amax / 127.f : NAN;
-    for (int k = 0; k < 32; ++k) xq[i * 32 + k] = (int8_t)std::nearbyint(xb[k] * id);
-  }
+  int sum;
+  for (int64_t i = 0; i < T * B; ++i)
+    xd[i] = round_block_q8(xp + i * 32, xq.data() + i * 32, [](int k) { return k; }, &sum);
   const int8_t* xqp = xq.data();
   const float* xdp = xd.data();
   const int8_t* wp = wq.data_ptr<int8_t>();
@@ -603,7 +593,7 @@ def _module():
 
         from torch.utils.cpp_extension import _get_build_directory, load_inline
 
-        name = "llama4_local_int4_avx2_v21"
+        name = "llama4_local_int4_avx2_v22"
         if not list(Path(_get_build_directory(name, verbose=False)).glob("*.so")):
             sys.stderr.write("llama4-local: building the INT4 CPU kernel (once, about a minute)\n")
         return load_inline(
