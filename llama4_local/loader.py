@@ -201,7 +201,7 @@ def load_model(
 
         model.vision = load_vision(vckpt, vcfg, torch_dtype, torch_device)
         model.image_token_id = vcfg.image_token_id
-    if int8_attention and torch_device.type == "cpu" and torch_dtype in (torch.bfloat16, torch.float16):
+    if int8_attention:  # bf16/fp16 CPU weights only; int8_attention checks each one
         from quant.kernels import int8_attention as to_int8
 
         to_int8(model)

@@ -10,6 +10,7 @@ Module names follow the Hugging Face checkpoint (`q_proj`, `router`, `shared_exp
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -42,16 +43,12 @@ def _rows_mv(x: torch.Tensor, w_out_in: torch.Tensor) -> torch.Tensor:
     return torch.stack([torch.mv(w_out_in, row) for row in x])
 
 
-_HALF_KERNEL: list = []
-
-
+@functools.cache
 def _half_kernel():
     """quant.cpu_kernel when its AVX2 build is available (a bf16/fp16 matvec at memory speed), else None."""
-    if not _HALF_KERNEL:
-        from quant import cpu_kernel
+    from quant import cpu_kernel
 
-        _HALF_KERNEL.append(cpu_kernel if cpu_kernel.available() else None)
-    return _HALF_KERNEL[0]
+    return cpu_kernel if cpu_kernel.available() else None
 
 
 # CPUs without bf16/fp16 matrix units are slow at low-precision GEMM, and pathologically slow

@@ -73,6 +73,14 @@ def kernel_for(qw, device: torch.device, dtype: torch.dtype) -> str:
     return "reference"
 
 
+def by_rows(kernel, x: torch.Tensor, most: int, step: int) -> torch.Tensor:
+    """kernel(x) for x [T, K] with a kernel that takes at most `most` rows: whole, or `step` rows
+    at a time."""
+    if x.shape[0] <= most:
+        return kernel(x)
+    return torch.cat([kernel(x[i : i + step]) for i in range(0, x.shape[0], step)])
+
+
 def int4_matmul(path: str, group_size: int, x: torch.Tensor, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
     """x [T, K] @ W^T for W held in `tensors` (an Int4Linear's buffers, or views of them)."""
     if path == "reference":
@@ -85,10 +93,7 @@ def int4_matmul(path: str, group_size: int, x: torch.Tensor, tensors: dict[str, 
         from .cpu_kernel import MAX_ROWS, int4_mv
 
         p, so, q8 = tensors["packed"], tensors["scales_and_zeros"], path == "avx2_q8"
-        if x.shape[0] <= MAX_ROWS:
-            return int4_mv(x, p, so, group_size, q8)
-        step = PREFILL_ROWS
-        return torch.cat([int4_mv(x[i : i + step], p, so, group_size, q8) for i in range(0, x.shape[0], step)])
+        return by_rows(lambda rows: int4_mv(rows, p, so, group_size, q8), x, MAX_ROWS, PREFILL_ROWS)
     if path == "cpu":
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x, tensors["packed"], group_size, tensors["scales_and_zeros"])
     return torch.ops.aten._weight_int4pack_mm(x, tensors["packed"], group_size, tensors["scales_and_zeros"])
@@ -173,11 +178,7 @@ class Int8Linear(torch.nn.Module):
         from .cpu_kernel import Q8_MAX_ROWS, q8_mv
 
         lead, x = x.shape[:-1], x.reshape(-1, x.shape[-1])
-        if x.shape[0] <= Q8_MAX_ROWS:
-            y = q8_mv(x, self.qweight, self.scales)
-        else:
-            step = Q8_MAX_ROWS
-            y = torch.cat([q8_mv(x[i : i + step], self.qweight, self.scales) for i in range(0, x.shape[0], step)])
+        y = by_rows(lambda rows: q8_mv(rows, self.qweight, self.scales), x, Q8_MAX_ROWS, Q8_MAX_ROWS)
         return y.reshape(*lead, y.shape[-1])
 
 
