@@ -409,6 +409,7 @@ def quantize(
         )
 
         from quant.quantize import QuantizeOptions, quantize_checkpoint
+        from quant.resume import work_path
 
         parts = ("experts",) + (() if no_shared else ("shared",)) + (("attention",) if attention else ())
         opts = QuantizeOptions(group_size, symmetric, parts, _parse_size(shard_size), device, scheme)
@@ -426,7 +427,7 @@ def quantize(
             s = quantize_checkpoint(_model(src, revision), out, opts, progress)
         except KeyboardInterrupt:
             bar.stop()
-            work = out.parent / f".{out.name}.partial"
+            work = work_path(out)
             if work.is_dir():
                 sys.stderr.write(f"\ninterrupted; finished shards are kept in {work}: run the same command to resume\n")
                 raise typer.Exit(130) from None

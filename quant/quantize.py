@@ -75,12 +75,10 @@ class _ShardWriter:
     """
 
     def __init__(self, work: WorkDir, limit: int):
-        self.work, self.limit = work, limit
+        self.work, self.limit = work, limit  # work.shards: the finished shards, resumed or written
         self.pending: dict[str, torch.Tensor] = {}
         self.pending_units: list[str] = []
         self.pending_bytes = 0
-        self.shards: list[tuple[Path, list[str]]] = [(work.path / s["file"], s["tensors"]) for s in work.shards]
-        self.total = sum(s["tensor_bytes"] for s in work.shards)
 
     def add(self, tensors: dict[str, torch.Tensor], unit: str) -> None:
         for name, t in tensors.items():
@@ -94,24 +92,24 @@ class _ShardWriter:
     def flush(self) -> None:
         if not self.pending:
             return
-        name = f"shard-{len(self.shards):05d}.safetensors"
+        name = f"shard-{len(self.work.shards):05d}.safetensors"
         tmp = self.work.path / (name + ".tmp")
         save_file(self.pending, str(tmp), metadata={"format": "pt"})
-        path = self.work.add_shard(tmp, name, self.pending_units, list(self.pending), self.pending_bytes)
-        self.total += self.pending_bytes
-        self.shards.append((path, list(self.pending)))
+        self.work.add_shard(tmp, name, self.pending_units, list(self.pending), self.pending_bytes)
         self.pending, self.pending_units, self.pending_bytes = {}, [], 0
 
     def finish(self) -> int:
         """Name shards model-0000i-of-0000n and write the index; returns the shard count."""
         self.flush()
-        n = len(self.shards)
+        shards = self.work.shards
+        n = len(shards)
         weight_map = {}
-        for i, (path, names) in enumerate(self.shards, start=1):
+        for i, shard in enumerate(shards, start=1):
             final = f"model-{i:05d}-of-{n:05d}.safetensors"
-            path.rename(self.work.path / final)
-            weight_map.update(dict.fromkeys(names, final))
-        index = {"metadata": {"total_size": self.total}, "weight_map": dict(sorted(weight_map.items()))}
+            (self.work.path / shard["file"]).rename(self.work.path / final)
+            weight_map.update(dict.fromkeys(shard["tensors"], final))
+        total = sum(shard["tensor_bytes"] for shard in shards)
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         (self.work.path / INDEX_NAME).write_text(json.dumps(index, indent=2))
         return n
 

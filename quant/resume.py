@@ -63,18 +63,23 @@ def remove_old_partials(out: Path) -> list[Path]:
     return removed
 
 
+def work_path(out: Path) -> Path:
+    """Where a run writing OUT works: `.OUT.partial` beside it."""
+    return out.parent / f".{out.name}.partial"
+
+
 class WorkDir:
     """The hidden directory one run owns; `shards` lists the finished ones a resumed run keeps."""
 
     def __init__(self, out: Path, fingerprint: dict):
         self.out = out
-        self.path = out.parent / f".{out.name}.partial"
+        self.path = work_path(out)
         self.fingerprint = fingerprint
         self.shards: list[dict] = []
         self._lock = None
 
-    def open(self) -> list[dict]:
-        """Create or take over the directory; the finished shards that were verified."""
+    def open(self) -> None:
+        """Create or take over the directory; `shards` becomes the finished ones that verify."""
         self.path.mkdir(parents=True, exist_ok=True)
         self._take_lock()
         manifest = self._read_manifest()
@@ -90,12 +95,11 @@ class WorkDir:
                 shutil.rmtree(p) if p.is_dir() else p.unlink()
         self.shards = kept
         self._write_manifest()
-        return kept
 
     def done_units(self) -> set[str]:
         return {u for s in self.shards for u in s["units"]}
 
-    def add_shard(self, tmp: Path, name: str, units: list[str], tensors: list[str], tensor_bytes: int) -> Path:
+    def add_shard(self, tmp: Path, name: str, units: list[str], tensors: list[str], tensor_bytes: int) -> None:
         """Record a shard written to `tmp` (in this directory) as finished under `name`."""
         final = self.path / name
         os.replace(tmp, final)
@@ -104,7 +108,6 @@ class WorkDir:
              "tensors": tensors, "tensor_bytes": tensor_bytes}
         )  # fmt: skip
         self._write_manifest()
-        return final
 
     def finish(self) -> None:
         """Everything is written: drop the bookkeeping and rename the directory to OUT."""
