@@ -130,6 +130,14 @@ def _offload_slots(cfg, ckpt, scheme, torch_dtype, torch_device, opts, context: 
     return (None if plan.all_resident else plan.slots), plan
 
 
+def text_only(model_dir: Path) -> UserError:
+    """The error for images sent to a checkpoint without a vision tower."""
+    return UserError(
+        f"{model_dir} is a text-only checkpoint (no vision tower); images need a Llama 4 checkpoint "
+        "saved as Llama4ForConditionalGeneration with its vision_model weights"
+    )
+
+
 def has_vision(model_dir: Path) -> bool:
     """Whether the checkpoint has a vision tower (config and weights)."""
     from .vision import VisionConfig, vision_checkpoint
@@ -172,10 +180,7 @@ def load_model(
         vcfg = VisionConfig.from_dir(model_dir)
         vckpt = vision_checkpoint(model_dir) if vcfg is not None else None
         if vckpt is None:
-            raise UserError(
-                f"{model_dir} is a text-only checkpoint (no vision tower); images need a Llama 4 checkpoint "
-                "saved as Llama4ForConditionalGeneration with its vision_model weights"
-            )
+            raise text_only(model_dir)
     slots = None
     if offload is not None and any(cfg.moe_layers):
         offload.validate()

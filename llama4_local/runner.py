@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .engine import GenerationRequest, ImageInput, Usage
-from .errors import UserError
 from .generate import DEFAULT_PREFILL_CHUNK, Stats, collect
+from .loader import text_only
 from .session import ModelSetup
 from .tokenizer import Tokenizer
 
@@ -79,10 +79,7 @@ def run_prompt(req: PromptRequest, on_text: Callable[[str], None] | None = None)
     setup = ModelSetup.check(req.model, req.sampling, vision=bool(req.images), template=False)
     tokenizer, defaults = setup.tokenizer, setup.defaults
     if req.images and setup.images is None:
-        raise UserError(
-            f"{setup.path} is a text-only checkpoint (no vision tower); images need a Llama 4 checkpoint "
-            "saved as Llama4ForConditionalGeneration with its vision_model weights"
-        )
+        raise text_only(setup.path)
     images = [ImageInput.from_file(setup.images, p) for p in req.images]
     prompt = build_prompt(tokenizer, req.text, req.system, req.raw, len(images))
     if images:
@@ -94,17 +91,16 @@ def run_prompt(req: PromptRequest, on_text: Callable[[str], None] | None = None)
 
         check_trace_path(req.record_routing)
     engine = setup.load(
-        req.dtype, req.device, req.offload, req.prefill_chunk, context, 0, None, "--max-tokens", req.int8_attention
-    )
+        req.dtype, req.device, req.offload, req.prefill_chunk, context,
+        cache_entries=0, reply_option="--max-tokens", int8_attention=req.int8_attention,
+    )  # fmt: skip
     model = engine.model
     recorder = None
     if req.record_routing is not None:
         from offload.trace import RoutingRecorder
 
         recorder = RoutingRecorder(req.record_routing, model)
-    request = GenerationRequest(
-        prompt, setup.defaults.sampling, max_tokens, images, stop=req.stop, ignore_eos=req.ignore_eos
-    )
+    request = GenerationRequest(prompt, defaults.sampling, max_tokens, images, stop=req.stop, ignore_eos=req.ignore_eos)
     usage = Usage(len(prompt), 0)
     try:
         done = collect(engine.generate(request, usage), on_text)
