@@ -22,9 +22,11 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from scout_slice import write_weights  # noqa: E402
 
 # Runs the CLI in this process while a thread samples /proc/self/status; prints the peaks.
 CHILD = """
@@ -82,43 +84,7 @@ def write_checkpoint(out: Path, layers: int, hidden=1024, inter=2048, experts=16
     }
     out.mkdir(parents=True)
     (out / "config.json").write_text(json.dumps(cfg))
-    g = torch.Generator().manual_seed(0)
-
-    def rnd(*shape):
-        return (torch.randn(*shape, generator=g) * 0.02).bfloat16()
-
-    weight_map, total, n = {}, 0, layers + 1
-    for i in range(n):
-        if i < layers:
-            p = f"model.layers.{i}."
-            t = {
-                p + "self_attn.q_proj.weight": rnd(heads * hd, hidden),
-                p + "self_attn.k_proj.weight": rnd(kv * hd, hidden),
-                p + "self_attn.v_proj.weight": rnd(kv * hd, hidden),
-                p + "self_attn.o_proj.weight": rnd(hidden, heads * hd),
-                p + "input_layernorm.weight": torch.ones(hidden, dtype=torch.bfloat16),
-                p + "post_attention_layernorm.weight": torch.ones(hidden, dtype=torch.bfloat16),
-                p + "feed_forward.router.weight": rnd(experts, hidden),
-                p + "feed_forward.experts.gate_up_proj": rnd(experts, hidden, 2 * inter),
-                p + "feed_forward.experts.down_proj": rnd(experts, inter, hidden),
-                p + "feed_forward.shared_expert.gate_proj.weight": rnd(inter, hidden),
-                p + "feed_forward.shared_expert.up_proj.weight": rnd(inter, hidden),
-                p + "feed_forward.shared_expert.down_proj.weight": rnd(hidden, inter),
-            }
-        else:
-            t = {
-                "model.embed_tokens.weight": rnd(vocab, hidden),
-                "model.norm.weight": torch.ones(hidden, dtype=torch.bfloat16),
-                "lm_head.weight": rnd(vocab, hidden),
-            }
-        name = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-        save_file(t, str(out / name), metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(t, name))
-        total += sum(x.numel() * x.element_size() for x in t.values())
-        del t
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (out / "model.safetensors.index.json").write_text(json.dumps(index))
-    return total
+    return write_weights(out, cfg)
 
 
 def main():

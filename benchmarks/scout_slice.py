@@ -90,22 +90,23 @@ def layer_tensors(cfg: dict, i: int, gen: torch.Generator, std: float) -> dict[s
     }
 
 
-def write_slice(
-    out: Path, layers: int = 4, experts: int = 4, vocab: int = 600, hidden: int | None = None, seed: int = 0
-) -> Path:
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    ids = write_tokenizer(out, vocab_size=vocab - len(SPECIALS))
-    cfg = slice_config(ids, layers, experts, vocab, hidden)
+def write_weights(out: Path, cfg: dict, seed: int = 0) -> int:
+    """A random bf16 checkpoint of `cfg`'s shapes (every layer MoE) into `out`: one shard per layer
+    and one for embeddings, norm and lm_head, each written and dropped before the next; the index
+    too. Returns the bytes of weights written."""
     gen = torch.Generator().manual_seed(seed)
-    std = cfg["initializer_range"]
+    std, h, vocab, layers = (
+        cfg.get("initializer_range", 0.02),
+        cfg["hidden_size"],
+        cfg["vocab_size"],
+        cfg["num_hidden_layers"],
+    )
     weight_map, total = {}, 0
     shards = [f"model-{i + 1:05d}-of-{layers + 1:05d}.safetensors" for i in range(layers + 1)]
     for i in range(layers + 1):
         if i < layers:
             tensors = layer_tensors(cfg, i, gen, std)
         else:
-            h = cfg["hidden_size"]
             tensors = {
                 "model.embed_tokens.weight": (torch.randn(vocab, h, generator=gen) * std).to(torch.bfloat16),
                 "model.norm.weight": torch.ones(h, dtype=torch.bfloat16),
@@ -117,6 +118,17 @@ def write_slice(
         del tensors
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
+    return total
+
+
+def write_slice(
+    out: Path, layers: int = 4, experts: int = 4, vocab: int = 600, hidden: int | None = None, seed: int = 0
+) -> Path:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    ids = write_tokenizer(out, vocab_size=vocab - len(SPECIALS))
+    cfg = slice_config(ids, layers, experts, vocab, hidden)
+    write_weights(out, cfg, seed)
     (out / "config.json").write_text(json.dumps(cfg, indent=1))
     gen_cfg = {"bos_token_id": cfg["bos_token_id"], "eos_token_id": cfg["eos_token_id"], "do_sample": False}
     (out / "generation_config.json").write_text(json.dumps(gen_cfg, indent=1))
