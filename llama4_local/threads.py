@@ -1,7 +1,8 @@
 """How many CPU threads the computing commands use (`--threads`; default: the physical cores).
 
-Decode on the CPU streams weights from memory; one thread per physical core reaches what the
-memory gives, and a second hardware thread on the same core mostly competes for it.
+The CPU kernels keep each core's vector units busy (on the 2-core test machine decode is bound by
+instructions per weight byte, not by memory); a second hardware thread on the same core shares
+those units, so one thread per physical core is the default.
 """
 
 from __future__ import annotations
