@@ -374,6 +374,9 @@ def quantize(
     ] = "int4",
     attention: Annotated[bool, typer.Option("--attention", help="Also quantize attention.")] = False,
     no_shared: Annotated[bool, typer.Option("--no-shared", help="Leave the shared expert in bf16.")] = False,
+    no_mlp: Annotated[
+        bool, typer.Option("--no-mlp", help="Leave the dense MLP layers (Maverick's, between MoE layers) in bf16.")
+    ] = False,
     shard_size: Annotated[str, typer.Option(help="Output shard size, e.g. 2GB.")] = "2GB",
     device: Annotated[str, typer.Option(help="Where the quantizer computes: cpu or cuda.")] = "cpu",
     revision: RevisionOpt = None,
@@ -382,10 +385,11 @@ def quantize(
 ) -> None:
     """Quantize a checkpoint's experts to INT4 and save it (vLLM can serve the result too).
 
-    Routed and shared experts are quantized; router, norms, embeddings, lm_head and vision
-    stay as they are. Memory stays bounded: the source is read tensor by tensor. An interrupted
-    run keeps the shards it finished; the same command again resumes from them. --scheme nf4
-    writes bitsandbytes NF4 instead (its serialization, one linear per expert).
+    Routed and shared experts, and the dense MLPs of layers without experts, are quantized;
+    router, norms, embeddings, lm_head and vision stay as they are. Memory stays bounded: the
+    source is read tensor by tensor. An interrupted run keeps the shards it finished; the same
+    command again resumes from them. --scheme nf4 writes bitsandbytes NF4 instead (its
+    serialization, one linear per expert).
 
     Examples:
 
@@ -411,7 +415,8 @@ def quantize(
         from quant.quantize import QuantizeOptions, quantize_checkpoint
         from quant.resume import work_path
 
-        parts = ("experts",) + (() if no_shared else ("shared",)) + (("attention",) if attention else ())
+        parts = ("experts",) + (() if no_shared else ("shared",)) + (() if no_mlp else ("mlp",))
+        parts += ("attention",) if attention else ()
         opts = QuantizeOptions(group_size, symmetric, parts, _parse_size(shard_size), device, scheme)
         err = Console(stderr=True)
         columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn())
@@ -593,9 +598,19 @@ def info(
     revision: RevisionOpt = None,
     gpu_memory: Annotated[
         str | None,
-        typer.Option(help="Plan for this much GPU memory (default: this GPU's free memory, else 24GiB and 80GiB)."),
+        typer.Option(
+            help="Plan for this much GPU memory, one size or several (24GiB,80GiB); "
+            "default: this GPU's free memory, else 24GiB and 80GiB."
+        ),
     ] = None,
     context: Annotated[int, typer.Option(help="Context length to reserve KV cache for.")] = 8192,
+    host_memory: Annotated[
+        str | None,
+        typer.Option(
+            help="Host RAM for expert copies, one size or several (64GiB,128GiB): a plan for each; "
+            "experts beyond it are read from disk (default: every expert in host RAM)."
+        ),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
     verbose: VerboseOpt = False,
 ) -> None:
@@ -606,6 +621,8 @@ def info(
       llama4-local info ~/models/scout-int4
 
       llama4-local info ./scout-int4 --gpu-memory 24GiB --context 32768 --json
+
+      llama4-local info ./maverick-int4 --gpu-memory 24GiB --host-memory 64GiB,128GiB,256GiB
     """
 
     def go():
@@ -617,7 +634,7 @@ def info(
             raise UserError(f"--context must be at least 1, not {context}")
         path = check_model_dir(_model(model, revision))
         if gpu_memory:
-            budgets = [_parse_size(gpu_memory)]
+            budgets = [_parse_size(g) for g in gpu_memory.split(",")]
         else:
             budgets = [24 * 2**30, 80 * 2**30]
             import importlib.util
@@ -627,7 +644,8 @@ def info(
 
                 if torch.cuda.is_available():
                     budgets = [torch.cuda.mem_get_info()[0] - 2**30]
-        res = model_info(path, budgets, context)
+        hosts = [_parse_size(h) for h in host_memory.split(",")] if host_memory else None
+        res = model_info(path, budgets, context, hosts)
         if as_json:
             res = dict(res)
             res["plans"] = [{k: v for k, v in p.items() if k != "rows"} for p in res["plans"]]
@@ -655,6 +673,8 @@ def info(
         con.print(t)
         for p in res["plans"]:
             title = f"memory plan for {p['gpu_memory'] / 2**30:.1f} GiB of GPU memory"
+            if p["host_memory"] is not None:
+                title += f" and {p['host_memory'] / 2**30:.1f} GiB of host RAM for experts"
             if "error" in p:
                 con.print(f"[bold]{title}[/bold]: {p['error']}")
                 continue

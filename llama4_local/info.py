@@ -33,7 +33,9 @@ def text_parameters(cfg: TextConfig) -> tuple[int, int, int]:
     return total, active, routed_total
 
 
-def model_info(path: Path, budgets: list[int], context: int) -> dict:
+def model_info(path: Path, budgets: list[int], context: int, hosts: list[int | None] | None = None) -> dict:
+    """What `info` prints; a memory plan per GPU budget and host-RAM budget for experts (None:
+    every expert in host RAM)."""
     from offload.plan import plan_memory
 
     cfg = load_config(path)
@@ -68,12 +70,17 @@ def model_info(path: Path, budgets: list[int], context: int) -> dict:
 
         qc = cfg.quantization
         ignore = " ".join(qc.get("ignore") or qc.get("llm_int8_skip_modules") or [])
-        q = Quantized(scheme.group_size, True, "shared_expert" not in ignore, "self_attn" not in ignore, scheme.kind)
+        from quant.quantize import DENSE_IGNORE
+
+        dense = DENSE_IGNORE not in ignore and "feed_forward.gate_proj" not in ignore
+        q = Quantized(
+            scheme.group_size, True, "shared_expert" not in ignore, "self_attn" not in ignore, scheme.kind, dense
+        )
     else:
         q = None
     quant = None
     if q is not None:
-        parts = [p for p in ("experts", "shared", "attention") if getattr(q, p)]
+        parts = [p for p in ("experts", "shared", "mlp", "attention") if getattr(q, p)]
         quant = {
             "scheme": scheme.label,
             "parts": parts,
@@ -86,11 +93,13 @@ def model_info(path: Path, budgets: list[int], context: int) -> dict:
         vision = vision_parameters(vcfg)
     plans = []
     for budget in budgets:
-        try:
-            plan = plan_memory(cfg, budget, context, 2, q, vision=vbytes)
-            plans.append({"gpu_memory": budget, "plan": plan.as_dict(), "rows": plan.rows()})
-        except Exception as e:  # a budget too small is information here, not an error
-            plans.append({"gpu_memory": budget, "error": str(e)})
+        for host in hosts or [None]:
+            entry = {"gpu_memory": budget, "host_memory": host}
+            try:
+                plan = plan_memory(cfg, budget, context, 2, q, host_budget=host, vision=vbytes)
+                plans.append({**entry, "plan": plan.as_dict(), "rows": plan.rows()})
+            except UserError as e:  # a budget too small is information here, not an error
+                plans.append({**entry, "error": str(e)})
     return {
         "path": str(path),
         "architecture": "Llama4ForConditionalGeneration" if cfg.multimodal else "Llama4ForCausalLM",

@@ -93,12 +93,14 @@ def quantized_parts(ckpt: Checkpoint, cfg: TextConfig, scheme):
     from offload.plan import Quantized
 
     i = cfg.moe_layers.index(True) if True in cfg.moe_layers else 0
+    dense = cfg.moe_layers.index(False) if False in cfg.moe_layers else None
     return Quantized(
         group_size=scheme.group_size,
         experts=scheme.marker(f"layers.{i}.feed_forward.experts.0.gate_proj") in ckpt,
         shared=scheme.marker(f"layers.{i}.feed_forward.shared_expert.gate_proj") in ckpt,
         attention=scheme.marker(f"layers.{i}.self_attn.q_proj") in ckpt,
         kind=scheme.kind,
+        mlp=dense is not None and scheme.marker(f"layers.{dense}.feed_forward.gate_proj") in ckpt,
     )
 
 

@@ -30,6 +30,7 @@ class Quantized:
     shared: bool = True
     attention: bool = False
     kind: str = "int4"  # or "nf4": a float32 absmax per block instead of a bf16 scale and offset
+    mlp: bool = False  # the dense MLPs of layers without experts (Maverick)
 
 
 def linear_bytes(n_out: int, n_in: int, elt: int, q: Quantized | None, quantized: bool) -> int:
@@ -60,6 +61,7 @@ def dense_parts(cfg: TextConfig, elt: int, q: Quantized | None) -> dict[str, int
     d, h, kv, hd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     att_q = q is not None and q.attention
     sh_q = q is not None and q.shared
+    mlp_q = q is not None and q.mlp
     parts = {"embeddings": cfg.vocab_size * d * elt, "lm_head": cfg.vocab_size * d * elt}
     attention = norms = routers = shared = mlp = 0
     for layer in range(cfg.num_layers):
@@ -69,7 +71,7 @@ def dense_parts(cfg: TextConfig, elt: int, q: Quantized | None) -> dict[str, int
             routers += cfg.num_experts * d * elt
             shared += 3 * linear_bytes(cfg.intermediate_size, d, elt, q, sh_q)
         else:
-            mlp += 3 * cfg.intermediate_size_mlp * d * elt
+            mlp += 3 * linear_bytes(cfg.intermediate_size_mlp, d, elt, q, mlp_q)
     parts.update(attention=attention, norms=norms + d * elt, routers=routers, shared_experts=shared, dense_mlp=mlp)
     return parts
 

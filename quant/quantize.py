@@ -32,8 +32,9 @@ from .format import QuantScheme, to_tensors
 from .int4 import GROUP_SIZES, quantize_int4
 from .resume import WorkDir, remove_old_partials, source_fingerprint
 
-PARTS = ("experts", "shared", "attention")
-DEFAULT_PARTS = ("experts", "shared")
+# "mlp": the dense SwiGLU MLPs of the layers without experts (Maverick's every other layer).
+PARTS = ("experts", "shared", "attention", "mlp")
+DEFAULT_PARTS = ("experts", "shared", "mlp")
 # Files copied from the source as they are (tokenizer, chat template, generation defaults, ...).
 COPY_SUFFIXES = (".json", ".jinja", ".txt", ".model", ".md")
 SKIP_FILES = {"config.json", INDEX_NAME}
@@ -44,6 +45,7 @@ _ATTENTION = (
     "self_attn.o_proj.weight",
 )
 _SHARED = ("shared_expert.gate_proj.weight", "shared_expert.up_proj.weight", "shared_expert.down_proj.weight")
+_DENSE = ("feed_forward.gate_proj.weight", "feed_forward.up_proj.weight", "feed_forward.down_proj.weight")
 
 
 @dataclass
@@ -127,6 +129,8 @@ def _is_target(name: str, parts: tuple[str, ...]) -> bool:
         return False  # vision stays as it is
     if "shared" in parts and name.endswith(_SHARED):
         return True
+    if "mlp" in parts and name.endswith(_DENSE):
+        return True
     return "attention" in parts and name.endswith(_ATTENTION)
 
 
@@ -168,7 +172,8 @@ def quantize_checkpoint(
         raise UserError(f"{src} is already quantized ({cfg.quantization.get('quant_method')}); quantize the original")
     bad = [p for p in opts.parts if p not in PARTS]
     if bad or "experts" not in opts.parts:
-        raise UserError(f"--parts takes experts (always), shared and attention, not {', '.join(bad) or opts.parts}")
+        got = ", ".join(bad) or opts.parts
+        raise UserError(f"--parts takes experts (always), shared, mlp and attention, not {got}")
     if opts.scheme not in ("int4", "nf4"):
         raise UserError(f"--scheme must be int4 or nf4, not {opts.scheme!r}")
     if opts.scheme == "nf4" and not opts.symmetric:
@@ -331,7 +336,13 @@ def _skip_modules(parts: tuple[str, ...]) -> list[str]:
         skip.append("self_attn")
     if "shared" not in parts:
         skip.append("shared_expert")
+    if "mlp" not in parts:
+        skip += ["feed_forward.gate_proj", "feed_forward.up_proj", "feed_forward.down_proj"]
     return skip
+
+
+# The dense MLP layers (interleaved MoE) in an ignore list.
+DENSE_IGNORE = r"re:.*feed_forward\.(gate|up|down)_proj$"
 
 
 def _ignore_list(parts: tuple[str, ...]) -> list[str]:
@@ -341,8 +352,9 @@ def _ignore_list(parts: tuple[str, ...]) -> list[str]:
         "re:.*router",
         "re:.*vision_model.*",
         "re:.*multi_modal_projector.*",
-        r"re:.*feed_forward\.(gate|up|down)_proj$",  # dense MLP layers (interleaved MoE)
     ]
+    if "mlp" not in parts:
+        ignore.append(DENSE_IGNORE)
     if "attention" not in parts:
         ignore.append("re:.*self_attn.*")
     if "shared" not in parts:

@@ -90,3 +90,33 @@ def test_bad_values(scout_raw):
     raw["text_config"]["rope_scaling"]["rope_type"] = "yarn"
     with pytest.raises(UserError, match="yarn"):
         TextConfig.from_hf(raw)
+
+
+# Maverick Instruct's config.json as published: TensorRT-LLM's tests carry it
+# (LLAMA_4_MAVERICK_TWO_LAYER_CONFIG) with two marked changes, undone here: 48 layers, not 2,
+# and no added no_rope_layer_interval (the vision tower's 34 layers likewise).
+MAVERICK = Path(__file__).parent / "data" / "maverick-instruct-config.json"
+
+
+def test_maverick_instruct_config():
+    raw = json.loads(MAVERICK.read_text())
+    cfg = TextConfig.from_hf(raw)
+    assert (cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim) == (48, 5120, 40, 8, 128)
+    assert (cfg.num_experts, cfg.top_k, cfg.intermediate_size, cfg.intermediate_size_mlp) == (128, 1, 8192, 16384)
+    assert [i for i, m in enumerate(cfg.moe_layers) if m] == list(range(1, 48, 2))  # dense layers between
+    assert not cfg.use_qk_norm and cfg.rope_scaling is None and cfg.rope_theta == 500000.0
+    assert [i for i, r in enumerate(cfg.rope_layers) if not r] == list(range(3, 48, 4))
+    assert cfg.attn_temperature_tuning and (cfg.floor_scale, cfg.attn_scale) == (8192, 0.1)  # transformers' defaults
+    assert cfg.max_position_embeddings == 1048576 and cfg.multimodal
+
+
+def test_maverick_layer_kinds_match_transformers():
+    """The oracle's reading of the same file: which layers are MoE and which skip RoPE."""
+    from transformers import Llama4Config
+
+    raw = json.loads(MAVERICK.read_text())
+    ours = TextConfig.from_hf(raw)
+    theirs = Llama4Config.from_dict(raw).text_config
+    assert [i for i, m in enumerate(ours.moe_layers) if m] == list(theirs.moe_layers)
+    assert [int(r) for r in ours.rope_layers] == list(theirs.no_rope_layers)
+    assert ours.use_qk_norm == theirs.use_qk_norm

@@ -49,3 +49,46 @@ def test_bad_info_input(tmp_path, scout_ckpt):
     assert_user_error(run_cli("info", tmp_path / "missing"), "does not exist")
     assert_user_error(run_cli("info", scout_ckpt, "--context", "0"), "--context")
     assert_user_error(run_cli("info", scout_ckpt, "--gpu-memory", "lots"), "size")
+
+
+def maverick_dir(tmp_path, quantized: bool):
+    raw = json.loads((DATA / "maverick-instruct-config.json").read_text())
+    if quantized:  # what `quantize` writes for it by default: experts, shared experts, dense MLPs
+        from quant.format import QuantScheme
+        from quant.quantize import DEFAULT_PARTS, _ignore_list
+
+        raw["quantization_config"] = QuantScheme().config(_ignore_list(DEFAULT_PARTS))
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    return tmp_path
+
+
+def test_maverick_config_alone(tmp_path):
+    res = info(maverick_dir(tmp_path, False), "--gpu-memory", "80GiB")
+    assert 400.5e9 < res["parameters_text"] < 401e9 and 401e9 < res["parameters_total"] < 402e9  # "400B"
+    assert 17.1e9 < res["parameters_active"] < 17.3e9  # "17B active"
+    assert res["parameters_routed_experts"] == 24 * 128 * 3 * 5120 * 8192
+    assert res["experts"] == 128 and res["moe_layers"] == 24
+    (plan,) = res["plans"]  # bf16 dense MLPs (11 GiB) and attention fit 80 GiB beside 209 experts
+    assert not plan["plan"]["all_resident"] and plan["plan"]["slots"] > 0
+
+
+def test_maverick_int4_plans_at_host_sizes(tmp_path):
+    res = info(maverick_dir(tmp_path, True), "--gpu-memory", "24GiB,80GiB", "--host-memory", "64GiB,256GiB")
+    assert res["quantization"]["parts"] == ["experts", "shared", "mlp"]
+    assert [(p["gpu_memory"] >> 30, p["host_memory"] >> 30) for p in res["plans"]] == [
+        (24, 64),
+        (24, 256),
+        (80, 64),
+        (80, 256),
+    ]
+    small, big = res["plans"][0]["plan"], res["plans"][1]["plan"]
+    one = small["expert_bytes"]
+    assert small["host_experts"] == 64 * 2**30 // one < 3072  # the rest are read from disk
+    assert big["host_experts"] == 3072  # INT4 experts are about 191 GiB: 256 GiB holds them all
+    assert all(p["plan"]["used"] <= p["gpu_memory"] for p in res["plans"])
+
+
+def test_maverick_table(tmp_path):
+    r = run_cli("info", maverick_dir(tmp_path, True), "--gpu-memory", "24GiB", "--host-memory", "64GiB")
+    assert r.returncode == 0, r.stderr
+    assert "read from disk on demand" in r.stdout and "64.0 GiB of host RAM" in r.stdout

@@ -106,7 +106,7 @@ def test_cli_quantize_nf4_then_prompt_and_info(tmp_path, maverick_ckpt):
     r = run_cli("info", out, "--json", "--gpu-memory", "1GiB")
     assert r.returncode == 0, r.stderr
     q = json.loads(r.stdout)["quantization"]
-    assert q["scheme"] == "NF4 block 128 (bitsandbytes)" and q["parts"] == ["experts", "shared", "attention"]
+    assert q["scheme"] == "NF4 block 128 (bitsandbytes)" and q["parts"] == ["experts", "shared", "mlp", "attention"]
 
 
 def test_nf4_bad_options(tmp_path, scout_ckpt):

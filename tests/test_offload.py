@@ -167,6 +167,33 @@ def test_plan_names_the_minimum(scout_cfg):
         plan_memory(scout_cfg, 20 * GiB, 8192, 2, None)
 
 
+@pytest.fixture(scope="module")
+def maverick_cfg(tmp_path_factory):
+    from llama4_local.config import load_config
+
+    d = tmp_path_factory.mktemp("maverick-config")
+    (d / "config.json").write_text((DATA / "maverick-instruct-config.json").read_text())
+    return load_config(d)
+
+
+@pytest.mark.parametrize("gib", [24, 80])
+def test_plan_at_maverick_sizes(maverick_cfg, gib):
+    q = Quantized(group_size=128, mlp=True)
+    one = 3 * (5120 * 8192 // 2 + 5120 * 8192 // 128 * 4)  # the same expert shape as Scout's
+    plan = plan_memory(maverick_cfg, gib * GiB, 8192, 2, q, host_budget=128 * GiB)
+    assert plan.used <= gib * GiB and plan.used + plan.expert_bytes > gib * GiB
+    assert (plan.experts_total, plan.expert_bytes) == (24 * 128, one)
+    assert 0 < plan.slots < plan.experts_total  # 191 GiB of INT4 experts fit neither GPU
+    # The 24 dense MLPs (3 x 16384 x 5120 each) in INT4, not 11 GiB of bf16.
+    assert plan.dense["dense_mlp"] == 24 * 3 * (16384 * 5120 // 2 + 16384 * 5120 // 128 * 4)
+    assert plan.dense["routers"] == 24 * 128 * 5120 * 2
+    # 128 GiB of host RAM holds 2056 of the 3072 experts; the rest are read from the checkpoint.
+    assert plan.host_experts == 128 * GiB // one == 2056
+    assert ("experts read from disk on demand: 1016", "disk", 1016 * one) in plan.rows()
+    with pytest.raises(UserError, match="at least"):  # bf16 dense MLPs alone are 11.25 GiB
+        plan_memory(maverick_cfg, 24 * GiB, 8192, 2, Quantized(group_size=128), vision=2 * GiB)
+
+
 # -- policies and replay ------------------------------------------------------------------------
 
 

@@ -10,6 +10,7 @@ from safetensors import safe_open
 import quant.quantize as qmod
 from llama4_local.errors import UserError
 from llama4_local.loader import load_model
+from quant.format import QuantScheme
 from quant.int4 import dequantize_int4, quantize_int4
 from quant.quantize import QuantizeOptions, quantize_checkpoint
 from tests.cli_util import run_cli
@@ -70,6 +71,10 @@ def fake_quantized(path, group_size):
     rt = lambda w: dequantize_int4(quantize_int4(w, group_size))  # noqa: E731  [out, in] round trip
     for layer in model.layers:
         ff = layer.feed_forward
+        if not layer.is_moe:  # a dense MLP (Maverick's layers between MoE layers)
+            for lin in (ff.gate_proj, ff.up_proj, ff.down_proj):
+                lin.weight = torch.nn.Parameter(rt(lin.weight), requires_grad=False)
+            continue
         gu, down = ff.experts.gate_up_proj.clone(), ff.experts.down_proj.clone()  # [E, D, 2I], [E, I, D]
         inter = gu.shape[2] // 2
         for e in range(gu.shape[0]):
@@ -92,6 +97,33 @@ def test_quantized_model_computes_the_dequantized_weights(quantized, scout_ckpt)
     assert rel_err(got, want(ids, want.new_cache(24), last_only=False)) < 1e-5
     orig, _ = load_model(scout_ckpt, "float32", "cpu")
     assert rel_err(got, orig(ids, orig.new_cache(24), last_only=False)) > 1e-3  # it did quantize
+
+
+def test_maverick_dense_mlps_quantized_by_default(tmp_path, maverick_ckpt):
+    out = tmp_path / "mav-int4"
+    quantize_checkpoint(maverick_ckpt, out, QuantizeOptions(group_size=64))
+    names = set(json.loads((out / "model.safetensors.index.json").read_text())["weight_map"])
+    assert "model.layers.0.feed_forward.gate_proj.weight_packed" in names  # layer 0 is dense
+    assert "model.layers.1.feed_forward.experts.7.down_proj.weight_packed" in names
+    assert "model.layers.0.feed_forward.gate_proj.weight" not in names
+    ignore = json.loads((out / "config.json").read_text())["quantization_config"]["ignore"]
+    assert not any("feed_forward" in i and "shared" not in i for i in ignore)
+    ids = torch.randint(0, 300, (20,), generator=torch.Generator().manual_seed(2))
+    q, _ = load_model(out, "float32", "cpu")
+    assert type(q.layers[0].feed_forward.gate_proj).__name__ == "Int4Linear"
+    want = fake_quantized(maverick_ckpt, 64)
+    got = q(ids, q.new_cache(20), last_only=False)
+    assert rel_err(got, want(ids, want.new_cache(20), last_only=False)) < 1e-5
+    from llama4_local.checkpoint import open_checkpoint
+    from llama4_local.config import load_config
+    from llama4_local.loader import quantized_parts
+
+    parts = quantized_parts(open_checkpoint(out), load_config(out), QuantScheme(group_size=64))
+    assert (parts.experts, parts.shared, parts.mlp, parts.attention) == (True, True, True, False)
+    kept = tmp_path / "mav-int4-bf16-mlp"
+    quantize_checkpoint(maverick_ckpt, kept, QuantizeOptions(group_size=64, parts=("experts", "shared")))
+    names = set(json.loads((kept / "model.safetensors.index.json").read_text())["weight_map"])
+    assert "model.layers.0.feed_forward.gate_proj.weight" in names
 
 
 def test_bf16_kernel_path_matches_reference_path(quantized):
