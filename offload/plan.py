@@ -29,13 +29,15 @@ class Quantized:
     experts: bool = True
     shared: bool = True
     attention: bool = False
-    kind: str = "int4"  # or "nf4": a float32 absmax per block instead of a bf16 scale and offset
+    kind: str = "int4"  # "nf4": a float32 absmax per block instead of a bf16 scale and offset; or "fp8"
     mlp: bool = False  # the dense MLPs of layers without experts (Maverick)
 
 
 def linear_bytes(n_out: int, n_in: int, elt: int, q: Quantized | None, quantized: bool) -> int:
     if q is None or not quantized:
         return n_out * n_in * elt
+    if q.kind == "fp8":
+        return n_out * n_in + n_out * 2  # a byte per weight + a bf16 scale per row (the published layout)
     groups = n_in // q.group_size
     if q.kind == "nf4":
         return n_out * n_in // 2 + groups * n_out * 4 + 16 * 4  # nibbles + float32 absmax + the levels

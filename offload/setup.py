@@ -82,7 +82,8 @@ def expert_builder(ckpt: Checkpoint, scheme, dtype: torch.dtype, device: torch.d
             out.update({f"{p}.{n}": b.to("cpu") for n, b in lin.tensors().items()})
         return out
 
-    return build_int4, ExpertKernel(path, scheme.group_size)
+    group = scheme.fp8.block if scheme.kind == "fp8" else scheme.group_size
+    return build_int4, ExpertKernel(path, group)
 
 
 def attach_offload(

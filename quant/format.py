@@ -15,6 +15,7 @@ import torch
 
 from llama4_local.errors import UserError
 
+from .fp8 import Fp8Format
 from .int4 import Int4Weight, pack_int4, unpack_int4
 
 SUFFIXES = ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point")
@@ -25,14 +26,22 @@ class QuantScheme:
     group_size: int = 128  # NF4: the block size
     symmetric: bool = True
     num_bits: int = 4
-    kind: str = "int4"  # "int4" (compressed-tensors) or "nf4" (bitsandbytes, quant/nf4.py)
+    kind: str = "int4"  # "int4" (compressed-tensors), "nf4" (bitsandbytes, quant/nf4.py) or "fp8"
+    fp8: Fp8Format | None = None  # for kind "fp8": compressed-tensors float-quantized (quant/fp8.py)
 
     def marker(self, prefix: str) -> str:
         """The tensor whose presence says the linear `prefix` is stored quantized."""
+        if self.kind == "fp8":
+            return f"{prefix}.weight_scale"
         return f"{prefix}.weight.absmax" if self.kind == "nf4" else f"{prefix}.weight_packed"
 
     @property
     def label(self) -> str:
+        if self.kind == "fp8":
+            how = (
+                f"blocks of {self.fp8.block[0]} x {self.fp8.block[1]}" if self.fp8.block else f"per {self.fp8.strategy}"
+            )
+            return f"FP8 e4m3, scales {how} (compressed-tensors float-quantized)"
         if self.kind == "nf4":
             return f"NF4 block {self.group_size} (bitsandbytes)"
         return f"INT4 group {self.group_size} {'symmetric' if self.symmetric else 'asymmetric'}"
@@ -86,22 +95,29 @@ class QuantScheme:
             if qc.get("bnb_4bit_use_double_quant"):
                 raise UserError(f"{source}: NF4 with double quantization is not supported; re-quantize without it")
             return cls(group_size=int(qc.get("bnb_4bit_blocksize", 64)), kind="nf4")
+        if method == "compressed-tensors" and qc.get("format") == "float-quantized":
+            return cls(group_size=0, num_bits=8, kind="fp8", fp8=Fp8Format.from_weights(_one_group(qc, source), source))
         if method != "compressed-tensors" or qc.get("format", "pack-quantized") != "pack-quantized":
             raise UserError(
                 f"{source}: quantization {method!r} / {qc.get('format')!r} is not supported; "
                 "llama4-local reads compressed-tensors pack-quantized INT4 checkpoints"
             )
-        groups = qc.get("config_groups") or {}
-        weights = [g.get("weights") for g in groups.values() if isinstance(g, dict) and g.get("weights")]
-        if len(weights) != 1:
-            raise UserError(f"{source}: expected one quantization config group, found {len(weights)}")
-        w = weights[0]
+        w = _one_group(qc, source)
         if w.get("num_bits") != 4 or w.get("type") != "int" or w.get("strategy") != "group":
             raise UserError(
                 f"{source}: only 4-bit int group quantization is supported, got "
                 f"{w.get('num_bits')}-bit {w.get('type')} {w.get('strategy')}"
             )
         return cls(group_size=int(w["group_size"]), symmetric=bool(w.get("symmetric", True)))
+
+
+def _one_group(qc: dict, source: str) -> dict:
+    """The weights entry of a compressed-tensors config's single config group."""
+    groups = qc.get("config_groups") or {}
+    weights = [g.get("weights") for g in groups.values() if isinstance(g, dict) and g.get("weights")]
+    if len(weights) != 1:
+        raise UserError(f"{source}: expected one quantization config group, found {len(weights)}")
+    return weights[0]
 
 
 def to_tensors(prefix: str, qw) -> dict[str, torch.Tensor]:
@@ -121,7 +137,12 @@ def to_tensors(prefix: str, qw) -> dict[str, torch.Tensor]:
 
 
 def from_tensors(get, prefix: str, scheme: QuantScheme):
-    """Read one quantized linear through `get(name) -> tensor` (an Int4Weight, or an Nf4Weight)."""
+    """Read one quantized linear through `get(name) -> tensor` (an Int4Weight, an Nf4Weight or an
+    Fp8Weight)."""
+    if scheme.kind == "fp8":
+        from . import fp8
+
+        return fp8.from_tensors(get, prefix, scheme.fp8)
     if scheme.kind == "nf4":
         from . import nf4
 

@@ -49,7 +49,9 @@ def _scales_and_offsets(qw: Int4Weight, dtype: torch.dtype) -> torch.Tensor:
 def kernel_for(qw, device: torch.device, dtype: torch.dtype) -> str:
     """Which path serves this weight on this device in this activation dtype."""
     if not isinstance(qw, Int4Weight):
-        return "nf4"
+        from .fp8 import Fp8Weight
+
+        return "fp8" if isinstance(qw, Fp8Weight) else "nf4"
     n, k = qw.shape
     if device.type == "cuda":
         ok = (
@@ -81,10 +83,15 @@ def by_rows(kernel, x: torch.Tensor, most: int, step: int) -> torch.Tensor:
     return torch.cat([kernel(x[i : i + step]) for i in range(0, x.shape[0], step)])
 
 
-def int4_matmul(path: str, group_size: int, x: torch.Tensor, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
-    """x [T, K] @ W^T for W held in `tensors` (an Int4Linear's buffers, or views of them)."""
+def int4_matmul(path: str, group_size, x: torch.Tensor, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    """x [T, K] @ W^T for W held in `tensors` (an Int4Linear's buffers, or views of them; or an
+    Nf4Linear's or Fp8Linear's, by `path`)."""
     if path == "reference":
         return F.linear(x, tensors["weight"])
+    if path == "fp8":  # group_size: the FP8 block (rows, columns), or None
+        from .fp8 import fp8_matmul
+
+        return fp8_matmul(x, tensors, group_size)
     if path == "nf4":
         from .nf4 import nf4_matmul
 
@@ -100,9 +107,13 @@ def int4_matmul(path: str, group_size: int, x: torch.Tensor, tensors: dict[str, 
 
 
 def make_linear(qw, device, dtype: torch.dtype, path: str | None = None) -> torch.nn.Module:
-    """The module computing with a quantized weight: Int4Linear, or Nf4Linear for NF4."""
+    """The module computing with a quantized weight: Int4Linear, Nf4Linear for NF4, Fp8Linear for FP8."""
     if isinstance(qw, Int4Weight):
         return Int4Linear(qw, device, dtype, path)
+    from .fp8 import Fp8Linear, Fp8Weight
+
+    if isinstance(qw, Fp8Weight):
+        return Fp8Linear(qw, device, dtype)
     from .nf4 import Nf4Linear
 
     return Nf4Linear(qw, device, dtype)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import json
+import re
 import shutil
 import time
 from collections.abc import Callable
@@ -45,6 +46,8 @@ _ATTENTION = (
     "self_attn.o_proj.weight",
 )
 _SHARED = ("shared_expert.gate_proj.weight", "shared_expert.up_proj.weight", "shared_expert.down_proj.weight")
+_UNFUSED_EXPERT = re.compile(r"\.experts\.\d+\.(gate|up|down)_proj\.weight$")
+_FP8_COMPANIONS = (".weight_scale", ".input_scale")
 _DENSE = ("feed_forward.gate_proj.weight", "feed_forward.up_proj.weight", "feed_forward.down_proj.weight")
 
 
@@ -127,6 +130,8 @@ def _expert_prefix(name: str) -> str | None:
 def _is_target(name: str, parts: tuple[str, ...]) -> bool:
     if "vision_model." in name or "multi_modal_projector." in name:
         return False  # vision stays as it is
+    if _UNFUSED_EXPERT.search(name):  # a routed expert stored one linear per expert (FP8 release)
+        return True
     if "shared" in parts and name.endswith(_SHARED):
         return True
     if "mlp" in parts and name.endswith(_DENSE):
@@ -168,8 +173,11 @@ def quantize_checkpoint(
     """Quantize checkpoint `src` into directory `out`; on_progress(done, total, name) in source bytes."""
     src, out = check_model_dir(Path(src)), Path(out).expanduser()
     cfg = load_config(src)
+    fp8 = None  # an FP8 source (Maverick's published release): dequantized tensor by tensor
     if cfg.quantization:
-        raise UserError(f"{src} is already quantized ({cfg.quantization.get('quant_method')}); quantize the original")
+        fp8 = QuantScheme.from_config(cfg.quantization, str(src / "config.json"))
+        if fp8.kind != "fp8":
+            raise UserError(f"{src} is already quantized ({fp8.label}); quantize the original")
     bad = [p for p in opts.parts if p not in PARTS]
     if bad or "experts" not in opts.parts:
         got = ", ".join(bad) or opts.parts
@@ -218,7 +226,10 @@ def quantize_checkpoint(
 
         by_shard: dict[Path, list[str]] = {}
         for name, path in tensors.items():
+            if fp8 is not None and name.endswith(_FP8_COMPANIONS) and name.rsplit(".", 1)[0] + ".weight" in tensors:
+                continue  # an FP8 weight's scale: read with its weight
             by_shard.setdefault(path, []).append(name)
+        source = _Fp8Source(tensors, fp8) if fp8 is not None else None
         for path in sorted(by_shard):
             # One source shard mapped at a time: its pages leave our address space when it closes.
             with safe_open(str(path), framework="pt") as f:
@@ -229,8 +240,12 @@ def quantize_checkpoint(
                     elif name in skip:
                         count += _is_target(name, opts.parts)
                     elif _is_target(name, opts.parts):
-                        writer.add(to_tensors(name.removesuffix(".weight"), quantize(f.get_tensor(name))), name)
+                        w = source.read(f, name) if source else f.get_tensor(name)
+                        writer.add(to_tensors(name.removesuffix(".weight"), quantize(w)), name)
                         count += 1
+                        _release_freed_memory()
+                    elif source is not None and source.is_fp8(name):  # FP8 but not a part asked for: bf16
+                        writer.add({name: source.read(f, name)}, name)
                     else:
                         writer.add({name: f.get_tensor(name).clone()}, name)  # a copy, not a view of the map
                     done += _nbytes(f, name)
@@ -264,6 +279,27 @@ def quantize_checkpoint(
     return QuantizeSummary(total, out_bytes, time.perf_counter() - start, count, n_shards, copied, resumed)
 
 
+class _Fp8Source:
+    """Reads an FP8 checkpoint's weights as the bf16 tensors they dequantize to (quant/fp8.py):
+    what the dequantized bf16 checkpoint holds, so both quantize to the same INT4."""
+
+    def __init__(self, tensors: dict[str, Path], scheme: QuantScheme):
+        self.tensors, self.scheme = tensors, scheme
+
+    def is_fp8(self, name: str) -> bool:
+        return name.endswith(".weight") and name.removesuffix(".weight") + ".weight_scale" in self.tensors
+
+    def read(self, f, name: str) -> torch.Tensor:
+        if not self.is_fp8(name):
+            return f.get_tensor(name)
+        from .fp8 import dequantize_fp8
+
+        scale_name = name.removesuffix(".weight") + ".weight_scale"
+        with safe_open(str(self.tensors[scale_name]), framework="pt") as g:  # maybe another shard
+            scale = g.get_tensor(scale_name)
+        return dequantize_fp8(f.get_tensor(name), scale, self.scheme.fp8.block).to(torch.bfloat16)
+
+
 def _abandon(work: WorkDir) -> None:
     """A run that stops early keeps its finished shards for the next run, or nothing at all."""
     work.release()
@@ -282,7 +318,7 @@ def _nbytes(f, name: str) -> int:
     return n * _DTYPE_BYTES.get(sl.get_dtype(), 2)
 
 
-_DTYPE_BYTES = {"F32": 4, "BF16": 2, "F16": 2, "I32": 4, "I64": 8, "U8": 1, "I8": 1, "F64": 8, "BOOL": 1}
+_DTYPE_BYTES = {"F32": 4, "BF16": 2, "F16": 2, "I32": 4, "I64": 8, "U8": 1, "I8": 1, "F64": 8, "BOOL": 1, "F8_E4M3": 1}
 
 
 def expert_linears(name: str, t: torch.Tensor) -> dict[str, torch.Tensor]:
