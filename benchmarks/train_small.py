@@ -24,6 +24,8 @@ eval.txt (it overfits the small corpus, which does not matter for what it is use
 
     python benchmarks/train_small.py                 # about 40 minutes on 2 idle cores
     python benchmarks/train_small.py --steps 50      # a quick smoke run
+    python benchmarks/train_small.py --maverick --out benchmarks/.cache/small-maverick
+                                                     # Maverick's layer kinds, for routing locality
 """
 
 from __future__ import annotations
@@ -74,25 +76,35 @@ def docstrings() -> tuple[str, str]:
     return "\n\n".join(train), "\n\n".join(held)
 
 
-def model_config(ids: dict[str, int], vocab_size: int, hidden: int = 128, intermediate: int = 128) -> dict:
+def model_config(
+    ids: dict[str, int],
+    vocab_size: int,
+    hidden: int = 128,
+    intermediate: int = 128,
+    experts: int = 16,
+    layers: int = 4,
+    moe_step: int = 1,
+) -> dict:
+    """Scout's layer kinds by default; `--maverick` gives Maverick's (128 experts on every second
+    layer, dense SwiGLU MLPs between, no QK norm)."""
     return dict(
         vocab_size=vocab_size,
         hidden_size=hidden,  # 128: every INT4 group size divides it; 256: llama.cpp's K-quants too
         intermediate_size=intermediate,
         intermediate_size_mlp=2 * intermediate,
-        num_hidden_layers=4,
+        num_hidden_layers=layers,
         num_attention_heads=hidden // 32,
         num_key_value_heads=2,
         head_dim=32,
-        num_local_experts=16,
+        num_local_experts=experts,
         num_experts_per_tok=1,
-        interleave_moe_layer_step=1,
+        interleave_moe_layer_step=moe_step,
         no_rope_layer_interval=4,  # layer 3 is NoPE (global attention, temperature tuning)
         attention_chunk_size=64,
         attn_temperature_tuning=True,
         floor_scale=64,
         attn_scale=0.1,
-        use_qk_norm=True,
+        use_qk_norm=moe_step == 1,
         max_position_embeddings=4096,
         initializer_range=0.02,
         rope_parameters=dict(
@@ -156,6 +168,11 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--hidden", type=int, default=128, help="256 makes every row a multiple of llama.cpp's 256")
     ap.add_argument("--intermediate", type=int, default=128)
+    ap.add_argument(
+        "--maverick",
+        action="store_true",
+        help="Maverick's layer kinds: 128 experts on every second of 8 layers, dense MLPs between, no QK norm",
+    )
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -186,7 +203,8 @@ def main() -> None:
     )
 
     torch.manual_seed(args.seed)
-    cfg = Llama4TextConfig(**model_config(ids, args.vocab, args.hidden, args.intermediate))
+    shape = dict(experts=128, layers=8, moe_step=2) if args.maverick else {}
+    cfg = Llama4TextConfig(**model_config(ids, args.vocab, args.hidden, args.intermediate, **shape))
     model = Llama4ForCausalLM(cfg).train()
     n_params = sum(p.numel() for p in model.parameters())
     moes = [m for m in model.modules() if isinstance(m, modeling_llama4.Llama4TextMoe)]

@@ -573,8 +573,12 @@ torch::Tensor q8_mv(torch::Tensor x, torch::Tensor wq, torch::Tensor ws) {
   return y;
 }
 
+"""
+
+_BINDINGS = r"""
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int4_mv", &int4_mv, "INT4 matrix-vector (AVX2)");
+  m.def("fp8_mv", &fp8_mv, "FP8 e4m3 weights x float32 activations (AVX2, F16C)");
   m.def("half_mv", &half_mv, "bf16/fp16 matrix-vector (AVX2)");
   m.def("fit_symmetric", &fit_symmetric, "symmetric INT4 group scales (AVX2)");
   m.def("q8_quantize", &q8_quantize, "INT8 weights, one scale per block of 32");
@@ -601,12 +605,14 @@ def _module():
 
         from torch.utils.cpp_extension import _get_build_directory, load_inline
 
-        name = "llama4_local_int4_avx2_v23"
+        from . import fp8_kernel
+
+        name = "llama4_local_int4_avx2_v24"
         if not list(Path(_get_build_directory(name, verbose=False)).glob("*.so")):
             sys.stderr.write("llama4-local: building the INT4 CPU kernel (once, about a minute)\n")
         return load_inline(
             name=name,
-            cpp_sources=[_SOURCE],
+            cpp_sources=[_SOURCE + fp8_kernel.SOURCE + _BINDINGS],
             extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"],
             extra_ldflags=["-fopenmp"],
             verbose=False,

@@ -112,18 +112,63 @@ def fp8_matmul(x: torch.Tensor, tensors: dict[str, torch.Tensor], block: tuple[i
     return torch.cat(outs, dim=-1)
 
 
-class Fp8Linear(torch.nn.Module):
-    """y = x @ W^T for an FP8 weight, kept in FP8 (1 byte per weight) and dequantized per band."""
+def row_scales(w: Fp8Weight) -> torch.Tensor:
+    """float32 [N, G]: each row's scale per K/G columns (G = 1 but for blocks), times 256 (the
+    AVX2 kernel reads e4m3 bytes as fp16 values 2^-8 times theirs)."""
+    n, k = w.shape
+    s = w.scale.float()
+    if w.block is not None:
+        s = s.repeat_interleave(w.block[0], 0)[:n]
+    else:
+        s = s.reshape(-1, 1).expand(n, 1) if s.numel() in (1, n) else s
+    return (s * 256.0).contiguous()
 
-    def __init__(self, w: Fp8Weight, device, dtype: torch.dtype):
+
+def kernel_path(w: Fp8Weight, device: torch.device, dtype: torch.dtype) -> str:
+    """ "fp8_avx2" (our CPU kernel) for bf16/fp16 runs on the CPU where its shape rule holds, else
+    "fp8" (dequantize a band, then matmul: exactly compressed-tensors' weights; float32 runs)."""
+    if device.type != "cpu" or dtype == torch.float32:
+        return "fp8"
+    from . import cpu_kernel
+
+    n, k = w.shape
+    width = w.block[1] if w.block is not None else k
+    if k % width or width % 16 or not cpu_kernel.available():
+        return "fp8"
+    return "fp8_avx2"
+
+
+def fp8_avx2_matmul(x: torch.Tensor, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    """x [T, K] @ W^T with our AVX2 kernel, 4 rows at a time; float32 accumulation, x's dtype."""
+    from .cpu_kernel import _module
+    from .kernels import by_rows
+
+    w, s = tensors["weight"].view(torch.uint8), tensors["row_scales"]
+    y = by_rows(lambda rows: _module().fp8_mv(rows.float().contiguous(), w, s), x, 4, 4)
+    return y.to(x.dtype)
+
+
+class Fp8Linear(torch.nn.Module):
+    """y = x @ W^T for an FP8 weight, kept in FP8 (1 byte per weight): our AVX2 kernel on the CPU
+    in bf16/fp16 runs, else dequantized a band of rows at a time."""
+
+    def __init__(self, w: Fp8Weight, device, dtype: torch.dtype, path: str | None = None):
         super().__init__()
-        self.shape, self.dtype, self.block, self.path = w.shape, dtype, w.block, "fp8"
+        device = torch.device(device)
+        self.shape, self.dtype, self.block = w.shape, dtype, w.block
+        self.path = path or kernel_path(w, device, dtype)
         self.register_buffer("weight", w.weight.to(device))
         self.register_buffer("weight_scale", w.scale.to(device))
+        if self.path == "fp8_avx2":
+            self.register_buffer("row_scales", row_scales(w))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
-        y = fp8_matmul(x.reshape(-1, x.shape[-1]), self.tensors(), self.block)
+        x2 = x.reshape(-1, x.shape[-1])
+        if self.path == "fp8_avx2":
+            y = fp8_avx2_matmul(x2, self.tensors())
+        else:
+            y = fp8_matmul(x2, self.tensors(), self.block)
         return y.reshape(*lead, y.shape[-1])
 
     def tensors(self) -> dict[str, torch.Tensor]:

@@ -49,9 +49,9 @@ def _scales_and_offsets(qw: Int4Weight, dtype: torch.dtype) -> torch.Tensor:
 def kernel_for(qw, device: torch.device, dtype: torch.dtype) -> str:
     """Which path serves this weight on this device in this activation dtype."""
     if not isinstance(qw, Int4Weight):
-        from .fp8 import Fp8Weight
+        from .fp8 import Fp8Weight, kernel_path
 
-        return "fp8" if isinstance(qw, Fp8Weight) else "nf4"
+        return kernel_path(qw, device, dtype) if isinstance(qw, Fp8Weight) else "nf4"
     n, k = qw.shape
     if device.type == "cuda":
         ok = (
@@ -92,6 +92,10 @@ def int4_matmul(path: str, group_size, x: torch.Tensor, tensors: dict[str, torch
         from .fp8 import fp8_matmul
 
         return fp8_matmul(x, tensors, group_size)
+    if path == "fp8_avx2":
+        from .fp8 import fp8_avx2_matmul
+
+        return fp8_avx2_matmul(x, tensors)
     if path == "nf4":
         from .nf4 import nf4_matmul
 
@@ -113,7 +117,7 @@ def make_linear(qw, device, dtype: torch.dtype, path: str | None = None) -> torc
     from .fp8 import Fp8Linear, Fp8Weight
 
     if isinstance(qw, Fp8Weight):
-        return Fp8Linear(qw, device, dtype)
+        return Fp8Linear(qw, device, dtype, path)
     from .nf4 import Nf4Linear
 
     return Nf4Linear(qw, device, dtype)

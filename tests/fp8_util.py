@@ -27,7 +27,7 @@ _FP8_SUFFIXES = ("shared_expert.gate_proj.weight", "shared_expert.up_proj.weight
 _DENSE = ("feed_forward.gate_proj.weight", "feed_forward.up_proj.weight", "feed_forward.down_proj.weight")
 
 
-def _scheme(strategy: str, block: list[int] | None):
+def fp8_scheme(strategy: str, block: list[int] | None):
     import_torchvision()
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 
@@ -36,7 +36,7 @@ def _scheme(strategy: str, block: list[int] | None):
     return QuantizationScheme(targets=["Linear"], weights=weights, input_activations=acts)
 
 
-def _compress(w: torch.Tensor, scheme) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+def compress_fp8(w: torch.Tensor, scheme) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """(compressed tensors of one linear, its decompressed weight) for w [N, K] in bf16."""
     from compressed_tensors.compressors import FloatQuantizationCompressor
     from compressed_tensors.quantization.utils import calculate_qparams
@@ -57,8 +57,19 @@ def _compress(w: torch.Tensor, scheme) -> tuple[dict[str, torch.Tensor], torch.T
     return c, d["weight"].to(torch.bfloat16)
 
 
+def quantization_config(scheme) -> dict:
+    return {
+        "quant_method": "compressed-tensors",
+        "format": "float-quantized",
+        "quantization_status": "compressed",
+        "config_groups": {"group_0": scheme.model_dump()},
+        "ignore": IGNORE,
+        "kv_cache_scheme": None,
+    }
+
+
 def write_fp8(src: Path, out: Path, deq: Path, strategy: str = "channel", block: list[int] | None = None) -> None:
-    scheme = _scheme(strategy, block)
+    scheme = fp8_scheme(strategy, block)
     weights, scales, dense = {}, {}, {}
     for name, path in sorted(list_tensors(src).items()):
         with safe_open(str(path), framework="pt") as f:
@@ -74,7 +85,7 @@ def write_fp8(src: Path, out: Path, deq: Path, strategy: str = "channel", block:
                 else:
                     parts = {"down_proj": t[e].t()}
                 for proj, w in parts.items():
-                    c, d = _compress(w.contiguous(), scheme)
+                    c, d = compress_fp8(w.contiguous(), scheme)
                     weights[f"{base}.{e}.{proj}.weight"] = c["weight"]
                     scales[f"{base}.{e}.{proj}.weight_scale"] = c["weight_scale"]
                     if proj == "gate_proj":
@@ -85,7 +96,7 @@ def write_fp8(src: Path, out: Path, deq: Path, strategy: str = "channel", block:
                         back[e] = d.t()
             dense[name] = back
         elif name.endswith(_FP8_SUFFIXES) or name.endswith(_DENSE):
-            c, d = _compress(t, scheme)
+            c, d = compress_fp8(t, scheme)
             weights[name] = c["weight"]
             scales[name.removesuffix(".weight") + ".weight_scale"] = c["weight_scale"]
             dense[name] = d
@@ -103,14 +114,7 @@ def write_fp8(src: Path, out: Path, deq: Path, strategy: str = "channel", block:
     raw = json.loads((src / "config.json").read_text())
     raw["torch_dtype"] = "bfloat16"
     (deq / "config.json").write_text(json.dumps(raw))
-    raw["quantization_config"] = {
-        "quant_method": "compressed-tensors",
-        "format": "float-quantized",
-        "quantization_status": "compressed",
-        "config_groups": {"group_0": scheme.model_dump()},
-        "ignore": IGNORE,
-        "kv_cache_scheme": None,
-    }
+    raw["quantization_config"] = quantization_config(scheme)
     (out / "config.json").write_text(json.dumps(raw))
     for p in src.iterdir():
         if (

@@ -41,7 +41,11 @@ def test_fp8_model_computes_the_dequantized_weights(maverick_fp8, maverick_ckpt,
     ids = torch.randint(0, 300, (20,), generator=torch.Generator().manual_seed(0))
     a, _ = load_model(fp8, dtype, "cpu")
     b, _ = load_model(deq, dtype, "cpu")
-    assert type(a.layers[1].feed_forward.experts.experts[0].gate_proj).__name__ == "Fp8Linear"
+    lin = a.layers[1].feed_forward.experts.experts[0].gate_proj
+    assert type(lin).__name__ == "Fp8Linear"
+    from quant import cpu_kernel
+
+    assert lin.path == ("fp8_avx2" if dtype == "bfloat16" and cpu_kernel.available() else "fp8")
     assert a.layers[1].feed_forward.experts.experts[0].gate_proj.weight.dtype == torch.float8_e4m3fn
     got = a(ids, a.new_cache(20), last_only=False).float()
     want = b(ids, b.new_cache(20), last_only=False).float()
@@ -76,6 +80,35 @@ def test_banded_dequantization_is_the_whole(monkeypatch):
         monkeypatch.setattr(fp8, "BAND_BYTES", 40 * 64)  # 40 rows: 32 with blocks
         got = fp8.fp8_matmul(x, {"weight": q, "weight_scale": s}, block)
         assert torch.allclose(got, whole, rtol=1e-6, atol=1e-6)
+
+
+def test_avx2_kernel_against_the_dequantized_weights():
+    """Every finite e4m3 code (subnormals, +-448, +-0), rows of several scales and blocks of
+    columns, 1 to 4 activation rows: the kernel's product is the dequantized weights' product."""
+    from quant import cpu_kernel
+    from quant.fp8 import FP8, Fp8Weight, dequantize_fp8, fp8_avx2_matmul, row_scales
+
+    if not cpu_kernel.available():
+        pytest.skip("no AVX2 kernel here")
+    codes = torch.arange(256, dtype=torch.uint8)
+    codes = codes[(codes & 0x7F) != 0x7F]  # the two NaN codes
+    vals = codes.view(FP8).float()
+    assert vals.abs().max() == 448 and vals[vals > 0].min() == 2.0**-9  # the smallest subnormal
+    w = codes[torch.randperm(len(codes), generator=torch.Generator().manual_seed(0))].repeat(16)[: 40 * 96]
+    w = w.reshape(40, 96).view(FP8)
+    cases = ((torch.rand(40, 1) + 0.5, None), (torch.rand(2, 3) + 0.5, (32, 32)), (torch.tensor([0.7]), None))
+    for scale, block in cases:
+        fw = Fp8Weight(w, scale.bfloat16(), block)
+        tensors = {"weight": w, "row_scales": row_scales(fw)}
+        for t in (1, 2, 3, 4, 9):
+            x = torch.randn(t, 96, generator=torch.Generator().manual_seed(t))
+            got = fp8_avx2_matmul(x, tensors)
+            # float32 weights fp8 * scale, unrounded: what the kernel multiplies by
+            exact = x @ dequantize_fp8(w, fw.scale.float(), block).t()
+            assert ((got - exact).norm() / exact.norm()) < 1e-6, (scale.shape, t)
+            # the checkpoint's bf16 dequantized weights differ from those by bf16 rounding only
+            rounded = x @ dequantize_fp8(w, fw.scale, block).float().t()
+            assert ((got - rounded).norm() / rounded.norm()) < 4e-3
 
 
 def test_offloaded_fp8_experts(maverick_fp8):
