@@ -9,6 +9,12 @@ them; nothing is unpickled and no code from the checkpoint runs.
 
 from __future__ import annotations
 
+import ctypes
+import functools
+import json
+import mmap
+import os
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,6 +56,8 @@ class Checkpoint:
 
     def __post_init__(self):
         self._handles: dict[Path, object] = {}
+        self._headers: dict[Path, dict[str, tuple[int, int]]] = {}
+        self._fds: dict[Path, int] = {}
 
     def __contains__(self, name: str) -> bool:
         return name in self.files
@@ -75,6 +83,67 @@ class Checkpoint:
 
     def where(self, name: str) -> str:
         return f"{self.names[name]} in {self.files[name]}"
+
+    def byte_range(self, name: str) -> tuple[Path, int, int]:
+        """(shard, offset, length) of the tensor's bytes in its file."""
+        path = self.files[name]
+        offsets = self._headers.get(path)
+        if offsets is None:
+            offsets = self._headers[path] = tensor_offsets(path)
+        start, end = offsets[self.names[name]]
+        return path, start, end - start
+
+    def drop_pages(self, names: list[str]) -> int:
+        """Drop these tensors' pages from this process's mapping (madvise DONTNEED) and then from
+        the page cache (posix_fadvise DONTNEED; the kernel keeps pages that are still mapped), so
+        they are read again from disk when next used; returns the bytes advised. Where either
+        call is missing (not Linux), nothing happens."""
+        if not hasattr(os, "posix_fadvise") or _madvise() is None:
+            return 0
+        total = 0
+        for name in names:
+            t = self.get(name)  # a view of the shard's mapping: reads nothing
+            _unmap_pages(t.data_ptr(), t.numel() * t.element_size())
+            path, off, length = self.byte_range(name)
+            fd = self._fds.get(path)
+            if fd is None:
+                fd = self._fds[path] = os.open(path, os.O_RDONLY)
+            os.posix_fadvise(fd, off, length, os.POSIX_FADV_DONTNEED)
+            total += length
+        return total
+
+
+META = "__metadata__"
+MADV_DONTNEED = 4  # Linux
+
+
+@functools.cache
+def _madvise():
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.madvise
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    return fn
+
+
+def _unmap_pages(ptr: int, length: int) -> None:
+    """madvise(DONTNEED) the whole pages inside [ptr, ptr + length) of a read-only file mapping:
+    they are read from the file again on the next access."""
+    page = mmap.PAGESIZE
+    start, end = -(-ptr // page) * page, (ptr + length) // page * page
+    if end > start:
+        _madvise()(start, end - start, MADV_DONTNEED)
+
+
+def tensor_offsets(path: Path) -> dict[str, tuple[int, int]]:
+    """Each tensor's [start, end) byte offsets in a safetensors file, from its header."""
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    base = 8 + n
+    return {k: (base + v["data_offsets"][0], base + v["data_offsets"][1]) for k, v in header.items() if k != META}
 
 
 def open_shard(path: Path):

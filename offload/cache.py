@@ -73,6 +73,7 @@ class HostStore:
         budget_bytes: int | None = None,
     ):
         self.layout, self.build, self.pin = layout, build, pin
+        self.bounded, self.release = budget_bytes is not None, getattr(build, "release", None)
         held = len(keys) if budget_bytes is None else min(len(keys), max(0, budget_bytes // layout.nbytes))
         self.held_keys = keys[:held]
         self.blocks: dict[Key, torch.Tensor] = {}
@@ -94,7 +95,12 @@ class HostStore:
         return len(self.blocks) * self.layout.nbytes
 
     def block(self, key: Key) -> torch.Tensor:
-        """The expert's block; for one not held, a staging buffer valid until the next call."""
+        """The expert's block; for one not held, a staging buffer valid until the next call.
+
+        With a budget, an expert not held is read from the checkpoint's mapped files and its
+        pages are then dropped from the page cache (when the builder can: `build.release`), so
+        the budget bounds the RAM experts take, page cache included; every such read is a disk
+        read."""
         b = self.blocks.get(key)
         if b is not None:
             return b
@@ -102,7 +108,10 @@ class HostStore:
             self._staging_busy.synchronize()  # the previous copy out of staging must be done
             self._staging_busy = None
         self.rebuilt += 1
-        return self.layout.pack(self.build(key), self._staging)
+        out = self.layout.pack(self.build(key), self._staging)
+        if self.bounded and self.release is not None:
+            self.release(key)
+        return out
 
     def staging_in_use(self, event: torch.cuda.Event) -> None:
         self._staging_busy = event

@@ -82,6 +82,17 @@ def expert_builder(ckpt: Checkpoint, scheme, dtype: torch.dtype, device: torch.d
             out.update({f"{p}.{n}": b.to("cpu") for n, b in lin.tensors().items()})
         return out
 
+    sources: dict[Key, list[str]] = {}  # each expert's checkpoint tensors, listed once
+    for n in ckpt.names:
+        parts = n.split(".")
+        if len(parts) > 5 and parts[2:4] == ["feed_forward", "experts"] and parts[4].isdigit():
+            sources.setdefault((int(parts[1]), int(parts[4])), []).append(n)
+
+    def release(key: Key) -> None:  # the expert's source pages out of the page cache
+        ckpt.drop_pages(sources.get(key, []))
+
+    build_int4.release = release
+
     group = scheme.fp8.block if scheme.kind == "fp8" else scheme.group_size
     return build_int4, ExpertKernel(path, group)
 

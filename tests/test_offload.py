@@ -111,11 +111,41 @@ def test_prefetch_guesses_and_hits(references):
     assert a.hits >= b.hits  # prefetched experts count as hits when the layer runs
 
 
-def test_host_budget_rebuilds_the_rest(references):
+def test_host_budget_rebuilds_the_rest(references, monkeypatch):
+    from llama4_local.checkpoint import Checkpoint
+
+    dropped = []
+    real = Checkpoint.drop_pages
+
+    def spy(self, names):
+        dropped.append(tuple(names))
+        return real(self, names)
+
+    monkeypatch.setattr(Checkpoint, "drop_pages", spy)
     path, dtype, (want, _) = references["int4"]
     model = offloaded(path, dtype, slots=2, miss_policy="swap", host_memory=1)  # no expert held
     assert torch.equal(run(model, PROMPT)[0], want)
-    assert model.offload.cache.store.blocks == {} and model.offload.cache.store.rebuilt > 0
+    store = model.offload.cache.store
+    assert store.blocks == {} and store.rebuilt > 0
+    # Each expert read from the files beyond the budget has its pages dropped from the page cache.
+    assert len(dropped) == store.rebuilt
+    assert all(len(d) == 9 and all(".feed_forward.experts." in n for n in d) for d in dropped)  # 3 x 3 tensors
+    assert {n.rsplit(".", 1)[1] for d in dropped for n in d} == {"weight_packed", "weight_scale", "weight_shape"}
+
+
+def test_tensor_byte_ranges(references):
+    from llama4_local.checkpoint import open_checkpoint
+
+    path = references["int4"][0]
+    ckpt = open_checkpoint(path)
+    for name in ("layers.0.feed_forward.experts.1.up_proj.weight_packed", "layers.1.self_attn.q_proj.weight"):
+        shard, off, length = ckpt.byte_range(name)
+        with open(shard, "rb") as f:
+            f.seek(off)
+            raw = f.read(length)
+        t = ckpt.get(name)
+        assert raw == t.contiguous().view(torch.uint8).numpy().tobytes()
+    assert ckpt.drop_pages([name]) in (0, length)
 
 
 def test_bad_offload_options(scout_ckpt):
