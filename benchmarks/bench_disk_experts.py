@@ -83,6 +83,7 @@ def decode(model, tokens: int) -> dict:
             hit_rate=round(t.hits / max(1, t.uses), 3),
             read_from_files_per_token=round((store.rebuilt - rebuilt0) / tokens, 2),
             prefetch_accuracy=round(t.prefetch_correct / max(1, t.prefetch_guessed), 3),
+            read_ahead_hints_per_token=round(t.disk_hints / tokens, 2),
         )
     return out
 

@@ -93,6 +93,21 @@ class Checkpoint:
         start, end = offsets[self.names[name]]
         return path, start, end - start
 
+    def _fd(self, path: Path) -> int:
+        fd = self._fds.get(path)
+        if fd is None:
+            fd = self._fds[path] = os.open(path, os.O_RDONLY)
+        return fd
+
+    def prefetch_pages(self, names: list[str]) -> None:
+        """Start reading these tensors' bytes into the page cache without waiting (posix_fadvise
+        WILLNEED: the kernel reads ahead while we compute)."""
+        if not hasattr(os, "posix_fadvise"):
+            return
+        for name in names:
+            path, off, length = self.byte_range(name)
+            os.posix_fadvise(self._fd(path), off, length, os.POSIX_FADV_WILLNEED)
+
     def drop_pages(self, names: list[str]) -> int:
         """Drop these tensors' pages from this process's mapping (madvise DONTNEED) and then from
         the page cache (posix_fadvise DONTNEED; the kernel keeps pages that are still mapped), so
@@ -105,10 +120,7 @@ class Checkpoint:
             t = self.get(name)  # a view of the shard's mapping: reads nothing
             _unmap_pages(t.data_ptr(), t.numel() * t.element_size())
             path, off, length = self.byte_range(name)
-            fd = self._fds.get(path)
-            if fd is None:
-                fd = self._fds[path] = os.open(path, os.O_RDONLY)
-            os.posix_fadvise(fd, off, length, os.POSIX_FADV_DONTNEED)
+            os.posix_fadvise(self._fd(path), off, length, os.POSIX_FADV_DONTNEED)
             total += length
         return total
 

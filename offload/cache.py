@@ -36,6 +36,7 @@ class LayerStats:
     prefetch_guessed: int = 0
     prefetch_correct: int = 0
     prefetch_loads: int = 0
+    disk_hints: int = 0  # experts beyond the host budget whose read-ahead a guess started
 
     def add(self, other: LayerStats) -> None:
         for f in fields(self):
@@ -112,6 +113,19 @@ class HostStore:
         if self.bounded and self.release is not None:
             self.release(key)
         return out
+
+    def on_disk(self, key: Key) -> bool:
+        """Not held in host RAM: its block comes from the checkpoint's files."""
+        return key not in self.blocks
+
+    def willneed(self, key: Key) -> bool:
+        """Start reading a not-held expert's bytes into the page cache in the background (the
+        kernel's read-ahead); False when the builder cannot say where they are."""
+        hint = getattr(self.build, "willneed", None)
+        if key in self.blocks or hint is None:
+            return False
+        hint(key)
+        return True
 
     def staging_in_use(self, event: torch.cuda.Event) -> None:
         self._staging_busy = event

@@ -122,21 +122,36 @@ class OffloadManager:
         }
 
     # -- prefetch -------------------------------------------------------------------------------
-    def before_layer(self, i: int, x: torch.Tensor) -> None:
-        """Guess layer i's experts from the residual stream entering it; start copying them."""
-        ff = self.moe.get(i)
-        if not self.prefetch or ff is None:
-            return
-        layer = self.model.layers[i]
-        norm = layer.post_attention_layernorm
+    def _guess(self, i: int, x: torch.Tensor) -> set[Key]:
+        """Layer i's router applied to x (normed as the layer would): its likely experts."""
+        ff, norm = self.moe[i], self.model.layers[i].post_attention_layernorm
         logits = ff.router(rms_norm(x, norm.eps) * norm.weight)
-        chosen = torch.topk(logits, ff.top_k, dim=1).indices.unique().tolist()[: self.cache.slots]
-        guess = {(i, e) for e in chosen}
-        self.guess[i] = guess
-        st = self.stats[i]
+        return {(i, e) for e in torch.topk(logits, ff.top_k, dim=1).indices.unique().tolist()[: self.cache.slots]}
+
+    def before_layer(self, i: int, x: torch.Tensor) -> None:
+        """Guess layer i's experts from the residual stream entering it; start copying them.
+
+        An expert beyond the host budget would be read from disk here, with nothing to overlap
+        on the CPU: instead the guess only starts the kernel's read-ahead of its bytes
+        (posix_fadvise WILLNEED) and the copy happens if the layer does choose it. The next MoE
+        layer's guess (its router on the same residual stream) starts its read-ahead too, so
+        the disk has a layer's compute to deliver it."""
+        if not self.prefetch or i not in self.moe:
+            return
+        guess = self.guess[i] = self._guess(i, x)
+        st, store = self.stats[i], self.cache.store
         for key in guess:
-            if not self.cache.resident(key) and self.cache.load(key, st, guess, demand=False):
+            if self.cache.resident(key):
+                continue
+            if store.on_disk(key) and store.willneed(key):
+                st.disk_hints += 1
+            elif self.cache.load(key, st, guess, demand=False):
                 st.prefetch_loads += 1
+        nxt = next((j for j in sorted(self.moe) if j > i), None)
+        if nxt is not None and store.bounded:
+            for key in self._guess(nxt, x):
+                if not self.cache.resident(key) and store.on_disk(key) and store.willneed(key):
+                    self.stats[nxt].disk_hints += 1
 
     # -- one layer --------------------------------------------------------------------------------
     def _cpu_for(self, n_tokens: int) -> bool:

@@ -91,7 +91,11 @@ def expert_builder(ckpt: Checkpoint, scheme, dtype: torch.dtype, device: torch.d
     def release(key: Key) -> None:  # the expert's source pages out of the page cache
         ckpt.drop_pages(sources.get(key, []))
 
+    def willneed(key: Key) -> None:  # background read-ahead of the expert's source pages
+        ckpt.prefetch_pages(sources.get(key, []))
+
     build_int4.release = release
+    build_int4.willneed = willneed
 
     group = scheme.fp8.block if scheme.kind == "fp8" else scheme.group_size
     return build_int4, ExpertKernel(path, group)

@@ -133,6 +133,19 @@ def test_host_budget_rebuilds_the_rest(references, monkeypatch):
     assert {n.rsplit(".", 1)[1] for d in dropped for n in d} == {"weight_packed", "weight_scale", "weight_shape"}
 
 
+def test_prefetch_from_disk_only_starts_read_ahead(references, monkeypatch):
+    from llama4_local.checkpoint import Checkpoint
+
+    hinted = []
+    monkeypatch.setattr(Checkpoint, "prefetch_pages", lambda self, names: hinted.append(tuple(names)))
+    path, dtype, (want, _) = references["int4"]
+    model = offloaded(path, dtype, slots=2, miss_policy="swap", host_memory=1, prefetch=True)
+    assert torch.equal(run(model, PROMPT)[0], want)
+    t = model.offload.totals()
+    assert t.disk_hints == len(hinted) > 0 and t.prefetch_loads == 0  # hints, no synchronous reads
+    assert all(len(h) == 9 for h in hinted)
+
+
 def test_tensor_byte_ranges(references):
     from llama4_local.checkpoint import open_checkpoint
 
