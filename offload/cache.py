@@ -63,7 +63,12 @@ class LayerStats:
 
 
 class HostStore:
-    """Expert blocks in host memory, up to a budget; the rest rebuilt on demand."""
+    """Expert blocks in host memory, up to a budget; the rest read from the checkpoint on demand.
+
+    With a budget that holds some but not all experts and a `policy`, the held set is a cache
+    too: an expert read from the files takes the row of the policy's victim (after any copy out
+    of that row has finished), so the experts in RAM follow the routing instead of staying the
+    first ones loaded."""
 
     def __init__(
         self,
@@ -72,12 +77,19 @@ class HostStore:
         build: Callable[[Key], dict[str, torch.Tensor]],
         pin: bool,
         budget_bytes: int | None = None,
+        policy=None,
     ):
         self.layout, self.build, self.pin = layout, build, pin
         self.bounded, self.release = budget_bytes is not None, getattr(build, "release", None)
         held = len(keys) if budget_bytes is None else min(len(keys), max(0, budget_bytes // layout.nbytes))
         self.held_keys = keys[:held]
         self.blocks: dict[Key, torch.Tensor] = {}
+        self.policy = policy if 0 < held < len(keys) else None
+        self._row_busy: dict[Key, torch.cuda.Event] = {}
+        self.replaced = 0
+        if self.policy is not None:
+            for k in self.held_keys:
+                self.policy.insert(k)
         if held:
             # One allocation per layer keeps pinning cheap; every expert is a row.
             by_layer: dict[int, list[Key]] = {}
@@ -104,12 +116,25 @@ class HostStore:
         read."""
         b = self.blocks.get(key)
         if b is not None:
+            if self.policy is not None:
+                self.policy.hit(key)
             return b
-        if self._staging_busy is not None:
-            self._staging_busy.synchronize()  # the previous copy out of staging must be done
-            self._staging_busy = None
         self.rebuilt += 1
-        out = self.layout.pack(self.build(key), self._staging)
+        if self.policy is not None:  # into the row of a held expert the policy gives up
+            victim = self.policy.victim(list(self.blocks))
+            self.policy.evict(victim)
+            row = self.blocks.pop(victim)
+            busy = self._row_busy.pop(victim, None)
+            if busy is not None:
+                busy.synchronize()  # a copy out of this row must finish before it is overwritten
+            out = self.blocks[key] = self.layout.pack(self.build(key), row)
+            self.policy.insert(key)
+            self.replaced += 1
+        else:
+            if self._staging_busy is not None:
+                self._staging_busy.synchronize()  # the previous copy out of staging must be done
+                self._staging_busy = None
+            out = self.layout.pack(self.build(key), self._staging)
         if self.bounded and self.release is not None:
             self.release(key)
         return out
@@ -127,8 +152,13 @@ class HostStore:
         hint(key)
         return True
 
-    def staging_in_use(self, event: torch.cuda.Event) -> None:
-        self._staging_busy = event
+    def in_use(self, key: Key, event: torch.cuda.Event) -> None:
+        """A copy out of `key`'s block (its row, or the staging buffer) ends at `event`."""
+        if key in self.blocks:
+            if self.policy is not None:
+                self._row_busy[key] = event
+        else:
+            self._staging_busy = event
 
 
 class ExpertCache:
@@ -182,8 +212,7 @@ class ExpertCache:
                 self.buf[slot].copy_(src, non_blocking=True)
                 end.record(self.stream)
             self.ready[slot] = end
-            if key not in self.store.blocks:
-                self.store.staging_in_use(end)
+            self.store.in_use(key, end)
             self._timings.append((stats, start, end, demand))
             if len(self._timings) > 1024:
                 self.collect_timings(wait=False)

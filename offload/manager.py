@@ -116,6 +116,8 @@ class OffloadManager:
             "miss_policy": self.miss_policy,
             "prefetch": self.prefetch,
             "host_held": len(self.cache.store.blocks),
+            "host_read_from_files": self.cache.store.rebuilt,  # disk reads once the budget binds
+            "host_replaced": self.cache.store.replaced,
             "cost_model": self.cost.as_dict() if self.cost else None,
             "total": self.totals().as_dict(),
             "layers": {i: st.as_dict() for i, st in self.stats.items()},

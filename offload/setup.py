@@ -125,7 +125,12 @@ def build_manager(model, build, kernel, device: torch.device, slots: int, opts: 
     keys = [(i, e) for i in moe for e in range(model.layers[i].feed_forward.num_experts)]
     slots = min(slots, len(keys))
     store = HostStore(
-        ExpertLayout(build(keys[0])), keys, build, pin=device.type == "cuda", budget_bytes=opts.host_memory
+        ExpertLayout(build(keys[0])),
+        keys,
+        build,
+        pin=device.type == "cuda",
+        budget_bytes=opts.host_memory,
+        policy=make_policy(opts.policy),
     )
     cpu_store, cpu_kernel = store, kernel
     if cpu is not None:

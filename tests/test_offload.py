@@ -133,6 +133,20 @@ def test_host_budget_rebuilds_the_rest(references, monkeypatch):
     assert {n.rsplit(".", 1)[1] for d in dropped for n in d} == {"weight_packed", "weight_scale", "weight_shape"}
 
 
+@pytest.mark.parametrize("policy", ["lru", "lfu"])
+def test_host_tier_follows_the_routing(references, policy):
+    path, dtype, (want, _) = references["int4"]
+    probe = offloaded(path, dtype, slots=1, miss_policy="swap")
+    one = probe.offload.cache.layout.nbytes
+    model = offloaded(path, dtype, slots=1, miss_policy="swap", host_memory=2 * one, policy=policy)
+    store = model.offload.cache.store
+    first = set(store.blocks)
+    assert torch.equal(run(model, PROMPT)[0], want)
+    assert len(store.blocks) == 2 and store.replaced > 0 and set(store.blocks) != first
+    assert store.replaced == store.rebuilt  # every expert read from the files took a held row
+    assert model.offload.summary()["host_replaced"] == store.replaced
+
+
 def test_prefetch_from_disk_only_starts_read_ahead(references, monkeypatch):
     from llama4_local.checkpoint import Checkpoint
 
