@@ -8,6 +8,8 @@ itself (CPU cache) with and without speculative prefetch, to report how often th
 guess of the next layer's experts is right.
 
     python benchmarks/bench_offload_policies.py [--model benchmarks/.cache/small-llama4] [--tokens 2000]
+    python benchmarks/bench_offload_policies.py --model benchmarks/.cache/small-maverick \
+        --slots 32,64,128,192,256 --live-slots 64,128        # 128 experts on 4 of 8 layers
 """
 
 from __future__ import annotations
@@ -71,6 +73,7 @@ def main():
     ap.add_argument("--model", type=Path, default=DEFAULT_MODEL)
     ap.add_argument("--tokens", type=int, default=2000)
     ap.add_argument("--slots", default="4,8,16,24,32")
+    ap.add_argument("--live-slots", default="8,16", help="cache sizes for the live runs with and without prefetch")
     args = ap.parse_args()
     tok = Tokenizer(args.model)
     text = (args.model / "eval.txt").read_text()
@@ -90,7 +93,10 @@ def main():
                 for e in ex:
                     counts[layer, e] += 1
             moe = counts[torch.tensor(cfg.moe_layers)]
-            top4 = (moe.sort(dim=1, descending=True).values[:, :4].sum() / moe.sum()).item()
+            ranked = moe.sort(dim=1, descending=True).values
+            top4 = (ranked[:, :4].sum() / moe.sum()).item()
+            # The same at any expert count: the share of each layer's favourite eighth.
+            eighth = (ranked[:, : max(1, cfg.num_experts // 8)].sum() / moe.sum()).item()
             # How often does a token reuse the previous token's expert in the same layer?
             last: dict[int, tuple] = {}
             same = total = 0
@@ -107,6 +113,7 @@ def main():
                         "accesses": len(seq),
                         "experts": n_experts,
                         "top4_share": round(top4, 3),
+                        "top_eighth_share": round(eighth, 3),
                         "repeat_previous": round(same / total, 3),
                     }
                 )
@@ -118,7 +125,7 @@ def main():
                 row["belady"] = round(belady(seq, s) / len(seq), 4)
                 print(json.dumps(row), flush=True)
             # The live cache with and without prefetch: hit rate and how often the guess is right.
-            for s in (8, 16):
+            for s in [int(v) for v in args.live_slots.split(",")]:
                 for prefetch in (False, True):
                     opts = OffloadOptions(slots=s, miss_policy="swap", prefetch=prefetch)
                     m, _ = load_model(path, "float32", "cpu", offload=opts)
