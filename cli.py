@@ -88,7 +88,13 @@ SlotsOpt = Annotated[
         help="Experts kept on the compute device (overrides the plan; works with --device cpu).", rich_help_panel=_OFF
     ),
 ]
-PolicyOpt = Annotated[str, typer.Option(help="Expert cache eviction: lru or lfu.", rich_help_panel=_OFF)]
+PolicyOpt = Annotated[
+    str,
+    typer.Option(
+        help="Expert cache eviction: lru, lfu, or auto (lfu for 64+ experts per layer, else lru).",
+        rich_help_panel=_OFF,
+    ),
+]
 MissOpt = Annotated[
     str,
     typer.Option(
@@ -198,7 +204,7 @@ def prompt(
     gpu_memory: GpuMemoryOpt = None,
     host_memory: HostMemoryOpt = None,
     expert_cache_slots: SlotsOpt = None,
-    cache_policy: PolicyOpt = "lru",
+    cache_policy: PolicyOpt = "auto",
     miss_policy: MissOpt = "auto",
     prefetch: PrefetchOpt = True,
     context: ContextOpt = None,
@@ -471,7 +477,7 @@ def chat(
     gpu_memory: GpuMemoryOpt = None,
     host_memory: HostMemoryOpt = None,
     expert_cache_slots: SlotsOpt = None,
-    cache_policy: PolicyOpt = "lru",
+    cache_policy: PolicyOpt = "auto",
     miss_policy: MissOpt = "auto",
     prefetch: PrefetchOpt = True,
     vision: VisionOpt = True,
@@ -541,7 +547,7 @@ def serve(
     gpu_memory: GpuMemoryOpt = None,
     host_memory: HostMemoryOpt = None,
     expert_cache_slots: SlotsOpt = None,
-    cache_policy: PolicyOpt = "lru",
+    cache_policy: PolicyOpt = "auto",
     miss_policy: MissOpt = "auto",
     prefetch: PrefetchOpt = True,
     vision: VisionOpt = True,
@@ -701,7 +707,7 @@ def bench(
     gpu_memory: GpuMemoryOpt = None,
     host_memory: HostMemoryOpt = None,
     expert_cache_slots: SlotsOpt = None,
-    cache_policy: PolicyOpt = "lru",
+    cache_policy: PolicyOpt = "auto",
     miss_policy: MissOpt = "auto",
     prefetch: PrefetchOpt = True,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,

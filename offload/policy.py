@@ -10,7 +10,18 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Hashable, Iterable, Sequence
 
-POLICIES = ("lru", "lfu")
+POLICIES = ("auto", "lru", "lfu")
+# "auto": measured on trained small models (docs/benchmarks.md, expert-cache policies): with 16
+# experts per layer LRU hits more at small caches, with 128 (Maverick's) LFU with decay hits more
+# at every cache size from 1/16 to 1/2 of the experts.
+LFU_FROM_EXPERTS = 64
+
+
+def resolve_policy(name: str, experts_per_layer: int) -> str:
+    """The policy `name` stands for ("auto": lfu for many experts per layer, else lru)."""
+    if name != "auto":
+        return name
+    return "lfu" if experts_per_layer >= LFU_FROM_EXPERTS else "lru"
 
 
 class LRU:

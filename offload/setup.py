@@ -12,7 +12,7 @@ from llama4_local.errors import UserError
 from .cache import ExpertCache, HostStore, Key
 from .layout import ExpertKernel, ExpertLayout
 from .manager import MISS_POLICIES, OffloadedExperts, OffloadManager
-from .policy import POLICIES, make_policy
+from .policy import POLICIES, make_policy, resolve_policy
 
 
 @dataclass
@@ -22,7 +22,7 @@ class OffloadOptions:
     slots: int | None = None
     gpu_memory: int | None = None  # bytes; None: the GPU's free memory minus a margin
     host_memory: int | None = None  # bytes of host RAM for expert blocks; None: all experts
-    policy: str = "lru"
+    policy: str = "auto"  # lru for Scout's 16 experts per layer, lfu for Maverick's 128
     miss_policy: str = "auto"
     prefetch: bool = True
 
@@ -124,18 +124,19 @@ def build_manager(model, build, kernel, device: torch.device, slots: int, opts: 
     moe = [i for i, layer in enumerate(model.layers) if layer.is_moe]
     keys = [(i, e) for i in moe for e in range(model.layers[i].feed_forward.num_experts)]
     slots = min(slots, len(keys))
+    policy = resolve_policy(opts.policy, model.layers[moe[0]].feed_forward.num_experts)
     store = HostStore(
         ExpertLayout(build(keys[0])),
         keys,
         build,
         pin=device.type == "cuda",
         budget_bytes=opts.host_memory,
-        policy=make_policy(opts.policy),
+        policy=make_policy(policy),
     )
     cpu_store, cpu_kernel = store, kernel
     if cpu is not None:
         cpu_build, cpu_kernel = cpu
         left = None if opts.host_memory is None else max(0, opts.host_memory - store.nbytes)
         cpu_store = HostStore(ExpertLayout(cpu_build(keys[0])), keys, cpu_build, pin=False, budget_bytes=left)
-    cache = ExpertCache(store, slots, device, make_policy(opts.policy))
+    cache = ExpertCache(store, slots, device, make_policy(policy))
     return OffloadManager(model, cache, kernel, cpu_store, cpu_kernel, opts.miss_policy, opts.prefetch)

@@ -254,6 +254,15 @@ def test_plan_at_maverick_sizes(maverick_cfg, gib):
 # -- policies and replay ------------------------------------------------------------------------
 
 
+def test_auto_policy_by_expert_count(references):
+    from offload.policy import resolve_policy
+
+    assert resolve_policy("auto", 16) == "lru" and resolve_policy("auto", 128) == "lfu"
+    assert resolve_policy("lru", 128) == "lru"
+    path, dtype, _ = references["int4"]
+    assert offloaded(path, dtype, slots=2).offload.cache.policy.name == "lru"  # 4 experts per layer
+
+
 def test_lru_and_lfu_rank_victims():
     lru = LRU()
     for k in "abc":
