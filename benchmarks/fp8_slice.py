@@ -24,10 +24,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from llama4_local.checkpoint import INDEX_NAME  # noqa: E402
-from tests.fp8_util import compress_fp8, fp8_scheme, quantization_config  # noqa: E402
-
-SHARED = ("shared_expert.gate_proj.weight", "shared_expert.up_proj.weight", "shared_expert.down_proj.weight")
-
+from quant.quantize import expert_linears  # noqa: E402
+from tests.fp8_util import SHARED, compress_fp8, fp8_scheme, quantization_config  # noqa: E402
 
 def convert_shard(src: Path, scheme) -> dict[str, torch.Tensor]:
     out = {}
@@ -37,12 +35,7 @@ def convert_shard(src: Path, scheme) -> dict[str, torch.Tensor]:
             if name.endswith((".experts.gate_up_proj", ".experts.down_proj")):
                 base = name.rsplit(".", 1)[0]
                 for e in range(t.shape[0]):
-                    if name.endswith("gate_up_proj"):
-                        inter = t.shape[2] // 2
-                        parts = {"gate_proj": t[e, :, :inter].t(), "up_proj": t[e, :, inter:].t()}
-                    else:
-                        parts = {"down_proj": t[e].t()}
-                    for proj, w in parts.items():
+                    for proj, w in expert_linears(name, t[e]).items():
                         c, _ = compress_fp8(w.contiguous().to(torch.bfloat16), scheme)
                         out[f"{base}.{e}.{proj}.weight"] = c["weight"]
                         out[f"{base}.{e}.{proj}.weight_scale"] = c["weight_scale"]

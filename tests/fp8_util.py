@@ -20,10 +20,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from llama4_local.checkpoint import list_tensors
+from quant.quantize import expert_linears
 from tests.oracle_images import import_torchvision
 
 IGNORE = ["re:.*self_attn.*", "re:.*router.*", "re:.*lm_head", "re:.*vision_model.*", "re:.*multi_modal_projector.*"]
-_FP8_SUFFIXES = ("shared_expert.gate_proj.weight", "shared_expert.up_proj.weight", "shared_expert.down_proj.weight")
+SHARED = ("shared_expert.gate_proj.weight", "shared_expert.up_proj.weight", "shared_expert.down_proj.weight")
 _DENSE = ("feed_forward.gate_proj.weight", "feed_forward.up_proj.weight", "feed_forward.down_proj.weight")
 
 
@@ -79,23 +80,13 @@ def write_fp8(src: Path, out: Path, deq: Path, strategy: str = "channel", block:
             base = name.rsplit(".", 1)[0]
             back = torch.empty_like(t)
             for e in range(t.shape[0]):
-                if name.endswith("gate_up_proj"):
-                    inter = t.shape[2] // 2
-                    parts = {"gate_proj": t[e, :, :inter].t(), "up_proj": t[e, :, inter:].t()}
-                else:
-                    parts = {"down_proj": t[e].t()}
-                for proj, w in parts.items():
+                for proj, w in expert_linears(name, t[e]).items():
                     c, d = compress_fp8(w.contiguous(), scheme)
                     weights[f"{base}.{e}.{proj}.weight"] = c["weight"]
                     scales[f"{base}.{e}.{proj}.weight_scale"] = c["weight_scale"]
-                    if proj == "gate_proj":
-                        back[e, :, :inter] = d.t()
-                    elif proj == "up_proj":
-                        back[e, :, inter:] = d.t()
-                    else:
-                        back[e] = d.t()
+                    expert_linears(name, back[e])[proj].copy_(d)  # the same view of the fused tensor
             dense[name] = back
-        elif name.endswith(_FP8_SUFFIXES) or name.endswith(_DENSE):
+        elif name.endswith(SHARED) or name.endswith(_DENSE):
             c, d = compress_fp8(t, scheme)
             weights[name] = c["weight"]
             scales[name.removesuffix(".weight") + ".weight_scale"] = c["weight_scale"]
