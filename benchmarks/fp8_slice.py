@@ -27,6 +27,7 @@ from llama4_local.checkpoint import INDEX_NAME  # noqa: E402
 from quant.quantize import expert_linears  # noqa: E402
 from tests.fp8_util import SHARED, compress_fp8, fp8_scheme, quantization_config  # noqa: E402
 
+
 def convert_shard(src: Path, scheme) -> dict[str, torch.Tensor]:
     out = {}
     with safe_open(str(src), framework="pt") as f:
