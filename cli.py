@@ -49,6 +49,14 @@ Int8AttentionOpt = Annotated[
         help="CPU bf16/fp16 runs: attention weights rounded to INT8 at load (half the bytes; see docs/benchmarks.md).",
     ),
 ]
+MmapOpt = Annotated[
+    bool | None,
+    typer.Option(
+        "--mmap/--no-mmap",
+        help="CPU runs: keep weights as views of the mapped files (--mmap: fastest start, least memory) or "
+        "copy them into RAM (--no-mmap: faster decode). Default: copy when it fits in available RAM.",
+    ),
+]
 ThreadsOpt = Annotated[
     int | None, typer.Option("--threads", "-t", help="CPU threads for computing (default: the physical cores).")
 ]
@@ -212,6 +220,7 @@ def prompt(
         Path | None, typer.Option(help="Write the experts each token chose, per layer, to this CSV file.")
     ] = None,
     int8_attention: Int8AttentionOpt = True,
+    mmap: MmapOpt = None,
     threads: ThreadsOpt = None,
     verbose: VerboseOpt = False,
 ) -> None:
@@ -254,6 +263,7 @@ def prompt(
             record_routing=record_routing,
             images=list(image or []),
             int8_attention=int8_attention,
+            mmap=mmap,
         )
         out = sys.stdout
         result = run_prompt(req, on_text=None if as_json else lambda s: (out.write(s), out.flush()))
@@ -280,6 +290,7 @@ def eval_(
     device: DeviceOpt = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
     int8_attention: Int8AttentionOpt = True,
+    mmap: MmapOpt = None,
     threads: ThreadsOpt = None,
     verbose: VerboseOpt = False,
 ) -> None:
@@ -309,7 +320,7 @@ def eval_(
         ref_path = _model(reference) if reference else None
         tok = Tokenizer(path)
         ids = tok.encode(body, add_special_tokens=False)
-        m, _ = load_model(path, dtype, device, int8_attention=int8_attention)
+        m, _ = load_model(path, dtype, device, int8_attention=int8_attention, mmap=mmap)
         ref = load_model(ref_path, dtype, device)[0] if ref_path else None
         res = evaluate(m, ids, ctx, tok.bos_id, ref, max_windows)
         if as_json:
@@ -482,6 +493,7 @@ def chat(
     prefetch: PrefetchOpt = True,
     vision: VisionOpt = True,
     int8_attention: Int8AttentionOpt = True,
+    mmap: MmapOpt = None,
     threads: ThreadsOpt = None,
     verbose: VerboseOpt = False,
 ) -> None:
@@ -506,7 +518,14 @@ def chat(
         sampling = _sampling(temperature, top_k, top_p, min_p, repetition_penalty, seed)
         setup = ModelSetup.check(_model(model, revision), sampling, context, vision)
         engine = setup.load(
-            dtype, device, off, prefill_chunk, cache_entries=1, reply_option="max_tokens", int8_attention=int8_attention
+            dtype,
+            device,
+            off,
+            prefill_chunk,
+            cache_entries=1,
+            reply_option="max_tokens",
+            int8_attention=int8_attention,
+            mmap=mmap,
         )
         defaults = setup.defaults
         n = max_tokens if max_tokens is not None else min(defaults.max_new_tokens or 1024, engine.context // 2)
@@ -552,6 +571,7 @@ def serve(
     prefetch: PrefetchOpt = True,
     vision: VisionOpt = True,
     int8_attention: Int8AttentionOpt = True,
+    mmap: MmapOpt = None,
     threads: ThreadsOpt = None,
     verbose: VerboseOpt = False,
 ) -> None:
@@ -592,6 +612,7 @@ def serve(
             vision=vision,
             cache_entries=prompt_cache,
             int8_attention=int8_attention,
+            mmap=mmap,
         )
         raise typer.Exit(run_server(cfg))
 
@@ -712,6 +733,7 @@ def bench(
     prefetch: PrefetchOpt = True,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
     int8_attention: Int8AttentionOpt = True,
+    mmap: MmapOpt = None,
     threads: ThreadsOpt = None,
     verbose: VerboseOpt = False,
 ) -> None:
@@ -732,7 +754,7 @@ def bench(
 
         off = _offload_options(gpu_memory, host_memory, expert_cache_slots, cache_policy, miss_policy, prefetch)
         path = _model(model, revision)
-        req = BenchRequest(path, prompt_tokens, gen_tokens, dtype, device, prefill_chunk, off, 0, int8_attention)
+        req = BenchRequest(path, prompt_tokens, gen_tokens, dtype, device, prefill_chunk, off, 0, int8_attention, mmap)
         res = run_bench(req)
         if as_json:
             sys.stdout.write(json.dumps(res) + "\n")

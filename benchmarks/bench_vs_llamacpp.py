@@ -81,7 +81,7 @@ class Ours:
 
     def __init__(self, path: Path, dtype: str = "bfloat16", int8_attention: bool = False):
         t0 = time.perf_counter()
-        self.model, self.cfg = load_model(path, dtype, "cpu", int8_attention=int8_attention)
+        self.model, self.cfg = load_model(path, dtype, "cpu", int8_attention=int8_attention, mmap=None)  # as the CLI
         self.load_s = time.perf_counter() - t0
         self.bytes_per_token = bytes_per_decode_token(self.model)
 

@@ -31,6 +31,7 @@ class BenchRequest:
     offload: object | None = None  # offload.setup.OffloadOptions
     seed: int = 0
     int8_attention: bool = False  # CPU bf16 runs: attention rounded to INT8 at load
+    mmap: bool | None = True  # False/None: CPU weights copied out of the mapped files (loader.load_model)
 
 
 def _sync(device: torch.device) -> None:
@@ -54,7 +55,14 @@ def run_bench(req: BenchRequest) -> dict:
     t0 = time.perf_counter()
     context = req.prompt_tokens + req.gen_tokens
     model, cfg = load_model(
-        req.model, req.dtype, req.device, req.offload, context, req.prefill_chunk, int8_attention=req.int8_attention
+        req.model,
+        req.dtype,
+        req.device,
+        req.offload,
+        context,
+        req.prefill_chunk,
+        int8_attention=req.int8_attention,
+        mmap=req.mmap,
     )
     load_s = time.perf_counter() - t0
     device = model.embed_tokens.weight.device

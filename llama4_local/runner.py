@@ -36,6 +36,7 @@ class PromptRequest:
     record_routing: Path | None = None
     images: list[Path] = field(default_factory=list)  # image files, in the order they go into the prompt
     int8_attention: bool = False  # CPU bf16 runs: attention rounded to INT8 at load
+    mmap: bool | None = True  # False/None: CPU weights copied out of the mapped files (loader.load_model)
 
 
 @dataclass
@@ -92,7 +93,7 @@ def run_prompt(req: PromptRequest, on_text: Callable[[str], None] | None = None)
         check_trace_path(req.record_routing)
     engine = setup.load(
         req.dtype, req.device, req.offload, req.prefill_chunk, context,
-        cache_entries=0, reply_option="--max-tokens", int8_attention=req.int8_attention,
+        cache_entries=0, reply_option="--max-tokens", int8_attention=req.int8_attention, mmap=req.mmap,
     )  # fmt: skip
     model = engine.model
     recorder = None

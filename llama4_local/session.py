@@ -65,6 +65,7 @@ class ModelSetup:
         cache_bytes: int | None = None,
         reply_option: str = "max_tokens",
         int8_attention: bool = False,
+        mmap: bool | None = True,
     ):
         """Load the weights; the Engine over them. `context` overrides the session's (a one-shot
         prompt sizes it to the prompt and reply)."""
@@ -74,7 +75,7 @@ class ModelSetup:
 
         ctx = context or self.context
         vision = self.images is not None
-        model, cfg = load_model(self.path, dtype, device, offload, ctx, prefill_chunk, vision, int8_attention)
+        model, cfg = load_model(self.path, dtype, device, offload, ctx, prefill_chunk, vision, int8_attention, mmap)
         ctx = min(ctx or DEFAULT_CONTEXT, cfg.max_position_embeddings)
         eos = end_token_ids(cfg, self.defaults, self.tokenizer)
         return Engine(

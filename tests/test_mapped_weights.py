@@ -32,3 +32,20 @@ def test_int4_weights_are_views_of_the_checkpoint_files(scout_int4):
     for lin in linears:
         ptr = lin.packed.data_ptr()
         assert any(lo <= ptr < hi for lo, hi in maps), "packed weights copied out of the mapped shard"
+
+
+def test_no_mmap_copies_and_computes_the_same(scout_int4):
+    import torch
+
+    path, _ = scout_int4
+    mapped, _ = load_model(path, "bfloat16", "cpu")
+    copied, _ = load_model(path, "bfloat16", "cpu", mmap=False)
+    maps = [(lo, hi) for lo, hi, p in file_mappings() if p.endswith(".safetensors") and str(path) in p]
+    tensors = [t for t in list(copied.parameters()) + list(copied.buffers()) if t.numel()]
+    assert not any(lo <= t.data_ptr() < hi for t in tensors for lo, hi in maps)  # nothing left mapped
+    ids = torch.randint(0, 300, (10,), generator=torch.Generator().manual_seed(0))
+    a = mapped(ids, mapped.new_cache(10), last_only=False)
+    b = copied(ids, copied.new_cache(10), last_only=False)
+    assert torch.equal(a, b)
+    # And the mapped model still reads its (re-faulted) pages correctly after the other dropped them.
+    assert torch.equal(mapped(ids, mapped.new_cache(10), last_only=False), a)

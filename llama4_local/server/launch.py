@@ -31,6 +31,7 @@ class ServeConfig:
     cache_entries: int = 4  # idle KV caches kept for prefix reuse
     cache_bytes: int | None = None
     int8_attention: bool = False  # CPU bf16 runs: attention rounded to INT8 at load
+    mmap: bool | None = True  # False/None: CPU weights copied out of the mapped files (loader.load_model)
 
 
 def is_loopback(host: str) -> bool:
@@ -80,6 +81,7 @@ def prepare_loader(cfg: ServeConfig):
             cfg.cache_entries,
             cfg.cache_bytes,
             int8_attention=cfg.int8_attention,
+            mmap=cfg.mmap,
         )
         return Serving(engine, setup.defaults, cfg.model_id, setup.path, cfg.max_tokens)
 
