@@ -92,3 +92,18 @@ def test_maverick_table(tmp_path):
     r = run_cli("info", maverick_dir(tmp_path, True), "--gpu-memory", "24GiB", "--host-memory", "64GiB")
     assert r.returncode == 0, r.stderr
     assert "read from disk on demand" in r.stdout and "64.0 GiB of host RAM" in r.stdout
+
+
+def test_maverick_fp8_config_alone(tmp_path):
+    """The FP8 release's config without its weights: FP8 experts are a byte per weight in the plan."""
+    from tests.fp8_util import fp8_scheme, quantization_config
+
+    raw = json.loads((DATA / "maverick-instruct-config.json").read_text())
+    raw["quantization_config"] = quantization_config(fp8_scheme("channel", None))
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    res = info(tmp_path, "--gpu-memory", "80GiB", "--host-memory", "512GiB")
+    assert res["quantization"]["scheme"].startswith("FP8 e4m3")
+    (p,) = res["plans"]
+    gate_up, down = 8192 * 5120 + 8192 * 2, 5120 * 8192 + 5120 * 2  # a byte per weight, a bf16 scale per row
+    assert p["plan"]["expert_bytes"] == 2 * gate_up + down
+    assert p["plan"]["host_experts"] == 3072  # 3072 x 126 MB = 378 GiB of FP8 experts fit 512 GiB
