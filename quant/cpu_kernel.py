@@ -257,6 +257,15 @@ static void rows_q8_blocks(const int8_t* xq, const float* xd, const uint8_t* qp,
     default: FN<8>(__VA_ARGS__); break;                \
   }
 
+// The same for kernels that take at most 4 activation rows.
+#define DISPATCH_ROWS4(FN, ...)                        \
+  switch (T) {                                         \
+    case 1: FN<1>(__VA_ARGS__); break;                 \
+    case 2: FN<2>(__VA_ARGS__); break;                 \
+    case 3: FN<3>(__VA_ARGS__); break;                 \
+    default: FN<4>(__VA_ARGS__); break;                \
+  }
+
 torch::Tensor int4_mv(torch::Tensor x, torch::Tensor q, torch::Tensor so, int64_t group, bool q8) {
   TORCH_CHECK(x.dim() == 2 && q.dim() == 2 && so.dim() == 3, "bad ranks");
   TORCH_CHECK(x.scalar_type() == torch::kFloat && so.scalar_type() == torch::kFloat, "x, so must be float32");
@@ -563,12 +572,7 @@ torch::Tensor q8_mv(torch::Tensor x, torch::Tensor wq, torch::Tensor ws) {
   const float* sp = ws.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-    switch (T) {
-      case 1: rows_w8<1>(xqp, xdp, wp, sp, yp, K, N, n0, n1); break;
-      case 2: rows_w8<2>(xqp, xdp, wp, sp, yp, K, N, n0, n1); break;
-      case 3: rows_w8<3>(xqp, xdp, wp, sp, yp, K, N, n0, n1); break;
-      default: rows_w8<4>(xqp, xdp, wp, sp, yp, K, N, n0, n1); break;
-    }
+    DISPATCH_ROWS4(rows_w8, xqp, xdp, wp, sp, yp, K, N, n0, n1)
   });
   return y;
 }
@@ -607,7 +611,7 @@ def _module():
 
         from . import fp8_kernel
 
-        name = "llama4_local_int4_avx2_v24"
+        name = "llama4_local_int4_avx2_v25"
         if not list(Path(_get_build_directory(name, verbose=False)).glob("*.so")):
             sys.stderr.write("llama4-local: building the INT4 CPU kernel (once, about a minute)\n")
         return load_inline(
@@ -653,6 +657,7 @@ HALF_MAX_ROWS = 4
 
 
 Q8_MAX_ROWS = 4
+FP8_MAX_ROWS = 4
 
 
 def q8_quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -79,12 +79,7 @@ torch::Tensor fp8_mv(torch::Tensor x, torch::Tensor w, torch::Tensor s) {
   const float* sp = s.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-    switch (T) {
-      case 1: rows_fp8<1>(xp, wp, sp, yp, K, N, G, n0, n1); break;
-      case 2: rows_fp8<2>(xp, wp, sp, yp, K, N, G, n0, n1); break;
-      case 3: rows_fp8<3>(xp, wp, sp, yp, K, N, G, n0, n1); break;
-      default: rows_fp8<4>(xp, wp, sp, yp, K, N, G, n0, n1); break;
-    }
+    DISPATCH_ROWS4(rows_fp8, xp, wp, sp, yp, K, N, G, n0, n1)
   });
   return y;
 }
