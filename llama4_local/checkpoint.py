@@ -118,7 +118,7 @@ class Checkpoint:
         total = 0
         for name in names:
             t = self.get(name)  # a view of the shard's mapping: reads nothing
-            _unmap_pages(t.data_ptr(), t.numel() * t.element_size())
+            unmap_pages(t.data_ptr(), t.numel() * t.element_size())
             path, off, length = self.byte_range(name)
             os.posix_fadvise(self._fd(path), off, length, os.POSIX_FADV_DONTNEED)
             total += length
@@ -140,7 +140,7 @@ def _madvise():
     return fn
 
 
-def _unmap_pages(ptr: int, length: int) -> None:
+def unmap_pages(ptr: int, length: int) -> None:
     """madvise(DONTNEED) the whole pages inside [ptr, ptr + length) of a read-only file mapping:
     they are read from the file again on the next access."""
     page = mmap.PAGESIZE

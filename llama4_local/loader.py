@@ -86,8 +86,8 @@ def assign_weights(module: torch.nn.Module, ckpt: Checkpoint, dtype: torch.dtype
         setattr(module.get_submodule(module_path), attr, torch.nn.Parameter(t, requires_grad=False))
 
 
-def _file_mappings() -> list[tuple[int, int]]:
-    """[start, end) of this process's mappings of .safetensors files (Linux; else none)."""
+def file_mappings() -> list[tuple[int, int, str]]:
+    """(start, end, path) of this process's mappings of .safetensors files (Linux; else none)."""
     out = []
     try:
         lines = Path("/proc/self/maps").read_text().splitlines()
@@ -97,7 +97,7 @@ def _file_mappings() -> list[tuple[int, int]]:
         parts = line.split(maxsplit=5)
         if len(parts) == 6 and parts[5].endswith(".safetensors"):
             lo, hi = (int(v, 16) for v in parts[0].split("-"))
-            out.append((lo, hi))
+            out.append((lo, hi, parts[5]))
     return out
 
 
@@ -114,7 +114,7 @@ def available_memory() -> int:
 
 def _mapped(model: torch.nn.Module):
     """(module, "_parameters" or "_buffers", name, tensor) for each CPU tensor viewing a mapped shard."""
-    maps = _file_mappings()
+    maps = [(lo, hi) for lo, hi, _ in file_mappings()]
     for module in model.modules():
         for kind in ("_parameters", "_buffers"):
             for name, t in list(getattr(module, kind).items()):
@@ -125,29 +125,26 @@ def _mapped(model: torch.nn.Module):
                     yield module, kind, name, t
 
 
-def mapped_bytes(model: torch.nn.Module) -> int:
-    seen = {t.data_ptr(): t.numel() * t.element_size() for _, _, _, t in _mapped(model)}
-    return sum(seen.values())
-
-
-def copy_mapped_weights(model: torch.nn.Module) -> int:
+def copy_mapped_weights(model: torch.nn.Module, budget: float | None = None) -> int:
     """Replace every CPU parameter and buffer that is a view of a mapped shard by a copy in
     anonymous memory, dropping the mapped pages behind it (llama.cpp's --no-mmap); returns the
-    bytes copied. Decode reads anonymous memory faster here than the page cache's mapping."""
-    from .checkpoint import _unmap_pages
+    bytes copied. With a `budget`, nothing is copied when the copies would take more. Decode
+    reads anonymous memory faster here than the page cache's mapping."""
+    from .checkpoint import unmap_pages
 
+    mapped = list(_mapped(model))
+    sizes = {t.data_ptr(): t.numel() * t.element_size() for _, _, _, t in mapped}
+    if budget is not None and sum(sizes.values()) >= budget:
+        return 0
     copies: dict[int, torch.Tensor] = {}
-    total = 0
-    for module, kind, name, t in list(_mapped(model)):
+    for module, kind, name, t in mapped:
         ptr = t.data_ptr()
         c = copies.get(ptr)
         if c is None:
             c = copies[ptr] = t.detach().clone()
-            n = t.numel() * t.element_size()
-            _unmap_pages(ptr, n)  # the file's pages leave this process (they were only read)
-            total += n
+            unmap_pages(ptr, sizes[ptr])  # the file's pages leave this process (they were only read)
         getattr(module, kind)[name] = torch.nn.Parameter(c, requires_grad=False) if kind == "_parameters" else c
-    return total
+    return sum(sizes[p] for p in copies)
 
 
 def quantized_parts(ckpt: Checkpoint, cfg: TextConfig, scheme):
@@ -281,7 +278,6 @@ def load_model(
 
         to_int8(model)
     if mmap is not True and torch_device.type == "cpu":
-        if mmap is False or mapped_bytes(model) < 0.8 * available_memory():
-            copy_mapped_weights(model)
+        copy_mapped_weights(model, None if mmap is False else 0.8 * available_memory())
     model.eval()
     return model, cfg

@@ -139,13 +139,10 @@ class HostStore:
             self.release(key)
         return out
 
-    def on_disk(self, key: Key) -> bool:
-        """Not held in host RAM: its block comes from the checkpoint's files."""
-        return key not in self.blocks
-
     def willneed(self, key: Key) -> bool:
         """Start reading a not-held expert's bytes into the page cache in the background (the
-        kernel's read-ahead); False when the builder cannot say where they are."""
+        kernel's read-ahead); False when it is held in RAM or the builder cannot say where its
+        bytes are."""
         hint = getattr(self.build, "willneed", None)
         if key in self.blocks or hint is None:
             return False

@@ -87,6 +87,8 @@ class OffloadManager:
         self.device = cache.device
         self.moe = {i: layer.feed_forward for i, layer in enumerate(model.layers) if layer.is_moe}
         self.stats = {i: LayerStats() for i in self.moe}
+        order = sorted(self.moe)
+        self.next_moe = dict(zip(order, order[1:], strict=False))  # each MoE layer's next one
         self.guess: dict[int, set[Key]] = {}
         self.cost: CostModel | None = None
         self.lookahead = LOOKAHEAD if cache.cuda else 0
@@ -145,14 +147,14 @@ class OffloadManager:
         for key in guess:
             if self.cache.resident(key):
                 continue
-            if store.on_disk(key) and store.willneed(key):
+            if store.willneed(key):  # on disk: read-ahead only
                 st.disk_hints += 1
             elif self.cache.load(key, st, guess, demand=False):
                 st.prefetch_loads += 1
-        nxt = next((j for j in sorted(self.moe) if j > i), None)
+        nxt = self.next_moe.get(i)
         if nxt is not None and store.bounded:
             for key in self._guess(nxt, x):
-                if not self.cache.resident(key) and store.on_disk(key) and store.willneed(key):
+                if not self.cache.resident(key) and store.willneed(key):
                     self.stats[nxt].disk_hints += 1
 
     # -- one layer --------------------------------------------------------------------------------

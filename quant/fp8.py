@@ -10,8 +10,10 @@ ignore list: attention, routers, lm_head, vision in the published file) keep a p
 The weight a module computes with is compressed-tensors' dequantization, exactly: the FP8
 values converted to the scale's dtype and multiplied by the scale in that dtype (bf16 scales:
 a bf16 product), then converted to the run's dtype. `Fp8Linear` keeps the FP8 bytes (1 byte
-per weight: half of bf16) and dequantizes a band of rows at a time inside its forward, so
-memory holds the FP8 tensors plus one band. Activations stay in the run's dtype (weight-only
+per weight: half of bf16). bf16/fp16 runs on the CPU compute with them in our AVX2 kernel
+(quant/fp8_kernel.py: float32 products of the FP8 values and scales, not rounded to bf16 per
+weight); float32 runs and GPUs dequantize a band of rows at a time (exactly the weights above),
+so memory holds the FP8 tensors plus one band. Activations stay in the run's dtype (weight-only
 FP8; the checkpoint's dynamic FP8 activation scheme is not applied).
 """
 
@@ -84,20 +86,18 @@ def from_tensors(get, prefix: str, fmt: Fp8Format) -> Fp8Weight:
     return Fp8Weight(weight, scale, fmt.block)
 
 
-def _rows_per_band(w: Fp8Weight) -> int:
-    n, k = w.shape
+def _rows_per_band(n: int, k: int, block: tuple[int, int] | None) -> int:
     rows = max(1, BAND_BYTES // max(1, k))
-    if w.block is not None:  # whole blocks of rows, so each band's scales are whole rows of scales
-        rows = max(w.block[0], rows // w.block[0] * w.block[0])
+    if block is not None:  # whole blocks of rows, so each band's scales are whole rows of scales
+        rows = max(block[0], rows // block[0] * block[0])
     return min(n, rows)
 
 
 def fp8_matmul(x: torch.Tensor, tensors: dict[str, torch.Tensor], block: tuple[int, int] | None) -> torch.Tensor:
     """x [T, K] @ dequant(W)^T in x's dtype, dequantizing a band of W's rows at a time."""
     w, s = tensors["weight"], tensors["weight_scale"]
-    fw = Fp8Weight(w, s, block)
     n = w.shape[0]
-    rows = _rows_per_band(fw)
+    rows = _rows_per_band(n, w.shape[1], block)
     if rows >= n:
         return F.linear(x, dequantize_fp8(w, s, block).to(x.dtype))
     per_row = s.numel() == n and block is None
@@ -140,11 +140,11 @@ def kernel_path(w: Fp8Weight, device: torch.device, dtype: torch.dtype) -> str:
 
 def fp8_avx2_matmul(x: torch.Tensor, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
     """x [T, K] @ W^T with our AVX2 kernel, 4 rows at a time; float32 accumulation, x's dtype."""
-    from .cpu_kernel import _module
+    from .cpu_kernel import FP8_MAX_ROWS, _module
     from .kernels import by_rows
 
     w, s = tensors["weight"].view(torch.uint8), tensors["row_scales"]
-    y = by_rows(lambda rows: _module().fp8_mv(rows.float().contiguous(), w, s), x, 4, 4)
+    y = by_rows(lambda rows: _module().fp8_mv(rows.float().contiguous(), w, s), x, FP8_MAX_ROWS, FP8_MAX_ROWS)
     return y.to(x.dtype)
 
 
@@ -163,12 +163,10 @@ class Fp8Linear(torch.nn.Module):
             self.register_buffer("row_scales", row_scales(w))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from .kernels import int4_matmul  # the one dispatch by path, as offloaded experts use it
+
         lead = x.shape[:-1]
-        x2 = x.reshape(-1, x.shape[-1])
-        if self.path == "fp8_avx2":
-            y = fp8_avx2_matmul(x2, self.tensors())
-        else:
-            y = fp8_matmul(x2, self.tensors(), self.block)
+        y = int4_matmul(self.path, self.block, x.reshape(-1, x.shape[-1]), self.tensors())
         return y.reshape(*lead, y.shape[-1])
 
     def tensors(self) -> dict[str, torch.Tensor]:

@@ -224,12 +224,12 @@ def quantize_checkpoint(
             qw.zero = None if qw.zero is None else qw.zero.cpu()
             return qw
 
+        source = _Fp8Source(tensors, fp8) if fp8 is not None else None
         by_shard: dict[Path, list[str]] = {}
         for name, path in tensors.items():
-            if fp8 is not None and name.endswith(_FP8_COMPANIONS) and name.rsplit(".", 1)[0] + ".weight" in tensors:
+            if source is not None and source.is_companion(name):
                 continue  # an FP8 weight's scale: read with its weight
             by_shard.setdefault(path, []).append(name)
-        source = _Fp8Source(tensors, fp8) if fp8 is not None else None
         for path in sorted(by_shard):
             # One source shard mapped at a time: its pages leave our address space when it closes.
             with safe_open(str(path), framework="pt") as f:
@@ -285,9 +285,14 @@ class _Fp8Source:
 
     def __init__(self, tensors: dict[str, Path], scheme: QuantScheme):
         self.tensors, self.scheme = tensors, scheme
+        self._scale_shards: dict[Path, object] = {}  # opened once each: their headers are parsed once
 
     def is_fp8(self, name: str) -> bool:
         return name.endswith(".weight") and name.removesuffix(".weight") + ".weight_scale" in self.tensors
+
+    def is_companion(self, name: str) -> bool:
+        """A scale (or input scale) that belongs to an FP8 weight."""
+        return name.endswith(_FP8_COMPANIONS) and name.rsplit(".", 1)[0] + ".weight" in self.tensors
 
     def read(self, f, name: str) -> torch.Tensor:
         if not self.is_fp8(name):
@@ -295,8 +300,10 @@ class _Fp8Source:
         from .fp8 import dequantize_fp8
 
         scale_name = name.removesuffix(".weight") + ".weight_scale"
-        with safe_open(str(self.tensors[scale_name]), framework="pt") as g:  # maybe another shard
-            scale = g.get_tensor(scale_name)
+        path = self.tensors[scale_name]  # maybe another shard
+        if path not in self._scale_shards:
+            self._scale_shards[path] = safe_open(str(path), framework="pt")
+        scale = self._scale_shards[path].get_tensor(scale_name).clone()  # small; not a view of the map
         return dequantize_fp8(f.get_tensor(name), scale, self.scheme.fp8.block).to(torch.bfloat16)
 
 

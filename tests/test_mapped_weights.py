@@ -2,23 +2,10 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
-from llama4_local.loader import load_model
+from llama4_local.loader import file_mappings, load_model
 from quant.kernels import Int4Linear
-
-
-def file_mappings() -> list[tuple[int, int, str]]:
-    """(start, end, path) of this process's memory mappings of files (Linux)."""
-    out = []
-    for line in Path("/proc/self/maps").read_text().splitlines():
-        parts = line.split(maxsplit=5)
-        if len(parts) == 6 and parts[5].startswith("/"):
-            lo, hi = (int(v, 16) for v in parts[0].split("-"))
-            out.append((lo, hi, parts[5]))
-    return out
 
 
 def test_int4_weights_are_views_of_the_checkpoint_files(scout_int4):
@@ -28,7 +15,7 @@ def test_int4_weights_are_views_of_the_checkpoint_files(scout_int4):
     assert linears
     if linears[0].path not in ("avx2", "avx2_q8"):
         pytest.skip("our AVX2 kernel is not available here")
-    maps = [(lo, hi) for lo, hi, p in file_mappings() if p.endswith(".safetensors") and str(path) in p]
+    maps = [(lo, hi) for lo, hi, p in file_mappings() if str(path) in p]
     for lin in linears:
         ptr = lin.packed.data_ptr()
         assert any(lo <= ptr < hi for lo, hi in maps), "packed weights copied out of the mapped shard"
@@ -40,7 +27,7 @@ def test_no_mmap_copies_and_computes_the_same(scout_int4):
     path, _ = scout_int4
     mapped, _ = load_model(path, "bfloat16", "cpu")
     copied, _ = load_model(path, "bfloat16", "cpu", mmap=False)
-    maps = [(lo, hi) for lo, hi, p in file_mappings() if p.endswith(".safetensors") and str(path) in p]
+    maps = [(lo, hi) for lo, hi, p in file_mappings() if str(path) in p]
     tensors = [t for t in list(copied.parameters()) + list(copied.buffers()) if t.numel()]
     assert not any(lo <= t.data_ptr() < hi for t in tensors for lo, hi in maps)  # nothing left mapped
     ids = torch.randint(0, 300, (10,), generator=torch.Generator().manual_seed(0))
