@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from safetensors import safe_open
@@ -29,13 +30,15 @@ from llama4_local.config import load_config, read_json
 from llama4_local.errors import UserError
 from llama4_local.loader import check_model_dir
 
+from .calibrate import DEFAULT_TOKENS
 from .format import QuantScheme, to_tensors
+from .gptq import gptq_int4
 from .int4 import GROUP_SIZES, quantize_int4
 from .resume import WorkDir, remove_old_partials, source_fingerprint
 
 # "mlp": the dense SwiGLU MLPs of the layers without experts (Maverick's every other layer).
 PARTS = ("experts", "shared", "attention", "mlp")
-DEFAULT_PARTS = ("experts", "shared", "mlp")
+DEFAULT_PARTS = ("experts", "shared", "mlp")  # and attention when calibrating: see default_parts
 # Files copied from the source as they are (tokenizer, chat template, generation defaults, ...).
 COPY_SUFFIXES = (".json", ".jinja", ".txt", ".model", ".md")
 SKIP_FILES = {"config.json", INDEX_NAME}
@@ -55,10 +58,15 @@ _DENSE = ("feed_forward.gate_proj.weight", "feed_forward.up_proj.weight", "feed_
 class QuantizeOptions:
     group_size: int = 128
     symmetric: bool = True
-    parts: tuple[str, ...] = DEFAULT_PARTS
+    parts: tuple[str, ...] | None = None  # None: default_parts
     shard_bytes: int = 2 << 30
     device: str = "cpu"  # where the quantizer's arithmetic runs
     scheme: str = "int4"  # or "nf4" (bitsandbytes)
+    # GPTQ against the source model's activations on a calibration text (quant/calibrated.py);
+    # INT4 only. Off: each group's plain least-squares fit (quant/int4.py).
+    calibrate: bool = True
+    calibration_text: Path | None = None  # None: quant/data/calibration.txt
+    calibration_tokens: int = DEFAULT_TOKENS
 
 
 @dataclass
@@ -127,6 +135,16 @@ def _expert_prefix(name: str) -> str | None:
     return None
 
 
+def default_parts(cfg, opts: QuantizeOptions) -> tuple[str, ...]:
+    """What `quantize` takes when not told: experts, shared experts, dense MLPs and, with GPTQ
+    (INT4, calibrated), attention too. Attention's plain fit costs 1.3x llama.cpp Q4_K_M's KL on
+    the trained model, its GPTQ fit a small part of it (docs/benchmarks.md). Attention is left
+    out where the group does not divide its output projection's input (tiny models)."""
+    gptq = opts.calibrate and opts.scheme == "int4"
+    fits = (cfg.num_heads * cfg.head_dim) % opts.group_size == 0
+    return DEFAULT_PARTS + (("attention",) if gptq and fits else ())
+
+
 def _is_target(name: str, parts: tuple[str, ...]) -> bool:
     if "vision_model." in name or "multi_modal_projector." in name:
         return False  # vision stays as it is
@@ -159,6 +177,16 @@ def _release_freed_memory() -> None:
         _LIBC = False
 
 
+def _calibration_windows(src: Path, opts: QuantizeOptions) -> list[list[int]]:
+    from llama4_local.tokenizer import Tokenizer
+
+    from .calibrate import calibration_windows
+
+    if not (src / "tokenizer.json").exists():
+        raise UserError(f"{src} has no tokenizer.json, which calibration needs; add it or pass --no-calibrate")
+    return calibration_windows(Tokenizer(src), opts.calibration_text, opts.calibration_tokens)
+
+
 def _check_out(out: Path) -> None:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"output {out} already exists and is not empty; choose a new directory or remove it")
@@ -178,9 +206,10 @@ def quantize_checkpoint(
         fp8 = QuantScheme.from_config(cfg.quantization, str(src / "config.json"))
         if fp8.kind != "fp8":
             raise UserError(f"{src} is already quantized ({fp8.label}); quantize the original")
-    bad = [p for p in opts.parts if p not in PARTS]
-    if bad or "experts" not in opts.parts:
-        got = ", ".join(bad) or opts.parts
+    parts = opts.parts if opts.parts is not None else default_parts(cfg, opts)
+    bad = [p for p in parts if p not in PARTS]
+    if bad or "experts" not in parts:
+        got = ", ".join(bad) or parts
         raise UserError(f"--parts takes experts (always), shared, mlp and attention, not {got}")
     if opts.scheme not in ("int4", "nf4"):
         raise UserError(f"--scheme must be int4 or nf4, not {opts.scheme!r}")
@@ -193,6 +222,15 @@ def quantize_checkpoint(
             f"--group-size {opts.group_size} does not divide hidden {cfg.hidden_size} and "
             f"intermediate {cfg.intermediate_size}; pick a smaller group"
         )
+    if opts.scheme == "int4" and "attention" in parts and (cfg.num_heads * cfg.head_dim) % opts.group_size:
+        raise UserError(
+            f"--group-size {opts.group_size} does not divide attention's {cfg.num_heads * cfg.head_dim} "
+            "inputs to o_proj; pick a smaller group or --no-attention"
+        )
+    calibrate = opts.calibrate and opts.scheme == "int4"
+    if calibrate and opts.calibration_tokens < 16:
+        raise UserError(f"--calibration-tokens must be at least 16, not {opts.calibration_tokens}")
+    windows = _calibration_windows(src, opts) if calibrate else None  # checked before anything is written
     _check_out(out)
     tensors = list_tensors(src)
     total = sum(p.stat().st_size for p in set(tensors.values()))
@@ -201,8 +239,11 @@ def quantize_checkpoint(
 
     fingerprint = {
         "source": source_fingerprint(list(tensors.values())),
-        "options": [opts.group_size, opts.symmetric, list(opts.parts), opts.shard_bytes, opts.device, opts.scheme],
+        "options": [opts.group_size, opts.symmetric, list(parts), opts.shard_bytes, opts.device, opts.scheme],
     }
+    if calibrate:
+        text = Path(opts.calibration_text) if opts.calibration_text else None
+        fingerprint["calibration"] = [str(text) if text else "default", opts.calibration_tokens]
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_old_partials(out)
     work = WorkDir(out, fingerprint)
@@ -214,22 +255,42 @@ def quantize_checkpoint(
         writer = _ShardWriter(work, opts.shard_bytes)
         done, count = 0, 0
 
-        def quantize(w: torch.Tensor):
+        def quantize(w: torch.Tensor, h: torch.Tensor | None = None):
             if opts.scheme == "nf4":
                 from .nf4 import quantize_nf4
 
                 return quantize_nf4(w.to(device), opts.group_size)
-            qw = quantize_int4(w.to(device), opts.group_size, opts.symmetric, scale_dtype=w.dtype)
+            if h is not None:
+                qw = gptq_int4(w.to(device), h.to(device), opts.group_size, opts.symmetric, scale_dtype=w.dtype)
+            else:
+                qw = quantize_int4(w.to(device), opts.group_size, opts.symmetric, scale_dtype=w.dtype)
             qw.packed, qw.scale = qw.packed.cpu(), qw.scale.cpu()
             qw.zero = None if qw.zero is None else qw.zero.cpu()
             return qw
 
         source = _Fp8Source(tensors, fp8) if fp8 is not None else None
+        names = [n for n in tensors if source is None or not source.is_companion(n)]  # FP8 scales go with weights
+        handled: set[str] = set()
+        if calibrate:
+            from .calibrated import calibrated_pass
+
+            def progress(name: str, nbytes: int) -> None:
+                nonlocal done
+                done += nbytes
+                if on_progress:
+                    on_progress(done, total, name)
+
+            ctx = SimpleNamespace(
+                src=src, opts=opts, windows=windows, fp8_source=source, tensors=tensors, writer=writer,
+                skip=skip, quantize=quantize, progress=progress, count=0,
+            )  # fmt: skip
+            targets = [n for n in names if _is_target(n, parts) or _expert_prefix(n)]
+            handled = calibrated_pass(ctx, targets)
+            count += ctx.count
         by_shard: dict[Path, list[str]] = {}
-        for name, path in tensors.items():
-            if source is not None and source.is_companion(name):
-                continue  # an FP8 weight's scale: read with its weight
-            by_shard.setdefault(path, []).append(name)
+        for name in names:
+            if name not in handled:
+                by_shard.setdefault(tensors[name], []).append(name)
         for path in sorted(by_shard):
             # One source shard mapped at a time: its pages leave our address space when it closes.
             with safe_open(str(path), framework="pt") as f:
@@ -238,8 +299,8 @@ def quantize_checkpoint(
                     if prefix and len(f.get_slice(name).get_shape()) == 3:
                         count += _quantize_experts(f, name, prefix, writer, quantize, skip)
                     elif name in skip:
-                        count += _is_target(name, opts.parts)
-                    elif _is_target(name, opts.parts):
+                        count += _is_target(name, parts)
+                    elif _is_target(name, parts):
                         w = source.read(f, name) if source else f.get_tensor(name)
                         writer.add(to_tensors(name.removesuffix(".weight"), quantize(w)), name)
                         count += 1
@@ -255,7 +316,7 @@ def quantize_checkpoint(
 
         raw = read_json(src / "config.json")
         raw["quantization_config"] = scheme.config(
-            _skip_modules(opts.parts) if opts.scheme == "nf4" else _ignore_list(opts.parts)
+            _skip_modules(parts) if opts.scheme == "nf4" else _ignore_list(parts)
         )
         (work.path / "config.json").write_text(json.dumps(raw, indent=2))
         copied = []

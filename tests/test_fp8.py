@@ -127,7 +127,7 @@ def test_offloaded_fp8_experts(maverick_fp8, dtype):
 
 def test_quantize_from_fp8_equals_from_dequantized(tmp_path, maverick_fp8):
     fp8, deq = maverick_fp8
-    opts = QuantizeOptions(group_size=64, shard_bytes=300_000)
+    opts = QuantizeOptions(group_size=64, shard_bytes=300_000, calibrate=False)  # plain fit: same INT4
     quantize_checkpoint(fp8, tmp_path / "a", opts)
     quantize_checkpoint(deq, tmp_path / "b", opts)
     a, b = list_tensors(tmp_path / "a"), list_tensors(tmp_path / "b")

@@ -17,16 +17,25 @@ OPTS = QuantizeOptions(group_size=64, shard_bytes=100_000)
 
 
 class Counting:
-    """quantize_int4 that counts its calls and raises KeyboardInterrupt on call `stop`."""
+    """Counts the quantizer's fits (GPTQ's and the plain one's together) and raises
+    KeyboardInterrupt on call `stop`; `install` puts it in place of both."""
 
     def __init__(self, stop: int | None = None):
-        self.real, self.calls, self.stop = qmod.quantize_int4, 0, stop
+        self.calls, self.stop = 0, stop
 
-    def __call__(self, *a, **k):
-        self.calls += 1
-        if self.calls == self.stop:
-            raise KeyboardInterrupt
-        return self.real(*a, **k)
+    def wrap(self, real):
+        def fit(*a, **k):
+            self.calls += 1
+            if self.calls == self.stop:
+                raise KeyboardInterrupt
+            return real(*a, **k)
+
+        return fit
+
+    def install(self, monkeypatch):
+        for name in ("quantize_int4", "gptq_int4"):
+            monkeypatch.setattr(qmod, name, self.wrap(getattr(qmod, name)))
+        return self
 
 
 def contents(out):
@@ -50,7 +59,7 @@ def reference(scout_ckpt, tmp_path_factory):
 
 
 def interrupted(scout_ckpt, out, monkeypatch, stop, opts=OPTS):
-    monkeypatch.setattr(qmod, "quantize_int4", Counting(stop))
+    Counting(stop).install(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         quantize_checkpoint(scout_ckpt, out, opts)
     work = out.parent / f".{out.name}.partial"
@@ -63,8 +72,7 @@ def test_resume_redoes_only_the_unfinished_part(tmp_path, scout_ckpt, monkeypatc
     ref, summary = reference
     out = tmp_path / "out"
     work, manifest = interrupted(scout_ckpt, out, monkeypatch, stop=40)
-    counter = Counting()
-    monkeypatch.setattr(qmod, "quantize_int4", counter)
+    counter = Counting().install(monkeypatch)
     again = quantize_checkpoint(scout_ckpt, out, OPTS)
     assert again.resumed_shards == len(manifest["shards"]) > 0
     assert 0 < counter.calls < summary.quantized_linears  # the finished shards were not quantized again
@@ -81,7 +89,7 @@ def test_a_damaged_shard_and_those_after_it_are_redone(tmp_path, scout_ckpt, mon
     data = bytearray(victim.read_bytes())
     data[-1] ^= 0xFF  # same size, different bytes
     victim.write_bytes(bytes(data))
-    monkeypatch.setattr(qmod, "quantize_int4", Counting())
+    Counting().install(monkeypatch)
     again = quantize_checkpoint(scout_ckpt, out, OPTS)
     assert again.resumed_shards == 1
     assert same(out, reference[0])
@@ -90,8 +98,7 @@ def test_a_damaged_shard_and_those_after_it_are_redone(tmp_path, scout_ckpt, mon
 def test_other_options_start_over(tmp_path, scout_ckpt, monkeypatch):
     out = tmp_path / "out"
     interrupted(scout_ckpt, out, monkeypatch, stop=40)
-    counter = Counting()
-    monkeypatch.setattr(qmod, "quantize_int4", counter)
+    counter = Counting().install(monkeypatch)
     other = QuantizeOptions(group_size=32, shard_bytes=100_000)
     again = quantize_checkpoint(scout_ckpt, out, other)
     assert again.resumed_shards == 0 and counter.calls == again.quantized_linears

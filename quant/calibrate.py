@@ -1,0 +1,115 @@
+"""Calibration for GPTQ (quant/gptq.py): the source model run one decoder layer at a time.
+
+The original checkpoint is loaded as it is (memory-mapped, nothing converted: Scout's bf16 or
+Maverick's FP8), the calibration text's windows are embedded, and each call to `run_layer(i)`
+pushes every window's hidden states through layer i with the original weights, recording what
+its quantizable linears see: the input second moments of q/k/v (one input), o, the shared
+expert's gate/up and down, a dense MLP's, and, per routed expert, the rows routed to it (the
+router's score already applied, as Llama 4 does). Only one layer's statistics live at a time, so
+memory is the hidden states (tokens x hidden) plus one layer's Hessians; the statistics come
+from the original model's activations at every layer.
+
+The default text (quant/data/calibration.txt) is documentation prose from CPython's standard
+library docstrings (Python Software Foundation License), taken from the modules that
+benchmarks/train_small.py trains on, so none of it is in the held-out text the KL benchmarks
+score. `--calibration FILE` takes any UTF-8 text instead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from llama4_local.errors import UserError
+from llama4_local.model import rope_freqs
+
+from .gptq import HessianSum
+
+DEFAULT_TEXT = Path(__file__).parent / "data" / "calibration.txt"
+DEFAULT_TOKENS = 8192
+WINDOW = 512
+
+
+def calibration_windows(tokenizer, text_path: Path | None, tokens: int, window: int = WINDOW) -> list[list[int]]:
+    """The first `tokens` tokens of the text, in windows of `window` (each starting with BOS)."""
+    path = Path(text_path) if text_path else DEFAULT_TEXT
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read calibration text {path}: {e}; pass a UTF-8 text file") from None
+    ids = tokenizer.encode(text, add_special_tokens=False)[:tokens]
+    if len(ids) < 2:
+        raise UserError(f"calibration text {path} is too short: it needs at least a few hundred tokens")
+    body = window - (1 if tokenizer.bos_id is not None else 0)
+    bos = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
+    return [bos + ids[s : s + body] for s in range(0, len(ids), body) if len(ids[s : s + body]) >= 2]
+
+
+@dataclass
+class LayerStats:
+    """What one layer's linears saw: Hessian sums by role, and each routed expert's input rows."""
+
+    hessians: dict[str, HessianSum] = field(default_factory=dict)
+    expert_inputs: dict[int, list[torch.Tensor]] = field(default_factory=dict)
+    tokens: int = 0
+
+    def hessian(self, role: str) -> torch.Tensor | None:
+        h = self.hessians.get(role)
+        return None if h is None else h.mean()
+
+    def expert_rows(self, e: int) -> torch.Tensor | None:
+        rows = self.expert_inputs.get(e)
+        return torch.cat(rows).float() if rows else None
+
+
+class LayerRunner:
+    """Hidden states of the calibration windows, pushed through the model one layer at a time."""
+
+    def __init__(self, model, windows: list[list[int]]):
+        self.model = model
+        emb = model.embed_tokens.weight
+        self.hidden = [F.embedding(torch.tensor(w, device=emb.device), emb) for w in windows]
+        self.freqs = [rope_freqs(model.inv_freq, torch.arange(len(w), device=emb.device)) for w in windows]
+
+    @torch.inference_mode()
+    def run_layer(self, i: int) -> LayerStats:
+        layer, stats = self.model.layers[i], LayerStats()
+        hooks = []
+
+        def record(module, role: str):
+            h = stats.hessians.setdefault(role, HessianSum())
+            hooks.append(module.register_forward_pre_hook(lambda _m, inp: h.add(inp[0])))
+
+        attn = layer.self_attn
+        record(attn.q_proj, "qkv")
+        record(attn.o_proj, "o")
+        ff = layer.feed_forward
+        experts = getattr(ff, "experts", None)
+        if experts is not None:
+            record(ff.shared_expert.gate_proj, "shared_gu")
+            record(ff.shared_expert.down_proj, "shared_down")
+            original = experts.run
+
+            def run(groups):
+                for e, x in groups:
+                    stats.expert_inputs.setdefault(e, []).append(x.detach().float())
+                return original(groups)
+
+            experts.run = run
+        else:
+            record(ff.gate_proj, "mlp_gu")
+            record(ff.down_proj, "mlp_down")
+        try:
+            for j, x in enumerate(self.hidden):
+                cache = self.model.new_cache(x.shape[0])
+                self.hidden[j] = layer(x, 0, self.freqs[j], cache.layers[i])
+                stats.tokens += x.shape[0]
+        finally:
+            for h in hooks:
+                h.remove()
+            if experts is not None:
+                del experts.run  # the class's method again
+        return stats

@@ -1,0 +1,170 @@
+"""The calibrated (GPTQ) pass of `quantize`: every target linear of the text layers, layer by layer.
+
+For each decoder layer the source model runs the calibration windows through it (quant/
+calibrate.py), then each quantized linear of that layer is fitted by GPTQ to the inputs it saw:
+q/k/v share one Hessian, o its own, the shared expert's and a dense MLP's gate/up theirs and
+down theirs; a routed expert's gate/up use the rows routed to it, its down the activations
+those rows produce through the original gate/up. An expert no calibration token chose (possible
+with 128 experts and a short text) gets the plain fit. Outputs go to the same shard writer, in
+the same units, as the uncalibrated pass, so an interrupted run resumes the same way.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+
+from .calibrate import LayerRunner, LayerStats
+from .format import to_tensors
+
+
+def _nbytes(f, name: str) -> int:
+    from .quantize import _nbytes as nbytes
+
+    return nbytes(f, name)
+
+
+_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+_UNFUSED = re.compile(r"^(.*\.experts)\.(\d+)\.(gate|up|down)_proj\.weight$")
+_ROLES = (
+    (("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"), "qkv"),
+    (("self_attn.o_proj.weight",), "o"),
+    (("shared_expert.gate_proj.weight", "shared_expert.up_proj.weight"), "shared_gu"),
+    (("shared_expert.down_proj.weight",), "shared_down"),
+    (("feed_forward.gate_proj.weight", "feed_forward.up_proj.weight"), "mlp_gu"),
+    (("feed_forward.down_proj.weight",), "mlp_down"),
+)
+
+
+def layer_of(name: str) -> int | None:
+    m = _LAYER.search(name)
+    return int(m.group(1)) if m else None
+
+
+def role_of(name: str) -> str | None:
+    for suffixes, role in _ROLES:
+        if name.endswith(suffixes):
+            return role
+    return None
+
+
+class _Reader:
+    """Source tensors by name, each shard opened once; FP8 weights dequantized (quantize's _Fp8Source)."""
+
+    def __init__(self, tensors: dict[str, Path], fp8_source):
+        self.tensors, self.fp8 = tensors, fp8_source
+        self.files: dict[Path, object] = {}
+
+    def handle(self, name: str):
+        path = self.tensors[name]
+        if path not in self.files:
+            self.files[path] = safe_open(str(path), framework="pt")
+        return self.files[path]
+
+    def read(self, name: str) -> torch.Tensor:
+        f = self.handle(name)
+        return self.fp8.read(f, name) if self.fp8 else f.get_tensor(name)
+
+
+def calibrated_pass(ctx, names: list[str]) -> set[str]:
+    """Quantize the text-layer targets among `names` with GPTQ; returns the names it handled.
+
+    `ctx` is quantize's run state: src, opts, calibration windows, fp8 source, tensors, writer, skip (units
+    already in finished shards), quantize(w, h) and progress(name)."""
+    from llama4_local.loader import load_model
+
+    by_layer: dict[int, list[str]] = {}
+    for name in names:
+        i = layer_of(name)
+        if i is not None:
+            by_layer.setdefault(i, []).append(name)
+    if not by_layer:
+        return set()
+    reader = _Reader(ctx.tensors, ctx.fp8_source)
+    dtype = "float32" if reader.read(_any_embedding(ctx.tensors)).dtype == torch.float32 else "bfloat16"
+    model, _ = load_model(ctx.src, dtype, "cpu", mmap=True)
+    runner = LayerRunner(model, ctx.windows)
+    handled: set[str] = set()
+    for i in range(len(model.layers)):
+        stats = runner.run_layer(i)
+        _quantize_layer(ctx, reader, stats, by_layer.get(i, []))
+        handled.update(by_layer.get(i, []))
+    del runner, model
+    return handled
+
+
+def _any_embedding(tensors: dict[str, Path]) -> str:
+    return next(n for n in tensors if n.endswith("embed_tokens.weight"))
+
+
+def _quantize_layer(ctx, reader: _Reader, stats: LayerStats, names: list[str]) -> None:
+    """Every target of one layer; a routed expert's gate, up and down together (down's Hessian
+    comes from the same rows through gate and up)."""
+    experts: dict[tuple[str, int], dict[str, str]] = {}  # (prefix, e) -> proj -> source name
+    for name in sorted(names):
+        m = _UNFUSED.match(name)
+        if name.endswith((".experts.gate_up_proj", ".experts.down_proj")):
+            prefix, _, kind = name.rpartition(".")
+            n = reader.handle(name).get_slice(name).get_shape()[0]
+            for e in range(n):
+                experts.setdefault((prefix, e), {})[kind] = name
+        elif m:
+            experts.setdefault((m.group(1), int(m.group(2))), {})[m.group(3)] = name
+        else:
+            ctx.count += 1
+            if name not in ctx.skip:
+                h = stats.hessian(role_of(name))
+                ctx.writer.add(to_tensors(name.removesuffix(".weight"), ctx.quantize(reader.read(name), h)), name)
+            ctx.progress(name, _nbytes(reader.handle(name), name))
+    for (prefix, e), projs in sorted(experts.items()):
+        _expert(ctx, reader, stats, prefix, e, projs)
+
+
+def _gate_up_hessians(stats: LayerStats, e: int, gate: torch.Tensor, up: torch.Tensor):
+    """(H of gate/up's input, H of down's input) for expert e, or (None, None) if no row chose it."""
+    x = stats.expert_rows(e)
+    if x is None or x.shape[0] == 0:
+        return None, None
+    a = F.silu(x @ gate.float().t()) * (x @ up.float().t())  # what down sees, through the original weights
+    return x.t() @ x / x.shape[0], a.t() @ a / a.shape[0]
+
+
+def _expert(ctx, reader: _Reader, stats: LayerStats, prefix: str, e: int, projs: dict[str, str]) -> None:
+    """Expert e's linears: fused (`gate_up_proj` / `down_proj` names, unit "name#e") or one
+    tensor per linear (`gate` / `up` / `down`, unit the name)."""
+    from .quantize import expert_linears
+
+    fused = "gate_up_proj" in projs or "down_proj" in projs
+    if fused:
+        units = {kind: f"{name}#{e}" for kind, name in projs.items()}
+        ctx.count += 2 * ("gate_up_proj" in projs) + ("down_proj" in projs)
+    else:
+        units = dict(projs)
+        ctx.count += len(projs)
+    todo = [k for k, u in units.items() if u not in ctx.skip]
+    if todo:
+        if fused:
+            gu_name = prefix + ".gate_up_proj"
+            gu = expert_linears(gu_name, reader.handle(gu_name).get_slice(gu_name)[e])
+            gate, up = gu["gate_proj"], gu["up_proj"]
+        else:
+            gate, up = reader.read(f"{prefix}.{e}.gate_proj.weight"), reader.read(f"{prefix}.{e}.up_proj.weight")
+        h_in, h_down = _gate_up_hessians(stats, e, gate, up)
+        for kind in todo:
+            name = projs[kind]
+            if fused:
+                linears = expert_linears(name, reader.handle(name).get_slice(name)[e])
+            else:
+                linears = {f"{kind}_proj": {"gate": gate, "up": up}.get(kind) if kind != "down" else reader.read(name)}
+            tensors = {}
+            for proj, w in linears.items():
+                h = h_down if proj == "down_proj" else h_in
+                tensors.update(to_tensors(f"{prefix}.{e}.{proj}", ctx.quantize(w.contiguous(), h)))
+            ctx.writer.add(tensors, units[kind])
+    for name in set(projs.values()):
+        n = _nbytes(reader.handle(name), name)
+        ctx.progress(name, n // reader.handle(name).get_slice(name).get_shape()[0] if fused else n)

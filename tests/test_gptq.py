@@ -1,0 +1,152 @@
+"""GPTQ (quant/gptq.py) and the calibrated default of `quantize` (quant/calibrate.py, calibrated.py)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from llama4_local.errors import UserError
+from llama4_local.loader import load_model
+from llama4_local.tokenizer import Tokenizer
+from quant.calibrate import DEFAULT_TEXT, LayerRunner, calibration_windows
+from quant.gptq import HessianSum, gptq_int4
+from quant.int4 import dequantize_int4, quantize_int4
+from quant.quantize import QuantizeOptions, quantize_checkpoint
+
+
+def correlated_inputs(n: int, k: int, seed: int = 0) -> torch.Tensor:
+    """Rows with strongly correlated features and uneven scales, like a layer's activations."""
+    g = torch.Generator().manual_seed(seed)
+    basis = torch.randn(k // 4, k, generator=g)
+    x = torch.randn(n, k // 4, generator=g) @ basis + 0.1 * torch.randn(n, k, generator=g)
+    return x * torch.linspace(0.2, 3.0, k)
+
+
+def output_error(w, w_hat, x):
+    return ((x @ (w - w_hat).t()).norm() / (x @ w.t()).norm()).item()
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_identity_hessian_is_the_plain_fit(symmetric):
+    w = torch.randn(48, 256, generator=torch.Generator().manual_seed(1))
+    got = gptq_int4(w, torch.eye(256), 64, symmetric)
+    want = quantize_int4(w, 64, symmetric)
+    assert torch.equal(got.packed, want.packed) and torch.equal(got.scale, want.scale)
+    assert (got.zero is None) == symmetric and (symmetric or torch.equal(got.zero, want.zero))
+
+
+@pytest.mark.parametrize("group_size,symmetric", [(128, True), (32, True), (64, False)])
+def test_lower_output_error_than_the_plain_fit(group_size, symmetric):
+    w = torch.randn(96, 512, generator=torch.Generator().manual_seed(2))
+    x = correlated_inputs(2048, 512)
+    h = HessianSum()
+    h.add(x[:1024])  # fitted on half the rows, measured on the other half
+    q = gptq_int4(w, h.mean(), group_size, symmetric, scale_dtype=torch.bfloat16)
+    plain = quantize_int4(w, group_size, symmetric, scale_dtype=torch.bfloat16)
+    held = x[1024:]
+    ours = output_error(w, dequantize_int4(q, torch.float32), held)
+    base = output_error(w, dequantize_int4(plain, torch.float32), held)
+    assert ours < 0.7 * base, (ours, base)
+    assert q.scale.dtype == torch.bfloat16 and q.packed.shape == plain.packed.shape
+
+
+def test_unseen_inputs_and_no_rows():
+    w = torch.randn(16, 128)
+    x = correlated_inputs(300, 128)
+    x[:, 5] = 0  # an input never active
+    h = HessianSum()
+    assert h.mean() is None
+    h.add(x)
+    q = gptq_int4(w, h.mean(), 32)
+    assert torch.isfinite(dequantize_int4(q, torch.float32)).all()
+    with pytest.raises(ValueError, match="H is"):
+        gptq_int4(w, torch.eye(64), 32)
+
+
+def test_layer_runner_reproduces_the_forward(scout_ckpt):
+    """Run layer by layer, the hidden states end where the whole model's forward ends, and each
+    routed expert sees exactly the rows routed to it."""
+    model, cfg = load_model(scout_ckpt, "float32", "cpu")
+    tok = Tokenizer(scout_ckpt)
+    windows = calibration_windows(tok, None, 150, window=64)
+    assert len(windows) == 3 and all(w[0] == tok.bos_id for w in windows)
+    runner = LayerRunner(model, windows)
+    routed = 0
+    for i in range(cfg.num_layers):
+        stats = runner.run_layer(i)
+        assert stats.tokens == sum(len(w) for w in windows)
+        assert stats.hessian("qkv").shape == (cfg.hidden_size, cfg.hidden_size)
+        if model.layers[i].is_moe:
+            routed += sum(stats.expert_rows(e).shape[0] for e in stats.expert_inputs)
+    assert routed == cfg.top_k * stats.tokens * sum(layer.is_moe for layer in model.layers)
+    for w, h in zip(windows, runner.hidden, strict=True):
+        want = model(torch.tensor(w), model.new_cache(len(w)), last_only=False)
+        got = model.lm_head(model.norm(h)).float()
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    moe = next(layer for layer in model.layers if layer.is_moe)
+    assert "run" not in vars(moe.feed_forward.experts)  # the recording wrapper is gone
+
+
+@pytest.fixture(scope="module")
+def calibrated(scout_ckpt, tmp_path_factory):
+    out = tmp_path_factory.mktemp("gptq") / "int4"
+    opts = QuantizeOptions(group_size=32, calibration_tokens=512)
+    return out, quantize_checkpoint(scout_ckpt, out, opts)
+
+
+def test_calibrated_default_layout(calibrated, scout_ckpt):
+    out, summary = calibrated
+    names = set(json.loads((out / "model.safetensors.index.json").read_text())["weight_map"])
+    assert "model.layers.0.self_attn.q_proj.weight_packed" in names  # attention too, by default
+    assert "model.layers.1.feed_forward.experts.3.down_proj.weight_packed" in names
+    assert "model.layers.0.feed_forward.router.weight" in names
+    ignore = json.loads((out / "config.json").read_text())["quantization_config"]["ignore"]
+    assert not any("self_attn" in i for i in ignore)
+    # Still compressed-tensors' format: its decompressor reads what our dequantizer reads.
+    from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+
+    from quant.format import QuantScheme, from_tensors
+
+    index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+
+    def get(n):
+        with safe_open(str(out / index[n]), "pt") as f:
+            return f.get_tensor(n)
+
+    prefix = "model.layers.1.self_attn.o_proj"
+    state = {s: get(f"{prefix}.{s}") for s in ("weight_packed", "weight_scale", "weight_shape")}
+    args = QuantizationArgs(num_bits=4, type="int", symmetric=True, strategy="group", group_size=32)
+    theirs = PackedQuantizationCompressor.decompress(state, QuantizationScheme(targets=["Linear"], weights=args))
+    ours = dequantize_int4(from_tensors(get, prefix, QuantScheme(32)))
+    assert torch.equal(theirs["weight"].float(), ours.float())
+
+
+def test_calibrated_is_closer_to_the_original(calibrated, scout_ckpt, tmp_path):
+    """On text like the calibration's (another stretch of the same file), the calibrated model's
+    logits are closer to the original's than those of the plain fit of the same tensors."""
+    out, _ = calibrated
+    plain = tmp_path / "plain"
+    parts = ("experts", "shared", "mlp", "attention")
+    quantize_checkpoint(scout_ckpt, plain, QuantizeOptions(group_size=32, calibrate=False, parts=parts))
+    tok = Tokenizer(scout_ckpt)
+    ids = torch.tensor(tok.encode(DEFAULT_TEXT.read_text()[-3000:], add_special_tokens=False)[:200])
+    logits = {}
+    for name, path in (("orig", scout_ckpt), ("gptq", out), ("plain", plain)):
+        m, _ = load_model(path, "float32", "cpu")
+        logits[name] = m(ids, m.new_cache(len(ids)), last_only=False)
+    err = {k: ((logits[k] - logits["orig"]).norm() / logits["orig"].norm()).item() for k in ("gptq", "plain")}
+    assert err["gptq"] < 0.9 * err["plain"], err
+
+
+def test_calibration_inputs_checked(scout_ckpt, tmp_path):
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"\xff\xfe not utf-8 \xff")
+    with pytest.raises(UserError, match="cannot read calibration text"):
+        quantize_checkpoint(scout_ckpt, tmp_path / "a", QuantizeOptions(group_size=64, calibration_text=bad))
+    with pytest.raises(UserError, match="calibration-tokens"):
+        quantize_checkpoint(scout_ckpt, tmp_path / "b", QuantizeOptions(group_size=64, calibration_tokens=1))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.txt"]  # nothing half-written
