@@ -2,7 +2,9 @@
 
 For each group size (32, 64, 128), symmetric and asymmetric, experts (routed + shared) only and
 experts plus attention, it quantizes the trained checkpoint with `quant.quantize` (the code
-behind `llama4-local quantize`) and scores it against the original with `llama4_local.evaluate`
+behind `llama4-local quantize`), with the plain fit ("int4") and with GPTQ on the bundled
+calibration text ("gptq", the default; text disjoint from the scored eval.txt), and scores it
+against the original with `llama4_local.evaluate`
 (the code behind `llama4-local eval --reference`): mean, median, 99th percentile and maximum
 KL(original || INT4) of the next-token distributions over the held-out text, top-1 agreement,
 and both perplexities. Float32 activations, so only the weights differ. On a model whose rows are multiples
@@ -12,9 +14,9 @@ weight-only baselines sit beside ours: plain round-to-nearest (symmetric, per gr
 bitsandbytes is installed, its NF4 at the same group size, both applied to the same tensors.
 
 With --bf16 it measures instead what a bf16 run costs on top of the weights: the original in
-bf16, and the default INT4 (and asymmetric group 64) in bf16 with float activations in the
-INT4 kernel and with int8 ones (what bf16 runs use on AVX2 CPUs), and with attention rounded to
-INT8 at load (`load_model(..., int8_attention=True)`), all against the float32 original.
+bf16, and the default INT4 (GPTQ, attention INT4 too) and the previous default (plain fit,
+attention rounded to INT8 at load) in bf16 with float activations in the INT4 kernel and with
+int8 ones (what bf16 runs use on AVX2 CPUs), all against the float32 original.
 
     python benchmarks/bench_quant_kl.py [--model benchmarks/.cache/small-llama4] [--ctx 256] [--bf16]
 """
@@ -22,6 +24,7 @@ INT8 at load (`load_model(..., int8_attention=True)`), all against the float32 o
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import shutil
 import sys
@@ -134,22 +137,28 @@ def with_cpu_path(model, path: str):
 
 def bf16_costs(args, report):
     """KL against the float32 original of bf16 runs: original, INT4 with float / int8 activations
-    (and, on a model whose rows are multiples of 256, llama.cpp's Q4_K_M beside them)."""
+    (and, on a model whose rows are multiples of 256, llama.cpp's Q4_K_M beside them): the default
+    (GPTQ, attention INT4 too) and the previous default (plain fit of the experts, attention
+    rounded to INT8 at load)."""
     if args.model and q4_k_fits(args.model):
         report("q4_k_m (llama.cpp, whole model)", q4_k_m(args.model, only_ours=False), dtype="float32")
     report("original", load_model(args.model, "bfloat16", "cpu")[0], dtype="bfloat16")
+    runs = (
+        ("gptq int4 g128 (default: + attention)", QuantizeOptions(), False),
+        ("int4 g128 plain fit, experts + shared, INT8 attention", QuantizeOptions(calibrate=False, parts=PLAIN), True),
+    )
     with tempfile.TemporaryDirectory() as tmp:
-        for group, symmetric in ((128, True), (64, False)):
-            out = Path(tmp) / f"q{group}{symmetric}"
-            quantize_checkpoint(args.model, out, QuantizeOptions(group, symmetric, ("experts", "shared")))
-            report("int4", load_model(out, "float32", "cpu")[0], group=group, symmetric=symmetric, dtype="float32")
+        for i, (name, opts, int8_attention) in enumerate(runs):
+            out = Path(tmp) / f"q{i}"
+            quantize_checkpoint(args.model, out, opts)
+            report(name, load_model(out, "float32", "cpu")[0], dtype="float32")
             for path, act in (("avx2", "float"), ("avx2_q8", "int8")):
-                model = with_cpu_path(load_model(out, "bfloat16", "cpu")[0], path)
-                report("int4", model, group=group, symmetric=symmetric, dtype="bfloat16", activations=act)
-            # Attention rounded to INT8 at load (quant.kernels.Int8Linear), int8 activations throughout.
-            model = with_cpu_path(load_model(out, "bfloat16", "cpu", int8_attention=True)[0], "avx2_q8")
-            report("int4 + int8 attention", model, group=group, symmetric=symmetric, dtype="bfloat16")
+                model = with_cpu_path(load_model(out, "bfloat16", "cpu", int8_attention=int8_attention)[0], path)
+                report(name, model, dtype="bfloat16", activations=act)
             shutil.rmtree(out)
+
+
+PLAIN = ("experts", "shared")
 
 
 def main():
@@ -195,11 +204,13 @@ def main():
         for attention in [a for a, k in ((False, "experts"), (True, "attention")) if k in kinds]:
             parts = ("experts", "shared") + (("attention",) if attention else ())
             for group in [int(g) for g in args.groups.split(",")]:
-                for symmetric in (True, False):
-                    out = Path(tmp) / f"q{group}{symmetric}{attention}"
-                    quantize_checkpoint(args.model, out, QuantizeOptions(group, symmetric, parts))
+                for symmetric, calibrate in itertools.product((True, False), (False, True)):
+                    out = Path(tmp) / f"q{group}{symmetric}{attention}{calibrate}"
+                    opts = QuantizeOptions(group, symmetric, parts, calibrate=calibrate)
+                    quantize_checkpoint(args.model, out, opts)
                     model, _ = load_model(out, "float32", "cpu")
-                    report("int4", model, group=group, symmetric=symmetric, attention=attention)
+                    name = "gptq" if calibrate else "int4"
+                    report(name, model, group=group, symmetric=symmetric, attention=attention)
                     shutil.rmtree(out)
                 report(
                     "rtn",

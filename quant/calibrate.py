@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from llama4_local.errors import UserError
 from llama4_local.model import rope_freqs
 
-from .gptq import HessianSum
+from .gptq import HessianSum, inverse_factor
 
 DEFAULT_TEXT = Path(__file__).parent / "data" / "calibration.txt"
 DEFAULT_TOKENS = 8192
@@ -55,10 +55,18 @@ class LayerStats:
     hessians: dict[str, HessianSum] = field(default_factory=dict)
     expert_inputs: dict[int, list[torch.Tensor]] = field(default_factory=dict)
     tokens: int = 0
+    factors: dict[str, torch.Tensor | None] = field(default_factory=dict)
 
     def hessian(self, role: str) -> torch.Tensor | None:
         h = self.hessians.get(role)
         return None if h is None else h.mean()
+
+    def factor(self, role: str) -> torch.Tensor | None:
+        """GPTQ's inverse factor for a role's Hessian (computed once: q, k and v share one)."""
+        if role not in self.factors:
+            h = self.hessian(role)
+            self.factors[role] = None if h is None else inverse_factor(h)
+        return self.factors[role]
 
     def expert_rows(self, e: int) -> torch.Tensor | None:
         rows = self.expert_inputs.get(e)

@@ -20,6 +20,7 @@ from safetensors import safe_open
 
 from .calibrate import LayerRunner, LayerStats
 from .format import to_tensors
+from .gptq import inverse_factor
 
 
 def _nbytes(f, name: str) -> int:
@@ -117,20 +118,21 @@ def _quantize_layer(ctx, reader: _Reader, stats: LayerStats, names: list[str]) -
         else:
             ctx.count += 1
             if name not in ctx.skip:
-                h = stats.hessian(role_of(name))
-                ctx.writer.add(to_tensors(name.removesuffix(".weight"), ctx.quantize(reader.read(name), h)), name)
+                u = stats.factor(role_of(name))
+                ctx.writer.add(to_tensors(name.removesuffix(".weight"), ctx.quantize(reader.read(name), u)), name)
             ctx.progress(name, _nbytes(reader.handle(name), name))
     for (prefix, e), projs in sorted(experts.items()):
         _expert(ctx, reader, stats, prefix, e, projs)
 
 
-def _gate_up_hessians(stats: LayerStats, e: int, gate: torch.Tensor, up: torch.Tensor):
-    """(H of gate/up's input, H of down's input) for expert e, or (None, None) if no row chose it."""
+def _expert_factors(stats: LayerStats, e: int, gate: torch.Tensor, up: torch.Tensor):
+    """GPTQ's inverse factors (gate/up's input, down's input) for expert e, or (None, None) if
+    no calibration row chose it."""
     x = stats.expert_rows(e)
     if x is None or x.shape[0] == 0:
         return None, None
     a = F.silu(x @ gate.float().t()) * (x @ up.float().t())  # what down sees, through the original weights
-    return x.t() @ x / x.shape[0], a.t() @ a / a.shape[0]
+    return inverse_factor(x.t() @ x / x.shape[0]), inverse_factor(a.t() @ a / a.shape[0])
 
 
 def _expert(ctx, reader: _Reader, stats: LayerStats, prefix: str, e: int, projs: dict[str, str]) -> None:
@@ -153,7 +155,7 @@ def _expert(ctx, reader: _Reader, stats: LayerStats, prefix: str, e: int, projs:
             gate, up = gu["gate_proj"], gu["up_proj"]
         else:
             gate, up = reader.read(f"{prefix}.{e}.gate_proj.weight"), reader.read(f"{prefix}.{e}.up_proj.weight")
-        h_in, h_down = _gate_up_hessians(stats, e, gate, up)
+        u_in, u_down = _expert_factors(stats, e, gate, up)
         for kind in todo:
             name = projs[kind]
             if fused:
@@ -162,8 +164,8 @@ def _expert(ctx, reader: _Reader, stats: LayerStats, prefix: str, e: int, projs:
                 linears = {f"{kind}_proj": {"gate": gate, "up": up}.get(kind) if kind != "down" else reader.read(name)}
             tensors = {}
             for proj, w in linears.items():
-                h = h_down if proj == "down_proj" else h_in
-                tensors.update(to_tensors(f"{prefix}.{e}.{proj}", ctx.quantize(w.contiguous(), h)))
+                u = u_down if proj == "down_proj" else u_in
+                tensors.update(to_tensors(f"{prefix}.{e}.{proj}", ctx.quantize(w.contiguous(), u)))
             ctx.writer.add(tensors, units[kind])
     for name in set(projs.values()):
         n = _nbytes(reader.handle(name), name)

@@ -23,7 +23,8 @@ nibble, so a loaded checkpoint's tensor is used as it is, with no repack. The ke
 load into low and high nibbles (even and odd inputs) and take the activations permuted to
 match, once per call: per block of 32, the even inputs then the odd ones (and for two blocks per
 load, per 64). Per row, `pack_scales` gives float32 [2, G]: the G group scales, then the G
-constants o - 8 s.
+constants o - 8 s; for symmetric weights [1, G], the scales alone (c = -8 s is formed in the
+kernel, the same float32 value): at group 128 a weight then costs 4.25 bits to read, not 4.5.
 
 Built with torch.utils.cpp_extension (needs a C++ compiler and ninja); where that fails, or the
 CPU lacks AVX2/FMA, `available()` is False and callers keep the stock kernel.
@@ -49,6 +50,8 @@ _SOURCE = r"""
 
 // Weights: nibbles u (0..15), w = s * (u - 8) + o per group, stored as packed bytes and, per row,
 // G scales s then G constants c = o - 8 s, so that sum_k w_k x_k = s * sum_k u_k x_k + c * sum_k x_k.
+// Symmetric weights (o = 0) store the G scales alone and c = -8 s is formed here (`sym`): the same
+// float32 value, with a third fewer bytes per group to read.
 
 // Weight rows per tile for T activation rows: 4 for one, 2 for two (enough independent FMA chains
 // without spilling the 16 vector registers), else 1.
@@ -99,12 +102,12 @@ static inline float hsum(__m256 v) {
 // the FMA dependency chain when there are few rows (FMA latency, not bandwidth, bounds T = 1).
 template <int T, int A = (T <= 2 ? 4 : (T <= 4 ? 2 : 1))>
 static void rows_f32(const float* xp, const uint8_t* qp, const float* sp, const float* xs, float* yp,
-                     int64_t K, int64_t N, int64_t group, int64_t n0, int64_t n1) {
-  const int64_t G = K / group;
+                     int64_t K, int64_t N, int64_t group, bool sym, int64_t n0, int64_t n1) {
+  const int64_t G = K / group, stride = sym ? G : 2 * G;
   const __m128i low = _mm_set1_epi8(0x0F);
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* qrow = qp + n * (K / 2);
-    const float* srow = sp + n * 2 * G;
+    const float* srow = sp + n * stride;
     float out[T];
     for (int t = 0; t < T; ++t) out[t] = 0.f;
     for (int64_t g = 0; g < G; ++g) {
@@ -128,7 +131,7 @@ static void rows_f32(const float* xp, const uint8_t* qp, const float* sp, const 
           acc[t][3 % A] = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xr + 24), acc[t][3 % A]);
         }
       }
-      const float s = srow[g], c = srow[G + g];
+      const float s = srow[g], c = sym ? -8.f * s : srow[G + g];
       for (int t = 0; t < T; ++t) {
         __m256 sum = acc[t][0];
         for (int a = 1; a < A; ++a) sum = _mm256_add_ps(sum, acc[t][a]);
@@ -156,14 +159,14 @@ static void rows_f32(const float* xp, const uint8_t* qp, const float* sp, const 
 // holds each block as (16 even inputs, 16 odd ones) and xd one scale per block.
 template <int T, int R, bool PAIRS>
 static void tile_q8(const int8_t* xq, const float* xd, const uint8_t* qp, const float* sp, const float* xs,
-                    float* yp, int64_t K, int64_t N, int64_t group, int64_t n) {
+                    float* yp, int64_t K, int64_t N, int64_t group, bool sym, int64_t n) {
   const int64_t G = K / group, B = K / 32, P = K / 64, steps = PAIRS ? group / 64 : group / 32;
   const __m256i ones = _mm256_set1_epi16(1);
   const uint8_t* qrow[R];
   const float* srow[R];
   for (int r = 0; r < R; ++r) {
     qrow[r] = qp + (n + r) * (K / 2);
-    srow[r] = sp + (n + r) * 2 * G;
+    srow[r] = sp + (n + r) * (sym ? G : 2 * G);
   }
   __m256 acc[T][R];
   for (int t = 0; t < T; ++t)
@@ -217,7 +220,7 @@ static void tile_q8(const int8_t* xq, const float* xd, const uint8_t* qp, const 
     for (int t = 0; t < T; ++t) {
       float off = 0.f;
       const float* xst = xs + t * G;
-      for (int64_t g = 0; g < G; ++g) off += srow[r][G + g] * xst[g];
+      for (int64_t g = 0; g < G; ++g) off += (sym ? -8.f * srow[r][g] : srow[r][G + g]) * xst[g];
       yp[t * N + n + r] = hsum(acc[t][r]) + off;
     }
 }
@@ -226,23 +229,23 @@ static void tile_q8(const int8_t* xq, const float* xd, const uint8_t* qp, const 
 // without spilling the 16 vector registers), the remainder one at a time.
 template <bool PAIRS, int T>
 static void rows_q8(const int8_t* xq, const float* xd, const uint8_t* qp, const float* sp, const float* xs,
-                    float* yp, int64_t K, int64_t N, int64_t group, int64_t n0, int64_t n1) {
+                    float* yp, int64_t K, int64_t N, int64_t group, bool sym, int64_t n0, int64_t n1) {
   constexpr int R = tile_rows<T>();
   int64_t n = n0;
-  for (; n + R <= n1; n += R) tile_q8<T, R, PAIRS>(xq, xd, qp, sp, xs, yp, K, N, group, n);
-  for (; n < n1; ++n) tile_q8<T, 1, PAIRS>(xq, xd, qp, sp, xs, yp, K, N, group, n);
+  for (; n + R <= n1; n += R) tile_q8<T, R, PAIRS>(xq, xd, qp, sp, xs, yp, K, N, group, sym, n);
+  for (; n < n1; ++n) tile_q8<T, 1, PAIRS>(xq, xd, qp, sp, xs, yp, K, N, group, sym, n);
 }
 
 template <int T>
 static void rows_q8_pairs(const int8_t* xq, const float* xd, const uint8_t* qp, const float* sp, const float* xs,
-                          float* yp, int64_t K, int64_t N, int64_t group, int64_t n0, int64_t n1) {
-  rows_q8<true, T>(xq, xd, qp, sp, xs, yp, K, N, group, n0, n1);
+                          float* yp, int64_t K, int64_t N, int64_t group, bool sym, int64_t n0, int64_t n1) {
+  rows_q8<true, T>(xq, xd, qp, sp, xs, yp, K, N, group, sym, n0, n1);
 }
 
 template <int T>
 static void rows_q8_blocks(const int8_t* xq, const float* xd, const uint8_t* qp, const float* sp, const float* xs,
-                           float* yp, int64_t K, int64_t N, int64_t group, int64_t n0, int64_t n1) {
-  rows_q8<false, T>(xq, xd, qp, sp, xs, yp, K, N, group, n0, n1);
+                           float* yp, int64_t K, int64_t N, int64_t group, bool sym, int64_t n0, int64_t n1) {
+  rows_q8<false, T>(xq, xd, qp, sp, xs, yp, K, N, group, sym, n0, n1);
 }
 
 #define DISPATCH_ROWS(FN, ...)                         \
@@ -274,7 +277,9 @@ torch::Tensor int4_mv(torch::Tensor x, torch::Tensor q, torch::Tensor so, int64_
   const int64_t T = x.size(0), K = x.size(1), N = q.size(0), G = K / group, B = K / 32;
   TORCH_CHECK(T >= 1 && T <= 8, "1 to 8 rows");
   TORCH_CHECK(group % 32 == 0 && K % group == 0 && q.size(1) * 2 == K, "bad shapes");
-  TORCH_CHECK(so.size(0) == N && so.size(1) == 2 && so.size(2) == G, "scales must be [N, 2, G]");
+  TORCH_CHECK(so.size(0) == N && (so.size(1) == 1 || so.size(1) == 2) && so.size(2) == G,
+              "scales must be [N, 2, G], or [N, 1, G] for symmetric weights");
+  const bool sym = so.size(1) == 1;
   auto y = torch::empty({T, N}, x.options());
   const float* xp = x.data_ptr<float>();
   const uint8_t* qp = q.data_ptr<uint8_t>();
@@ -291,7 +296,7 @@ torch::Tensor int4_mv(torch::Tensor x, torch::Tensor q, torch::Tensor so, int64_
     const float* xsp = xs.data();
     const float* xpp = xperm.data();
     at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
-      DISPATCH_ROWS(rows_f32, xpp, qp, sp, xsp, yp, K, N, group, n0, n1)
+      DISPATCH_ROWS(rows_f32, xpp, qp, sp, xsp, yp, K, N, group, sym, n0, n1)
     });
     return y;
   }
@@ -317,9 +322,9 @@ torch::Tensor int4_mv(torch::Tensor x, torch::Tensor q, torch::Tensor so, int64_
   const float* xsp = xs.data();
   at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
     if (pairs) {
-      DISPATCH_ROWS(rows_q8_pairs, xqp, xdp, qp, sp, xsp, yp, K, N, group, n0, n1)
+      DISPATCH_ROWS(rows_q8_pairs, xqp, xdp, qp, sp, xsp, yp, K, N, group, sym, n0, n1)
     } else {
-      DISPATCH_ROWS(rows_q8_blocks, xqp, xdp, qp, sp, xsp, yp, K, N, group, n0, n1)
+      DISPATCH_ROWS(rows_q8_blocks, xqp, xdp, qp, sp, xsp, yp, K, N, group, sym, n0, n1)
     }
   });
   return y;
@@ -611,7 +616,7 @@ def _module():
 
         from . import fp8_kernel
 
-        name = "llama4_local_int4_avx2_v25"
+        name = "llama4_local_int4_avx2_v26"
         if not list(Path(_get_build_directory(name, verbose=False)).glob("*.so")):
             sys.stderr.write("llama4-local: building the INT4 CPU kernel (once, about a minute)\n")
         return load_inline(
@@ -637,11 +642,13 @@ def stored_bytes(packed: torch.Tensor) -> torch.Tensor:
     return packed.contiguous().view(torch.uint8)
 
 
-def pack_scales(scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+def pack_scales(scale: torch.Tensor, offset: torch.Tensor | None) -> torch.Tensor:
     """Per row and group, scale s and offset o (w = s * (u - 8) + o) -> float32 [N, 2, G]: the G
-    scales, then the G constants o - 8 s."""
-    s, o = scale.float(), offset.float()
-    return torch.stack([s, o - 8 * s], dim=1).contiguous()
+    scales, then the G constants o - 8 s; with no offset (symmetric), [N, 1, G]: the scales."""
+    s = scale.float()
+    if offset is None:
+        return s.unsqueeze(1).contiguous()
+    return torch.stack([s, offset.float() - 8 * s], dim=1).contiguous()
 
 
 def int4_mv(

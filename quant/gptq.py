@@ -25,31 +25,33 @@ DAMP = 0.01  # added to H's diagonal, as a fraction of its mean: keeps rarely se
 
 
 def inverse_factor(h: torch.Tensor, damp: float = DAMP) -> torch.Tensor:
-    """The upper Cholesky factor of (H + damp * mean(diag H) * I)^-1, float32 [N, N]. Inputs never
-    seen (a zero diagonal) get a unit diagonal: their columns are rounded on their own."""
-    h = h.double().clone()
+    """The upper Cholesky factor of (H + damp * mean(diag H) * I)^-1, float32 [N, N] (what
+    gptq_int4 takes; compute it once for the linears that share an input). Inputs never seen (a
+    zero diagonal) get a unit diagonal: their columns are rounded on their own."""
+    h = h.float().clone()
     diag = h.diagonal()
     diag[diag <= 0] = 1.0
     diag += damp * diag.mean()
-    return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).float()
+    return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
 
 
 def gptq_int4(
     w: torch.Tensor,
-    h: torch.Tensor,
+    u: torch.Tensor,
     group_size: int = 128,
     symmetric: bool = True,
     scale_dtype: torch.dtype | None = None,
     iters: int = 4,
 ) -> Int4Weight:
-    """Quantize w [O, N] for inputs whose second moment is h [N, N] (E[x x^T]); scales stored in
-    scale_dtype (default: w's dtype), the integers chosen for the scales as stored."""
+    """Quantize w [O, N] for inputs whose second moment H [N, N] (E[x x^T]) has the inverse
+    factor u = inverse_factor(H); scales stored in scale_dtype (default: w's dtype), the integers
+    chosen for the scales as stored."""
     out, inp = w.shape
     _grouped(w[:1], group_size)  # validate the shape
-    if h.shape != (inp, inp):
-        raise ValueError(f"H is {tuple(h.shape)} for a weight with {inp} inputs")
+    if u.shape != (inp, inp):
+        raise ValueError(f"H is {tuple(u.shape)} for a weight with {inp} inputs")
     scale_dtype = scale_dtype or (w.dtype if w.dtype.is_floating_point else torch.float32)
-    u = inverse_factor(h.to(w.device))
+    u = u.to(w.device)
     wt = w.float().t().contiguous()  # [N, O]: one input column per row, updated in place
     q = torch.empty(inp, out, dtype=torch.int8, device=w.device)
     groups = inp // group_size

@@ -138,7 +138,8 @@ class Int4Linear(torch.nn.Module):
             from .cpu_kernel import pack_scales, stored_bytes
 
             self.register_buffer("packed", stored_bytes(qw.packed))
-            self.register_buffer("scales_and_zeros", pack_scales(*_scale_offset(qw)))  # [N, 2, G]
+            offset = None if qw.zero is None else _scale_offset(qw)[1]
+            self.register_buffer("scales_and_zeros", pack_scales(qw.scale, offset))  # [N, 2 or 1, G]
             return
         u = unpack_int4(qw.packed).to(torch.int32) + 8  # [N, K] unsigned nibbles
         if self.path == "cpu":

@@ -255,13 +255,13 @@ def quantize_checkpoint(
         writer = _ShardWriter(work, opts.shard_bytes)
         done, count = 0, 0
 
-        def quantize(w: torch.Tensor, h: torch.Tensor | None = None):
+        def quantize(w: torch.Tensor, u: torch.Tensor | None = None):  # u: GPTQ's inverse factor
             if opts.scheme == "nf4":
                 from .nf4 import quantize_nf4
 
                 return quantize_nf4(w.to(device), opts.group_size)
-            if h is not None:
-                qw = gptq_int4(w.to(device), h.to(device), opts.group_size, opts.symmetric, scale_dtype=w.dtype)
+            if u is not None:
+                qw = gptq_int4(w.to(device), u.to(device), opts.group_size, opts.symmetric, scale_dtype=w.dtype)
             else:
                 qw = quantize_int4(w.to(device), opts.group_size, opts.symmetric, scale_dtype=w.dtype)
             qw.packed, qw.scale = qw.packed.cpu(), qw.scale.cpu()

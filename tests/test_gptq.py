@@ -12,7 +12,7 @@ from llama4_local.errors import UserError
 from llama4_local.loader import load_model
 from llama4_local.tokenizer import Tokenizer
 from quant.calibrate import DEFAULT_TEXT, LayerRunner, calibration_windows
-from quant.gptq import HessianSum, gptq_int4
+from quant.gptq import HessianSum, gptq_int4, inverse_factor
 from quant.int4 import dequantize_int4, quantize_int4
 from quant.quantize import QuantizeOptions, quantize_checkpoint
 
@@ -32,7 +32,7 @@ def output_error(w, w_hat, x):
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_identity_hessian_is_the_plain_fit(symmetric):
     w = torch.randn(48, 256, generator=torch.Generator().manual_seed(1))
-    got = gptq_int4(w, torch.eye(256), 64, symmetric)
+    got = gptq_int4(w, inverse_factor(torch.eye(256)), 64, symmetric)
     want = quantize_int4(w, 64, symmetric)
     assert torch.equal(got.packed, want.packed) and torch.equal(got.scale, want.scale)
     assert (got.zero is None) == symmetric and (symmetric or torch.equal(got.zero, want.zero))
@@ -44,7 +44,7 @@ def test_lower_output_error_than_the_plain_fit(group_size, symmetric):
     x = correlated_inputs(2048, 512)
     h = HessianSum()
     h.add(x[:1024])  # fitted on half the rows, measured on the other half
-    q = gptq_int4(w, h.mean(), group_size, symmetric, scale_dtype=torch.bfloat16)
+    q = gptq_int4(w, inverse_factor(h.mean()), group_size, symmetric, scale_dtype=torch.bfloat16)
     plain = quantize_int4(w, group_size, symmetric, scale_dtype=torch.bfloat16)
     held = x[1024:]
     ours = output_error(w, dequantize_int4(q, torch.float32), held)
@@ -60,10 +60,10 @@ def test_unseen_inputs_and_no_rows():
     h = HessianSum()
     assert h.mean() is None
     h.add(x)
-    q = gptq_int4(w, h.mean(), 32)
+    q = gptq_int4(w, inverse_factor(h.mean()), 32)
     assert torch.isfinite(dequantize_int4(q, torch.float32)).all()
     with pytest.raises(ValueError, match="H is"):
-        gptq_int4(w, torch.eye(64), 32)
+        gptq_int4(w, inverse_factor(torch.eye(64)), 32)
 
 
 def test_layer_runner_reproduces_the_forward(scout_ckpt):

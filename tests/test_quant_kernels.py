@@ -221,3 +221,23 @@ def test_int8_attention_replaces_the_projections_of_a_bf16_model(scout_ckpt):
     int8 = q8(ids, q8.new_cache(40), last_only=False).float()
     # Against the float32 run, INT8 attention in a bf16 run costs no more than bf16 itself does.
     assert rel_err(int8, exact) < rel_err(bf16, exact)
+
+
+@pytest.mark.parametrize("group_size", [32, 128])
+@pytest.mark.parametrize("rows", [1, 3, 8])
+def test_symmetric_scales_alone_compute_the_same_bits(group_size, rows):
+    """Symmetric weights keep [N, 1, G] scales (the constant -8 s is formed in the kernel): the
+    same float32 results, bit for bit, as the [N, 2, G] scale-and-constant layout."""
+    from quant import cpu_kernel
+
+    if not cpu_kernel.available():
+        pytest.skip("no AVX2/FMA CPU or no C++ compiler")
+    g = torch.Generator().manual_seed(rows)
+    qw = quantize_int4(torch.randn(40, 256, generator=g), group_size, True, scale_dtype=torch.bfloat16)
+    lin = Int4Linear(qw, "cpu", torch.bfloat16)
+    assert lin.scales_and_zeros.shape == (40, 1, 256 // group_size)
+    both = cpu_kernel.pack_scales(qw.scale, torch.zeros_like(qw.scale, dtype=torch.float32))
+    x = torch.randn(rows, 256, generator=g)
+    for q8 in (True, False):
+        alone = cpu_kernel.int4_mv(x, lin.packed, lin.scales_and_zeros, group_size, q8)
+        assert torch.equal(alone, cpu_kernel.int4_mv(x, lin.packed, both, group_size, q8))
