@@ -7,7 +7,8 @@ Q4_0 and Q4_K_M (llama-quantize) and our default INT4 checkpoint (`llama4-local 
 timing each quantize. Then, for each thread count, it alternates the sides `--reps` times:
 `llama-bench -p 128 -n 32` on Q4_0, Q4_K_M and F16, and the same work in this runner (a
 128-token prefill from an empty cache, 32 single-token decode steps) on INT4 (as `prompt` runs
-it: attention rounded to INT8 at load) and bf16, and
+it: with the default checkpoint attention is INT4; one with bf16 attention gets it rounded to INT8
+at load) and bf16, and
 reports the best of each: tok/s, the ratio to llama.cpp Q4_0 (INT4) or F16 (bf16), and the bytes
 of weights a decode token reads with the GB/s that makes.
 
@@ -200,7 +201,7 @@ def main() -> None:
     filed = after_int4.get("RssFile", 0) - before.get("RssFile", 0)
     end = memory_status()
     print(f"\nreading our INT4 checkpoint's files once: {read_s:.1f} s ({size / 1e9:.2f} GB); then loading it "
-          f"(page cache warm, INT8 attention made): {int4.load_s:.2f} s; "
+          f"(page cache warm): {int4.load_s:.2f} s; "
           f"resident after load: +{anon / 1e9:.2f} GB anonymous, +{filed / 1e9:.2f} GB file-backed")  # fmt: skip
     gb = {k: v / 1e9 for k, v in end.items()}
     print(f"this process after the runs (every model of ours loaded): {gb.get('RssAnon', 0):.2f} GB anonymous, "

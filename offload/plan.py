@@ -162,7 +162,7 @@ def plan_memory(
             f"(everything but the experts, plus one expert slot{', with the vision tower' if vision else ''}); "
             f"{budget / GiB:.1f} GiB were given: raise --gpu-memory, lower --context, "
             + ("leave images out (chat --no-vision), " if vision else "")
-            + "or quantize attention too (quantize --parts experts,shared,attention)"
+            + "or quantize attention too (quantize --attention, the default when calibrating)"
         )
     slots = min(total, (budget - fixed) // one)
     if slots >= total:
