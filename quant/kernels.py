@@ -5,7 +5,7 @@ kernels, repacks it once, at load time, into their layout (ours reads the stored
 
 - CPU: `aten._weight_int4pack_mm_for_cpu` (weights from `_convert_weight_to_int4pack_for_cpu`),
 - CUDA: `aten._weight_int4pack_mm` (weights from `_convert_weight_to_int4pack`, bf16 only),
-- CPU with AVX2 and FMA: quant.cpu_kernel (ours, compiled on first use), 1 to 8 rows per pass:
+- CPU with AVX2 and FMA: quant.cpu_kernel (ours, compiled on first use), any number of rows:
   "avx2_q8" for bf16 activations (rounded to int8 per block of 32, integer dot products, as
   llama.cpp's Q4 x Q8), "avx2" for float32 ones (float dot products; the precise mode),
 - "reference": dequantize, then an ordinary matmul; the oracle for the others in tests and
@@ -30,9 +30,6 @@ _CPU_INNER_K_TILES = 2
 
 # Our AVX2 kernel with int8 or float activations: the same buffers serve both.
 AVX2_PATHS = ("avx2", "avx2_q8")
-# Many rows (prefill) go through it this many at a time: 4 keeps its accumulators in registers
-# (8 rows spill; 4 measured 7% faster than 8 on 32 rows of an 8192 x 5120 matrix, one thread).
-PREFILL_ROWS = 4
 
 
 def _scale_offset(qw: Int4Weight) -> tuple[torch.Tensor, torch.Tensor]:
@@ -101,10 +98,9 @@ def int4_matmul(path: str, group_size, x: torch.Tensor, tensors: dict[str, torch
 
         return nf4_matmul(x, tensors, group_size)
     if path in AVX2_PATHS:
-        from .cpu_kernel import MAX_ROWS, int4_mv
+        from .cpu_kernel import int4_mv
 
-        p, so, q8 = tensors["packed"], tensors["scales_and_zeros"], path == "avx2_q8"
-        return by_rows(lambda rows: int4_mv(rows, p, so, group_size, q8), x, MAX_ROWS, PREFILL_ROWS)
+        return int4_mv(x, tensors["packed"], tensors["scales_and_zeros"], group_size, path == "avx2_q8")
     if path == "cpu":
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x, tensors["packed"], group_size, tensors["scales_and_zeros"])
     return torch.ops.aten._weight_int4pack_mm(x, tensors["packed"], group_size, tensors["scales_and_zeros"])

@@ -14,7 +14,7 @@ def rel_err(a, b):
 @pytest.mark.parametrize("group_size", [32, 64, 128])
 @pytest.mark.parametrize("symmetric", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("rows", [1, 5, 33])
+@pytest.mark.parametrize("rows", [1, 5, 33, 34])
 @pytest.mark.parametrize("path", ["cpu", "avx2", "avx2_q8"])
 def test_cpu_kernels_match_reference(group_size, symmetric, dtype, rows, path):
     from quant import cpu_kernel
@@ -241,3 +241,24 @@ def test_symmetric_scales_alone_compute_the_same_bits(group_size, rows):
     for q8 in (True, False):
         alone = cpu_kernel.int4_mv(x, lin.packed, lin.scales_and_zeros, group_size, q8)
         assert torch.equal(alone, cpu_kernel.int4_mv(x, lin.packed, both, group_size, q8))
+
+
+@pytest.mark.parametrize("q8", [True, False])
+def test_many_rows_equal_one_row_at_a_time(q8):
+    """Prefill-sized inputs go through in blocks of weight rows, three activation rows at a time:
+    every row's result is that row's alone (the same bits with int8 activations; float ones split
+    their sums into as many chains as the row count allows, so only the order differs)."""
+    from quant import cpu_kernel
+
+    if not cpu_kernel.available():
+        pytest.skip("no AVX2/FMA CPU or no C++ compiler")
+    g = torch.Generator().manual_seed(7)
+    qw = quantize_int4(torch.randn(200, 256, generator=g), 128, True, scale_dtype=torch.bfloat16)
+    lin = Int4Linear(qw, "cpu", torch.bfloat16)
+    x = torch.randn(41, 256, generator=g)
+    whole = cpu_kernel.int4_mv(x, lin.packed, lin.scales_and_zeros, 128, q8)
+    rows = torch.cat([cpu_kernel.int4_mv(x[i : i + 1], lin.packed, lin.scales_and_zeros, 128, q8) for i in range(41)])
+    if q8:
+        assert torch.equal(whole, rows)
+    else:
+        torch.testing.assert_close(whole, rows, rtol=1e-5, atol=1e-4)
