@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from .int4 import QMAX, QMIN, Int4Weight, _fit_asymmetric, _grouped, _symmetric_scales, pack_int4
+from .int4 import QMAX, QMIN, Int4Weight, _grouped, fit_scales, pack_int4
 
 DAMP = 0.01  # added to H's diagonal, as a fraction of its mean: keeps rarely seen directions stable
 
@@ -88,13 +88,7 @@ def gptq_int4(
 def _fit_group(wg: torch.Tensor, symmetric: bool, scale_dtype, iters: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and zero [O] for one group's columns wg [O, g], by quant/int4.py's fit, the scale
     rounded to scale_dtype as it will be stored."""
-    g3 = wg.contiguous().unsqueeze(1)  # [O, 1, g]
-    if symmetric:
-        s = _symmetric_scales(g3, iters)
-        z = torch.zeros_like(s)
-    else:
-        s, z, _ = _fit_asymmetric(g3, iters)
-    s = s.to(scale_dtype).float().clamp_min(torch.finfo(scale_dtype).tiny)
+    s, z = fit_scales(wg.contiguous().unsqueeze(1), symmetric, scale_dtype, iters)  # [O, 1, 1]
     return s.reshape(-1), z.reshape(-1)
 
 

@@ -151,6 +151,17 @@ def _fit_asymmetric(wg: torch.Tensor, iters: int) -> tuple[torch.Tensor, torch.T
     return best[0], best[1], best[2]
 
 
+def fit_scales(wg: torch.Tensor, symmetric: bool, scale_dtype, iters: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and integer zero [O, G, 1] (float32) for groups wg [O, G, g], the scale rounded to
+    scale_dtype as it will be stored (so the integers are chosen for the stored scale)."""
+    if symmetric:
+        s = _symmetric_scales(wg, iters)
+        z = torch.zeros_like(s)
+    else:
+        s, z, _ = _fit_asymmetric(wg, iters)
+    return s.to(scale_dtype).float().clamp_min(torch.finfo(scale_dtype).tiny), z
+
+
 def quantize_int4(
     w: torch.Tensor, group_size: int = 128, symmetric: bool = True, iters: int = 4, scale_dtype=None
 ) -> Int4Weight:
@@ -166,12 +177,7 @@ def quantize_int4(
     qs, ss, zs = [], [], []
     for r in range(0, out, rows):
         wg = _grouped(w[r : r + rows], group_size)  # [o, G, g] float32
-        if symmetric:
-            s = _symmetric_scales(wg, iters)
-            z = torch.zeros_like(s)
-        else:
-            s, z, q = _fit_asymmetric(wg, iters)
-        s = s.to(scale_dtype).float().clamp_min(torch.finfo(scale_dtype).tiny)
+        s, z = fit_scales(wg, symmetric, scale_dtype, iters)
         qs.append(torch.clamp(torch.round(wg / s + z), QMIN, QMAX).reshape(-1, inp).to(torch.int8))
         ss.append(s.squeeze(-1).to(scale_dtype))
         zs.append(z.squeeze(-1).to(torch.int8))
