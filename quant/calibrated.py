@@ -74,8 +74,9 @@ class _Reader:
 def calibrated_pass(ctx, names: list[str]) -> set[str]:
     """Quantize the text-layer targets among `names` with GPTQ; returns the names it handled.
 
-    `ctx` is quantize's run state: src, opts, calibration windows, fp8 source, tensors, writer, skip (units
-    already in finished shards), quantize(w, h) and progress(name)."""
+    `ctx` is quantize's run state: src, opts, calibration windows, fp8 source, tensors, writer,
+    skip (units already in finished shards), quantize(w, u) (u: GPTQ's inverse factor, or None
+    for the plain fit), progress(name, source bytes done) and count (linears quantized)."""
     from llama4_local.loader import load_model
 
     by_layer: dict[int, list[str]] = {}
@@ -86,7 +87,8 @@ def calibrated_pass(ctx, names: list[str]) -> set[str]:
     if not by_layer:
         return set()
     reader = _Reader(ctx.tensors, ctx.fp8_source)
-    dtype = "float32" if reader.read(_any_embedding(ctx.tensors)).dtype == torch.float32 else "bfloat16"
+    emb = _any_embedding(ctx.tensors)  # its dtype from the header: Scout's is 2 GB
+    dtype = "float32" if reader.handle(emb).get_slice(emb).get_dtype() == "F32" else "bfloat16"
     model, _ = load_model(ctx.src, dtype, "cpu", mmap=True)
     runner = LayerRunner(model, ctx.windows)
     handled: set[str] = set()
@@ -158,10 +160,12 @@ def _expert(ctx, reader: _Reader, stats: LayerStats, prefix: str, e: int, projs:
         u_in, u_down = _expert_factors(stats, e, gate, up)
         for kind in todo:
             name = projs[kind]
-            if fused:
+            if kind == "gate_up_proj":
+                linears = gu
+            elif kind == "down_proj":
                 linears = expert_linears(name, reader.handle(name).get_slice(name)[e])
             else:
-                linears = {f"{kind}_proj": {"gate": gate, "up": up}.get(kind) if kind != "down" else reader.read(name)}
+                linears = {f"{kind}_proj": reader.read(name) if kind == "down" else {"gate": gate, "up": up}[kind]}
             tensors = {}
             for proj, w in linears.items():
                 u = u_down if proj == "down_proj" else u_in
