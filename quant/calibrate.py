@@ -64,13 +64,21 @@ class LayerStats:
     def factor(self, role: str) -> torch.Tensor | None:
         """GPTQ's inverse factor for a role's Hessian (computed once: q, k and v share one)."""
         if role not in self.factors:
-            h = self.hessian(role)
-            self.factors[role] = None if h is None else inverse_factor(h)
+            self.factors[role] = factor_or_none(self.hessian(role))
         return self.factors[role]
 
     def expert_rows(self, e: int) -> torch.Tensor | None:
         rows = self.expert_inputs.get(e)
         return torch.cat(rows).float() if rows else None
+
+
+def factor_or_none(h: torch.Tensor | None) -> torch.Tensor | None:
+    """GPTQ's inverse factor of H, or None (the plain fit) where there is no H or the model's own
+    activations on the calibration text were not finite (a broken checkpoint: its linears still
+    quantize, without calibration)."""
+    if h is None or not torch.isfinite(h).all():
+        return None
+    return inverse_factor(h)
 
 
 class LayerRunner:

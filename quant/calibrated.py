@@ -18,9 +18,8 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 
-from .calibrate import LayerRunner, LayerStats
+from .calibrate import LayerRunner, LayerStats, factor_or_none
 from .format import to_tensors
-from .gptq import inverse_factor
 
 
 def _nbytes(f, name: str) -> int:
@@ -134,7 +133,7 @@ def _expert_factors(stats: LayerStats, e: int, gate: torch.Tensor, up: torch.Ten
     if x is None or x.shape[0] == 0:
         return None, None
     a = F.silu(x @ gate.float().t()) * (x @ up.float().t())  # what down sees, through the original weights
-    return inverse_factor(x.t() @ x / x.shape[0]), inverse_factor(a.t() @ a / a.shape[0])
+    return factor_or_none(x.t() @ x / x.shape[0]), factor_or_none(a.t() @ a / a.shape[0])
 
 
 def _expert(ctx, reader: _Reader, stats: LayerStats, prefix: str, e: int, projs: dict[str, str]) -> None:

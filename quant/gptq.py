@@ -28,11 +28,19 @@ def inverse_factor(h: torch.Tensor, damp: float = DAMP) -> torch.Tensor:
     """The upper Cholesky factor of (H + damp * mean(diag H) * I)^-1, float32 [N, N] (what
     gptq_int4 takes; compute it once for the linears that share an input). Inputs never seen (a
     zero diagonal) get a unit diagonal: their columns are rounded on their own."""
-    h = h.float().clone()
-    diag = h.diagonal()
+    if not torch.isfinite(h).all():
+        raise ValueError("the calibration inputs hold NaN or infinity")
+    m = h.float().clone()
+    diag = m.diagonal()
     diag[diag <= 0] = 1.0
     diag += damp * diag.mean()
-    return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    # The damping bounds the condition number by N / damp (8e5 at Scout's widest input), well
+    # within float32's reach; float64 is the fallback all the same.
+    try:
+        return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(m)), upper=True)
+    except torch.linalg.LinAlgError:
+        m = m.double()
+        return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(m)), upper=True).float()
 
 
 def gptq_int4(

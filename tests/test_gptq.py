@@ -150,3 +150,19 @@ def test_calibration_inputs_checked(scout_ckpt, tmp_path):
     with pytest.raises(UserError, match="calibration-tokens"):
         quantize_checkpoint(scout_ckpt, tmp_path / "b", QuantizeOptions(group_size=64, calibration_tokens=1))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.txt"]  # nothing half-written
+
+
+def test_non_finite_calibration_falls_back_to_the_plain_fit():
+    """A checkpoint whose activations overflow on the calibration text: its linears get the plain
+    fit (no factor) instead of a failed Cholesky."""
+    from quant.calibrate import factor_or_none
+
+    x = correlated_inputs(64, 128)
+    h = HessianSum()
+    h.add(x)
+    assert factor_or_none(h.mean()) is not None and factor_or_none(None) is None
+    x[3, 7] = float("inf")
+    h.add(x)
+    assert factor_or_none(h.mean()) is None
+    with pytest.raises(ValueError, match="NaN or infinity"):
+        inverse_factor(h.mean())
