@@ -453,15 +453,20 @@ def quantize(
         from quant.quantize import QuantizeOptions, quantize_checkpoint
         from quant.resume import work_path
 
-        parts = None  # quantize's default (quant.quantize.default_parts)
+        opts = QuantizeOptions(
+            group_size,
+            symmetric,
+            None,
+            _parse_size(shard_size),
+            device,
+            scheme,
+            calibrate,
+            calibration_text,
+            calibration_tokens,
+        )  # fmt: skip  (parts None: quant.quantize.default_parts)
         if attention is not None or no_shared or no_mlp:
             parts = ("experts",) + (() if no_shared else ("shared",)) + (() if no_mlp else ("mlp",))
-            with_attention = attention if attention is not None else calibrate and scheme == "int4"
-            parts += ("attention",) if with_attention else ()
-        opts = QuantizeOptions(
-            group_size, symmetric, parts, _parse_size(shard_size), device, scheme,
-            calibrate, calibration_text, calibration_tokens,
-        )  # fmt: skip
+            opts.parts = parts + (("attention",) if (opts.gptq if attention is None else attention) else ())
         err = Console(stderr=True)
         columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn())
         bar = Progress(*columns, TimeRemainingColumn(), console=err)

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from llama4_local.errors import UserError
+from llama4_local.evaluate import windows
 from llama4_local.model import rope_freqs
 
 from .gptq import HessianSum, inverse_factor
@@ -43,9 +44,7 @@ def calibration_windows(tokenizer, text_path: Path | None, tokens: int, window: 
     ids = tokenizer.encode(text, add_special_tokens=False)[:tokens]
     if len(ids) < 2:
         raise UserError(f"calibration text {path} is too short: it needs at least a few hundred tokens")
-    body = window - (1 if tokenizer.bos_id is not None else 0)
-    bos = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
-    return [bos + ids[s : s + body] for s in range(0, len(ids), body) if len(ids[s : s + body]) >= 2]
+    return list(windows(ids, window, tokenizer.bos_id))  # as `eval` cuts its text
 
 
 @dataclass
@@ -84,11 +83,11 @@ def factor_or_none(h: torch.Tensor | None) -> torch.Tensor | None:
 class LayerRunner:
     """Hidden states of the calibration windows, pushed through the model one layer at a time."""
 
-    def __init__(self, model, windows: list[list[int]]):
+    def __init__(self, model, texts: list[list[int]]):
         self.model = model
         emb = model.embed_tokens.weight
-        self.hidden = [F.embedding(torch.tensor(w, device=emb.device), emb) for w in windows]
-        self.freqs = [rope_freqs(model.inv_freq, torch.arange(len(w), device=emb.device)) for w in windows]
+        self.hidden = [F.embedding(torch.tensor(w, device=emb.device), emb) for w in texts]
+        self.freqs = [rope_freqs(model.inv_freq, torch.arange(len(w), device=emb.device)) for w in texts]
 
     @torch.inference_mode()
     def run_layer(self, i: int) -> LayerStats:

@@ -20,13 +20,7 @@ from safetensors import safe_open
 
 from .calibrate import LayerRunner, LayerStats, factor_or_none
 from .format import to_tensors
-
-
-def _nbytes(f, name: str) -> int:
-    from .quantize import _nbytes as nbytes
-
-    return nbytes(f, name)
-
+from .quantize import _nbytes, expert_linears
 
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 _UNFUSED = re.compile(r"^(.*\.experts)\.(\d+)\.(gate|up|down)_proj\.weight$")
@@ -139,8 +133,6 @@ def _expert_factors(stats: LayerStats, e: int, gate: torch.Tensor, up: torch.Ten
 def _expert(ctx, reader: _Reader, stats: LayerStats, prefix: str, e: int, projs: dict[str, str]) -> None:
     """Expert e's linears: fused (`gate_up_proj` / `down_proj` names, unit "name#e") or one
     tensor per linear (`gate` / `up` / `down`, unit the name)."""
-    from .quantize import expert_linears
-
     fused = "gate_up_proj" in projs or "down_proj" in projs
     if fused:
         units = {kind: f"{name}#{e}" for kind, name in projs.items()}

@@ -68,6 +68,11 @@ class QuantizeOptions:
     calibration_text: Path | None = None  # None: quant/data/calibration.txt
     calibration_tokens: int = DEFAULT_TOKENS
 
+    @property
+    def gptq(self) -> bool:
+        """Whether the run calibrates (GPTQ): INT4 only."""
+        return self.calibrate and self.scheme == "int4"
+
 
 @dataclass
 class QuantizeSummary:
@@ -140,9 +145,8 @@ def default_parts(cfg, opts: QuantizeOptions) -> tuple[str, ...]:
     (INT4, calibrated), attention too. Attention's plain fit costs 1.3x llama.cpp Q4_K_M's KL on
     the trained model, its GPTQ fit a small part of it (docs/benchmarks.md). Attention is left
     out where the group does not divide its output projection's input (tiny models)."""
-    gptq = opts.calibrate and opts.scheme == "int4"
     fits = (cfg.num_heads * cfg.head_dim) % opts.group_size == 0
-    return DEFAULT_PARTS + (("attention",) if gptq and fits else ())
+    return DEFAULT_PARTS + (("attention",) if opts.gptq and fits else ())
 
 
 def _is_target(name: str, parts: tuple[str, ...]) -> bool:
@@ -227,7 +231,7 @@ def quantize_checkpoint(
             f"--group-size {opts.group_size} does not divide attention's {cfg.num_heads * cfg.head_dim} "
             "inputs to o_proj; pick a smaller group or --no-attention"
         )
-    calibrate = opts.calibrate and opts.scheme == "int4"
+    calibrate = opts.gptq
     if calibrate and opts.calibration_tokens < 16:
         raise UserError(f"--calibration-tokens must be at least 16, not {opts.calibration_tokens}")
     windows = _calibration_windows(src, opts) if calibrate else None  # checked before anything is written
@@ -242,8 +246,7 @@ def quantize_checkpoint(
         "options": [opts.group_size, opts.symmetric, list(parts), opts.shard_bytes, opts.device, opts.scheme],
     }
     if calibrate:
-        text = Path(opts.calibration_text) if opts.calibration_text else None
-        fingerprint["calibration"] = [str(text) if text else "default", opts.calibration_tokens]
+        fingerprint["calibration"] = [str(opts.calibration_text or "default"), opts.calibration_tokens]
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_old_partials(out)
     work = WorkDir(out, fingerprint)
