@@ -453,17 +453,16 @@ def quantize(
         from quant.quantize import QuantizeOptions, quantize_checkpoint
         from quant.resume import work_path
 
-        opts = QuantizeOptions(
-            group_size,
-            symmetric,
-            None,
-            _parse_size(shard_size),
-            device,
-            scheme,
-            calibrate,
-            calibration_text,
-            calibration_tokens,
-        )  # fmt: skip  (parts None: quant.quantize.default_parts)
+        opts = QuantizeOptions(  # parts None: quant.quantize.default_parts
+            group_size=group_size,
+            symmetric=symmetric,
+            shard_bytes=_parse_size(shard_size),
+            device=device,
+            scheme=scheme,
+            calibrate=calibrate,
+            calibration_text=calibration_text,
+            calibration_tokens=calibration_tokens,
+        )
         if attention is not None or no_shared or no_mlp:
             parts = ("experts",) + (() if no_shared else ("shared",)) + (() if no_mlp else ("mlp",))
             opts.parts = parts + (("attention",) if (opts.gptq if attention is None else attention) else ())
