@@ -214,10 +214,14 @@ class Experts(nn.Module):
         self.gate_up_proj = _weight(e, d, 2 * i)
         self.down_proj = _weight(e, i, d)
 
+    def act(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        """What expert e's down projection sees for its tokens x [N, D]: silu(gate) * up [N, I]."""
+        gate, up = matmul(x, self.gate_up_proj[e]).chunk(2, dim=-1)  # [N, I] each
+        return up * F.silu(gate)
+
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """Expert e on its tokens x [N, D] -> [N, D]."""
-        gate, up = matmul(x, self.gate_up_proj[e]).chunk(2, dim=-1)  # [N, I] each
-        return matmul(up * F.silu(gate), self.down_proj[e])
+        return matmul(self.act(e, x), self.down_proj[e])
 
     def run(self, groups: list[tuple[int, torch.Tensor]]) -> list[torch.Tensor]:
         """Each (expert, its tokens) group's output, in order. Offloaded experts reorder inside."""

@@ -5,9 +5,10 @@ Maverick's FP8), the calibration text's windows are embedded, and each call to `
 pushes every window's hidden states through layer i with the original weights, recording what
 its quantizable linears see: the input second moments of q/k/v (one input), o, the shared
 expert's gate/up and down, a dense MLP's, and, per routed expert, the rows routed to it (the
-router's score already applied, as Llama 4 does). Only one layer's statistics live at a time, so
-memory is the hidden states (tokens x hidden) plus one layer's Hessians; the statistics come
-from the original model's activations at every layer.
+router's score already applied, as Llama 4 does) with what its down projection sees from
+them. Only one layer's statistics live at a time, so memory is the hidden states (tokens x
+hidden) plus one layer's Hessians and expert rows; the statistics come from the original
+model's activations at every layer.
 
 The default text (quant/data/calibration.txt) is documentation prose from CPython's standard
 library docstrings (Python Software Foundation License), taken from the modules that
@@ -27,7 +28,7 @@ from llama4_local.errors import UserError
 from llama4_local.evaluate import windows
 from llama4_local.model import rope_freqs
 
-from .gptq import HessianSum, inverse_factor
+from .gptq import HessianSum, error_feedback, hessian_finite
 
 DEFAULT_TEXT = Path(__file__).parent / "data" / "calibration.txt"
 DEFAULT_TOKENS = 8192
@@ -53,6 +54,7 @@ class LayerStats:
 
     hessians: dict[str, HessianSum] = field(default_factory=dict)
     expert_inputs: dict[int, list[torch.Tensor]] = field(default_factory=dict)
+    expert_acts: dict[int, list[torch.Tensor]] = field(default_factory=dict)  # what each expert's down saw
     tokens: int = 0
     factors: dict[str, torch.Tensor | None] = field(default_factory=dict)
 
@@ -61,23 +63,25 @@ class LayerStats:
         return None if h is None else h.mean()
 
     def factor(self, role: str) -> torch.Tensor | None:
-        """GPTQ's inverse factor for a role's Hessian (computed once: q, k and v share one)."""
+        """GPTQ's error feedback for a role's Hessian (computed once: q, k and v share one)."""
         if role not in self.factors:
             self.factors[role] = factor_or_none(self.hessian(role))
         return self.factors[role]
 
-    def expert_rows(self, e: int) -> torch.Tensor | None:
-        rows = self.expert_inputs.get(e)
-        return torch.cat(rows).float() if rows else None
+    def expert_rows(self, e: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Expert e's input rows and its down projection's, float32, or None if no row chose it."""
+        if not self.expert_inputs.get(e):
+            return None
+        return torch.cat(self.expert_inputs[e]).float(), torch.cat(self.expert_acts[e]).float()
 
 
 def factor_or_none(h: torch.Tensor | None) -> torch.Tensor | None:
-    """GPTQ's inverse factor of H, or None (the plain fit) where there is no H or the model's own
+    """GPTQ's error feedback for H, or None (the plain fit) where there is no H or the model's own
     activations on the calibration text were not finite (a broken checkpoint: its linears still
     quantize, without calibration)."""
-    if h is None or not torch.isfinite(h).all():
+    if h is None or not hessian_finite(h):
         return None
-    return inverse_factor(h)
+    return error_feedback(h)
 
 
 class LayerRunner:
@@ -106,17 +110,20 @@ class LayerRunner:
         if experts is not None:
             record(ff.shared_expert.gate_proj, "shared_gu")
             record(ff.shared_expert.down_proj, "shared_down")
-            original = experts.run
+            original = experts.act
 
-            def run(groups):
-                for e, x in groups:
-                    stats.expert_inputs.setdefault(e, []).append(x.detach().float())
-                return original(groups)
+            def act(e, x):
+                a = original(e, x)
+                stats.expert_inputs.setdefault(e, []).append(x.detach())
+                stats.expert_acts.setdefault(e, []).append(a.detach())
+                return a
 
-            experts.run = run
+            experts.act = act
         else:
             record(ff.gate_proj, "mlp_gu")
             record(ff.down_proj, "mlp_down")
+        for lin in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj):
+            _widen_once(lin)
         try:
             # DecoderLayer.forward, with the feed-forward half run once on every window's tokens
             # together (it is per token; only attention needs the windows apart): a bf16 weight is
@@ -133,5 +140,18 @@ class LayerRunner:
             for h in hooks:
                 h.remove()
             if experts is not None:
-                del experts.run  # the class's method again
+                del experts.act  # the class's method again
+            for lin in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj):
+                vars(lin).pop("forward", None)
         return stats
+
+
+def _widen_once(lin) -> None:
+    """A bf16/fp16 linear run once per window computes as model.linear does for many rows (x and
+    the weight in float32, the product rounded back), with the weight widened once per layer
+    instead of once per call (at Scout's widths 100 MB converted per projection and window)."""
+    w = getattr(lin, "weight", None)
+    if not isinstance(w, torch.Tensor) or w.dtype not in (torch.bfloat16, torch.float16) or w.device.type != "cpu":
+        return
+    wide = w.float()
+    lin.forward = lambda x: F.linear(x.float(), wide).to(x.dtype)

@@ -15,11 +15,11 @@ import re
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from safetensors import safe_open
 
 from .calibrate import LayerRunner, LayerStats, factor_or_none
 from .format import to_tensors
+from .gptq import gram
 from .quantize import _nbytes, expert_linears
 
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
@@ -68,7 +68,7 @@ def calibrated_pass(ctx, names: list[str]) -> set[str]:
     """Quantize the text-layer targets among `names` with GPTQ; returns the names it handled.
 
     `ctx` is quantize's run state: src, opts, calibration windows, fp8 source, tensors, writer,
-    skip (units already in finished shards), quantize(w, u) (u: GPTQ's inverse factor, or None
+    skip (units already in finished shards), quantize(w, u) (u: GPTQ's error feedback, or None
     for the plain fit), progress(name, source bytes done) and count (linears quantized)."""
     from llama4_local.loader import load_model
 
@@ -120,14 +120,14 @@ def _quantize_layer(ctx, reader: _Reader, stats: LayerStats, names: list[str]) -
         _expert(ctx, reader, stats, prefix, e, projs)
 
 
-def _expert_factors(stats: LayerStats, e: int, gate: torch.Tensor, up: torch.Tensor):
-    """GPTQ's inverse factors (gate/up's input, down's input) for expert e, or (None, None) if
-    no calibration row chose it."""
-    x = stats.expert_rows(e)
-    if x is None or x.shape[0] == 0:
+def _expert_factors(stats: LayerStats, e: int):
+    """GPTQ's error feedback (gate/up's input, down's input) for expert e, or (None, None) if no
+    calibration row chose it."""
+    rows = stats.expert_rows(e)
+    if rows is None:
         return None, None
-    a = F.silu(x @ gate.float().t()) * (x @ up.float().t())  # what down sees, through the original weights
-    return factor_or_none(x.t() @ x / x.shape[0]), factor_or_none(a.t() @ a / a.shape[0])
+    x, a = rows
+    return factor_or_none(gram(x) / x.shape[0]), factor_or_none(gram(a) / a.shape[0])
 
 
 def _expert(ctx, reader: _Reader, stats: LayerStats, prefix: str, e: int, projs: dict[str, str]) -> None:
@@ -142,21 +142,13 @@ def _expert(ctx, reader: _Reader, stats: LayerStats, prefix: str, e: int, projs:
         ctx.count += len(projs)
     todo = [k for k, u in units.items() if u not in ctx.skip]
     if todo:
-        if fused:
-            gu_name = prefix + ".gate_up_proj"
-            gu = expert_linears(gu_name, reader.handle(gu_name).get_slice(gu_name)[e])
-            gate, up = gu["gate_proj"], gu["up_proj"]
-        else:
-            gate, up = reader.read(f"{prefix}.{e}.gate_proj.weight"), reader.read(f"{prefix}.{e}.up_proj.weight")
-        u_in, u_down = _expert_factors(stats, e, gate, up)
+        u_in, u_down = _expert_factors(stats, e)
         for kind in todo:
             name = projs[kind]
-            if kind == "gate_up_proj":
-                linears = gu
-            elif kind == "down_proj":
+            if fused:
                 linears = expert_linears(name, reader.handle(name).get_slice(name)[e])
             else:
-                linears = {f"{kind}_proj": reader.read(name) if kind == "down" else {"gate": gate, "up": up}[kind]}
+                linears = {f"{kind}_proj": reader.read(name)}
             tensors = {}
             for proj, w in linears.items():
                 u = u_down if proj == "down_proj" else u_in

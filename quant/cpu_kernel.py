@@ -617,6 +617,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fp8_mv", &fp8_mv, "FP8 e4m3 weights x float32 activations (AVX2, F16C)");
   m.def("half_mv", &half_mv, "bf16/fp16 matrix-vector (AVX2)");
   m.def("fit_symmetric", &fit_symmetric, "symmetric INT4 group scales (AVX2)");
+  m.def("gptq_columns", &gptq_columns, "GPTQ's walk over one group's columns");
   m.def("q8_quantize", &q8_quantize, "INT8 weights, one scale per block of 32");
   m.def("q8_mv", &q8_mv, "INT8 weights x int8 activations (AVX2)");
 }
@@ -641,14 +642,14 @@ def _module():
 
         from torch.utils.cpp_extension import _get_build_directory, load_inline
 
-        from . import fp8_kernel
+        from . import fp8_kernel, gptq_kernel
 
-        name = "llama4_local_int4_avx2_v28"
+        name = "llama4_local_int4_avx2_v29"
         if not list(Path(_get_build_directory(name, verbose=False)).glob("*.so")):
             sys.stderr.write("llama4-local: building the INT4 CPU kernel (once, about a minute)\n")
         return load_inline(
             name=name,
-            cpp_sources=[_SOURCE + fp8_kernel.SOURCE + _BINDINGS],
+            cpp_sources=[_SOURCE + fp8_kernel.SOURCE + gptq_kernel.SOURCE + _BINDINGS],
             extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"],
             extra_ldflags=["-fopenmp"],
             verbose=False,
@@ -709,6 +710,11 @@ def q8_mv(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
 def fit_symmetric(w: torch.Tensor, group_size: int, ratios: list[float], iters: int) -> torch.Tensor:
     """The symmetric INT4 fit's group scales [O, G] (float32) for w [O, K], as quant.int4's."""
     return _module().fit_symmetric(w.float().contiguous(), group_size, [float(r) for r in ratios], iters)
+
+
+def gptq_columns(w, e, f, s, z, q, i0: int, i1: int, qmin: int, qmax: int) -> None:
+    """GPTQ's walk over columns [i0, i1) of a block, in place (quant/gptq_kernel.py)."""
+    _module().gptq_columns(w, e, f, s, z, q, i0, i1, float(qmin), float(qmax))
 
 
 def half_mv(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

@@ -2,12 +2,14 @@
 
 Given H = E[x x^T] over a linear's calibration inputs, GPTQ quantizes one input column at a time
 and spreads each column's rounding error over the columns not yet quantized, in the direction
-that H says costs least (the inverse Hessian's Cholesky factor), so the output error
-||(W - Q) x||^2 is what is minimised rather than ||W - Q||^2. Columns go in blocks with the
-trailing update as one matrix product (the paper's "lazy batch" form); a group's scale (and
-zero) is fitted, with the plain fit of quant/int4.py, to the group's columns as the errors
-before it have left them, when the walk reaches the group. The result is an ordinary
-compressed-tensors pack-quantized weight: only which integers are stored changes.
+that H says costs least, so the output error ||(W - Q) x||^2 is what is minimised rather than
+||W - Q||^2. The spreading is written in its feedback (LDL) form (error_feedback: one Cholesky
+factor of H, where the paper's form takes three); columns go in blocks with the trailing update
+as one matrix product (the paper's "lazy batch" form) and the walk inside a block in C++
+(quant/gptq_kernel.py); a group's scale (and zero) is fitted, with the plain fit of
+quant/int4.py, to the group's columns as GPTQ's update leaves them when the walk reaches the
+group. The result is an ordinary compressed-tensors pack-quantized weight: only which integers
+are stored changes.
 
 Rows are independent (each row's error moves along its own columns), so a fused gate/up pair
 sharing one input is one call. On the trained 256-wide model this takes the mean KL of every
@@ -19,71 +21,93 @@ from __future__ import annotations
 
 import torch
 
+from . import cpu_kernel
 from .int4 import QMAX, QMIN, Int4Weight, _grouped, fit_scales, pack_int4
 
 DAMP = 0.01  # added to H's diagonal, as a fraction of its mean: keeps rarely seen directions stable
 
 
-def inverse_factor(h: torch.Tensor, damp: float = DAMP) -> torch.Tensor:
-    """The upper Cholesky factor of (H + damp * mean(diag H) * I)^-1, float32 [N, N] (what
-    gptq_int4 takes; compute it once for the linears that share an input). Inputs never seen (a
-    zero diagonal) get a unit diagonal: their columns are rounded on their own."""
-    if not torch.isfinite(h).all():
+def error_feedback(h: torch.Tensor, damp: float = DAMP) -> torch.Tensor:
+    """GPTQ's error feedback for inputs with second moment H: float32 [N, N], strictly lower
+    triangular, entry [k, j] the share of column j's rounding error (original minus quantized)
+    that column k > j takes on before it is rounded (compute it once for the linears that share
+    an input). Inputs never seen (a zero diagonal) get a unit diagonal: their columns are rounded
+    on their own.
+
+    This is GPTQ's update written as QuIP's LDLQ (Chee et al., 2023, arXiv:2307.13304, Theorem 6):
+    with H = R R^T, R upper triangular (the Cholesky factor of H with its order reversed), the
+    feedback is R^T with each row divided by its diagonal, less I. One Cholesky factor instead of
+    the three (factor, invert, factor the inverse) that the paper's inverse-Hessian form takes:
+    the same updates, a quarter of the arithmetic. (Walking the columns last to first would take
+    the plain factor, but measured worse: KL 0.0044 against 0.0039 on the trained 256-wide model.)"""
+    if not hessian_finite(h):
         raise ValueError("the calibration inputs hold NaN or infinity")
-    m = h.float().clone()
+    m = _reversed(h.float())  # a copy, in reversed order
     diag = m.diagonal()
     diag[diag <= 0] = 1.0
     diag += damp * diag.mean()
     # The damping bounds the condition number by N / damp (8e5 at Scout's widest input), well
     # within float32's reach; float64 is the fallback all the same.
     try:
-        return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(m)), upper=True)
+        lower = torch.linalg.cholesky(m)
     except torch.linalg.LinAlgError:
-        m = m.double()
-        return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(m)), upper=True).float()
+        lower = torch.linalg.cholesky(m.double()).float()
+    # LAPACK's factor is column-major, so its transpose is laid out row by row, and reversing
+    # that is R^T (R = the reversed factor) with no transposing copy.
+    f = _reversed(lower.mT)
+    f /= f.diagonal().clone()[:, None]  # row k by R[k, k]
+    f.diagonal().zero_()
+    return f
+
+
+def _reversed(t: torch.Tensor) -> torch.Tensor:
+    """A square matrix with rows and columns in reverse order: a copy, from its flat data reversed
+    (as fast as a copy; flip(0, 1) is several times slower)."""
+    return t.contiguous().view(-1).flip(0).view(t.shape)
+
+
+def hessian_finite(h: torch.Tensor) -> bool:
+    """No NaN or infinity in a second-moment matrix, from its diagonal alone: an input holding one
+    puts it on its own diagonal entry, and |H_jk| <= sqrt(H_jj H_kk) bounds every other entry."""
+    return bool(torch.isfinite(h.diagonal()).all())
 
 
 def gptq_int4(
     w: torch.Tensor,
-    u: torch.Tensor,
+    f: torch.Tensor,
     group_size: int = 128,
     symmetric: bool = True,
     scale_dtype: torch.dtype | None = None,
     iters: int = 4,
 ) -> Int4Weight:
-    """Quantize w [O, N] for inputs whose second moment H [N, N] (E[x x^T]) has the inverse
-    factor u = inverse_factor(H); scales stored in scale_dtype (default: w's dtype), the integers
-    chosen for the scales as stored."""
+    """Quantize w [O, N] for inputs whose second moment H [N, N] (E[x x^T]) has the feedback
+    f = error_feedback(H); scales stored in scale_dtype (default: w's dtype), the integers chosen
+    for the scales as stored."""
     out, inp = w.shape
     _grouped(w[:1], group_size)  # validate the shape
-    if u.shape != (inp, inp):
-        raise ValueError(f"H is {tuple(u.shape)} for a weight with {inp} inputs")
+    if f.shape != (inp, inp):
+        raise ValueError(f"H is {tuple(f.shape)} for a weight with {inp} inputs")
     scale_dtype = scale_dtype or (w.dtype if w.dtype.is_floating_point else torch.float32)
-    u = u.to(w.device)
-    wt = w.float().t().contiguous()  # [N, O]: one input column per row, updated in place
+    f = f.to(w.device)
+    wt = w.float().t().contiguous()  # [N, O]: one input column per row, feedback added in place
+    orig = wt.clone()
     q = torch.empty(inp, out, dtype=torch.int8, device=w.device)
     groups = inp // group_size
     scales = torch.empty(groups, out, device=w.device)
     zeros = torch.zeros(groups, out, device=w.device)
-    block = max(group_size, 128)
+    block = group_size * -(-128 // group_size)  # whole groups
+    walk = _walk_kernel if w.device.type == "cpu" and cpu_kernel.available() else _walk_torch
     for b0 in range(0, inp, block):
         b1 = min(b0 + block, inp)
-        wb, ub = wt[b0:b1], u[b0:b1, b0:b1]
-        err = torch.empty_like(wb)
-        for i in range(b1 - b0):
-            col = b0 + i
-            if col % group_size == 0:
-                g = col // group_size
-                s, z = _fit_group(wb[i : i + group_size].t(), symmetric, scale_dtype, iters)
-                scales[g], zeros[g] = s, z
-            s, z = scales[col // group_size], zeros[col // group_size]
-            qi = torch.clamp(torch.round(wb[i] / s + z), QMIN, QMAX)
-            q[col] = qi.to(torch.int8)
-            e = (wb[i] - s * (qi - z)) / ub[i, i]
-            err[i] = e
-            wb[i + 1 :].addr_(ub[i, i + 1 :], e, alpha=-1.0)  # the rest of the block
+        wb, fb, qb = wt[b0:b1], f[b0:b1, b0:b1].contiguous(), q[b0:b1]
+        err = orig[b0:b1].clone()  # the original columns, less what they round to
+        for i in range(0, b1 - b0, group_size):
+            g, j = (b0 + i) // group_size, i + group_size
+            ahead = _as_gptq_sees(wb[i:j], err[i:j], fb[i:j, i:j])
+            scales[g], zeros[g] = _fit_group(ahead.t(), symmetric, scale_dtype, iters)
+            walk(wb, err, fb, scales[g], zeros[g], qb, i, j)
         if b1 < inp:
-            wt[b1:].addmm_(u[b0:b1, b1:].t(), err, alpha=-1.0)  # every later column, at once
+            wt[b1:].addmm_(f[b1:, b0:b1], err)  # every later column, at once
     return Int4Weight(
         packed=pack_int4(q.t().contiguous()),
         scale=scales.t().contiguous().to(scale_dtype),
@@ -93,11 +117,70 @@ def gptq_int4(
     )
 
 
+def _walk_torch(wb, err, fb, s, z, qb, i0: int, i1: int) -> None:
+    """Columns [i0, i1) of a block: rounded to the grid (s, z), their errors kept in err, each
+    error fed to the block's later columns (quant/gptq_kernel.py does the same in C++)."""
+    for i in range(i0, i1):
+        qi = torch.clamp(torch.round(wb[i] / s + z), QMIN, QMAX)
+        qb[i] = qi.to(torch.int8)
+        e = err[i].sub_(s * (qi - z))
+        wb[i + 1 :].addr_(fb[i + 1 :, i], e)
+
+
+def _walk_kernel(wb, err, fb, s, z, qb, i0: int, i1: int) -> None:
+    cpu_kernel.gptq_columns(wb, err, fb, s, z, qb, i0, i1, QMIN, QMAX)
+
+
+def _as_gptq_sees(state: torch.Tensor, orig: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    """A group's columns [g, O] as GPTQ's update leaves them when the walk reaches the group
+    (f: the group's own feedback [g, g]).
+
+    The feedback form gives each column its share of the errors of the columns walked before
+    the group, counting on the group's own columns walked before it to take theirs when they are
+    rounded; GPTQ's state is what the columns hold if those round with no error. The group's
+    scale is fitted to the latter, as GPTQ fits it: solve (I + F_gg) y = orig - state, then
+    orig - y."""
+    a = f + torch.eye(f.shape[0], dtype=f.dtype, device=f.device)  # lower triangular, unit diagonal
+    y = torch.linalg.solve_triangular(a, orig - state, upper=False, unitriangular=True)
+    return orig - y
+
+
 def _fit_group(wg: torch.Tensor, symmetric: bool, scale_dtype, iters: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and zero [O] for one group's columns wg [O, g], by quant/int4.py's fit, the scale
     rounded to scale_dtype as it will be stored."""
     s, z = fit_scales(wg.contiguous().unsqueeze(1), symmetric, scale_dtype, iters)  # [O, 1, 1]
     return s.reshape(-1), z.reshape(-1)
+
+
+GRAM_BLOCK = 1024  # gram() computes blocks of this many columns on and below the diagonal
+
+
+def _edges(n: int) -> list[int]:
+    return list(range(0, n, GRAM_BLOCK)) + [n]
+
+
+def add_gram(h: torch.Tensor, x: torch.Tensor) -> None:
+    """h += x^T x for x [T, N], h float32 [N, N], in the blocks on and below the diagonal only (a
+    little over half the products of one matrix product); mirror(h) fills the rest."""
+    edges = _edges(x.shape[1])
+    for i0, i1 in zip(edges, edges[1:], strict=False):
+        h[i0:i1, :i1].addmm_(x[:, i0:i1].t(), x[:, :i1])  # row block i, columns up to its diagonal
+
+
+def mirror(h: torch.Tensor) -> torch.Tensor:
+    """The blocks above the diagonal from those below (after add_gram), in place."""
+    edges = _edges(h.shape[0])
+    for i0, i1 in zip(edges, edges[1:], strict=False):
+        h[:i0, i0:i1] = h[i0:i1, :i0].t()
+    return h
+
+
+def gram(x: torch.Tensor) -> torch.Tensor:
+    """x^T x [N, N] for x [T, N] (float32)."""
+    x = x.float()
+    h = torch.zeros(x.shape[1], x.shape[1], device=x.device)
+    add_gram(h, x)
+    return mirror(h)
 
 
 class HessianSum:
@@ -111,9 +194,9 @@ class HessianSum:
         x = x.reshape(-1, x.shape[-1]).float()
         if self.sum is None:
             self.sum = torch.zeros(x.shape[1], x.shape[1], device=x.device)
-        self.sum.addmm_(x.t(), x)
+        add_gram(self.sum, x)
         self.rows += x.shape[0]
 
     def mean(self) -> torch.Tensor | None:
         """E[x x^T], or None when no row was seen."""
-        return None if self.sum is None or self.rows == 0 else self.sum / self.rows
+        return None if self.sum is None or self.rows == 0 else mirror(self.sum.clone()) / self.rows

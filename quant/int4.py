@@ -14,6 +14,7 @@ Shapes: O outputs, N inputs, G = N / group_size groups per row, g = group_size.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -52,6 +53,11 @@ def pack_int4(q: torch.Tensor, dim: int = 1) -> torch.Tensor:
     rows, cols = q.shape
     if cols % 8:
         raise ValueError(f"cannot pack {cols} values per row into int32 words of 8")
+    if sys.byteorder == "little":
+        # Byte j of a row: input 2j in its low nibble, 2j + 1 in its high one; four bytes make
+        # a little-endian word with nibble i at bits [4i, 4i+3], as below, in a few byte passes.
+        u = (q + 8).to(torch.uint8).contiguous().view(rows, cols // 2, 2)
+        return (u[..., 0] | (u[..., 1] << 4)).contiguous().view(torch.int32)
     u = (q.to(torch.int32) + 8).view(rows, cols // 8, 8)  # unsigned nibbles
     shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=q.device)
     # Nibble j goes to bits [4j, 4j+3]. Summing disjoint bit fields equals OR-ing them; the

@@ -17,12 +17,17 @@ class QuantizedExpert(nn.Module):
         super().__init__()
         self.gate_proj, self.up_proj, self.down_proj = gate, up, down
 
+    def act(self, x: torch.Tensor) -> torch.Tensor:
+        """What down sees: silu(gate) * up."""
+        return F.silu(self.gate_proj(x)) * self.up_proj(x)
+
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.act(x))
 
 
 class QuantizedExperts(nn.Module):
-    """Routed experts as E separate INT4 SwiGLU MLPs; same `expert(e, x)` as model.Experts."""
+    """Routed experts as E separate INT4 SwiGLU MLPs; same `act(e, x)`, `expert(e, x)` and `run`
+    as model.Experts."""
 
     def __init__(self, experts: list[QuantizedExpert]):
         super().__init__()
@@ -32,11 +37,14 @@ class QuantizedExperts(nn.Module):
     def num_experts(self) -> int:
         return len(self.experts)
 
+    def act(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        return self.experts[e].act(x)
+
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        return self.experts[e](x)
+        return self.experts[e].down_proj(self.act(e, x))
 
     def run(self, groups: list[tuple[int, torch.Tensor]]) -> list[torch.Tensor]:
-        return [self.experts[e](x) for e, x in groups]
+        return [self.expert(e, x) for e, x in groups]
 
 
 def apply_quantized(

@@ -258,7 +258,7 @@ def quantize_checkpoint(
         writer = _ShardWriter(work, opts.shard_bytes)
         done, count = 0, 0
 
-        def quantize(w: torch.Tensor, u: torch.Tensor | None = None):  # u: GPTQ's inverse factor
+        def quantize(w: torch.Tensor, u: torch.Tensor | None = None):  # u: GPTQ's error feedback
             if opts.scheme == "nf4":
                 from .nf4 import quantize_nf4
 

@@ -1,0 +1,50 @@
+"""C++ source of GPTQ's column walk (quant/gptq.py), built into quant.cpu_kernel's extension.
+
+Per group of columns, in order: round each column to the group's grid, keep its error (original
+minus dequantized) and add the error times the feedback to the block's later columns. Output
+rows are independent, so threads split them and each walks every column for its rows: the
+block's columns for those rows stay in cache, and the walk costs no Python call per column.
+Same float32 operations as the torch loop it replaces (division, round half to even, clamp, the
+dequantized value s * (q - z)); only the rank-one updates may be fused into FMAs.
+"""
+
+SOURCE = r"""
+// w [B, O]: the block's columns with the feedback so far; e [B, O]: the original columns, rows
+// [i0, i1) replaced by their errors; f [B, B]: the block's feedback (f[k][i]: column k's share of
+// column i's error, k > i); s, z [O]: the group's grid; q [B, O] int8: the integers of rows
+// [i0, i1).
+void gptq_columns(torch::Tensor w, torch::Tensor e, torch::Tensor f, torch::Tensor s, torch::Tensor z,
+                  torch::Tensor q, int64_t i0, int64_t i1, double qmin, double qmax) {
+  for (const auto& t : {w, e, f, s, z})
+    TORCH_CHECK(t.scalar_type() == torch::kFloat && t.is_contiguous(), "gptq_columns: float32, contiguous");
+  TORCH_CHECK(q.scalar_type() == torch::kChar && q.is_contiguous(), "gptq_columns: q int8");
+  const int64_t B = w.size(0), O = w.size(1);
+  TORCH_CHECK(e.size(0) == B && e.size(1) == O && f.size(0) == B && f.size(1) == B && q.size(0) == B &&
+                  q.size(1) == O && s.numel() == O && z.numel() == O && 0 <= i0 && i0 <= i1 && i1 <= B,
+              "gptq_columns: shapes");
+  float* wp = w.data_ptr<float>();
+  float* ep = e.data_ptr<float>();
+  const float* fp = f.data_ptr<float>();
+  const float* sp = s.data_ptr<float>();
+  const float* zp = z.data_ptr<float>();
+  int8_t* qp = q.data_ptr<int8_t>();
+  const float lo = (float)qmin, hi = (float)qmax;
+  at::parallel_for(0, O, 64, [&](int64_t o0, int64_t o1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      float* wi = wp + i * O;
+      float* ei = ep + i * O;
+      int8_t* qi = qp + i * O;
+      for (int64_t o = o0; o < o1; ++o) {
+        const float v = std::min(std::max(std::nearbyint(wi[o] / sp[o] + zp[o]), lo), hi);
+        qi[o] = (int8_t)v;
+        ei[o] -= sp[o] * (v - zp[o]);
+      }
+      for (int64_t k = i + 1; k < B; ++k) {
+        const float share = fp[k * B + i];
+        float* wk = wp + k * O;
+        for (int64_t o = o0; o < o1; ++o) wk[o] += share * ei[o];
+      }
+    }
+  });
+}
+"""
