@@ -13,12 +13,18 @@ of ggml's reference quantizers), on the whole model and on our default's tensors
 weight-only baselines sit beside ours: plain round-to-nearest (symmetric, per group absmax) and, when
 bitsandbytes is installed, its NF4 at the same group size, both applied to the same tensors.
 
+With --llamacpp it scores llama.cpp's own files instead: the model converted by its
+convert_hf_to_gguf.py, quantized to Q4_K_M by llama-quantize without and with an importance
+matrix (llama-imatrix over the same calibration text and token count our GPTQ uses), each GGUF
+dequantized into our model (benchmarks/gguf_weights.py); the tools are built as
+bench_vs_llamacpp.py builds them (cached under benchmarks/.cache/).
+
 With --bf16 it measures instead what a bf16 run costs on top of the weights: the original in
 bf16, and the default INT4 (GPTQ, attention INT4 too) and the previous default (plain fit,
 attention rounded to INT8 at load) in bf16 with float activations in the INT4 kernel and with
 int8 ones (what bf16 runs use on AVX2 CPUs), all against the float32 original.
 
-    python benchmarks/bench_quant_kl.py [--model benchmarks/.cache/small-llama4] [--ctx 256] [--bf16]
+    python benchmarks/bench_quant_kl.py [--model benchmarks/.cache/small-llama4] [--ctx 256] [--bf16 | --llamacpp]
 """
 
 from __future__ import annotations
@@ -135,6 +141,33 @@ def with_cpu_path(model, path: str):
     return model
 
 
+def llamacpp_files(args, report):
+    """KL of llama.cpp's real Q4_K_M files of the model, plain and with an importance matrix."""
+    import os
+
+    import llamacpp
+    from gguf_weights import dequantized_model
+
+    from quant.calibrate import DEFAULT_TEXT, DEFAULT_TOKENS, WINDOW
+
+    cache = ROOT / "benchmarks" / ".cache"
+    threads = os.cpu_count() or 1
+    bin_dir = llamacpp.build(cache)
+    work = cache / f"{args.model.name}-gguf"
+    work.mkdir(parents=True, exist_ok=True)
+    f16, imatrix = work / "f16.gguf", work / "imatrix.gguf"
+    if not f16.exists():
+        llamacpp.convert(cache, args.model, f16)
+    if not imatrix.exists():
+        llamacpp.imatrix(bin_dir, f16, DEFAULT_TEXT, imatrix, threads, DEFAULT_TOKENS, WINDOW)
+    for name, im in (("q4_k_m (llama-quantize)", None), ("q4_k_m + imatrix (llama-imatrix, llama-quantize)", imatrix)):
+        out = work / ("q4_k_m-imatrix.gguf" if im else "q4_k_m.gguf")
+        if not out.exists():
+            llamacpp.quantize(bin_dir, f16, out, "Q4_K_M", threads, im)
+        model, types = dequantized_model(out, args.model, llamacpp.source_dir(cache))
+        report(name, model, gguf_types=types)
+
+
 def bf16_costs(args, report):
     """KL against the float32 original of bf16 runs: original, INT4 with float / int8 activations
     (and, on a model whose rows are multiples of 256, llama.cpp's Q4_K_M beside them): the default
@@ -169,6 +202,7 @@ def main():
     ap.add_argument("--groups", default="32,64,128")
     ap.add_argument("--parts", default="experts,attention", help="experts (+shared), attention (+experts), or both")
     ap.add_argument("--bf16", action="store_true", help="the cost of bf16 runs and of int8 activations instead")
+    ap.add_argument("--llamacpp", action="store_true", help="llama.cpp's own Q4_K_M files, plain and with imatrix")
     args = ap.parse_args()
     tok = Tokenizer(args.model)
     ids = tok.encode((args.model / "eval.txt").read_text(), add_special_tokens=False)
@@ -193,6 +227,8 @@ def main():
 
     if args.bf16:
         return bf16_costs(args, report)
+    if args.llamacpp:
+        return llamacpp_files(args, report)
     if q4_k_fits(args.model):
         # The anchor: llama.cpp's Q4_K_M (whole model), and its Q4_K on our default's tensors.
         report("q4_k_m (llama.cpp, whole model)", q4_k_m(args.model, only_ours=False))

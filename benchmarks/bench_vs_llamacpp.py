@@ -3,13 +3,14 @@
 Builds (once, cached under benchmarks/.cache/) llama.cpp's CPU tools from the llama-cpp-python
 sdist, a Scout-width slice checkpoint (benchmarks/scout_slice.py: Scout's layer widths, 4
 layers, 4 experts top-1, vocab 600, 2.77 B parameters), its F16 GGUF (llama.cpp's converter),
-Q4_0 and Q4_K_M (llama-quantize) and our default INT4 checkpoint (`llama4-local quantize`),
-timing each quantize. Then, for each thread count, it alternates the sides `--reps` times:
-`llama-bench -p 128 -n 32` on Q4_0, Q4_K_M and F16, and the same work in this runner (a
-128-token prefill from an empty cache, 32 single-token decode steps) on INT4 (as `prompt` runs
-it: with the default checkpoint attention is INT4; one with bf16 attention gets it rounded to INT8
-at load) and bf16, and
-reports the best of each: tok/s, the ratio to llama.cpp Q4_0 (INT4) or F16 (bf16), and the bytes
+Q4_0 and Q4_K_M (llama-quantize), Q4_K_M with an importance matrix (llama-imatrix over the
+calibration text our default uses, the peer of our calibrated quantize) and our default INT4
+checkpoint (`llama4-local quantize`), timing each quantize. Then, for each thread count, it
+alternates the sides `--reps` times: `llama-bench -p 128 -n 32` on Q4_0, Q4_K_M and F16, and
+the same work in this runner (a 128-token prefill from an empty cache, 32 single-token decode
+steps) on INT4 (as `prompt` runs it: with the default checkpoint attention is INT4; one with
+bf16 attention gets it rounded to INT8 at load) and bf16, and reports the best of each: tok/s,
+the ratio to llama.cpp Q4_0 (INT4) or F16 (bf16), and the bytes
 of weights a decode token reads with the GB/s that makes.
 
     python benchmarks/bench_vs_llamacpp.py [--threads 1,2] [--reps 3] [--json FILE]
@@ -40,6 +41,7 @@ from scout_slice import write_slice  # noqa: E402
 
 from llama4_local.loader import load_model  # noqa: E402
 from quant import cpu_kernel  # noqa: E402
+from quant.calibrate import DEFAULT_TEXT, DEFAULT_TOKENS, WINDOW  # noqa: E402
 
 CACHE = ROOT / "benchmarks" / ".cache"
 
@@ -67,6 +69,16 @@ def prepare(cache: Path, threads: int) -> tuple[Path, dict[str, Path], dict[str,
         if not files[kind].exists():
             log(f"llama-quantize {kind}")
             times[kind] = llamacpp.quantize(bin_dir, files["F16"], files[kind], kind, threads)
+    # llama.cpp's calibrated path, the peer of our calibrated default: an importance matrix over
+    # the same text and token count, then Q4_K_M with it (timed, not benchmarked: same speed).
+    calibrated = cache / "scout-slice-q4_k_m-imatrix.gguf"
+    if not calibrated.exists():
+        imatrix = cache / "scout-slice-imatrix.gguf"
+        log("llama-imatrix on the calibration text, then llama-quantize Q4_K_M --imatrix")
+        t_imatrix = llamacpp.imatrix(bin_dir, files["F16"], DEFAULT_TEXT, imatrix, threads, DEFAULT_TOKENS, WINDOW)
+        t_quantize = llamacpp.quantize(bin_dir, files["F16"], calibrated, "Q4_K_M", threads, imatrix)
+        times["Q4_K_M imatrix (llama-imatrix + llama-quantize)"] = t_imatrix + t_quantize
+        times["  of which llama-imatrix"] = t_imatrix
     if not (files["int4"] / "config.json").exists():
         log("llama4-local quantize (default INT4)")
         t0 = time.perf_counter()

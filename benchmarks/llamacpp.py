@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 VERSION = "0.3.36"  # llama-cpp-python; its vendor/llama.cpp is the peer measured
-TOOLS = ("llama-bench", "llama-quantize")
+TOOLS = ("llama-bench", "llama-quantize", "llama-imatrix")
 
 
 def source_dir(cache: Path, version: str = VERSION) -> Path:
@@ -29,7 +29,7 @@ def source_dir(cache: Path, version: str = VERSION) -> Path:
 
 
 def build(cache: Path, version: str = VERSION, log=print) -> Path:
-    """The directory holding llama-bench and llama-quantize, building them if needed."""
+    """The directory holding llama-bench, llama-quantize and llama-imatrix, building them if needed."""
     src = source_dir(cache, version)
     bin_dir = src / "build" / "bin"
     if all((bin_dir / t).exists() for t in TOOLS):
@@ -81,11 +81,24 @@ def convert(cache: Path, model: Path, out: Path, pre: str = "gpt-2", version: st
     return time.perf_counter() - t0
 
 
-def quantize(bin_dir: Path, f16: Path, out: Path, kind: str, threads: int) -> float:
-    """llama-quantize F16 -> kind (Q4_0, Q4_K_M, ...); seconds taken."""
+def imatrix(bin_dir: Path, f16: Path, text: Path, out: Path, threads: int, tokens: int, chunk: int = 512) -> float:
+    """llama-imatrix: the importance matrix of F16 over the first `tokens` tokens of `text`, in
+    chunks of `chunk` (as our calibration cuts its windows); seconds taken."""
+    t0 = time.perf_counter()
+    tmp = out.with_name(out.name + ".tmp.gguf")
+    cmd = [str(bin_dir / "llama-imatrix"), "-m", str(f16), "-f", str(text), "-o", str(tmp), "-c", str(chunk),
+           "--chunks", str(max(1, tokens // chunk)), "-t", str(threads), "--no-ppl"]  # fmt: skip
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    os.replace(tmp, out)
+    return time.perf_counter() - t0
+
+
+def quantize(bin_dir: Path, f16: Path, out: Path, kind: str, threads: int, imatrix: Path | None = None) -> float:
+    """llama-quantize F16 -> kind (Q4_0, Q4_K_M, ...), with an importance matrix if given; seconds taken."""
     t0 = time.perf_counter()
     tmp = out.with_name(out.name + ".tmp")
-    cmd = [str(bin_dir / "llama-quantize"), str(f16), str(tmp), kind, str(threads)]
+    extra = ["--imatrix", str(imatrix)] if imatrix else []
+    cmd = [str(bin_dir / "llama-quantize"), *extra, str(f16), str(tmp), kind, str(threads)]
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     os.replace(tmp, out)
     return time.perf_counter() - t0
