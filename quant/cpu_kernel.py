@@ -26,8 +26,11 @@ load, per 64). Per row, `pack_scales` gives float32 [2, G]: the G group scales, 
 constants o - 8 s; for symmetric weights [1, G], the scales alone (c = -8 s is formed in the
 kernel, the same float32 value): at group 128 a weight then costs 4.25 bits to read, not 4.5.
 
-Built with torch.utils.cpp_extension (needs a C++ compiler and ninja); where that fails, or the
-CPU lacks AVX2/FMA, `available()` is False and callers keep the stock kernel.
+Built with torch.utils.cpp_extension on first use, for the CPU it runs on (needs a C++ compiler
+and ninja): where the CPU has VNNI (AVX-VNNI, or AVX512-VNNI with VL: Intel since Ice Lake /
+Alder Lake, AMD since Zen 4), the int8 dot products take one vpdpbusd instead of maddubs + madd
+(`isa()`; the same integers, bit for bit). Where the build fails, or the CPU lacks AVX2/FMA,
+`available()` is False and callers keep the stock kernel.
 """
 
 from __future__ import annotations
@@ -96,6 +99,36 @@ static inline float hsum(__m256 v) {
   return _mm_cvtss_f32(r);
 }
 
+// Unsigned x signed bytes, the products of each 4 adjacent bytes summed into an int32 lane: one
+// VNNI instruction (vpdpbusd) where the extension is built for a CPU that has it (AVX-VNNI, or
+// AVX512-VNNI on 256 bits), else maddubs then madd with ones. The same integers either way: the
+// int16 sums of maddubs cannot saturate with these operands (nibbles or |int8| <= 127 times
+// int8), so the float results are bit for bit the same.
+#if defined(__AVXVNNI__)
+#define DPBUSD(acc, u, s) _mm256_dpbusd_avx_epi32(acc, u, s)
+#elif defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#define DPBUSD(acc, u, s) _mm256_dpbusd_epi32(acc, u, s)
+#endif
+
+static inline __m256i dot4(__m256i u, __m256i s) {
+#ifdef DPBUSD
+  return DPBUSD(_mm256_setzero_si256(), u, s);
+#else
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+#endif
+}
+
+// dot4(u1, s1) + dot4(u2, s2); without VNNI the two maddubs add in int16 first (|sum| <= 4 * 15 *
+// 127 for nibbles), so one madd serves both.
+static inline __m256i dot4x2(__m256i u1, __m256i s1, __m256i u2, __m256i s2) {
+#ifdef DPBUSD
+  return DPBUSD(DPBUSD(_mm256_setzero_si256(), u1, s1), u2, s2);
+#else
+  return _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(u1, s1), _mm256_maddubs_epi16(u2, s2)),
+                           _mm256_set1_epi16(1));
+#endif
+}
+
 // Float activations. Rows n0..n1 of y[t, n]; xs[t, g] = sum of x over group g.
 // T is a template parameter so the accumulators live in registers; A accumulators per row break
 // the FMA dependency chain when there are few rows (FMA latency, not bandwidth, bounds T = 1).
@@ -160,7 +193,6 @@ template <int T, int R, bool PAIRS>
 static void tile_q8(const int8_t* xq, const float* xd, const uint8_t* qp, const float* sp, const float* xs,
                     float* yp, int64_t K, int64_t N, int64_t group, bool sym, int64_t n) {
   const int64_t G = K / group, B = K / 32, P = K / 64, steps = PAIRS ? group / 64 : group / 32;
-  const __m256i ones = _mm256_set1_epi16(1);
   const uint8_t* qrow[R];
   const float* srow[R];
   for (int r = 0; r < R; ++r) {
@@ -193,24 +225,22 @@ static void tile_q8(const int8_t* xq, const float* xd, const uint8_t* qp, const 
         }
       }
       for (int r = 0; r < R; ++r) {
-        __m256i s16[T];
+        __m256i p[T];
         if (PAIRS) {
           const __m256i low = _mm256_set1_epi8(0x0F);
           const __m256i bytes = _mm256_loadu_si256((const __m256i*)(qrow[r] + b * 32));
           const __m256i lo = _mm256_and_si256(bytes, low);
           const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low);
-          for (int t = 0; t < T; ++t)
-            s16[t] = _mm256_add_epi16(_mm256_maddubs_epi16(lo, qa[t]), _mm256_maddubs_epi16(hi, qb[t]));
+          for (int t = 0; t < T; ++t) p[t] = dot4x2(lo, qa[t], hi, qb[t]);
         } else {
           const __m128i low = _mm_set1_epi8(0x0F);
           const __m128i bytes = _mm_loadu_si128((const __m128i*)(qrow[r] + b * 16));
           const __m128i lo = _mm_and_si128(bytes, low);
           const __m128i hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), low);
           const __m256i u = _mm256_inserti128_si256(_mm256_castsi128_si256(lo), hi, 1);  // even inputs, odd ones
-          for (int t = 0; t < T; ++t) s16[t] = _mm256_maddubs_epi16(u, qa[t]);
+          for (int t = 0; t < T; ++t) p[t] = dot4(u, qa[t]);
         }
-        for (int t = 0; t < T; ++t)
-          ga[t][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(s16[t], ones)), d[t], ga[t][r]);
+        for (int t = 0; t < T; ++t) ga[t][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p[t]), d[t], ga[t][r]);
       }
     }
     for (int r = 0; r < R; ++r) {
@@ -554,7 +584,6 @@ template <int T, int R>
 static void tile_w8(const int8_t* xq, const float* xd, const int8_t* wq, const float* ws, float* yp,
                     int64_t K, int64_t N, int64_t n) {
   const int64_t B = K / 32;
-  const __m256i ones = _mm256_set1_epi16(1);
   __m256 acc[T][R];
   for (int t = 0; t < T; ++t)
     for (int r = 0; r < R; ++r) acc[t][r] = _mm256_setzero_ps();
@@ -567,7 +596,7 @@ static void tile_w8(const int8_t* xq, const float* xd, const int8_t* wq, const f
       const float s = ws[(n + r) * B + b];
       for (int t = 0; t < T; ++t) {
         const __m256i x = _mm256_loadu_si256((const __m256i*)(xq + t * K + b * 32));
-        const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(x, w)), ones);
+        const __m256i p = dot4(aw, _mm256_sign_epi8(x, w));
         acc[t][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(s * xd[t * B + b]), acc[t][r]);
       }
     }
@@ -624,13 +653,40 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 """
 
 
-def _cpu_has_avx2_fma() -> bool:
+def _cpu_flags() -> set[str]:
     try:
         with open("/proc/cpuinfo") as f:
-            flags = f.read()
-        return " avx2" in flags and " fma" in flags
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.partition(":")[2].split())
     except OSError:
-        return False
+        pass
+    return set()
+
+
+def _cpu_has_avx2_fma() -> bool:
+    return {"avx2", "fma"} <= _cpu_flags()
+
+
+def isa() -> str:
+    """The dot-product instructions the int8-activation kernels are built with on this CPU:
+    "avx-vnni", "avx512-vnni" (on 256-bit registers) or "avx2" (maddubs + madd); the env var
+    LLAMA4_LOCAL_NO_VNNI=1 keeps "avx2"."""
+    flags = _cpu_flags()
+    if os.environ.get("LLAMA4_LOCAL_NO_VNNI"):
+        return "avx2"
+    if "avx_vnni" in flags:
+        return "avx-vnni"
+    if {"avx512_vnni", "avx512vl"} <= flags:
+        return "avx512-vnni"
+    return "avx2"
+
+
+_ISA_FLAGS = {
+    "avx2": [],
+    "avx-vnni": ["-mavxvnni"],
+    "avx512-vnni": ["-mavx512vnni", "-mavx512vl", "-mprefer-vector-width=256"],
+}
 
 
 @functools.cache
@@ -644,13 +700,14 @@ def _module():
 
         from . import fp8_kernel, gptq_kernel
 
-        name = "llama4_local_int4_avx2_v29"
+        target = isa()
+        name = f"llama4_local_int4_{target.replace('-', '_')}_v30"
         if not list(Path(_get_build_directory(name, verbose=False)).glob("*.so")):
             sys.stderr.write("llama4-local: building the INT4 CPU kernel (once, about a minute)\n")
         return load_inline(
             name=name,
             cpp_sources=[_SOURCE + fp8_kernel.SOURCE + gptq_kernel.SOURCE + _BINDINGS],
-            extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"],
+            extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", *_ISA_FLAGS[target]],
             extra_ldflags=["-fopenmp"],
             verbose=False,
         )

@@ -262,3 +262,48 @@ def test_many_rows_equal_one_row_at_a_time(q8):
         assert torch.equal(whole, rows)
     else:
         torch.testing.assert_close(whole, rows, rtol=1e-5, atol=1e-4)
+
+
+def kernel_outputs() -> dict[str, torch.Tensor]:
+    """The int8-activation kernels on fixed inputs: INT4 at groups 32 and 128 for 1, 3 and 20
+    rows, and the INT8 weight kernel."""
+    from quant import cpu_kernel
+
+    g = torch.Generator().manual_seed(7)
+    out = {}
+    for group in (32, 128):
+        qw = quantize_int4(torch.randn(72, 512, generator=g), group, True, scale_dtype=torch.bfloat16)
+        packed, scales = cpu_kernel.stored_bytes(qw.packed), cpu_kernel.pack_scales(qw.scale, None)
+        for rows in (1, 3, 20):
+            x = torch.randn(rows, 512, generator=g)
+            out[f"int4 g{group} x{rows}"] = cpu_kernel.int4_mv(x, packed, scales, group, True)
+    q, s = cpu_kernel.q8_quantize(torch.randn(40, 256, generator=g))
+    out["q8"] = cpu_kernel.q8_mv(torch.randn(3, 256, generator=g), q, s)
+    return out
+
+
+_CHILD = (
+    "import sys, torch; from tests.test_quant_kernels import kernel_outputs; torch.save(kernel_outputs(), sys.argv[1])"
+)
+
+
+def test_vnni_dot_products_equal_the_avx2_ones(tmp_path):
+    """Where the kernel is built with VNNI, its int8 dot products give the AVX2 build's bits (the
+    plain build runs in a child process, as LLAMA4_LOCAL_NO_VNNI=1 makes it)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from quant import cpu_kernel
+
+    if not cpu_kernel.available() or cpu_kernel.isa() == "avx2":
+        pytest.skip("no VNNI build on this CPU")
+    out = tmp_path / "avx2.pt"
+    env = {**os.environ, "LLAMA4_LOCAL_NO_VNNI": "1"}
+    root = Path(__file__).resolve().parents[1]
+    subprocess.run([sys.executable, "-c", _CHILD, str(out)], check=True, env=env, cwd=root)
+    plain, ours = torch.load(out), kernel_outputs()
+    assert plain.keys() == ours.keys()
+    for key, want in plain.items():
+        assert torch.equal(ours[key], want), key
