@@ -246,8 +246,10 @@ def test_symmetric_scales_alone_compute_the_same_bits(group_size, rows):
 @pytest.mark.parametrize("q8", [True, False])
 def test_many_rows_equal_one_row_at_a_time(q8):
     """Prefill-sized inputs go through in blocks of weight rows, three activation rows at a time:
-    every row's result is that row's alone (the same bits with int8 activations; float ones split
-    their sums into as many chains as the row count allows, so only the order differs)."""
+    every row's result is that row's alone (the same bits with int8 activations, except on an
+    AVX-512 build, whose many-row tiles sum four blocks per register where one row sums two;
+    float ones split their sums into as many chains as the row count allows: only the order
+    differs)."""
     from quant import cpu_kernel
 
     if not cpu_kernel.available():
@@ -258,7 +260,7 @@ def test_many_rows_equal_one_row_at_a_time(q8):
     x = torch.randn(41, 256, generator=g)
     whole = cpu_kernel.int4_mv(x, lin.packed, lin.scales_and_zeros, 128, q8)
     rows = torch.cat([cpu_kernel.int4_mv(x[i : i + 1], lin.packed, lin.scales_and_zeros, 128, q8) for i in range(41)])
-    if q8:
+    if q8 and cpu_kernel.isa() != "avx512-vnni":
         assert torch.equal(whole, rows)
     else:
         torch.testing.assert_close(whole, rows, rtol=1e-5, atol=1e-4)
