@@ -193,6 +193,14 @@ static void rows_f32(const float* xp, const uint8_t* qp, const float* sp, const 
 // results add in int16 (|sum| <= 4 * 15 * 127), so a pair costs one madd, one conversion and one
 // FMA: about 10 instructions per 32 weight bytes against 18 one block at a time. Otherwise xq
 // holds each block as (16 even inputs, 16 odd ones) and xd one scale per block.
+// sum_g c_g * xs_g for one weight row and activation row: the groups' constants (c = o - 8 s, or
+// -8 s for symmetric weights) times the sums of the dequantized activations.
+static inline float group_offsets(const float* srow, const float* xst, int64_t G, bool sym) {
+  float off = 0.f;
+  for (int64_t g = 0; g < G; ++g) off += (sym ? -8.f * srow[g] : srow[G + g]) * xst[g];
+  return off;
+}
+
 template <int T, int R, bool PAIRS>
 static void tile_q8(const int8_t* xq, const float* xd, const uint8_t* qp, const float* sp, const float* xs,
                     float* yp, int64_t K, int64_t N, int64_t group, bool sym, int64_t n) {
@@ -254,10 +262,7 @@ static void tile_q8(const int8_t* xq, const float* xd, const uint8_t* qp, const 
   }
   for (int r = 0; r < R; ++r)
     for (int t = 0; t < T; ++t) {
-      float off = 0.f;
-      const float* xst = xs + t * G;
-      for (int64_t g = 0; g < G; ++g) off += (sym ? -8.f * srow[r][g] : srow[r][G + g]) * xst[g];
-      yp[t * N + n + r] = hsum(acc[t][r]) + off;
+      yp[t * N + n + r] = hsum(acc[t][r]) + group_offsets(srow[r], xs + t * G, G, sym);
     }
 }
 
@@ -333,10 +338,7 @@ static void tile_q8_zmm(const int8_t* xq, const float* xd, const uint8_t* qp, co
   }
   for (int r = 0; r < R; ++r)
     for (int t = 0; t < T; ++t) {
-      float off = 0.f;
-      const float* xst = xs + t * G;
-      for (int64_t g = 0; g < G; ++g) off += (sym ? -8.f * srow[r][g] : srow[r][G + g]) * xst[g];
-      yp[t * N + n + r] = _mm512_reduce_add_ps(acc[t][r]) + off;
+      yp[t * N + n + r] = _mm512_reduce_add_ps(acc[t][r]) + group_offsets(srow[r], xs + t * G, G, sym);
     }
 }
 
@@ -783,7 +785,7 @@ def _module():
         from . import fp8_kernel, gptq_kernel
 
         target = isa()
-        name = f"llama4_local_int4_{target.replace('-', '_')}_v35"
+        name = f"llama4_local_int4_{target.replace('-', '_')}_v36"
         if not list(Path(_get_build_directory(name, verbose=False)).glob("*.so")):
             sys.stderr.write("llama4-local: building the INT4 CPU kernel (once, about a minute)\n")
         return load_inline(
