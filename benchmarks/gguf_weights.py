@@ -11,28 +11,21 @@ permutation, experts split into gate, up and down stacks [E, out, in]).
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import torch
+from llamacpp import gguf_py
 
 from llama4_local.loader import load_model
 
 KEPT = {"F32", "F16", "BF16"}
 
 
-def _reader(gguf: Path, src: Path):
-    sys.path.insert(0, str(src / "gguf-py"))
-    from gguf import GGUFReader
-    from gguf.quants import dequantize
-
-    return GGUFReader(str(gguf)), dequantize
-
-
 def dequantized_model(gguf: Path, model_dir: Path, llama_src: Path):
     """Our float32 model of model_dir with llama.cpp's quantized tensors from `gguf`; returns
     (model, {gguf tensor type: count}) so a caller can show what the file held."""
-    reader, dequantize = _reader(gguf, llama_src)
+    gg = gguf_py(llama_src)
+    reader, dequantize = gg.GGUFReader(str(gguf)), gg.quants.dequantize
     model, _ = load_model(model_dir, "float32", "cpu")
     types: dict[str, int] = {}
     for t in reader.tensors:

@@ -115,14 +115,22 @@ def bench(bin_dir: Path, gguf: Path, threads: int, prompt: int, gen: int, reps: 
     return result
 
 
+def gguf_py(src: Path):
+    """The gguf-py package that llama.cpp's source vendors (its GGUFReader, quants)."""
+    path = str(src / "gguf-py")
+    if path not in sys.path:
+        sys.path.insert(0, path)
+    import gguf
+    import gguf.quants
+
+    return gguf
+
+
 def decode_bytes(gguf: Path, top_k: int, experts: int, version_src: Path) -> int:
     """Bytes of weights one decode token reads from a GGUF file: all tensors but the unchosen
     experts (top_k of `experts` per MoE tensor) and the embedding table (one row)."""
-    sys.path.insert(0, str(version_src / "gguf-py"))
-    from gguf import GGUFReader
-
     total = 0
-    for t in GGUFReader(str(gguf)).tensors:
+    for t in gguf_py(version_src).GGUFReader(str(gguf)).tensors:
         n = int(t.n_bytes)
         if t.name == "token_embd.weight":
             n //= int(t.shape[-1])  # rows are the last dimension in GGUF's order

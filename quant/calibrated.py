@@ -68,7 +68,7 @@ def calibrated_pass(ctx, names: list[str]) -> set[str]:
     """Quantize the text-layer targets among `names` with GPTQ; returns the names it handled.
 
     `ctx` is quantize's run state: src, opts, calibration windows, fp8 source, tensors, writer,
-    skip (units already in finished shards), quantize(w, u) (u: GPTQ's error feedback, or None
+    skip (units already in finished shards), quantize(w, f) (f: GPTQ's error feedback, or None
     for the plain fit), progress(name, source bytes done) and count (linears quantized)."""
     from llama4_local.loader import load_model
 
@@ -113,8 +113,8 @@ def _quantize_layer(ctx, reader: _Reader, stats: LayerStats, names: list[str]) -
         else:
             ctx.count += 1
             if name not in ctx.skip:
-                u = stats.factor(role_of(name))
-                ctx.writer.add(to_tensors(name.removesuffix(".weight"), ctx.quantize(reader.read(name), u)), name)
+                f = stats.factor(role_of(name))
+                ctx.writer.add(to_tensors(name.removesuffix(".weight"), ctx.quantize(reader.read(name), f)), name)
             ctx.progress(name, _nbytes(reader.handle(name), name))
     for (prefix, e), projs in sorted(experts.items()):
         _expert(ctx, reader, stats, prefix, e, projs)
@@ -142,7 +142,7 @@ def _expert(ctx, reader: _Reader, stats: LayerStats, prefix: str, e: int, projs:
         ctx.count += len(projs)
     todo = [k for k, u in units.items() if u not in ctx.skip]
     if todo:
-        u_in, u_down = _expert_factors(stats, e)
+        f_in, f_down = _expert_factors(stats, e)
         for kind in todo:
             name = projs[kind]
             if fused:
@@ -151,8 +151,8 @@ def _expert(ctx, reader: _Reader, stats: LayerStats, prefix: str, e: int, projs:
                 linears = {f"{kind}_proj": reader.read(name)}
             tensors = {}
             for proj, w in linears.items():
-                u = u_down if proj == "down_proj" else u_in
-                tensors.update(to_tensors(f"{prefix}.{e}.{proj}", ctx.quantize(w.contiguous(), u)))
+                f = f_down if proj == "down_proj" else f_in
+                tensors.update(to_tensors(f"{prefix}.{e}.{proj}", ctx.quantize(w.contiguous(), f)))
             ctx.writer.add(tensors, units[kind])
     for name in set(projs.values()):
         n = _nbytes(reader.handle(name), name)

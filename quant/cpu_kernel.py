@@ -178,6 +178,14 @@ static void rows_f32(const float* xp, const uint8_t* qp, const float* sp, const 
   }
 }
 
+// sum_g c_g * xs_g for one weight row and activation row: the groups' constants (c = o - 8 s, or
+// -8 s for symmetric weights) times the sums of the dequantized activations.
+static inline float group_offsets(const float* srow, const float* xst, int64_t G, bool sym) {
+  float off = 0.f;
+  for (int64_t g = 0; g < G; ++g) off += (sym ? -8.f * srow[g] : srow[G + g]) * xst[g];
+  return off;
+}
+
 // Int8 activations: x ~ d[t, b] * xq[t, k] per block b of 32 inputs (llama.cpp's Q8_0 blocks).
 // Per block, maddubs multiplies the 32 unsigned nibbles by the 32 signed bytes and adds pairs
 // (|sum| <= 2 * 15 * 127, no saturation), madd adds pairs again: 8 int32 partial dot products,
@@ -193,14 +201,6 @@ static void rows_f32(const float* xp, const uint8_t* qp, const float* sp, const 
 // results add in int16 (|sum| <= 4 * 15 * 127), so a pair costs one madd, one conversion and one
 // FMA: about 10 instructions per 32 weight bytes against 18 one block at a time. Otherwise xq
 // holds each block as (16 even inputs, 16 odd ones) and xd one scale per block.
-// sum_g c_g * xs_g for one weight row and activation row: the groups' constants (c = o - 8 s, or
-// -8 s for symmetric weights) times the sums of the dequantized activations.
-static inline float group_offsets(const float* srow, const float* xst, int64_t G, bool sym) {
-  float off = 0.f;
-  for (int64_t g = 0; g < G; ++g) off += (sym ? -8.f * srow[g] : srow[G + g]) * xst[g];
-  return off;
-}
-
 template <int T, int R, bool PAIRS>
 static void tile_q8(const int8_t* xq, const float* xd, const uint8_t* qp, const float* sp, const float* xs,
                     float* yp, int64_t K, int64_t N, int64_t group, bool sym, int64_t n) {
@@ -737,15 +737,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 """
 
 
-def _cpu_flags() -> set[str]:
+@functools.cache
+def _cpu_flags() -> frozenset[str]:
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if line.startswith("flags"):
-                    return set(line.partition(":")[2].split())
+                    return frozenset(line.partition(":")[2].split())
     except OSError:
         pass
-    return set()
+    return frozenset()
 
 
 def _cpu_has_avx2_fma() -> bool:
@@ -756,9 +757,9 @@ def isa() -> str:
     """The instructions the int8-activation kernels are built with on this CPU: "avx512-vnni"
     (vpdpbusd; INT4 at groups of 128 or more in 512-bit tiles), "avx-vnni" (vpdpbusd on 256 bits)
     or "avx2" (maddubs + madd); the env var LLAMA4_LOCAL_NO_VNNI=1 keeps "avx2"."""
-    flags = _cpu_flags()
     if os.environ.get("LLAMA4_LOCAL_NO_VNNI"):
         return "avx2"
+    flags = _cpu_flags()
     if {"avx512_vnni", "avx512vl", "avx512bw"} <= flags:
         return "avx512-vnni"
     if "avx_vnni" in flags:

@@ -258,13 +258,13 @@ def quantize_checkpoint(
         writer = _ShardWriter(work, opts.shard_bytes)
         done, count = 0, 0
 
-        def quantize(w: torch.Tensor, u: torch.Tensor | None = None):  # u: GPTQ's error feedback
+        def quantize(w: torch.Tensor, f: torch.Tensor | None = None):  # f: GPTQ's error feedback
             if opts.scheme == "nf4":
                 from .nf4 import quantize_nf4
 
                 return quantize_nf4(w.to(device), opts.group_size)
-            if u is not None:
-                qw = gptq_int4(w.to(device), u.to(device), opts.group_size, opts.symmetric, scale_dtype=w.dtype)
+            if f is not None:
+                qw = gptq_int4(w.to(device), f.to(device), opts.group_size, opts.symmetric, scale_dtype=w.dtype)
             else:
                 qw = quantize_int4(w.to(device), opts.group_size, opts.symmetric, scale_dtype=w.dtype)
             qw.packed, qw.scale = qw.packed.cpu(), qw.scale.cpu()
