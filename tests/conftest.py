@@ -9,6 +9,16 @@ from tests.oracle_images import import_torchvision
 import_torchvision()
 
 
+def pytest_sessionstart(session):
+    """Build the CPU kernel once before any test runs the CLI in a subprocess: on a clean machine
+    the first INT4 or bf16 run prints a one-off "building" line on stderr, which the tests that
+    expect a command's only stderr line to be its error would otherwise meet in whatever order
+    they run."""
+    from quant import cpu_kernel
+
+    cpu_kernel.available()
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return
