@@ -28,6 +28,7 @@ from llama4_local.errors import UserError
 from llama4_local.evaluate import windows
 from llama4_local.model import rope_freqs
 
+from . import cpu_kernel
 from .gptq import HessianSum, error_feedback, hessian_finite
 
 DEFAULT_TEXT = Path(__file__).parent / "data" / "calibration.txt"
@@ -149,9 +150,12 @@ class LayerRunner:
 def _widen_once(lin) -> None:
     """A bf16/fp16 linear run once per window computes as model.linear does for many rows (x and
     the weight in float32, the product rounded back), with the weight widened once per layer
-    instead of once per call (at Scout's widths 100 MB converted per projection and window)."""
+    instead of once per call (at Scout's widths 100 MB converted per projection and window).
+    Not where the CPU multiplies bf16 natively: model.linear's bf16 GEMM is faster still."""
     w = getattr(lin, "weight", None)
     if not isinstance(w, torch.Tensor) or w.dtype not in (torch.bfloat16, torch.float16) or w.device.type != "cpu":
+        return
+    if w.dtype == torch.bfloat16 and cpu_kernel.native_bf16():
         return
     wide = w.float()
     lin.forward = lambda x: F.linear(x.float(), wide).to(x.dtype)
