@@ -797,7 +797,7 @@ def _module():
         from . import fp8_kernel, gptq_kernel
 
         target = isa()
-        name = f"llama4_local_int4_{target.replace('-', '_')}_v36"
+        name = f"llama4_local_int4_{target.replace('-', '_')}_v37"
         if not list(Path(_get_build_directory(name, verbose=False)).glob("*.so")):
             sys.stderr.write("llama4-local: building the INT4 CPU kernel (once, about a minute)\n")
         return load_inline(
