@@ -152,7 +152,7 @@ def _expert(ctx, reader: _Reader, stats: LayerStats, prefix: str, e: int, projs:
             tensors = {}
             for proj, w in linears.items():
                 f = f_down if proj == "down_proj" else f_in
-                tensors.update(to_tensors(f"{prefix}.{e}.{proj}", ctx.quantize(w.contiguous(), f)))
+                tensors.update(to_tensors(f"{prefix}.{e}.{proj}", ctx.quantize(w, f)))  # a view: GPTQ reads its blocks
             ctx.writer.add(tensors, units[kind])
     for name in set(projs.values()):
         n = _nbytes(reader.handle(name), name)

@@ -79,18 +79,33 @@ def gptq_int4(
     symmetric: bool = True,
     scale_dtype: torch.dtype | None = None,
     iters: int = 4,
+    updates: torch.dtype | None = None,
 ) -> Int4Weight:
     """Quantize w [O, N] for inputs whose second moment H [N, N] (E[x x^T]) has the feedback
     f = error_feedback(H); scales stored in scale_dtype (default: w's dtype), the integers chosen
-    for the scales as stored."""
+    for the scales as stored.
+
+    `updates`: the precision of the products that carry a block's errors to the later columns,
+    nearly all of GPTQ's arithmetic (O N^2 / 2 multiply-adds). float32: each block's errors
+    added to every later column at once (right-looking, as the paper). bfloat16 (the default
+    where the CPU multiplies bf16 natively, 2-3x float32's speed there): the feedback and the
+    errors rounded to bf16, and each block receives every earlier block's errors in one product
+    just before it is walked (left-looking: a long inner dimension, which bf16 GEMMs need to run
+    fast; float32 accumulation, the block's columns kept in float32). The rounding moves an
+    update by 2^-9 of itself, against a rounding step of the grid that is most of a weight."""
     out, inp = w.shape
     _grouped(w[:1], group_size)  # validate the shape
     if f.shape != (inp, inp):
         raise ValueError(f"H is {tuple(f.shape)} for a weight with {inp} inputs")
     scale_dtype = scale_dtype or (w.dtype if w.dtype.is_floating_point else torch.float32)
     f = f.to(w.device)
-    wt = w.float().t().contiguous()  # [N, O]: one input column per row, feedback added in place
-    orig = wt.clone()
+    left = (updates or default_updates(w.device)) != torch.float32
+    if left:  # each block's columns are read from w when it is reached: no transposed copy of w
+        f_low = f.to(torch.bfloat16)
+        errs = torch.empty(inp, out, dtype=torch.bfloat16, device=w.device)  # every walked column's error
+    else:
+        wt = w.float().t().contiguous()  # [N, O]: one input column per row, feedback added in place
+        orig = wt.clone()
     q = torch.empty(inp, out, dtype=torch.int8, device=w.device)
     groups = inp // group_size
     scales = torch.empty(groups, out, device=w.device)
@@ -99,14 +114,21 @@ def gptq_int4(
     walk = _walk_kernel if w.device.type == "cpu" and cpu_kernel.available() else _walk_torch
     for b0 in range(0, inp, block):
         b1 = min(b0 + block, inp)
-        wb, fb, qb = wt[b0:b1], f[b0:b1, b0:b1].contiguous(), q[b0:b1]
-        err = orig[b0:b1].clone()  # the original columns, less what they round to
+        if left:
+            ob = w[:, b0:b1].t().float().contiguous()  # [block, O]
+            wb = ob + f_low[b0:b1, :b0] @ errs[:b0] if b0 else ob.clone()  # every earlier column's error, at once
+        else:
+            ob, wb = orig[b0:b1], wt[b0:b1]
+        fb, qb = f[b0:b1, b0:b1].contiguous(), q[b0:b1]
+        err = ob.clone()  # the original columns, less what they round to
         for i in range(0, b1 - b0, group_size):
             g, j = (b0 + i) // group_size, i + group_size
             ahead = _as_gptq_sees(wb[i:j], err[i:j], fb[i:j, i:j])
             scales[g], zeros[g] = _fit_group(ahead.t(), symmetric, scale_dtype, iters)
             walk(wb, err, fb, scales[g], zeros[g], qb, i, j)
-        if b1 < inp:
+        if left:
+            errs[b0:b1] = err
+        elif b1 < inp:
             wt[b1:].addmm_(f[b1:, b0:b1], err)  # every later column, at once
     return Int4Weight(
         packed=pack_int4(q.t().contiguous()),
@@ -115,6 +137,11 @@ def gptq_int4(
         shape=(out, inp),
         group_size=group_size,
     )
+
+
+def default_updates(device: torch.device) -> torch.dtype:
+    """bf16 updates on a CPU that multiplies bf16 natively, float32 elsewhere (gptq_int4)."""
+    return torch.bfloat16 if device.type == "cpu" and cpu_kernel.native_bf16() else torch.float32
 
 
 def _walk_torch(wb, err, fb, s, z, qb, i0: int, i1: int) -> None:
@@ -139,10 +166,11 @@ def _as_gptq_sees(state: torch.Tensor, orig: torch.Tensor, f: torch.Tensor) -> t
     the group, counting on the group's own columns walked before it to take theirs when they are
     rounded; GPTQ's state is what the columns hold if those round with no error. The group's
     scale is fitted to the latter, as GPTQ fits it: solve (I + F_gg) y = orig - state, then
-    orig - y."""
-    a = f + torch.eye(f.shape[0], dtype=f.dtype, device=f.device)  # lower triangular, unit diagonal
-    y = torch.linalg.solve_triangular(a, orig - state, upper=False, unitriangular=True)
-    return orig - y
+    orig - y. The solve goes through the small [g, g] inverse and one matrix product, several
+    times faster than a triangular solve with O right-hand sides (LAPACK's wants them by column)."""
+    eye = torch.eye(f.shape[0], dtype=f.dtype, device=f.device)
+    inv = torch.linalg.solve_triangular(f + eye, eye, upper=False, unitriangular=True)
+    return torch.addmm(orig, inv, orig - state, alpha=-1)
 
 
 def _fit_group(wg: torch.Tensor, symmetric: bool, scale_dtype, iters: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -161,7 +189,10 @@ def _edges(n: int) -> list[int]:
 
 def add_gram(h: torch.Tensor, x: torch.Tensor) -> None:
     """h += x^T x for x [T, N], h float32 [N, N], in the blocks on and below the diagonal only (a
-    little over half the products of one matrix product); mirror(h) fills the rest."""
+    little over half the products of one matrix product); mirror(h) fills the rest. Float32
+    products even for bf16 inputs: a bf16 product is rounded to bf16, and that rounding (2^-9 of
+    the largest entries) breaks positive definiteness where one direction dominates the inputs
+    (measured: Cholesky failed on the trained 128-wide model's Hessians)."""
     edges = _edges(x.shape[1])
     for i0, i1 in zip(edges, edges[1:], strict=False):
         h[i0:i1, :i1].addmm_(x[:, i0:i1].t(), x[:, :i1])  # row block i, columns up to its diagonal

@@ -259,6 +259,7 @@ def quantize_checkpoint(
         done, count = 0, 0
 
         def quantize(w: torch.Tensor, f: torch.Tensor | None = None):  # f: GPTQ's error feedback
+            w = w if f is not None else w.contiguous()
             if opts.scheme == "nf4":
                 from .nf4 import quantize_nf4
 
