@@ -32,9 +32,11 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -143,8 +145,6 @@ def with_cpu_path(model, path: str):
 
 def llamacpp_files(args, report):
     """KL of llama.cpp's real Q4_K_M files of the model, plain and with an importance matrix."""
-    import os
-
     import llamacpp
     from gguf_weights import dequantized_model
 
@@ -194,6 +194,26 @@ def bf16_costs(args, report):
 PLAIN = ("experts", "shared")
 
 
+def quantizer_precision(args, report):
+    """The default quantize (GPTQ) with its arithmetic in bf16 where the CPU multiplies bf16
+    natively (calibration forward, Hessians, GPTQ's updates) against the same run in float32
+    (LLAMA4_LOCAL_NO_BF16_GEMM=1), scored in float32: what the faster arithmetic costs."""
+    from quant import cpu_kernel
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, off in (("gptq int4 g128 default, float32 arithmetic", True), ("gptq int4 g128 default", False)):
+            if off:
+                os.environ["LLAMA4_LOCAL_NO_BF16_GEMM"] = "1"
+            else:
+                os.environ.pop("LLAMA4_LOCAL_NO_BF16_GEMM", None)
+            cpu_kernel.native_bf16.cache_clear()
+            out = Path(tmp) / name.replace(" ", "-")
+            t0 = time.perf_counter()
+            quantize_checkpoint(args.model, out, QuantizeOptions())
+            seconds = round(time.perf_counter() - t0, 1)
+            report(name, load_model(out, "float32", "cpu")[0], native_bf16=cpu_kernel.native_bf16(), seconds=seconds)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", type=Path, default=DEFAULT_MODEL)
@@ -202,6 +222,7 @@ def main():
     ap.add_argument("--groups", default="32,64,128")
     ap.add_argument("--parts", default="experts,attention", help="experts (+shared), attention (+experts), or both")
     ap.add_argument("--bf16", action="store_true", help="the cost of bf16 runs and of int8 activations instead")
+    ap.add_argument("--precision", action="store_true", help="the quantizer's bf16 arithmetic against float32")
     ap.add_argument("--llamacpp", action="store_true", help="llama.cpp's own Q4_K_M files, plain and with imatrix")
     args = ap.parse_args()
     tok = Tokenizer(args.model)
@@ -227,6 +248,8 @@ def main():
 
     if args.bf16:
         return bf16_costs(args, report)
+    if args.precision:
+        return quantizer_precision(args, report)
     if args.llamacpp:
         return llamacpp_files(args, report)
     if q4_k_fits(args.model):

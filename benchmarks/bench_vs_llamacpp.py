@@ -14,6 +14,7 @@ the ratio to llama.cpp Q4_0 (INT4) or F16 (bf16), and the bytes
 of weights a decode token reads with the GB/s that makes.
 
     python benchmarks/bench_vs_llamacpp.py [--threads 1,2] [--reps 3] [--json FILE]
+    python benchmarks/bench_vs_llamacpp.py --quantize [--reps 2]   # quantize times, alternated
 
 Needs cmake, a C++ compiler and the test extras (transformers, for llama.cpp's converter).
 """
@@ -116,6 +117,44 @@ class Ours:
         return {"prefill": prefill, "decode": gen / (time.perf_counter() - t0)}
 
 
+def quantize_side_by_side(bin_dir: Path, files: dict[str, Path], threads: int, reps: int) -> None:
+    """llama-quantize Q4_K_M against our quantize (default and --no-calibrate) on the slice,
+    alternated `reps` times in one run (each output written to a scratch path, then removed)."""
+    import shutil
+    import tempfile
+
+    def ours(*extra: str):
+        def run(out: Path) -> None:
+            cmd = [sys.executable, "-m", "cli", "quantize", str(files["bf16"]), str(out), "--threads", str(threads)]
+            subprocess.run([*cmd, *extra], check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+
+        return run
+
+    sides = {
+        "llama-quantize Q4_K_M": lambda out: llamacpp.quantize(bin_dir, files["F16"], out, "Q4_K_M", threads),
+        "ours default (GPTQ)": ours(),
+        "ours --no-calibrate": ours("--no-calibrate"),
+    }
+    best: dict[str, float] = {}
+    with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
+        for rep in range(reps):
+            for name, run in sides.items():
+                out = Path(tmp) / "out"
+                t0 = time.perf_counter()
+                run(out)
+                seconds = time.perf_counter() - t0
+                if out.is_dir():
+                    shutil.rmtree(out)
+                else:
+                    out.unlink()
+                best[name] = min(best.get(name, seconds), seconds)
+                log(f"rep {rep + 1} {name}: {seconds:.1f} s")
+    peer = best["llama-quantize Q4_K_M"]
+    print(f"\nquantize, {threads} threads, best of {reps} alternated:")
+    for name, seconds in best.items():
+        print(f"  {name}: {seconds:.1f} s ({seconds / peer:.2f}x llama-quantize Q4_K_M)")
+
+
 def read_once(model_dir: Path) -> float:
     """Seconds to read every shard of a checkpoint once (from the page cache if it holds them)."""
     t0 = time.perf_counter()
@@ -150,9 +189,12 @@ def main() -> None:
     ap.add_argument("--no-bf16", action="store_true", help="only the INT4 / Q4 sides (faster)")
     ap.add_argument("--bf16-attention", action="store_true", help="also ours INT4 with attention kept in bf16")
     ap.add_argument("--also", action="append", default=[], metavar="NAME=DIR", help="another checkpoint of ours")
+    ap.add_argument("--quantize", action="store_true", help="instead: quantize times, alternated --reps times")
     args = ap.parse_args()
     threads = [int(t) for t in args.threads.split(",")]
     bin_dir, files, qtimes = prepare(args.cache, max(threads))
+    if args.quantize:
+        return quantize_side_by_side(bin_dir, files, max(threads), args.reps)
 
     log("loading our INT4 and bf16 checkpoints")
     cpu_kernel.available()  # a (re)build of the kernel extension is not loading time
