@@ -197,9 +197,12 @@ PLAIN = ("experts", "shared")
 def quantizer_precision(args, report):
     """The default quantize (GPTQ) with its arithmetic in bf16 where the CPU multiplies bf16
     natively (calibration forward, Hessians, GPTQ's updates) against the same run in float32
-    (LLAMA4_LOCAL_NO_BF16_GEMM=1), scored in float32: what the faster arithmetic costs."""
+    (LLAMA4_LOCAL_NO_BF16_GEMM=1), scored in float32: what the faster arithmetic costs; with
+    llama.cpp's Q4_K_M beside them where the model's rows allow it."""
     from quant import cpu_kernel
 
+    if q4_k_fits(args.model):
+        report("q4_k_m (llama.cpp, whole model)", q4_k_m(args.model, only_ours=False))
     with tempfile.TemporaryDirectory() as tmp:
         for name, off in (("gptq int4 g128 default, float32 arithmetic", True), ("gptq int4 g128 default", False)):
             if off:
