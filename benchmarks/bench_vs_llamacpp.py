@@ -25,8 +25,10 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -120,8 +122,6 @@ class Ours:
 def quantize_side_by_side(bin_dir: Path, files: dict[str, Path], threads: int, reps: int) -> None:
     """llama-quantize Q4_K_M against our quantize (default and --no-calibrate) on the slice,
     alternated `reps` times in one run (each output written to a scratch path, then removed)."""
-    import shutil
-    import tempfile
 
     def ours(*extra: str):
         def run(out: Path) -> None:

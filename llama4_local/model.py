@@ -60,10 +60,16 @@ def _half_kernel():
 # accumulation, one rounding of the output, as before, at 3-6x the speed of widening the weight.
 
 
-def _native(x: torch.Tensor, w: torch.Tensor) -> bool:
+def native_low_precision(dtype: torch.dtype) -> bool:
+    """Whether CPU products in `dtype` run as they are rather than widened to float32: bf16 where
+    the CPU has bf16 dot products (quant.cpu_kernel.native_bf16)."""
     from quant import cpu_kernel
 
-    return x.dtype == w.dtype == torch.bfloat16 and cpu_kernel.native_bf16()
+    return dtype == torch.bfloat16 and cpu_kernel.native_bf16()
+
+
+def _native(x: torch.Tensor, w: torch.Tensor) -> bool:
+    return x.dtype == w.dtype and native_low_precision(w.dtype)
 
 
 def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

@@ -26,9 +26,8 @@ import torch.nn.functional as F
 
 from llama4_local.errors import UserError
 from llama4_local.evaluate import windows
-from llama4_local.model import rope_freqs
+from llama4_local.model import native_low_precision, rope_freqs
 
-from . import cpu_kernel
 from .gptq import HessianSum, error_feedback, hessian_finite
 
 DEFAULT_TEXT = Path(__file__).parent / "data" / "calibration.txt"
@@ -155,7 +154,7 @@ def _widen_once(lin) -> None:
     w = getattr(lin, "weight", None)
     if not isinstance(w, torch.Tensor) or w.dtype not in (torch.bfloat16, torch.float16) or w.device.type != "cpu":
         return
-    if w.dtype == torch.bfloat16 and cpu_kernel.native_bf16():
+    if native_low_precision(w.dtype):
         return
     wide = w.float()
     lin.forward = lambda x: F.linear(x.float(), wide).to(x.dtype)
