@@ -36,3 +36,32 @@ def test_no_mmap_copies_and_computes_the_same(scout_int4):
     assert torch.equal(a, b)
     # And the mapped model still reads its (re-faulted) pages correctly after the other dropped them.
     assert torch.equal(mapped(ids, mapped.new_cache(10), last_only=False), a)
+
+
+def _vm_flags(ptr: int) -> list[str] | None:
+    """The VmFlags of the mapping of this process that holds `ptr` (Linux's /proc/self/smaps)."""
+    inside = False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split(maxsplit=1)[0]
+            if "-" in head and not head.endswith(":"):
+                lo, hi = (int(v, 16) for v in head.split("-"))
+                inside = lo <= ptr < hi
+            elif inside and head == "VmFlags:":
+                return line.split()[1:]
+    return None
+
+
+def test_copies_ask_for_huge_pages(scout_int4):
+    import mmap
+
+    if not hasattr(mmap, "MADV_HUGEPAGE"):
+        pytest.skip("no transparent huge pages on this platform")
+    path, _ = scout_int4
+    copied, _ = load_model(path, "bfloat16", "cpu", mmap=False)
+    linears = [m for m in copied.modules() if isinstance(m, Int4Linear)]
+    if linears[0].path not in ("avx2", "avx2_q8"):
+        pytest.skip("our AVX2 kernel is not available here")
+    for lin in linears:
+        assert "hg" in _vm_flags(lin.packed.data_ptr()), "copied weights not advised for huge pages"
+        assert lin.packed.data_ptr() % 64 == 0
