@@ -51,6 +51,7 @@ _SOURCE = r"""
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 #include <cmath>
+#include <cstring>
 
 // Weights: nibbles u (0..15), w = s * (u - 8) + o per group, stored as packed bytes and, per row,
 // G scales s then G constants c = o - 8 s, so that sum_k w_k x_k = s * sum_k u_k x_k + c * sum_k x_k.
@@ -436,9 +437,50 @@ static void over_blocks(int64_t T, int64_t N, Pass pass) {
   });
 }
 
+// Activations arrive in the run's dtype (float32, bf16 or fp16) and results leave in it, so a
+// decode step does not pay two tensor conversions per linear (about 80 a token on the slice):
+// x [T, K] as float32, the tensor's own data or widened exactly into `buf`;
+static const float* float_rows(const torch::Tensor& x, std::vector<float>& buf) {
+  const auto dt = x.scalar_type();
+  TORCH_CHECK(dt == torch::kFloat || dt == torch::kBFloat16 || dt == torch::kHalf, "x: float32, bf16 or fp16");
+  if (dt == torch::kFloat) return x.data_ptr<float>();
+  const int64_t n = x.numel();
+  buf.resize(n);
+  const uint16_t* p = reinterpret_cast<const uint16_t*>(x.data_ptr());
+  if (dt == torch::kBFloat16) {
+    for (int64_t i = 0; i < n; ++i) {
+      const uint32_t u = (uint32_t)p[i] << 16;
+      std::memcpy(&buf[i], &u, 4);
+    }
+  } else {
+    for (int64_t i = 0; i < n; ++i) buf[i] = _cvtsh_ss(p[i]);
+  }
+  return buf.data();
+}
+
+// and a float32 result rounded to `dt` as torch's .to(dt) rounds (to nearest, ties to even; a NaN
+// stays NaN).
+static torch::Tensor rounded_to(torch::Tensor y, at::ScalarType dt) {
+  if (dt == torch::kFloat) return y;
+  auto out = torch::empty(y.sizes(), y.options().dtype(dt));
+  const float* yp = y.data_ptr<float>();
+  uint16_t* op = reinterpret_cast<uint16_t*>(out.data_ptr());
+  const int64_t n = y.numel();
+  if (dt == torch::kBFloat16) {
+    for (int64_t i = 0; i < n; ++i) {
+      uint32_t u;
+      std::memcpy(&u, yp + i, 4);
+      op[i] = std::isnan(yp[i]) ? 0x7FC0 : (uint16_t)((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
+    }
+  } else {
+    for (int64_t i = 0; i < n; ++i) op[i] = _cvtss_sh(yp[i], _MM_FROUND_TO_NEAREST_INT);
+  }
+  return out;
+}
+
 torch::Tensor int4_mv(torch::Tensor x, torch::Tensor q, torch::Tensor so, int64_t group, bool q8) {
   TORCH_CHECK(x.dim() == 2 && q.dim() == 2 && so.dim() == 3, "bad ranks");
-  TORCH_CHECK(x.scalar_type() == torch::kFloat && so.scalar_type() == torch::kFloat, "x, so must be float32");
+  TORCH_CHECK(so.scalar_type() == torch::kFloat, "so must be float32");
   TORCH_CHECK(q.scalar_type() == torch::kUInt8, "q must be uint8");
   TORCH_CHECK(x.is_contiguous() && q.is_contiguous() && so.is_contiguous(), "contiguous inputs");
   const int64_t T = x.size(0), K = x.size(1), N = q.size(0), G = K / group, B = K / 32;
@@ -447,8 +489,9 @@ torch::Tensor int4_mv(torch::Tensor x, torch::Tensor q, torch::Tensor so, int64_
   TORCH_CHECK(so.size(0) == N && (so.size(1) == 1 || so.size(1) == 2) && so.size(2) == G,
               "scales must be [N, 2, G], or [N, 1, G] for symmetric weights");
   const bool sym = so.size(1) == 1;
-  auto y = torch::empty({T, N}, x.options());
-  const float* xp = x.data_ptr<float>();
+  auto y = torch::empty({T, N}, x.options().dtype(torch::kFloat));
+  std::vector<float> xbuf;
+  const float* xp = float_rows(x, xbuf);
   const uint8_t* qp = q.data_ptr<uint8_t>();
   const float* sp = so.data_ptr<float>();
   float* yp = y.data_ptr<float>();
@@ -465,7 +508,7 @@ torch::Tensor int4_mv(torch::Tensor x, torch::Tensor q, torch::Tensor so, int64_
     over_blocks(T, N, [&](int64_t t0, int64_t T, int64_t n0, int64_t n1) {
       DISPATCH_ROWS(rows_f32, xpp + t0 * K, qp, sp, xsp + t0 * G, yp + t0 * N, K, N, group, sym, n0, n1)
     });
-    return y;
+    return rounded_to(y, x.scalar_type());
   }
   // Each block of 32 is rounded straight into the order the tiles read: per block (its 16 even
   // inputs, its 16 odd ones) with one scale; with two blocks per step (groups of 64 or more) per
@@ -512,7 +555,7 @@ torch::Tensor int4_mv(torch::Tensor x, torch::Tensor q, torch::Tensor so, int64_
       DISPATCH_ROWS(rows_q8_blocks, xq0, xd0, qp, sp, xs0, y0, K, N, group, sym, n0, n1)
     }
   });
-  return y;
+  return rounded_to(y, x.scalar_type());
 }
 
 // bf16 / fp16 weights [N, K] times float32 activations [T, K]: what attention and the other
@@ -570,13 +613,14 @@ static void rows_half(const float* xp, const uint16_t* wp, float* yp, int64_t K,
   });
 
 torch::Tensor half_mv(torch::Tensor x, torch::Tensor w) {
-  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.scalar_type() == torch::kFloat, "x float32 [T, K], w [N, K]");
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2, "x [T, K], w [N, K]");
   TORCH_CHECK(w.scalar_type() == torch::kBFloat16 || w.scalar_type() == torch::kHalf, "w must be bf16 or fp16");
   TORCH_CHECK(x.is_contiguous() && w.is_contiguous(), "contiguous inputs");
   const int64_t T = x.size(0), K = x.size(1), N = w.size(0);
   TORCH_CHECK(T >= 1 && T <= 4 && w.size(1) == K && K % 16 == 0, "1 to 4 rows, K a multiple of 16");
-  auto y = torch::empty({T, N}, x.options());
-  const float* xp = x.data_ptr<float>();
+  auto y = torch::empty({T, N}, x.options().dtype(torch::kFloat));
+  std::vector<float> xbuf;
+  const float* xp = float_rows(x, xbuf);
   const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.data_ptr());
   float* yp = y.data_ptr<float>();
   if (w.scalar_type() == torch::kBFloat16) {
@@ -584,7 +628,7 @@ torch::Tensor half_mv(torch::Tensor x, torch::Tensor w) {
   } else {
     DISPATCH_HALF(false)
   }
-  return y;
+  return rounded_to(y, x.scalar_type());
 }
 
 // The symmetric INT4 fit of quant/int4.py (_fit_symmetric), one group at a time in registers:
@@ -743,15 +787,16 @@ static void rows_w8(const int8_t* xq, const float* xd, const int8_t* wq, const f
 }
 
 torch::Tensor q8_mv(torch::Tensor x, torch::Tensor wq, torch::Tensor ws) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat && x.is_contiguous(), "x: float32 [T, K]");
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "x: [T, K]");
   TORCH_CHECK(wq.scalar_type() == torch::kChar && ws.scalar_type() == torch::kFloat, "wq int8, ws float32");
   TORCH_CHECK(wq.is_contiguous() && ws.is_contiguous(), "contiguous weights");
   const int64_t T = x.size(0), K = x.size(1), N = wq.size(0), B = K / 32;
   TORCH_CHECK(T >= 1 && T <= 4 && wq.size(1) == K && K % 32 == 0 && ws.size(0) == N && ws.size(1) == B, "shapes");
-  auto y = torch::empty({T, N}, x.options());
+  auto y = torch::empty({T, N}, x.options().dtype(torch::kFloat));
   std::vector<int8_t> xq(T * K);
   std::vector<float> xd(T * B);
-  const float* xp = x.data_ptr<float>();
+  std::vector<float> xbuf;
+  const float* xp = float_rows(x, xbuf);
   int sum;
   for (int64_t i = 0; i < T * B; ++i)
     xd[i] = round_block_q8(xp + i * 32, xq.data() + i * 32, [](int k) { return k; }, &sum);
@@ -763,7 +808,7 @@ torch::Tensor q8_mv(torch::Tensor x, torch::Tensor wq, torch::Tensor ws) {
   at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
     DISPATCH_ROWS4(rows_w8, xqp, xdp, wp, sp, yp, K, N, n0, n1)
   });
-  return y;
+  return rounded_to(y, x.scalar_type());
 }
 
 """
@@ -882,8 +927,7 @@ def int4_mv(
     """x [T, K] -> [T, N] in x's dtype (more than 8 rows: 4 at a time over cache-sized blocks of
     weight rows); with int8_activations, x is first rounded to int8
     per block of 32 (one float scale per block) and the dot products run on integers."""
-    y = _module().int4_mv(x.float().contiguous(), packed, scales, group_size, int8_activations)
-    return y.to(x.dtype)
+    return _module().int4_mv(x.contiguous(), packed, scales, group_size, int8_activations)
 
 
 HALF_MAX_ROWS = 4
@@ -901,7 +945,7 @@ def q8_quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def q8_mv(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     """x [T, K] (T <= 4) @ dequant(q, s)^T with x rounded to int8 per block of 32; x's dtype."""
-    return _module().q8_mv(x.float().contiguous(), q, s).to(x.dtype)
+    return _module().q8_mv(x.contiguous(), q, s)
 
 
 def fit_symmetric(w: torch.Tensor, group_size: int, ratios: list[float], iters: int) -> torch.Tensor:
@@ -917,7 +961,7 @@ def gptq_columns(w, e, f, s, z, q, i0: int, i1: int, qmin: int, qmax: int) -> No
 def half_mv(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """x [T, K] (T <= 4) @ w [N, K]^T for bf16 or fp16 w (K a multiple of 16), accumulated in
     float32; the result in x's dtype."""
-    return _module().half_mv(x.float().contiguous(), w).to(x.dtype)
+    return _module().half_mv(x.contiguous(), w)
 
 
 def round_activations_int8(x: torch.Tensor) -> torch.Tensor:

@@ -314,3 +314,33 @@ def test_vnni_dot_products_equal_the_avx2_ones(tmp_path):
             torch.testing.assert_close(ours[key], want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
         else:
             assert torch.equal(ours[key], want), key
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_activations_in_and_out_as_torch_rounds(dtype):
+    """The kernels take bf16/fp16 activations and return that dtype: the same bits as widening
+    the input to float32 first and rounding the float32 result with torch (NaN stays NaN)."""
+    from quant import cpu_kernel
+
+    if not cpu_kernel.available():
+        pytest.skip("no AVX2/FMA CPU or no C++ compiler")
+    g = torch.Generator().manual_seed(7)
+    qw = quantize_int4(torch.randn(70, 256, generator=g), 128, True, scale_dtype=torch.bfloat16)
+    lin = Int4Linear(qw, torch.device("cpu"), dtype, path="avx2_q8")
+    packed, scales = lin.packed, lin.scales_and_zeros
+    w = torch.randn(70, 256, generator=g).to(dtype)
+    q, s = cpu_kernel.q8_quantize(w)
+    x = (torch.randn(3, 256, generator=g) * 40).to(dtype)
+    x[2, 5] = float("nan")
+    m = cpu_kernel._module()
+    pairs = [
+        (cpu_kernel.int4_mv(x, packed, scales, 128, True), m.int4_mv(x.float(), packed, scales, 128, True)),
+        (cpu_kernel.int4_mv(x, packed, scales, 128, False), m.int4_mv(x.float(), packed, scales, 128, False)),
+        (cpu_kernel.half_mv(x, w), m.half_mv(x.float(), w)),
+        (cpu_kernel.q8_mv(x, q, s), m.q8_mv(x.float(), q, s)),
+    ]
+    for got, wide in pairs:
+        assert got.dtype == dtype
+        assert torch.equal(got.isnan(), wide.isnan()) and got[2].isnan().all()
+        want = wide.to(dtype)
+        assert torch.equal(got[:2].view(torch.int16), want[:2].view(torch.int16))
