@@ -65,26 +65,49 @@ constexpr int tile_rows() {
   return T == 1 ? 4 : (T == 2 ? 2 : 1);
 }
 
-// x [32] rounded to int8 with scale d = max|x| / 127 (llama.cpp's Q8_0 block), written where
-// at(k) says; returns d and, in *sum, the sum of the integers. A NaN or infinity makes d NaN, so
-// the outputs the block touches are NaN, as with float activations (rounding would hide it).
-template <class At>
-static inline float round_block_q8(const float* x, int8_t* dst, At at, int* sum) {
-  float amax = 0.f;
-  bool finite = true;
-  for (int k = 0; k < 32; ++k) {
-    amax = std::max(amax, std::fabs(x[k]));
-    finite = finite && std::isfinite(x[k]);
+// x [32] rounded to int8 with scale d = max|x| / 127 (llama.cpp's Q8_0 block): the integers in
+// order (ints, 32 bytes), or as the INT4 tiles read them (evens: the 16 even inputs at `even`, the
+// 16 odd ones at `odd`); returns d and, in *sum, the sum of the integers. A NaN or infinity makes
+// d NaN, so the outputs the block touches are NaN, as with float activations (rounding would hide
+// it). Eight lanes at a time; cvtps rounds to nearest even, as nearbyint does.
+static inline float round_block_q8(const float* x, int8_t* ints, int8_t* even, int8_t* odd, int* sum) {
+  const __m256 sign = _mm256_set1_ps(-0.f), zero = _mm256_setzero_ps();
+  __m256 v[4], amax = zero, bad = zero;
+  for (int i = 0; i < 4; ++i) {
+    v[i] = _mm256_loadu_ps(x + 8 * i);
+    amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, v[i]));
+    bad = _mm256_or_ps(bad, _mm256_cmp_ps(_mm256_mul_ps(v[i], zero), zero, _CMP_NEQ_UQ));  // x * 0 is NaN
   }
-  const float id = finite && amax > 0.f ? 127.f / amax : 0.f;
-  int total = 0;
-  for (int k = 0; k < 32; ++k) {
-    const int v = (int)std::nearbyint(x[k] * id);
-    dst[at(k)] = (int8_t)v;
-    total += v;
+  const bool finite = _mm256_movemask_ps(bad) == 0;
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  const float top = _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+  const __m256 id = _mm256_set1_ps(finite && top > 0.f ? 127.f / top : 0.f);
+  __m256i q[4], total = _mm256_setzero_si256();
+  for (int i = 0; i < 4; ++i) {
+    q[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], id));
+    total = _mm256_add_epi32(total, q[i]);
   }
-  *sum = total;
-  return finite ? amax / 127.f : NAN;
+  __m128i t = _mm_add_epi32(_mm256_castsi256_si128(total), _mm256_extracti128_si256(total, 1));
+  t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0x4E));
+  t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0xB1));
+  *sum = _mm_cvtsi128_si32(t);
+  // int32 -> int8 (|q| <= 127, no saturation); the packs interleave 128-bit lanes, the permute undoes it.
+  const __m256i b = _mm256_permutevar8x32_epi32(
+      _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3])),
+      _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+  if (ints) {
+    _mm256_storeu_si256((__m256i*)ints, b);
+  } else {
+    // Per 128-bit lane the 8 even bytes then the 8 odd ones; then (evens of both lanes, odds of both).
+    const __m256i split = _mm256_shuffle_epi8(
+        b, _mm256_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15, 0, 2, 4, 6, 8, 10, 12, 14, 1, 3,
+                            5, 7, 9, 11, 13, 15));
+    const __m256i parts = _mm256_permute4x64_epi64(split, 0xD8);  // quadwords 0, 2, 1, 3
+    _mm_storeu_si128((__m128i*)even, _mm256_castsi256_si128(parts));
+    _mm_storeu_si128((__m128i*)odd, _mm256_extracti128_si256(parts, 1));
+  }
+  return finite ? top / 127.f : NAN;
 }
 
 // Software prefetch reads the row AHEAD rows below the one being read, at the same column: the
@@ -533,8 +556,8 @@ torch::Tensor int4_mv(torch::Tensor x, torch::Tensor q, torch::Tensor so, int64_
       const int64_t base = pairs ? (b & ~(span - 1)) * 32 : b * 32, half = pairs ? (b & (span - 1)) * 16 : 0;
       const int64_t odd = pairs ? span * 16 : 16;
       int sum;
-      const float d = round_block_q8(xp + t * K + b * 32, xq_p + t * K + base,
-                                     [&](int k) { return (k & 1) * odd + half + k / 2; }, &sum);
+      int8_t* dst = xq_p + t * K + base + half;
+      const float d = round_block_q8(xp + t * K + b * 32, nullptr, dst, dst + odd, &sum);
       for (int64_t l = 0; l < lanes; ++l) xd_p[(t * B + b) * lanes + l] = d;
       xs[t * G + (b * 32) / group] += d * (float)sum;
     }
@@ -799,7 +822,7 @@ torch::Tensor q8_mv(torch::Tensor x, torch::Tensor wq, torch::Tensor ws) {
   const float* xp = float_rows(x, xbuf);
   int sum;
   for (int64_t i = 0; i < T * B; ++i)
-    xd[i] = round_block_q8(xp + i * 32, xq.data() + i * 32, [](int k) { return k; }, &sum);
+    xd[i] = round_block_q8(xp + i * 32, xq.data() + i * 32, nullptr, nullptr, &sum);
   const int8_t* xqp = xq.data();
   const float* xdp = xd.data();
   const int8_t* wp = wq.data_ptr<int8_t>();
