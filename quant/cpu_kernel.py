@@ -24,7 +24,8 @@ load into low and high nibbles (even and odd inputs) and take the activations pe
 match, once per call: per block of 32, the even inputs then the odd ones (and for two blocks per
 load, per 64). Per row, `pack_scales` gives float32 [2, G]: the G group scales, then the G
 constants o - 8 s; for symmetric weights [1, G], the scales alone (c = -8 s is formed in the
-kernel, the same float32 value): at group 128 a weight then costs 4.25 bits to read, not 4.5.
+kernel, the same float32 value), and in bf16 where the checkpoint stores bf16 (a view of it,
+widened exactly in the kernel): at group 128 a weight then costs 4.125 bits to read, not 4.5.
 
 Built with torch.utils.cpp_extension on first use, for the CPU it runs on (needs a C++ compiler
 and ninja): where the CPU has VNNI (AVX-VNNI, or AVX512-VNNI: Intel since Ice Lake / Alder Lake,
@@ -125,6 +126,20 @@ static inline float hsum(__m256 v) {
   return _mm_cvtss_f32(r);
 }
 
+// Group scales are float32, or bf16 as the checkpoint stores them (symmetric weights): read as
+// float32, widened exactly (a bf16 is the top half of a float32), so both give the same bits.
+static inline float scale_at(const float* p, int64_t i) { return p[i]; }
+static inline float scale_at(const uint16_t* p, int64_t i) {
+  const uint32_t u = (uint32_t)p[i] << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+static inline __m256 scales8(const float* p) { return _mm256_loadu_ps(p); }
+static inline __m256 scales8(const uint16_t* p) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
+}
+
 // Unsigned x signed bytes, the products of each 4 adjacent bytes summed into an int32 lane: one
 // VNNI instruction (vpdpbusd) where the extension is built for a CPU that has it (AVX-VNNI, or
 // AVX512-VNNI on 256 bits), else maddubs then madd with ones. The same integers either way: the
@@ -160,14 +175,14 @@ static inline __m256i dot4x2(__m256i u1, __m256i s1, __m256i u2, __m256i s2) {
 // Float activations. Rows n0..n1 of y[t, n]; xs[t, g] = sum of x over group g.
 // T is a template parameter so the accumulators live in registers; A accumulators per row break
 // the FMA dependency chain when there are few rows (FMA latency, not bandwidth, bounds T = 1).
-template <int T, int A = (T <= 2 ? 4 : (T <= 4 ? 2 : 1))>
-static void rows_f32(const float* xp, const uint8_t* qp, const float* sp, const float* xs, float* yp,
+template <int T, class S, int A = (T <= 2 ? 4 : (T <= 4 ? 2 : 1))>
+static void rows_f32(const float* xp, const uint8_t* qp, const S* sp, const float* xs, float* yp,
                      int64_t K, int64_t N, int64_t group, bool sym, int64_t n0, int64_t n1) {
   const int64_t G = K / group, stride = sym ? G : 2 * G;
   const __m128i low = _mm_set1_epi8(0x0F);
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* qrow = qp + n * (K / 2);
-    const float* srow = sp + n * stride;
+    const S* srow = sp + n * stride;
     float out[T];
     for (int t = 0; t < T; ++t) out[t] = 0.f;
     for (int64_t g = 0; g < G; ++g) {
@@ -191,11 +206,11 @@ static void rows_f32(const float* xp, const uint8_t* qp, const float* sp, const 
           acc[t][3 % A] = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xr + 24), acc[t][3 % A]);
         }
       }
-      const float s = srow[g], c = sym ? -8.f * s : srow[G + g];
+      const float s = scale_at(srow, g), c = sym ? -8.f * s : scale_at(srow, G + g);
       for (int t = 0; t < T; ++t) {
         __m256 sum = acc[t][0];
         for (int a = 1; a < A; ++a) sum = _mm256_add_ps(sum, acc[t][a]);
-        out[t] += s * hsum(sum) + c * xs[t * G + g];
+        out[t] = std::fma(c, xs[t * G + g], std::fma(s, hsum(sum), out[t]));  // explicit, as group_offsets
       }
     }
     for (int t = 0; t < T; ++t) yp[t * N + n] = out[t];
@@ -206,13 +221,14 @@ static void rows_f32(const float* xp, const uint8_t* qp, const float* sp, const 
 // -8 s for symmetric weights) times the sums of the dequantized activations.
 // Eight groups at a time in independent lanes: a scalar chain of G dependent adds (40 at Scout's
 // widths) held one row's decode back by its FMA latency.
-static inline float group_offsets(const float* srow, const float* xst, int64_t G, bool sym) {
-  const float* c = sym ? srow : srow + G;
+template <class S>
+static inline float group_offsets(const S* srow, const float* xst, int64_t G, bool sym) {
+  const S* c = sym ? srow : srow + G;
   __m256 v = _mm256_setzero_ps();
   int64_t g = 0;
-  for (; g + 8 <= G; g += 8) v = _mm256_fmadd_ps(_mm256_loadu_ps(c + g), _mm256_loadu_ps(xst + g), v);
+  for (; g + 8 <= G; g += 8) v = _mm256_fmadd_ps(scales8(c + g), _mm256_loadu_ps(xst + g), v);
   float off = hsum(v);
-  for (; g < G; ++g) off += c[g] * xst[g];
+  for (; g < G; ++g) off = std::fma(scale_at(c, g), xst[g], off);  // explicit: every instantiation rounds alike
   return sym ? -8.f * off : off;
 }
 
@@ -231,12 +247,12 @@ static inline float group_offsets(const float* srow, const float* xst, int64_t G
 // results add in int16 (|sum| <= 4 * 15 * 127), so a pair costs one madd, one conversion and one
 // FMA: about 10 instructions per 32 weight bytes against 18 one block at a time. Otherwise xq
 // holds each block as (16 even inputs, 16 odd ones) and xd one scale per block.
-template <int T, int R, bool PAIRS>
-static void tile_q8(const int8_t* xq, const float* xd, const uint8_t* qp, const float* sp, const float* xs,
+template <int T, int R, bool PAIRS, class S>
+static void tile_q8(const int8_t* xq, const float* xd, const uint8_t* qp, const S* sp, const float* xs,
                     float* yp, int64_t K, int64_t N, int64_t group, bool sym, int64_t n) {
   const int64_t G = K / group, B = K / 32, P = K / 64, steps = PAIRS ? group / 64 : group / 32;
   const uint8_t* qrow[R];
-  const float* srow[R];
+  const S* srow[R];
   for (int r = 0; r < R; ++r) {
     qrow[r] = qp + (n + r) * (K / 2);
     srow[r] = sp + (n + r) * (sym ? G : 2 * G);
@@ -286,7 +302,7 @@ static void tile_q8(const int8_t* xq, const float* xd, const uint8_t* qp, const 
       }
     }
     for (int r = 0; r < R; ++r) {
-      const __m256 s = _mm256_broadcast_ss(srow[r] + g);
+      const __m256 s = _mm256_set1_ps(scale_at(srow[r], g));
       for (int t = 0; t < T; ++t) acc[t][r] = _mm256_fmadd_ps(ga[t][r], s, acc[t][r]);
     }
   }
@@ -304,11 +320,12 @@ static void tile_q8(const int8_t* xq, const float* xd, const uint8_t* qp, const 
 // keep the FMA latency off the critical path.
 constexpr int64_t STREAM_AHEAD = 2048;
 
-static void row_q8_stream(const int8_t* xq, const float* xd, const uint8_t* qp, const float* sp, const float* xs,
+template <class S>
+static void row_q8_stream(const int8_t* xq, const float* xd, const uint8_t* qp, const S* sp, const float* xs,
                           float* yp, int64_t K, int64_t group, bool sym, int64_t n) {
   const int64_t G = K / group, steps = group / 64;
   const uint8_t* q = qp + n * (K / 2);
-  const float* srow = sp + n * (sym ? G : 2 * G);
+  const S* srow = sp + n * (sym ? G : 2 * G);
   const __m256i low = _mm256_set1_epi8(0x0F);
   __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
   for (int64_t g = 0; g < G; ++g) {
@@ -324,7 +341,7 @@ static void row_q8_stream(const int8_t* xq, const float* xd, const uint8_t* qp, 
                                _mm256_loadu_si256((const __m256i*)(xq + b * 64 + 32)));
       ga = _mm256_add_ps(ga, _mm256_mul_ps(_mm256_cvtepi32_ps(p), _mm256_loadu_ps(xd + b * 8)));
     }
-    acc[g & 1] = _mm256_fmadd_ps(ga, _mm256_broadcast_ss(srow + g), acc[g & 1]);
+    acc[g & 1] = _mm256_fmadd_ps(ga, _mm256_set1_ps(scale_at(srow, g)), acc[g & 1]);
   }
   yp[n] = hsum(_mm256_add_ps(acc[0], acc[1])) + group_offsets(srow, xs, G, sym);
 }
@@ -332,8 +349,8 @@ static void row_q8_stream(const int8_t* xq, const float* xd, const uint8_t* qp, 
 // Rows n0..n1 in tiles of R (R = 4 for one activation row, 2 for two: enough independent chains
 // without spilling the 16 vector registers), the remainder one at a time; one activation row with
 // pairs streams row by row (row_q8_stream).
-template <bool PAIRS, int T>
-static void rows_q8(const int8_t* xq, const float* xd, const uint8_t* qp, const float* sp, const float* xs,
+template <bool PAIRS, int T, class S>
+static void rows_q8(const int8_t* xq, const float* xd, const uint8_t* qp, const S* sp, const float* xs,
                     float* yp, int64_t K, int64_t N, int64_t group, bool sym, int64_t n0, int64_t n1) {
   if (T == 1 && PAIRS) {
     for (int64_t n = n0; n < n1; ++n) row_q8_stream(xq, xd, qp, sp, xs, yp, K, group, sym, n);
@@ -341,20 +358,20 @@ static void rows_q8(const int8_t* xq, const float* xd, const uint8_t* qp, const 
   }
   constexpr int R = tile_rows<T>();
   int64_t n = n0;
-  for (; n + R <= n1; n += R) tile_q8<T, R, PAIRS>(xq, xd, qp, sp, xs, yp, K, N, group, sym, n);
-  for (; n < n1; ++n) tile_q8<T, 1, PAIRS>(xq, xd, qp, sp, xs, yp, K, N, group, sym, n);
+  for (; n + R <= n1; n += R) tile_q8<T, R, PAIRS, S>(xq, xd, qp, sp, xs, yp, K, N, group, sym, n);
+  for (; n < n1; ++n) tile_q8<T, 1, PAIRS, S>(xq, xd, qp, sp, xs, yp, K, N, group, sym, n);
 }
 
-template <int T>
-static void rows_q8_pairs(const int8_t* xq, const float* xd, const uint8_t* qp, const float* sp, const float* xs,
+template <int T, class S>
+static void rows_q8_pairs(const int8_t* xq, const float* xd, const uint8_t* qp, const S* sp, const float* xs,
                           float* yp, int64_t K, int64_t N, int64_t group, bool sym, int64_t n0, int64_t n1) {
-  rows_q8<true, T>(xq, xd, qp, sp, xs, yp, K, N, group, sym, n0, n1);
+  rows_q8<true, T, S>(xq, xd, qp, sp, xs, yp, K, N, group, sym, n0, n1);
 }
 
-template <int T>
-static void rows_q8_blocks(const int8_t* xq, const float* xd, const uint8_t* qp, const float* sp, const float* xs,
+template <int T, class S>
+static void rows_q8_blocks(const int8_t* xq, const float* xd, const uint8_t* qp, const S* sp, const float* xs,
                            float* yp, int64_t K, int64_t N, int64_t group, bool sym, int64_t n0, int64_t n1) {
-  rows_q8<false, T>(xq, xd, qp, sp, xs, yp, K, N, group, sym, n0, n1);
+  rows_q8<false, T, S>(xq, xd, qp, sp, xs, yp, K, N, group, sym, n0, n1);
 }
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
@@ -365,13 +382,13 @@ static void rows_q8_blocks(const int8_t* xq, const float* xd, const uint8_t* qp,
 // scales as lanes (each block's d four times, as PAIRS). Two vpdpbusd, one conversion and one
 // FMA per 128 weights and row: on Zen 5 (two 512-bit VNNI pipes) 60 multiply-adds per cycle in
 // L1 against 32 for the 256-bit pairs.
-template <int T, int R>
-static void tile_q8_zmm(const int8_t* xq, const float* xd, const uint8_t* qp, const float* sp, const float* xs,
+template <int T, int R, class S>
+static void tile_q8_zmm(const int8_t* xq, const float* xd, const uint8_t* qp, const S* sp, const float* xs,
                         float* yp, int64_t K, int64_t N, int64_t group, bool sym, int64_t n) {
   const int64_t G = K / group, B = K / 32, quads = group / 128;
   const __m512i low = _mm512_set1_epi8(0x0F);
   const uint8_t* qrow[R];
-  const float* srow[R];
+  const S* srow[R];
   for (int r = 0; r < R; ++r) {
     qrow[r] = qp + (n + r) * (K / 2);
     srow[r] = sp + (n + r) * (sym ? G : 2 * G);
@@ -400,7 +417,7 @@ static void tile_q8_zmm(const int8_t* xq, const float* xd, const uint8_t* qp, co
       }
     }
     for (int r = 0; r < R; ++r) {
-      const __m512 s = _mm512_set1_ps(srow[r][g]);
+      const __m512 s = _mm512_set1_ps(scale_at(srow[r], g));
       for (int t = 0; t < T; ++t) acc[t][r] = _mm512_fmadd_ps(ga[t][r], s, acc[t][r]);
     }
   }
@@ -410,26 +427,27 @@ static void tile_q8_zmm(const int8_t* xq, const float* xd, const uint8_t* qp, co
     }
 }
 
-template <int T>
-static void rows_q8_quads(const int8_t* xq, const float* xd, const uint8_t* qp, const float* sp, const float* xs,
+template <int T, class S>
+static void rows_q8_quads(const int8_t* xq, const float* xd, const uint8_t* qp, const S* sp, const float* xs,
                           float* yp, int64_t K, int64_t N, int64_t group, bool sym, int64_t n0, int64_t n1) {
   constexpr int R = tile_rows<T>();
   int64_t n = n0;
-  for (; n + R <= n1; n += R) tile_q8_zmm<T, R>(xq, xd, qp, sp, xs, yp, K, N, group, sym, n);
-  for (; n < n1; ++n) tile_q8_zmm<T, 1>(xq, xd, qp, sp, xs, yp, K, N, group, sym, n);
+  for (; n + R <= n1; n += R) tile_q8_zmm<T, R, S>(xq, xd, qp, sp, xs, yp, K, N, group, sym, n);
+  for (; n < n1; ++n) tile_q8_zmm<T, 1, S>(xq, xd, qp, sp, xs, yp, K, N, group, sym, n);
 }
 #endif
 
-#define DISPATCH_ROWS(FN, ...)                         \
-  switch (T) {                                         \
-    case 1: FN<1>(__VA_ARGS__); break;                 \
-    case 2: FN<2>(__VA_ARGS__); break;                 \
-    case 3: FN<3>(__VA_ARGS__); break;                 \
-    case 4: FN<4>(__VA_ARGS__); break;                 \
-    case 5: FN<5>(__VA_ARGS__); break;                 \
-    case 6: FN<6>(__VA_ARGS__); break;                 \
-    case 7: FN<7>(__VA_ARGS__); break;                 \
-    default: FN<8>(__VA_ARGS__); break;                \
+// T activation rows to the kernel instantiated for them (S: the INT4 group scales' type).
+#define DISPATCH_ROWS_S(FN, ...)          \
+  switch (T) {                            \
+    case 1: FN<1, S>(__VA_ARGS__); break; \
+    case 2: FN<2, S>(__VA_ARGS__); break; \
+    case 3: FN<3, S>(__VA_ARGS__); break; \
+    case 4: FN<4, S>(__VA_ARGS__); break; \
+    case 5: FN<5, S>(__VA_ARGS__); break; \
+    case 6: FN<6, S>(__VA_ARGS__); break; \
+    case 7: FN<7, S>(__VA_ARGS__); break; \
+    default: FN<8, S>(__VA_ARGS__); break; \
   }
 
 // The same for kernels that take at most 4 activation rows.
@@ -501,22 +519,14 @@ static torch::Tensor rounded_to(torch::Tensor y, at::ScalarType dt) {
   return out;
 }
 
-torch::Tensor int4_mv(torch::Tensor x, torch::Tensor q, torch::Tensor so, int64_t group, bool q8) {
-  TORCH_CHECK(x.dim() == 2 && q.dim() == 2 && so.dim() == 3, "bad ranks");
-  TORCH_CHECK(so.scalar_type() == torch::kFloat, "so must be float32");
-  TORCH_CHECK(q.scalar_type() == torch::kUInt8, "q must be uint8");
-  TORCH_CHECK(x.is_contiguous() && q.is_contiguous() && so.is_contiguous(), "contiguous inputs");
+template <class S>
+static torch::Tensor int4_mv_impl(const torch::Tensor& x, const torch::Tensor& q, const S* sp, int64_t group, bool q8,
+                                  bool sym) {
   const int64_t T = x.size(0), K = x.size(1), N = q.size(0), G = K / group, B = K / 32;
-  TORCH_CHECK(T >= 1, "at least one row");
-  TORCH_CHECK(group % 32 == 0 && K % group == 0 && q.size(1) * 2 == K, "bad shapes");
-  TORCH_CHECK(so.size(0) == N && (so.size(1) == 1 || so.size(1) == 2) && so.size(2) == G,
-              "scales must be [N, 2, G], or [N, 1, G] for symmetric weights");
-  const bool sym = so.size(1) == 1;
   auto y = torch::empty({T, N}, x.options().dtype(torch::kFloat));
   std::vector<float> xbuf;
   const float* xp = float_rows(x, xbuf);
   const uint8_t* qp = q.data_ptr<uint8_t>();
-  const float* sp = so.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   std::vector<float> xs(T * G, 0.f);
   if (!q8) {
@@ -529,7 +539,7 @@ torch::Tensor int4_mv(torch::Tensor x, torch::Tensor q, torch::Tensor so, int64_
     const float* xsp = xs.data();
     const float* xpp = xperm.data();
     over_blocks(T, N, [&](int64_t t0, int64_t T, int64_t n0, int64_t n1) {
-      DISPATCH_ROWS(rows_f32, xpp + t0 * K, qp, sp, xsp + t0 * G, yp + t0 * N, K, N, group, sym, n0, n1)
+      DISPATCH_ROWS_S(rows_f32, xpp + t0 * K, qp, sp, xsp + t0 * G, yp + t0 * N, K, N, group, sym, n0, n1)
     });
     return rounded_to(y, x.scalar_type());
   }
@@ -570,15 +580,32 @@ torch::Tensor int4_mv(torch::Tensor x, torch::Tensor q, torch::Tensor so, int64_
     float* y0 = yp + t0 * N;
     if (quads) {
 #ifdef QUADS_ZMM
-      DISPATCH_ROWS(rows_q8_quads, xq0, xd0, qp, sp, xs0, y0, K, N, group, sym, n0, n1)
+      DISPATCH_ROWS_S(rows_q8_quads, xq0, xd0, qp, sp, xs0, y0, K, N, group, sym, n0, n1)
 #endif
     } else if (pairs) {
-      DISPATCH_ROWS(rows_q8_pairs, xq0, xd0, qp, sp, xs0, y0, K, N, group, sym, n0, n1)
+      DISPATCH_ROWS_S(rows_q8_pairs, xq0, xd0, qp, sp, xs0, y0, K, N, group, sym, n0, n1)
     } else {
-      DISPATCH_ROWS(rows_q8_blocks, xq0, xd0, qp, sp, xs0, y0, K, N, group, sym, n0, n1)
+      DISPATCH_ROWS_S(rows_q8_blocks, xq0, xd0, qp, sp, xs0, y0, K, N, group, sym, n0, n1)
     }
   });
   return rounded_to(y, x.scalar_type());
+}
+
+torch::Tensor int4_mv(torch::Tensor x, torch::Tensor q, torch::Tensor so, int64_t group, bool q8) {
+  TORCH_CHECK(x.dim() == 2 && q.dim() == 2 && so.dim() == 3, "bad ranks");
+  TORCH_CHECK(q.scalar_type() == torch::kUInt8, "q must be uint8");
+  TORCH_CHECK(x.is_contiguous() && q.is_contiguous() && so.is_contiguous(), "contiguous inputs");
+  const int64_t T = x.size(0), K = x.size(1), N = q.size(0), G = K / group;
+  TORCH_CHECK(T >= 1, "at least one row");
+  TORCH_CHECK(group % 32 == 0 && K % group == 0 && q.size(1) * 2 == K, "bad shapes");
+  TORCH_CHECK(so.size(0) == N && (so.size(1) == 1 || so.size(1) == 2) && so.size(2) == G,
+              "scales must be [N, 2, G], or [N, 1, G] for symmetric weights");
+  const bool sym = so.size(1) == 1;
+  TORCH_CHECK(so.scalar_type() == torch::kFloat || (sym && so.scalar_type() == torch::kBFloat16),
+              "scales must be float32, or bf16 for symmetric weights");
+  if (so.scalar_type() == torch::kBFloat16)
+    return int4_mv_impl(x, q, reinterpret_cast<const uint16_t*>(so.data_ptr()), group, q8, sym);
+  return int4_mv_impl(x, q, so.data_ptr<float>(), group, q8, sym);
 }
 
 // bf16 / fp16 weights [N, K] times float32 activations [T, K]: what attention and the other
@@ -937,7 +964,12 @@ def stored_bytes(packed: torch.Tensor) -> torch.Tensor:
 
 def pack_scales(scale: torch.Tensor, offset: torch.Tensor | None) -> torch.Tensor:
     """Per row and group, scale s and offset o (w = s * (u - 8) + o) -> float32 [N, 2, G]: the G
-    scales, then the G constants o - 8 s; with no offset (symmetric), [N, 1, G]: the scales."""
+    scales, then the G constants o - 8 s; with no offset (symmetric), [N, 1, G]: the scales, and
+    bf16 scales (what checkpoints store) stay bf16, a view of the stored tensor: the kernel widens
+    them exactly, and a decode reads 2 bytes per group instead of 4 (4.125 bits per weight at
+    group 128, not 4.25)."""
+    if offset is None and scale.dtype == torch.bfloat16:
+        return scale.contiguous().unsqueeze(1)
     s = scale.float()
     if offset is None:
         return s.unsqueeze(1).contiguous()
