@@ -59,11 +59,11 @@ _SOURCE = r"""
 // Symmetric weights (o = 0) store the G scales alone and c = -8 s is formed here (`sym`): the same
 // float32 value, with a third fewer bytes per group to read.
 
-// Weight rows per tile for T activation rows: 4 for one, 2 for two (enough independent FMA chains
-// without spilling the 16 vector registers), else 1.
+// Weight rows per tile for T activation rows: 2 for two (enough independent FMA chains without
+// spilling the 16 vector registers), else 1 (for one, see STREAM_AHEAD).
 template <int T>
 constexpr int tile_rows() {
-  return T == 1 ? 4 : (T == 2 ? 2 : 1);
+  return T == 1 ? 1 : (T == 2 ? 2 : 1);
 }
 
 // x [32] rounded to int8 with scale d = max|x| / 127 (llama.cpp's Q8_0 block): the integers in
@@ -118,6 +118,12 @@ static inline float round_block_q8(const float* x, int8_t* ints, int8_t* even, i
 // the end of every row while the hardware prefetcher followed four or more streams at once.)
 // Prefetches never fault, so past the last row is harmless.
 constexpr int64_t AHEAD = 8;
+
+// With one activation row (decode) the kernels read one weight row at a time, so a thread's rows
+// are one contiguous stream, and prefetch STREAM_AHEAD bytes ahead in it. On a Zen 4 core the
+// 4-row tiles (four streams, each prefetched 8 rows below) read 13-14 GB/s of INT4 weights where
+// one stream reads 19-22 (a plain 512-bit read loop: 23); on two threads 13 against 23-29.
+constexpr int64_t STREAM_AHEAD = 2048;
 
 static inline float hsum(__m256 v) {
   __m128 r = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -313,12 +319,9 @@ static void tile_q8(const int8_t* xq, const float* xd, const uint8_t* qp, const 
 }
 
 // One activation row (decode), pairs: weight rows one after another, so a thread's rows are one
-// contiguous stream read front to back, prefetched STREAM_AHEAD bytes ahead in it. On a Zen 4 core
-// the 4-row tile (four streams, each prefetched 8 rows below) read 13-14 GB/s where this reads
-// 19-22 (a plain 512-bit read loop: 23); on two threads 13 against 23-29. Independent products per
-// pair of blocks (multiplied by d, not chained through FMA) and two accumulators, alternate groups,
-// keep the FMA latency off the critical path.
-constexpr int64_t STREAM_AHEAD = 2048;
+// contiguous stream read front to back, prefetched STREAM_AHEAD bytes ahead in it. Independent
+// products per pair of blocks (multiplied by d, not chained through FMA) and two accumulators,
+// alternate groups, keep the FMA latency off the critical path.
 
 template <class S>
 static void row_q8_stream(const int8_t* xq, const float* xd, const uint8_t* qp, const S* sp, const float* xs,
@@ -632,7 +635,7 @@ static void tile_half(const float* xp, const uint16_t* wp, float* yp, int64_t K,
     }
     for (int r = 0; r < R; ++r) {
       const uint16_t* wr = wp + (n + r) * K + k;
-      _mm_prefetch((const char*)(wr + AHEAD * K), _MM_HINT_T0);
+      _mm_prefetch((const char*)wr + (R == 1 ? STREAM_AHEAD : 2 * AHEAD * K), _MM_HINT_T0);
       const __m256 w0 = widen8<BF16>(wr), w1 = widen8<BF16>(wr + 8);
       for (int t = 0; t < T; ++t) {
         acc[t][r][0] = _mm256_fmadd_ps(w0, x0[t], acc[t][r][0]);
@@ -646,7 +649,10 @@ static void tile_half(const float* xp, const uint16_t* wp, float* yp, int64_t K,
 
 template <bool BF16, int T>
 static void rows_half(const float* xp, const uint16_t* wp, float* yp, int64_t K, int64_t N, int64_t n0, int64_t n1) {
-  constexpr int R = tile_rows<T>();
+  // Four weight rows for one activation row, unlike the integer kernels: widening bf16 costs more
+  // per byte, and sharing each activation load across four rows reads 20 GB/s on a Zen 4 core
+  // where one row at a time (two or four accumulators) reads 17-18.
+  constexpr int R = T == 1 ? 4 : tile_rows<T>();
   int64_t n = n0;
   for (; n + R <= n1; n += R) tile_half<BF16, T, R>(xp, wp, yp, K, N, n);
   for (; n < n1; ++n) tile_half<BF16, T, 1>(xp, wp, yp, K, N, n);
@@ -812,7 +818,7 @@ static void tile_w8(const int8_t* xq, const float* xd, const int8_t* wq, const f
   for (int64_t b = 0; b < B; ++b) {
     for (int r = 0; r < R; ++r) {
       const int8_t* wr = wq + (n + r) * K + b * 32;
-      _mm_prefetch((const char*)(wr + AHEAD * K), _MM_HINT_T0);
+      _mm_prefetch((const char*)wr + (R == 1 ? STREAM_AHEAD : AHEAD * K), _MM_HINT_T0);
       const __m256i w = _mm256_loadu_si256((const __m256i*)wr);
       const __m256i aw = _mm256_sign_epi8(w, w);
       const float s = ws[(n + r) * B + b];
