@@ -263,7 +263,8 @@ def load_model(
     The manager, when one is built, is `model.offload`, and the memory plan `model.plan`. With
     `vision`, the vision tower is loaded too (`model.vision`) and counted in the plan. With
     `int8_attention`, a bf16/fp16 CPU run rounds the attention projections to INT8 at load
-    (quant.kernels.Int8Linear): half the bytes a decode step reads there. `mmap`: True keeps
+    (quant.kernels.Int8Linear): half the bytes a decode step reads there; a quantized checkpoint's
+    bf16/fp16 CPU run does that to its lm_head always (quant.kernels.int8_lm_head). `mmap`: True keeps
     CPU weights as views of the mapped shards (the fastest start, the least memory); False
     copies them into anonymous memory after loading (llama.cpp's --no-mmap: 12-20% faster
     decode measured here, docs/benchmarks.md); None copies when the copy fits in available RAM.
@@ -316,6 +317,10 @@ def load_model(
         from quant.kernels import int8_attention as to_int8
 
         to_int8(model)
+    if scheme is not None and torch_device.type == "cpu" and torch_dtype != torch.float32:
+        from quant.kernels import int8_lm_head
+
+        int8_lm_head(model)  # a quantized checkpoint's bf16 lm_head: INT8 (float32 runs stay exact)
     if mmap is not True and torch_device.type == "cpu":
         copy_mapped_weights(model, None if mmap is False else 0.8 * available_memory())
     model.eval()

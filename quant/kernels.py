@@ -194,6 +194,18 @@ class Int8Linear(torch.nn.Module):
         return y.reshape(*lead, y.shape[-1])
 
 
+def _int8_ready(module: torch.nn.Module) -> bool:
+    """Whether `module` is a linear with a bf16/fp16 CPU weight our INT8 kernel takes (K % 32 == 0)."""
+    w = getattr(module, "weight", None)
+    return (
+        isinstance(w, torch.Tensor)
+        and w.device.type == "cpu"
+        and w.dtype in (torch.bfloat16, torch.float16)
+        and w.dim() == 2
+        and w.shape[1] % 32 == 0
+    )
+
+
 def int8_attention(model: torch.nn.Module) -> int:
     """Replace the attention projections of a bf16/fp16 CPU text decoder (`layers.N.self_attn`)
     by Int8Linear where our kernel runs (K a multiple of 32); returns how many were replaced."""
@@ -207,12 +219,24 @@ def int8_attention(model: torch.nn.Module) -> int:
             ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
         ):
             continue  # the text decoder's attention only (the vision tower runs once per image)
-        w = getattr(module, "weight", None)
-        if not isinstance(w, torch.Tensor) or w.device.type != "cpu" or w.dtype not in (torch.bfloat16, torch.float16):
-            continue
-        if w.shape[1] % 32:
+        if not _int8_ready(module):
             continue
         parent, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent), attr, Int8Linear(w))
+        setattr(model.get_submodule(parent), attr, Int8Linear(module.weight))
         n += 1
     return n
+
+
+def int8_lm_head(model: torch.nn.Module) -> bool:
+    """Replace a bf16/fp16 CPU lm_head by Int8Linear (Q8_0: 8 bits and a float32 scale per 32
+    weights) where our kernel runs; whether it did. What a quantized checkpoint's CPU run does at
+    load: Scout's lm_head (202048 x 5120) is 2.07 GB of bf16 that every decoded token reads, a
+    fifth of the bytes of a token with INT4 layers; INT8 reads 1.16 GB (llama.cpp's Q4 files keep
+    it in Q6_K, 0.85 GB)."""
+    from . import cpu_kernel
+
+    head = getattr(model, "lm_head", None)
+    if head is None or not _int8_ready(head) or not cpu_kernel.available():
+        return False
+    model.lm_head = Int8Linear(head.weight)
+    return True

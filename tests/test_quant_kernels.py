@@ -223,6 +223,29 @@ def test_int8_attention_replaces_the_projections_of_a_bf16_model(scout_ckpt):
     assert rel_err(int8, exact) < rel_err(bf16, exact)
 
 
+def test_a_quantized_checkpoints_bf16_run_reads_an_int8_lm_head(scout_int4, monkeypatch):
+    from llama4_local.loader import load_model
+    from quant import cpu_kernel, kernels
+    from quant.kernels import Int8Linear
+
+    if not cpu_kernel.available():
+        pytest.skip("no AVX2 kernel on this machine")
+    path, _ = scout_int4
+    q8, _ = load_model(path, "bfloat16", "cpu")
+    assert isinstance(q8.lm_head, Int8Linear)
+    f32, _ = load_model(path, "float32", "cpu")
+    assert not isinstance(f32.lm_head, Int8Linear)  # the precise mode stays exact
+    monkeypatch.setattr(kernels, "int8_lm_head", lambda model: False)
+    plain, _ = load_model(path, "bfloat16", "cpu")
+    assert not isinstance(plain.lm_head, Int8Linear)
+    ids = torch.arange(3, 40)
+    exact = f32(ids, f32.new_cache(40), last_only=False)
+    bf16 = plain(ids, plain.new_cache(40), last_only=False).float()
+    int8 = q8(ids, q8.new_cache(40), last_only=False).float()
+    assert 0 < rel_err(int8, bf16) < 0.02  # not the same weights, close ones
+    assert rel_err(int8, exact) < 1.05 * rel_err(bf16, exact)  # costs next to nothing over bf16's own error
+
+
 @pytest.mark.parametrize("group_size", [32, 128])
 @pytest.mark.parametrize("rows", [1, 3, 8])
 def test_symmetric_scales_alone_compute_the_same_bits(group_size, rows):

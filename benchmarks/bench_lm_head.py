@@ -1,0 +1,69 @@
+"""Scout's lm_head at decode on the CPU: bf16 (what a bf16 checkpoint reads) against the INT8
+copy a quantized checkpoint's CPU run makes at load (quant.kernels.int8_lm_head), one token.
+
+Scout's vocabulary is 202048 and its hidden size 5120, so the lm_head is 2.07 GB of bf16 that
+every decoded token reads; the benchmark slice of bench_vs_llamacpp.py has a 600-token vocabulary
+and does not show it. Random weights (the speed does not depend on them), laid out as a loaded
+model's are (copy_mapped_weights' huge-page slots). Also the load-time cost of the INT8 copy.
+
+    python benchmarks/bench_lm_head.py [--threads 1,2] [--vocab 202048]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from timing import best_time  # noqa: E402
+
+from llama4_local.loader import _huge_page_slots  # noqa: E402
+from quant import cpu_kernel  # noqa: E402
+from quant.kernels import Int8Linear  # noqa: E402
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", default="1,2")
+    ap.add_argument("--vocab", type=int, default=202048)
+    ap.add_argument("--hidden", type=int, default=5120)
+    ap.add_argument("--reps", type=int, default=5)
+    args = ap.parse_args()
+    if not cpu_kernel.available():
+        sys.exit("our CPU kernel is not available here (needs AVX2/FMA and a C++ compiler)")
+    cpu = torch.device("cpu")
+    w = torch.randn(args.vocab, args.hidden, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    x = torch.randn(1, args.hidden, dtype=torch.bfloat16)
+    for threads in (int(t) for t in args.threads.split(",")):
+        torch.set_num_threads(threads)
+        for row in run(w, x, cpu, args.reps):
+            print(json.dumps({"threads": threads, **row}))
+
+
+def run(w: torch.Tensor, x: torch.Tensor, cpu: torch.device, reps: int) -> list[dict]:
+    t0 = time.perf_counter()
+    head = Int8Linear(w)
+    rows = [{"int8 copy at load (s)": round(time.perf_counter() - t0, 2)}]
+    tensors = [w, head.qweight, head.scales]
+    slots = _huge_page_slots(tensors)
+    wb, head.qweight, head.scales = (slots[t.data_ptr()].copy_(t) if t.data_ptr() in slots else t for t in tensors)
+    sides = {
+        "bf16": (lambda: cpu_kernel.half_mv(x, wb), wb.numel() * 2),
+        "int8 (Q8_0)": (lambda: head(x), head.qweight.numel() + head.scales.numel() * 4),
+    }
+    for name, (fn, nbytes) in sides.items():
+        seconds = best_time(fn, cpu, reps)
+        rows.append({"lm_head": name, "ms": round(seconds * 1e3, 1), "GB": round(nbytes / 1e9, 2)})
+        rows[-1]["GB_s"] = round(nbytes / seconds / 1e9, 1)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
