@@ -112,8 +112,9 @@ def available_memory() -> int:
     return 0
 
 
-def _mapped(model: torch.nn.Module):
-    """(module, "_parameters" or "_buffers", name, tensor) for each CPU tensor viewing a mapped shard."""
+def _cpu_tensors(model: torch.nn.Module):
+    """(module, "_parameters" or "_buffers", name, tensor, mapped) for each non-empty CPU tensor;
+    `mapped`: whether it views a mapped shard."""
     maps = [(lo, hi) for lo, hi, _ in file_mappings()]
     for module in model.modules():
         for kind in ("_parameters", "_buffers"):
@@ -121,8 +122,21 @@ def _mapped(model: torch.nn.Module):
                 if t is None or t.device.type != "cpu" or not t.numel():
                     continue
                 ptr = t.data_ptr()
-                if any(lo <= ptr < hi for lo, hi in maps):
-                    yield module, kind, name, t
+                yield module, kind, name, t, any(lo <= ptr < hi for lo, hi in maps)
+
+
+def _mapped(model: torch.nn.Module):
+    """(module, "_parameters" or "_buffers", name, tensor) for each CPU tensor viewing a mapped shard."""
+    return ((m, k, n, t) for m, k, n, t, mapped in _cpu_tensors(model) if mapped)
+
+
+MOVE_BYTES = 1 << 20
+
+
+def _own_storage(t: torch.Tensor) -> bool:
+    """Whether t is the whole of its storage (moving it elsewhere leaves no other view behind)."""
+    nbytes = t.numel() * t.element_size()
+    return t.is_contiguous() and t.storage_offset() == 0 and t.untyped_storage().nbytes() == nbytes
 
 
 HUGE_PAGE = 2 << 20
@@ -166,24 +180,39 @@ def copy_mapped_weights(model: torch.nn.Module, budget: float | None = None) -> 
     """Replace every CPU parameter and buffer that is a view of a mapped shard by a copy in
     anonymous memory, dropping the mapped pages behind it (llama.cpp's --no-mmap); returns the
     bytes copied. With a `budget`, nothing is copied when the copies would take more. Decode
-    reads anonymous memory faster here than the page cache's mapping."""
+    reads anonymous memory faster here than the page cache's mapping. The copies go to huge pages
+    (_huge_page_slots), and so do the large weights made at load in anonymous memory (an INT8
+    lm_head, INT8 attention): moved there one at a time, each old one freed as it goes."""
     from .checkpoint import unmap_pages
 
-    mapped = list(_mapped(model))
-    sizes = {t.data_ptr(): t.numel() * t.element_size() for _, _, _, t in mapped}
+    entries, tensors, sizes = [], [], {}
+    for module, kind, name, t, mapped in _cpu_tensors(model):
+        nbytes = t.numel() * t.element_size()
+        if mapped:
+            sizes[t.data_ptr()] = nbytes
+        elif nbytes < MOVE_BYTES or not _own_storage(t):
+            continue
+        entries.append((module, kind, name, mapped))
+        if t.is_contiguous():
+            tensors.append(t)
     if budget is not None and sum(sizes.values()) >= budget:
         return 0
-    slots = _huge_page_slots([t for _, _, _, t in mapped if t.is_contiguous()])
+    slots = _huge_page_slots(tensors)
+    tensors = t = None  # from here on only the modules hold the old tensors
     copies: dict[int, torch.Tensor] = {}
-    for module, kind, name, t in mapped:
-        ptr = t.data_ptr()
+    for module, kind, name, mapped in entries:
+        old = getattr(module, kind)[name]
+        ptr = old.data_ptr()
         c = copies.get(ptr)
         if c is None:
-            slot = slots.get(ptr)
-            c = copies[ptr] = t.detach().clone() if slot is None else slot.copy_(t)
-            unmap_pages(ptr, sizes[ptr])  # the file's pages leave this process (they were only read)
+            slot = slots.pop(ptr, None)
+            if slot is None and not mapped:
+                continue  # no huge pages here: an anonymous tensor stays where it is
+            c = copies[ptr] = old.detach().clone() if slot is None else slot.copy_(old)
+            if mapped:
+                unmap_pages(ptr, sizes[ptr])  # the file's pages leave this process (they were only read)
         getattr(module, kind)[name] = torch.nn.Parameter(c, requires_grad=False) if kind == "_parameters" else c
-    return sum(sizes[p] for p in copies)
+    return sum(sizes[p] for p in copies if p in sizes)
 
 
 def quantized_parts(ckpt: Checkpoint, cfg: TextConfig, scheme):

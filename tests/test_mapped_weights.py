@@ -53,12 +53,15 @@ def _vm_flags(ptr: int) -> list[str] | None:
     return None
 
 
-def test_copies_ask_for_huge_pages(scout_int4):
+def test_copies_ask_for_huge_pages(scout_int4, monkeypatch):
     import mmap
+
+    from llama4_local import loader
 
     if not hasattr(mmap, "MADV_HUGEPAGE"):
         pytest.skip("no transparent huge pages on this platform")
     path, _ = scout_int4
+    monkeypatch.setattr(loader, "MOVE_BYTES", 1)  # the test model's INT8 lm_head is small
     copied, _ = load_model(path, "bfloat16", "cpu", mmap=False)
     linears = [m for m in copied.modules() if isinstance(m, Int4Linear)]
     if linears[0].path not in ("avx2", "avx2_q8"):
@@ -66,3 +69,5 @@ def test_copies_ask_for_huge_pages(scout_int4):
     for lin in linears:
         assert "hg" in _vm_flags(lin.packed.data_ptr()), "copied weights not advised for huge pages"
         assert lin.packed.data_ptr() % 64 == 0
+    # The INT8 lm_head made at load (anonymous memory) is moved there too.
+    assert "hg" in _vm_flags(copied.lm_head.qweight.data_ptr())
