@@ -3,8 +3,9 @@ copy a quantized checkpoint's CPU run makes at load (quant.kernels.int8_lm_head)
 
 Scout's vocabulary is 202048 and its hidden size 5120, so the lm_head is 2.07 GB of bf16 that
 every decoded token reads; the benchmark slice of bench_vs_llamacpp.py has a 600-token vocabulary
-and does not show it. Random weights (the speed does not depend on them), laid out as a loaded
-model's are (copy_mapped_weights' huge-page slots). Also the load-time cost of the INT8 copy.
+and does not show it. Random weights (the speed does not depend on them), in memory as a loaded
+model's are (4 KB pages; huge pages with LLAMA4_LOCAL_HUGE_PAGES=1, as copy_mapped_weights then
+places them). Also the load-time cost of the INT8 copy.
 
     python benchmarks/bench_lm_head.py [--threads 1,2] [--vocab 202048]
 """

@@ -61,6 +61,7 @@ def test_copies_ask_for_huge_pages(scout_int4, monkeypatch):
     if not hasattr(mmap, "MADV_HUGEPAGE"):
         pytest.skip("no transparent huge pages on this platform")
     path, _ = scout_int4
+    monkeypatch.setenv("LLAMA4_LOCAL_HUGE_PAGES", "1")
     monkeypatch.setattr(loader, "MOVE_BYTES", 1)  # the test model's INT8 lm_head is small
     copied, _ = load_model(path, "bfloat16", "cpu", mmap=False)
     linears = [m for m in copied.modules() if isinstance(m, Int4Linear)]
