@@ -80,3 +80,20 @@ def test_bfloat16_as_close_to_float32_as_transformers_bfloat16(all_ckpts, models
     got = torch.cat([ours(ids[:30], cache, last_only=False)] + [ours(ids[i : i + 1], cache) for i in range(30, 40)])
     assert rel_err(got, want) < 5e-2  # two bf16 runs differ by a few percent on random weights
     assert rel_err(got, exact) < 1.5 * rel_err(want, exact) + 1e-3
+
+
+@pytest.mark.parametrize("keys", [1, 37, 300])
+def test_one_query_attention_is_sdpa_with_gqa(keys):
+    """The decode step's attention (one query, grouped KV heads) against torch's SDPA: float32
+    to rounding; bf16 within bf16's own rounding of the scores and probabilities."""
+    import torch.nn.functional as F
+
+    from llama4_local.model import one_query_attention
+
+    g = torch.Generator().manual_seed(keys)
+    q, k, v = (torch.randn(n, s, 16, generator=g) for n, s in ((8, 1), (2, keys), (2, keys)))
+    want = F.scaled_dot_product_attention(q[None], k[None], v[None], enable_gqa=True)[0]
+    torch.testing.assert_close(one_query_attention(q, k, v), want, rtol=1e-5, atol=1e-6)
+    got = one_query_attention(*(a.bfloat16() for a in (q, k, v)))
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want, rtol=0.03, atol=0.02)
