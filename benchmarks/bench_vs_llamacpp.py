@@ -13,7 +13,7 @@ bf16 attention gets it rounded to INT8 at load) and bf16, and reports the best o
 the ratio to llama.cpp Q4_0 (INT4) or F16 (bf16), and the bytes
 of weights a decode token reads with the GB/s that makes.
 
-    python benchmarks/bench_vs_llamacpp.py [--threads 1,2] [--reps 3] [--json FILE]
+    python benchmarks/bench_vs_llamacpp.py [--threads 1,2] [--reps 3] [--json FILE] [--depth N]
     python benchmarks/bench_vs_llamacpp.py --quantize [--reps 2]   # quantize times, alternated
 
 Needs cmake, a C++ compiler and the test extras (transformers, for llama.cpp's converter).
@@ -104,19 +104,30 @@ class Ours:
         self.bytes_per_token = bytes_per_decode_token(self.model)
 
     @torch.inference_mode()
-    def run(self, threads: int, prompt: int, gen: int) -> dict[str, float]:
+    def run(self, threads: int, prompt: int, gen: int, depth: int = 0) -> dict[str, float]:
+        """Prefill and decode tok/s, each after `depth` tokens already in the cache (untimed, as
+        llama-bench -d fills them)."""
         torch.set_num_threads(threads)
-        ids = torch.randint(0, self.cfg.vocab_size, (prompt,), generator=torch.Generator().manual_seed(0))
+        g = torch.Generator().manual_seed(0)
+        ids = torch.randint(0, self.cfg.vocab_size, (prompt,), generator=g)
+        context = torch.randint(0, self.cfg.vocab_size, (depth,), generator=g)
         self.model(ids[:8], self.model.new_cache(8))  # warm-up, as llama-bench does
-        cache = self.model.new_cache(prompt)
+        cache = self.filled_cache(context, prompt)
         t0 = time.perf_counter()
         int(self.model(ids, cache)[-1].argmax())
         prefill = prompt / (time.perf_counter() - t0)
-        cache, token = self.model.new_cache(gen + 1), torch.tensor([1])
+        cache, token = self.filled_cache(context, gen + 1), torch.tensor([1])
         t0 = time.perf_counter()
         for _ in range(gen):
             token = self.model(token, cache)[-1].argmax().reshape(1)
         return {"prefill": prefill, "decode": gen / (time.perf_counter() - t0)}
+
+    def filled_cache(self, context: torch.Tensor, room: int):
+        """A cache holding `context` (prefilled 512 tokens at a time) with room for `room` more."""
+        cache = self.model.new_cache(context.numel() + room)
+        for i in range(0, context.numel(), 512):
+            self.model(context[i : i + 512], cache)
+        return cache
 
 
 def quantize_side_by_side(bin_dir: Path, files: dict[str, Path], threads: int, reps: int) -> None:
@@ -184,6 +195,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--gen", type=int, default=32)
+    ap.add_argument("--depth", type=int, default=0, help="tokens already in the context (llama-bench -d)")
     ap.add_argument("--cache", type=Path, default=CACHE)
     ap.add_argument("--json", type=Path)
     ap.add_argument("--no-bf16", action="store_true", help="only the INT4 / Q4 sides (faster)")
@@ -222,9 +234,9 @@ def main() -> None:
             order = sides[rep % len(sides) :] + sides[: rep % len(sides)]  # a different side first each rep
             for side in order:
                 if side in peers:
-                    r = llamacpp.bench(bin_dir, peers[side], t, args.prompt, args.gen)
+                    r = llamacpp.bench(bin_dir, peers[side], t, args.prompt, args.gen, depth=args.depth)
                 else:
-                    r = ours[side].run(t, args.prompt, args.gen)
+                    r = ours[side].run(t, args.prompt, args.gen, args.depth)
                 b = best.setdefault((side, t), {"prefill": 0.0, "decode": 0.0})
                 for k in b:
                     b[k] = max(b[k], r[k])
@@ -234,7 +246,7 @@ def main() -> None:
     base = {name: "Q4_0" for name in ours} | {"ours bf16": "F16"}
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}"
     print(f"\n{machine}, llama-cpp-python {llamacpp.VERSION}; prefill {args.prompt}, decode {args.gen}, "
-          f"best of {args.reps}")  # fmt: skip
+          f"depth {args.depth}, best of {args.reps}")  # fmt: skip
     print("| threads | side | prefill tok/s | decode tok/s | vs peer (prefill, decode) | MB/token | decode GB/s |")
     print("|---|---|---|---|---|---|---|")
     for t in threads:

@@ -104,10 +104,13 @@ def quantize(bin_dir: Path, f16: Path, out: Path, kind: str, threads: int, imatr
     return time.perf_counter() - t0
 
 
-def bench(bin_dir: Path, gguf: Path, threads: int, prompt: int, gen: int, reps: int = 1) -> dict[str, float]:
-    """llama-bench's tok/s: {"prefill": pp<prompt>, "decode": tg<gen>}."""
+def bench(
+    bin_dir: Path, gguf: Path, threads: int, prompt: int, gen: int, reps: int = 1, depth: int = 0
+) -> dict[str, float]:
+    """llama-bench's tok/s: {"prefill": pp<prompt>, "decode": tg<gen>}, each after `depth` tokens
+    already in the context (`-d`)."""
     cmd = [str(bin_dir / "llama-bench"), "-m", str(gguf), "-p", str(prompt), "-n", str(gen), "-t", str(threads),
-           "-r", str(reps), "-o", "json"]  # fmt: skip
+           "-r", str(reps), "-d", str(depth), "-o", "json"]  # fmt: skip
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     result = {}
     for rec in json.loads(out):
