@@ -349,9 +349,8 @@ static void row_q8_stream(const int8_t* xq, const float* xd, const uint8_t* qp, 
   yp[n] = hsum(_mm256_add_ps(acc[0], acc[1])) + group_offsets(srow, xs, G, sym);
 }
 
-// Rows n0..n1 in tiles of R (R = 4 for one activation row, 2 for two: enough independent chains
-// without spilling the 16 vector registers), the remainder one at a time; one activation row with
-// pairs streams row by row (row_q8_stream).
+// Rows n0..n1 in tiles of R (tile_rows: 2 weight rows for two activation rows, else 1), the
+// remainder one at a time; one activation row with pairs streams row by row (row_q8_stream).
 template <bool PAIRS, int T, class S>
 static void rows_q8(const int8_t* xq, const float* xd, const uint8_t* qp, const S* sp, const float* xs,
                     float* yp, int64_t K, int64_t N, int64_t group, bool sym, int64_t n0, int64_t n1) {
@@ -552,8 +551,9 @@ static torch::Tensor int4_mv_impl(const torch::Tensor& x, const torch::Tensor& q
   const bool pairs = group % 64 == 0;
 #ifdef QUADS_ZMM
   // Not for one row: decode of the slice with the 512-bit tile measured 36-38 tok/s against 44
-  // for the 256-bit one (one Zen 5 core; 49 against 55 on two), alternated. So a row's result in
-  // a prefill and alone differ by float32 rounding (the same products, summed in another order).
+  // for the 256-bit one (one Zen 5 core; 49 against 55 on two), alternated; a 512-bit one-row
+  // stream was no faster than row_q8_stream on Zen 4 either. So a row's result in a prefill and
+  // alone differ by float32 rounding (the same products, summed in another order).
   const bool quads = group % 128 == 0 && T > 1;
 #else
   const bool quads = false;
