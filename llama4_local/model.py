@@ -164,7 +164,8 @@ def one_query_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tenso
     softmax in float32, its probabilities rounded to that dtype. On the CPU, torch's SDPA takes 60
     against 44 us at 50 keys (float32, one Zen 4 thread), 1.42 against 0.78 ms at 1000 and 27.6
     against 11.8 ms at 8000; and a bf16 KV cache read as it is, where the CPU has bf16 dot
-    products, instead of widened to float32 every step: 0.33 against 6.7 ms at 1000 keys."""
+    products, instead of widened to float32 every step: the Scout-width slice decodes 22-26 tok/s
+    after a 4000-token prompt on two threads, against 13.1 widening (no difference at 1000)."""
     h, _, hd = q.shape
     kv = keys.shape[0]
     scores = torch.bmm(q.reshape(kv, h // kv, hd), keys.transpose(1, 2)) * hd**-0.5  # [KV, H/KV, S]
