@@ -125,11 +125,6 @@ def _cpu_tensors(model: torch.nn.Module):
                 yield module, kind, name, t, any(lo <= ptr < hi for lo, hi in maps)
 
 
-def _mapped(model: torch.nn.Module):
-    """(module, "_parameters" or "_buffers", name, tensor) for each CPU tensor viewing a mapped shard."""
-    return ((m, k, n, t) for m, k, n, t, mapped in _cpu_tensors(model) if mapped)
-
-
 MOVE_BYTES = 1 << 20
 
 
@@ -348,10 +343,10 @@ def load_model(
         from quant.kernels import int8_attention as to_int8
 
         to_int8(model)
-    if scheme is not None and torch_device.type == "cpu" and torch_dtype != torch.float32:
+    if scheme is not None:
         from quant.kernels import int8_lm_head
 
-        int8_lm_head(model)  # a quantized checkpoint's bf16 lm_head: INT8 (float32 runs stay exact)
+        int8_lm_head(model)  # a bf16/fp16 CPU lm_head only: float32 runs stay exact, GPU ones as they are
     if mmap is not True and torch_device.type == "cpu":
         copy_mapped_weights(model, None if mmap is False else 0.8 * available_memory())
     model.eval()

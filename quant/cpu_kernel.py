@@ -63,7 +63,16 @@ _SOURCE = r"""
 // spilling the 16 vector registers), else 1 (for one, see STREAM_AHEAD).
 template <int T>
 constexpr int tile_rows() {
-  return T == 1 ? 1 : (T == 2 ? 2 : 1);
+  return T == 2 ? 2 : 1;
+}
+
+// The same for kernels that widen their weights (bf16, fp16, FP8), except four weight rows for one
+// activation row: widening costs more per byte than the integer kernels' work, and sharing each
+// activation load across four rows reads 20 GB/s on a Zen 4 core where one row at a time (two or
+// four accumulators) reads 17-18.
+template <int T>
+constexpr int widening_tile_rows() {
+  return T == 1 ? 4 : tile_rows<T>();
 }
 
 // x [32] rounded to int8 with scale d = max|x| / 127 (llama.cpp's Q8_0 block): the integers in
@@ -322,7 +331,6 @@ static void tile_q8(const int8_t* xq, const float* xd, const uint8_t* qp, const 
 // contiguous stream read front to back, prefetched STREAM_AHEAD bytes ahead in it. Independent
 // products per pair of blocks (multiplied by d, not chained through FMA) and two accumulators,
 // alternate groups, keep the FMA latency off the critical path.
-
 template <class S>
 static void row_q8_stream(const int8_t* xq, const float* xd, const uint8_t* qp, const S* sp, const float* xs,
                           float* yp, int64_t K, int64_t group, bool sym, int64_t n) {
@@ -649,10 +657,7 @@ static void tile_half(const float* xp, const uint16_t* wp, float* yp, int64_t K,
 
 template <bool BF16, int T>
 static void rows_half(const float* xp, const uint16_t* wp, float* yp, int64_t K, int64_t N, int64_t n0, int64_t n1) {
-  // Four weight rows for one activation row, unlike the integer kernels: widening bf16 costs more
-  // per byte, and sharing each activation load across four rows reads 20 GB/s on a Zen 4 core
-  // where one row at a time (two or four accumulators) reads 17-18.
-  constexpr int R = T == 1 ? 4 : tile_rows<T>();
+  constexpr int R = widening_tile_rows<T>();
   int64_t n = n0;
   for (; n + R <= n1; n += R) tile_half<BF16, T, R>(xp, wp, yp, K, N, n);
   for (; n < n1; ++n) tile_half<BF16, T, 1>(xp, wp, yp, K, N, n);
