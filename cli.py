@@ -457,7 +457,7 @@ def quantize(
             TransferSpeedColumn,
         )
 
-        from quant.quantize import QuantizeOptions, quantize_checkpoint
+        from quant.quantize import QuantizeOptions, keep_freed_memory, quantize_checkpoint
         from quant.resume import work_path
 
         opts = QuantizeOptions(  # parts None: quant.quantize.default_parts
@@ -470,6 +470,8 @@ def quantize(
             calibration_text=calibration_text,
             calibration_tokens=calibration_tokens,
         )
+        if opts.gptq:
+            keep_freed_memory()
         if attention is not None or no_shared or no_mlp:
             parts = ("experts",) + (() if no_shared else ("shared",)) + (() if no_mlp else ("mlp",))
             opts.parts = parts + (("attention",) if (opts.gptq if attention is None else attention) else ())

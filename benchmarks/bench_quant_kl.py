@@ -196,7 +196,8 @@ PLAIN = ("experts", "shared")
 
 def quantizer_precision(args, report):
     """The default quantize (GPTQ) with its arithmetic in bf16 where the CPU multiplies bf16
-    natively (calibration forward, GPTQ's updates; the Hessians stay float32) against the same run in float32
+    natively (calibration forward, GPTQ's updates, the Hessians' products: float32 sums throughout) against
+    the same run in float32
     (LLAMA4_LOCAL_NO_BF16_GEMM=1), scored in float32: what the faster arithmetic costs; with
     llama.cpp's Q4_K_M beside them where the model's rows allow it."""
     from quant import cpu_kernel

@@ -65,23 +65,24 @@ class LayerStats:
     def factor(self, role: str) -> torch.Tensor | None:
         """GPTQ's error feedback for a role's Hessian (computed once: q, k and v share one)."""
         if role not in self.factors:
-            self.factors[role] = factor_or_none(self.hessian(role))
+            self.factors[role] = factor_or_none(self.hessian(role), consume=True)  # a fresh mean
         return self.factors[role]
 
     def expert_rows(self, e: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Expert e's input rows and its down projection's, float32, or None if no row chose it."""
+        """Expert e's input rows and its down projection's (in the forward's dtype), or None if no
+        row chose it."""
         if not self.expert_inputs.get(e):
             return None
-        return torch.cat(self.expert_inputs[e]).float(), torch.cat(self.expert_acts[e]).float()
+        return torch.cat(self.expert_inputs[e]), torch.cat(self.expert_acts[e])
 
 
-def factor_or_none(h: torch.Tensor | None) -> torch.Tensor | None:
+def factor_or_none(h: torch.Tensor | None, consume: bool = False) -> torch.Tensor | None:
     """GPTQ's error feedback for H, or None (the plain fit) where there is no H or the model's own
     activations on the calibration text were not finite (a broken checkpoint: its linears still
     quantize, without calibration)."""
     if h is None or not hessian_finite(h):
         return None
-    return error_feedback(h)
+    return error_feedback(h, consume=consume)
 
 
 class LayerRunner:

@@ -127,7 +127,10 @@ def _expert_factors(stats: LayerStats, e: int):
     if rows is None:
         return None, None
     x, a = rows
-    return factor_or_none(gram(x) / x.shape[0]), factor_or_none(gram(a) / a.shape[0])
+    return (
+        factor_or_none(gram(x).div_(x.shape[0]), consume=True),
+        factor_or_none(gram(a).div_(a.shape[0]), consume=True),
+    )
 
 
 def _expert(ctx, reader: _Reader, stats: LayerStats, prefix: str, e: int, projs: dict[str, str]) -> None:

@@ -726,34 +726,59 @@ static inline void group_refit(const float* w, int64_t g, float s, float* num, f
   *den = hsum(b);
 }
 
+static float fit_group_symmetric(const float* x, int64_t group, const std::vector<double>& ratios, int64_t iters) {
+  float amax = 0.f;
+  for (int64_t k = 0; k < group; ++k) amax = std::max(amax, std::fabs(x[k]));
+  amax = std::max(amax, 1e-12f);
+  float best_s = amax / 7.5f, best_e = group_err(x, group, best_s);
+  for (double ratio : ratios) {  // amax * (ratio / 7.5) as torch computes it: the quotient in double
+    const float s = amax * (float)(ratio / 7.5), e = group_err(x, group, s);
+    if (e < best_e) best_s = s, best_e = e;
+  }
+  float s = best_s;
+  for (int64_t it = 0; it < iters; ++it) {
+    float num, den;
+    group_refit(x, group, s, &num, &den);
+    s = std::max(num / std::max(den, 1e-12f), 1e-12f);
+    const float e = group_err(x, group, s);
+    if (e < best_e) best_s = s, best_e = e;
+  }
+  return best_s;
+}
+
+// w [O, K] either row-major or a transposed view of a row-major [K, O] (GPTQ holds a group's
+// columns that way): the latter's groups are gathered 16 rows at a time into a local buffer
+// (one pass over 16 consecutive floats per column), so no transposed copy is made and the
+// arithmetic is the same.
 torch::Tensor fit_symmetric(torch::Tensor w, int64_t group, std::vector<double> ratios, int64_t iters) {
-  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == torch::kFloat && w.is_contiguous(), "w: float32 [O, K]");
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == torch::kFloat, "w: float32 [O, K]");
   const int64_t O = w.size(0), K = w.size(1);
-  TORCH_CHECK(group % 8 == 0 && K % group == 0, "group must divide K and be a multiple of 8");
+  const bool columns = w.stride(0) == 1 && w.stride(1) == O && O > 1;
+  TORCH_CHECK(columns || w.is_contiguous(), "w: contiguous [O, K], or the transpose of a contiguous [K, O]");
+  TORCH_CHECK(group % 8 == 0 && group <= 4096 && K % group == 0, "group must divide K and be a multiple of 8");
   const int64_t G = K / group;
-  auto out = torch::empty({O, G}, w.options());
+  auto out = torch::empty({O, G}, w.options().memory_format(at::MemoryFormat::Contiguous));
   const float* wp = w.data_ptr<float>();
   float* sp = out.data_ptr<float>();
-  at::parallel_for(0, O * G, 256, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) {
-      const float* x = wp + i * group;
-      float amax = 0.f;
-      for (int64_t k = 0; k < group; ++k) amax = std::max(amax, std::fabs(x[k]));
-      amax = std::max(amax, 1e-12f);
-      float best_s = amax / 7.5f, best_e = group_err(x, group, best_s);
-      for (double ratio : ratios) {  // amax * (ratio / 7.5) as torch computes it: the quotient in double
-        const float s = amax * (float)(ratio / 7.5), e = group_err(x, group, s);
-        if (e < best_e) best_s = s, best_e = e;
+  if (!columns) {
+    at::parallel_for(0, O * G, 256, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) sp[i] = fit_group_symmetric(wp + i * group, group, ratios, iters);
+    });
+    return out;
+  }
+  constexpr int64_t R = 16;
+  at::parallel_for(0, (O + R - 1) / R, 16, [&](int64_t c0, int64_t c1) {
+    std::vector<float> buf(R * group);
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t o0 = c * R, rows = std::min(R, O - o0);
+      for (int64_t g = 0; g < G; ++g) {
+        for (int64_t k = 0; k < group; ++k) {
+          const float* src = wp + (g * group + k) * O + o0;
+          for (int64_t r = 0; r < rows; ++r) buf[r * group + k] = src[r];
+        }
+        for (int64_t r = 0; r < rows; ++r)
+          sp[(o0 + r) * G + g] = fit_group_symmetric(buf.data() + r * group, group, ratios, iters);
       }
-      float s = best_s;
-      for (int64_t it = 0; it < iters; ++it) {
-        float num, den;
-        group_refit(x, group, s, &num, &den);
-        s = std::max(num / std::max(den, 1e-12f), 1e-12f);
-        const float e = group_err(x, group, s);
-        if (e < best_e) best_s = s, best_e = e;
-      }
-      sp[i] = best_s;
     }
   });
   return out;
@@ -881,6 +906,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("half_mv", &half_mv, "bf16/fp16 matrix-vector (AVX2)");
   m.def("fit_symmetric", &fit_symmetric, "symmetric INT4 group scales (AVX2)");
   m.def("gptq_columns", &gptq_columns, "GPTQ's walk over one group's columns");
+  m.def("gram_bf16", &gram_bf16, "x^T x in float32 sums for bf16 x (AVX512-BF16)");
   m.def("q8_quantize", &q8_quantize, "INT8 weights, one scale per block of 32");
   m.def("q8_mv", &q8_mv, "INT8 weights x int8 activations (AVX2)");
 }
@@ -944,15 +970,15 @@ def _module():
 
         from torch.utils.cpp_extension import _get_build_directory, load_inline
 
-        from . import fp8_kernel, gptq_kernel
+        from . import fp8_kernel, gptq_kernel, gram_kernel
 
         target = isa()
-        name = f"llama4_local_int4_{target.replace('-', '_')}_v38"
+        name = f"llama4_local_int4_{target.replace('-', '_')}_v44"
         if not list(Path(_get_build_directory(name, verbose=False)).glob("*.so")):
             sys.stderr.write("llama4-local: building the INT4 CPU kernel (once, about a minute)\n")
         return load_inline(
             name=name,
-            cpp_sources=[_SOURCE + fp8_kernel.SOURCE + gptq_kernel.SOURCE + _BINDINGS],
+            cpp_sources=[_SOURCE + fp8_kernel.SOURCE + gptq_kernel.SOURCE + gram_kernel.SOURCE + _BINDINGS],
             extra_cflags=["-O3", "-mtune=native", "-mavx2", "-mfma", "-mf16c", "-fopenmp", *_ISA_FLAGS[target]],
             extra_ldflags=["-fopenmp"],
             verbose=False,
@@ -1015,13 +1041,29 @@ def q8_mv(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
 
 
 def fit_symmetric(w: torch.Tensor, group_size: int, ratios: list[float], iters: int) -> torch.Tensor:
-    """The symmetric INT4 fit's group scales [O, G] (float32) for w [O, K], as quant.int4's."""
-    return _module().fit_symmetric(w.float().contiguous(), group_size, [float(r) for r in ratios], iters)
+    """The symmetric INT4 fit's group scales [O, G] (float32) for w [O, K], as quant.int4's (w may
+    be the transpose of a contiguous [K, O]: no copy then)."""
+    w = w.float()
+    if not (w.stride(0) == 1 and w.stride(1) == w.shape[0]):  # a transposed [K, O] is read as it is
+        w = w.contiguous()
+    return _module().fit_symmetric(w, group_size, [float(r) for r in ratios], iters)
 
 
 def gptq_columns(w, e, f, s, z, q, i0: int, i1: int, qmin: int, qmax: int) -> None:
     """GPTQ's walk over columns [i0, i1) of a block, in place (quant/gptq_kernel.py)."""
     _module().gptq_columns(w, e, f, s, z, q, i0, i1, float(qmin), float(qmax))
+
+
+def gram_bf16_available() -> bool:
+    """Whether gram_bf16 runs here: the kernel is built and the CPU has AVX512-BF16 (and bf16
+    arithmetic is not turned off: LLAMA4_LOCAL_NO_BF16_GEMM)."""
+    return native_bf16() and "avx512_bf16" in _cpu_flags() and available()
+
+
+def gram_bf16(x: torch.Tensor, h: torch.Tensor, block: int) -> None:
+    """h [N, N] float32 += x^T x for bf16 x [T, N] (N a multiple of 64), float32 sums, in the
+    blocks quant.gptq.add_gram fills (row m: the columns before the end of m's `block`)."""
+    _module().gram_bf16(x.contiguous(), h, block)
 
 
 def half_mv(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

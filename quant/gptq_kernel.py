@@ -31,23 +31,45 @@ void gptq_columns(torch::Tensor w, torch::Tensor e, torch::Tensor f, torch::Tens
   const float lo = (float)qmin, hi = (float)qmax;
   // Each thread walks its rows TILE at a time: a tile's block (B x TILE floats, 128 KB at B = 128)
   // stays in L2 through all of the walk's rank-one updates instead of streaming from memory.
-  constexpr int64_t TILE = 256;
+  // Columns go SUB at a time: each column's error reaches the rest of its SUB columns at once,
+  // and the rows past them receive the SUB errors together, row by row (the row's tile in
+  // registers for SUB multiply-adds instead of one load and store each). Every element still
+  // receives the same multiply-adds in the same order (column i's before column i + 1's), so
+  // the results are those of one column at a time, bit for bit. At [128, 16384], two Zen 4
+  // threads: 7.0 ms a group against 11.0 one column at a time (SUB = 16: 78 ms, GCC spills).
+  constexpr int64_t TILE = 256, SUB = 8;
+  const bool by_sub = (i1 - i0) % SUB == 0;
   at::parallel_for(0, O, TILE, [&](int64_t t0, int64_t t1) {
     for (int64_t o0 = t0; o0 < t1; o0 += TILE) {
       const int64_t o1 = std::min(o0 + TILE, t1);
-      for (int64_t i = i0; i < i1; ++i) {
-        float* wi = wp + i * O;
-        float* ei = ep + i * O;
-        int8_t* qi = qp + i * O;
-        for (int64_t o = o0; o < o1; ++o) {
-          const float v = std::min(std::max(std::nearbyint(wi[o] / sp[o] + zp[o]), lo), hi);
-          qi[o] = (int8_t)v;
-          ei[o] -= sp[o] * (v - zp[o]);
+      for (int64_t s0 = i0; s0 < i1; s0 += by_sub ? SUB : i1 - i0) {
+        const int64_t s1 = by_sub ? s0 + SUB : i1;
+        for (int64_t i = s0; i < s1; ++i) {
+          float* wi = wp + i * O;
+          float* ei = ep + i * O;
+          int8_t* qi = qp + i * O;
+          for (int64_t o = o0; o < o1; ++o) {
+            const float v = std::min(std::max(std::nearbyint(wi[o] / sp[o] + zp[o]), lo), hi);
+            qi[o] = (int8_t)v;
+            ei[o] -= sp[o] * (v - zp[o]);
+          }
+          for (int64_t k = i + 1; k < (by_sub ? s1 : B); ++k) {
+            const float share = fp[k * B + i];
+            float* wk = wp + k * O;
+            for (int64_t o = o0; o < o1; ++o) wk[o] += share * ei[o];
+          }
         }
-        for (int64_t k = i + 1; k < B; ++k) {
-          const float share = fp[k * B + i];
+        if (!by_sub) continue;
+        const float* e[SUB];
+        for (int64_t j = 0; j < SUB; ++j) e[j] = ep + (s0 + j) * O;
+        for (int64_t k = s1; k < B; ++k) {
+          const float* fk = fp + k * B + s0;
           float* wk = wp + k * O;
-          for (int64_t o = o0; o < o1; ++o) wk[o] += share * ei[o];
+          for (int64_t o = o0; o < o1; ++o) {
+            float v = wk[o];
+            for (int64_t j = 0; j < SUB; ++j) v += fk[j] * e[j][o];
+            wk[o] = v;
+          }
         }
       }
     }

@@ -65,6 +65,17 @@ def pack_int4(q: torch.Tensor, dim: int = 1) -> torch.Tensor:
     return (u << shifts).sum(-1, dtype=torch.int32)
 
 
+def pack_int4_transposed(qt: torch.Tensor) -> torch.Tensor:
+    """pack_int4(qt.t()) for qt [N, O] (one input column per row, as GPTQ produces them), without
+    transposing the int8 values first: input pairs become bytes along qt's rows, and only the
+    half-size byte matrix is transposed (2.3x faster at [5120, 16384])."""
+    n, out = qt.shape
+    if sys.byteorder != "little" or n % 8:
+        return pack_int4(qt.t().contiguous())
+    u = (qt + 8).to(torch.uint8).view(n // 2, 2, out)
+    return (u[:, 0] | (u[:, 1] << 4)).t().contiguous().view(torch.int32)
+
+
 def unpack_int4(packed: torch.Tensor, dim: int = 1) -> torch.Tensor:
     """Inverse of pack_int4: int32 words -> int8 values in [-8, 7]."""
     if dim == 0:
@@ -120,7 +131,7 @@ def _symmetric_scales(wg: torch.Tensor, iters: int) -> torch.Tensor:
         if cpu_kernel.available():
             o, groups, g = wg.shape
             return cpu_kernel.fit_symmetric(wg.reshape(o, groups * g), g, SYM_RATIOS, iters).unsqueeze(-1)
-    return _fit_symmetric(wg, iters)[0]
+    return _fit_symmetric(wg.contiguous(), iters)[0]  # contiguous: the same sums as quantize_int4's
 
 
 def _fit_asymmetric(wg: torch.Tensor, iters: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -164,7 +175,7 @@ def fit_scales(wg: torch.Tensor, symmetric: bool, scale_dtype, iters: int) -> tu
         s = _symmetric_scales(wg, iters)
         z = torch.zeros_like(s)
     else:
-        s, z, _ = _fit_asymmetric(wg, iters)
+        s, z, _ = _fit_asymmetric(wg.contiguous(), iters)
     return s.to(scale_dtype).float().clamp_min(torch.finfo(scale_dtype).tiny), z
 
 

@@ -11,6 +11,7 @@ from safetensors import safe_open
 from llama4_local.errors import UserError
 from llama4_local.loader import load_model
 from llama4_local.tokenizer import Tokenizer
+from quant import cpu_kernel
 from quant.calibrate import DEFAULT_TEXT, LayerRunner, calibration_windows
 from quant.gptq import HessianSum, error_feedback, gptq_int4
 from quant.int4 import dequantize_int4, quantize_int4
@@ -138,6 +139,58 @@ def test_gram_in_blocks(monkeypatch):
     assert h.rows == 40
 
 
+@pytest.mark.parametrize("n", [1, 3, 1500])  # 1500: the flat data swapped in two chunks of 2^20
+def test_reverse_in_place(n):
+    from quant.gptq import _reverse_
+
+    a = torch.randn(n, n)
+    b = a.clone()
+    assert _reverse_(b) is b and torch.equal(b, a.flip(0, 1))
+
+
+def test_error_feedback_may_consume_its_hessian():
+    x = correlated_inputs(300, 96)
+    h = x.t() @ x / 300
+    kept = h.clone()
+    want = error_feedback(h)
+    assert torch.equal(h, kept)  # not consumed unless asked
+    assert torch.equal(error_feedback(h, consume=True), want)
+
+
+@pytest.mark.skipif(not cpu_kernel.gram_bf16_available(), reason="needs AVX512-BF16 and the built kernel")
+@pytest.mark.parametrize("rows", [1, 2, 127, 300])
+def test_bf16_gram_kernel(monkeypatch, rows):
+    """The AVX512-BF16 Gram product equals float64 arithmetic on the same bf16 inputs within float32
+    sums (every product is exact), in the blocks add_gram fills; bf16 inputs through HessianSum
+    take it, and a dominant direction costs no more error than float32 GEMM's."""
+    from quant import gptq
+
+    monkeypatch.setattr(gptq, "GRAM_BLOCK", 128)  # 320 columns: blocks of 128, 128 and 64
+    g = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, 320, generator=g)
+    x[:, 3] *= 300  # a dominant column
+    x = x.bfloat16()
+    want = x.double().t() @ x.double()
+    h = torch.zeros(320, 320)
+    cpu_kernel.gram_bf16(x, h, 128)
+    edges = [0, 128, 256, 320]
+    for i0, i1 in zip(edges, edges[1:], strict=False):
+        assert not h[i0:i1, i1:].any()  # right of the block row's diagonal block: not touched
+    got = gptq.mirror(h).double()
+    scale = want.diagonal().sqrt()
+    err = (got - want).abs() / (scale[:, None] * scale[None, :] + 1e-30)
+    assert err.max() < 1e-6
+    acc = HessianSum()
+    acc.add(x[: rows // 2])
+    acc.add(x[rows // 2 :])
+    torch.testing.assert_close(acc.mean().double(), want / rows, rtol=1e-5, atol=1e-6 * want.abs().max().item())
+    nan = x.clone()
+    nan[0, 5] = float("nan")
+    h.zero_()
+    cpu_kernel.gram_bf16(nan, h, 128)
+    assert h[5, 5].isnan()
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_layer_runner_reproduces_the_forward(scout_ckpt, dtype):
     """Run layer by layer, the hidden states end where the whole model's forward ends (in bf16
@@ -158,7 +211,7 @@ def test_layer_runner_reproduces_the_forward(scout_ckpt, dtype):
             ex = model.layers[i].feed_forward.experts
             for e in stats.expert_inputs:
                 x, a = stats.expert_rows(e)
-                torch.testing.assert_close(a, ex.act(e, x).float(), **tol)  # what down saw: the original gate/up
+                torch.testing.assert_close(a.float(), ex.act(e, x).float(), **tol)  # down saw the original gate/up
                 routed += x.shape[0]
     assert routed == cfg.top_k * stats.tokens * sum(layer.is_moe for layer in model.layers)
     for w, h in zip(windows, runner.hidden, strict=True):
