@@ -168,9 +168,30 @@ def one_query_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tenso
     after a 4000-token prompt on two threads, against 13.1 widening (no difference at 1000)."""
     h, _, hd = q.shape
     kv = keys.shape[0]
+    if _attention_kernel(q, keys, values):
+        return _half_kernel().attend_one(q, keys, values)
     scores = torch.bmm(q.reshape(kv, h // kv, hd), keys.transpose(1, 2)) * hd**-0.5  # [KV, H/KV, S]
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(values.dtype)
     return torch.bmm(probs, values).reshape(h, 1, hd)
+
+
+def _attention_kernel(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> bool:
+    """Whether quant/attn_kernel.py serves this one-query attention: on the CPU, bf16 or float32,
+    head dim a multiple of 16, rows of keys and values contiguous. torch.bmm sends bf16 to oneDNN,
+    which compiles a kernel for every new number of keys (one more each token): 1.3-1.9 ms in
+    every decode step's first layer and ~250 us in each other one on the Scout-width slice (two
+    Zen 4 threads), where the kernel takes ~20 us; float32 bmm has no such cost but widening a
+    bf16 cache to float32 every step does."""
+    return (
+        q.device.type == "cpu"
+        and q.dtype in (torch.bfloat16, torch.float32)
+        and keys.dtype == values.dtype == q.dtype
+        and q.shape[-1] % 16 == 0
+        and keys.stride(-1) == 1
+        and values.stride(-1) == 1
+        and keys.shape[1] > 0
+        and _half_kernel() is not None
+    )
 
 
 class Attention(nn.Module):
@@ -215,7 +236,7 @@ class Attention(nn.Module):
                 mask &= (kpos // self.chunk) == (qpos // self.chunk)
         qkv = (q, keys, values)
         if t == 1 and x.device.type == "cpu":
-            if _cpu_low_precision(q, keys) and not native_low_precision(keys.dtype):
+            if _cpu_low_precision(q, keys) and not native_low_precision(keys.dtype) and not _attention_kernel(*qkv):
                 # Without bf16 dot products one bf16 query takes a CPU path 7-9x slower than
                 # float32's (950 against 126 us at 160 keys, one thread): attend in float32.
                 qkv = tuple(a.float() for a in qkv)

@@ -907,6 +907,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fit_symmetric", &fit_symmetric, "symmetric INT4 group scales (AVX2)");
   m.def("gptq_columns", &gptq_columns, "GPTQ's walk over one group's columns");
   m.def("gram_bf16", &gram_bf16, "x^T x in float32 sums for bf16 x (AVX512-BF16)");
+  m.def("attend_one", &attend_one, "decode attention for one query position (AVX2)");
   m.def("q8_quantize", &q8_quantize, "INT8 weights, one scale per block of 32");
   m.def("q8_mv", &q8_mv, "INT8 weights x int8 activations (AVX2)");
 }
@@ -970,15 +971,17 @@ def _module():
 
         from torch.utils.cpp_extension import _get_build_directory, load_inline
 
-        from . import fp8_kernel, gptq_kernel, gram_kernel
+        from . import attn_kernel, fp8_kernel, gptq_kernel, gram_kernel
 
         target = isa()
-        name = f"llama4_local_int4_{target.replace('-', '_')}_v44"
+        name = f"llama4_local_int4_{target.replace('-', '_')}_v46"
         if not list(Path(_get_build_directory(name, verbose=False)).glob("*.so")):
             sys.stderr.write("llama4-local: building the INT4 CPU kernel (once, about a minute)\n")
         return load_inline(
             name=name,
-            cpp_sources=[_SOURCE + fp8_kernel.SOURCE + gptq_kernel.SOURCE + gram_kernel.SOURCE + _BINDINGS],
+            cpp_sources=[
+                _SOURCE + fp8_kernel.SOURCE + gptq_kernel.SOURCE + gram_kernel.SOURCE + attn_kernel.SOURCE + _BINDINGS
+            ],
             extra_cflags=["-O3", "-mtune=native", "-mavx2", "-mfma", "-mf16c", "-fopenmp", *_ISA_FLAGS[target]],
             extra_ldflags=["-fopenmp"],
             verbose=False,
@@ -1064,6 +1067,13 @@ def gram_bf16(x: torch.Tensor, h: torch.Tensor, block: int) -> None:
     """h [N, N] float32 += x^T x for bf16 x [T, N] (N a multiple of 64), float32 sums, in the
     blocks quant.gptq.add_gram fills (row m: the columns before the end of m's `block`)."""
     _module().gram_bf16(x.contiguous(), h, block)
+
+
+def attend_one(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(hd)) v for q [H, 1, hd] against keys and values [KV, S, hd] (rows
+    contiguous; views of a cache are fine), bf16 or float32, as the reference's eager attention
+    rounds it (quant/attn_kernel.py)."""
+    return _module().attend_one(q, keys, values)
 
 
 def half_mv(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

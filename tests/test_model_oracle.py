@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from llama4_local.loader import load_model
+from quant import cpu_kernel
 from tests.factory import load_reference
 
 KINDS = ["scout", "maverick", "multimodal"]
@@ -97,3 +98,31 @@ def test_one_query_attention_is_sdpa_with_gqa(keys):
     got = one_query_attention(*(a.bfloat16() for a in (q, k, v)))
     assert got.dtype == torch.bfloat16
     torch.testing.assert_close(got.float(), want, rtol=0.03, atol=0.02)
+
+
+@pytest.mark.skipif(not cpu_kernel.available(), reason="needs the built CPU kernel")
+@pytest.mark.parametrize("keys", [1, 37, 300])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_attention_kernel_is_the_eager_path(keys, dtype):
+    """quant/attn_kernel.py (what one_query_attention runs on the CPU) against the eager path it
+    replaces (two bmm, float32 softmax, roundings in the inputs' dtype), on views of a larger
+    cache as decode passes them: float32 to rounding, bf16 equal but for a rare last-bit flip."""
+    from llama4_local import model
+
+    g = torch.Generator().manual_seed(keys)
+    q = torch.randn(10, 1, 32, generator=g).to(dtype)
+    k, v = (torch.randn(2, 400, 32, generator=g).to(dtype)[:, :keys] for _ in range(2))
+    assert model._attention_kernel(q, k, v)
+    got = cpu_kernel.attend_one(q, k, v)
+    scores = torch.bmm(q.reshape(2, 5, 32), k.transpose(1, 2)) * 32**-0.5
+    want = torch.bmm(torch.softmax(scores, dim=-1, dtype=torch.float32).to(dtype), v).reshape(10, 1, 32)
+    assert got.dtype == dtype and got.shape == want.shape
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    else:
+        assert (got == want).float().mean() > 0.98
+        torch.testing.assert_close(got.float(), want.float(), rtol=0.01, atol=0.01)
+    nan = k.clone()
+    nan[1, 0, 3] = float("nan")
+    out = cpu_kernel.attend_one(q, nan, v)
+    assert out[5:].isnan().all() and not out[:5].isnan().any()  # only the heads reading KV head 1
