@@ -11,9 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
-from llama4_local.model import matmul
+from llama4_local.model import matmul, silu_mul
 
 ALIGN = 256  # bytes; keeps every view aligned for any dtype and for vectorised kernels
 
@@ -74,9 +73,9 @@ class ExpertKernel:
     def __call__(self, x: torch.Tensor, t: dict) -> torch.Tensor:
         if self.quant_path is None:  # dense: the fused [D, 2I] and [I, D] matrices as stored
             gate, up = matmul(x, t["gate_up"]).chunk(2, dim=-1)
-            return matmul(up * F.silu(gate), t["down"])
+            return matmul(silu_mul(gate, up), t["down"])
         from quant.kernels import int4_matmul
 
         path, g = self.quant_path, self.group_size
-        h = F.silu(int4_matmul(path, g, x, t["gate"])) * int4_matmul(path, g, x, t["up"])
+        h = silu_mul(int4_matmul(path, g, x, t["gate"]), int4_matmul(path, g, x, t["up"]))
         return int4_matmul(path, g, h, t["down"])

@@ -908,6 +908,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gptq_columns", &gptq_columns, "GPTQ's walk over one group's columns");
   m.def("gram_bf16", &gram_bf16, "x^T x in float32 sums for bf16 x (AVX512-BF16)");
   m.def("attend_one", &attend_one, "decode attention for one query position (AVX2)");
+  m.def("rms_norm", &rms_norm, "RMS norm over the last dimension, times an optional weight");
+  m.def("silu_mul", &silu_mul, "silu(gate) * up");
   m.def("q8_quantize", &q8_quantize, "INT8 weights, one scale per block of 32");
   m.def("q8_mv", &q8_mv, "INT8 weights x int8 activations (AVX2)");
 }
@@ -971,16 +973,22 @@ def _module():
 
         from torch.utils.cpp_extension import _get_build_directory, load_inline
 
-        from . import attn_kernel, fp8_kernel, gptq_kernel, gram_kernel
+        from . import attn_kernel, fp8_kernel, glue_kernel, gptq_kernel, gram_kernel
 
         target = isa()
-        name = f"llama4_local_int4_{target.replace('-', '_')}_v46"
+        name = f"llama4_local_int4_{target.replace('-', '_')}_v47"
         if not list(Path(_get_build_directory(name, verbose=False)).glob("*.so")):
             sys.stderr.write("llama4-local: building the INT4 CPU kernel (once, about a minute)\n")
         return load_inline(
             name=name,
             cpp_sources=[
-                _SOURCE + fp8_kernel.SOURCE + gptq_kernel.SOURCE + gram_kernel.SOURCE + attn_kernel.SOURCE + _BINDINGS
+                _SOURCE
+                + fp8_kernel.SOURCE
+                + gptq_kernel.SOURCE
+                + gram_kernel.SOURCE
+                + attn_kernel.SOURCE
+                + glue_kernel.SOURCE
+                + _BINDINGS
             ],
             extra_cflags=["-O3", "-mtune=native", "-mavx2", "-mfma", "-mf16c", "-fopenmp", *_ISA_FLAGS[target]],
             extra_ldflags=["-fopenmp"],
@@ -1074,6 +1082,17 @@ def attend_one(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> tor
     contiguous; views of a cache are fine), bf16 or float32, as the reference's eager attention
     rounds it (quant/attn_kernel.py)."""
     return _module().attend_one(q, keys, values)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """x / rms(x) over the last dimension (times weight), bf16 or float32, with the reference's
+    roundings (quant/glue_kernel.py)."""
+    return _module().rms_norm(x, weight, eps)
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up, silu rounded to the dtype first as torch computes it (bf16 or float32)."""
+    return _module().silu_mul(gate, up)
 
 
 def half_mv(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

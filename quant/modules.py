@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from llama4_local.errors import UserError
+from llama4_local.model import silu_mul
 
 from .format import QuantScheme, from_tensors
 from .kernels import Int4Linear, make_linear
@@ -19,7 +19,7 @@ class QuantizedExpert(nn.Module):
 
     def act(self, x: torch.Tensor) -> torch.Tensor:
         """What down sees: silu(gate) * up."""
-        return F.silu(self.gate_proj(x)) * self.up_proj(x)
+        return silu_mul(self.gate_proj(x), self.up_proj(x))
 
     def forward(self, x):
         return self.down_proj(self.act(x))
