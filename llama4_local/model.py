@@ -177,11 +177,12 @@ def one_query_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tenso
     """softmax(q k^T / sqrt(hd)) v for one query position, q [H, 1, hd] against keys and values
     [KV, S, hd] (head i reads KV head i // (H / KV), as SDPA's enable_gqa), as the reference's eager
     attention computes it: two batched products in the inputs' dtype (float32 accumulation), the
-    softmax in float32, its probabilities rounded to that dtype. On the CPU, torch's SDPA takes 60
-    against 44 us at 50 keys (float32, one Zen 4 thread), 1.42 against 0.78 ms at 1000 and 27.6
-    against 11.8 ms at 8000; and a bf16 KV cache read as it is, where the CPU has bf16 dot
-    products, instead of widened to float32 every step: the Scout-width slice decodes 22-26 tok/s
-    after a 4000-token prompt on two threads, against 13.1 widening (no difference at 1000)."""
+    softmax in float32, its probabilities rounded to that dtype. On the CPU our kernel computes the
+    same steps (quant/attn_kernel.py, see _attention_kernel), reading a bf16 cache as it is; the
+    torch form below serves the rest (GPUs, fp16, no built kernel). Torch's SDPA was slower than
+    it on the CPU (60 against 44 us at 50 keys, float32, one Zen 4 thread; 27.6 against 11.8 ms
+    at 8000), and widening a bf16 cache every step slower still (the Scout-width slice decoded
+    13.1 tok/s after a 4000-token prompt on two threads, against 22-26 read as is)."""
     h, _, hd = q.shape
     kv = keys.shape[0]
     if _attention_kernel(q, keys, values):
