@@ -4,6 +4,7 @@ place of the 7-8 and 2 torch operations each takes (about 5 us of dispatch apiec
 per layer of a decode step), with the reference's roundings: in bf16 the norm is computed in
 float32 and rounded to bf16, then multiplied by the bf16 weight and rounded again; silu is rounded
 to bf16 before the product. Only the order of the float32 sum of squares differs from torch's.
+Uses quant/attn_kernel.py's round_bf16 and load_row8 (cpu_kernel concatenates that source first).
 """
 
 SOURCE = r"""
