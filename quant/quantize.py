@@ -188,8 +188,8 @@ def keep_freed_memory() -> bool:
     factors, activations: hundreds of MB each). Freed pages otherwise go back to the kernel, and
     touching fresh ones costs the kernel's zeroing, and, in a VM that reports free pages to its
     host (Firecracker's page_reporting here), a fault into the host for each as well: on this
-    project's 2-vCPU VM 27% of the slice quantize's CPU time was spent zeroing pages, 347 -> 287 s
-    wall with this, peak RSS 15.4 -> 17.4 GB. Process-wide and for good, so the CLI calls it only
+    project's 2-vCPU VM 27% of the slice quantize's CPU time was spent zeroing pages; mmap off
+    alone took it from 347 to 287 s wall, peak RSS 15.4 -> 17.4 GB. Process-wide and for good, so the CLI calls it only
     for a calibrated quantize, where the process ends with the run. Returns whether it took."""
     global _LIBC
     try:
