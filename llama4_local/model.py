@@ -122,6 +122,7 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 
 def _glue_kernel(x: torch.Tensor) -> bool:
+    """Whether quant.cpu_kernel's kernels for a CPU tensor in bf16 or float32 can serve x."""
     return x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float32) and _half_kernel() is not None
 
 
@@ -200,14 +201,12 @@ def _attention_kernel(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor)
     Zen 4 threads), where the kernel takes ~20 us; float32 bmm has no such cost but widening a
     bf16 cache to float32 every step does."""
     return (
-        q.device.type == "cpu"
-        and q.dtype in (torch.bfloat16, torch.float32)
+        _glue_kernel(q)
         and keys.dtype == values.dtype == q.dtype
         and q.shape[-1] % 16 == 0
         and keys.stride(-1) == 1
         and values.stride(-1) == 1
         and keys.shape[1] > 0
-        and _half_kernel() is not None
     )
 
 

@@ -46,8 +46,8 @@ def error_feedback(h: torch.Tensor, damp: float = DAMP, consume: bool = False) -
     of copied (at Scout's widths 268 MB less to allocate per Hessian)."""
     if not hessian_finite(h):
         raise ValueError("the calibration inputs hold NaN or infinity")
-    fresh = not (consume and h.dtype == torch.float32 and h.is_contiguous())
-    m = _reverse_(h.float().clone() if fresh else h)  # in reversed order
+    reuse = consume and h.dtype == torch.float32 and h.is_contiguous()
+    m = _reverse_(h if reuse else h.to(torch.float32, memory_format=torch.contiguous_format, copy=True))
     diag = m.diagonal()
     diag[diag <= 0] = 1.0
     diag += damp * diag.mean()

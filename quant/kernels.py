@@ -150,15 +150,11 @@ class Int4Linear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, K] -> [T, N] in x's dtype."""
-        if self.path in AVX2_PATHS:  # straight to the kernel: a decode token makes ~10 calls a layer
-            from .cpu_kernel import int4_mv
-
-            return int4_mv(x, self.packed, self.scales_and_zeros, self.group_size, self.path == "avx2_q8")
-        return int4_matmul(self.path, self.group_size, x, self.tensors())
+        return int4_matmul(self.path, self.group_size, x, self._buffers)  # its own buffers: no copy per call
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The buffers the kernel reads, by name (what the offload store packs per expert)."""
-        return dict(self.named_buffers())
+        return dict(self._buffers)
 
     def nbytes(self) -> int:
         return sum(b.numel() * b.element_size() for b in self.buffers())
