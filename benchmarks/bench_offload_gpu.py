@@ -9,8 +9,10 @@ copies reached against the measured peak of one large pinned copy.
 Setups: --gpu-memory 24GiB with miss policies swap, cpu and auto, each with and without
 prefetch; and 80GiB (clamped to what the GPU has), where every expert may fit.
 
-Random weights route almost uniformly, so hit rates here are the worst case; traces of the
-trained model (bench_offload_policies.py) show the locality real models have.
+Random weights route almost uniformly over random tokens (decode feeds random tokens: greedy
+decoding of random weights repeats one token and would route every step alike), so hit rates
+here are the worst case; traces of the trained model (bench_offload_policies.py) show the
+locality real models have.
 
     python benchmarks/bench_offload_gpu.py                   # needs a GPU with ~24+ GB and ~110 GB RAM
     python benchmarks/bench_offload_gpu.py --small --device cpu   # a smoke run of the same code
@@ -150,18 +152,51 @@ def run_setup(model, device, prompt_tokens: int, gen_tokens: int) -> dict:
     sync(device)
     t = time.perf_counter()
     logits = model(ids, cache)
-    tok = int(logits[-1].argmax())
+    int(logits[-1].argmax())
     sync(device)
     dt = time.perf_counter() - t
     res["prefill"] = dict(tok_s=round(prompt_tokens / dt, 2), **phase_stats(m))
     m.reset_stats()
+    # Decode feeds random tokens (the argmax still syncs, as sampling does): greedy decoding of
+    # random weights repeats one token, so every step would route to the same experts.
+    feed = torch.randint(0, model.cfg.vocab_size, (gen_tokens,), generator=gen).tolist()
     t = time.perf_counter()
-    for _ in range(gen_tokens):
-        tok = int(model(torch.tensor([tok], device=device), cache)[-1].argmax())
+    for i in range(gen_tokens):
+        int(model(torch.tensor([feed[i]], device=device), cache)[-1].argmax())  # syncs, as sampling does
     sync(device)
     dt = time.perf_counter() - t
     res["decode"] = dict(tok_s=round(gen_tokens / dt, 3), **phase_stats(m))
     return res
+
+
+def profile_decode(model, device, steps: int) -> dict:
+    """Where a decode step's time goes when nothing is copied: host time per step, device time
+    per step, kernel launches per step and the operators that take the most host time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cache = model.new_cache(64 + steps)
+    ids = torch.arange(64, device=device)
+    tok = int(model(ids, cache)[-1].argmax())
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    sync(device)
+    t = time.perf_counter()
+    with profile(activities=acts) as prof:
+        for _ in range(steps):
+            tok = int(model(torch.tensor([tok], device=device), cache)[-1].argmax())
+        sync(device)
+    wall = (time.perf_counter() - t) / steps
+    events = prof.key_averages()
+    dev_us = sum(getattr(e, "self_device_time_total", 0) or 0 for e in events)
+    launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC"))
+    syncs = sum(e.count for e in events if "Synchronize" in e.key or e.key == "cudaMemcpyAsync")
+    top = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:12]
+    return {
+        "wall_ms_per_step_profiled": round(wall * 1e3, 2),
+        "device_ms_per_step": round(dev_us / steps / 1e3, 3),
+        "launches_per_step": round(launches / steps, 1),
+        "sync_or_memcpy_per_step": round(syncs / steps, 1),
+        "top_host_ops_us_per_step": {e.key: round(e.self_cpu_time_total / steps, 1) for e in top},
+    }
 
 
 def phase_stats(m) -> dict:
@@ -185,6 +220,8 @@ def main():
     ap.add_argument("--miss-policies", default="swap,cpu,auto")
     ap.add_argument("--slots", type=int, default=0, help="with --device cpu: cache slots (no GPU plan)")
     ap.add_argument("--layers", type=int, default=0, help="only Scout's first N layers (full size)")
+    ap.add_argument("--long-prompt", type=int, default=2048, help="also a prefill this long where all is resident")
+    ap.add_argument("--profile-steps", type=int, default=8, help="profile this many decode steps where all is resident")
     args = ap.parse_args()
     device, dtype = torch.device(args.device), torch.bfloat16
     cfg = scout_config(args.small, args.layers or None)
@@ -193,7 +230,9 @@ def main():
     dev_tensors, kernel = expert_tensors(cfg, device, dtype)
     layout = ExpertLayout(dev_tensors)
     keys = [(i, e) for i in range(cfg.num_layers) if cfg.moe_layers[i] for e in range(cfg.num_experts)]
+    t_model = time.perf_counter() - t0
     store = HostStore(layout, keys, lambda k: dev_tensors, pin=device.type == "cuda")
+    t_store = time.perf_counter() - t0 - t_model
     cpu_store, cpu_kernel = store, kernel
     if device.type == "cuda" and set(args.miss_policies.split(",")) - {"swap"}:
         cpu_tensors, cpu_kernel = expert_tensors(cfg, torch.device("cpu"), dtype)
@@ -207,8 +246,12 @@ def main():
         "host_store_GB": round(store.nbytes / 1e9, 2),
         "pinned_h2d_peak_GB_s": round(peak / 1e9, 2) if peak else None,
         "build_s": round(time.perf_counter() - t0, 1),
+        "model_build_s": round(t_model, 1),
+        "pinned_store_build_s": round(t_store, 1),
+        "gpu_layout_equals_cpu_layout": cpu_store is store,
     }
     print(json.dumps(head), flush=True)
+    warmed = False
     for gib in [int(b) for b in args.budgets.split(",")]:
         if device.type == "cuda":
             free, _ = torch.cuda.mem_get_info()
@@ -223,8 +266,16 @@ def main():
                 cache = ExpertCache(store, slots, device, make_policy("lru"))
                 cs = cpu_store if miss != "swap" else store
                 model.offload = OffloadManager(model, cache, kernel, cs, cpu_kernel, miss, prefetch)
+                if not warmed:  # CUDA context, cuBLAS handles, first-shape costs: not the setup's
+                    run_setup(model, device, 32, 2)
+                    warmed = True
                 res = run_setup(model, device, args.prompt_tokens, args.gen_tokens)
                 row = {"gpu_memory_GiB": gib, "slots": slots, "miss_policy": miss, "prefetch": prefetch, **res}
+                if slots >= len(keys) and prefetch and args.long_prompt:
+                    long = run_setup(model, device, args.long_prompt, 2)
+                    row[f"prefill_{args.long_prompt}"] = long["prefill"]["tok_s"]
+                if slots >= len(keys) and prefetch and args.profile_steps:
+                    row["decode_profile"] = profile_decode(model, device, args.profile_steps)
                 if model.offload.cost:
                     row["cost_model_ms"] = model.offload.cost.as_dict()
                 print(json.dumps(row), flush=True)

@@ -28,7 +28,7 @@ from timing import best_time  # noqa: E402
 from llama4_local.images import ImageSettings, prepare  # noqa: E402
 from llama4_local.vision import Vision, VisionConfig, rope_2d, vision_parameters  # noqa: E402
 
-CONFIG = ROOT.parent / "shared" / "fixtures" / "scout-instruct-config.json"
+CONFIG = ROOT / "tests" / "data" / "scout-instruct-config.json"  # Scout's real config
 
 
 def random_tower(cfg: VisionConfig, dtype: torch.dtype, device: torch.device) -> Vision:

@@ -10,6 +10,7 @@ Module names follow the Hugging Face checkpoint (`q_proj`, `router`, `shared_exp
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 
@@ -210,6 +211,18 @@ def _attention_kernel(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor)
     )
 
 
+def _sdpa_backends(device: torch.device):
+    """SDPA without cuDNN's backend on CUDA: torch 2.11 picks cuDNN on Hopper, which builds an
+    execution plan for every new query and key count (a one-query decode step spent 80 ms of host
+    time in it across Scout's 48 layers on an H200, the key count one longer each token; so did
+    every prefill chunk of a new length). The flash and memory-efficient kernels need no plan."""
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: TextConfig, layer: int):
         super().__init__()
@@ -251,16 +264,17 @@ class Attention(nn.Module):
             if self.chunk:
                 mask &= (kpos // self.chunk) == (qpos // self.chunk)
         qkv = (q, keys, values)
-        if t == 1 and x.device.type == "cpu":
+        if t == 1:
             if _cpu_low_precision(q, keys) and not native_low_precision(keys.dtype) and not _attention_kernel(*qkv):
                 # Without bf16 dot products one bf16 query takes a CPU path 7-9x slower than
                 # float32's (950 against 126 us at 160 keys, one thread): attend in float32.
                 qkv = tuple(a.float() for a in qkv)
             out = one_query_attention(*qkv)  # [H, 1, hd]
         else:
-            out = F.scaled_dot_product_attention(
-                *(a.unsqueeze(0) for a in qkv), attn_mask=mask, enable_gqa=self.n_kv != self.n_heads
-            )[0]  # [H, T, hd]
+            with _sdpa_backends(x.device):
+                out = F.scaled_dot_product_attention(
+                    *(a.unsqueeze(0) for a in qkv), attn_mask=mask, enable_gqa=self.n_kv != self.n_heads
+                )[0]  # [H, T, hd]
         return self.o_proj(out.transpose(0, 1).reshape(t, -1).to(x.dtype))
 
 

@@ -37,8 +37,10 @@ def test_bfloat16_close_to_transformers_bfloat16(all_ckpts, kind):
         exact = load_reference(all_ckpts[kind])(input_ids=ids[None]).logits[0]
     got = ours(ids.cuda(), ours.new_cache(60), last_only=False)
     # Both round to bfloat16 at the same places; neither is further from float32 than the other.
-    assert rel_err(got, want) < 2e-2
-    assert rel_err(got, exact) < 1.5 * rel_err(want, exact) + 1e-3
+    # (On the H200 the top-2 multimodal model's bf16 logits were 3.5% from transformers' bf16 ones
+    # with SDPA on cuDNN, 2026-12-04: two bf16 runs apart, not one nearer float32.)
+    assert rel_err(got, exact) < 1.5 * rel_err(want, exact) + 1e-3, (rel_err(got, want), rel_err(want, exact))
+    assert rel_err(got, want) < 5e-2
 
 
 def test_incremental_decode_equals_full_forward(scout_ckpt):
@@ -90,8 +92,11 @@ def test_offloaded_equals_resident_on_cuda(scout_int4, miss, prefetch):
         got, tokens = run(model, PROMPT.cuda())
         if miss == "swap":
             assert torch.equal(got, want), slots
-        else:  # CPU-computed misses use the CPU kernel: same weights, another summation order
-            assert rel_err(got, want) < 2e-2, slots
+        else:
+            # CPU-computed misses use the CPU kernel, which rounds bf16 activations to int8 per
+            # row (avx2_q8) where the GPU kernel reads them as they are: 2.9% at 3 slots on the
+            # H200 (2026-12-04), where every layer's misses go through it.
+            assert rel_err(got, want) < 4e-2, slots
         t = model.offload.totals()
         assert t.hits + t.misses == t.uses and (slots == 16 or t.bytes_moved > 0)
         assert t.copy_s >= 0
@@ -129,8 +134,27 @@ def test_nf4_on_cuda(tmp_path, scout_ckpt):
     out = tmp_path / "nf4"
     quantize_checkpoint(scout_ckpt, out, QuantizeOptions(group_size=64, scheme="nf4"))
     ids = torch.randint(0, 300, (16,), generator=torch.Generator().manual_seed(0))
-    gpu, _ = load_model(out, "bfloat16", "cuda")
     cpu, _ = load_model(out, "float32", "cpu")
-    a = gpu(ids.cuda(), gpu.new_cache(16), last_only=False)
-    b = cpu(ids, cpu.new_cache(16), last_only=False)
-    assert rel_err(a, b) < 3e-2
+    want = cpu(ids, cpu.new_cache(16), last_only=False)
+    gpu32, _ = load_model(out, "float32", "cuda")
+    exact = rel_err(gpu32(ids.cuda(), gpu32.new_cache(16), last_only=False), want)
+    gpu, _ = load_model(out, "bfloat16", "cuda")
+    bf16 = rel_err(gpu(ids.cuda(), gpu.new_cache(16), last_only=False), want)
+    # float32 on both: the same dequantized weights, only the summation order differs
+    assert exact < 1e-4, (exact, bf16)
+    assert bf16 < 3e-2, (exact, bf16)
+
+
+def test_prompt_with_image_on_cuda_matches_cpu(tmp_path, multimodal_ckpt):
+    """`prompt --image` end to end on the GPU: the same greedy tokens as on the CPU (float32)."""
+    from tests.test_vision import noise
+
+    noise(100, 170, seed=8).save(tmp_path / "a.png")
+    args = ("prompt", "What is in this picture?", "-m", multimodal_ckpt, "--image", tmp_path / "a.png")
+    args += ("--temperature", "0", "--ignore-eos", "--dtype", "float32", "--json", "-n", "16")
+    gpu = run_cli(*args, "--device", "cuda")
+    cpu = run_cli(*args, "--device", "cpu")
+    assert gpu.returncode == 0, gpu.stderr
+    assert cpu.returncode == 0, cpu.stderr
+    g, c = json.loads(gpu.stdout), json.loads(cpu.stdout)
+    assert g["stats"]["images"] == 1 and g["token_ids"] == c["token_ids"]

@@ -1,0 +1,112 @@
+"""Thread scaling of the INT4 CPU kernel at Scout's expert shapes, next to what memory allows.
+
+For each thread count: decode (one bf16 row through `--matrices` distinct 8192 x 5120 INT4
+matrices, group 128, so the weights stream from memory, not from cache) in GB/s of packed
+weight bytes; prefill (128 rows through 4 of them) in GFLOP/s; a bf16 GEMM of the same prefill
+for comparison; and the memory ceiling: a float32 sum over 1 GiB at that thread count.
+Scout's decode reads about 12 such matrices' worth per MoE layer.
+
+    python benchmarks/bench_cpu_threads.py [--threads 1,2,4,8,16] [--matrices 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from timing import best_time  # noqa: E402
+
+from llama4_local.model import linear  # noqa: E402
+from llama4_local.threads import physical_cores  # noqa: E402
+from quant.int4 import Int4Weight  # noqa: E402
+from quant.kernels import Int4Linear  # noqa: E402
+
+N, K, GROUP, ROWS = 8192, 5120, 128, 128
+
+
+def random_int4(gen: torch.Generator) -> Int4Weight:
+    packed = torch.randint(-(2**31), 2**31 - 1, (N, K // 8), dtype=torch.int32, generator=gen)
+    scale = torch.rand(N, K // GROUP, generator=gen).mul(0.004).add(0.001).bfloat16()
+    return Int4Weight(packed, scale, None, (N, K), GROUP)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    default = sorted({1, 2, 4, 8, physical_cores(), os.cpu_count() or 1})
+    ap.add_argument("--threads", default=",".join(map(str, default)))
+    ap.add_argument("--matrices", type=int, default=32)
+    ap.add_argument("--reps", type=int, default=5)
+    args = ap.parse_args()
+    cpu = torch.device("cpu")
+    gen = torch.Generator().manual_seed(0)
+    weights = [random_int4(gen) for _ in range(args.matrices)]
+    lins = [Int4Linear(w, cpu, torch.bfloat16) for w in weights]
+    nbytes = sum(w.packed.numel() * 4 + w.scale.numel() * 2 for w in weights)
+    w16 = torch.randn(N, K).bfloat16()
+    x1 = torch.randn(1, K).bfloat16()
+    xp = torch.randn(ROWS, K).bfloat16()
+    big = torch.ones(1 << 28)  # 1 GiB of float32
+    print(
+        json.dumps(
+            {
+                "cpu": _cpu_name(),
+                "logical_cpus": os.cpu_count(),
+                "physical_cores": physical_cores(),
+                "kernel_path": lins[0].path,
+                "decode_bytes_MB": round(nbytes / 1e6, 1),
+            }
+        ),
+        flush=True,
+    )
+    flops = 2 * ROWS * N * K
+    for n in [int(t) for t in args.threads.split(",")]:
+        torch.set_num_threads(n)
+
+        def decode():
+            for lin in lins:
+                lin(x1)
+
+        def prefill():
+            for lin in lins[:4]:
+                lin(xp)
+
+        t_dec = best_time(decode, cpu, args.reps)
+        t_pre = best_time(prefill, cpu, max(2, args.reps // 2)) / 4
+        t_bf16 = best_time(lambda: linear(xp, w16), cpu, max(2, args.reps // 2))
+        t_sum = best_time(lambda: big.sum(), cpu, args.reps)
+        print(
+            json.dumps(
+                {
+                    "threads": n,
+                    "decode_GB_s": round(nbytes / t_dec / 1e9, 2),
+                    "decode_ms_per_matrix": round(t_dec / len(lins) * 1e3, 3),
+                    "prefill_int4_GFLOP_s": round(flops / t_pre / 1e9, 1),
+                    "prefill_bf16_GFLOP_s": round(flops / t_bf16 / 1e9, 1),
+                    "sum_GB_s": round(big.numel() * 4 / t_sum / 1e9, 2),
+                }
+            ),
+            flush=True,
+        )
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# One device session's checks for the GPU issue, in one command, each part time-boxed and logged
+# under $OUT (the device tool brings $OUT back): environment, `pytest -m cuda`, the INT4 CPU
+# kernel's thread scaling on the GPU host, the vision tower on the GPU, offloaded Scout at 80 and
+# 24 GiB. Usage (repo root, on the GPU machine): OUT=dir bash benchmarks/gpu_checks.sh [parts]
+# parts: any of env,tests,offload,threads,vision,matmul (default: all, in this order).
+set -u
+OUT=${OUT:-bench-out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site
+fi
+parts=${1:-env,tests,offload,threads,vision,matmul}
+stamp() { echo "== $1 $(date -u +%FT%TZ)" | tee -a "$OUT/log.txt"; }
+has() { [[ ",$parts," == *",$1,"* ]]; }
+
+if has env; then
+  stamp env
+  { nvidia-smi; lscpu | head -25; free -g; python3 -c 'import torch, triton; print(torch.__version__, triton.__version__)'; } \
+    >"$OUT/env.txt" 2>&1
+  python3 -c 'from quant import cpu_kernel; print("cpu kernel", cpu_kernel.available(), cpu_kernel.isa())' >>"$OUT/env.txt" 2>&1
+fi
+if has tests; then
+  stamp tests
+  timeout "${TESTS_S:-150}" python3 -m pytest -q -m cuda tests/test_cuda.py -p no:cacheprovider --timeout 100 \
+    --tb=short -rfE --durations=8 >"$OUT/pytest.txt" 2>&1
+  tail -5 "$OUT/pytest.txt" | tee -a "$OUT/log.txt"
+fi
+if has offload; then
+  stamp offload
+  timeout "${OFFLOAD_S:-290}" python3 benchmarks/bench_offload_gpu.py --budgets 80,24 --prompt-tokens 256 \
+    --gen-tokens 32 >"$OUT/offload.jsonl" 2>&1
+  free -g >>"$OUT/offload.jsonl"
+fi
+if has threads; then
+  stamp threads
+  timeout "${THREADS_S:-45}" python3 benchmarks/bench_cpu_threads.py --threads 1,2,4,8,16 >"$OUT/threads.jsonl" 2>&1
+fi
+if has vision; then
+  stamp vision
+  timeout "${VISION_S:-35}" python3 benchmarks/bench_vision.py --device cuda --json >"$OUT/vision.txt" 2>&1
+fi
+if has matmul; then
+  stamp matmul
+  timeout "${MATMUL_S:-40}" python3 benchmarks/bench_int4_matmul.py --device cuda --rows 1,8,64,512,2048 --reps 5 \
+    >"$OUT/matmul.jsonl" 2>&1
+fi
+stamp done
