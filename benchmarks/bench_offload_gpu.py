@@ -236,10 +236,12 @@ def main():
     cpu_store, cpu_kernel = store, kernel
     if device.type == "cuda" and set(args.miss_policies.split(",")) - {"swap"}:
         cpu_tensors, cpu_kernel = expert_tensors(cfg, torch.device("cpu"), dtype)
-        cpu_store = HostStore(ExpertLayout(cpu_tensors), keys, lambda k: cpu_tensors, pin=False)
+        if ExpertLayout(cpu_tensors).entries != layout.entries:  # stock CUDA kernel: a second copy
+            cpu_store = HostStore(ExpertLayout(cpu_tensors), keys, lambda k: cpu_tensors, pin=False)
     peak = pinned_h2d(device)
     head = {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "kernel": kernel.quant_path,
         "threads": torch.get_num_threads(),
         "experts": len(keys),
         "expert_MB": round(layout.nbytes / 1e6, 2),

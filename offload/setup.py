@@ -136,7 +136,10 @@ def build_manager(model, build, kernel, device: torch.device, slots: int, opts: 
     cpu_store, cpu_kernel = store, kernel
     if cpu is not None:
         cpu_build, cpu_kernel = cpu
-        left = None if opts.host_memory is None else max(0, opts.host_memory - store.nbytes)
-        cpu_store = HostStore(ExpertLayout(cpu_build(keys[0])), keys, cpu_build, pin=False, budget_bytes=left)
+        cpu_layout = ExpertLayout(cpu_build(keys[0]))
+        if cpu_layout.entries != store.layout.entries:  # the stock CUDA kernel's own layout: a second copy
+            left = None if opts.host_memory is None else max(0, opts.host_memory - store.nbytes)
+            cpu_store = HostStore(cpu_layout, keys, cpu_build, pin=False, budget_bytes=left)
+        # else (Triton on CUDA) the CPU kernel reads the pinned blocks the GPU copies from
     cache = ExpertCache(store, slots, device, make_policy(policy))
     return OffloadManager(model, cache, kernel, cpu_store, cpu_kernel, opts.miss_policy, opts.prefetch)

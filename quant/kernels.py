@@ -4,7 +4,11 @@
 kernels, repacks it once, at load time, into their layout (ours reads the stored bytes as they are):
 
 - CPU: `aten._weight_int4pack_mm_for_cpu` (weights from `_convert_weight_to_int4pack_for_cpu`),
-- CUDA: `aten._weight_int4pack_mm` (weights from `_convert_weight_to_int4pack`, bf16 only),
+- CUDA: `aten._weight_int4pack_mm` (weights from `_convert_weight_to_int4pack`, bf16 only);
+  with LLAMA4_LOCAL_CUDA_INT4=triton, quant.triton_int4 ("triton") instead, reading the same
+  buffers as our CPU kernel (the stored bytes and `pack_scales`), so an offloaded expert has
+  one host copy for both. Opt-in until it wins at every row count (docs/benchmarks.md: on an
+  H200 its 2048-row products are 6.8x faster, its one-row GEMV 1.3-1.7x slower),
 - CPU with AVX2 and FMA: quant.cpu_kernel (ours, compiled on first use), any number of rows:
   "avx2_q8" for bf16 activations (rounded to int8 per block of 32, integer dot products, as
   llama.cpp's Q4 x Q8), "avx2" for float32 ones (float dot products; the precise mode),
@@ -17,6 +21,8 @@ becomes offset = -scale * zero.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.nn.functional as F
@@ -51,6 +57,15 @@ def kernel_for(qw, device: torch.device, dtype: torch.dtype) -> str:
         return kernel_path(qw, device, dtype) if isinstance(qw, Fp8Weight) else "nf4"
     n, k = qw.shape
     if device.type == "cuda":
+        from . import triton_int4
+
+        if (
+            triton_int4.available()
+            and os.environ.get("LLAMA4_LOCAL_CUDA_INT4", "stock") == "triton"
+            and triton_int4.supports(n, k, qw.group_size)
+            and dtype in (torch.bfloat16, torch.float16, torch.float32)
+        ):
+            return "triton"
         ok = (
             dtype == torch.bfloat16
             and qw.group_size in (32, 64, 128, 256)
@@ -101,6 +116,10 @@ def int4_matmul(path: str, group_size, x: torch.Tensor, tensors: dict[str, torch
         from .cpu_kernel import int4_mv
 
         return int4_mv(x, tensors["packed"], tensors["scales_and_zeros"], group_size, path == "avx2_q8")
+    if path == "triton":
+        from .triton_int4 import int4_matmul_triton
+
+        return int4_matmul_triton(x, tensors["packed"], tensors["scales_and_zeros"], group_size)
     if path == "cpu":
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x, tensors["packed"], group_size, tensors["scales_and_zeros"])
     return torch.ops.aten._weight_int4pack_mm(x, tensors["packed"], group_size, tensors["scales_and_zeros"])
@@ -130,12 +149,12 @@ class Int4Linear(torch.nn.Module):
         if self.path == "reference":
             self.register_buffer("weight", dequantize_int4(qw, dtype).to(device))
             return
-        if self.path in AVX2_PATHS:  # the stored bytes as they are: no unpacking, no repack
+        if self.path in AVX2_PATHS or self.path == "triton":  # the stored bytes as they are: no repack
             from .cpu_kernel import pack_scales, stored_bytes
 
-            self.register_buffer("packed", stored_bytes(qw.packed))
+            self.register_buffer("packed", stored_bytes(qw.packed).to(device))
             offset = None if qw.zero is None else _scale_offset(qw)[1]
-            self.register_buffer("scales_and_zeros", pack_scales(qw.scale, offset))  # [N, 2 or 1, G]
+            self.register_buffer("scales_and_zeros", pack_scales(qw.scale, offset).to(device))  # [N, 2 or 1, G]
             return
         u = unpack_int4(qw.packed).to(torch.int32) + 8  # [N, K] unsigned nibbles
         if self.path == "cpu":

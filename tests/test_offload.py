@@ -17,14 +17,16 @@ from offload.setup import OffloadOptions
 DATA = Path(__file__).parent / "data"
 
 
-def run(model, prompt: torch.Tensor, decode: int = 6) -> tuple[torch.Tensor, list[int]]:
-    """Prefill in two pieces, then greedy decode; all logits and the generated tokens."""
+def run(model, prompt: torch.Tensor, decode: int = 6, feed: list[int] | None = None) -> tuple[torch.Tensor, list[int]]:
+    """Prefill in two pieces, then greedy decode (or decode `feed`'s tokens: the same inputs for
+    runs whose arithmetic differs, so a near tie cannot send them down different continuations);
+    all logits and the decoded tokens."""
     cache = model.new_cache(64)
     cut = prompt.shape[0] // 2
     logits = [model(prompt[:cut], cache, last_only=False), model(prompt[cut:], cache, last_only=False)]
     tokens = []
-    for _ in range(decode):
-        tok = int(logits[-1][-1].argmax())
+    for i in range(decode):
+        tok = int(logits[-1][-1].argmax()) if feed is None else feed[i]
         tokens.append(tok)
         logits.append(model(torch.tensor([tok], device=prompt.device), cache))
     return torch.cat(logits), tokens

@@ -93,16 +93,44 @@ def test_unsupported_shape_falls_back_to_reference():
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("symmetric", [True, False])
-@pytest.mark.parametrize("rows", [1, 16])
-def test_cuda_kernel_matches_reference(symmetric, rows):
+@pytest.mark.parametrize("rows", [1, 3, 16])
+@pytest.mark.parametrize("path", ["triton", "cuda"])
+def test_cuda_kernel_matches_reference(symmetric, rows, path):
+    from quant import triton_int4
+
     g = torch.Generator().manual_seed(rows)
     qw = quantize_int4(torch.randn(256, 512, generator=g), 128, symmetric, scale_dtype=torch.bfloat16)
     dev = torch.device("cuda")
-    lin = Int4Linear(qw, dev, torch.bfloat16)
-    assert lin.path == "cuda"
+    assert kernel_for(qw, dev, torch.bfloat16) == "cuda"  # Triton is opt-in (LLAMA4_LOCAL_CUDA_INT4)
+    if path == "triton" and not triton_int4.available():
+        pytest.skip("no Triton")
+    lin = Int4Linear(qw, dev, torch.bfloat16, path=path)
     x = torch.randn(rows, 512, generator=g).to(dev, torch.bfloat16)
     want = Int4Linear(qw, dev, torch.float32, path="reference")(x.float())
     assert rel_err(lin(x), want) < 1e-2
+
+
+@pytest.mark.cuda
+def test_triton_int4_kernels_match_reference():
+    """GEMV and dequantize (symmetric and not, bf16 and float32, NaN rows) on the GPU."""
+    pytest.importorskip("triton")
+    from tests.triton_check import check
+
+    assert check("cuda") == []
+
+
+def test_triton_int4_kernels_in_the_interpreter():
+    """The same checks on the CPU through Triton's interpreter, where Triton is installed."""
+    import importlib.util
+    import os
+    import subprocess
+    import sys
+
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("no Triton (CPU wheels of torch come without it)")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    r = subprocess.run([sys.executable, "-m", "tests.triton_check"], env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])

@@ -1,0 +1,193 @@
+"""INT4 on CUDA with Triton, reading the CPU kernel's layout (so one host copy serves both).
+
+The weights stay as compressed-tensors stores them: `packed`, uint8 [N, K/2] (byte j of a row
+holds input 2j in its low nibble and 2j + 1 in its high one: the int32 words viewed as bytes),
+and `scales_and_zeros` as `quant.cpu_kernel.pack_scales` gives it: [N, 1, G] scales (bf16 where
+the checkpoint stores bf16) for symmetric weights, or float32 [N, 2, G] scales then constants
+c = o - 8 s. Weight = s * u + c with u the unsigned nibble (c = -8 s when symmetric).
+
+- `int4_gemv`: a few rows (decode): each program reads BLOCK_N rows of packed weights once per
+  activation row, GPB groups per step, and sums in float32. It reads the weights in place,
+  without a repack, where the stock `_weight_int4pack_mm` streams 0.75-0.8 TB/s at one row on an
+  H200 (docs/benchmarks.md).
+- `int4_dequant`: the weight into a dense [N, K] matrix of the activations' dtype; more rows
+  then take one dense GEMM. The stock kernel falls to 3.7 GB/s of packed weights at 2048 rows,
+  25x slower than the bf16 GEMM alone. Each packed byte becomes one output word holding its
+  two weights, so loads and stores are contiguous (a first version with two strided stores
+  per byte and 2-D tiles ran at 166 GB/s on the H200: 0.64 ms per 8192 x 5120 matrix).
+
+Triton is in PyTorch's CUDA wheels; without it (`available()` False) CUDA keeps the stock
+kernel. Set TRITON_INTERPRET=1 before import to run these kernels on CPU tensors (tests).
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU wheels of torch come without Triton
+    triton = None
+
+GEMV_MAX_ROWS = 4  # more rows: dequantize once, then one GEMM
+GEMV_BLOCK_N, GEMV_GPB, GEMV_WARPS = 16, 4, 4  # rows per program, groups per step, warps (best of 7 on an H200)
+DEQUANT_BLOCK = 2048  # packed bytes per program
+
+
+def available() -> bool:
+    return triton is not None
+
+
+def supports(n: int, k: int, group_size: int) -> bool:
+    """The shapes these kernels take: whole groups of an even size, a power of two (Triton's
+    block shapes) of at least 32."""
+    return group_size >= 32 and group_size & (group_size - 1) == 0 and k % group_size == 0 and n > 0
+
+
+if triton is not None:
+
+    @triton.jit
+    def _gemv_kernel(
+        x_ptr,
+        w_ptr,
+        sz_ptr,
+        y_ptr,
+        N,
+        stride_x,
+        stride_y,
+        kb: tl.constexpr,  # K / 2: a compile-time loop bound (one build per input width)
+        ng: tl.constexpr,
+        G: tl.constexpr,
+        R: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        GPB: tl.constexpr,
+    ):
+        HG: tl.constexpr = G // 2  # bytes per group
+        BB: tl.constexpr = GPB * HG  # bytes per step
+        t = tl.program_id(1)
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rmask = rows < N
+        jb = tl.arange(0, BB)
+        gi = tl.arange(0, GPB)
+        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for b0 in range(0, kb, BB):
+            j = b0 + jb
+            jmask = j < kb
+            xe = tl.load(x_ptr + t * stride_x + 2 * j, mask=jmask, other=0.0).to(tl.float32)
+            xo = tl.load(x_ptr + t * stride_x + 2 * j + 1, mask=jmask, other=0.0).to(tl.float32)
+            m = rmask[:, None] & jmask[None, :]
+            wb = tl.load(w_ptr + rows[:, None] * kb + j[None, :], mask=m, other=0).to(tl.int32)
+            lo = (wb & 15).to(tl.float32)
+            hi = (wb >> 4).to(tl.float32)
+            part = tl.sum(tl.reshape(lo * xe[None, :] + hi * xo[None, :], (BLOCK_N, GPB, HG)), axis=2)
+            xs = tl.sum(tl.reshape(xe + xo, (GPB, HG)), axis=1)  # [GPB]: each group's sum of x
+            g = b0 // HG + gi
+            gm = rmask[:, None] & (g < ng)[None, :]
+            srow = sz_ptr + rows[:, None] * (R * ng) + g[None, :]
+            s = tl.load(srow, mask=gm, other=0.0).to(tl.float32)
+            if R == 2:
+                c = tl.load(srow + ng, mask=gm, other=0.0).to(tl.float32)
+            else:
+                c = -8.0 * s
+            acc += tl.sum(s * part + c * xs[None, :], axis=1)
+        tl.store(y_ptr + t * stride_y + rows, acc.to(y_ptr.dtype.element_ty), mask=rmask)
+
+    @triton.jit
+    def _dequant_kernel(
+        w_ptr,
+        sz_ptr,
+        out_ptr,  # the output viewed as one word per packed byte: int32 (16-bit types) or int64
+        total,  # N * K / 2 packed bytes
+        kb: tl.constexpr,
+        ng: tl.constexpr,
+        G: tl.constexpr,
+        R: tl.constexpr,
+        KIND: tl.constexpr,  # 0 bf16, 1 fp16, 2 float32
+        BLOCK: tl.constexpr,
+    ):
+        # One packed byte -> its two weights, stored as one word: every load and store contiguous.
+        i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        m = i < total
+        wb = tl.load(w_ptr + i, mask=m, other=0).to(tl.int32)
+        row = i // kb
+        sidx = row * (R * ng) + (2 * (i - row * kb)) // G
+        s = tl.load(sz_ptr + sidx, mask=m, other=0.0).to(tl.float32)
+        if R == 2:
+            c = tl.load(sz_ptr + sidx + ng, mask=m, other=0.0).to(tl.float32)
+        else:
+            c = -8.0 * s
+        lo = (wb & 15).to(tl.float32) * s + c
+        hi = (wb >> 4).to(tl.float32) * s + c
+        if KIND == 2:
+            lo_bits = lo.to(tl.int32, bitcast=True).to(tl.int64) & 0xFFFFFFFF
+            word = lo_bits | (hi.to(tl.int32, bitcast=True).to(tl.int64) << 32)
+        else:
+            ty = tl.bfloat16 if KIND == 0 else tl.float16
+            lo_bits = lo.to(ty).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+            word = lo_bits | (hi.to(ty).to(tl.int16, bitcast=True).to(tl.int32) << 16)
+        tl.store(out_ptr + i, word, mask=m)
+
+
+def _check(packed: torch.Tensor, sz: torch.Tensor, group_size: int) -> tuple[int, int, int]:
+    n, kb = packed.shape
+    if packed.dtype != torch.uint8 or not packed.is_contiguous() or not sz.is_contiguous():
+        raise ValueError("int4 triton kernels take contiguous uint8 [N, K/2] weights and [N, R, G] scales")
+    r = sz.shape[1]
+    if sz.shape != (n, r, 2 * kb // group_size) or r not in (1, 2):
+        raise ValueError(f"scales {tuple(sz.shape)} do not fit weights {tuple(packed.shape)} at group {group_size}")
+    return n, 2 * kb, r
+
+
+def int4_gemv(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    sz: torch.Tensor,
+    group_size: int,
+    block_n: int = GEMV_BLOCK_N,
+    gpb: int = GEMV_GPB,
+    warps: int = GEMV_WARPS,
+) -> torch.Tensor:
+    """x [T, K] -> [T, N] in x's dtype, reading the packed weights once per row of x."""
+    n, k, r = _check(packed, sz, group_size)
+    x = x.contiguous()
+    y = torch.empty(x.shape[0], n, dtype=x.dtype, device=x.device)
+    grid = (triton.cdiv(n, block_n), x.shape[0])
+    _gemv_kernel[grid](
+        x,
+        packed,
+        sz,
+        y,
+        n,
+        x.stride(0),
+        y.stride(0),
+        kb=k // 2,
+        ng=k // group_size,
+        G=group_size,
+        R=r,
+        BLOCK_N=block_n,
+        GPB=gpb,
+        num_warps=warps,
+    )
+    return y
+
+
+def int4_dequant(packed: torch.Tensor, sz: torch.Tensor, group_size: int, dtype: torch.dtype) -> torch.Tensor:
+    """The dense weight [N, K] in `dtype` (bf16, fp16 or float32)."""
+    n, k, r = _check(packed, sz, group_size)
+    kind = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}[dtype]
+    out = torch.empty(n, k, dtype=dtype, device=packed.device)
+    words = out.view(torch.int64 if kind == 2 else torch.int32)  # [N, K/2]: one word per packed byte
+    total = n * k // 2
+    grid = (triton.cdiv(total, DEQUANT_BLOCK),)
+    _dequant_kernel[grid](
+        packed, sz, words, total, kb=k // 2, ng=k // group_size, G=group_size, R=r, KIND=kind, BLOCK=DEQUANT_BLOCK
+    )
+    return out
+
+
+def int4_matmul_triton(x: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor, group_size: int) -> torch.Tensor:
+    """x [T, K] @ W^T: the GEMV for up to GEMV_MAX_ROWS rows, else dequantize and one GEMM."""
+    if x.shape[0] <= GEMV_MAX_ROWS:
+        return int4_gemv(x, packed, sz, group_size)
+    return torch.nn.functional.linear(x, int4_dequant(packed, sz, group_size, x.dtype))

@@ -1,0 +1,67 @@
+"""The Triton INT4 kernels against the dequantize-then-matmul reference, on one device.
+
+Run by tests on CUDA, and on the CPU through Triton's interpreter
+(`TRITON_INTERPRET=1 python -m tests.triton_check`, set before Triton is imported)."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+from quant.cpu_kernel import pack_scales, stored_bytes
+from quant.int4 import dequantize_int4, quantize_int4
+from quant.kernels import _scale_offset
+from quant.triton_int4 import int4_dequant, int4_gemv, int4_matmul_triton
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def rel_err(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def check(device: str, shapes=((40, 256, 64), (33, 384, 128), (24, 128, 32))) -> list[str]:
+    """Every failure as a line; an empty list when all agree."""
+    fails = []
+    g = torch.Generator().manual_seed(0)
+    for n, k, group in shapes:
+        for symmetric in (True, False):
+            qw = quantize_int4(torch.randn(n, k, generator=g) * 0.05, group, symmetric, scale_dtype=torch.bfloat16)
+            packed = stored_bytes(qw.packed).to(device)
+            offset = None if qw.zero is None else _scale_offset(qw)[1]
+            sz = pack_scales(qw.scale, offset).to(device)
+            ref = dequantize_int4(qw, torch.float32).to(device)
+            tag = f"{n}x{k} group {group} {'sym' if symmetric else 'asym'}"
+            for dtype in (torch.float32, torch.bfloat16, torch.float16):
+                d = int4_dequant(packed, sz, group, dtype)
+                # bf16 scales times integers are exact in float32, so the bf16 result is the
+                # reference's rounding; Triton's interpreter casts to bf16 by truncation (1 ulp).
+                exact = symmetric and not (INTERPRETED and dtype == torch.bfloat16)
+                want_d = ref.to(dtype)
+                err = (d.float() - want_d.float()).abs().max().item()
+                if (exact and err != 0) or err > (1e-6 if dtype == torch.float32 else 1e-2):
+                    fails.append(f"dequant {tag} {dtype}: max diff {err}")
+                for rows in (1, 3, 9):
+                    x = torch.randn(rows, k, generator=g).to(device, dtype)
+                    want = x.float() @ ref.t()
+                    for name, y in (
+                        ("gemv", int4_gemv(x, packed, sz, group)),
+                        ("matmul", int4_matmul_triton(x, packed, sz, group)),
+                    ):
+                        e = rel_err(y, want)
+                        if y.dtype != dtype or y.shape != (rows, n) or e > (1e-5 if dtype == torch.float32 else 1e-2):
+                            fails.append(f"{name} {tag} {dtype} rows {rows}: {y.dtype} {tuple(y.shape)} rel err {e}")
+            x = torch.randn(2, k, generator=g).to(device)
+            x[1, 3] = float("nan")
+            y = int4_gemv(x, packed, sz, group)
+            if not (torch.isfinite(y[0]).all() and torch.isnan(y[1]).all()):
+                fails.append(f"gemv {tag}: a NaN input row must give NaN outputs and leave the other row finite")
+    return fails
+
+
+if __name__ == "__main__":
+    failures = check(sys.argv[1] if len(sys.argv) > 1 else "cpu")
+    print("\n".join(failures) or "ok")
+    sys.exit(1 if failures else 0)
