@@ -3,7 +3,7 @@
 # under $OUT (the device tool brings $OUT back): environment, `pytest -m cuda`, the INT4 CPU
 # kernel's thread scaling on the GPU host, the vision tower on the GPU, offloaded Scout at 80 and
 # 24 GiB. Usage (repo root, on the GPU machine): OUT=dir bash benchmarks/gpu_checks.sh [parts]
-# parts: any of env,tests,offload,threads,vision,triton,matmul (default: all, in this order).
+# parts: any of env,tests,offload,threads,vision,triton,graph,matmul (default: all, in this order).
 set -u
 OUT=${OUT:-bench-out}
 mkdir -p "$OUT"
@@ -12,7 +12,7 @@ if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=/tmp/site
 fi
-parts=${1:-env,tests,offload,threads,vision,triton,matmul}
+parts=${1:-env,tests,offload,threads,vision,triton,graph,matmul}
 stamp() { echo "== $1 $(date -u +%FT%TZ)" | tee -a "$OUT/log.txt"; }
 has() { [[ ",$parts," == *",$1,"* ]]; }
 
@@ -24,7 +24,7 @@ if has env; then
 fi
 if has tests; then
   stamp tests
-  timeout "${TESTS_S:-150}" python3 -m pytest -q -m cuda tests/test_cuda.py tests/test_quant_kernels.py -p no:cacheprovider --timeout 100 \
+  timeout "${TESTS_S:-150}" python3 -m pytest -q -m cuda tests/test_cuda.py tests/test_quant_kernels.py tests/test_graph_decode.py -p no:cacheprovider --timeout 100 \
     --tb=short -rfE --durations=8 >"$OUT/pytest.txt" 2>&1
   tail -5 "$OUT/pytest.txt" | tee -a "$OUT/log.txt"
 fi
@@ -45,6 +45,10 @@ fi
 if has triton; then
   stamp triton
   timeout "${TRITON_S:-60}" python3 benchmarks/bench_triton_int4.py >"$OUT/triton.jsonl" 2>&1
+fi
+if has graph; then
+  stamp graph
+  timeout "${GRAPH_S:-150}" python3 benchmarks/bench_graph_decode.py >"$OUT/graph.jsonl" 2>&1
 fi
 if has matmul; then
   stamp matmul

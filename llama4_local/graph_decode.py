@@ -1,0 +1,198 @@
+"""A decode step with static shapes and no host syncs, and its CUDA-graph replay.
+
+The eager decode step (model.Llama4Text.forward) asks the host for every layer's chosen experts
+(`idx.tolist()`), slices KV caches by Python positions and grows them, so on a GPU it costs some
+3400 kernel launches and 290 host syncs per Scout token (docs/benchmarks.md). `StaticDecode`
+computes the same token with everything on the device:
+
+- K and V live in fixed buffers per layer, zero-filled: `max_len` slots for the NoPE (full)
+  layers, slot = position; min(chunk, max_len) slots for the chunked layers, slot = position
+  mod chunk (the eager ChunkedKV's own slot order). Attention reads the whole buffer and masks
+  the slots that do not hold a visible position (a later one, or one of an earlier chunk).
+- The position is a device tensor: RoPE rotations, NoPE temperature tuning, the KV write slot
+  and the mask follow from it.
+- Routed experts are chosen by a device index: each projection's buffers are stacked over the
+  experts once (the experts' own buffers become views of the stack, so memory stays the same),
+  and the chosen expert's rows are gathered by `index_select`. (A fused kernel reading the
+  expert in place would save that copy; the gather keeps any INT4 path working.)
+
+So one step is a fixed sequence of kernels, which `CudaGraphDecode` captures once and replays
+per token. Only models with every expert resident (no offload manager) qualify. On the CPU the
+same step runs eagerly: that is how tests prove it equals the eager model.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .errors import UserError
+from .kv_cache import KVCache
+from .model import apply_rope, matmul, rms_norm, rope_freqs, silu_mul
+
+
+class StaticDecode:
+    """One-token decode steps for `model` over static KV buffers of `max_len` positions."""
+
+    def __init__(self, model, max_len: int):
+        if model.offload is not None:
+            raise UserError("a static decode step needs every expert resident (no expert cache)")
+        cfg, w = model.cfg, model.embed_tokens.weight
+        self.model, self.max_len, self.cfg = model, max_len, cfg
+        self.caps = [
+            min(cfg.attention_chunk_size, max_len) if cfg.chunked_layers[i] else max_len for i in range(cfg.num_layers)
+        ]
+        shape = (cfg.num_kv_heads, 0, cfg.head_dim)
+        self.k = [w.new_zeros(shape[0], c, shape[2]) for c in self.caps]
+        self.v = [torch.zeros_like(k) for k in self.k]
+        self.slots = {c: torch.arange(c, device=w.device) for c in set(self.caps)}
+        self.experts = {
+            i: _stack_experts(layer.feed_forward.experts) for i, layer in enumerate(model.layers) if layer.is_moe
+        }
+
+    def load(self, cache: KVCache) -> int:
+        """Copy an eager cache's keys and values in (after an eager prefill); its length."""
+        n = cache.length
+        if n >= self.max_len:
+            raise UserError(f"the prompt fills all {self.max_len} positions; nothing left to decode")
+        for i, kv in enumerate(cache.layers):
+            held = n - kv.start if kv.chunked else n
+            self.k[i][:, :held] = kv.buf.k[:, :held]
+            self.v[i][:, :held] = kv.buf.v[:, :held]
+        return n
+
+    @torch.inference_mode()
+    def step(self, token: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """Logits [1, V] (float32) for `token` [1] at position `pos` [1] (both int64, on the device)."""
+        m = self.model
+        x = F.embedding(token, m.embed_tokens.weight)
+        freqs = rope_freqs(m.inv_freq, pos)
+        for i, layer in enumerate(m.layers):
+            h = x + self._attention(i, layer.self_attn, layer.input_layernorm(x), pos, freqs)
+            y = layer.post_attention_layernorm(h)
+            x = h + (self._moe(i, layer.feed_forward, y) if layer.is_moe else layer.feed_forward(y))
+        return m.lm_head(m.norm(x)).float()
+
+    def _attention(self, i: int, attn, x: torch.Tensor, pos: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+        h, kv, hd = attn.n_heads, attn.n_kv, attn.head_dim
+        q = attn.q_proj(x).view(1, h, hd)
+        k = attn.k_proj(x).view(1, kv, hd)
+        v = attn.v_proj(x).view(1, kv, hd)
+        if attn.use_rope:
+            q, k = apply_rope(q, freqs), apply_rope(k, freqs)
+        if attn.qk_norm:
+            q, k = rms_norm(q, attn.eps), rms_norm(k, attn.eps)
+        if attn.temperature_tuning:
+            scale = torch.log1p(torch.floor((pos.float() + 1.0) / attn.floor_scale)) * attn.attn_scale + 1.0
+            q = (q * scale[:, None, None]).to(q.dtype)
+        cap = self.caps[i]
+        slot = pos % cap  # full layers: cap = max_len > pos, so the slot is the position
+        keys, values = self.k[i], self.v[i]
+        keys.index_copy_(1, slot, k.transpose(0, 1))
+        values.index_copy_(1, slot, v.transpose(0, 1))
+        visible = self.slots[cap] <= slot  # chunked: this chunk's slots so far; full: positions <= pos
+        scores = torch.bmm(q.view(kv, h // kv, hd), keys.transpose(1, 2)) * hd**-0.5  # [KV, H/KV, S]
+        scores = scores.masked_fill(~visible, -math.inf)
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(values.dtype)
+        out = torch.bmm(probs, values).reshape(1, h * hd)
+        return attn.o_proj(out.to(x.dtype))
+
+    def _moe(self, i: int, ff, x: torch.Tensor) -> torch.Tensor:
+        idx, scores = ff.route(x)  # [1, k] each, on the device
+        out = ff.shared_expert(x)
+        run = self.experts[i]
+        for j in range(ff.top_k):  # the router score scales the expert's input, as in MoE.forward
+            out = out + run(idx[0, j : j + 1], x * scores[:, j : j + 1])
+        return out
+
+
+def _stack_experts(experts):
+    """A function (expert index [1], x [1, D]) -> expert(x), gathering the expert's weights."""
+    from quant.modules import QuantizedExperts
+
+    if isinstance(experts, QuantizedExperts):
+        from quant.kernels import Int4Linear, int4_matmul
+
+        projs = {}
+        for p in ("gate_proj", "up_proj", "down_proj"):
+            mods = [getattr(e, p) for e in experts.experts]
+            if not all(isinstance(mod, Int4Linear) for mod in mods):
+                raise UserError("a static decode step takes INT4 or unquantized experts, not NF4 or FP8 ones")
+            stacked = {}
+            for name in mods[0]._buffers:
+                stacked[name] = torch.stack([mod._buffers[name] for mod in mods])
+                for e, mod in enumerate(mods):  # the experts read views of the stack: no second copy
+                    mod._buffers[name] = stacked[name][e]
+            projs[p] = (mods[0].path, mods[0].group_size, stacked)
+
+        def linear(p: str, e: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+            path, group, stacked = projs[p]
+            return int4_matmul(path, group, x, {n: t.index_select(0, e)[0] for n, t in stacked.items()})
+
+        def run(e: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+            return linear("down_proj", e, silu_mul(linear("gate_proj", e, x), linear("up_proj", e, x)))
+
+        return run
+
+    def run_dense(e: torch.Tensor, x: torch.Tensor) -> torch.Tensor:  # model.Experts: [E, D, 2I], [E, I, D]
+        gate, up = matmul(x, experts.gate_up_proj.index_select(0, e)[0]).chunk(2, dim=-1)
+        return matmul(silu_mul(gate, up), experts.down_proj.index_select(0, e)[0])
+
+    return run_dense
+
+
+class CudaGraphDecode:
+    """StaticDecode.step captured once as a CUDA graph; `__call__(token, pos)` replays it."""
+
+    def __init__(self, static: StaticDecode, pos: int):
+        dev = static.k[0].device
+        if dev.type != "cuda":
+            raise ValueError("CUDA graphs need a CUDA model")
+        self.static = static
+        self.token = torch.zeros(1, dtype=torch.long, device=dev)
+        # Warm-up and capture write K/V at this position's slot; the first real step at `pos`
+        # writes the same slot again before reading it.
+        self.pos = torch.full((1,), pos, dtype=torch.long, device=dev)
+        side = torch.cuda.Stream(dev)
+        side.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                static.step(self.token, self.pos)
+        torch.cuda.current_stream(dev).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = static.step(self.token, self.pos)
+
+    def __call__(self, token: int, pos: int) -> torch.Tensor:
+        self.token.fill_(token)
+        self.pos.fill_(pos)
+        self.graph.replay()
+        return self.logits
+
+
+def greedy_static(
+    model, prompt: torch.Tensor, n: int, graph: bool | None = None, feed: list[int] | None = None
+) -> tuple[list[int], torch.Tensor]:
+    """Eager prefill of `prompt` [T], then `n` greedy tokens (or `feed`'s) by static decode steps,
+    replayed as a CUDA graph on CUDA unless `graph` is False: (tokens fed, logits after each [n, V])."""
+    dev = model.embed_tokens.weight.device
+    cache = model.new_cache(prompt.shape[0] + n)
+    logits = model(prompt.to(dev), cache)
+    static = StaticDecode(model, prompt.shape[0] + n)
+    pos = static.load(cache)
+    del cache
+    use_graph = dev.type == "cuda" if graph is None else graph
+    step = CudaGraphDecode(static, pos) if use_graph else None
+    tokens, out = [], []
+    for i in range(n):
+        tok = int(logits[-1].argmax()) if feed is None else feed[i]
+        tokens.append(tok)
+        if step is not None:
+            logits = step(tok, pos + i).clone()
+        else:
+            t = torch.tensor([tok], device=dev)
+            logits = static.step(t, torch.tensor([pos + i], device=dev))
+        out.append(logits)
+    return tokens, torch.cat(out)
