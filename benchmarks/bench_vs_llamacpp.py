@@ -8,8 +8,9 @@ calibration text our default uses, the peer of our calibrated quantize) and our 
 checkpoint (`llama4-local quantize`), timing each quantize. Then, for each thread count, it
 alternates the sides `--reps` times: `llama-bench -p 128 -n 32` on Q4_0, Q4_K_M and F16, and
 the same work in this runner (a 128-token prefill from an empty cache, 32 single-token decode
-steps) on INT4 (as `prompt` runs it: with the default checkpoint attention is INT4; one with
-bf16 attention gets it rounded to INT8 at load) and bf16, and reports the best of each: tok/s,
+steps; each run in a fresh process, as llama-bench runs, unless --in-process) on INT4 (as
+`prompt` runs it: with the default checkpoint attention is INT4; one with bf16 attention gets
+it rounded to INT8 at load) and bf16, and reports the best of each: tok/s,
 the ratio to llama.cpp Q4_0 (INT4) or F16 (bf16), and the bytes
 of weights a decode token reads with the GB/s that makes.
 
@@ -130,6 +131,30 @@ class Ours:
         return cache
 
 
+class FreshOurs:
+    """The same timing in a new process per call (load, warm-up, run), as llama-bench runs: a
+    long-lived bench process that has run llama-bench beside it was seen to stay in a slow state
+    on a 2-vCPU VM (two-thread decode 34-36 tok/s there, 46-48 in a fresh process right after)."""
+
+    def __init__(self, path: Path, dtype: str = "bfloat16", int8_attention: bool = False):
+        self.spec = {"path": str(path), "dtype": dtype, "int8_attention": int8_attention}
+
+    def run(self, threads: int, prompt: int, gen: int, depth: int = 0) -> dict[str, float]:
+        spec = {**self.spec, "threads": threads, "prompt": prompt, "gen": gen, "depth": depth}
+        r = subprocess.run(
+            [sys.executable, __file__, "--child", json.dumps(spec)], check=True, capture_output=True, text=True
+        )
+        return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def child(spec: dict) -> None:
+    """One FreshOurs call: load, time, print the result as JSON."""
+    torch.set_num_threads(spec["threads"])
+    cpu_kernel.available()
+    o = Ours(Path(spec["path"]), spec["dtype"], spec["int8_attention"])
+    print(json.dumps(o.run(spec["threads"], spec["prompt"], spec["gen"], spec["depth"])))
+
+
 def quantize_side_by_side(bin_dir: Path, files: dict[str, Path], threads: int, reps: int) -> None:
     """llama-quantize Q4_K_M against our quantize (default and --no-calibrate) on the slice,
     alternated `reps` times in one run (each output written to a scratch path, then removed)."""
@@ -202,7 +227,13 @@ def main() -> None:
     ap.add_argument("--bf16-attention", action="store_true", help="also ours INT4 with attention kept in bf16")
     ap.add_argument("--also", action="append", default=[], metavar="NAME=DIR", help="another checkpoint of ours")
     ap.add_argument("--quantize", action="store_true", help="instead: quantize times, alternated --reps times")
+    ap.add_argument(
+        "--in-process", action="store_true", help="time our side in this process (default: a fresh one per run)"
+    )
+    ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.child:
+        return child(json.loads(args.child))
     threads = [int(t) for t in args.threads.split(",")]
     bin_dir, files, qtimes = prepare(args.cache, max(threads))
     if args.quantize:
@@ -222,6 +253,12 @@ def main() -> None:
         name, _, path = item.partition("=")
         ours[name] = Ours(Path(path))
     cfg = ours["ours INT4"].cfg
+    timed = dict(ours)
+    if not args.in_process:  # the loads above give bytes and memory; each timing loads afresh
+        specs = {"ours INT4": (files["int4"], "bfloat16", True), "ours bf16": (files["bf16"], "bfloat16", False)}
+        specs["ours INT4, bf16 attn"] = (files["int4"], "bfloat16", False)
+        specs.update({item.partition("=")[0]: (Path(item.partition("=")[2]), "bfloat16", False) for item in args.also})
+        timed = {name: FreshOurs(*specs[name]) for name in ours}
     src = llamacpp.source_dir(args.cache)
     peers = {k: files[k] for k in ("Q4_0", "Q4_K_M", "F16") if k != "F16" or not args.no_bf16}
     nbytes = {k: llamacpp.decode_bytes(p, cfg.top_k, cfg.num_experts, src) for k, p in peers.items()}
@@ -236,7 +273,7 @@ def main() -> None:
                 if side in peers:
                     r = llamacpp.bench(bin_dir, peers[side], t, args.prompt, args.gen, depth=args.depth)
                 else:
-                    r = ours[side].run(t, args.prompt, args.gen, args.depth)
+                    r = timed[side].run(t, args.prompt, args.gen, args.depth)
                 b = best.setdefault((side, t), {"prefill": 0.0, "decode": 0.0})
                 for k in b:
                     b[k] = max(b[k], r[k])

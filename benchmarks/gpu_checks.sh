@@ -4,6 +4,9 @@
 # kernel's thread scaling on the GPU host, the vision tower on the GPU, offloaded Scout at 80 and
 # 24 GiB. Usage (repo root, on the GPU machine): OUT=dir bash benchmarks/gpu_checks.sh [parts]
 # parts: any of env,tests,offload,threads,vision,triton,graph,matmul (default: all, in this order).
+# A session has about 15 device minutes, a start costs about 40 s and each run rebuilds the CPU
+# kernel (~45 s, inside `tests`): e.g. `bash benchmarks/gpu_checks.sh tests,graph,triton` first
+# (about 5 minutes), then offload with BUDGETS=24 MISS=auto if time is left.
 set -u
 OUT=${OUT:-bench-out}
 mkdir -p "$OUT"
