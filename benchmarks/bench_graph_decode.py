@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from bench_offload_gpu import build_model, random_int4, scout_config  # noqa: E402
 
-from llama4_local.graph_decode import CudaGraphDecode, StaticDecode  # noqa: E402
+from llama4_local.graph_decode import stepper  # noqa: E402
 from quant.kernels import Int4Linear  # noqa: E402
 from quant.modules import QuantizedExpert, QuantizedExperts  # noqa: E402
 
@@ -106,19 +106,13 @@ def main():
     def static(graph: bool):
         cache = model.new_cache(p + n)
         model(prompt, cache)
-        st = StaticDecode(model, p + n)
-        pos = st.load(cache)
-        step = CudaGraphDecode(st, pos) if graph else None
+        step = stepper(model, cache, "graph" if graph else "static")  # a graph is captured here
         sync(device)
         t = time.perf_counter()
         out = []
-        for i, tok in enumerate(feed):
-            if step is not None:
-                logits = step(tok, pos + i).clone()
-            else:
-                logits = st.step(torch.tensor([tok], device=device), torch.tensor([pos + i], device=device))
-            out.append(logits)
-            int(logits[-1].argmax())
+        for tok in feed:
+            out.append(step(tok).clone())
+            int(out[-1][-1].argmax())
         sync(device)
         return time.perf_counter() - t, torch.cat(out)
 

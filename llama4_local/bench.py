@@ -17,6 +17,7 @@ import torch
 
 from .errors import UserError
 from .generate import prefill
+from .graph_decode import decode_mode, stepper
 from .loader import load_model
 
 
@@ -82,8 +83,15 @@ def run_bench(req: BenchRequest) -> dict:
     if model.offload is not None:
         model.offload.reset_stats()
     t0 = time.perf_counter()
+    step = stepper(model, cache)  # None: the eager forward (LLAMA4_LOCAL_DECODE; a graph captures here)
+    _sync(device)
+    setup_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
     for _ in range(req.gen_tokens - 1):
-        logits = model(torch.tensor([token], device=device), cache)[-1]
+        if step is None:
+            logits = model(torch.tensor([token], device=device), cache)[-1]
+        else:
+            logits = step(token)[-1]
         token = int(logits.argmax())  # greedy; reading the token syncs like a real decode loop
     _sync(device)
     dec = _phase(model, time.perf_counter() - t0, req.gen_tokens - 1)
@@ -98,6 +106,8 @@ def run_bench(req: BenchRequest) -> dict:
         "peak_rss_bytes": rss,
         "peak_gpu_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
         "kv_cache_bytes": cache.nbytes(),
+        "decode_mode": decode_mode() if model.offload is None else "eager",
+        "decode_setup_s": round(setup_s, 3),
     }
     if model.offload is not None:
         s = model.offload.summary()

@@ -16,6 +16,7 @@ from typing import Protocol
 import torch
 
 from .errors import UserError
+from .graph_decode import stepper
 from .kv_cache import KVCache
 from .model import Llama4Text
 from .sampling import Sampler, SamplingParams
@@ -119,6 +120,7 @@ def _steps(
     seen = torch.tensor(history if history is not None else prompt, dtype=torch.long, device=device)
     use_history = sampler.p.repetition_penalty != 1.0
     logits = prefill(model, ids, cache, prefill_chunk, image_features)
+    static = stepper(model, cache)  # None: the eager forward (the default; LLAMA4_LOCAL_DECODE)
     while True:
         shaped = logits
         for proc in processors:
@@ -130,7 +132,7 @@ def _steps(
         next_id = torch.tensor([token], dtype=torch.long, device=device)
         if use_history:
             seen = torch.cat([seen, next_id])
-        logits = model(next_id, cache)[-1]
+        logits = model(next_id, cache)[-1] if static is None else static(token)[-1].clone()
 
 
 def generate_step(

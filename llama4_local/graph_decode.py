@@ -34,34 +34,47 @@ from .model import apply_rope, matmul, rms_norm, rope_freqs, silu_mul
 
 
 class StaticDecode:
-    """One-token decode steps for `model` over static KV buffers of `max_len` positions."""
+    """One-token decode steps for `model` that write into an eager KVCache's own buffers.
 
-    def __init__(self, model, max_len: int):
+    The cache's buffers are grown once to their limit (its NoPE layers' `max_len` slots, its
+    chunked layers' min(chunk, max_len)) and zeroed past what they hold, so their addresses
+    never change again; each step writes its K and V at the slot the eager ChunkedKV or FullKV
+    would use, and `advance` moves the cache's counters, so eager prefills and static steps can
+    take turns on one cache (a chat's next turn, a server's reuse)."""
+
+    def __init__(self, model, cache: KVCache):
         if model.offload is not None:
             raise UserError("a static decode step needs every expert resident (no expert cache)")
         cfg, w = model.cfg, model.embed_tokens.weight
-        self.model, self.max_len, self.cfg = model, max_len, cfg
-        self.caps = [
-            min(cfg.attention_chunk_size, max_len) if cfg.chunked_layers[i] else max_len for i in range(cfg.num_layers)
-        ]
-        shape = (cfg.num_kv_heads, 0, cfg.head_dim)
-        self.k = [w.new_zeros(shape[0], c, shape[2]) for c in self.caps]
-        self.v = [torch.zeros_like(k) for k in self.k]
+        self.model, self.cache, self.cfg = model, cache, cfg
+        self.caps, self.k, self.v = [], [], []
+        for kv in cache.layers:
+            cap = kv.buf.limit
+            held = kv.length - kv.start if kv.chunked else kv.length
+            kv.buf.reserve(cap, keep=held)
+            kv.buf.k[:, held:].zero_()  # masked slots are read too: 0 x stale must not be NaN
+            kv.buf.v[:, held:].zero_()
+            self.caps.append(cap)
+            self.k.append(kv.buf.k)
+            self.v.append(kv.buf.v)
         self.slots = {c: torch.arange(c, device=w.device) for c in set(self.caps)}
-        self.experts = {
-            i: _stack_experts(layer.feed_forward.experts) for i, layer in enumerate(model.layers) if layer.is_moe
-        }
+        moe = [(i, layer.feed_forward) for i, layer in enumerate(model.layers) if layer.is_moe]
+        self.experts = {i: _stack_experts(ff.experts) for i, ff in moe}
 
-    def load(self, cache: KVCache) -> int:
-        """Copy an eager cache's keys and values in (after an eager prefill); its length."""
-        n = cache.length
-        if n >= self.max_len:
-            raise UserError(f"the prompt fills all {self.max_len} positions; nothing left to decode")
-        for i, kv in enumerate(cache.layers):
-            held = n - kv.start if kv.chunked else n
-            self.k[i][:, :held] = kv.buf.k[:, :held]
-            self.v[i][:, :held] = kv.buf.v[:, :held]
+    @property
+    def position(self) -> int:
+        """Where the next token goes; a step there needs room: position < max_len."""
+        n = self.cache.length
+        if n >= self.cache.max_len:
+            raise UserError(f"the context is full: all {self.cache.max_len} positions are used")
         return n
+
+    def advance(self) -> None:
+        """Count the token the last step wrote, as the eager caches' update would."""
+        for kv in self.cache.layers:
+            kv.length += 1
+            if kv.chunked and kv.length % kv.chunk == 0:  # the block is complete: the next starts
+                kv.start, kv.prev = kv.length, None  # (a block kept for rewinds is not kept here)
 
     @torch.inference_mode()
     def step(self, token: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
@@ -144,17 +157,18 @@ def _stack_experts(experts):
 
 
 class CudaGraphDecode:
-    """StaticDecode.step captured once as a CUDA graph; `__call__(token, pos)` replays it."""
+    """StaticDecode.step captured once as a CUDA graph; `__call__(token)` replays it at the
+    cache's next position and advances the cache."""
 
-    def __init__(self, static: StaticDecode, pos: int):
+    def __init__(self, static: StaticDecode):
         dev = static.k[0].device
         if dev.type != "cuda":
             raise ValueError("CUDA graphs need a CUDA model")
         self.static = static
         self.token = torch.zeros(1, dtype=torch.long, device=dev)
-        # Warm-up and capture write K/V at this position's slot; the first real step at `pos`
-        # writes the same slot again before reading it.
-        self.pos = torch.full((1,), pos, dtype=torch.long, device=dev)
+        # Warm-up and capture write K/V at the next position's slot, outside what the cache
+        # counts; the first real step writes that slot again before anything reads it.
+        self.pos = torch.full((1,), static.position, dtype=torch.long, device=dev)
         side = torch.cuda.Stream(dev)
         side.wait_stream(torch.cuda.current_stream(dev))
         with torch.cuda.stream(side):
@@ -165,11 +179,57 @@ class CudaGraphDecode:
         with torch.cuda.graph(self.graph):
             self.logits = static.step(self.token, self.pos)
 
-    def __call__(self, token: int, pos: int) -> torch.Tensor:
+    def __call__(self, token: int) -> torch.Tensor:
+        """Logits [1, V] (a buffer the next call overwrites) for `token` at the next position."""
+        self.pos.fill_(self.static.position)
         self.token.fill_(token)
-        self.pos.fill_(pos)
         self.graph.replay()
+        self.static.advance()
         return self.logits
+
+
+def eager_static(static: StaticDecode):
+    """The static step run as it is (no graph): `(token) -> logits [1, V]`, advancing the cache."""
+    dev = static.k[0].device
+
+    def step(token: int) -> torch.Tensor:
+        logits = static.step(torch.tensor([token], device=dev), torch.tensor([static.position], device=dev))
+        static.advance()
+        return logits
+
+    return step
+
+
+MODES = ("eager", "static", "graph")
+
+
+def decode_mode() -> str:
+    """LLAMA4_LOCAL_DECODE: "eager" (default: the model's own forward per token), "static"
+    (StaticDecode steps as they are) or "graph" (replayed as a CUDA graph where the model is on
+    CUDA, else as "static"). Opt-in until measured on a GPU."""
+    import os
+
+    mode = os.environ.get("LLAMA4_LOCAL_DECODE", "eager")
+    if mode not in MODES:
+        raise UserError(f"LLAMA4_LOCAL_DECODE must be one of {', '.join(MODES)}, not {mode!r}")
+    return mode
+
+
+def stepper(model, cache: KVCache, mode: str | None = None):
+    """A `(token) -> logits [1, V]` decode step on `cache` in `mode` (default: decode_mode()), or
+    None for the eager forward (that mode, or a model with an expert cache). A static stepper is
+    kept on the cache and reused by later turns on it."""
+    mode = mode or decode_mode()
+    if mode == "eager" or model.offload is not None:
+        return None
+    graph = mode == "graph" and model.embed_tokens.weight.device.type == "cuda"
+    kept = cache.decoder
+    if kept is not None and kept[0] is model and kept[1] == graph:
+        return kept[2]
+    static = StaticDecode(model, cache)
+    step = CudaGraphDecode(static) if graph else eager_static(static)
+    cache.decoder = (model, graph, step)
+    return step
 
 
 def greedy_static(
@@ -180,19 +240,12 @@ def greedy_static(
     dev = model.embed_tokens.weight.device
     cache = model.new_cache(prompt.shape[0] + n)
     logits = model(prompt.to(dev), cache)
-    static = StaticDecode(model, prompt.shape[0] + n)
-    pos = static.load(cache)
-    del cache
     use_graph = dev.type == "cuda" if graph is None else graph
-    step = CudaGraphDecode(static, pos) if use_graph else None
+    step = stepper(model, cache, "graph" if use_graph else "static")
     tokens, out = [], []
     for i in range(n):
         tok = int(logits[-1].argmax()) if feed is None else feed[i]
         tokens.append(tok)
-        if step is not None:
-            logits = step(tok, pos + i).clone()
-        else:
-            t = torch.tensor([tok], device=dev)
-            logits = static.step(t, torch.tensor([pos + i], device=dev))
+        logits = step(tok).clone()
         out.append(logits)
     return tokens, torch.cat(out)

@@ -149,6 +149,7 @@ class KVCache:
 
     def __init__(self, cfg, max_len: int, dtype, device, keep_previous: bool = False):
         self.max_len = max_len
+        self.decoder = None  # (model, graph?, step): graph_decode's stepper bound to these buffers
         self.layers = []
         for i in range(cfg.num_layers):
             if cfg.chunked_layers[i]:

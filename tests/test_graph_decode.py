@@ -52,12 +52,12 @@ def test_static_steps_on_int4_experts_bf16(scout_int4):
     assert all(e.gate_proj.packed.untyped_storage().data_ptr() == stack for e in exp)
 
 
-def test_a_prompt_that_fills_the_context_is_refused(scout_ckpt):
+def test_a_full_context_is_refused(scout_ckpt):
     model, _ = load_model(scout_ckpt, "float32", "cpu")
     cache = model.new_cache(8)
     model(PROMPT[:8], cache)
-    with pytest.raises(UserError, match="nothing left"):
-        StaticDecode(model, 8).load(cache)
+    with pytest.raises(UserError, match="context is full"):
+        _ = StaticDecode(model, cache).position
 
 
 def test_an_offloaded_model_is_refused(scout_int4):
@@ -65,7 +65,46 @@ def test_an_offloaded_model_is_refused(scout_int4):
 
     model, _ = load_model(scout_int4[0], "bfloat16", "cpu", offload=OffloadOptions(slots=2))
     with pytest.raises(UserError, match="resident"):
-        StaticDecode(model, 32)
+        StaticDecode(model, model.new_cache(32))
+
+
+def two_turns(model, monkeypatch, mode):
+    """generate_step twice on one cache (a chat's turns): eager prefills and `mode` decode steps
+    taking turns across chunk boundaries; (tokens, the cache)."""
+    from llama4_local.generate import generate_step
+    from llama4_local.sampling import Sampler, SamplingParams
+
+    monkeypatch.setenv("LLAMA4_LOCAL_DECODE", mode)
+    sampler = Sampler(SamplingParams(temperature=0.0), torch.device("cpu"))
+    cache = model.new_cache(40)
+    steps = generate_step(model, PROMPT.tolist(), sampler, cache)
+    first = [next(steps) for _ in range(7)]
+    steps.close()
+    steps = generate_step(model, [first[-1], 5, 6, 7, 8, 9], sampler, cache)
+    second = [next(steps) for _ in range(11)]
+    steps.close()
+    return first + second, cache
+
+
+def test_generation_through_static_steps_equals_eager(scout_ckpt, monkeypatch):
+    model, _ = load_model(scout_ckpt, "float32", "cpu")
+    want, want_cache = two_turns(model, monkeypatch, "eager")
+    got, cache = two_turns(model, monkeypatch, "static")
+    assert got == want
+    assert cache.decoder is not None and cache.length == want_cache.length == 11 + 6 + 6 + 10
+    for a, b in zip(cache.layers, want_cache.layers, strict=True):
+        held = a.length - (a.start if a.chunked else 0)
+        assert a.length == b.length and (not a.chunked or a.start == b.start)
+        assert torch.allclose(a.buf.k[:, :held], b.buf.k[:, :held], rtol=1e-5, atol=1e-6)
+        assert torch.allclose(a.buf.v[:, :held], b.buf.v[:, :held], rtol=1e-5, atol=1e-6)
+
+
+def test_an_unknown_decode_mode_is_a_user_error(scout_ckpt, monkeypatch):
+    from llama4_local.graph_decode import decode_mode
+
+    monkeypatch.setenv("LLAMA4_LOCAL_DECODE", "fast")
+    with pytest.raises(UserError, match="LLAMA4_LOCAL_DECODE"):
+        decode_mode()
 
 
 @pytest.mark.cuda
