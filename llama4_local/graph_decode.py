@@ -58,8 +58,10 @@ class StaticDecode:
             self.k.append(kv.buf.k)
             self.v.append(kv.buf.v)
         self.slots = {c: torch.arange(c, device=w.device) for c in set(self.caps)}
-        moe = [(i, layer.feed_forward) for i, layer in enumerate(model.layers) if layer.is_moe]
-        self.experts = {i: _stack_experts(ff.experts) for i, ff in moe}
+        self.experts = getattr(model, "static_experts", None)
+        if self.experts is None:  # stacked once per model, whatever number of caches it serves
+            moe = [(i, layer.feed_forward) for i, layer in enumerate(model.layers) if layer.is_moe]
+            self.experts = model.static_experts = {i: _stack_experts(ff.experts) for i, ff in moe}
 
     @property
     def position(self) -> int:
