@@ -47,7 +47,7 @@ if has vision; then
 fi
 if has triton; then
   stamp triton
-  timeout "${TRITON_S:-60}" python3 benchmarks/bench_triton_int4.py >"$OUT/triton.jsonl" 2>&1
+  timeout "${TRITON_S:-90}" python3 benchmarks/bench_triton_int4.py >"$OUT/triton.jsonl" 2>&1
 fi
 if has graph; then
   stamp graph
