@@ -138,7 +138,7 @@ class Nf4Linear(torch.nn.Module):
         self.register_buffer("code", nw.code.float().contiguous().to(device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return nf4_matmul(x, self.tensors(), self.group_size)
+        return nf4_matmul(x, self._buffers, self.group_size)  # its own buffer dict: no copy per call
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return dict(self.named_buffers())
