@@ -12,9 +12,10 @@ computes the same token with everything on the device:
 - The position is a device tensor: RoPE rotations, NoPE temperature tuning, the KV write slot
   and the mask follow from it.
 - Routed experts are chosen by a device index: each projection's buffers are stacked over the
-  experts once (the experts' own buffers become views of the stack, so memory stays the same),
-  and the chosen expert's rows are gathered by `index_select`. (A fused kernel reading the
-  expert in place would save that copy; the gather keeps any INT4 path working.)
+  experts once (the experts' own buffers become views of the stack, so memory stays the same).
+  The Triton GEMV (LLAMA4_LOCAL_CUDA_INT4=triton) reads the chosen expert in place; other paths
+  gather its buffers by `index_select` (a copy of the expert per token: about 6 GB of traffic per
+  Scout token, ~1.6 ms on an H200's bandwidth).
 
 So one step is a fixed sequence of kernels, which `CudaGraphDecode` captures once and replays
 per token. Only models with every expert resident (no offload manager) qualify. On the CPU the
@@ -144,6 +145,10 @@ def _stack_experts(experts):
 
         def linear(p: str, e: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
             path, group, stacked = projs[p]
+            if path == "triton":  # reads expert e's weights in place: no gathered copy
+                from quant.triton_int4 import int4_gemv
+
+                return int4_gemv(x, stacked["packed"], stacked["scales_and_zeros"], group, expert=e)
             return int4_matmul(path, group, x, {n: t.index_select(0, e)[0] for n, t in stacked.items()})
 
         def run(e: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

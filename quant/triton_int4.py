@@ -53,6 +53,7 @@ if triton is not None:
         w_ptr,
         sz_ptr,
         y_ptr,
+        e_ptr,  # with HAS_E: the expert's index (int64 [1], on the device) into stacked weights
         N,
         stride_x,
         stride_y,
@@ -62,8 +63,13 @@ if triton is not None:
         R: tl.constexpr,
         BLOCK_N: tl.constexpr,
         GPB: tl.constexpr,
+        HAS_E: tl.constexpr,
     ):
         HG: tl.constexpr = G // 2  # bytes per group
+        if HAS_E:  # stacked [E, N, K/2] and [E, N, R, G]: read expert e's in place, no gather
+            e = tl.load(e_ptr)
+            w_ptr += e * N * kb
+            sz_ptr += e * N * (R * ng)
         BB: tl.constexpr = GPB * HG  # bytes per step
         t = tl.program_id(1)
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -130,11 +136,12 @@ if triton is not None:
 
 
 def _check(packed: torch.Tensor, sz: torch.Tensor, group_size: int) -> tuple[int, int, int]:
-    n, kb = packed.shape
+    """(N, K, R) of weights [N, K/2] with scales [N, R, G], or stacked ones [E, N, K/2], [E, N, R, G]."""
+    n, kb = packed.shape[-2:]
     if packed.dtype != torch.uint8 or not packed.is_contiguous() or not sz.is_contiguous():
         raise ValueError("int4 triton kernels take contiguous uint8 [N, K/2] weights and [N, R, G] scales")
-    r = sz.shape[1]
-    if sz.shape != (n, r, 2 * kb // group_size) or r not in (1, 2):
+    r = sz.shape[-2]
+    if sz.shape[-3:] != (n, r, 2 * kb // group_size) or r not in (1, 2) or sz.shape[:-3] != packed.shape[:-2]:
         raise ValueError(f"scales {tuple(sz.shape)} do not fit weights {tuple(packed.shape)} at group {group_size}")
     return n, 2 * kb, r
 
@@ -147,17 +154,24 @@ def int4_gemv(
     block_n: int = GEMV_BLOCK_N,
     gpb: int = GEMV_GPB,
     warps: int = GEMV_WARPS,
+    expert: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """x [T, K] -> [T, N] in x's dtype, reading the packed weights once per row of x."""
+    """x [T, K] -> [T, N] in x's dtype, reading the packed weights once per row of x. With
+    `expert` (int64 [1] on x's device), `packed` and `sz` are stacked over experts and the kernel
+    reads that expert's in place (no host sync, no copy: what a captured decode step needs)."""
     n, k, r = _check(packed, sz, group_size)
+    if (expert is None) != (packed.dim() == 2):
+        raise ValueError("stacked weights need an expert index, and an expert index stacked weights")
     x = x.contiguous()
     y = torch.empty(x.shape[0], n, dtype=x.dtype, device=x.device)
     grid = (triton.cdiv(n, block_n), x.shape[0])
+    e = expert if expert is not None else y  # unread without HAS_E
     _gemv_kernel[grid](
         x,
         packed,
         sz,
         y,
+        e,
         n,
         x.stride(0),
         y.stride(0),
@@ -167,6 +181,7 @@ def int4_gemv(
         R=r,
         BLOCK_N=block_n,
         GPB=gpb,
+        HAS_E=expert is not None,
         num_warps=warps,
     )
     return y
@@ -175,6 +190,8 @@ def int4_gemv(
 def int4_dequant(packed: torch.Tensor, sz: torch.Tensor, group_size: int, dtype: torch.dtype) -> torch.Tensor:
     """The dense weight [N, K] in `dtype` (bf16, fp16 or float32)."""
     n, k, r = _check(packed, sz, group_size)
+    if packed.dim() != 2:
+        raise ValueError("int4_dequant takes one weight, not a stack")
     kind = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}[dtype]
     out = torch.empty(n, k, dtype=dtype, device=packed.device)
     words = out.view(torch.int64 if kind == 2 else torch.int32)  # [N, K/2]: one word per packed byte

@@ -53,6 +53,15 @@ def check(device: str, shapes=((40, 256, 64), (33, 384, 128), (24, 128, 32))) ->
                         e = rel_err(y, want)
                         if y.dtype != dtype or y.shape != (rows, n) or e > (1e-5 if dtype == torch.float32 else 1e-2):
                             fails.append(f"{name} {tag} {dtype} rows {rows}: {y.dtype} {tuple(y.shape)} rel err {e}")
+            # Stacked with two other experts, read by a device index: the same result as alone.
+            others = [torch.randint(0, 256, packed.shape, dtype=torch.uint8, generator=g).to(device) for _ in range(2)]
+            stack = torch.stack([others[0], packed, others[1]])
+            sz_stack = torch.stack([sz * 2, sz, sz * 3])
+            x = torch.randn(1, k, generator=g).to(device, torch.bfloat16)
+            alone = int4_gemv(x, packed, sz, group)
+            by_index = int4_gemv(x, stack, sz_stack, group, expert=torch.tensor([1], device=device))
+            if not torch.equal(alone, by_index):
+                fails.append(f"gemv {tag}: expert 1 of a stack differs from it alone")
             x = torch.randn(2, k, generator=g).to(device)
             x[1, 3] = float("nan")
             y = int4_gemv(x, packed, sz, group)
