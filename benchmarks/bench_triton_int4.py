@@ -2,7 +2,7 @@
 Scout's expert shapes, with a sweep of the GEMV's block shapes.
 
 For gate/up [8192, 5120] and down [5120, 8192] at group 128: per row count, microseconds and
-GB/s of packed weight bytes for the Triton GEMV (each block shape), the path Int4Linear takes
+GB/s of packed weight bytes for the Triton GEMV (each block shape, and split-K at one row), the path Int4Linear takes
 ("triton": GEMV up to GEMV_MAX_ROWS rows, else dequantize + GEMM), the stock
 `_weight_int4pack_mm`, and a bf16 matmul; and the dequantize kernel alone (bytes in + out).
 
@@ -29,6 +29,7 @@ SHAPES = {"gate_or_up": (8192, 5120), "down": (5120, 8192)}
 # (16, 4, 4) best; the rest try more bytes in flight per thread (fewer rows, more groups a step).
 CONFIGS = [(8, 4, 4), (16, 2, 4), (16, 4, 4), (32, 2, 4), (32, 4, 8), (64, 2, 8), (64, 4, 8)]
 CONFIGS += [(4, 8, 4), (8, 8, 4), (8, 16, 8), (16, 8, 8), (4, 16, 4)]
+SPLITS = [(16, 4, 4, 2), (16, 4, 4, 4), (8, 4, 4, 4), (32, 4, 8, 4), (16, 2, 4, 8)]  # ... and split-K, one row
 
 
 def us(fn) -> float:
@@ -62,6 +63,10 @@ def main():
                 for bn, gpb, w in CONFIGS:
                     t = us(lambda bn=bn, gpb=gpb, w=w: triton_int4.int4_gemv(x, p, sz, 128, bn, gpb, w))
                     row[f"gemv_{bn}_{gpb}_{w}_us"] = round(t, 1)
+            if rows == 1:
+                for bn, gpb, w, sp in SPLITS:
+                    t = us(lambda bn=bn, gpb=gpb, w=w, sp=sp: triton_int4.int4_gemv(x, p, sz, 128, bn, gpb, w, split=sp))
+                    row[f"gemv_{bn}_{gpb}_{w}_split{sp}_us"] = round(t, 1)
             for label, fn in (("triton", lambda: tri(x)), ("stock", lambda: stock(x)), ("bf16", lambda: x @ w16.t())):
                 t = us(fn)
                 row[f"{label}_us"] = round(t, 1)

@@ -64,6 +64,8 @@ if triton is not None:
         BLOCK_N: tl.constexpr,
         GPB: tl.constexpr,
         HAS_E: tl.constexpr,
+        STEPS: tl.constexpr,  # steps of BB bytes per program: all of K, or K / SPLIT (split-K)
+        SPLIT: tl.constexpr,  # > 1: programs along K too, float32 partial sums added atomically
     ):
         HG: tl.constexpr = G // 2  # bytes per group
         if HAS_E:  # stacked [E, N, K/2] and [E, N, R, G]: read expert e's in place, no gather
@@ -77,7 +79,9 @@ if triton is not None:
         jb = tl.arange(0, BB)
         gi = tl.arange(0, GPB)
         acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-        for b0 in range(0, kb, BB):
+        first = tl.program_id(2) * STEPS if SPLIT > 1 else 0
+        for i in range(STEPS):
+            b0 = (first + i) * BB
             j = b0 + jb
             jmask = j < kb
             xe = tl.load(x_ptr + t * stride_x + 2 * j, mask=jmask, other=0.0).to(tl.float32)
@@ -97,7 +101,10 @@ if triton is not None:
             else:
                 c = -8.0 * s
             acc += tl.sum(s * part + c * xs[None, :], axis=1)
-        tl.store(y_ptr + t * stride_y + rows, acc.to(y_ptr.dtype.element_ty), mask=rmask)
+        if SPLIT > 1:  # y is float32 and zeroed: each program adds its share of K
+            tl.atomic_add(y_ptr + t * stride_y + rows, acc, mask=rmask)
+        else:
+            tl.store(y_ptr + t * stride_y + rows, acc.to(y_ptr.dtype.element_ty), mask=rmask)
 
     @triton.jit
     def _dequant_kernel(
@@ -155,16 +162,23 @@ def int4_gemv(
     gpb: int = GEMV_GPB,
     warps: int = GEMV_WARPS,
     expert: torch.Tensor | None = None,
+    split: int = 1,
 ) -> torch.Tensor:
     """x [T, K] -> [T, N] in x's dtype, reading the packed weights once per row of x. With
     `expert` (int64 [1] on x's device), `packed` and `sz` are stacked over experts and the kernel
-    reads that expert's in place (no host sync, no copy: what a captured decode step needs)."""
+    reads that expert's in place (no host sync, no copy: what a captured decode step needs).
+    `split` > 1 also splits K over that many programs (more of them in flight for one row),
+    adding float32 partial sums atomically: not bitwise repeatable."""
     n, k, r = _check(packed, sz, group_size)
     if (expert is None) != (packed.dim() == 2):
         raise ValueError("stacked weights need an expert index, and an expert index stacked weights")
     x = x.contiguous()
-    y = torch.empty(x.shape[0], n, dtype=x.dtype, device=x.device)
-    grid = (triton.cdiv(n, block_n), x.shape[0])
+    if split > 1:  # partial sums in float32, added atomically (so not bitwise repeatable)
+        y = torch.zeros(x.shape[0], n, dtype=torch.float32, device=x.device)
+    else:
+        y = torch.empty(x.shape[0], n, dtype=x.dtype, device=x.device)
+    steps = triton.cdiv(triton.cdiv(k // 2, gpb * group_size // 2), split)
+    grid = (triton.cdiv(n, block_n), x.shape[0], split)
     e = expert if expert is not None else y  # unread without HAS_E
     _gemv_kernel[grid](
         x,
@@ -182,9 +196,11 @@ def int4_gemv(
         BLOCK_N=block_n,
         GPB=gpb,
         HAS_E=expert is not None,
+        STEPS=steps,
+        SPLIT=split,
         num_warps=warps,
     )
-    return y
+    return y if split == 1 else y.to(x.dtype)
 
 
 def int4_dequant(packed: torch.Tensor, sz: torch.Tensor, group_size: int, dtype: torch.dtype) -> torch.Tensor:

@@ -62,6 +62,11 @@ def check(device: str, shapes=((40, 256, 64), (33, 384, 128), (24, 128, 32))) ->
             by_index = int4_gemv(x, stack, sz_stack, group, expert=torch.tensor([1], device=device))
             if not torch.equal(alone, by_index):
                 fails.append(f"gemv {tag}: expert 1 of a stack differs from it alone")
+            want = x.float() @ ref.t()
+            for split in (2, 3):  # split-K: float32 partial sums added atomically
+                e = rel_err(int4_gemv(x, packed, sz, group, split=split), want)
+                if e > 1e-2:
+                    fails.append(f"gemv {tag} split {split}: rel err {e}")
             x = torch.randn(2, k, generator=g).to(device)
             x[1, 3] = float("nan")
             y = int4_gemv(x, packed, sz, group)
