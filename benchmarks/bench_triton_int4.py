@@ -65,7 +65,8 @@ def main():
                     row[f"gemv_{bn}_{gpb}_{w}_us"] = round(t, 1)
             if rows == 1:
                 for bn, gpb, w, sp in SPLITS:
-                    t = us(lambda bn=bn, gpb=gpb, w=w, sp=sp: triton_int4.int4_gemv(x, p, sz, 128, bn, gpb, w, split=sp))
+                    gemv = triton_int4.int4_gemv
+                    t = us(lambda bn=bn, gpb=gpb, w=w, sp=sp: gemv(x, p, sz, 128, bn, gpb, w, split=sp))
                     row[f"gemv_{bn}_{gpb}_{w}_split{sp}_us"] = round(t, 1)
             for label, fn in (("triton", lambda: tri(x)), ("stock", lambda: stock(x)), ("bf16", lambda: x @ w16.t())):
                 t = us(fn)
