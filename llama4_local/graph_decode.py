@@ -77,7 +77,10 @@ class StaticDecode:
         for kv in self.cache.layers:
             kv.length += 1
             if kv.chunked and kv.length % kv.chunk == 0:  # the block is complete: the next starts
-                kv.start, kv.prev = kv.length, None  # (a block kept for rewinds is not kept here)
+                # As ChunkedKV.update: the finished block is kept (a copy) where the cache may be
+                # rewound into it; the buffer holds exactly that block now.
+                kv.prev = (kv.buf.k.clone(), kv.buf.v.clone(), kv.length - kv.chunk) if kv.keep_previous else None
+                kv.start = kv.length
 
     @torch.inference_mode()
     def step(self, token: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:

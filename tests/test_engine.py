@@ -28,9 +28,12 @@ def run(engine, ids, n=6):
     return [r.token for r in records], records, usage
 
 
-@pytest.mark.parametrize("name", ["scout", "maverick"])
-def test_reuse_across_chunk_boundaries_matches_fresh(setup, name):
-    """Chunks of 8: prompts that share a prefix ending in the block before the cache's current one."""
+@pytest.mark.parametrize("name,decode", [("scout", "eager"), ("maverick", "eager"), ("scout", "static")])
+def test_reuse_across_chunk_boundaries_matches_fresh(setup, name, decode, monkeypatch):
+    """Chunks of 8: prompts that share a prefix ending in the block before the cache's current one.
+    With static decode steps (graph_decode) too: they keep the finished block for rewinds as the
+    eager cache does; the reference is always the eager forward."""
+    monkeypatch.setenv("LLAMA4_LOCAL_DECODE", decode)
     model, tok, cfg = setup[name]
     engine = Engine(model, tok, set(), 256)
     base = tok.encode("The quick brown fox jumps over the lazy dog. Llama 4 Scout is a mixture of experts")
@@ -40,8 +43,10 @@ def test_reuse_across_chunk_boundaries_matches_fresh(setup, name):
     for ids in cases:
         got, records, usage = run(engine, ids, 7)
         cached.append(usage.cached_tokens)
+        monkeypatch.setenv("LLAMA4_LOCAL_DECODE", "eager")
         with torch.inference_mode():
             want = generate(model, tok, ids, GREEDY, 7, set(), ignore_eos=True)
+        monkeypatch.setenv("LLAMA4_LOCAL_DECODE", decode)
         assert got == want.token_ids, (ids, usage)
         fresh = [r.logprob.logprob for r in records]
         assert all(lp <= 0 for lp in fresh)
