@@ -5,9 +5,11 @@ The model is bench_offload_gpu.py's (48 layers, Scout's shapes, random INT4 expe
 3 x 5120 x 8192 at group 128, INT4 shared experts, bf16 attention and lm_head), with the routed
 experts resident as QuantizedExperts (each expert its own copy of one random expert's buffers):
 about 51 GB of experts, for an 80 GB-class GPU. Reports tok/s for each way, host syncs avoided,
-and how far the replayed logits are from the eager ones (fed the same tokens).
+and how far the replayed logits are from the eager ones (fed the same tokens); and one 2048-token
+prefill (with Triton INT4, through the grouped MoE kernels of quant/triton_moe.py).
 
     python benchmarks/bench_graph_decode.py                  # CUDA, 80 GB-class GPU
+    LLAMA4_LOCAL_CUDA_INT4=triton python benchmarks/bench_graph_decode.py   # Triton kernels
     python benchmarks/bench_graph_decode.py --small --device cpu   # a smoke run of the same code
 """
 
@@ -70,6 +72,7 @@ def main():
     ap.add_argument("--small", action="store_true")
     ap.add_argument("--prompt-tokens", type=int, default=64)
     ap.add_argument("--gen-tokens", type=int, default=64)
+    ap.add_argument("--prefill-tokens", type=int, default=2048, help="also time one prefill this long")
     args = ap.parse_args()
     device, dtype = torch.device(args.device), torch.bfloat16
     cfg = scout_config(args.small)
@@ -115,6 +118,17 @@ def main():
             int(out[-1][-1].argmax())
         sync(device)
         return time.perf_counter() - t, torch.cat(out)
+
+    long = torch.randint(0, cfg.vocab_size, (args.prefill_tokens,), generator=torch.Generator().manual_seed(4))
+    long = long.to(device)
+    for _ in range(2):  # the first builds kernels and stacks (Triton: grouped MoE kernels)
+        cache = model.new_cache(args.prefill_tokens)
+        sync(device)
+        t = time.perf_counter()
+        model(long, cache)
+        sync(device)
+        dt = time.perf_counter() - t
+    print(json.dumps({"way": "prefill", "tokens": args.prefill_tokens, "tok_s": round(args.prefill_tokens / dt, 1)}))
 
     ways = [("eager", eager), ("static", lambda: static(False))]
     if device.type == "cuda":

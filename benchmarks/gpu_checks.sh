@@ -6,7 +6,8 @@
 # parts: any of env,tests,offload,threads,vision,triton,graph,matmul (default: all, in this order).
 # A session has about 15 device minutes, a start costs about 40 s and each run rebuilds the CPU
 # kernel (~45 s, inside `tests`): e.g. `bash benchmarks/gpu_checks.sh tests,graph,triton` first
-# (about 5 minutes), then offload with BUDGETS=24 MISS=auto if time is left.
+# (about 7-8 minutes: graph runs its bench twice, stock and Triton INT4), then offload with
+# BUDGETS=24 MISS=auto if time is left.
 set -u
 OUT=${OUT:-bench-out}
 mkdir -p "$OUT"
@@ -51,7 +52,9 @@ if has triton; then
 fi
 if has graph; then
   stamp graph
-  timeout "${GRAPH_S:-150}" python3 benchmarks/bench_graph_decode.py >"$OUT/graph.jsonl" 2>&1
+  timeout "${GRAPH_S:-120}" python3 benchmarks/bench_graph_decode.py >"$OUT/graph.jsonl" 2>&1
+  LLAMA4_LOCAL_CUDA_INT4=triton timeout "${GRAPH_S:-120}" python3 benchmarks/bench_graph_decode.py \
+    >"$OUT/graph_triton.jsonl" 2>&1
 fi
 if has matmul; then
   stamp matmul

@@ -132,19 +132,11 @@ def _stack_experts(experts):
     from quant.modules import QuantizedExperts
 
     if isinstance(experts, QuantizedExperts):
-        from quant.kernels import Int4Linear, int4_matmul
+        from quant.kernels import int4_matmul
 
-        projs = {}
-        for p in ("gate_proj", "up_proj", "down_proj"):
-            mods = [getattr(e, p) for e in experts.experts]
-            if not all(isinstance(mod, Int4Linear) for mod in mods):
-                raise UserError("a static decode step takes INT4 or unquantized experts, not NF4 or FP8 ones")
-            stacked = {}
-            for name in mods[0]._buffers:
-                stacked[name] = torch.stack([mod._buffers[name] for mod in mods])
-                for e, mod in enumerate(mods):  # the experts read views of the stack: no second copy
-                    mod._buffers[name] = stacked[name][e]
-            projs[p] = (mods[0].path, mods[0].group_size, stacked)
+        stacks = experts.stacks()
+        first = experts.experts[0]
+        projs = {p: (getattr(first, p).path, getattr(first, p).group_size, stacks[p]) for p in stacks}
 
         def linear(p: str, e: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
             path, group, stacked = projs[p]

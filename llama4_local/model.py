@@ -339,6 +339,10 @@ class MoE(nn.Module):
             for y in self.experts.run(groups):
                 out += y
             return out
+        fused = getattr(self.experts, "fused", None)  # grouped kernels, no host sync (Triton INT4)
+        y = fused(x, idx, scores) if fused is not None else None
+        if y is not None:
+            return out + y
         # Group the (token, slot) pairs by expert so each selected expert runs once on all its
         # tokens; experts nobody chose are never touched.
         flat = idx.flatten()  # [T*k]

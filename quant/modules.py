@@ -32,6 +32,7 @@ class QuantizedExperts(nn.Module):
     def __init__(self, experts: list[QuantizedExpert]):
         super().__init__()
         self.experts = nn.ModuleList(experts)
+        self._stacks: dict[str, dict[str, torch.Tensor]] | None = None
 
     @property
     def num_experts(self) -> int:
@@ -45,6 +46,37 @@ class QuantizedExperts(nn.Module):
 
     def run(self, groups: list[tuple[int, torch.Tensor]]) -> list[torch.Tensor]:
         return [self.expert(e, x) for e, x in groups]
+
+    def stacks(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Each projection's buffers stacked over the experts ([E, ...] per buffer name), made
+        once: the experts' own buffers become views of the stacks, so there is no second copy.
+        What kernels that pick an expert by a device index read (graph_decode, triton_moe)."""
+        if self._stacks is None:
+            stacks = {}
+            for p in ("gate_proj", "up_proj", "down_proj"):
+                mods = [getattr(e, p) for e in self.experts]
+                if not all(isinstance(m, Int4Linear) for m in mods):
+                    raise UserError("stacked experts must be INT4 (not NF4 or FP8)")
+                stacks[p] = {n: torch.stack([m._buffers[n] for m in mods]) for n in mods[0]._buffers}
+                for e, m in enumerate(mods):
+                    for n, t in stacks[p].items():
+                        m._buffers[n] = t[e]
+            self._stacks = stacks
+        return self._stacks
+
+    def fused(self, x: torch.Tensor, idx: torch.Tensor, scores: torch.Tensor) -> torch.Tensor | None:
+        """The routed experts' summed output for many tokens in three grouped kernel launches and no
+        host sync (quant/triton_moe.py), where every expert takes the Triton INT4 path (CUDA with
+        LLAMA4_LOCAL_CUDA_INT4=triton) and activations are bf16/fp16; else None."""
+        first = self.experts[0].gate_proj
+        if getattr(first, "path", None) != "triton" or x.dtype not in (torch.bfloat16, torch.float16):
+            return None
+        from . import triton_moe
+
+        if not triton_moe.available():
+            return None
+        st = {p: (b["packed"], b["scales_and_zeros"]) for p, b in self.stacks().items()}
+        return triton_moe.moe_experts(x, idx, scores, st, first.group_size)
 
 
 def apply_quantized(
