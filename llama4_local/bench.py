@@ -17,7 +17,7 @@ import torch
 
 from .errors import UserError
 from .generate import prefill
-from .graph_decode import decode_mode, stepper
+from .graph_decode import CudaGraphDecode, stepper
 from .loader import load_model
 
 
@@ -106,7 +106,7 @@ def run_bench(req: BenchRequest) -> dict:
         "peak_rss_bytes": rss,
         "peak_gpu_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
         "kv_cache_bytes": cache.nbytes(),
-        "decode_mode": decode_mode() if model.offload is None else "eager",
+        "decode_mode": "eager" if step is None else "graph" if isinstance(step, CudaGraphDecode) else "static",
         "decode_setup_s": round(setup_s, 3),
     }
     if model.offload is not None:

@@ -46,8 +46,7 @@ class StaticDecode:
     def __init__(self, model, cache: KVCache):
         if model.offload is not None:
             raise UserError("a static decode step needs every expert resident (no expert cache)")
-        cfg, w = model.cfg, model.embed_tokens.weight
-        self.model, self.cache, self.cfg = model, cache, cfg
+        self.model, self.cache = model, cache
         self.caps, self.k, self.v = [], [], []
         for kv in cache.layers:
             cap = kv.buf.limit
@@ -58,11 +57,11 @@ class StaticDecode:
             self.caps.append(cap)
             self.k.append(kv.buf.k)
             self.v.append(kv.buf.v)
-        self.slots = {c: torch.arange(c, device=w.device) for c in set(self.caps)}
-        self.experts = getattr(model, "static_experts", None)
-        if self.experts is None:  # stacked once per model, whatever number of caches it serves
-            moe = [(i, layer.feed_forward) for i, layer in enumerate(model.layers) if layer.is_moe]
-            self.experts = model.static_experts = {i: _stack_experts(ff.experts) for i, ff in moe}
+        self.slots = {c: torch.arange(c, device=model.embed_tokens.weight.device) for c in set(self.caps)}
+        # (QuantizedExperts.stacks() stacks once per model, whatever number of caches it serves)
+        self.experts = {
+            i: _stack_experts(layer.feed_forward.experts) for i, layer in enumerate(model.layers) if layer.is_moe
+        }
 
     @property
     def position(self) -> int:

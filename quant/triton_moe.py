@@ -20,6 +20,8 @@ import os
 
 import torch
 
+from llama4_local.model import silu_mul
+
 from .triton_int4 import triton
 
 if triton is not None:
@@ -146,7 +148,5 @@ def moe_experts(x: torch.Tensor, idx: torch.Tensor, scores: torch.Tensor, stacks
     xp = x.repeat_interleave(k, dim=0) * scores.reshape(-1, 1)  # pair p: token p // k, scaled as eager
     gate = grouped(xp, *stacks["gate_proj"], group, rows, blk)
     up = grouped(xp, *stacks["up_proj"], group, rows, blk)
-    from llama4_local.model import silu_mul
-
     y = grouped(silu_mul(gate, up), *stacks["down_proj"], group, rows, blk)
     return y.view(t, k, -1).sum(1) if k > 1 else y
