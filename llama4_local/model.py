@@ -334,11 +334,12 @@ class MoE(nn.Module):
         if self.observer is not None:
             self.observer(self.layer, idx)
         out = self.shared_expert(x)
+        # As the reference, the k routed outputs are summed first (float32, one rounding), then
+        # added to the shared expert's: adding them one by one rounds k times in bf16.
         if x.shape[0] == 1:  # decode: no grouping needed; k experts for the one token
             groups = [(e, x * scores[:, j : j + 1]) for j, e in enumerate(idx[0].tolist())]
-            for y in self.experts.run(groups):
-                out += y
-            return out
+            ys = list(self.experts.run(groups))
+            return out.add_(ys[0] if len(ys) == 1 else torch.stack(ys).sum(0))
         fused = getattr(self.experts, "fused", None)  # grouped kernels, no host sync (Triton INT4)
         y = fused(x, idx, scores) if fused is not None else None
         if y is not None:
@@ -360,8 +361,13 @@ class MoE(nn.Module):
             groups.append((e, x[sel] * weights[start : start + n]))
             sels.append(sel)
             start += n
+        if self.top_k > 1:  # each token's k outputs summed in float32, then rounded once
+            routed = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+            for sel, y in zip(sels, self.experts.run(groups), strict=True):
+                routed.index_add_(0, sel, y.float())
+            return out.add_(routed.to(out.dtype))
         for sel, y in zip(sels, self.experts.run(groups), strict=True):
-            if sel.shape[0] == x.shape[0] and self.top_k == 1:
+            if sel.shape[0] == x.shape[0]:
                 out += y  # every token chose this expert: sel is 0..T-1 in order
             else:
                 out.index_add_(0, sel, y)
