@@ -13,25 +13,33 @@ computes the same token with everything on the device:
   and the mask follow from it.
 - Routed experts are chosen by a device index: each projection's buffers are stacked over the
   experts once (the experts' own buffers become views of the stack, so memory stays the same).
-  The Triton GEMV (LLAMA4_LOCAL_CUDA_INT4=triton) reads the chosen expert in place; other paths
-  gather its buffers by `index_select` (a copy of the expert per token: about 6 GB of traffic per
-  Scout token, ~1.6 ms on an H200's bandwidth).
+  The Triton GEMV (CUDA's default INT4 path) reads the chosen expert in place; the stock kernel
+  (LLAMA4_LOCAL_CUDA_INT4=stock) gathers its buffers by `index_select`, a copy of the expert per
+  token: 3.9 ms of a 12.6 ms Scout step on an H200 (docs/benchmarks.md).
+
+- The elementwise work between the matmuls runs as llama4_local/fused.py's compiled regions on
+  CUDA (an RMSNorm one kernel instead of seven): ~1440-1730 kernels per Scout token, not 3400.
 
 So one step is a fixed sequence of kernels, which `CudaGraphDecode` captures once and replays
-per token. Only models with every expert resident (no offload manager) qualify. On the CPU the
-same step runs eagerly: that is how tests prove it equals the eager model.
+per token: the default decode on CUDA when every expert is resident (no offload manager), 75-89
+Scout tokens/s on an H200 against 12-20 eager. On the CPU the same step runs eagerly (slower
+than the eager model there, so not the default): that is how tests prove it equals the eager
+model. Its cost: attention reads every slot of the buffers, so a step reads the whole context's
+KV (at the default 8192-token context, 1.6 GB per Scout token, some 0.5 ms; eager reads the
+positions held).
 """
 
 from __future__ import annotations
 
-import math
+import sys
 
 import torch
 import torch.nn.functional as F
 
+from . import fused
 from .errors import UserError
 from .kv_cache import KVCache
-from .model import apply_rope, matmul, rms_norm, rope_freqs, silu_mul
+from .model import matmul, rms_norm
 
 
 class StaticDecode:
@@ -59,9 +67,7 @@ class StaticDecode:
             self.v.append(kv.buf.v)
         self.slots = {c: torch.arange(c, device=model.embed_tokens.weight.device) for c in set(self.caps)}
         # (QuantizedExperts.stacks() stacks once per model, whatever number of caches it serves)
-        self.experts = {
-            i: _stack_experts(layer.feed_forward.experts) for i, layer in enumerate(model.layers) if layer.is_moe
-        }
+        self.experts = {i: _stack_experts(layer.feed_forward) for i, layer in enumerate(model.layers) if layer.is_moe}
 
     @property
     def position(self) -> int:
@@ -83,78 +89,99 @@ class StaticDecode:
 
     @torch.inference_mode()
     def step(self, token: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """Logits [1, V] (float32) for `token` [1] at position `pos` [1] (both int64, on the device)."""
+        """Logits [1, V] (float32) for `token` [1] at position `pos` [1] (both int64, on the device).
+        The elementwise work runs as fused.py's compiled regions on CUDA."""
         m = self.model
         x = F.embedding(token, m.embed_tokens.weight)
-        freqs = rope_freqs(m.inv_freq, pos)
+        angles = pos.float()[:, None] * m.inv_freq[None, :]  # rope_freqs's, as cos and sin
+        cos, sin = torch.cos(angles), torch.sin(angles)
+        first = m.layers[0].input_layernorm
+        y = fused.norm(x, first.weight, first.eps)
         for i, layer in enumerate(m.layers):
-            h = x + self._attention(i, layer.self_attn, layer.input_layernorm(x), pos, freqs)
-            y = layer.post_attention_layernorm(h)
-            x = h + (self._moe(i, layer.feed_forward, y) if layer.is_moe else layer.feed_forward(y))
-        return m.lm_head(m.norm(x)).float()
+            post = layer.post_attention_layernorm
+            h, y = fused.add_norm(x, self._attention(i, layer.self_attn, y, pos, cos, sin), post.weight, post.eps)
+            rows = self._moe(i, layer.feed_forward, y) if layer.is_moe else layer.feed_forward(y)
+            nxt = m.layers[i + 1].input_layernorm if i + 1 < len(m.layers) else m.norm
+            x, y = fused.add_rows_norm(h, rows, nxt.weight, nxt.eps)
+        return m.lm_head(y).float()
 
-    def _attention(self, i: int, attn, x: torch.Tensor, pos: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+    def _attention(self, i: int, attn, x: torch.Tensor, pos: torch.Tensor, cos, sin) -> torch.Tensor:
         h, kv, hd = attn.n_heads, attn.n_kv, attn.head_dim
         q = attn.q_proj(x).view(1, h, hd)
         k = attn.k_proj(x).view(1, kv, hd)
         v = attn.v_proj(x).view(1, kv, hd)
         if attn.use_rope:
-            q, k = apply_rope(q, freqs), apply_rope(k, freqs)
-        if attn.qk_norm:
+            q, k = fused.qk_rope(q, k, cos, sin, attn.qk_norm, attn.eps)
+        elif attn.qk_norm:  # (not in Llama 4: qk-norm goes with RoPE)
             q, k = rms_norm(q, attn.eps), rms_norm(k, attn.eps)
         if attn.temperature_tuning:
-            scale = torch.log1p(torch.floor((pos.float() + 1.0) / attn.floor_scale)) * attn.attn_scale + 1.0
-            q = (q * scale[:, None, None]).to(q.dtype)
+            q = fused.q_temperature(q, pos, attn.floor_scale, attn.attn_scale)
         cap = self.caps[i]
         slot = pos % cap  # full layers: cap = max_len > pos, so the slot is the position
         keys, values = self.k[i], self.v[i]
         keys.index_copy_(1, slot, k.transpose(0, 1))
         values.index_copy_(1, slot, v.transpose(0, 1))
         visible = self.slots[cap] <= slot  # chunked: this chunk's slots so far; full: positions <= pos
-        scores = torch.bmm(q.view(kv, h // kv, hd), keys.transpose(1, 2)) * hd**-0.5  # [KV, H/KV, S]
-        scores = scores.masked_fill(~visible, -math.inf)
-        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(values.dtype)
-        out = torch.bmm(probs, values).reshape(1, h * hd)
+        out = fused.attend(q.view(kv, h // kv, hd), keys, values, visible, hd**-0.5)
         return attn.o_proj(out.to(x.dtype))
 
     def _moe(self, i: int, ff, x: torch.Tensor) -> torch.Tensor:
-        idx, scores = ff.route(x)  # [1, k] each, on the device
-        out = ff.shared_expert(x)
-        run = self.experts[i]
-        for j in range(ff.top_k):  # the router score scales the expert's input, as in MoE.forward
-            out = out + run(idx[0, j : j + 1], x * scores[:, j : j + 1])
-        return out
+        """The layer's expert outputs as rows [k + 1, D], routed ones then the shared expert's
+        (add_rows_norm sums them as MoE.forward does)."""
+        rows_of, shared = self.experts[i]
+        sel, inp = fused.route(ff.router(x), x, ff.top_k, shared)  # on the device: no host sync
+        if shared >= 0:  # the shared expert is one more row of the stacked experts
+            return rows_of(sel, inp)
+        sh = ff.shared_expert
+        return torch.cat([rows_of(sel, inp), sh.down_proj(fused.silu_mul(sh.gate_proj(x), sh.up_proj(x)))])
 
 
-def _stack_experts(experts):
-    """A function (expert index [1], x [1, D]) -> expert(x), gathering the expert's weights."""
+def _stack_experts(ff) -> tuple:
+    """(rows_of, shared) for MoE layer `ff`: rows_of(sel [R], x [R, D]) -> [R, D], row r through
+    expert sel[r] (int64, on the device); `shared` the shared expert's index in the stacks, or -1
+    where it is not stacked with the routed ones (then the caller runs it)."""
     from quant.modules import QuantizedExperts
 
+    experts = ff.experts
     if isinstance(experts, QuantizedExperts):
         from quant.kernels import int4_matmul
 
-        stacks = experts.stacks()
-        first = experts.experts[0]
-        projs = {p: (getattr(first, p).path, getattr(first, p).group_size, stacks[p]) for p in stacks}
+        stacks = experts.stacks(extra=ff.shared_expert)
+        shared = experts.num_experts if experts.stacked_extra else -1
+        first = experts.experts[0].gate_proj
+        path, group = first.path, first.group_size
+        if path == "triton":  # each row reads its expert's weights in place: two launches in all
+            from quant.triton_experts import experts_gemv
 
-        def linear(p: str, e: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-            path, group, stacked = projs[p]
-            if path == "triton":  # reads expert e's weights in place: no gathered copy
-                from quant.triton_int4 import int4_gemv
+            w = {p: (b["packed"], b["scales_and_zeros"]) for p, b in stacks.items()}
 
-                return int4_gemv(x, stacked["packed"], stacked["scales_and_zeros"], group, expert=e)
-            return int4_matmul(path, group, x, {n: t.index_select(0, e)[0] for n, t in stacked.items()})
+            def rows_triton(sel: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+                h = experts_gemv(x, sel, *w["gate_proj"], group, up=w["up_proj"])
+                return experts_gemv(h, sel, *w["down_proj"], group)
 
-        def run(e: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-            return linear("down_proj", e, silu_mul(linear("gate_proj", e, x), linear("up_proj", e, x)))
+            return rows_triton, shared
 
-        return run
+        def lin(p: str, e: torch.Tensor, a: torch.Tensor) -> torch.Tensor:  # gathers expert e's weights (a copy)
+            return int4_matmul(path, group, a, {n: t.index_select(0, e)[0] for n, t in stacks[p].items()})
 
-    def run_dense(e: torch.Tensor, x: torch.Tensor) -> torch.Tensor:  # model.Experts: [E, D, 2I], [E, I, D]
-        gate, up = matmul(x, experts.gate_up_proj.index_select(0, e)[0]).chunk(2, dim=-1)
-        return matmul(silu_mul(gate, up), experts.down_proj.index_select(0, e)[0])
+        def rows_gathered(sel: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+            out = []
+            for r in range(x.shape[0]):
+                e, xr = sel[r : r + 1], x[r : r + 1]
+                out.append(lin("down_proj", e, fused.silu_mul(lin("gate_proj", e, xr), lin("up_proj", e, xr))))
+            return torch.cat(out)
 
-    return run_dense
+        return rows_gathered, shared
+
+    def rows_dense(sel: torch.Tensor, x: torch.Tensor) -> torch.Tensor:  # model.Experts: [E, D, 2I], [E, I, D]
+        out = []
+        for r in range(x.shape[0]):
+            e = sel[r : r + 1]
+            gate, up = matmul(x[r : r + 1], experts.gate_up_proj.index_select(0, e)[0]).chunk(2, dim=-1)
+            out.append(matmul(fused.silu_mul(gate, up), experts.down_proj.index_select(0, e)[0]))
+        return torch.cat(out)
+
+    return rows_dense, -1
 
 
 class CudaGraphDecode:
@@ -201,16 +228,17 @@ def eager_static(static: StaticDecode):
     return step
 
 
-MODES = ("eager", "static", "graph")
+MODES = ("auto", "eager", "static", "graph")
 
 
 def decode_mode() -> str:
-    """LLAMA4_LOCAL_DECODE: "eager" (default: the model's own forward per token), "static"
+    """LLAMA4_LOCAL_DECODE: "auto" (the default: "graph" where the model is on CUDA with every
+    expert resident, else "eager"), "eager" (the model's own forward per token), "static"
     (StaticDecode steps as they are) or "graph" (replayed as a CUDA graph where the model is on
-    CUDA, else as "static"). Opt-in until measured on a GPU."""
+    CUDA, else as "static")."""
     import os
 
-    mode = os.environ.get("LLAMA4_LOCAL_DECODE", "eager")
+    mode = os.environ.get("LLAMA4_LOCAL_DECODE", "auto")
     if mode not in MODES:
         raise UserError(f"LLAMA4_LOCAL_DECODE must be one of {', '.join(MODES)}, not {mode!r}")
     return mode
@@ -219,16 +247,24 @@ def decode_mode() -> str:
 def stepper(model, cache: KVCache, mode: str | None = None):
     """A `(token) -> logits [1, V]` decode step on `cache` in `mode` (default: decode_mode()), or
     None for the eager forward (that mode, or a model with an expert cache). A static stepper is
-    kept on the cache and reused by later turns on it."""
+    kept on the cache and reused by later turns on it. In "auto", a graph that fails to build
+    (a compiler missing on this machine, say) warns once and leaves the eager forward."""
     mode = mode or decode_mode()
-    if mode == "eager" or model.offload is not None:
+    cuda = model.embed_tokens.weight.device.type == "cuda"
+    if mode == "eager" or model.offload is not None or (mode == "auto" and not cuda):
         return None
-    graph = mode == "graph" and model.embed_tokens.weight.device.type == "cuda"
+    graph = mode in ("graph", "auto") and cuda
     kept = cache.decoder
     if kept is not None and kept[0] is model and kept[1] == graph:
         return kept[2]
     static = StaticDecode(model, cache)
-    step = CudaGraphDecode(static) if graph else eager_static(static)
+    try:
+        step = CudaGraphDecode(static) if graph else eager_static(static)
+    except Exception as e:  # noqa: BLE001 - any failure to compile or capture: fall back in auto
+        if mode != "auto":
+            raise
+        print(f"warning: CUDA-graph decode unavailable ({type(e).__name__}: {e}); decoding eagerly", file=sys.stderr)
+        step = None
     cache.decoder = (model, graph, step)
     return step
 

@@ -5,10 +5,12 @@ kernels, repacks it once, at load time, into their layout (ours reads the stored
 
 - CPU: `aten._weight_int4pack_mm_for_cpu` (weights from `_convert_weight_to_int4pack_for_cpu`),
 - CUDA: `aten._weight_int4pack_mm` (weights from `_convert_weight_to_int4pack`, bf16 only);
-  with LLAMA4_LOCAL_CUDA_INT4=triton, quant.triton_int4 ("triton") instead, reading the same
+  by default where Triton is installed, quant.triton_int4 ("triton") instead, reading the same
   buffers as our CPU kernel (the stored bytes and `pack_scales`), so an offloaded expert has
-  one host copy for both. Opt-in until it wins at every row count (docs/benchmarks.md: on an
-  H200 its 2048-row products are 6.8x faster, its one-row GEMV 1.3-1.7x slower),
+  one host copy for both (LLAMA4_LOCAL_CUDA_INT4=stock keeps the stock kernel). On an H200
+  (docs/benchmarks.md) it prefilled Scout's shapes 5.5x faster (a dequantize at 3.1 TB/s, then
+  cuBLAS) and its GEMV, 1.35x slower than the stock one alone, decoded faster in a CUDA graph
+  because it reads a routed expert by a device index where the stock kernel needs a gathered copy,
 - CPU with AVX2 and FMA: quant.cpu_kernel (ours, compiled on first use), any number of rows:
   "avx2_q8" for bf16 activations (rounded to int8 per block of 32, integer dot products, as
   llama.cpp's Q4 x Q8), "avx2" for float32 ones (float dot products; the precise mode),
@@ -61,7 +63,7 @@ def kernel_for(qw, device: torch.device, dtype: torch.dtype) -> str:
 
         if (
             triton_int4.available()
-            and os.environ.get("LLAMA4_LOCAL_CUDA_INT4", "stock") == "triton"
+            and os.environ.get("LLAMA4_LOCAL_CUDA_INT4", "triton") == "triton"
             and triton_int4.supports(n, k, qw.group_size)
             and dtype in (torch.bfloat16, torch.float16, torch.float32)
         ):

@@ -33,6 +33,7 @@ class QuantizedExperts(nn.Module):
         super().__init__()
         self.experts = nn.ModuleList(experts)
         self._stacks: dict[str, dict[str, torch.Tensor]] | None = None
+        self.stacked_extra = False  # whether stacks() holds a shared expert at index E
 
     @property
     def num_experts(self) -> int:
@@ -47,36 +48,58 @@ class QuantizedExperts(nn.Module):
     def run(self, groups: list[tuple[int, torch.Tensor]]) -> list[torch.Tensor]:
         return [self.expert(e, x) for e, x in groups]
 
-    def stacks(self) -> dict[str, dict[str, torch.Tensor]]:
+    def stacks(self, extra: nn.Module | None = None) -> dict[str, dict[str, torch.Tensor]]:
         """Each projection's buffers stacked over the experts ([E, ...] per buffer name), made
         once: the experts' own buffers become views of the stacks, so there is no second copy.
-        What kernels that pick an expert by a device index read (graph_decode, triton_moe)."""
+        What kernels that pick an expert by a device index read (graph_decode, triton_moe).
+        `extra` (the layer's shared expert, INT4 of the same shapes and path) is stacked after
+        them, index E, where the stacks are first made with it: `stacked_extra` says whether."""
         if self._stacks is None:
+            mlps = list(self.experts)
+            if extra is not None and _same_int4(extra, mlps[0]):
+                mlps.append(extra)
             stacks = {}
             for p in ("gate_proj", "up_proj", "down_proj"):
-                mods = [getattr(e, p) for e in self.experts]
+                mods = [getattr(e, p) for e in mlps]
                 if not all(isinstance(m, Int4Linear) for m in mods):
                     raise UserError("stacked experts must be INT4 (not NF4 or FP8)")
                 stacks[p] = {n: torch.stack([m._buffers[n] for m in mods]) for n in mods[0]._buffers}
                 for e, m in enumerate(mods):
                     for n, t in stacks[p].items():
                         m._buffers[n] = t[e]
-            self._stacks = stacks
+            self._stacks, self.stacked_extra = stacks, len(mlps) > len(self.experts)
         return self._stacks
 
     def fused(self, x: torch.Tensor, idx: torch.Tensor, scores: torch.Tensor) -> torch.Tensor | None:
         """The routed experts' summed output for many tokens in three grouped kernel launches and no
         host sync (quant/triton_moe.py), where every expert takes the Triton INT4 path (CUDA with
-        LLAMA4_LOCAL_CUDA_INT4=triton) and activations are bf16/fp16; else None."""
+        LLAMA4_LOCAL_CUDA_INT4=triton), activations are bf16/fp16 and the tokens are at most
+        triton_moe.MAX_TOKENS; else None."""
         first = self.experts[0].gate_proj
         if getattr(first, "path", None) != "triton" or x.dtype not in (torch.bfloat16, torch.float16):
             return None
         from . import triton_moe
 
-        if not triton_moe.available():
+        if not triton_moe.available() or x.shape[0] > triton_moe.MAX_TOKENS:
             return None
         st = {p: (b["packed"], b["scales_and_zeros"]) for p, b in self.stacks().items()}
         return triton_moe.moe_experts(x, idx, scores, st, first.group_size)
+
+
+def _same_int4(a: nn.Module, b: nn.Module) -> bool:
+    """Whether two SwiGLU MLPs' projections are INT4 linears of one shape, group and path (so
+    their buffers stack)."""
+    for p in ("gate_proj", "up_proj", "down_proj"):
+        x, y = getattr(a, p, None), getattr(b, p, None)
+        if not (isinstance(x, Int4Linear) and isinstance(y, Int4Linear)):
+            return False
+        if (x.shape, x.group_size, x.path, x.dtype) != (y.shape, y.group_size, y.path, y.dtype):
+            return False
+        if {n: (t.shape, t.dtype, t.device) for n, t in x._buffers.items()} != {
+            n: (t.shape, t.dtype, t.device) for n, t in y._buffers.items()
+        }:
+            return False
+    return True
 
 
 def apply_quantized(

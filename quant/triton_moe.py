@@ -28,6 +28,12 @@ if triton is not None:
     import triton.language as tl
 
 BLOCK_M, BLOCK_N = 32, 64
+# Up to this many tokens per forward the grouped kernels run; more take the per-expert path
+# (Triton dequantize into a bf16 scratch at 3.1 TB/s, then one cuBLAS GEMM per expert). On an
+# H200 (docs/benchmarks.md, Scout's shapes, 2026-12-04) that path prefilled 2048 tokens at 5740
+# tok/s in one forward and 3270 in the CLI's 512-token chunks, the grouped kernels at 1430 and
+# 1170: so they are off (0) until tuned. bench_graph_decode.py times both.
+MAX_TOKENS = 0
 
 
 def available() -> bool:

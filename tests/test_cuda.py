@@ -33,9 +33,8 @@ def test_bfloat16_close_to_transformers_bfloat16(all_ckpts, kind):
     ref = load_reference(all_ckpts[kind], torch.bfloat16).cuda()
     exact_ref = load_reference(all_ckpts[kind])
     # Both round to bfloat16 at the same places; neither is further from float32 than the other,
-    # over three prompts: with top-2 routing one flipped choice moves a single prompt's logits by
-    # percents (on the H200 one 60-token prompt put ours 0.0298 from float32, transformers' bf16
-    # 0.0182, 2026-12-04).
+    # over three prompts (with top-2 routing, ours summed the routed outputs one by one until
+    # session 14: 0.107 against 0.068 on the H200; test_model_oracle checks the order on the CPU).
     ours_err = ref_err = 0.0
     for seed in range(3):
         g = torch.Generator().manual_seed(seed)
@@ -186,16 +185,24 @@ def test_grouped_triton_prefill_equals_per_expert(scout_int4, monkeypatch):
     """MoE prefill through quant/triton_moe.py's grouped kernels (Triton INT4) against the same
     experts one at a time, and against the CPU in float32."""
     pytest.importorskip("triton")
+    from quant import triton_moe
     from quant.modules import QuantizedExperts
 
     monkeypatch.setenv("LLAMA4_LOCAL_CUDA_INT4", "triton")
+    monkeypatch.setattr(triton_moe, "MAX_TOKENS", 1 << 30)  # off by default: slower than dequantize + GEMM
     ids = torch.randint(0, 300, (40,), generator=torch.Generator().manual_seed(5))
     model, _ = load_model(scout_int4[0], "bfloat16", "cuda")
     calls = []
     fused = QuantizedExperts.fused
-    monkeypatch.setattr(QuantizedExperts, "fused", lambda self, *a: calls.append(1) or fused(self, *a))
+
+    def counted(self, *a):
+        y = fused(self, *a)
+        calls.append(y is not None)
+        return y
+
+    monkeypatch.setattr(QuantizedExperts, "fused", counted)
     got = model(ids.cuda(), model.new_cache(40), last_only=False)
-    assert len(calls) == model.cfg.num_layers  # every MoE layer went through the grouped kernels
+    assert calls == [True] * model.cfg.num_layers  # every MoE layer went through the grouped kernels
     monkeypatch.setattr(QuantizedExperts, "fused", lambda self, *a: None)
     want = model(ids.cuda(), model.new_cache(40), last_only=False)
     cpu, _ = load_model(scout_int4[0], "float32", "cpu")

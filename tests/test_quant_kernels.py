@@ -101,7 +101,8 @@ def test_cuda_kernel_matches_reference(symmetric, rows, path):
     g = torch.Generator().manual_seed(rows)
     qw = quantize_int4(torch.randn(256, 512, generator=g), 128, symmetric, scale_dtype=torch.bfloat16)
     dev = torch.device("cuda")
-    assert kernel_for(qw, dev, torch.bfloat16) == "cuda"  # Triton is opt-in (LLAMA4_LOCAL_CUDA_INT4)
+    # Triton where it is installed, unless LLAMA4_LOCAL_CUDA_INT4=stock
+    assert kernel_for(qw, dev, torch.bfloat16) == ("triton" if triton_int4.available() else "cuda")
     if path == "triton" and not triton_int4.available():
         pytest.skip("no Triton")
     lin = Int4Linear(qw, dev, torch.bfloat16, path=path)
@@ -114,10 +115,11 @@ def test_cuda_kernel_matches_reference(symmetric, rows, path):
 def test_triton_int4_kernels_match_reference():
     """GEMV and dequantize (symmetric and not, bf16 and float32, NaN rows) on the GPU."""
     pytest.importorskip("triton")
-    from tests.triton_check import check, check_moe
+    from tests.triton_check import check, check_experts, check_moe
 
     assert check("cuda") == []
     assert check_moe("cuda") == []
+    assert check_experts("cuda") == []
 
 
 def test_triton_int4_kernels_in_the_interpreter():

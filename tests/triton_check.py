@@ -113,8 +113,50 @@ def check_moe(device: str) -> list[str]:
     return fails
 
 
+def check_experts(device: str) -> list[str]:
+    """quant.triton_experts (a row per expert, chosen by index; gate and up fused with SwiGLU)
+    against dequantized float32 weights, rounded where the eager path rounds."""
+    from quant.triton_experts import experts_gemv
+
+    fails = []
+    g = torch.Generator().manual_seed(2)
+    e_count, d, inter, group = 4, 192, 128, 64
+    for symmetric in (True, False):
+        stacks, refs = {}, {}
+        for proj, (n, kk) in (("gate", (inter, d)), ("up", (inter, d)), ("down", (d, inter))):
+            ws = [quantize_int4(torch.randn(n, kk, generator=g) * 0.1, group, symmetric) for _ in range(e_count)]
+            offsets = [None if w.zero is None else _scale_offset(w)[1] for w in ws]
+            stacks[proj] = (
+                torch.stack([stored_bytes(w.packed) for w in ws]).to(device),
+                torch.stack([pack_scales(w.scale, o) for w, o in zip(ws, offsets, strict=True)]).to(device),
+            )
+            refs[proj] = [dequantize_int4(w, torch.float32) for w in ws]
+        sel = torch.tensor([2, 0, 2, 3])
+        for dtype in (torch.float32, torch.bfloat16):
+            x = torch.randn(4, d, generator=g).to(dtype)
+            got_h = experts_gemv(x.to(device), sel.to(device), *stacks["gate"], group, up=stacks["up"])
+            got_y = experts_gemv(got_h, sel.to(device), *stacks["down"], group).float().cpu()
+            want_h = torch.stack(
+                [
+                    torch.nn.functional.silu((refs["gate"][e] @ x[r].float()).to(dtype))
+                    * (refs["up"][e] @ x[r].float()).to(dtype)
+                    for r, e in enumerate(sel.tolist())
+                ]
+            )
+            want_y = torch.stack([refs["down"][e] @ got_h[r].float().cpu() for r, e in enumerate(sel.tolist())])
+            # three bf16 roundings in a row; the interpreter's bf16 casts truncate (2x the error)
+            tol = 1e-5 if dtype == torch.float32 else 2e-2 if INTERPRETED else 1e-2
+            tag = f"experts_gemv {'sym' if symmetric else 'asym'} {dtype}"
+            if got_h.dtype != dtype or rel_err(got_h.cpu(), want_h) > tol:
+                fails.append(f"{tag} gate/up: {got_h.dtype} rel err {rel_err(got_h.cpu(), want_h)}")
+            if rel_err(got_y, want_y) > tol:
+                fails.append(f"{tag} down: rel err {rel_err(got_y, want_y)}")
+    return fails
+
+
 if __name__ == "__main__":
     failures = check(sys.argv[1] if len(sys.argv) > 1 else "cpu")
     failures += check_moe(sys.argv[1] if len(sys.argv) > 1 else "cpu")
+    failures += check_experts(sys.argv[1] if len(sys.argv) > 1 else "cpu")
     print("\n".join(failures) or "ok")
     sys.exit(1 if failures else 0)
