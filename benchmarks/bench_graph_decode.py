@@ -6,10 +6,12 @@ The model is bench_offload_gpu.py's (48 layers, Scout's shapes, random INT4 expe
 experts resident as QuantizedExperts (each expert its own copy of one random expert's buffers):
 about 51 GB of experts, for an 80 GB-class GPU. Reports tok/s for each way, host syncs avoided,
 and how far the replayed logits are from the eager ones (fed the same tokens); and one 2048-token
-prefill (with Triton INT4, through the grouped MoE kernels of quant/triton_moe.py).
+prefill, in one forward and in the CLI's 512-token chunks (with Triton INT4, also through the
+grouped MoE kernels of quant/triton_moe.py and without them); `graph_plain` is the graph without
+llama4_local/fused.py's compiled regions; `--profile` writes the kernels of 4 replays.
 
-    python benchmarks/bench_graph_decode.py                  # CUDA, 80 GB-class GPU
-    LLAMA4_LOCAL_CUDA_INT4=triton python benchmarks/bench_graph_decode.py   # Triton kernels
+    python benchmarks/bench_graph_decode.py                  # CUDA, 80 GB-class GPU (Triton INT4)
+    LLAMA4_LOCAL_CUDA_INT4=stock python benchmarks/bench_graph_decode.py    # the stock INT4 kernel
     python benchmarks/bench_graph_decode.py --small --device cpu   # a smoke run of the same code
 """
 
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -73,6 +76,8 @@ def main():
     ap.add_argument("--prompt-tokens", type=int, default=64)
     ap.add_argument("--gen-tokens", type=int, default=64)
     ap.add_argument("--prefill-tokens", type=int, default=2048, help="also time one prefill this long")
+    ap.add_argument("--ways", default="eager,static,graph,graph_plain", help="decode ways to time, in order")
+    ap.add_argument("--profile", default="", help="write a kernel table of 4 graph replays here (CUDA)")
     args = ap.parse_args()
     device, dtype = torch.device(args.device), torch.bfloat16
     cfg = scout_config(args.small)
@@ -121,28 +126,79 @@ def main():
 
     long = torch.randint(0, cfg.vocab_size, (args.prefill_tokens,), generator=torch.Generator().manual_seed(4))
     long = long.to(device)
-    for _ in range(2):  # the first builds kernels and stacks (Triton: grouped MoE kernels)
+
+    def prefill(chunk: int) -> float:
         cache = model.new_cache(args.prefill_tokens)
         sync(device)
         t = time.perf_counter()
-        model(long, cache)
+        for i in range(0, args.prefill_tokens, chunk):
+            model(long[i : i + chunk], cache)
         sync(device)
-        dt = time.perf_counter() - t
-    print(json.dumps({"way": "prefill", "tokens": args.prefill_tokens, "tok_s": round(args.prefill_tokens / dt, 1)}))
+        return time.perf_counter() - t
 
-    ways = [("eager", eager), ("static", lambda: static(False))]
-    if device.type == "cuda":
-        ways.append(("cuda_graph", lambda: static(True)))
+    grouped = [None]
+    if path == "triton":  # the grouped MoE kernels up to triton_moe.MAX_TOKENS (default), never, always
+        from quant import triton_moe
+
+        grouped = [triton_moe.MAX_TOKENS, 0, 1 << 30]
+    for chunk in sorted({args.prefill_tokens, 512}, reverse=True):  # one forward; the CLI's chunks
+        for limit in grouped:
+            if limit is not None:
+                triton_moe.MAX_TOKENS = limit
+            prefill(chunk)  # the first builds kernels and stacks
+            dt = min(prefill(chunk) for _ in range(2))
+            row = {
+                "way": "prefill",
+                "tokens": args.prefill_tokens,
+                "chunk": chunk,
+                "tok_s": round(args.prefill_tokens / dt, 1),
+            }
+            if limit is not None:
+                row["grouped_max_tokens"] = limit
+            print(json.dumps(row), flush=True)
+        if path == "triton":
+            triton_moe.MAX_TOKENS = grouped[0]
+
+    def plain_graph():  # the graph without fused.py's compiled regions
+        os.environ["LLAMA4_LOCAL_COMPILE"] = "0"
+        try:
+            return static(True)
+        finally:
+            del os.environ["LLAMA4_LOCAL_COMPILE"]
+
+    table = {"eager": eager, "static": lambda: static(False), "graph": lambda: static(True), "graph_plain": plain_graph}
+    ways = [w for w in args.ways.split(",") if device.type == "cuda" or not w.startswith("graph")]
     ref = None
-    for name, fn in ways:
+    for name in ways:
+        fn = table[name]
         fn()  # warm-up (and capture) costs are not a step's
         dt, logits = fn()
         row = {"way": name, "tok_s": round(n / dt, 2), "ms_per_token": round(dt / n * 1e3, 2)}
         if ref is None:
             ref = logits
         else:
-            row["rel_err_vs_eager"] = float((logits.float() - ref).norm() / ref.norm())
+            row["rel_err_vs_first"] = float((logits.float() - ref).norm() / ref.norm())
         print(json.dumps(row), flush=True)
+    if args.profile and device.type == "cuda":
+        profile_graph(model, prompt, feed, args.profile)
+
+
+def profile_graph(model, prompt, feed, out: str) -> None:
+    """The kernels of a few graph replays, by total CUDA time, into `out` (a text table)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cache = model.new_cache(prompt.shape[0] + len(feed))
+    model(prompt, cache)
+    step = stepper(model, cache, "graph")
+    step(feed[0])
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for tok in feed[1:5]:
+            step(tok)
+        torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=90)
+    Path(out).write_text(table)
+    print(json.dumps({"profile": out, "replays": 4}), flush=True)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,10 @@ from quant.kernels import Int4Linear  # noqa: E402
 SHAPES = {"gate_or_up": (8192, 5120), "down": (5120, 8192)}
 # BLOCK_N, GPB, warps. On an H200 (2026-12-04) the first seven gave 23-39 us at one row (gate/up),
 # (16, 4, 4) best; the rest try more bytes in flight per thread (fewer rows, more groups a step).
+# A variant loading int32 words (8 weights) and [words, 8] activation tiles ran 2x slower
+# (38.6 against 18.8 us replayed in a graph, 2026-12-04), so it was dropped. `graph_*` columns
+# time calls replayed in a CUDA graph (no host launch cost, weights cycled past the L2): what a
+# captured decode step pays.
 CONFIGS = [(8, 4, 4), (16, 2, 4), (16, 4, 4), (32, 2, 4), (32, 4, 8), (64, 2, 8), (64, 4, 8)]
 CONFIGS += [(4, 8, 4), (8, 8, 4), (8, 16, 8), (16, 8, 8), (4, 16, 4)]
 SPLITS = [(16, 4, 4, 2), (16, 4, 4, 4), (8, 4, 4, 4), (32, 4, 8, 4), (16, 2, 4, 8)]  # ... and split-K, one row
@@ -36,6 +40,30 @@ def us(fn) -> float:
     import triton.testing
 
     return triton.testing.do_bench(fn, warmup=10, rep=40) * 1e3
+
+
+def graph_us(fns, reps: int = 20) -> float:
+    """Microseconds per call of fns (called in turn, `reps` calls) replayed as one CUDA graph: no
+    host launch cost; several weight copies so one call's bytes are not the last one's in L2."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for fn in fns:
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(reps):
+            fns[i % len(fns)]()
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(5):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) * 1e3 / (5 * reps)
 
 
 def main():
@@ -63,6 +91,15 @@ def main():
                 for bn, gpb, w in CONFIGS:
                     t = us(lambda bn=bn, gpb=gpb, w=w: triton_int4.int4_gemv(x, p, sz, 128, bn, gpb, w))
                     row[f"gemv_{bn}_{gpb}_{w}_us"] = round(t, 1)
+            if rows <= 8:
+                copies = [(p.clone(), sz.clone()) for _ in range(4)]  # 4 x 22 MB: more than the L2
+                gemv = triton_int4.int4_gemv
+                for bn, gpb, w in ((16, 4, 4), (8, 4, 4), (16, 8, 8), (32, 4, 8)):
+                    fns = [lambda c=c, bn=bn, gpb=gpb, w=w: gemv(x, c[0], c[1], 128, bn, gpb, w) for c in copies]
+                    row[f"graph_gemv_{bn}_{gpb}_{w}_us"] = round(graph_us(fns), 1)
+                stocks = [Int4Linear(qw, dev, torch.bfloat16, path="cuda") for _ in range(4)]
+                row["graph_stock_us"] = round(graph_us([lambda m=m: m(x) for m in stocks]), 1)
+                del copies, stocks
             if rows == 1:
                 for bn, gpb, w, sp in SPLITS:
                     gemv = triton_int4.int4_gemv
@@ -73,6 +110,51 @@ def main():
                 row[f"{label}_us"] = round(t, 1)
                 row[f"{label}_GB_s"] = round((w16.numel() * 2 if label == "bf16" else nbytes) / t / 1e3, 1)
             print(json.dumps(row), flush=True)
+    experts_layer(dev)
+
+
+def experts_layer(dev, n_experts: int = 17) -> None:
+    """One Scout MoE layer's decode experts (a routed expert and the shared one, stacked as
+    graph_decode stacks them: 17 experts), replayed in a CUDA graph: quant/triton_experts.py's two
+    launches against six Triton GEMVs by index and two SwiGLUs (as the static step ran them
+    before)."""
+    from llama4_local.model import silu_mul
+    from quant.triton_experts import experts_gemv
+
+    d, inter, g = 5120, 8192, 128
+    protos = {}
+    for p, (n, k) in (("gate", (inter, d)), ("up", (inter, d)), ("down", (d, inter))):
+        protos[p] = Int4Linear(quantize_rtn(torch.randn(n, k) * 0.02, g), dev, torch.bfloat16, path="triton")
+    stacks = {
+        p: (lin.packed[None].repeat(n_experts, 1, 1), lin.scales_and_zeros[None].repeat(n_experts, 1, 1, 1))
+        for p, lin in protos.items()
+    }
+    x = torch.randn(2, d, device=dev).bfloat16()
+    sel = torch.tensor([3, n_experts - 1], device=dev)
+    nbytes = 2 * sum(lin.nbytes() for lin in protos.values())
+
+    def fused_two():
+        h = experts_gemv(x, sel, *stacks["gate"], g, up=stacks["up"])
+        return experts_gemv(h, sel, *stacks["down"], g)
+
+    def separate():
+        out = []
+        for r in range(2):
+            e = sel[r : r + 1]
+            gemv = triton_int4.int4_gemv
+            h = silu_mul(
+                gemv(x[r : r + 1], *stacks["gate"], g, expert=e), gemv(x[r : r + 1], *stacks["up"], g, expert=e)
+            )
+            out.append(gemv(h, *stacks["down"], g, expert=e))
+        return torch.cat(out)
+
+    row = {"experts_layer": "routed + shared, one token", "packed_MB": round(nbytes / 1e6, 1)}
+    for label, fn in (("experts_gemv_us", fused_two), ("separate_gemvs_us", separate)):
+        row[label] = round(graph_us([fn], reps=8), 1)
+    row["experts_gemv_GB_s"] = round(nbytes / row["experts_gemv_us"] / 1e3, 1)
+    err = (fused_two().float() - separate().float()).norm() / separate().float().norm()
+    row["rel_diff"] = round(float(err), 5)
+    print(json.dumps(row), flush=True)
 
 
 if __name__ == "__main__":

@@ -48,13 +48,17 @@ if has vision; then
 fi
 if has triton; then
   stamp triton
-  timeout "${TRITON_S:-90}" python3 benchmarks/bench_triton_int4.py >"$OUT/triton.jsonl" 2>&1
+  timeout "${TRITON_S:-90}" python3 benchmarks/bench_triton_int4.py --rows "${TRITON_ROWS:-1,2,4,8,64,512,2048}" \
+    >"$OUT/triton.jsonl" 2>&1
 fi
 if has graph; then
   stamp graph
-  timeout "${GRAPH_S:-120}" python3 benchmarks/bench_graph_decode.py >"$OUT/graph.jsonl" 2>&1
-  LLAMA4_LOCAL_CUDA_INT4=triton timeout "${GRAPH_S:-120}" python3 benchmarks/bench_graph_decode.py \
-    >"$OUT/graph_triton.jsonl" 2>&1
+  ways=${WAYS:-eager,graph,graph_plain}
+  LLAMA4_LOCAL_CUDA_INT4=stock timeout "${GRAPH_S:-120}" python3 benchmarks/bench_graph_decode.py --ways "$ways" \
+    --profile "$OUT/profile.txt" \
+    >"$OUT/graph.jsonl" 2>&1
+  LLAMA4_LOCAL_CUDA_INT4=triton timeout "${GRAPH_S:-120}" python3 benchmarks/bench_graph_decode.py --ways "$ways" \
+    --profile "$OUT/profile_triton.txt" >"$OUT/graph_triton.jsonl" 2>&1
 fi
 if has matmul; then
   stamp matmul
