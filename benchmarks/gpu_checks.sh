@@ -3,7 +3,9 @@
 # under $OUT (the device tool brings $OUT back): environment, `pytest -m cuda`, the INT4 CPU
 # kernel's thread scaling on the GPU host, the vision tower on the GPU, offloaded Scout at 80 and
 # 24 GiB. Usage (repo root, on the GPU machine): OUT=dir bash benchmarks/gpu_checks.sh [parts]
-# parts: any of env,tests,offload,threads,vision,triton,graph,matmul (default: all, in this order).
+# parts: any of env,tests,offload,threads,vision,triton,graph,matmul (default: all, in this order),
+# and peer (llama.cpp built with CUDA against us: most of a session's device time on its own;
+# make its source tarball first: python benchmarks/gpu_vs_llamacpp.py --pack .peer/llama.cpp-src.tar.xz).
 # A session has about 15 device minutes, a start costs about 40 s and each run rebuilds the CPU
 # kernel (~45 s, inside `tests`): e.g. `bash benchmarks/gpu_checks.sh tests,graph,triton` first
 # (about 7-8 minutes: graph runs its bench twice, stock and Triton INT4), then offload with
@@ -59,6 +61,12 @@ if has graph; then
     >"$OUT/graph.jsonl" 2>&1
   LLAMA4_LOCAL_CUDA_INT4=triton timeout "${GRAPH_S:-120}" python3 benchmarks/bench_graph_decode.py --ways "$ways" \
     --profile "$OUT/profile_triton.txt" >"$OUT/graph_triton.jsonl" 2>&1
+fi
+if has peer; then  # llama.cpp with CUDA against us on the Scout-width slice; carry .peer (see the script)
+  stamp peer
+  timeout "${PEER_S:-560}" python3 benchmarks/gpu_vs_llamacpp.py --source .peer/llama.cpp-src.tar.xz \
+    --work /tmp/peer >"$OUT/peer.jsonl" 2>"$OUT/peer.err"
+  tail -c 3000 "$OUT/peer.err" >"$OUT/peer_tail.txt"; rm -f "$OUT/peer.err"
 fi
 if has matmul; then
   stamp matmul

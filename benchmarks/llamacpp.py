@@ -28,11 +28,14 @@ def source_dir(cache: Path, version: str = VERSION) -> Path:
     return cache / f"llama.cpp-{version}"
 
 
-def build(cache: Path, version: str = VERSION, log=print) -> Path:
-    """The directory holding llama-bench, llama-quantize and llama-imatrix, building them if needed."""
+def build(cache: Path, version: str = VERSION, log=print, cuda_arch: str | None = None) -> Path:
+    """The directory holding llama-bench, llama-quantize and llama-imatrix, building them if needed.
+    With `cuda_arch` (e.g. "90"), a CUDA build for that architecture alone, in build-cuda/."""
     src = source_dir(cache, version)
-    bin_dir = src / "build" / "bin"
-    if all((bin_dir / t).exists() for t in TOOLS):
+    build_dir = src / ("build-cuda" if cuda_arch else "build")
+    bin_dir = build_dir / "bin"
+    tools = TOOLS[:2] if cuda_arch else TOOLS
+    if all((bin_dir / t).exists() for t in tools):
         return bin_dir
     if not (src / "CMakeLists.txt").exists():
         with tempfile.TemporaryDirectory(dir=cache) as tmp:
@@ -49,15 +52,42 @@ def build(cache: Path, version: str = VERSION, log=print) -> Path:
                 for m in members:
                     m.name = m.name[len(prefix) :]
                 tar.extractall(src, members=[m for m in members if m.name], filter="data")
-    log(f"building llama.cpp's CPU tools in {src / 'build'} (a few minutes)")
+    log(f"building llama.cpp's {'CUDA' if cuda_arch else 'CPU'} tools in {build_dir} (a few minutes)")
     gen = ["-G", "Ninja"] if shutil.which("ninja") else []
     off = ("BUILD_SHARED_LIBS", "LLAMA_CURL", "LLAMA_OPENSSL", "LLAMA_BUILD_TESTS", "LLAMA_BUILD_SERVER")
     flags = ["-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON", *(f"-D{name}=OFF" for name in off)]
+    if cuda_arch:
+        flags += ["-DGGML_CUDA=ON", f"-DCMAKE_CUDA_ARCHITECTURES={cuda_arch}", "-DGGML_CUDA_NCCL=OFF"]
     quiet = {"stdout": subprocess.DEVNULL}
-    subprocess.run(["cmake", "-S", str(src), "-B", str(src / "build"), *gen, *flags], check=True, **quiet)
+    subprocess.run(["cmake", "-S", str(src), "-B", str(build_dir), *gen, *flags], check=True, **quiet)
     jobs = str(os.cpu_count() or 2)
-    subprocess.run(["cmake", "--build", str(src / "build"), "--target", *TOOLS, "-j", jobs], check=True, **quiet)
+    subprocess.run(["cmake", "--build", str(build_dir), "--target", *tools, "-j", jobs], check=True, **quiet)
     return bin_dir
+
+
+SOURCE_PARTS = ("CMakeLists.txt", "cmake", "ggml", "src", "include", "common", "tools", "examples", "pocs", "app",
+                "vendor", "gguf-py", "conversion", "convert_hf_to_gguf.py", "licenses", "LICENSE")  # fmt: skip
+
+
+def pack_source(cache: Path, out: Path, version: str = VERSION) -> Path:
+    """The parts of the vendored llama.cpp source that build its tools and convert checkpoints,
+    as one .tar.xz (about 10 MB: small enough to travel to a machine that cannot download it)."""
+    src = source_dir(cache, version)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(out, "w:xz") as tar:
+        for part in SOURCE_PARTS:
+            if (src / part).exists():
+                tar.add(src / part, arcname=part, filter=lambda m: None if "__pycache__" in m.name else m)
+    return out
+
+
+def unpack_source(tarball: Path, cache: Path, version: str = VERSION) -> Path:
+    src = source_dir(cache, version)
+    if not (src / "CMakeLists.txt").exists():
+        src.mkdir(parents=True, exist_ok=True)
+        with tarfile.open(tarball) as tar:
+            tar.extractall(src, filter="data")
+    return src
 
 
 _CONVERT = """
