@@ -39,6 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from llama4_local.config import TextConfig, read_json  # noqa: E402
+from llama4_local.graph_decode import stepper  # noqa: E402
 from llama4_local.model import Llama4Text, rope_inv_freq  # noqa: E402
 from offload.cache import ExpertCache, HostStore  # noqa: E402
 from offload.layout import ExpertKernel, ExpertLayout  # noqa: E402
@@ -162,7 +163,9 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def run_setup(model, device, prompt_tokens: int, gen_tokens: int) -> dict:
+def run_setup(model, device, prompt_tokens: int, gen_tokens: int, mode: str = "eager") -> dict:
+    """Prefill, then decode in `mode` (graph_decode.stepper's: eager, static or graph; with an
+    expert cache static and graph are piecewise_decode's steps)."""
     cache = model.new_cache(prompt_tokens + gen_tokens)
     gen = torch.Generator().manual_seed(2)
     ids = torch.randint(0, model.cfg.vocab_size, (prompt_tokens,), generator=gen).to(device)
@@ -180,12 +183,16 @@ def run_setup(model, device, prompt_tokens: int, gen_tokens: int) -> dict:
     # Decode feeds random tokens (the argmax still syncs, as sampling does): greedy decoding of
     # random weights repeats one token, so every step would route to the same experts.
     feed = torch.randint(0, model.cfg.vocab_size, (gen_tokens,), generator=gen).tolist()
+    step = stepper(model, cache, mode)  # captures its graphs here, outside the timing
+    sync(device)
+    m.reset_stats()
     t = time.perf_counter()
     for i in range(gen_tokens):
-        int(model(torch.tensor([feed[i]], device=device), cache)[-1].argmax())  # syncs, as sampling does
+        logits = model(torch.tensor([feed[i]], device=device), cache) if step is None else step(feed[i])
+        int(logits[-1].argmax())  # syncs, as sampling does
     sync(device)
     dt = time.perf_counter() - t
-    res["decode"] = dict(tok_s=round(gen_tokens / dt, 3), **phase_stats(m))
+    res["decode"] = dict(tok_s=round(gen_tokens / dt, 3), mode=mode, **phase_stats(m))
     return res
 
 
@@ -243,6 +250,7 @@ def main():
     ap.add_argument("--long-prompt", type=int, default=2048, help="also a prefill this long where all is resident")
     ap.add_argument("--profile-steps", type=int, default=8, help="profile this many decode steps where all is resident")
     ap.add_argument("--routing", default="random", choices=["random", "model"])
+    ap.add_argument("--decode-modes", default="eager,graph", help="offloaded decode: eager and/or piecewise graph")
     args = ap.parse_args()
     device, dtype = torch.device(args.device), torch.bfloat16
     cfg = scout_config(args.small, args.layers or None)
@@ -297,6 +305,9 @@ def main():
                     warmed = True
                 res = run_setup(model, device, args.prompt_tokens, args.gen_tokens)
                 row = {"gpu_memory_GiB": gib, "slots": slots, "miss_policy": miss, "prefetch": prefetch, **res}
+                for mode in args.decode_modes.split(","):
+                    if mode != "eager":
+                        row[f"decode_{mode}"] = run_setup(model, device, 16, args.gen_tokens, mode)["decode"]
                 if slots >= len(keys) and prefetch and args.long_prompt:
                     long = run_setup(model, device, args.long_prompt, 2)
                     row[f"prefill_{args.long_prompt}"] = long["prefill"]["tok_s"]

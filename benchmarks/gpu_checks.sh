@@ -30,7 +30,7 @@ if has env; then
 fi
 if has tests; then
   stamp tests
-  timeout "${TESTS_S:-150}" python3 -m pytest -q -m cuda tests/test_cuda.py tests/test_quant_kernels.py tests/test_graph_decode.py -p no:cacheprovider --timeout 100 \
+  timeout "${TESTS_S:-150}" python3 -m pytest -q -m cuda tests/test_cuda.py tests/test_quant_kernels.py tests/test_graph_decode.py tests/test_piecewise_decode.py -p no:cacheprovider --timeout 100 \
     --tb=short -rfE --durations=8 >"$OUT/pytest.txt" 2>&1
   tail -5 "$OUT/pytest.txt" | tee -a "$OUT/log.txt"
 fi

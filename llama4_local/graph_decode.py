@@ -51,8 +51,10 @@ class StaticDecode:
     would use, and `advance` moves the cache's counters, so eager prefills and static steps can
     take turns on one cache (a chat's next turn, a server's reuse)."""
 
-    def __init__(self, model, cache: KVCache):
-        if model.offload is not None:
+    def __init__(self, model, cache: KVCache, offloaded: bool = False):
+        """`offloaded`: the model has an expert cache and the caller runs its MoE halves
+        (piecewise_decode.py); only the attention halves are used then."""
+        if model.offload is not None and not offloaded:
             raise UserError("a static decode step needs every expert resident (no expert cache)")
         self.model, self.cache = model, cache
         self.caps, self.k, self.v = [], [], []
@@ -67,7 +69,8 @@ class StaticDecode:
             self.v.append(kv.buf.v)
         self.slots = {c: torch.arange(c, device=model.embed_tokens.weight.device) for c in set(self.caps)}
         # (QuantizedExperts.stacks() stacks once per model, whatever number of caches it serves)
-        self.experts = {i: _stack_experts(layer.feed_forward) for i, layer in enumerate(model.layers) if layer.is_moe}
+        moe = [] if offloaded else [i for i, layer in enumerate(model.layers) if layer.is_moe]
+        self.experts = {i: _stack_experts(model.layers[i].feed_forward) for i in moe}
 
     @property
     def position(self) -> int:
@@ -92,18 +95,33 @@ class StaticDecode:
         """Logits [1, V] (float32) for `token` [1] at position `pos` [1] (both int64, on the device).
         The elementwise work runs as fused.py's compiled regions on CUDA."""
         m = self.model
+        x, y, cos, sin = self.embed(token, pos)
+        for i, layer in enumerate(m.layers):
+            h, y = self.attention_half(i, x, y, pos, cos, sin)
+            rows = self._moe(i, layer.feed_forward, y) if layer.is_moe else layer.feed_forward(y)
+            x, y = self.add_rows(i, h, rows)
+        return m.lm_head(y).float()
+
+    def embed(self, token: torch.Tensor, pos: torch.Tensor):
+        """(x, its first norm, cos, sin) for `token` at `pos`."""
+        m = self.model
         x = F.embedding(token, m.embed_tokens.weight)
         angles = pos.float()[:, None] * m.inv_freq[None, :]  # rope_freqs's, as cos and sin
-        cos, sin = torch.cos(angles), torch.sin(angles)
         first = m.layers[0].input_layernorm
-        y = fused.norm(x, first.weight, first.eps)
-        for i, layer in enumerate(m.layers):
-            post = layer.post_attention_layernorm
-            h, y = fused.add_norm(x, self._attention(i, layer.self_attn, y, pos, cos, sin), post.weight, post.eps)
-            rows = self._moe(i, layer.feed_forward, y) if layer.is_moe else layer.feed_forward(y)
-            nxt = m.layers[i + 1].input_layernorm if i + 1 < len(m.layers) else m.norm
-            x, y = fused.add_rows_norm(h, rows, nxt.weight, nxt.eps)
-        return m.lm_head(y).float()
+        return x, fused.norm(x, first.weight, first.eps), torch.cos(angles), torch.sin(angles)
+
+    def attention_half(self, i: int, x, y, pos, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer i's residual after attention and its post-attention norm, from the residual x
+        entering the layer and its norm y."""
+        layer = self.model.layers[i]
+        post = layer.post_attention_layernorm
+        return fused.add_norm(x, self._attention(i, layer.self_attn, y, pos, cos, sin), post.weight, post.eps)
+
+    def add_rows(self, i: int, h: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The residual leaving layer i (h plus the feed-forward rows' sum) and the next norm of it."""
+        m = self.model
+        nxt = m.layers[i + 1].input_layernorm if i + 1 < len(m.layers) else m.norm
+        return fused.add_rows_norm(h, rows, nxt.weight, nxt.eps)
 
     def _attention(self, i: int, attn, x: torch.Tensor, pos: torch.Tensor, cos, sin) -> torch.Tensor:
         h, kv, hd = attn.n_heads, attn.n_kv, attn.head_dim
@@ -235,7 +253,8 @@ def decode_mode() -> str:
     """LLAMA4_LOCAL_DECODE: "auto" (the default: "graph" where the model is on CUDA with every
     expert resident, else "eager"), "eager" (the model's own forward per token), "static"
     (StaticDecode steps as they are) or "graph" (replayed as a CUDA graph where the model is on
-    CUDA, else as "static")."""
+    CUDA, else as "static"). With an expert cache, "static" and "graph" are piecewise_decode's
+    steps (graphs for the attention halves only)."""
     import os
 
     mode = os.environ.get("LLAMA4_LOCAL_DECODE", "auto")
@@ -246,20 +265,27 @@ def decode_mode() -> str:
 
 def stepper(model, cache: KVCache, mode: str | None = None):
     """A `(token) -> logits [1, V]` decode step on `cache` in `mode` (default: decode_mode()), or
-    None for the eager forward (that mode, or a model with an expert cache). A static stepper is
-    kept on the cache and reused by later turns on it. In "auto", a graph that fails to build
+    None for the eager forward (that mode, or "auto" off CUDA or with an expert cache). A model
+    with an expert cache takes piecewise_decode's steps in "static" and "graph". A static
+    stepper is kept on the cache and reused by later turns on it. In "auto", a graph that fails to build
     (a compiler missing on this machine, say) warns once and leaves the eager forward."""
     mode = mode or decode_mode()
     cuda = model.embed_tokens.weight.device.type == "cuda"
-    if mode == "eager" or model.offload is not None or (mode == "auto" and not cuda):
+    offloaded = model.offload is not None
+    if mode == "eager" or (mode == "auto" and (offloaded or not cuda)):
         return None
     graph = mode in ("graph", "auto") and cuda
     kept = cache.decoder
     if kept is not None and kept[0] is model and kept[1] == graph:
         return kept[2]
-    static = StaticDecode(model, cache)
     try:
-        step = CudaGraphDecode(static) if graph else eager_static(static)
+        if offloaded:  # attention halves static (graphs on CUDA), MoE halves through the expert cache
+            from .piecewise_decode import PiecewiseDecode
+
+            step = PiecewiseDecode(model, cache, graphs=graph)
+        else:
+            static = StaticDecode(model, cache)
+            step = CudaGraphDecode(static) if graph else eager_static(static)
     except Exception as e:  # noqa: BLE001 - any failure to compile or capture: fall back in auto
         if mode != "auto":
             raise
