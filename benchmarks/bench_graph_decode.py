@@ -2,7 +2,8 @@
 steps (llama4_local/graph_decode.py) and their CUDA-graph replay, in one run.
 
 The model is bench_offload_gpu.py's (48 layers, Scout's shapes, random INT4 experts of
-3 x 5120 x 8192 at group 128, INT4 shared experts, bf16 attention and lm_head), with the routed
+3 x 5120 x 8192 at group 128, INT4 shared experts and attention as the default quantize makes
+them (`--bf16-attention`: bf16, as session 14's figures), bf16 lm_head), with the routed
 experts resident as QuantizedExperts (each expert its own copy of one random expert's buffers):
 about 51 GB of experts, for an 80 GB-class GPU. Reports tok/s for each way, host syncs avoided,
 and how far the replayed logits are from the eager ones (fed the same tokens); and one 2048-token
@@ -76,13 +77,14 @@ def main():
     ap.add_argument("--prompt-tokens", type=int, default=64)
     ap.add_argument("--gen-tokens", type=int, default=64)
     ap.add_argument("--prefill-tokens", type=int, default=2048, help="also time one prefill this long")
+    ap.add_argument("--bf16-attention", action="store_true", help="attention projections bf16 (default: INT4)")
     ap.add_argument("--ways", default="eager,static,graph,graph_plain", help="decode ways to time, in order")
     ap.add_argument("--profile", default="", help="write a kernel table of 4 graph replays here (CUDA)")
     args = ap.parse_args()
     device, dtype = torch.device(args.device), torch.bfloat16
     cfg = scout_config(args.small)
     t0 = time.perf_counter()
-    model = build_model(cfg, device, dtype)
+    model = build_model(cfg, device, dtype, int4_attention=not args.bf16_attention)
     path = resident_experts(model, device, dtype)
     sync(device)
     n, p = args.gen_tokens, args.prompt_tokens
@@ -91,6 +93,7 @@ def main():
     head = {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
         "int4_path": path,
+        "attention": "bf16" if args.bf16_attention else "int4",
         "build_s": round(time.perf_counter() - t0, 1),
         "prompt": p,
         "gen": n,

@@ -1,7 +1,8 @@
 """Offloaded decode and prefill of a Scout-shaped INT4 model built in memory.
 
 48 layers, 16 experts of 3 x 5120 x 8192 per layer as random INT4 (group 128, symmetric), the
-shared experts INT4, attention/embeddings/lm_head in bf16 with Scout's real shapes: about 60 GB,
+shared experts and attention projections INT4 as the default quantize makes them
+(`--bf16-attention` keeps those bf16), embeddings/lm_head bf16, Scout's real shapes: about 55 GB,
 built directly in memory (never through disk). For each setup it reports prefill and decode
 tok/s, the cache hit rate, prefetch accuracy, bytes moved and the host-to-device bandwidth the
 copies reached against the measured peak of one large pinned copy.
@@ -88,8 +89,9 @@ def random_int4(n: int, k: int, gen: torch.Generator) -> Int4Weight:
     return Int4Weight(packed, scale, None, (n, k), GROUP)
 
 
-def build_model(cfg: TextConfig, device: torch.device, dtype: torch.dtype) -> Llama4Text:
-    """Random non-expert weights on the device (shared experts INT4); routed experts left out."""
+def build_model(cfg: TextConfig, device: torch.device, dtype: torch.dtype, int4_attention: bool = True) -> Llama4Text:
+    """Random non-expert weights on the device (shared experts INT4, and the attention projections
+    unless `int4_attention` is False: the default quantize makes both INT4); routed experts left out."""
     gen = torch.Generator().manual_seed(0)
     model = Llama4Text(cfg)
     replace_experts(model)
@@ -105,6 +107,11 @@ def build_model(cfg: TextConfig, device: torch.device, dtype: torch.dtype) -> Ll
         setattr(mod, attr, torch.nn.Parameter(t, requires_grad=False))
     d, i = cfg.hidden_size, cfg.intermediate_size
     for layer in model.layers:
+        if int4_attention:
+            attn = layer.self_attn
+            for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+                n, k = getattr(attn, proj).weight.shape
+                setattr(attn, proj, Int4Linear(random_int4(n, k, gen), device, dtype))
         if layer.is_moe:
             sh = layer.feed_forward.shared_expert
             for proj, (n, k) in (("gate_proj", (i, d)), ("up_proj", (i, d)), ("down_proj", (d, i))):
@@ -250,12 +257,13 @@ def main():
     ap.add_argument("--long-prompt", type=int, default=2048, help="also a prefill this long where all is resident")
     ap.add_argument("--profile-steps", type=int, default=8, help="profile this many decode steps where all is resident")
     ap.add_argument("--routing", default="random", choices=["random", "model"])
+    ap.add_argument("--bf16-attention", action="store_true", help="attention projections bf16 (default: INT4)")
     ap.add_argument("--decode-modes", default="eager,graph", help="offloaded decode: eager and/or piecewise graph")
     args = ap.parse_args()
     device, dtype = torch.device(args.device), torch.bfloat16
     cfg = scout_config(args.small, args.layers or None)
     t0 = time.perf_counter()
-    model = build_model(cfg, device, dtype)
+    model = build_model(cfg, device, dtype, int4_attention=not args.bf16_attention)
     if args.routing == "random":
         random_routing(model)
     dev_tensors, kernel = expert_tensors(cfg, device, dtype)
@@ -274,6 +282,7 @@ def main():
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
         "kernel": kernel.quant_path,
         "routing": args.routing,
+        "attention": "bf16" if args.bf16_attention else "int4",
         "threads": torch.get_num_threads(),
         "experts": len(keys),
         "expert_MB": round(layout.nbytes / 1e6, 2),
