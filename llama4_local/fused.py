@@ -56,6 +56,11 @@ def fuse(fn=None, *, eager=None):
 
             if hasattr(config, "emulate_precision_casts"):  # round where eager rounds
                 config.emulate_precision_casts = True
+            import torch._dynamo.config as dyn
+
+            for limit in ("recompile_limit", "cache_size_limit"):  # attend: one build per KV span
+                if hasattr(dyn, limit):
+                    setattr(dyn, limit, max(getattr(dyn, limit), 32))
             compiled = torch.compile(fn, dynamic=False, fullgraph=True)
         return compiled(*args)
 

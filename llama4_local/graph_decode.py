@@ -24,9 +24,9 @@ So one step is a fixed sequence of kernels, which `CudaGraphDecode` captures onc
 per token: the default decode on CUDA when every expert is resident (no offload manager), 75-89
 Scout tokens/s on an H200 against 12-20 eager. On the CPU the same step runs eagerly (slower
 than the eager model there, so not the default): that is how tests prove it equals the eager
-model. Its cost: attention reads every slot of the buffers, so a step reads the whole context's
-KV (at the default 8192-token context, 1.6 GB per Scout token, some 0.5 ms; eager reads the
-positions held).
+model. Attention reads the first `span` slots of each buffer, span the smallest of 512, 1024,
+2048, ... past the position (one graph per span, captured when first needed): reading every
+slot of a 128k context would cost some 6 GB per Scout token.
 """
 
 from __future__ import annotations
@@ -38,8 +38,11 @@ import torch.nn.functional as F
 
 from . import fused
 from .errors import UserError
+from .joined import fuse_qkv
 from .kv_cache import KVCache
 from .model import matmul, rms_norm
+
+MIN_SPAN = 512  # the smallest number of KV slots a step reads (span_for)
 
 
 class StaticDecode:
@@ -69,6 +72,7 @@ class StaticDecode:
             self.v.append(kv.buf.v)
         self.slots = {c: torch.arange(c, device=model.embed_tokens.weight.device) for c in set(self.caps)}
         # (QuantizedExperts.stacks() stacks once per model, whatever number of caches it serves)
+        self.qkv = [fuse_qkv(layer.self_attn) for layer in model.layers]
         moe = [] if offloaded else [i for i, layer in enumerate(model.layers) if layer.is_moe]
         self.experts = {i: _stack_experts(model.layers[i].feed_forward) for i in moe}
 
@@ -91,13 +95,15 @@ class StaticDecode:
                 kv.start = kv.length
 
     @torch.inference_mode()
-    def step(self, token: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """Logits [1, V] (float32) for `token` [1] at position `pos` [1] (both int64, on the device).
-        The elementwise work runs as fused.py's compiled regions on CUDA."""
+    def step(self, token: torch.Tensor, pos: torch.Tensor, span: int | None = None) -> torch.Tensor:
+        """Logits [1, V] (float32) for `token` [1] at position `pos` [1] (both int64, on the device),
+        attention reading the first `span` slots of each buffer (all: None; span_for(position)
+        covers every position up to it). The elementwise work runs as fused.py's compiled
+        regions on CUDA."""
         m = self.model
         x, y, cos, sin = self.embed(token, pos)
         for i, layer in enumerate(m.layers):
-            h, y = self.attention_half(i, x, y, pos, cos, sin)
+            h, y = self.attention_half(i, x, y, pos, cos, sin, span)
             rows = self._moe(i, layer.feed_forward, y) if layer.is_moe else layer.feed_forward(y)
             x, y = self.add_rows(i, h, rows)
         return m.lm_head(y).float()
@@ -110,12 +116,22 @@ class StaticDecode:
         first = m.layers[0].input_layernorm
         return x, fused.norm(x, first.weight, first.eps), torch.cos(angles), torch.sin(angles)
 
-    def attention_half(self, i: int, x, y, pos, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
+    def attention_half(self, i: int, x, y, pos, cos, sin, span=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Layer i's residual after attention and its post-attention norm, from the residual x
         entering the layer and its norm y."""
         layer = self.model.layers[i]
         post = layer.post_attention_layernorm
-        return fused.add_norm(x, self._attention(i, layer.self_attn, y, pos, cos, sin), post.weight, post.eps)
+        out = self._attention(i, layer.self_attn, y, pos, cos, sin, span)
+        return fused.add_norm(x, out, post.weight, post.eps)
+
+    def span_for(self, position: int) -> int:
+        """Slots a step at `position` reads: the smallest of MIN_SPAN, 2 MIN_SPAN, 4 MIN_SPAN, ...
+        past it (so one CUDA graph serves a range of positions), at most the largest buffer. A
+        step reads its chunk's or context's first `span` slots, never all of a long context's."""
+        n = MIN_SPAN
+        while n <= position:
+            n *= 2
+        return min(n, max(self.caps))
 
     def add_rows(self, i: int, h: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The residual leaving layer i (h plus the feed-forward rows' sum) and the next norm of it."""
@@ -123,11 +139,13 @@ class StaticDecode:
         nxt = m.layers[i + 1].input_layernorm if i + 1 < len(m.layers) else m.norm
         return fused.add_rows_norm(h, rows, nxt.weight, nxt.eps)
 
-    def _attention(self, i: int, attn, x: torch.Tensor, pos: torch.Tensor, cos, sin) -> torch.Tensor:
+    def _attention(self, i: int, attn, x: torch.Tensor, pos: torch.Tensor, cos, sin, span=None) -> torch.Tensor:
         h, kv, hd = attn.n_heads, attn.n_kv, attn.head_dim
-        q = attn.q_proj(x).view(1, h, hd)
-        k = attn.k_proj(x).view(1, kv, hd)
-        v = attn.v_proj(x).view(1, kv, hd)
+        if self.qkv[i] is not None:  # one product for q, k and v
+            q, k, v = self.qkv[i](x).split((h * hd, kv * hd, kv * hd), dim=-1)
+        else:
+            q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+        q, k, v = q.reshape(1, h, hd), k.reshape(1, kv, hd), v.reshape(1, kv, hd)
         if attn.use_rope:
             q, k = fused.qk_rope(q, k, cos, sin, attn.qk_norm, attn.eps)
         elif attn.qk_norm:  # (not in Llama 4: qk-norm goes with RoPE)
@@ -136,10 +154,11 @@ class StaticDecode:
             q = fused.q_temperature(q, pos, attn.floor_scale, attn.attn_scale)
         cap = self.caps[i]
         slot = pos % cap  # full layers: cap = max_len > pos, so the slot is the position
-        keys, values = self.k[i], self.v[i]
+        n = cap if span is None else min(cap, span)  # slot <= pos < span: the slot is among them
+        keys, values = self.k[i][:, :n], self.v[i][:, :n]
         keys.index_copy_(1, slot, k.transpose(0, 1))
         values.index_copy_(1, slot, v.transpose(0, 1))
-        visible = self.slots[cap] <= slot  # chunked: this chunk's slots so far; full: positions <= pos
+        visible = self.slots[cap][:n] <= slot  # chunked: this chunk's slots so far; full: positions <= pos
         out = fused.attend(q.view(kv, h // kv, hd), keys, values, visible, hd**-0.5)
         return attn.o_proj(out.to(x.dtype))
 
@@ -203,35 +222,52 @@ def _stack_experts(ff) -> tuple:
 
 
 class CudaGraphDecode:
-    """StaticDecode.step captured once as a CUDA graph; `__call__(token)` replays it at the
-    cache's next position and advances the cache."""
+    """StaticDecode.step captured as CUDA graphs, one per span of KV slots it reads (captured when
+    a position first needs it); `__call__(token)` replays the one for the cache's next position
+    and advances the cache."""
 
     def __init__(self, static: StaticDecode):
         dev = static.k[0].device
         if dev.type != "cuda":
             raise ValueError("CUDA graphs need a CUDA model")
-        self.static = static
+        self.static, self.dev = static, dev
         self.token = torch.zeros(1, dtype=torch.long, device=dev)
-        # Warm-up and capture write K/V at the next position's slot, outside what the cache
-        # counts; the first real step writes that slot again before anything reads it.
-        self.pos = torch.full((1,), static.position, dtype=torch.long, device=dev)
-        side = torch.cuda.Stream(dev)
-        side.wait_stream(torch.cuda.current_stream(dev))
+        self.pos = torch.zeros(1, dtype=torch.long, device=dev)
+        # One memory pool for every span's graph: one replays at a time, and what a replay leaves
+        # for its caller (the logits) is read before the next replay.
+        self.pool = torch.cuda.graph_pool_handle()
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._capture(static.span_for(static.position))
+
+    def _capture(self, span: int) -> None:
+        # Warm-up (which compiles fused.py's regions for this span) and capture write K/V at the
+        # next position's slot, outside what the cache counts; the first real step writes that
+        # slot again before anything reads it.
+        st = self.static
+        self.pos.fill_(st.position)
+        side = torch.cuda.Stream(self.dev)
+        side.wait_stream(torch.cuda.current_stream(self.dev))
         with torch.cuda.stream(side):
             for _ in range(2):
-                static.step(self.token, self.pos)
-        torch.cuda.current_stream(dev).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.logits = static.step(self.token, self.pos)
+                st.step(self.token, self.pos, span)
+        torch.cuda.current_stream(self.dev).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            logits = st.step(self.token, self.pos, span)
+        self.graphs[span] = (graph, logits)
 
     def __call__(self, token: int) -> torch.Tensor:
-        """Logits [1, V] (a buffer the next call overwrites) for `token` at the next position."""
-        self.pos.fill_(self.static.position)
+        """Logits [1, V] (a buffer a later call overwrites) for `token` at the next position."""
+        at = self.static.position
+        span = self.static.span_for(at)
+        if span not in self.graphs:
+            self._capture(span)
+        graph, logits = self.graphs[span]
+        self.pos.fill_(at)
         self.token.fill_(token)
-        self.graph.replay()
+        graph.replay()
         self.static.advance()
-        return self.logits
+        return logits
 
 
 def eager_static(static: StaticDecode):
@@ -239,7 +275,8 @@ def eager_static(static: StaticDecode):
     dev = static.k[0].device
 
     def step(token: int) -> torch.Tensor:
-        logits = static.step(torch.tensor([token], device=dev), torch.tensor([static.position], device=dev))
+        at = static.position
+        logits = static.step(torch.tensor([token], device=dev), torch.tensor([at], device=dev), static.span_for(at))
         static.advance()
         return logits
 
@@ -285,6 +322,8 @@ def stepper(model, cache: KVCache, mode: str | None = None):
             step = PiecewiseDecode(model, cache, graphs=graph)
         else:
             static = StaticDecode(model, cache)
+            if graph and not _announced:
+                _announce()
             step = CudaGraphDecode(static) if graph else eager_static(static)
     except Exception as e:  # noqa: BLE001 - any failure to compile or capture: fall back in auto
         if mode != "auto":
@@ -293,6 +332,17 @@ def stepper(model, cache: KVCache, mode: str | None = None):
         step = None
     cache.decoder = (model, graph, step)
     return step
+
+
+_announced = False
+
+
+def _announce() -> None:
+    """Say once per process why the first decode step waits (inductor compiles fused.py's regions)."""
+    global _announced
+    _announced = True
+    if fused._wanted(torch.empty(0, device="cuda")):
+        sys.stderr.write("llama4-local: compiling the CUDA decode step (once per process, seconds to a minute)\n")
 
 
 def greedy_static(

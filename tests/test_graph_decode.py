@@ -81,10 +81,15 @@ def assert_close_where_routed_alike(model, prompt, monkeypatch, n=16, tol=2e-2, 
     return flipped
 
 
+@pytest.mark.parametrize("min_span", [512, 4])
 @pytest.mark.parametrize("kind", ["scout", "maverick", "multimodal"])
-def test_static_steps_equal_eager_decode_float32(all_ckpts, kind):
+def test_static_steps_equal_eager_decode_float32(all_ckpts, kind, min_span, monkeypatch):
     """Across chunk boundaries (chunk 8: positions 16 and 24), NoPE layers with temperature
-    tuning, dense and MoE layers interleaved (maverick), top-2 routing (multimodal)."""
+    tuning, dense and MoE layers interleaved (maverick), top-2 routing (multimodal); with spans
+    of 4 slots and up, steps read 16 then 32 of the NoPE layers' 27 slots (and 8 of a chunk's)."""
+    from llama4_local import graph_decode
+
+    monkeypatch.setattr(graph_decode, "MIN_SPAN", min_span)
     model, _ = load_model(all_ckpts[kind], "float32", "cpu")
     want_tokens, want = eager(model, PROMPT, 16)
     tokens, got = greedy_static(model, PROMPT, 16)
@@ -133,6 +138,14 @@ def test_compiled_static_steps_on_int4_experts_bf16(scout_int4, monkeypatch):
     monkeypatch.setenv("LLAMA4_LOCAL_COMPILE", "1")
     model, _ = load_model(scout_int4[0], "bfloat16", "cpu")
     assert_close_where_routed_alike(model, PROMPT, monkeypatch)
+
+
+def test_span_for_covers_the_position_in_powers_of_two(scout_ckpt):
+    model, _ = load_model(scout_ckpt, "float32", "cpu")
+    cache = model.new_cache(3000)
+    st = StaticDecode(model, cache)
+    assert max(st.caps) == 3000
+    assert [st.span_for(p) for p in (0, 511, 512, 1023, 1024, 2999)] == [512, 512, 1024, 1024, 2048, 3000]
 
 
 def test_a_full_context_is_refused(scout_ckpt):
@@ -193,6 +206,9 @@ def test_an_unknown_decode_mode_is_a_user_error(scout_ckpt, monkeypatch):
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_cuda_graph_replay_equals_the_static_step_and_the_cpu(scout_int4, scout_ckpt, dtype, monkeypatch):
+    from llama4_local import graph_decode
+
+    monkeypatch.setattr(graph_decode, "MIN_SPAN", 4)  # graphs for spans 16 and 27, one pool
     path = scout_ckpt if dtype == "float32" else scout_int4[0]
     gpu, _ = load_model(path, dtype, "cuda")
     prompt = PROMPT.cuda()
