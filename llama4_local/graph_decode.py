@@ -71,8 +71,8 @@ class StaticDecode:
             self.k.append(kv.buf.k)
             self.v.append(kv.buf.v)
         self.slots = {c: torch.arange(c, device=model.embed_tokens.weight.device) for c in set(self.caps)}
+        self.qkv = [fuse_qkv(layer.self_attn) for layer in model.layers]  # joined once per model
         # (QuantizedExperts.stacks() stacks once per model, whatever number of caches it serves)
-        self.qkv = [fuse_qkv(layer.self_attn) for layer in model.layers]
         moe = [] if offloaded else [i for i, layer in enumerate(model.layers) if layer.is_moe]
         self.experts = {i: _stack_experts(model.layers[i].feed_forward) for i in moe}
 
