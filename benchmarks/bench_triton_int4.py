@@ -2,7 +2,8 @@
 Scout's expert shapes, with a sweep of the GEMV's block shapes.
 
 For gate/up [8192, 5120] and down [5120, 8192] at group 128: per row count, microseconds and
-GB/s of packed weight bytes for the Triton GEMV (each block shape, and split-K at one row), the path Int4Linear takes
+GB/s of packed weight bytes for the Triton GEMV (block shapes and pipelining depths, replayed in a
+CUDA graph), the path Int4Linear takes
 ("triton": GEMV up to GEMV_MAX_ROWS rows, else dequantize + GEMM), the stock
 `_weight_int4pack_mm`, and a bf16 matmul; and the dequantize kernel alone (bytes in + out).
 
@@ -25,15 +26,13 @@ from quant.int4 import quantize_rtn  # noqa: E402
 from quant.kernels import Int4Linear  # noqa: E402
 
 SHAPES = {"gate_or_up": (8192, 5120), "down": (5120, 8192)}
-# BLOCK_N, GPB, warps. On an H200 (2026-12-04) the first seven gave 23-39 us at one row (gate/up),
-# (16, 4, 4) best; the rest try more bytes in flight per thread (fewer rows, more groups a step).
-# A variant loading int32 words (8 weights) and [words, 8] activation tiles ran 2x slower
-# (38.6 against 18.8 us replayed in a graph, 2026-12-04), so it was dropped. `graph_*` columns
-# time calls replayed in a CUDA graph (no host launch cost, weights cycled past the L2): what a
-# captured decode step pays.
-CONFIGS = [(8, 4, 4), (16, 2, 4), (16, 4, 4), (32, 2, 4), (32, 4, 8), (64, 2, 8), (64, 4, 8)]
-CONFIGS += [(4, 8, 4), (8, 8, 4), (8, 16, 8), (16, 8, 8), (4, 16, 4)]
-SPLITS = [(16, 4, 4, 2), (16, 4, 4, 4), (8, 4, 4, 4), (32, 4, 8, 4), (16, 2, 4, 8)]  # ... and split-K, one row
+# BLOCK_N, GPB, warps, Triton's num_stages (None: its default), timed replayed in a CUDA graph
+# (`graph_us`: no host launch cost, weights cycled past the L2: what a captured decode step pays),
+# stages swept at one row only. Session 14 (H200, do_bench): of 12 block shapes (16,4,4) and
+# (8,4,4) were best at one row (24.1 / 24.3 us, gate/up), split-K over 2-8 programs slower
+# (28-66 us), a variant loading int32 words 2x slower (38.6 against 18.8 us replayed): dropped.
+GRAPH_CONFIGS = [(16, 4, 4), (8, 4, 4), (16, 8, 8), (32, 4, 8), (8, 8, 4), (16, 2, 4)]
+STAGES = [None, 4]
 
 
 def us(fn) -> float:
@@ -88,23 +87,18 @@ def main():
             x = torch.randn(rows, k, device=dev).bfloat16()
             row = {"shape": name, "rows": rows, "packed_MB": round(nbytes / 1e6, 2)}
             if rows <= 8:
-                for bn, gpb, w in CONFIGS:
-                    t = us(lambda bn=bn, gpb=gpb, w=w: triton_int4.int4_gemv(x, p, sz, 128, bn, gpb, w))
-                    row[f"gemv_{bn}_{gpb}_{w}_us"] = round(t, 1)
-            if rows <= 8:
                 copies = [(p.clone(), sz.clone()) for _ in range(4)]  # 4 x 22 MB: more than the L2
                 gemv = triton_int4.int4_gemv
-                for bn, gpb, w in ((16, 4, 4), (8, 4, 4), (16, 8, 8), (32, 4, 8)):
-                    fns = [lambda c=c, bn=bn, gpb=gpb, w=w: gemv(x, c[0], c[1], 128, bn, gpb, w) for c in copies]
-                    row[f"graph_gemv_{bn}_{gpb}_{w}_us"] = round(graph_us(fns), 1)
+                for bn, gpb, w in GRAPH_CONFIGS:
+                    for st in STAGES if rows == 1 else [None]:
+                        fns = [
+                            lambda c=c, a=(bn, gpb, w, st): gemv(x, c[0], c[1], 128, *a[:3], stages=a[3])
+                            for c in copies
+                        ]
+                        row[f"graph_gemv_{bn}_{gpb}_{w}_s{st or 'd'}_us"] = round(graph_us(fns), 1)
                 stocks = [Int4Linear(qw, dev, torch.bfloat16, path="cuda") for _ in range(4)]
                 row["graph_stock_us"] = round(graph_us([lambda m=m: m(x) for m in stocks]), 1)
                 del copies, stocks
-            if rows == 1:
-                for bn, gpb, w, sp in SPLITS:
-                    gemv = triton_int4.int4_gemv
-                    t = us(lambda bn=bn, gpb=gpb, w=w, sp=sp: gemv(x, p, sz, 128, bn, gpb, w, split=sp))
-                    row[f"gemv_{bn}_{gpb}_{w}_split{sp}_us"] = round(t, 1)
             for label, fn in (("triton", lambda: tri(x)), ("stock", lambda: stock(x)), ("bf16", lambda: x @ w16.t())):
                 t = us(fn)
                 row[f"{label}_us"] = round(t, 1)
@@ -152,6 +146,16 @@ def experts_layer(dev, n_experts: int = 17) -> None:
     for label, fn in (("experts_gemv_us", fused_two), ("separate_gemvs_us", separate)):
         row[label] = round(graph_us([fn], reps=8), 1)
     row["experts_gemv_GB_s"] = round(nbytes / row["experts_gemv_us"] / 1e3, 1)
+    for bn, gpb, w in GRAPH_CONFIGS[:5]:  # the two launches' block shape and pipelining
+        for st in STAGES:
+
+            def two(a=(bn, gpb, w), st=st):
+                h = experts_gemv(
+                    x, sel, *stacks["gate"], g, up=stacks["up"], block_n=a[0], gpb=a[1], warps=a[2], stages=st
+                )
+                return experts_gemv(h, sel, *stacks["down"], g, block_n=a[0], gpb=a[1], warps=a[2], stages=st)
+
+            row[f"experts_{bn}_{gpb}_{w}_s{st or 'd'}_us"] = round(graph_us([two], reps=8), 1)
     err = (fused_two().float() - separate().float()).norm() / separate().float().norm()
     row["rel_diff"] = round(float(err), 5)
     print(json.dumps(row), flush=True)

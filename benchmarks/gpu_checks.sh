@@ -50,7 +50,7 @@ if has vision; then
 fi
 if has triton; then
   stamp triton
-  timeout "${TRITON_S:-90}" python3 benchmarks/bench_triton_int4.py --rows "${TRITON_ROWS:-1,2,4,8,64,512,2048}" \
+  timeout "${TRITON_S:-120}" python3 benchmarks/bench_triton_int4.py --rows "${TRITON_ROWS:-1,2,4,8,64,512,2048}" \
     >"$OUT/triton.jsonl" 2>&1
 fi
 if has graph; then

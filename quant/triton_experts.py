@@ -110,10 +110,12 @@ def experts_gemv(
     block_n: int = GEMV_BLOCK_N,
     gpb: int = GEMV_GPB,
     warps: int = GEMV_WARPS,
+    stages: int | None = None,
 ) -> torch.Tensor:
     """x [R, K] -> [R, N]: row r times expert sel[r]'s weights (stacked [E, N, K/2] and
     [E, N, R, G]); with `up` (the up projection's (packed, scales)), silu(gate) * up instead.
-    `sel` is int64 [R] on x's device: no host sync, capturable in a CUDA graph."""
+    `sel` is int64 [R] on x's device: no host sync, capturable in a CUDA graph. Block shape,
+    warps and `stages` (Triton's pipelining depth; its default where None) as int4_gemv's."""
     n, k, r = _check(packed, sz, group_size)
     if packed.dim() != 3 or sel.shape != (x.shape[0],):
         raise ValueError("experts_gemv takes stacked weights and one expert index per row of x")
@@ -141,5 +143,6 @@ def experts_gemv(
         GPB=gpb,
         GLU=up is not None,
         num_warps=warps,
+        **({} if stages is None else {"num_stages": stages}),
     )
     return y

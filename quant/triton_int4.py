@@ -161,6 +161,7 @@ def int4_gemv(
     block_n: int = GEMV_BLOCK_N,
     gpb: int = GEMV_GPB,
     warps: int = GEMV_WARPS,
+    stages: int | None = None,
     expert: torch.Tensor | None = None,
     split: int = 1,
 ) -> torch.Tensor:
@@ -168,7 +169,8 @@ def int4_gemv(
     `expert` (int64 [1] on x's device), `packed` and `sz` are stacked over experts and the kernel
     reads that expert's in place (no host sync, no copy: what a captured decode step needs).
     `split` > 1 also splits K over that many programs (more of them in flight for one row),
-    adding float32 partial sums atomically: not bitwise repeatable."""
+    adding float32 partial sums atomically: not bitwise repeatable. `stages`: Triton's software
+    pipelining depth for the loop over K (its default where None)."""
     n, k, r = _check(packed, sz, group_size)
     if (expert is None) != (packed.dim() == 2):
         raise ValueError("stacked weights need an expert index, and an expert index stacked weights")
@@ -199,6 +201,7 @@ def int4_gemv(
         STEPS=steps,
         SPLIT=split,
         num_warps=warps,
+        **({} if stages is None else {"num_stages": stages}),
     )
     return y if split == 1 else y.to(x.dtype)
 
