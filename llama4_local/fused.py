@@ -18,13 +18,31 @@ caches its kernels on disk), paid in the graph's warm-up before capture.
 from __future__ import annotations
 
 import os
+import sys
 
 import torch
 
 from . import model
 
+_disabled = False
+REGIONS: list = []  # every fused region (each keeps its compiled form in .compiled)
+
+
+def disable(reason: BaseException) -> bool:
+    """Stop compiling for the rest of the process (the compiler failed on this machine: the
+    regions run as they are); warns once. False when nothing was being compiled."""
+    global _disabled
+    if _disabled or os.environ.get("LLAMA4_LOCAL_COMPILE") == "0":
+        return False
+    _disabled = True
+    msg = f"{type(reason).__name__}: {reason}".splitlines()[0][:300]
+    sys.stderr.write(f"warning: a compiled decode region failed ({msg}); running them uncompiled\n")
+    return True
+
 
 def _wanted(t: torch.Tensor) -> bool:
+    if _disabled:
+        return False
     flag = os.environ.get("LLAMA4_LOCAL_COMPILE", "")
     if flag == "0":
         return False
@@ -44,30 +62,38 @@ def fuse(fn=None, *, eager=None):
     `eager` (the model's own function, e.g. the CPU's glue kernel) or `fn` as it is."""
     if fn is None:
         return lambda f: fuse(f, eager=eager)
-    compiled = None
     plain = eager or fn
 
     def call(*args):
-        nonlocal compiled
         if not _wanted(args[0]):
             return plain(*args)
-        if compiled is None:
-            from torch._inductor import config
+        if call.compiled is None:
+            call.compiled = _compile(fn)
+        try:
+            return call.compiled(*args)
+        except Exception as e:  # noqa: BLE001 - the compiler failing on this machine: run it as it is
+            disable(e)
+            return plain(*args)
 
-            if hasattr(config, "emulate_precision_casts"):  # round where eager rounds
-                config.emulate_precision_casts = True
-            import torch._dynamo.config as dyn
-
-            for limit in ("recompile_limit", "cache_size_limit"):  # attend: one build per KV span
-                if hasattr(dyn, limit):
-                    setattr(dyn, limit, max(getattr(dyn, limit), 32))
-            compiled = torch.compile(fn, dynamic=False, fullgraph=True)
-        return compiled(*args)
-
+    call.compiled = None
     call.eager = plain
+    REGIONS.append(call)
     call.__name__ = call.__qualname__ = fn.__name__
     call.__doc__ = fn.__doc__
     return call
+
+
+def _compile(fn):
+    """torch.compile'd `fn`: static shapes, one graph, roundings where eager rounds."""
+    import torch._dynamo.config as dyn
+    from torch._inductor import config
+
+    if hasattr(config, "emulate_precision_casts"):  # round where eager rounds
+        config.emulate_precision_casts = True
+    for limit in ("recompile_limit", "cache_size_limit"):  # attend: one build per KV span
+        if hasattr(dyn, limit):
+            setattr(dyn, limit, max(getattr(dyn, limit), 32))
+    return torch.compile(fn, dynamic=False, fullgraph=True)
 
 
 def _rms(xf: torch.Tensor, eps: float) -> torch.Tensor:

@@ -315,17 +315,20 @@ def stepper(model, cache: KVCache, mode: str | None = None):
     kept = cache.decoder
     if kept is not None and kept[0] is model and kept[1] == graph:
         return kept[2]
-    try:
+
+    def build():
         if offloaded:  # attention halves static (graphs on CUDA), MoE halves through the expert cache
             from .piecewise_decode import PiecewiseDecode
 
-            step = PiecewiseDecode(model, cache, graphs=graph)
-        else:
-            static = StaticDecode(model, cache)
-            if graph and not _announced:
-                _announce()
-            step = CudaGraphDecode(static) if graph else eager_static(static)
-    except Exception as e:  # noqa: BLE001 - any failure to compile or capture: fall back in auto
+            return PiecewiseDecode(model, cache, graphs=graph)
+        static = StaticDecode(model, cache)
+        if graph and not _announced:
+            _announce()
+        return CudaGraphDecode(static) if graph else eager_static(static)
+
+    try:
+        step = build()
+    except Exception as e:  # noqa: BLE001 - any failure to capture: fall back in auto
         if mode != "auto":
             raise
         print(f"warning: CUDA-graph decode unavailable ({type(e).__name__}: {e}); decoding eagerly", file=sys.stderr)

@@ -113,6 +113,30 @@ def test_compiled_regions_equal_eager_decode_float32(scout_ckpt, monkeypatch):
     assert torch.allclose(y, fused.add_norm.eager(x, x, torch.ones(64), 1e-5)[1], atol=1e-5)
 
 
+def test_a_failing_compiler_leaves_the_regions_uncompiled(scout_ckpt, monkeypatch, capsys):
+    """Where torch.compile fails on a machine (a missing compiler, say), the step warns once and
+    runs the regions as they are: the same tokens and logits as eager."""
+    from llama4_local import fused
+
+    def broken(fn):
+        def run(*args):
+            raise RuntimeError("no C compiler here")
+
+        return run
+
+    monkeypatch.setenv("LLAMA4_LOCAL_COMPILE", "1")
+    monkeypatch.setattr(fused, "_compile", broken)
+    monkeypatch.setattr(fused, "_disabled", False)
+    for region in fused.REGIONS:  # compiled by earlier tests: compile again, with the broken compiler
+        monkeypatch.setattr(region, "compiled", None)
+    model, _ = load_model(scout_ckpt, "float32", "cpu")
+    want_tokens, want = eager(model, PROMPT, 6)
+    tokens, got = greedy_static(model, PROMPT, 6, graph=False)
+    assert tokens == want_tokens and rel_err(got, want) < 1e-5
+    assert capsys.readouterr().err.count("running them uncompiled") == 1
+    assert fused._disabled
+
+
 def test_auto_decodes_eagerly_on_the_cpu(scout_ckpt, monkeypatch):
     from llama4_local.graph_decode import stepper
 
