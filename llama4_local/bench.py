@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from . import fused
 from .errors import UserError
 from .generate import prefill
 from .graph_decode import CudaGraphDecode, stepper
@@ -106,7 +107,9 @@ def run_bench(req: BenchRequest) -> dict:
         "peak_rss_bytes": rss,
         "peak_gpu_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
         "kv_cache_bytes": cache.nbytes(),
-        "decode_mode": "eager" if step is None else "graph" if isinstance(step, CudaGraphDecode) else "static",
+        "decode_mode": _mode_name(step),
+        "compiled_regions": step is not None and fused._wanted(torch.empty(0, device=device)),
+        "int4_kernels": _int4_kernels(model),
         "decode_setup_s": round(setup_s, 3),
     }
     if model.offload is not None:
@@ -117,3 +120,21 @@ def run_bench(req: BenchRequest) -> dict:
     if model.plan is not None:
         out["plan"] = model.plan.as_dict()
     return out
+
+
+def _mode_name(step) -> str:
+    """How the decode steps ran: eager, static, graph, or piecewise (graph) with an expert cache."""
+    from .piecewise_decode import PiecewiseDecode
+
+    if step is None:
+        return "eager"
+    if isinstance(step, PiecewiseDecode):
+        return "piecewise graph" if step.graphs is not None else "piecewise"
+    return "graph" if isinstance(step, CudaGraphDecode) else "static"
+
+
+def _int4_kernels(model) -> list[str]:
+    """The INT4 kernel paths the model's resident linears take (quant.kernels.kernel_for)."""
+    from quant.kernels import Int4Linear
+
+    return sorted({m.path for m in model.modules() if isinstance(m, Int4Linear)})

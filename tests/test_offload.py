@@ -373,6 +373,9 @@ def test_bench_json(scout_int4):
     assert dec["uses"] == 8 * 4  # top-1, 4 MoE layers, one token per step
     assert dec["hits"] + dec["misses"] == dec["uses"]
     assert res["decode"]["tok_s"] > 0 and res["peak_rss_bytes"] > 0
+    # how the steps ran: the eager step on the CPU (auto), one CPU kernel for the resident INT4 linears
+    assert res["decode_mode"] == "eager" and res["compiled_regions"] is False
+    assert len(res["int4_kernels"]) == 1 and res["int4_kernels"][0] in ("avx2_q8", "cpu", "reference")
 
 
 @pytest.mark.parametrize(
