@@ -248,6 +248,10 @@ def prompt(
 
     def go():
         _threads(threads)
+        # One reply per process: the CUDA graph without compiled regions. Compiling them took some
+        # 13 s per process on an H200 (session 14), which their 4 ms per token repays only after
+        # about 3000 tokens; chat and serve, which live longer, compile (LLAMA4_LOCAL_COMPILE=1 here).
+        os.environ.setdefault("LLAMA4_LOCAL_COMPILE", "0")
         from llama4_local.runner import PromptRequest, run_prompt
 
         off = _offload_options(gpu_memory, host_memory, expert_cache_slots, cache_policy, miss_policy, prefetch)
