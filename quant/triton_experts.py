@@ -27,21 +27,7 @@ from .triton_int4 import GEMV_BLOCK_N, GEMV_GPB, GEMV_WARPS, _check, triton
 if triton is not None:
     import triton.language as tl
 
-    @triton.jit
-    def _group_dots(w_ptr, sz_ptr, rows, rmask, j, jmask, xe, xo, xs, g, gm, kb, ng, R, BLOCK_N, GPB, HG):
-        """One step's contribution [BLOCK_N]: GPB groups of the rows' packed bytes j times x."""
-        wb = tl.load(w_ptr + rows[:, None] * kb + j[None, :], mask=rmask[:, None] & jmask[None, :], other=0)
-        wb = wb.to(tl.int32)
-        lo = (wb & 15).to(tl.float32)
-        hi = (wb >> 4).to(tl.float32)
-        part = tl.sum(tl.reshape(lo * xe[None, :] + hi * xo[None, :], (BLOCK_N, GPB, HG)), axis=2)
-        srow = sz_ptr + rows[:, None] * (R * ng) + g[None, :]
-        s = tl.load(srow, mask=gm, other=0.0).to(tl.float32)
-        if R == 2:
-            c = tl.load(srow + ng, mask=gm, other=0.0).to(tl.float32)
-        else:
-            c = -8.0 * s
-        return tl.sum(s * part + c * xs[None, :], axis=1)
+    from .triton_int4 import _group_dots
 
     @triton.jit
     def _experts_gemv_kernel(

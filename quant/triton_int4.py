@@ -48,6 +48,43 @@ def supports(n: int, k: int, group_size: int) -> bool:
 if triton is not None:
 
     @triton.jit
+    def _group_dots(
+        w_ptr,
+        sz_ptr,
+        rows,
+        rmask,
+        j,
+        jmask,
+        xe,
+        xo,
+        xs,
+        g,
+        gm,
+        kb: tl.constexpr,
+        ng: tl.constexpr,
+        R: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        GPB: tl.constexpr,
+        HG: tl.constexpr,
+    ):
+        """One step's contribution [BLOCK_N] of GPB groups to a GEMV: the rows' packed bytes j
+        (low nibble input 2j, high 2j + 1) times x's even and odd inputs xe, xo, scaled per group
+        (xs: each group's sum of x, for the constant term); shared by _gemv_kernel and
+        triton_experts."""
+        wb = tl.load(w_ptr + rows[:, None] * kb + j[None, :], mask=rmask[:, None] & jmask[None, :], other=0)
+        wb = wb.to(tl.int32)
+        lo = (wb & 15).to(tl.float32)
+        hi = (wb >> 4).to(tl.float32)
+        part = tl.sum(tl.reshape(lo * xe[None, :] + hi * xo[None, :], (BLOCK_N, GPB, HG)), axis=2)
+        srow = sz_ptr + rows[:, None] * (R * ng) + g[None, :]
+        s = tl.load(srow, mask=gm, other=0.0).to(tl.float32)
+        if R == 2:
+            c = tl.load(srow + ng, mask=gm, other=0.0).to(tl.float32)
+        else:
+            c = -8.0 * s
+        return tl.sum(s * part + c * xs[None, :], axis=1)
+
+    @triton.jit
     def _gemv_kernel(
         x_ptr,
         w_ptr,
@@ -86,21 +123,10 @@ if triton is not None:
             jmask = j < kb
             xe = tl.load(x_ptr + t * stride_x + 2 * j, mask=jmask, other=0.0).to(tl.float32)
             xo = tl.load(x_ptr + t * stride_x + 2 * j + 1, mask=jmask, other=0.0).to(tl.float32)
-            m = rmask[:, None] & jmask[None, :]
-            wb = tl.load(w_ptr + rows[:, None] * kb + j[None, :], mask=m, other=0).to(tl.int32)
-            lo = (wb & 15).to(tl.float32)
-            hi = (wb >> 4).to(tl.float32)
-            part = tl.sum(tl.reshape(lo * xe[None, :] + hi * xo[None, :], (BLOCK_N, GPB, HG)), axis=2)
             xs = tl.sum(tl.reshape(xe + xo, (GPB, HG)), axis=1)  # [GPB]: each group's sum of x
             g = b0 // HG + gi
             gm = rmask[:, None] & (g < ng)[None, :]
-            srow = sz_ptr + rows[:, None] * (R * ng) + g[None, :]
-            s = tl.load(srow, mask=gm, other=0.0).to(tl.float32)
-            if R == 2:
-                c = tl.load(srow + ng, mask=gm, other=0.0).to(tl.float32)
-            else:
-                c = -8.0 * s
-            acc += tl.sum(s * part + c * xs[None, :], axis=1)
+            acc += _group_dots(w_ptr, sz_ptr, rows, rmask, j, jmask, xe, xo, xs, g, gm, kb, ng, R, BLOCK_N, GPB, HG)
         if SPLIT > 1:  # y is float32 and zeroed: each program adds its share of K
             tl.atomic_add(y_ptr + t * stride_y + rows, acc, mask=rmask)
         else:
