@@ -98,26 +98,10 @@ def _compile(fn):
     return torch.compile(fn, dynamic=False, fullgraph=True)
 
 
-def _rms(xf: torch.Tensor, eps: float) -> torch.Tensor:
-    return xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-
-
 @fuse(eager=lambda x, w, eps: model.rms_norm(x, eps, w))
 def norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     """rms_norm(x) * w, as model.RMSNorm."""
-    return _rms(x.float(), eps).type_as(x) * w
-
-
-def _add_norm_eager(x, delta, w, eps):
-    h = x + delta
-    return h, model.rms_norm(h, eps, w)
-
-
-@fuse(eager=_add_norm_eager)
-def add_norm(x: torch.Tensor, delta: torch.Tensor, w: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(h, rms_norm(h) * w) for the residual sum h = x + delta."""
-    h = x + delta
-    return h, _rms(h.float(), eps).type_as(h) * w
+    return model.rms_norm_torch(x, eps, w)
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -134,7 +118,7 @@ def qk_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
     """The RoPE layers' q and k [1, heads, hd]: rotated, then (qk_norm) L2-normed without weight."""
     q, k = _rope(q, cos, sin), _rope(k, cos, sin)
     if qk_norm:
-        q, k = _rms(q.float(), eps).type_as(q), _rms(k.float(), eps).type_as(k)
+        q, k = model.rms_norm_torch(q, eps), model.rms_norm_torch(k, eps)
     return q, k
 
 
@@ -163,8 +147,7 @@ def route(logits: torch.Tensor, x: torch.Tensor, top_k: int, shared: int) -> tup
     """The chosen experts `sel` [k] and the rows they take [k, D]: x scaled by each one's sigmoid
     score, as MoE.route and MoE.forward (the score scales the expert's input); with `shared` >= 0
     (the shared expert's index in the stacks) that index and x itself are appended: [k + 1]."""
-    top, idx = torch.topk(logits, top_k, dim=1)
-    scores = torch.sigmoid(top.float()).to(x.dtype)  # [1, k]
+    idx, scores = model.top_k_scores(logits, top_k, x.dtype)  # [1, k] each
     rows = x * scores[0, :, None]  # [k, D]
     if shared < 0:
         return idx[0], rows
@@ -172,7 +155,8 @@ def route(logits: torch.Tensor, x: torch.Tensor, top_k: int, shared: int) -> tup
 
 
 def _sum_rows(rows: torch.Tensor) -> torch.Tensor:
-    """A layer's feed-forward output [1, D] from its rows: one (a dense MLP), or the routed
+    """A layer's feed-forward output [1, D] from its rows: one (a dense MLP's output, or an
+    attention output: add_rows_norm serves both residual sums of a layer), or the routed
     experts' rows then the shared expert's, summed as MoE.forward sums them (the routed ones in
     float32, rounded once, then added to the shared one)."""
     if rows.shape[0] == 1:
@@ -190,7 +174,7 @@ def _add_rows_norm_eager(x, rows, w, eps):
 def add_rows_norm(x: torch.Tensor, rows: torch.Tensor, w: torch.Tensor, eps: float):
     """(h, rms_norm(h) * w) for h = x + the feed-forward output that `rows` [R, D] sum to."""
     h = x + _sum_rows(rows)
-    return h, _rms(h.float(), eps).type_as(h) * w
+    return h, model.rms_norm_torch(h, eps, w)
 
 
 @fuse(eager=model.silu_mul)

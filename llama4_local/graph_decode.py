@@ -122,7 +122,7 @@ class StaticDecode:
         layer = self.model.layers[i]
         post = layer.post_attention_layernorm
         out = self._attention(i, layer.self_attn, y, pos, cos, sin, span)
-        return fused.add_norm(x, out, post.weight, post.eps)
+        return fused.add_rows_norm(x, out, post.weight, post.eps)
 
     def span_for(self, position: int) -> int:
         """Slots a step at `position` reads: the smallest of MIN_SPAN, 2 MIN_SPAN, 4 MIN_SPAN, ...
@@ -169,8 +169,32 @@ class StaticDecode:
         sel, inp = fused.route(ff.router(x), x, ff.top_k, shared)  # on the device: no host sync
         if shared >= 0:  # the shared expert is one more row of the stacked experts
             return rows_of(sel, inp)
-        sh = ff.shared_expert
-        return torch.cat([rows_of(sel, inp), sh.down_proj(fused.silu_mul(sh.gate_proj(x), sh.up_proj(x)))])
+        return torch.cat([rows_of(sel, inp), shared_row(ff, x)])
+
+
+def shared_row(ff, x: torch.Tensor) -> torch.Tensor:
+    """The MoE layer's shared expert on x [1, D], its SwiGLU one fused region."""
+    sh = ff.shared_expert
+    return sh.down_proj(fused.silu_mul(sh.gate_proj(x), sh.up_proj(x)))
+
+
+def capture(fn, dev: torch.device, pool, warmups: int = 1):
+    """(graph, fn()'s output): fn run `warmups` times on a side stream (where fused.py's regions
+    compile, outside any capture), then captured as a CUDA graph in memory pool `pool`. Where fn
+    is a decode step, warm-up and capture write K/V at the next position's slot, outside what the
+    cache counts; the first real step writes that slot again before anything reads it."""
+    if not _announced:
+        _announce()
+    side = torch.cuda.Stream(dev)
+    side.wait_stream(torch.cuda.current_stream(dev))
+    with torch.cuda.stream(side):
+        for _ in range(warmups):
+            fn()
+    torch.cuda.current_stream(dev).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        out = fn()
+    return graph, out
 
 
 def _stack_experts(ff) -> tuple:
@@ -240,21 +264,8 @@ class CudaGraphDecode:
         self._capture(static.span_for(static.position))
 
     def _capture(self, span: int) -> None:
-        # Warm-up (which compiles fused.py's regions for this span) and capture write K/V at the
-        # next position's slot, outside what the cache counts; the first real step writes that
-        # slot again before anything reads it.
-        st = self.static
-        self.pos.fill_(st.position)
-        side = torch.cuda.Stream(self.dev)
-        side.wait_stream(torch.cuda.current_stream(self.dev))
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                st.step(self.token, self.pos, span)
-        torch.cuda.current_stream(self.dev).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            logits = st.step(self.token, self.pos, span)
-        self.graphs[span] = (graph, logits)
+        self.pos.fill_(self.static.position)
+        self.graphs[span] = capture(lambda: self.static.step(self.token, self.pos, span), self.dev, self.pool, 2)
 
     def __call__(self, token: int) -> torch.Tensor:
         """Logits [1, V] (a buffer a later call overwrites) for `token` at the next position."""
@@ -322,8 +333,6 @@ def stepper(model, cache: KVCache, mode: str | None = None):
 
             return PiecewiseDecode(model, cache, graphs=graph)
         static = StaticDecode(model, cache)
-        if graph and not _announced:
-            _announce()
         return CudaGraphDecode(static) if graph else eager_static(static)
 
     try:

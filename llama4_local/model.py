@@ -110,6 +110,11 @@ def rms_norm(x: torch.Tensor, eps: float, weight: torch.Tensor | None = None) ->
     operations (same roundings; only the order of the sum of squares differs)."""
     if _glue_kernel(x) and (weight is None or weight.dtype == x.dtype):
         return _half_kernel().rms_norm(x, weight, eps)
+    return rms_norm_torch(x, eps, weight)
+
+
+def rms_norm_torch(x: torch.Tensor, eps: float, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """rms_norm in torch operations alone (what GPUs run, and what torch.compile traces)."""
     xf = x.float()
     y = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).type_as(x)
     return y if weight is None else y * weight
@@ -314,6 +319,13 @@ class Experts(nn.Module):
         return [self.expert(e, x) for e, x in groups]
 
 
+def top_k_scores(logits: torch.Tensor, k: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """A router's top-k experts [T, k] for its logits [T, E] and their sigmoid scores [T, k] in
+    `dtype`, as the reference."""
+    top, idx = torch.topk(logits, k, dim=1)
+    return idx, torch.sigmoid(top.float()).to(dtype)
+
+
 class MoE(nn.Module):
     def __init__(self, cfg: TextConfig, layer: int = 0):
         super().__init__()
@@ -325,9 +337,7 @@ class MoE(nn.Module):
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-k experts [T, k] and their sigmoid scores [T, k], in x's dtype as the reference."""
-        logits = self.router(x)  # [T, E]
-        top, idx = torch.topk(logits, self.top_k, dim=1)
-        return idx, torch.sigmoid(top.float()).to(x.dtype)
+        return top_k_scores(self.router(x), self.top_k, x.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         idx, scores = self.route(x)

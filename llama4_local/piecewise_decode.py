@@ -19,8 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from . import fused
-from .graph_decode import StaticDecode
+from .graph_decode import StaticDecode, capture, shared_row
 from .kv_cache import KVCache
 
 
@@ -45,23 +44,14 @@ class PiecewiseDecode:
 
     def _capture(self, dev: torch.device) -> list:
         """One CUDA graph per layer's attention half, sharing a memory pool (replayed in the order
-        captured, each step). Warm-up and capture write K/V at the next position's slot, outside
-        what the cache counts; the first real step writes that slot again before it is read."""
+        captured, each step)."""
         st = self.static
         self.pos.fill_(st.position)
-        side = torch.cuda.Stream(dev)
-        side.wait_stream(torch.cuda.current_stream(dev))
-        with torch.cuda.stream(side):
-            for i in range(len(self.model.layers)):  # compiles fused.py's regions before capture
-                st.attention_half(i, self.x, self.y, self.pos, self.cos, self.sin)
-        torch.cuda.current_stream(dev).wait_stream(side)
-        pool, graphs = torch.cuda.graph_pool_handle(), []
-        for i in range(len(self.model.layers)):
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g, pool=pool):
-                out = st.attention_half(i, self.x, self.y, self.pos, self.cos, self.sin)
-            graphs.append((g, out))
-        return graphs
+        pool = torch.cuda.graph_pool_handle()
+        return [
+            capture(lambda i=i: st.attention_half(i, self.x, self.y, self.pos, self.cos, self.sin), dev, pool)
+            for i in range(len(self.model.layers))
+        ]
 
     @torch.inference_mode()
     def __call__(self, token: int) -> torch.Tensor:
@@ -94,5 +84,4 @@ class PiecewiseDecode:
         if ff.observer is not None:
             ff.observer(ff.layer, idx)
         ys = ff.experts.run([(e, y * scores[:, j : j + 1]) for j, e in enumerate(idx[0].tolist())])
-        sh = ff.shared_expert
-        return torch.cat([*ys, sh.down_proj(fused.silu_mul(sh.gate_proj(y), sh.up_proj(y)))])
+        return torch.cat([*ys, shared_row(ff, y)])

@@ -72,9 +72,9 @@ class QuantizedExperts(nn.Module):
 
     def fused(self, x: torch.Tensor, idx: torch.Tensor, scores: torch.Tensor) -> torch.Tensor | None:
         """The routed experts' summed output for many tokens in three grouped kernel launches and no
-        host sync (quant/triton_moe.py), where every expert takes the Triton INT4 path (CUDA with
-        LLAMA4_LOCAL_CUDA_INT4=triton), activations are bf16/fp16 and the tokens are at most
-        triton_moe.MAX_TOKENS; else None."""
+        host sync (quant/triton_moe.py), where every expert takes the Triton INT4 path (CUDA's
+        default), activations are bf16/fp16 and the tokens are at most triton_moe.MAX_TOKENS
+        (0 by default: the grouped kernels measured slower than dequantize + cuBLAS); else None."""
         first = self.experts[0].gate_proj
         if getattr(first, "path", None) != "triton" or x.dtype not in (torch.bfloat16, torch.float16):
             return None

@@ -108,9 +108,10 @@ def test_compiled_regions_equal_eager_decode_float32(scout_ckpt, monkeypatch):
     want_tokens, want = eager(model, PROMPT, 12)
     assert tokens == want_tokens
     assert rel_err(got, want) < 1e-5
-    x = torch.randn(3, 64)
-    h, y = fused.add_norm(x, x, torch.ones(64), 1e-5)  # compiled: what the model computes
-    assert torch.allclose(y, fused.add_norm.eager(x, x, torch.ones(64), 1e-5)[1], atol=1e-5)
+    x, rows = torch.randn(1, 64), torch.randn(3, 64)  # two routed experts' rows and the shared one's
+    h, y = fused.add_rows_norm(x, rows, torch.ones(64), 1e-5)  # compiled: what the model computes
+    h2, y2 = fused.add_rows_norm.eager(x, rows, torch.ones(64), 1e-5)
+    assert torch.allclose(h, h2, atol=1e-6) and torch.allclose(y, y2, atol=1e-5)
 
 
 def test_a_failing_compiler_leaves_the_regions_uncompiled(scout_ckpt, monkeypatch, capsys):
