@@ -177,7 +177,8 @@ def copy_mapped_weights(model: torch.nn.Module, budget: float | None = None) -> 
     """Replace every CPU parameter and buffer that is a view of a mapped shard by a copy in
     anonymous memory, dropping the mapped pages behind it (llama.cpp's --no-mmap); returns the
     bytes copied. With a `budget`, nothing is copied when the copies would take more. Decode
-    reads anonymous memory faster here than the page cache's mapping. The copies go to huge pages
+    reads anonymous memory faster than a mapping of the page cache in 4 KB pages (huge_mapped
+    says when the mapping is in 2 MB pages instead). The copies go to huge pages
     (_huge_page_slots), and so do the large weights made at load in anonymous memory (an INT8
     lm_head, INT8 attention): moved there one at a time, each old one freed as it goes."""
     from .checkpoint import unmap_pages
@@ -210,6 +211,44 @@ def copy_mapped_weights(model: torch.nn.Module, budget: float | None = None) -> 
                 unmap_pages(ptr, sizes[ptr])  # the file's pages leave this process (they were only read)
         getattr(module, kind)[name] = torch.nn.Parameter(c, requires_grad=False) if kind == "_parameters" else c
     return sum(sizes[p] for p in copies if p in sizes)
+
+
+def _huge_pages_wanted() -> bool:
+    import os
+
+    return os.environ.get("LLAMA4_LOCAL_HUGE_PAGES") == "1"
+
+
+def warm_shards(ckpt: Checkpoint, budget: float) -> None:
+    """Before anything maps them: read through the shards that the page cache mostly lacks, when
+    they fit in `budget` (a cold start reads them all anyway; read sequentially they land in the
+    large folios that huge_mapped looks for, faulted in through the mapping they would not)."""
+    from . import pages
+
+    paths = sorted({p for p in ckpt.files.values() if p is not None})
+    if not _huge_pages_wanted() and sum(p.stat().st_size for p in paths) < budget:
+        pages.warm(paths)
+
+
+def huge_mapped(model: torch.nn.Module, budget: float) -> bool:
+    """Whether the model's mapped weights are best left where they are: the page cache serves
+    them in 2 MB mappings (llama4_local/pages.py), which decode streams faster than a copy in 4 KB
+    pages. Not when LLAMA4_LOCAL_HUGE_PAGES=1 asks for copies in huge pages."""
+    from . import pages
+
+    if _huge_pages_wanted():
+        return False
+    maps = file_mappings()
+    files: dict[str, list[tuple[int, int]]] = {}
+    for _, _, _, t, mapped in _cpu_tensors(model):
+        if mapped:
+            ptr = t.data_ptr()
+            path = next(p for lo, hi, p in maps if lo <= ptr < hi)
+            files.setdefault(path, []).append((ptr, ptr + t.numel() * t.element_size()))
+    total = sum(hi - lo for spans in files.values() for lo, hi in pages.merged(spans))
+    if not files or total >= budget:
+        return False
+    return pages.huge_fraction(pages.merged([s for spans in files.values() for s in spans])) >= 0.5
 
 
 def quantized_parts(ckpt: Checkpoint, cfg: TextConfig, scheme):
@@ -292,13 +331,18 @@ def load_model(
     (quant.kernels.Int8Linear): half the bytes a decode step reads there; a quantized checkpoint's
     bf16/fp16 CPU run does that to its lm_head always (quant.kernels.int8_lm_head). `mmap`: True keeps
     CPU weights as views of the mapped shards (the fastest start, the least memory); False
-    copies them into anonymous memory after loading (llama.cpp's --no-mmap: 12-20% faster
-    decode measured here, docs/benchmarks.md); None copies when the copy fits in available RAM.
+    copies them into anonymous memory after loading (llama.cpp's --no-mmap: faster decode than
+    a mapping in 4 KB pages, docs/benchmarks.md); None keeps the mapping where the page cache
+    serves it in 2 MB pages (faster still: huge_mapped), else copies when the copy fits in
+    available RAM.
     """
     model_dir = check_model_dir(model_dir)
     cfg = load_config(model_dir)
     torch_dtype, torch_device = resolve_dtype(dtype), resolve_device(device)
     ckpt = open_checkpoint(model_dir)
+    budget = 0.8 * available_memory()
+    if mmap is None and torch_device.type == "cpu" and offload is None:
+        warm_shards(ckpt, budget)
     model = Llama4Text(cfg)  # on the meta device: allocates nothing
     model.plan = None
     scheme = None
@@ -348,6 +392,8 @@ def load_model(
 
         int8_lm_head(model)  # a bf16/fp16 CPU lm_head only: float32 runs stay exact, GPU ones as they are
     if mmap is not True and torch_device.type == "cpu":
-        copy_mapped_weights(model, None if mmap is False else 0.8 * available_memory())
+        budget = None if mmap is False else budget
+        if mmap is False or not huge_mapped(model, budget):
+            copy_mapped_weights(model, budget)
     model.eval()
     return model, cfg

@@ -1,0 +1,124 @@
+"""The default CPU load keeps a checkpoint mapped where the page cache serves it in 2 MB pages,
+copies it otherwise, and reads a cold checkpoint through before mapping it (llama4_local/pages.py)."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+
+from llama4_local import loader, pages
+from llama4_local.loader import file_mappings, load_model
+from quant.kernels import AVX2_PATHS, Int4Linear
+
+linux = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="page cache calls are Linux's")
+
+
+def test_merged_joins_overlapping_and_touching_spans():
+    assert pages.merged([(10, 20), (0, 5), (5, 8), (15, 30), (40, 41)]) == [(0, 8), (10, 30), (40, 41)]
+    assert pages.merged([]) == []
+
+
+SMAPS = """\
+7f0000000000-7f0000400000 r--s 00000000 fd:00 12 /m/model-00001.safetensors
+Size:               4096 kB
+Rss:                4096 kB
+FilePmdMapped:      2048 kB
+7f0000400000-7f0000600000 rw-p 00000000 00:00 0
+Rss:                2048 kB
+FilePmdMapped:         0 kB
+7f0001000000-7f0001200000 r--s 00000000 fd:00 13 /m/model-00002.safetensors
+Rss:                 512 kB
+FilePmdMapped:         0 kB
+"""
+
+
+def test_smaps_totals_count_only_the_mappings_that_hold_the_spans():
+    one = [(0x7F0000001000, 0x7F0000002000)]
+    assert pages.smaps_totals(SMAPS, one) == (4096 * 1024, 2048 * 1024)
+    both = one + [(0x7F00011FF000, 0x7F0001200000)]
+    assert pages.smaps_totals(SMAPS, both) == (4608 * 1024, 2048 * 1024)
+    assert pages.smaps_totals(SMAPS, [(0x10, 0x20)]) == (0, 0)
+
+
+@linux
+def test_residency_follows_the_page_cache(tmp_path):
+    path = tmp_path / "blob"
+    path.write_bytes(os.urandom(4 << 20))
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+    cold = pages.file_resident_fraction(path)
+    if cold is None or cold > 0.5:
+        pytest.skip("this filesystem keeps its pages (tmpfs) or mincore is missing")
+    assert pages.warm([path]) == 4 << 20  # read through once
+    assert pages.file_resident_fraction(path) > 0.9
+    assert pages.warm([path]) == 0  # now cached: nothing read
+
+
+def _mapped(model, int4_only: bool = False) -> list[bool]:
+    """For each weight (each INT4 linear's packed weights only): whether it views a mapped shard."""
+    maps = [(lo, hi) for lo, hi, _ in file_mappings()]
+    if int4_only:
+        weights = [m.packed for m in model.modules() if isinstance(m, Int4Linear)]
+    else:
+        weights = [t for t in list(model.parameters()) + list(model.buffers()) if t.numel() > 4096]
+    return [any(lo <= t.data_ptr() < hi for lo, hi in maps) for t in weights]
+
+
+@pytest.mark.parametrize("huge", [1.0, 0.0])
+def test_default_load_keeps_the_mapping_only_where_it_is_in_huge_pages(scout_int4, monkeypatch, huge):
+    path, _ = scout_int4
+    if load_model(path, "bfloat16", "cpu")[0].layers[0].feed_forward.shared_expert.gate_proj.path not in AVX2_PATHS:
+        pytest.skip("our AVX2 kernel is not available here (other paths repack the weights)")
+    seen = []
+    monkeypatch.setattr(pages, "huge_fraction", lambda spans: seen.append(spans) or huge)
+    auto, _ = load_model(path, "bfloat16", "cpu", mmap=None)
+    assert seen and all(lo < hi for lo, hi in seen[0])
+    assert all(_mapped(auto, int4_only=True)) if huge else not any(_mapped(auto))
+    copied, _ = load_model(path, "bfloat16", "cpu", mmap=False)  # --no-mmap copies whatever the pages
+    assert not any(_mapped(copied))
+    ids = torch.randint(0, 300, (9,), generator=torch.Generator().manual_seed(1))
+    a = auto(ids, auto.new_cache(9), last_only=False)
+    assert torch.equal(a, copied(ids, copied.new_cache(9), last_only=False))
+
+
+def test_huge_pages_asked_for_means_copies(scout_int4, monkeypatch):
+    path, _ = scout_int4
+    monkeypatch.setenv("LLAMA4_LOCAL_HUGE_PAGES", "1")
+    monkeypatch.setattr(pages, "huge_fraction", lambda spans: 1.0)
+    model, _ = load_model(path, "bfloat16", "cpu", mmap=None)
+    assert not any(_mapped(model))
+
+
+def test_a_cold_checkpoint_is_read_through_before_it_is_mapped(scout_int4, monkeypatch):
+    path, _ = scout_int4
+    order = []
+    monkeypatch.setattr(pages, "file_resident_fraction", lambda p: 0.0)
+    monkeypatch.setattr(pages, "read_through", lambda p: order.append(("read", p)) or 1)
+    real_open = loader.Llama4Text
+    monkeypatch.setattr(loader, "Llama4Text", lambda cfg: order.append(("build",)) or real_open(cfg))
+    load_model(path, "bfloat16", "cpu", mmap=None)
+    shards = sorted(path.glob("*.safetensors"))
+    reads = [o for o in order if o[0] == "read"]
+    assert [o[1] for o in reads] == shards and order.index(reads[-1]) < order.index(("build",))
+    order.clear()
+    load_model(path, "bfloat16", "cpu", mmap=True)  # --mmap: the fastest start, nothing read ahead
+    assert not [o for o in order if o[0] == "read"]
+    monkeypatch.setattr(pages, "file_resident_fraction", lambda p: 1.0)
+    order.clear()
+    load_model(path, "bfloat16", "cpu", mmap=None)  # already cached: nothing read
+    assert not [o for o in order if o[0] == "read"]
+
+
+def test_a_checkpoint_larger_than_the_budget_is_neither_read_through_nor_copied(scout_int4, monkeypatch):
+    path, _ = scout_int4
+    reads = []
+    monkeypatch.setattr(loader, "available_memory", lambda: 1000)
+    monkeypatch.setattr(pages, "file_resident_fraction", lambda p: 0.0)
+    monkeypatch.setattr(pages, "read_through", lambda p: reads.append(p) or 1)
+    model, _ = load_model(path, "bfloat16", "cpu", mmap=None)
+    assert not reads
+    assert any(_mapped(model))
