@@ -50,6 +50,7 @@ GROUP_MULTIPLE = 32
 _SOURCE = r"""
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <atomic>
 #include <immintrin.h>
 #include <cmath>
 #include <cstring>
@@ -498,12 +499,25 @@ static int64_t quad_row_step(int64_t T) {
 #endif
 }
 
+// Threads take the weight rows in CHUNKS_PER_THREAD runs each, the first by thread index and the
+// rest from a shared counter as they finish (llama.cpp's scheme): where one core is slowed (a
+// hypervisor's other tenants, an interrupt), the other takes more runs instead of waiting at the
+// end of a static half. Each run is whole blocks and each output is computed as before.
+constexpr int64_t CHUNKS_PER_THREAD = 4;
+
 template <class Pass>
 static void over_blocks(int64_t T, int64_t N, Pass pass, bool quads = false) {
   const int64_t step = quads ? quad_row_step(T) : T <= 8 ? T : ROW_STEP;
-  at::parallel_for(0, N, BLOCK_N, [&](int64_t n0, int64_t n1) {
-    for (int64_t nb = n0; nb < n1; nb += BLOCK_N)
-      for (int64_t t0 = 0; t0 < T; t0 += step) pass(t0, std::min(step, T - t0), nb, std::min(nb + BLOCK_N, n1));
+  const int64_t blocks = (N + BLOCK_N - 1) / BLOCK_N, nth = at::get_num_threads();
+  const int64_t chunks = std::min(blocks, nth * CHUNKS_PER_THREAD), per = (blocks + chunks - 1) / chunks;
+  std::atomic<int64_t> next{nth};
+  at::parallel_for(0, std::min(nth, chunks), 1, [&](int64_t first, int64_t last) {
+    for (int64_t c0 = first; c0 < last; ++c0)
+      for (int64_t c = c0; c < chunks; c = next.fetch_add(1)) {
+        const int64_t end = std::min(N, (c + 1) * per * BLOCK_N);
+        for (int64_t nb = c * per * BLOCK_N; nb < end; nb += BLOCK_N)
+          for (int64_t t0 = 0; t0 < T; t0 += step) pass(t0, std::min(step, T - t0), nb, std::min(nb + BLOCK_N, end));
+      }
   });
 }
 
@@ -995,7 +1009,7 @@ def _module():
         from . import attn_kernel, fp8_kernel, glue_kernel, gptq_kernel, gram_kernel
 
         target = isa()
-        name = f"llama4_local_int4_{target.replace('-', '_')}_v48"
+        name = f"llama4_local_int4_{target.replace('-', '_')}_v49"
         if not list(Path(_get_build_directory(name, verbose=False)).glob("*.so")):
             sys.stderr.write("llama4-local: building the INT4 CPU kernel (once, about a minute)\n")
         return load_inline(
