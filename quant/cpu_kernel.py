@@ -499,25 +499,30 @@ static int64_t quad_row_step(int64_t T) {
 #endif
 }
 
-// Threads take the weight rows in CHUNKS_PER_THREAD runs each, the first by thread index and the
-// rest from a shared counter as they finish (llama.cpp's scheme): where one core is slowed (a
-// hypervisor's other tenants, an interrupt), the other takes more runs instead of waiting at the
-// end of a static half. Each run is whole blocks and each output is computed as before.
+// Threads take the weight rows in runs, CHUNKS_PER_THREAD of them per thread: the first by thread
+// index, the rest from a shared counter as each finishes (llama.cpp's scheme), so where one core
+// is slowed (a hypervisor's other tenants, an interrupt) the other takes more runs instead of
+// waiting at the end of a static half. fn(n0, n1) for each run of whole `unit`s of [0, N).
 constexpr int64_t CHUNKS_PER_THREAD = 4;
+
+template <class F>
+static void in_runs(int64_t N, int64_t unit, F fn) {
+  const int64_t units = (N + unit - 1) / unit, nth = at::get_num_threads();
+  const int64_t runs = std::min(units, nth * CHUNKS_PER_THREAD), per = (units + runs - 1) / runs * unit;
+  std::atomic<int64_t> next{nth};
+  at::parallel_for(0, std::min(nth, runs), 1, [&](int64_t first, int64_t last) {
+    for (int64_t c0 = first; c0 < last; ++c0)
+      for (int64_t c = c0; c < runs; c = next.fetch_add(1))
+        if (c * per < N) fn(c * per, std::min(N, (c + 1) * per));
+  });
+}
 
 template <class Pass>
 static void over_blocks(int64_t T, int64_t N, Pass pass, bool quads = false) {
   const int64_t step = quads ? quad_row_step(T) : T <= 8 ? T : ROW_STEP;
-  const int64_t blocks = (N + BLOCK_N - 1) / BLOCK_N, nth = at::get_num_threads();
-  const int64_t chunks = std::min(blocks, nth * CHUNKS_PER_THREAD), per = (blocks + chunks - 1) / chunks;
-  std::atomic<int64_t> next{nth};
-  at::parallel_for(0, std::min(nth, chunks), 1, [&](int64_t first, int64_t last) {
-    for (int64_t c0 = first; c0 < last; ++c0)
-      for (int64_t c = c0; c < chunks; c = next.fetch_add(1)) {
-        const int64_t end = std::min(N, (c + 1) * per * BLOCK_N);
-        for (int64_t nb = c * per * BLOCK_N; nb < end; nb += BLOCK_N)
-          for (int64_t t0 = 0; t0 < T; t0 += step) pass(t0, std::min(step, T - t0), nb, std::min(nb + BLOCK_N, end));
-      }
+  in_runs(N, BLOCK_N, [&](int64_t n0, int64_t n1) {
+    for (int64_t nb = n0; nb < n1; nb += BLOCK_N)
+      for (int64_t t0 = 0; t0 < T; t0 += step) pass(t0, std::min(step, T - t0), nb, std::min(nb + BLOCK_N, n1));
   });
 }
 
@@ -697,7 +702,7 @@ static void rows_half(const float* xp, const uint16_t* wp, float* yp, int64_t K,
 }
 
 #define DISPATCH_HALF(B)                                                                   \
-  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {                                 \
+  in_runs(N, 16, [&](int64_t n0, int64_t n1) {                                             \
     switch (T) {                                                                           \
       case 1: rows_half<B, 1>(xp, wp, yp, K, N, n0, n1); break;                            \
       case 2: rows_half<B, 2>(xp, wp, yp, K, N, n0, n1); break;                            \
@@ -924,7 +929,7 @@ torch::Tensor q8_mv(torch::Tensor x, torch::Tensor wq, torch::Tensor ws) {
   const int8_t* wp = wq.data_ptr<int8_t>();
   const float* sp = ws.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+  in_runs(N, 16, [&](int64_t n0, int64_t n1) {
     DISPATCH_ROWS4(rows_w8, xqp, xdp, wp, sp, yp, K, N, n0, n1)
   });
   return rounded_to(y, x.scalar_type());
@@ -1009,7 +1014,7 @@ def _module():
         from . import attn_kernel, fp8_kernel, glue_kernel, gptq_kernel, gram_kernel
 
         target = isa()
-        name = f"llama4_local_int4_{target.replace('-', '_')}_v49"
+        name = f"llama4_local_int4_{target.replace('-', '_')}_v50"
         if not list(Path(_get_build_directory(name, verbose=False)).glob("*.so")):
             sys.stderr.write("llama4-local: building the INT4 CPU kernel (once, about a minute)\n")
         return load_inline(

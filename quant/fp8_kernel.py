@@ -78,7 +78,7 @@ torch::Tensor fp8_mv(torch::Tensor x, torch::Tensor w, torch::Tensor s) {
   const uint8_t* wp = w.data_ptr<uint8_t>();
   const float* sp = s.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+  in_runs(N, 16, [&](int64_t n0, int64_t n1) {
     DISPATCH_ROWS4(rows_fp8, xp, wp, sp, yp, K, N, G, n0, n1)
   });
   return y;
