@@ -1,0 +1,423 @@
+"""The INT4 matrix-vector and prefill kernels (C++, compiled by quant/cpu_kernel.py).
+
+PyTorch's `_weight_int4pack_mm_for_cpu` moves about 2.5-6 GB/s of packed weights on a 2-core
+AVX2 machine at Scout's expert shape, far under what memory allows. These kernels keep the
+weights as packed nibbles and never materialise them; each weight byte is read once per call
+for up to 8 activation rows (more rows: blocks of weight rows swept by a few activation rows at
+a time), and rows of the output are split across threads in runs (kernel_common.in_runs). Per
+group the scale s and offset o are applied once:
+sum_k (s * (u_k - 8) + o) * x_k = s * sum_k u_k x_k + (o - 8 s) * sum_k x_k.
+
+Two ways to form sum_k u_k x_k per block of 32 inputs (16 bytes of weights):
+- int8 activations (`int8_activations=True`, what bf16 runs use): x is rounded per block of 32
+  to int8 with one float32 scale d (llama.cpp's Q8_0); `maddubs` multiplies the 32 unsigned
+  nibbles by the 32 signed bytes, `madd` sums pairs, and the 8 int32 partial sums are scaled by
+  s * d in float32. About 10 instructions per 16 weight bytes: memory speed on one row.
+- float activations (float32 runs, the precise mode): nibbles converted to float32 eight at a
+  time and FMA'd with x; bit-for-bit the reference's arithmetic up to summation order, but the
+  conversions make it compute-bound at about half the speed.
+Accumulation is float32 in both.
+
+Layout: the weights as compressed-tensors stores them (`weight_packed`, int32 [N, K/8] read as
+uint8 [N, K/2]): byte j of a row holds input 2j in its low nibble and input 2j + 1 in its high
+nibble, so a loaded checkpoint's tensor is used as it is, with no repack. The kernels split a
+load into low and high nibbles (even and odd inputs) and take the activations permuted to
+match, once per call: per block of 32, the even inputs then the odd ones (and for two blocks per
+load, per 64). Per row, `pack_scales` gives float32 [2, G]: the G group scales, then the G
+constants o - 8 s; for symmetric weights [1, G], the scales alone (c = -8 s is formed in the
+kernel, the same float32 value), and in bf16 where the checkpoint stores bf16 (a view of it,
+widened exactly in the kernel): at group 128 a weight then costs 4.125 bits to read, not 4.5.
+With AVX-512 the tiles at groups of 128 or more work on four blocks (128 weights) per 512-bit
+register: a 128-token prefill of the Scout-width slice 1.81 -> 1.37 s on one Zen 5 core.
+"""
+
+SOURCE = r"""
+// Float activations. Rows n0..n1 of y[t, n]; xs[t, g] = sum of x over group g.
+// T is a template parameter so the accumulators live in registers; A accumulators per row break
+// the FMA dependency chain when there are few rows (FMA latency, not bandwidth, bounds T = 1).
+template <int T, class S, int A = (T <= 2 ? 4 : (T <= 4 ? 2 : 1))>
+static void rows_f32(const float* xp, const uint8_t* qp, const S* sp, const float* xs, float* yp,
+                     int64_t K, int64_t N, int64_t group, bool sym, int64_t n0, int64_t n1) {
+  const int64_t G = K / group, stride = sym ? G : 2 * G;
+  const __m128i low = _mm_set1_epi8(0x0F);
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* qrow = qp + n * (K / 2);
+    const S* srow = sp + n * stride;
+    float out[T];
+    for (int t = 0; t < T; ++t) out[t] = 0.f;
+    for (int64_t g = 0; g < G; ++g) {
+      __m256 acc[T][A];
+      for (int t = 0; t < T; ++t)
+        for (int a = 0; a < A; ++a) acc[t][a] = _mm256_setzero_ps();
+      for (int64_t b = 0; b < group; b += 32) {
+        const int64_t k0 = g * group + b;
+        const __m128i bytes = _mm_loadu_si128((const __m128i*)(qrow + k0 / 2));
+        const __m128i lo = _mm_and_si128(bytes, low);                     // inputs k0, k0+2, .. k0+30
+        const __m128i hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), low);  // inputs k0+1, .. k0+31
+        const __m256 w0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo));
+        const __m256 w1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_unpackhi_epi64(lo, lo)));
+        const __m256 w2 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));
+        const __m256 w3 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_unpackhi_epi64(hi, hi)));
+        for (int t = 0; t < T; ++t) {
+          const float* xr = xp + t * K + k0;
+          acc[t][0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xr), acc[t][0]);
+          acc[t][1 % A] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xr + 8), acc[t][1 % A]);
+          acc[t][2 % A] = _mm256_fmadd_ps(w2, _mm256_loadu_ps(xr + 16), acc[t][2 % A]);
+          acc[t][3 % A] = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xr + 24), acc[t][3 % A]);
+        }
+      }
+      const float s = scale_at(srow, g), c = sym ? -8.f * s : scale_at(srow, G + g);
+      for (int t = 0; t < T; ++t) {
+        __m256 sum = acc[t][0];
+        for (int a = 1; a < A; ++a) sum = _mm256_add_ps(sum, acc[t][a]);
+        out[t] = std::fma(c, xs[t * G + g], std::fma(s, hsum(sum), out[t]));  // explicit, as group_offsets
+      }
+    }
+    for (int t = 0; t < T; ++t) yp[t * N + n] = out[t];
+  }
+}
+
+// sum_g c_g * xs_g for one weight row and activation row: the groups' constants (c = o - 8 s, or
+// -8 s for symmetric weights) times the sums of the dequantized activations.
+// Eight groups at a time in independent lanes: a scalar chain of G dependent adds (40 at Scout's
+// widths) held one row's decode back by its FMA latency.
+template <class S>
+static inline float group_offsets(const S* srow, const float* xst, int64_t G, bool sym) {
+  const S* c = sym ? srow : srow + G;
+  __m256 v = _mm256_setzero_ps();
+  int64_t g = 0;
+  for (; g + 8 <= G; g += 8) v = _mm256_fmadd_ps(scales8(c + g), _mm256_loadu_ps(xst + g), v);
+  float off = hsum(v);
+  for (; g < G; ++g) off = std::fma(scale_at(c, g), xst[g], off);  // explicit: every instantiation rounds alike
+  return sym ? -8.f * off : off;
+}
+
+// Int8 activations: x ~ d[t, b] * xq[t, k] per block b of 32 inputs (llama.cpp's Q8_0 blocks).
+// Per block, maddubs multiplies the 32 unsigned nibbles by the 32 signed bytes and adds pairs
+// (|sum| <= 2 * 15 * 127, no saturation), madd adds pairs again: 8 int32 partial dot products,
+// converted once and scaled by d; per group the sum is scaled by s. R weight rows go together:
+// each activation block is loaded once for the R rows, and the T * R block accumulators are
+// independent FMA chains (one row alone is bound by the FMA latency, not by memory).
+// xs[t, g] = sum of dequantized x.
+//
+// PAIRS (groups of 64 or more): two blocks at a time. 32 weight bytes are one load; their low
+// nibbles are the even inputs of both blocks and their high nibbles the odd ones, so the
+// activations come permuted to match (xq: per pair of blocks, [b0 even, b1 even, b0 odd, b1
+// odd]) and the scales as lanes (xd: per pair, d0 four times then d1 four times). The two maddubs
+// results add in int16 (|sum| <= 4 * 15 * 127), so a pair costs one madd, one conversion and one
+// FMA: about 10 instructions per 32 weight bytes against 18 one block at a time. Otherwise xq
+// holds each block as (16 even inputs, 16 odd ones) and xd one scale per block.
+template <int T, int R, bool PAIRS, class S>
+static void tile_q8(const int8_t* xq, const float* xd, const uint8_t* qp, const S* sp, const float* xs,
+                    float* yp, int64_t K, int64_t N, int64_t group, bool sym, int64_t n) {
+  const int64_t G = K / group, B = K / 32, P = K / 64, steps = PAIRS ? group / 64 : group / 32;
+  const uint8_t* qrow[R];
+  const S* srow[R];
+  for (int r = 0; r < R; ++r) {
+    qrow[r] = qp + (n + r) * (K / 2);
+    srow[r] = sp + (n + r) * (sym ? G : 2 * G);
+  }
+  __m256 acc[T][R];
+  for (int t = 0; t < T; ++t)
+    for (int r = 0; r < R; ++r) acc[t][r] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < G; ++g) {
+    // Non-temporal: the streamed weights go to L1 without displacing L2/L3 (decode reads each
+    // once). On two threads 38 -> 41-42 GB/s for the kernel alone, a decode token 18.5 -> 16.8-17.2
+    // ms on the slice; one thread +2-7%; prefill (weights reused from L2 per block) unchanged.
+    for (int r = 0; r < R; ++r) _mm_prefetch((const char*)(qrow[r] + AHEAD * (K / 2) + g * group / 2), _MM_HINT_NTA);
+    __m256 ga[T][R];
+    for (int t = 0; t < T; ++t)
+      for (int r = 0; r < R; ++r) ga[t][r] = _mm256_setzero_ps();
+    for (int64_t j = 0; j < steps; ++j) {
+      const int64_t b = g * steps + j;  // a pair of blocks, or a block
+      __m256i qa[T], qb[T];
+      __m256 d[T];
+      for (int t = 0; t < T; ++t) {
+        if (PAIRS) {
+          qa[t] = _mm256_loadu_si256((const __m256i*)(xq + t * K + b * 64));
+          qb[t] = _mm256_loadu_si256((const __m256i*)(xq + t * K + b * 64 + 32));
+          d[t] = _mm256_loadu_ps(xd + (t * P + b) * 8);
+        } else {
+          qa[t] = _mm256_loadu_si256((const __m256i*)(xq + t * K + b * 32));
+          d[t] = _mm256_broadcast_ss(xd + t * B + b);
+        }
+      }
+      for (int r = 0; r < R; ++r) {
+        __m256i p[T];
+        if (PAIRS) {
+          const __m256i low = _mm256_set1_epi8(0x0F);
+          const __m256i bytes = _mm256_loadu_si256((const __m256i*)(qrow[r] + b * 32));
+          const __m256i lo = _mm256_and_si256(bytes, low);
+          const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low);
+          for (int t = 0; t < T; ++t) p[t] = dot4x2(lo, qa[t], hi, qb[t]);
+        } else {
+          const __m128i low = _mm_set1_epi8(0x0F);
+          const __m128i bytes = _mm_loadu_si128((const __m128i*)(qrow[r] + b * 16));
+          const __m128i lo = _mm_and_si128(bytes, low);
+          const __m128i hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), low);
+          const __m256i u = _mm256_inserti128_si256(_mm256_castsi128_si256(lo), hi, 1);  // even inputs, odd ones
+          for (int t = 0; t < T; ++t) p[t] = dot4(u, qa[t]);
+        }
+        for (int t = 0; t < T; ++t) ga[t][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p[t]), d[t], ga[t][r]);
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      const __m256 s = _mm256_set1_ps(scale_at(srow[r], g));
+      for (int t = 0; t < T; ++t) acc[t][r] = _mm256_fmadd_ps(ga[t][r], s, acc[t][r]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < T; ++t) {
+      yp[t * N + n + r] = hsum(acc[t][r]) + group_offsets(srow[r], xs + t * G, G, sym);
+    }
+}
+
+// One activation row (decode), pairs: weight rows one after another, so a thread's rows are one
+// contiguous stream read front to back, prefetched STREAM_AHEAD bytes ahead in it. Independent
+// products per pair of blocks (multiplied by d, not chained through FMA) and two accumulators,
+// alternate groups, keep the FMA latency off the critical path.
+template <class S>
+static void row_q8_stream(const int8_t* xq, const float* xd, const uint8_t* qp, const S* sp, const float* xs,
+                          float* yp, int64_t K, int64_t group, bool sym, int64_t n) {
+  const int64_t G = K / group, steps = group / 64;
+  const uint8_t* q = qp + n * (K / 2);
+  const S* srow = sp + n * (sym ? G : 2 * G);
+  const __m256i low = _mm256_set1_epi8(0x0F);
+  __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+  for (int64_t g = 0; g < G; ++g) {
+    for (int64_t line = 0; line < group / 2; line += 64)
+      _mm_prefetch((const char*)(q + STREAM_AHEAD + g * group / 2 + line), _MM_HINT_NTA);
+    __m256 ga = _mm256_setzero_ps();
+    for (int64_t j = 0; j < steps; ++j) {
+      const int64_t b = g * steps + j;
+      const __m256i bytes = _mm256_loadu_si256((const __m256i*)(q + b * 32));
+      const __m256i lo = _mm256_and_si256(bytes, low);
+      const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low);
+      const __m256i p = dot4x2(lo, _mm256_loadu_si256((const __m256i*)(xq + b * 64)), hi,
+                               _mm256_loadu_si256((const __m256i*)(xq + b * 64 + 32)));
+      ga = _mm256_add_ps(ga, _mm256_mul_ps(_mm256_cvtepi32_ps(p), _mm256_loadu_ps(xd + b * 8)));
+    }
+    acc[g & 1] = _mm256_fmadd_ps(ga, _mm256_set1_ps(scale_at(srow, g)), acc[g & 1]);
+  }
+  yp[n] = hsum(_mm256_add_ps(acc[0], acc[1])) + group_offsets(srow, xs, G, sym);
+}
+
+// Rows n0..n1 in tiles of R (tile_rows: 2 weight rows for two activation rows, else 1), the
+// remainder one at a time; one activation row with pairs streams row by row (row_q8_stream).
+template <bool PAIRS, int T, class S>
+static void rows_q8(const int8_t* xq, const float* xd, const uint8_t* qp, const S* sp, const float* xs,
+                    float* yp, int64_t K, int64_t N, int64_t group, bool sym, int64_t n0, int64_t n1) {
+  if (T == 1 && PAIRS) {
+    for (int64_t n = n0; n < n1; ++n) row_q8_stream(xq, xd, qp, sp, xs, yp, K, group, sym, n);
+    return;
+  }
+  constexpr int R = tile_rows<T>();
+  int64_t n = n0;
+  for (; n + R <= n1; n += R) tile_q8<T, R, PAIRS, S>(xq, xd, qp, sp, xs, yp, K, N, group, sym, n);
+  for (; n < n1; ++n) tile_q8<T, 1, PAIRS, S>(xq, xd, qp, sp, xs, yp, K, N, group, sym, n);
+}
+
+template <int T, class S>
+static void rows_q8_pairs(const int8_t* xq, const float* xd, const uint8_t* qp, const S* sp, const float* xs,
+                          float* yp, int64_t K, int64_t N, int64_t group, bool sym, int64_t n0, int64_t n1) {
+  rows_q8<true, T, S>(xq, xd, qp, sp, xs, yp, K, N, group, sym, n0, n1);
+}
+
+template <int T, class S>
+static void rows_q8_blocks(const int8_t* xq, const float* xd, const uint8_t* qp, const S* sp, const float* xs,
+                           float* yp, int64_t K, int64_t N, int64_t group, bool sym, int64_t n0, int64_t n1) {
+  rows_q8<false, T, S>(xq, xd, qp, sp, xs, yp, K, N, group, sym, n0, n1);
+}
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#define QUADS_ZMM 1
+// Weight rows per 512-bit tile: 2 for 2 to 5 activation rows (32 registers hold the 2 x 2 x 5
+// accumulators, and each activation load serves two rows), else 1. With ROW_STEP_ZMM = 5 rows per
+// pass, 8192 x 5120 at 128 tokens ran at 352 against 320 GOP/s (one row per tile, three per
+// pass) on two Zen 4 cores, and the 8192-wide down projection at 32 tokens at 344 against 240.
+template <int T>
+constexpr int zmm_tile_rows() {
+  return T >= 2 && T <= 5 ? 2 : 1;
+}
+constexpr int64_t ROW_STEP_ZMM = 5;
+// QUADS (groups of 128 or more, AVX-512 builds): four blocks at a time in 512-bit registers. 64
+// weight bytes are one load: their low nibbles the 64 even inputs of the four blocks, their high
+// nibbles the odd ones, so the activations come per quad as (64 even inputs, 64 odd ones) and the
+// scales as lanes (each block's d four times, as PAIRS). Two vpdpbusd, one conversion and one
+// FMA per 128 weights and row: on Zen 5 (two 512-bit VNNI pipes) 60 multiply-adds per cycle in
+// L1 against 32 for the 256-bit pairs.
+template <int T, int R, class S>
+static void tile_q8_zmm(const int8_t* xq, const float* xd, const uint8_t* qp, const S* sp, const float* xs,
+                        float* yp, int64_t K, int64_t N, int64_t group, bool sym, int64_t n) {
+  const int64_t G = K / group, B = K / 32, quads = group / 128;
+  const __m512i low = _mm512_set1_epi8(0x0F);
+  const uint8_t* qrow[R];
+  const S* srow[R];
+  for (int r = 0; r < R; ++r) {
+    qrow[r] = qp + (n + r) * (K / 2);
+    srow[r] = sp + (n + r) * (sym ? G : 2 * G);
+  }
+  __m512 acc[T][R];
+  for (int t = 0; t < T; ++t)
+    for (int r = 0; r < R; ++r) acc[t][r] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < G; ++g) {
+    for (int r = 0; r < R; ++r) _mm_prefetch((const char*)(qrow[r] + AHEAD * (K / 2) + g * group / 2), _MM_HINT_NTA);
+    __m512 ga[T][R];
+    for (int t = 0; t < T; ++t)
+      for (int r = 0; r < R; ++r) ga[t][r] = _mm512_setzero_ps();
+    for (int64_t j = 0; j < quads; ++j) {
+      const int64_t c = g * quads + j;  // the quad: inputs 128 c .. 128 c + 127
+      for (int r = 0; r < R; ++r) {
+        const __m512i bytes = _mm512_loadu_si512((const void*)(qrow[r] + c * 64));
+        const __m512i lo = _mm512_and_si512(bytes, low);
+        const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(bytes, 4), low);
+        for (int t = 0; t < T; ++t) {
+          const __m512i qa = _mm512_loadu_si512((const void*)(xq + t * K + c * 128));
+          const __m512i qb = _mm512_loadu_si512((const void*)(xq + t * K + c * 128 + 64));
+          const __m512i p = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, qa), hi, qb);
+          const __m512 d = _mm512_loadu_ps(xd + (t * B + c * 4) * 4);
+          ga[t][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), d, ga[t][r]);
+        }
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      const __m512 s = _mm512_set1_ps(scale_at(srow[r], g));
+      for (int t = 0; t < T; ++t) acc[t][r] = _mm512_fmadd_ps(ga[t][r], s, acc[t][r]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < T; ++t) {
+      yp[t * N + n + r] = _mm512_reduce_add_ps(acc[t][r]) + group_offsets(srow[r], xs + t * G, G, sym);
+    }
+}
+
+template <int T, class S>
+static void rows_q8_quads(const int8_t* xq, const float* xd, const uint8_t* qp, const S* sp, const float* xs,
+                          float* yp, int64_t K, int64_t N, int64_t group, bool sym, int64_t n0, int64_t n1) {
+  constexpr int R = zmm_tile_rows<T>();
+  int64_t n = n0;
+  for (; n + R <= n1; n += R) tile_q8_zmm<T, R, S>(xq, xd, qp, sp, xs, yp, K, N, group, sym, n);
+  for (; n < n1; ++n) tile_q8_zmm<T, 1, S>(xq, xd, qp, sp, xs, yp, K, N, group, sym, n);
+}
+#endif
+
+// Many activation rows (prefill): the weight rows go in blocks of BLOCK_N (about 160 KB at
+// Scout's widths, so a block stays in L2), and each block is swept by every group of ROW_STEP
+// activation rows before the next block: the weights come from memory once per call, not once
+// per group of rows (a 128-token prefill read each matrix 32 times). Up to 8 rows are one group.
+// pass(t0, rows, n0, n1) computes activation rows t0 .. t0 + rows for weight rows n0 .. n1.
+// Three rows at a time measured fastest for a 128-token prefill of the Scout-width slice (1.89-1.92
+// s against 1.96-2.01 for two and 2.05-2.10 for four, one thread; four rows with two weight rows
+// per tile spill registers).
+constexpr int64_t BLOCK_N = 64, ROW_STEP = 3;
+
+// Activation rows per pass of the 512-bit tiles: at most ROW_STEP_ZMM (6 to 8 rows in one pass
+// would take one weight row per tile), so 8 go as 5 + 3.
+static int64_t quad_row_step(int64_t T) {
+#ifdef QUADS_ZMM
+  return T <= 5 ? T : ROW_STEP_ZMM;
+#else
+  return T <= 8 ? T : ROW_STEP;
+#endif
+}
+
+template <class Pass>
+static void over_blocks(int64_t T, int64_t N, Pass pass, bool quads = false) {
+  const int64_t step = quads ? quad_row_step(T) : T <= 8 ? T : ROW_STEP;
+  in_runs(N, BLOCK_N, [&](int64_t n0, int64_t n1) {
+    for (int64_t nb = n0; nb < n1; nb += BLOCK_N)
+      for (int64_t t0 = 0; t0 < T; t0 += step) pass(t0, std::min(step, T - t0), nb, std::min(nb + BLOCK_N, n1));
+  });
+}
+
+template <class S>
+static torch::Tensor int4_mv_impl(const torch::Tensor& x, const torch::Tensor& q, const S* sp, int64_t group, bool q8,
+                                  bool sym) {
+  const int64_t T = x.size(0), K = x.size(1), N = q.size(0), G = K / group, B = K / 32;
+  auto y = torch::empty({T, N}, x.options().dtype(torch::kFloat));
+  std::vector<float> xbuf;
+  const float* xp = float_rows(x, xbuf);
+  const uint8_t* qp = q.data_ptr<uint8_t>();
+  float* yp = y.data_ptr<float>();
+  std::vector<float> xs(T * G, 0.f);
+  if (!q8) {
+    std::vector<float> xperm(T * K);  // per block of 32: even inputs, then odd ones
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t k = 0; k < K; ++k) {
+        xs[t * G + k / group] += xp[t * K + k];
+        xperm[t * K + (k & ~31) + (k & 1) * 16 + (k & 31) / 2] = xp[t * K + k];
+      }
+    const float* xsp = xs.data();
+    const float* xpp = xperm.data();
+    over_blocks(T, N, [&](int64_t t0, int64_t T, int64_t n0, int64_t n1) {
+      DISPATCH_ROWS_S(rows_f32, xpp + t0 * K, qp, sp, xsp + t0 * G, yp + t0 * N, K, N, group, sym, n0, n1)
+    });
+    return rounded_to(y, x.scalar_type());
+  }
+  // Each block of 32 is rounded straight into the order the tiles read: per block (its 16 even
+  // inputs, its 16 odd ones) with one scale; with two blocks per step (groups of 64 or more) per
+  // pair (b0 even, b1 even, b0 odd, b1 odd) with each scale four times, as lanes.
+  const bool pairs = group % 64 == 0;
+#ifdef QUADS_ZMM
+  // Not for one row: decode of the slice with the 512-bit tile measured 36-38 tok/s against 44
+  // for the 256-bit one (one Zen 5 core; 49 against 55 on two), alternated; a 512-bit one-row
+  // stream was no faster than row_q8_stream on Zen 4 either. So a row's result in a prefill and
+  // alone differ by float32 rounding (the same products, summed in another order).
+  const bool quads = group % 128 == 0 && T > 1;
+#else
+  const bool quads = false;
+#endif
+  const int64_t lanes = pairs ? 4 : 1, span = quads ? 4 : 2;  // blocks per step when pairs
+  // 64-byte aligned (torch's CPU allocator), so the tiles' 32-byte loads never straddle a line.
+  auto xq_t = torch::empty({T * K}, torch::kChar);
+  auto xd_t = torch::empty({T * B * lanes}, torch::kFloat);
+  int8_t* xq_p = xq_t.data_ptr<int8_t>();
+  float* xd_p = xd_t.data_ptr<float>();
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t b = 0; b < B; ++b) {
+      const int64_t base = pairs ? (b & ~(span - 1)) * 32 : b * 32, half = pairs ? (b & (span - 1)) * 16 : 0;
+      const int64_t odd = pairs ? span * 16 : 16;
+      int sum;
+      int8_t* dst = xq_p + t * K + base + half;
+      const float d = round_block_q8(xp + t * K + b * 32, nullptr, dst, dst + odd, &sum);
+      for (int64_t l = 0; l < lanes; ++l) xd_p[(t * B + b) * lanes + l] = d;
+      xs[t * G + (b * 32) / group] += d * (float)sum;
+    }
+  const int8_t* xqp = xq_p;
+  const float* xdp = xd_p;
+  const float* xsp = xs.data();
+  over_blocks(T, N, [&](int64_t t0, int64_t T, int64_t n0, int64_t n1) {
+    const int8_t* xq0 = xqp + t0 * K;
+    const float *xd0 = xdp + t0 * B * lanes, *xs0 = xsp + t0 * G;
+    float* y0 = yp + t0 * N;
+    if (quads) {
+#ifdef QUADS_ZMM
+      DISPATCH_ROWS_S(rows_q8_quads, xq0, xd0, qp, sp, xs0, y0, K, N, group, sym, n0, n1)
+#endif
+    } else if (pairs) {
+      DISPATCH_ROWS_S(rows_q8_pairs, xq0, xd0, qp, sp, xs0, y0, K, N, group, sym, n0, n1)
+    } else {
+      DISPATCH_ROWS_S(rows_q8_blocks, xq0, xd0, qp, sp, xs0, y0, K, N, group, sym, n0, n1)
+    }
+  }, quads);
+  return rounded_to(y, x.scalar_type());
+}
+
+torch::Tensor int4_mv(torch::Tensor x, torch::Tensor q, torch::Tensor so, int64_t group, bool q8) {
+  TORCH_CHECK(x.dim() == 2 && q.dim() == 2 && so.dim() == 3, "bad ranks");
+  TORCH_CHECK(q.scalar_type() == torch::kUInt8, "q must be uint8");
+  TORCH_CHECK(x.is_contiguous() && q.is_contiguous() && so.is_contiguous(), "contiguous inputs");
+  const int64_t T = x.size(0), K = x.size(1), N = q.size(0), G = K / group;
+  TORCH_CHECK(T >= 1, "at least one row");
+  TORCH_CHECK(group % 32 == 0 && K % group == 0 && q.size(1) * 2 == K, "bad shapes");
+  TORCH_CHECK(so.size(0) == N && (so.size(1) == 1 || so.size(1) == 2) && so.size(2) == G,
+              "scales must be [N, 2, G], or [N, 1, G] for symmetric weights");
+  const bool sym = so.size(1) == 1;
+  TORCH_CHECK(so.scalar_type() == torch::kFloat || (sym && so.scalar_type() == torch::kBFloat16),
+              "scales must be float32, or bf16 for symmetric weights");
+  if (so.scalar_type() == torch::kBFloat16)
+    return int4_mv_impl(x, q, reinterpret_cast<const uint16_t*>(so.data_ptr()), group, q8, sym);
+  return int4_mv_impl(x, q, so.data_ptr<float>(), group, q8, sym);
+}
+
+"""

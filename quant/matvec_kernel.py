@@ -1,0 +1,194 @@
+"""The matrix-vector kernels for weights a run keeps unquantized or rounds at load (C++, compiled
+by quant/cpu_kernel.py): bf16/fp16 weights widened to float32 (`half_mv`), and INT8 weights
+with one scale per block of 32 against int8-rounded activations (`q8_quantize`, `q8_mv`: the
+lm_head of a quantized checkpoint's bf16 run, INT8 attention).
+"""
+
+SOURCE = r"""
+// bf16 / fp16 weights [N, K] times float32 activations [T, K]: what attention and the other
+// unquantized linears of a low-precision run do at decode. 8 weights at a time are widened to
+// float32 (bf16: a 16-bit shift; fp16: F16C) and FMA'd; R rows share each activation load and
+// give independent accumulator chains. Accumulation in float32, as torch.mv's.
+template <bool BF16>
+static inline __m256 widen8(const uint16_t* p) {
+  const __m128i h = _mm_loadu_si128((const __m128i*)p);
+  if (BF16) return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+  return _mm256_cvtph_ps(h);
+}
+
+template <bool BF16, int T, int R>
+static void tile_half(const float* xp, const uint16_t* wp, float* yp, int64_t K, int64_t N, int64_t n) {
+  __m256 acc[T][R][2];
+  for (int t = 0; t < T; ++t)
+    for (int r = 0; r < R; ++r) acc[t][r][0] = acc[t][r][1] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < K; k += 16) {
+    __m256 x0[T], x1[T];
+    for (int t = 0; t < T; ++t) {
+      x0[t] = _mm256_loadu_ps(xp + t * K + k);
+      x1[t] = _mm256_loadu_ps(xp + t * K + k + 8);
+    }
+    for (int r = 0; r < R; ++r) {
+      const uint16_t* wr = wp + (n + r) * K + k;
+      _mm_prefetch((const char*)wr + (R == 1 ? STREAM_AHEAD : 2 * AHEAD * K), _MM_HINT_T0);
+      const __m256 w0 = widen8<BF16>(wr), w1 = widen8<BF16>(wr + 8);
+      for (int t = 0; t < T; ++t) {
+        acc[t][r][0] = _mm256_fmadd_ps(w0, x0[t], acc[t][r][0]);
+        acc[t][r][1] = _mm256_fmadd_ps(w1, x1[t], acc[t][r][1]);
+      }
+    }
+  }
+  for (int t = 0; t < T; ++t)
+    for (int r = 0; r < R; ++r) yp[t * N + n + r] = hsum(_mm256_add_ps(acc[t][r][0], acc[t][r][1]));
+}
+
+template <bool BF16, int T>
+static void rows_half(const float* xp, const uint16_t* wp, float* yp, int64_t K, int64_t N, int64_t n0, int64_t n1) {
+  constexpr int R = widening_tile_rows<T>();
+  int64_t n = n0;
+  for (; n + R <= n1; n += R) tile_half<BF16, T, R>(xp, wp, yp, K, N, n);
+  for (; n < n1; ++n) tile_half<BF16, T, 1>(xp, wp, yp, K, N, n);
+}
+
+#define DISPATCH_HALF(B)                                                                   \
+  in_runs(N, 16, [&](int64_t n0, int64_t n1) {                                             \
+    switch (T) {                                                                           \
+      case 1: rows_half<B, 1>(xp, wp, yp, K, N, n0, n1); break;                            \
+      case 2: rows_half<B, 2>(xp, wp, yp, K, N, n0, n1); break;                            \
+      case 3: rows_half<B, 3>(xp, wp, yp, K, N, n0, n1); break;                            \
+      default: rows_half<B, 4>(xp, wp, yp, K, N, n0, n1); break;                           \
+    }                                                                                      \
+  });
+
+torch::Tensor half_mv(torch::Tensor x, torch::Tensor w) {
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2, "x [T, K], w [N, K]");
+  TORCH_CHECK(w.scalar_type() == torch::kBFloat16 || w.scalar_type() == torch::kHalf, "w must be bf16 or fp16");
+  TORCH_CHECK(x.is_contiguous() && w.is_contiguous(), "contiguous inputs");
+  const int64_t T = x.size(0), K = x.size(1), N = w.size(0);
+  TORCH_CHECK(T >= 1 && T <= 4 && w.size(1) == K && K % 16 == 0, "1 to 4 rows, K a multiple of 16");
+  auto y = torch::empty({T, N}, x.options().dtype(torch::kFloat));
+  std::vector<float> xbuf;
+  const float* xp = float_rows(x, xbuf);
+  const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.data_ptr());
+  float* yp = y.data_ptr<float>();
+  if (w.scalar_type() == torch::kBFloat16) {
+    DISPATCH_HALF(true)
+  } else {
+    DISPATCH_HALF(false)
+  }
+  return rounded_to(y, x.scalar_type());
+}
+
+// INT8 weights (symmetric, one float32 scale per block of 32 inputs, llama.cpp's Q8_0) for the
+// linears a bf16 run would otherwise read in bf16 (attention): half the bytes, and int8 dot
+// products with the int8-rounded activations. maddubs wants an unsigned operand, so the
+// weights' signs move onto the activations (|w| * sign(x, w), llama.cpp's trick).
+// 8 weights as float32 from bf16, fp16 or float32 storage.
+static inline __m256 load8(const void* p, int kind, int64_t i) {
+  if (kind == 0) return _mm256_loadu_ps((const float*)p + i);
+  const uint16_t* h = (const uint16_t*)p + i;
+  return kind == 1 ? widen8<true>(h) : widen8<false>(h);
+}
+
+std::vector<torch::Tensor> q8_quantize(torch::Tensor w) {
+  TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && w.size(1) % 32 == 0, "w: contiguous [N, K], K % 32 == 0");
+  const auto st = w.scalar_type();
+  TORCH_CHECK(st == torch::kFloat || st == torch::kBFloat16 || st == torch::kHalf, "w: float32, bf16 or fp16");
+  const int kind = st == torch::kFloat ? 0 : (st == torch::kBFloat16 ? 1 : 2);
+  const int64_t N = w.size(0), K = w.size(1), B = K / 32;
+  auto q = torch::empty({N, K}, w.options().dtype(torch::kChar));
+  auto sc = torch::empty({N, B}, w.options().dtype(torch::kFloat));
+  const void* wp = w.data_ptr();
+  int8_t* qp = q.data_ptr<int8_t>();
+  float* sp = sc.data_ptr<float>();
+  const __m256 sign = _mm256_set1_ps(-0.f);
+  at::parallel_for(0, N * B, 1024, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      __m256 v[4], m = _mm256_setzero_ps();
+      for (int j = 0; j < 4; ++j) {
+        v[j] = load8(wp, kind, i * 32 + j * 8);
+        m = _mm256_max_ps(m, _mm256_andnot_ps(sign, v[j]));
+      }
+      __m128 r = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+      r = _mm_max_ps(r, _mm_movehl_ps(r, r));
+      r = _mm_max_ss(r, _mm_movehdup_ps(r));
+      const float amax = _mm_cvtss_f32(r);
+      const float id = amax > 0.f ? 127.f / amax : 0.f;
+      __m256i n[4];
+      for (int j = 0; j < 4; ++j)
+        n[j] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v[j], _mm256_set1_ps(id)),
+                                                  _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+      // int32 -> int8 with the lanes put back in order after the in-lane packs
+      const __m256i a = _mm256_packs_epi32(n[0], n[1]), b = _mm256_packs_epi32(n[2], n[3]);
+      const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+      const __m256i c = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(a, b), order);
+      _mm256_storeu_si256((__m256i*)(qp + i * 32), c);
+      // A NaN or infinity among the weights makes the block's scale NaN (max_ps drops NaN).
+      bool finite = std::isfinite(amax);
+      for (int j = 0; j < 4 && finite; ++j)
+        finite = _mm256_movemask_ps(_mm256_cmp_ps(v[j], v[j], _CMP_UNORD_Q)) == 0;
+      sp[i] = finite ? amax / 127.f : NAN;
+    }
+  });
+  return {q, sc};
+}
+
+template <int T, int R>
+static void tile_w8(const int8_t* xq, const float* xd, const int8_t* wq, const float* ws, float* yp,
+                    int64_t K, int64_t N, int64_t n) {
+  const int64_t B = K / 32;
+  __m256 acc[T][R];
+  for (int t = 0; t < T; ++t)
+    for (int r = 0; r < R; ++r) acc[t][r] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < B; ++b) {
+    for (int r = 0; r < R; ++r) {
+      const int8_t* wr = wq + (n + r) * K + b * 32;
+      _mm_prefetch((const char*)wr + (R == 1 ? STREAM_AHEAD : AHEAD * K), _MM_HINT_T0);
+      const __m256i w = _mm256_loadu_si256((const __m256i*)wr);
+      const __m256i aw = _mm256_sign_epi8(w, w);
+      const float s = ws[(n + r) * B + b];
+      for (int t = 0; t < T; ++t) {
+        const __m256i x = _mm256_loadu_si256((const __m256i*)(xq + t * K + b * 32));
+        const __m256i p = dot4(aw, _mm256_sign_epi8(x, w));
+        acc[t][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(s * xd[t * B + b]), acc[t][r]);
+      }
+    }
+  }
+  for (int t = 0; t < T; ++t)
+    for (int r = 0; r < R; ++r) yp[t * N + n + r] = hsum(acc[t][r]);
+}
+
+template <int T>
+static void rows_w8(const int8_t* xq, const float* xd, const int8_t* wq, const float* ws, float* yp,
+                    int64_t K, int64_t N, int64_t n0, int64_t n1) {
+  constexpr int R = tile_rows<T>();
+  int64_t n = n0;
+  for (; n + R <= n1; n += R) tile_w8<T, R>(xq, xd, wq, ws, yp, K, N, n);
+  for (; n < n1; ++n) tile_w8<T, 1>(xq, xd, wq, ws, yp, K, N, n);
+}
+
+torch::Tensor q8_mv(torch::Tensor x, torch::Tensor wq, torch::Tensor ws) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "x: [T, K]");
+  TORCH_CHECK(wq.scalar_type() == torch::kChar && ws.scalar_type() == torch::kFloat, "wq int8, ws float32");
+  TORCH_CHECK(wq.is_contiguous() && ws.is_contiguous(), "contiguous weights");
+  const int64_t T = x.size(0), K = x.size(1), N = wq.size(0), B = K / 32;
+  TORCH_CHECK(T >= 1 && T <= 4 && wq.size(1) == K && K % 32 == 0 && ws.size(0) == N && ws.size(1) == B, "shapes");
+  auto y = torch::empty({T, N}, x.options().dtype(torch::kFloat));
+  std::vector<int8_t> xq(T * K);
+  std::vector<float> xd(T * B);
+  std::vector<float> xbuf;
+  const float* xp = float_rows(x, xbuf);
+  int sum;
+  for (int64_t i = 0; i < T * B; ++i)
+    xd[i] = round_block_q8(xp + i * 32, xq.data() + i * 32, nullptr, nullptr, &sum);
+  const int8_t* xqp = xq.data();
+  const float* xdp = xd.data();
+  const int8_t* wp = wq.data_ptr<int8_t>();
+  const float* sp = ws.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  in_runs(N, 16, [&](int64_t n0, int64_t n1) {
+    DISPATCH_ROWS4(rows_w8, xqp, xdp, wp, sp, yp, K, N, n0, n1)
+  });
+  return rounded_to(y, x.scalar_type());
+}
+
+"""
