@@ -218,12 +218,13 @@ def huge_share(path: Path) -> float:
 
 def same_page_cache(files: list[Path]) -> dict[str, float]:
     """Every side's files in the page cache the same way, before any timing: where a mapping gets
-    less than half of a file in 2 MB pages (its pages were faulted in through a mapping), drop it
-    from the cache and read it through (large folios, where the kernel makes them). llama.cpp maps
-    its GGUF as we map our shards, so both profit alike; returns each file's share after."""
+    less than 90% of a file in 2 MB pages (pages faulted in through a mapping, or evicted and
+    faulted back), drop it from the cache and read it through (large folios, where the kernel
+    makes them). llama.cpp maps its GGUF as we map our shards (and repacks Q4_0 and Q4_K into
+    anonymous memory from there), so both profit alike; returns each file's share after."""
     out = {}
     for f in files:
-        if huge_share(f) < 0.5 and hasattr(os, "posix_fadvise"):
+        if huge_share(f) < 0.9 and hasattr(os, "posix_fadvise"):
             fd = os.open(f, os.O_RDONLY)
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
             os.close(fd)

@@ -220,9 +220,9 @@ def _huge_pages_wanted() -> bool:
 
 
 def warm_shards(ckpt: Checkpoint, budget: float) -> None:
-    """Before anything maps them: read through the shards that the page cache mostly lacks, when
-    they fit in `budget` (a cold start reads them all anyway; read sequentially they land in the
-    large folios that huge_mapped looks for, faulted in through the mapping they would not)."""
+    """Before anything maps them: read the parts of the shards that the page cache lacks, when the
+    shards fit in `budget` (a cold start reads them all anyway; read sequentially they land in
+    the large folios that huge_mapped looks for, faulted in through the mapping they would not)."""
     from . import pages
 
     paths = sorted({p for p in ckpt.files.values() if p is not None})

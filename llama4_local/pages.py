@@ -7,8 +7,8 @@ copy and nothing to fault in afresh. Streaming weights through those mappings is
 through 4 KB pages (one TLB entry per 2 MB): on the 2-vCPU Zen 4 VM of docs/benchmarks.md a
 plain read loop made 33 GB/s over such a mapping, 29 over the same file in 4 KB folios and 31
 over an anonymous copy, and the slice decoded 5-20% faster than from the copy. Files faulted in
-page by page through a mapping (a cold start that maps first) land in 4 KB folios; reading them
-sequentially first gives the large ones.
+page by page through a mapping (a cold start that maps first, or pages evicted and faulted back)
+land in 4 KB folios; reading what is missing sequentially first gives the large ones.
 
 Everything here answers "no" (or does nothing) where /proc or mincore is missing.
 """
@@ -46,9 +46,9 @@ def _mincore():
     return fn
 
 
-def resident_fraction(lo: int, hi: int) -> float | None:
-    """The share of the pages of [lo, hi) (inside one mapping) that the page cache holds, by
-    mincore(2); None where it cannot say."""
+def residency(lo: int, hi: int):
+    """Per page of [lo, hi) (inside one mapping): whether the page cache holds it (numpy uint8,
+    1 or 0, by mincore(2)); None where it cannot say."""
     fn = _mincore()
     page = mmap.PAGESIZE
     start, end = lo // page * page, -(-hi // page) * page
@@ -59,11 +59,17 @@ def resident_fraction(lo: int, hi: int) -> float | None:
         return None
     import numpy as np
 
-    return float((np.frombuffer(vec.raw, dtype=np.uint8) & 1).mean())
+    return np.frombuffer(vec.raw, dtype=np.uint8) & 1
 
 
-def file_resident_fraction(path: Path) -> float | None:
-    """The share of a file's pages in the page cache (mincore over a mapping that touches none)."""
+def resident_fraction(lo: int, hi: int) -> float | None:
+    """The share of the pages of [lo, hi) that the page cache holds; None where it cannot say."""
+    vec = residency(lo, hi)
+    return None if vec is None else float(vec.mean())
+
+
+def file_residency(path: Path):
+    """residency() over a whole file, through a mapping that touches none of it."""
     try:
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
@@ -73,36 +79,65 @@ def file_resident_fraction(path: Path) -> float | None:
                 import numpy as np
 
                 base = np.frombuffer(m, dtype=np.uint8).ctypes.data
-                try:
-                    return resident_fraction(base, base + size)
-                finally:
-                    del base
+                return residency(base, base + size)
     except (OSError, ValueError, BufferError):
         return None
 
 
+def file_resident_fraction(path: Path) -> float | None:
+    """The share of a file's pages in the page cache; None where it cannot say."""
+    vec = file_residency(path)
+    return None if vec is None else float(vec.mean())
+
+
+def missing_runs(vec, page: int, size: int) -> list[tuple[int, int]]:
+    """(offset, length) of the file ranges holding pages that `vec` (file_residency) says are
+    absent, each widened to whole 2 MB (the folios reading makes), joined, within `size`."""
+    import numpy as np
+
+    absent = np.flatnonzero(vec == 0)
+    if not absent.size:
+        return []
+    breaks = np.flatnonzero(np.diff(absent) > 1)
+    firsts = np.concatenate(([absent[0]], absent[breaks + 1]))
+    lasts = np.concatenate((absent[breaks], [absent[-1]]))
+    spans = [
+        (int(a) * page // HUGE * HUGE, min(size, -(-(int(b) + 1) * page // HUGE) * HUGE))
+        for a, b in zip(firsts, lasts, strict=True)
+    ]
+    return [(lo, hi - lo) for lo, hi in merged(spans)]
+
+
 def warm(paths: list[Path]) -> int:
-    """Read through each file the page cache holds less than half of, before anything maps it
-    (pages faulted in through a mapping land in 4 KB folios); returns the bytes read."""
+    """Before anything maps them: read the parts of each file that the page cache lacks with plain
+    reads (pages faulted in through a mapping land in 4 KB folios, read ones in large folios where
+    the kernel makes them); returns the bytes read."""
     total = 0
     for path in paths:
-        share = file_resident_fraction(path)
-        if share is not None and share < 0.5:
-            total += read_through(path)
+        vec = file_residency(path)
+        if vec is not None:
+            for off, length in missing_runs(vec, mmap.PAGESIZE, Path(path).stat().st_size):
+                total += read_range(path, off, length)
+    return total
+
+
+def read_range(path: Path, offset: int, length: int) -> int:
+    """Read [offset, offset + length) of a file once with plain sequential reads; returns the
+    bytes read."""
+    buf = bytearray(min(READ_CHUNK, max(length, 1)))
+    view, total = memoryview(buf), 0
+    with open(path, "rb", buffering=0) as f:
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(f.fileno(), offset, length, os.POSIX_FADV_SEQUENTIAL)
+        f.seek(offset)
+        while total < length and (n := f.readinto(view[: min(len(view), length - total)])):
+            total += n
     return total
 
 
 def read_through(path: Path) -> int:
-    """Read a file once from start to end with plain reads (the kernel's sequential readahead puts
-    it in large folios where it can); returns the bytes read."""
-    buf = bytearray(READ_CHUNK)
-    view, total = memoryview(buf), 0
-    with open(path, "rb", buffering=0) as f:
-        if hasattr(os, "posix_fadvise"):
-            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
-        while n := f.readinto(view):
-            total += n
-    return total
+    """Read a whole file once with plain reads; returns the bytes read."""
+    return read_range(path, 0, Path(path).stat().st_size)
 
 
 def touch(spans: list[tuple[int, int]]) -> None:

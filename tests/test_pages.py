@@ -43,19 +43,37 @@ def test_smaps_totals_count_only_the_mappings_that_hold_the_spans():
     assert pages.smaps_totals(SMAPS, [(0x10, 0x20)]) == (0, 0)
 
 
+def test_missing_runs_cover_the_absent_pages_in_whole_2mb():
+    import numpy as np
+
+    page, huge = 4096, pages.HUGE
+    vec = np.ones(4 * huge // page, dtype=np.uint8)
+    assert pages.missing_runs(vec, page, 4 * huge) == []
+    vec[5] = 0  # one page in the first 2 MB
+    vec[huge // page + 1 : huge // page + 3] = 0  # two in the second: one run with the first
+    vec[-1] = 0  # the last page (the third 2 MB is all there), the file ending 100 bytes into it
+    size = 4 * huge - page + 100
+    assert pages.missing_runs(vec, page, size) == [(0, 2 * huge), (3 * huge, size - 3 * huge)]
+
+
 @linux
 def test_residency_follows_the_page_cache(tmp_path):
     path = tmp_path / "blob"
-    path.write_bytes(os.urandom(4 << 20))
+    path.write_bytes(os.urandom(6 << 20))
     with open(path, "rb") as f:
         os.fsync(f.fileno())
         os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
     cold = pages.file_resident_fraction(path)
     if cold is None or cold > 0.5:
         pytest.skip("this filesystem keeps its pages (tmpfs) or mincore is missing")
-    assert pages.warm([path]) == 4 << 20  # read through once
+    assert pages.warm([path]) == 6 << 20  # everything missing: read once
     assert pages.file_resident_fraction(path) > 0.9
     assert pages.warm([path]) == 0  # now cached: nothing read
+    with open(path, "rb") as f:
+        os.posix_fadvise(f.fileno(), 2 << 20, 2 << 20, os.POSIX_FADV_DONTNEED)  # evict the middle 2 MB
+    if pages.file_resident_fraction(path) > 0.8:
+        pytest.skip("the page cache kept the evicted range")
+    assert pages.warm([path]) == 2 << 20  # only the missing 2 MB
 
 
 def _mapped(model, int4_only: bool = False) -> list[bool]:
@@ -93,32 +111,35 @@ def test_huge_pages_asked_for_means_copies(scout_int4, monkeypatch):
     assert not any(_mapped(model))
 
 
-def test_a_cold_checkpoint_is_read_through_before_it_is_mapped(scout_int4, monkeypatch):
+def test_a_cold_checkpoint_is_read_before_it_is_mapped(scout_int4, monkeypatch):
+    import numpy as np
+
     path, _ = scout_int4
     order = []
-    monkeypatch.setattr(pages, "file_resident_fraction", lambda p: 0.0)
-    monkeypatch.setattr(pages, "read_through", lambda p: order.append(("read", p)) or 1)
-    real_open = loader.Llama4Text
-    monkeypatch.setattr(loader, "Llama4Text", lambda cfg: order.append(("build",)) or real_open(cfg))
+    cold = lambda p: np.zeros(-(-p.stat().st_size // 4096), dtype=np.uint8)  # noqa: E731
+    monkeypatch.setattr(pages, "file_residency", cold)
+    monkeypatch.setattr(pages, "read_range", lambda p, off, n: order.append(("read", p, off, n)) or n)
+    real = loader.Llama4Text
+    monkeypatch.setattr(loader, "Llama4Text", lambda cfg: order.append(("build",)) or real(cfg))
     load_model(path, "bfloat16", "cpu", mmap=None)
     shards = sorted(path.glob("*.safetensors"))
     reads = [o for o in order if o[0] == "read"]
-    assert [o[1] for o in reads] == shards and order.index(reads[-1]) < order.index(("build",))
+    assert [(o[1], o[2], o[3]) for o in reads] == [(s, 0, s.stat().st_size) for s in shards]
+    assert order.index(reads[-1]) < order.index(("build",))
     order.clear()
     load_model(path, "bfloat16", "cpu", mmap=True)  # --mmap: the fastest start, nothing read ahead
     assert not [o for o in order if o[0] == "read"]
-    monkeypatch.setattr(pages, "file_resident_fraction", lambda p: 1.0)
+    monkeypatch.setattr(pages, "file_residency", lambda p: np.ones(-(-p.stat().st_size // 4096), dtype=np.uint8))
     order.clear()
     load_model(path, "bfloat16", "cpu", mmap=None)  # already cached: nothing read
     assert not [o for o in order if o[0] == "read"]
 
 
-def test_a_checkpoint_larger_than_the_budget_is_neither_read_through_nor_copied(scout_int4, monkeypatch):
+def test_a_checkpoint_larger_than_the_budget_is_neither_read_nor_copied(scout_int4, monkeypatch):
     path, _ = scout_int4
     reads = []
     monkeypatch.setattr(loader, "available_memory", lambda: 1000)
-    monkeypatch.setattr(pages, "file_resident_fraction", lambda p: 0.0)
-    monkeypatch.setattr(pages, "read_through", lambda p: reads.append(p) or 1)
+    monkeypatch.setattr(pages, "read_range", lambda p, off, n: reads.append(p) or n)
     model, _ = load_model(path, "bfloat16", "cpu", mmap=None)
     assert not reads
     assert any(_mapped(model))
