@@ -14,6 +14,41 @@ from typing import Annotated
 
 import typer
 
+from llama4_local.cli_common import (
+    ContextOpt,
+    DeviceOpt,
+    DtypeOpt,
+    GpuMemoryOpt,
+    HostMemoryOpt,
+    Int8AttentionOpt,
+    MinPOpt,
+    MissOpt,
+    MmapOpt,
+    ModelOpt,
+    PolicyOpt,
+    PrefetchOpt,
+    PrefillChunkOpt,
+    RepetitionOpt,
+    RevisionOpt,
+    SeedOpt,
+    SessionContextOpt,
+    SlotsOpt,
+    TemperatureOpt,
+    ThreadsOpt,
+    TopKOpt,
+    TopPOpt,
+    VerboseOpt,
+    VisionOpt,
+    _model,
+    _offload_options,
+    _parse_size,
+    _read_stdin,
+    _run,
+    _sampling,
+    _threads,
+    human,
+)
+
 # PyTorch's CPU allocator backs allocations of 2 MB and more with transparent huge pages when this
 # is set (read once, before torch allocates; torch is imported inside the commands): a calibrated
 # quantize of the Scout-width slice spent 97 s of 382 in the kernel, mostly page faults of large
@@ -27,163 +62,6 @@ app = typer.Typer(
     add_completion=True,
     pretty_exceptions_enable=False,
 )
-
-ModelOpt = Annotated[
-    str,
-    typer.Option(
-        "--model",
-        "-m",
-        help="Checkpoint directory (Hugging Face layout), or a hub repo id "
-        "like meta-llama/Llama-4-Scout-17B-16E-Instruct.",
-    ),
-]
-RevisionOpt = Annotated[str | None, typer.Option(help="Hub revision (branch, tag or commit) of a repo id model.")]
-
-TemperatureOpt = Annotated[float | None, typer.Option(help="0 means greedy (default: checkpoint's).")]
-TopKOpt = Annotated[int | None, typer.Option(help="Keep the k most likely tokens (0: off).")]
-TopPOpt = Annotated[float | None, typer.Option(help="Nucleus sampling threshold.")]
-MinPOpt = Annotated[float | None, typer.Option(help="Drop tokens below min_p x the top probability.")]
-RepetitionOpt = Annotated[float | None, typer.Option(help="Penalise tokens already seen (1: off).")]
-SeedOpt = Annotated[int | None, typer.Option(help="Random seed for reproducible sampling.")]
-DtypeOpt = Annotated[str, typer.Option(help="bfloat16, float16 or float32.")]
-DeviceOpt = Annotated[str, typer.Option(help="cpu, cuda or auto.")]
-PrefillChunkOpt = Annotated[int, typer.Option(help="Prompt tokens per prefill step (bounds memory).")]
-VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Show tracebacks.")]
-Int8AttentionOpt = Annotated[
-    bool,
-    typer.Option(
-        "--int8-attention/--bf16-attention",
-        help="CPU bf16/fp16 runs: attention weights rounded to INT8 at load (half the bytes; see docs/benchmarks.md).",
-    ),
-]
-MmapOpt = Annotated[
-    bool | None,
-    typer.Option(
-        "--mmap/--no-mmap",
-        help="CPU runs: keep weights as views of the mapped files (--mmap: fastest start, least memory) or "
-        "copy them into RAM (--no-mmap). Default: keep the mapping where the page cache serves it in 2 MB "
-        "pages (faster decode; Linux 6.16+ on ext4), else copy when it fits in available RAM.",
-    ),
-]
-ThreadsOpt = Annotated[
-    int | None, typer.Option("--threads", "-t", help="CPU threads for computing (default: the physical cores).")
-]
-SessionContextOpt = Annotated[int | None, typer.Option(help="Context length in tokens (default: 8192).")]
-VisionOpt = Annotated[
-    bool,
-    typer.Option(help="Load the vision tower (when the checkpoint has one) for images; about 2 GB for Scout."),
-]
-
-
-def _sampling(temperature, top_k, top_p, min_p, repetition_penalty, seed) -> dict:
-    """The sampling options as SamplingParams overrides (None keeps the checkpoint's value)."""
-    return dict(
-        temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty, seed=seed
-    )
-
-
-def _model(model: str, revision: str | None = None) -> Path:
-    """A local directory, or a hub repo id fetched into the Hugging Face cache."""
-    from llama4_local.hub import resolve_model
-
-    return resolve_model(model, revision)
-
-
-_OFF = "Offloading"
-GpuMemoryOpt = Annotated[
-    str | None,
-    typer.Option(help="GPU memory to plan for, e.g. 24GiB (default: free memory minus 1 GiB).", rich_help_panel=_OFF),
-]
-HostMemoryOpt = Annotated[
-    str | None,
-    typer.Option(help="Host RAM for expert copies; beyond it experts are read from disk.", rich_help_panel=_OFF),
-]
-SlotsOpt = Annotated[
-    int | None,
-    typer.Option(
-        help="Experts kept on the compute device (overrides the plan; works with --device cpu).", rich_help_panel=_OFF
-    ),
-]
-PolicyOpt = Annotated[
-    str,
-    typer.Option(
-        help="Expert cache eviction: lru, lfu, or auto (lfu for 64+ experts per layer, else lru).",
-        rich_help_panel=_OFF,
-    ),
-]
-MissOpt = Annotated[
-    str,
-    typer.Option(
-        help="A missing expert is copied (swap), run on the CPU (cpu), or either (auto).", rich_help_panel=_OFF
-    ),
-]
-PrefetchOpt = Annotated[
-    bool,
-    typer.Option(
-        "--prefetch/--no-prefetch", help="Guess the next layer's experts and copy them early.", rich_help_panel=_OFF
-    ),
-]
-ContextOpt = Annotated[
-    int | None, typer.Option(help="Context length the memory plan reserves KV cache for.", rich_help_panel=_OFF)
-]
-
-
-def _offload_options(gpu_memory, host_memory, slots, policy, miss_policy, prefetch):
-    from offload.setup import OffloadOptions
-
-    return OffloadOptions(
-        slots=slots,
-        gpu_memory=_parse_size(gpu_memory) if gpu_memory else None,
-        host_memory=_parse_size(host_memory) if host_memory else None,
-        policy=policy,
-        miss_policy=miss_policy,
-        prefetch=prefetch,
-    ).validate()
-
-
-def _read_stdin() -> str:
-    from llama4_local.errors import UserError
-
-    data = sys.stdin.buffer.read()
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise UserError(
-            f"standard input is not UTF-8 text (byte {data[e.start]:#04x} at offset {e.start}); "
-            "convert it first, e.g. with iconv -t UTF-8"
-        ) from None
-
-
-def _threads(n: int | None) -> None:
-    from llama4_local.threads import set_threads
-
-    set_threads(n)
-
-
-def _fail(message: str, code: int) -> None:
-    sys.stderr.write(f"error: {message}\n")
-    raise typer.Exit(code)
-
-
-def _run(fn, verbose: bool):
-    """Call fn, turning user errors into one line and exit 2, other failures into exit 1."""
-    from llama4_local.errors import UserError
-
-    try:
-        return fn()
-    except UserError as e:
-        _fail(str(e), 2)
-    except KeyboardInterrupt:
-        sys.stderr.write("\ninterrupted\n")
-        raise typer.Exit(130) from None
-    except (typer.Exit, SystemExit):
-        raise
-    except Exception as e:
-        if verbose:
-            raise
-        name = type(e).__name__
-        msg = str(e).splitlines()[0] if str(e) else name
-        _fail(f"{name}: {msg} (run again with --verbose for details)", 1)
 
 
 @app.callback()
@@ -357,41 +235,6 @@ def eval_(
     _run(go, verbose)
 
 
-def _human(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000:
-            return f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"
-
-
-def _count(n: int) -> str:
-    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if n >= size:
-            return f"{n / size:.2f} {unit}"
-    return str(n)
-
-
-def _binary(n: float) -> str:
-    for unit in ("B", "KiB", "MiB"):
-        if n < 1024:
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.2f} GiB"
-
-
-def _parse_size(text: str) -> int:
-    from llama4_local.errors import UserError
-
-    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
-    t = text.strip().upper()
-    num = t.rstrip("KMGIB")
-    try:
-        return int(float(num) * units[t[len(num) :]])
-    except (KeyError, ValueError):
-        raise UserError(f"cannot read size {text!r}; write it like 2GB, 512MiB or 1000000") from None
-
-
 @app.command()
 def quantize(
     src: Annotated[str, typer.Argument(help="Source checkpoint directory (bf16, Hugging Face layout) or hub repo id.")],
@@ -504,7 +347,7 @@ def quantize(
         if s.resumed_shards:
             err.print(f"resumed: {s.resumed_shards} shards were already finished by an earlier run")
         err.print(
-            f"wrote {out}: {_human(s.source_bytes)} -> {_human(s.output_bytes)} "
+            f"wrote {out}: {human(s.source_bytes)} -> {human(s.output_bytes)} "
             f"({s.source_bytes / max(s.output_bytes, 1):.1f}x smaller), "
             f"{s.quantized_linears} {scheme.upper()} linears, {s.shards} shards, {s.seconds:.1f} s"
         )
@@ -723,40 +566,9 @@ def info(
             res["plans"] = [{k: v for k, v in p.items() if k != "rows"} for p in res["plans"]]
             sys.stdout.write(json.dumps(res) + "\n")
             return
-        from rich.console import Console
-        from rich.table import Table
+        from llama4_local.cli_render import print_info
 
-        con = Console()
-        t = Table(title=f"{path.name}", show_header=False)
-        t.add_column("what")
-        t.add_column("value")
-        b = _count
-        t.add_row("architecture", res["architecture"])
-        t.add_row("layers", f"{res['layers']} ({res['moe_layers']} MoE, NoPE at {res['nope_layers']})")
-        t.add_row("hidden / heads / kv heads", f"{res['hidden_size']} / {res['heads']} / {res['kv_heads']}")
-        t.add_row("experts", f"{res['experts']} routed, {res['experts_per_token']} per token, + 1 shared")
-        t.add_row("parameters", f"{b(res['parameters_total'])} total, {b(res['parameters_active'])} active per token")
-        if res["parameters_vision"]:
-            t.add_row("vision", b(res["parameters_vision"]))
-        q = res["quantization"]
-        t.add_row("quantization", f"{q['scheme']} ({', '.join(q['parts'])})" if q else "none (bf16/fp16 weights)")
-        t.add_row("on disk", _human(res["bytes_on_disk"]))
-        t.add_row("context", f"{res['max_context']} max; plans below for {res['context_planned']}")
-        con.print(t)
-        for p in res["plans"]:
-            title = f"memory plan for {p['gpu_memory'] / 2**30:.1f} GiB of GPU memory"
-            if p["host_memory"] is not None:
-                title += f" and {p['host_memory'] / 2**30:.1f} GiB of host RAM for experts"
-            if "error" in p:
-                con.print(f"[bold]{title}[/bold]: {p['error']}")
-                continue
-            pt = Table(title=title)
-            pt.add_column("what")
-            pt.add_column("where")
-            pt.add_column("size", justify="right")
-            for what, where, n in p["rows"]:
-                pt.add_row(what, where, _binary(n))
-            con.print(pt)
+        print_info(res, path.name)
 
     _run(go, verbose)
 
@@ -804,39 +616,9 @@ def bench(
         if as_json:
             sys.stdout.write(json.dumps(res) + "\n")
             return
-        from rich.console import Console
-        from rich.table import Table
+        from llama4_local.cli_render import print_bench
 
-        table = Table(title=f"{model} on {res['device']} ({dtype})")
-        table.add_column("phase")
-        table.add_column("tokens", justify="right")
-        table.add_column("tok/s", justify="right")
-        table.add_column("cache hits", justify="right")
-        table.add_column("on CPU", justify="right")
-        table.add_column("prefetch right", justify="right")
-        table.add_column("moved", justify="right")
-        for phase in ("prefill", "decode"):
-            p = res[phase]
-            c = p.get("expert_cache")
-            pct = lambda v: "-" if v is None else f"{100 * v:.1f}%"  # noqa: E731
-            table.add_row(
-                phase,
-                str(p["tokens"]),
-                f"{p['tok_s']:.2f}",
-                pct(c["hit_rate"]) if c else "-",
-                str(c["cpu"]) if c else "-",
-                pct(c["prefetch_accuracy"]) if c else "-",
-                _human(c["bytes_moved"]) if c else "-",
-            )
-        con = Console()
-        con.print(table)
-        mem = f"peak RSS {_human(res['peak_rss_bytes'])}"
-        if res["peak_gpu_bytes"] is not None:
-            mem += f", peak GPU {_human(res['peak_gpu_bytes'])}"
-        if "offload" in res:
-            o = res["offload"]
-            mem += f"; expert cache {o['slots']} of {o['experts']} experts ({o['policy']}, misses {o['miss_policy']})"
-        con.print(mem)
+        print_bench(res, f"{model} on {res['device']} ({dtype})")
 
     _run(go, verbose)
 
