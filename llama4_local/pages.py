@@ -6,7 +6,7 @@ MB at a time (FilePmdMapped in /proc/self/smaps), as a transparent huge page wou
 copy and nothing to fault in afresh. Streaming weights through those mappings is faster than
 through 4 KB pages (one TLB entry per 2 MB): on the 2-vCPU Zen 4 VM of docs/benchmarks.md a
 plain read loop made 33 GB/s over such a mapping, 29 over the same file in 4 KB folios and 31
-over an anonymous copy, and the slice decoded 5-20% faster than from the copy. Files faulted in
+over an anonymous copy, and the slice decoded 5-12% faster than from the copy. Files faulted in
 page by page through a mapping (a cold start that maps first, or pages evicted and faulted back)
 land in 4 KB folios; reading what is missing sequentially first gives the large ones.
 
