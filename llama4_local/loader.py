@@ -340,9 +340,8 @@ def load_model(
     cfg = load_config(model_dir)
     torch_dtype, torch_device = resolve_dtype(dtype), resolve_device(device)
     ckpt = open_checkpoint(model_dir)
-    budget = 0.8 * available_memory()
     if mmap is None and torch_device.type == "cpu" and offload is None:
-        warm_shards(ckpt, budget)
+        warm_shards(ckpt, 0.8 * available_memory())
     model = Llama4Text(cfg)  # on the meta device: allocates nothing
     model.plan = None
     scheme = None
@@ -392,7 +391,7 @@ def load_model(
 
         int8_lm_head(model)  # a bf16/fp16 CPU lm_head only: float32 runs stay exact, GPU ones as they are
     if mmap is not True and torch_device.type == "cpu":
-        budget = None if mmap is False else budget
+        budget = None if mmap is False else 0.8 * available_memory()  # what loading left
         if mmap is False or not huge_mapped(model, budget):
             copy_mapped_weights(model, budget)
     model.eval()
