@@ -27,6 +27,7 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -299,6 +300,7 @@ def main() -> None:
     nbytes.update({k: o.bytes_per_token for k, o in ours.items()})
 
     best: dict[tuple[str, int], dict[str, float]] = {}
+    runs: dict[tuple[str, int], list[dict[str, float]]] = {}
     sides = [*peers, *ours]
     for rep in range(args.reps):
         for t in threads:
@@ -308,6 +310,7 @@ def main() -> None:
                     r = llamacpp.bench(bin_dir, peers[side], t, args.prompt, args.gen, depth=args.depth)
                 else:
                     r = timed[side].run(t, args.prompt, args.gen, args.depth)
+                runs.setdefault((side, t), []).append(r)
                 b = best.setdefault((side, t), {"prefill": 0.0, "decode": 0.0})
                 for k in b:
                     b[k] = max(b[k], r[k])
@@ -333,7 +336,18 @@ def main() -> None:
                 ratio = f"{row['prefill_ratio']:.2f}x, {row['decode_ratio']:.2f}x {base[side]}"
             cells = [t, side, f"{b['prefill']:.1f}", f"{b['decode']:.1f}", ratio, f"{mb:.0f}", row["decode_GB_s"]]
             print("| " + " | ".join(map(str, cells)) + " |")
+            for k in ("prefill", "decode"):  # the median of the reps: this VM's states move the best
+                row[f"{k}_median"] = round(statistics.median(r[k] for r in runs[(side, t)]), 2)
             rows.append(row)
+    print("\nmedians of the reps (prefill / decode tok/s):")
+    for t in threads:
+        med = {r["side"]: r for r in rows if r["threads"] == t}
+        parts = [f"{k} {v['prefill_median']:.1f} / {v['decode_median']:.1f}" for k, v in med.items()]
+        for side, peer in base.items():
+            if side in med and peer in med:
+                ratio = [med[side][f"{k}_median"] / med[peer][f"{k}_median"] for k in ("prefill", "decode")]
+                parts.append(f"{side} vs {peer} {ratio[0]:.2f}x / {ratio[1]:.2f}x")
+        print(f"  {t} thread(s): " + "; ".join(parts))
     int4 = ours["ours INT4"]
     size = sum(f.stat().st_size for f in files["int4"].glob("*.safetensors"))
     anon = after_int4.get("RssAnon", 0) - before.get("RssAnon", 0)
