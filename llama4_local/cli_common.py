@@ -45,8 +45,8 @@ MmapOpt = Annotated[
     typer.Option(
         "--mmap/--no-mmap",
         help="CPU runs: keep weights as views of the mapped files (--mmap: fastest start, least memory) or "
-        "copy them into RAM (--no-mmap). Default: keep the mapping where the page cache serves it in 2 MB "
-        "pages (faster decode; Linux 6.16+ on ext4), else copy when it fits in available RAM.",
+        "copy them into RAM (--no-mmap: huge pages, the fastest decode after a slower load). Default: keep "
+        "the mapping where the page cache serves it in 2 MB pages (Linux 6.16+ on ext4), else copy when it fits.",
     ),
 ]
 ThreadsOpt = Annotated[

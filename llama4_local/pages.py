@@ -5,8 +5,10 @@ when they are written or read sequentially; a read-only mapping of such a file i
 MB at a time (FilePmdMapped in /proc/self/smaps), as a transparent huge page would be, with no
 copy and nothing to fault in afresh. Streaming weights through those mappings is faster than
 through 4 KB pages (one TLB entry per 2 MB): on the 2-vCPU Zen 4 VM of docs/benchmarks.md a
-plain read loop made 33 GB/s over such a mapping, 29 over the same file in 4 KB folios and 31
-over an anonymous copy, and the slice decoded 5-12% faster than from the copy. Files faulted in
+plain read loop made 33 GB/s over such a mapping, 29 over the same file in 4 KB folios, 31 over
+an anonymous copy in 4 KB pages and 34 over one in huge pages; the slice decoded 5-12% faster
+than from the 4 KB copy and 4-9% slower than from the huge-page one, whose load took 3-8 s there
+(0.07-0.09 s mapped). Files faulted in
 page by page through a mapping (a cold start that maps first, or pages evicted and faulted back)
 land in 4 KB folios; reading what is missing sequentially first gives the large ones.
 
