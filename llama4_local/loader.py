@@ -230,10 +230,18 @@ def warm_shards(ckpt: Checkpoint, budget: float) -> None:
         pages.warm(paths)
 
 
+# The share of the mapped weights' pages that must be mapped 2 MB at a time to keep the mapping.
+# Below it (a page cache whose large folios memory pressure has split, measured at 54% after a
+# day of other runs: a read loop 22-24 GB/s over it on one core, 31 over a huge-page copy) the
+# weights are copied as before: decode is never slower than that default was.
+HUGE_SHARE = 0.9
+
+
 def huge_mapped(model: torch.nn.Module, budget: float) -> bool:
     """Whether the model's mapped weights are best left where they are: the page cache serves
-    them in 2 MB mappings (llama4_local/pages.py), which decode streams faster than a copy in 4 KB
-    pages. Not when LLAMA4_LOCAL_HUGE_PAGES=1 asks for copies in huge pages."""
+    at least HUGE_SHARE of them in 2 MB mappings (llama4_local/pages.py): a load in well under a
+    second, a decode a few percent behind a huge-page copy (whose load is seconds on VMs that
+    fault fresh memory in slowly). Not when LLAMA4_LOCAL_HUGE_PAGES=1 asks for copies."""
     from . import pages
 
     if _huge_pages_wanted():
@@ -248,7 +256,7 @@ def huge_mapped(model: torch.nn.Module, budget: float) -> bool:
     total = sum(hi - lo for spans in files.values() for lo, hi in pages.merged(spans))
     if not files or total >= budget:
         return False
-    return pages.huge_fraction(pages.merged([s for spans in files.values() for s in spans])) >= 0.5
+    return pages.huge_fraction(pages.merged([s for spans in files.values() for s in spans])) >= HUGE_SHARE
 
 
 def quantized_parts(ckpt: Checkpoint, cfg: TextConfig, scheme):

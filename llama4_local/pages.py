@@ -171,13 +171,24 @@ def smaps_totals(text: str, spans: list[tuple[int, int]]) -> tuple[int, int]:
     return rss, pmd
 
 
+def regions(spans: list[tuple[int, int]]) -> int:
+    """How many 2 MB-aligned regions of the address space the spans (merged) overlap."""
+    marks = set()
+    for lo, hi in spans:
+        marks.update(range(lo // HUGE, (hi - 1) // HUGE + 1))
+    return len(marks)
+
+
 def huge_fraction(spans: list[tuple[int, int]]) -> float:
-    """The share of the resident pages of the mappings holding `spans` that are mapped 2 MB at a
-    time, after touching every 2 MB of the spans; 0.0 where /proc/self/smaps cannot say."""
+    """The share of the 2 MB regions that `spans` overlap which the mappings holding them map 2
+    MB at a time, after touching each region (a region in 4 KB folios maps only the pages around
+    the touch, so Rss alone would overstate the share); 0.0 where /proc/self/smaps cannot say."""
+    spans = merged(spans)
     touch(spans)
     try:
         text = Path("/proc/self/smaps").read_text()
     except OSError:
         return 0.0
-    rss, pmd = smaps_totals(text, spans)
-    return pmd / rss if rss else 0.0
+    _, pmd = smaps_totals(text, spans)
+    n = regions(spans)
+    return min(1.0, pmd / (n * HUGE)) if n else 0.0

@@ -16,6 +16,14 @@ from quant.kernels import AVX2_PATHS, Int4Linear
 linux = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="page cache calls are Linux's")
 
 
+def test_regions_count_the_2mb_regions_the_spans_overlap():
+    huge = pages.HUGE
+    assert pages.regions([(0, 1)]) == 1
+    assert pages.regions([(huge - 1, huge + 1)]) == 2
+    assert pages.regions([(0, 3 * huge), (huge, huge + 5)]) == 3
+    assert pages.regions([]) == 0
+
+
 def test_merged_joins_overlapping_and_touching_spans():
     assert pages.merged([(10, 20), (0, 5), (5, 8), (15, 30), (40, 41)]) == [(0, 8), (10, 30), (40, 41)]
     assert pages.merged([]) == []
