@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -25,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from timing import best_time  # noqa: E402
 
-from llama4_local.loader import _huge_page_slots  # noqa: E402
+from llama4_local.loader import _page_slots  # noqa: E402
 from quant import cpu_kernel  # noqa: E402
 from quant.kernels import Int8Linear  # noqa: E402
 
@@ -53,7 +54,7 @@ def run(w: torch.Tensor, x: torch.Tensor, cpu: torch.device, reps: int) -> list[
     head = Int8Linear(w)
     rows = [{"int8 copy at load (s)": round(time.perf_counter() - t0, 2)}]
     tensors = [w, head.qweight, head.scales]
-    slots = _huge_page_slots(tensors)
+    slots = _page_slots(tensors, True) if os.environ.get("LLAMA4_LOCAL_HUGE_PAGES") == "1" else {}
     wb, head.qweight, head.scales = (slots[t.data_ptr()].copy_(t) if t.data_ptr() in slots else t for t in tensors)
     sides = {
         "bf16": (lambda: cpu_kernel.half_mv(x, wb), wb.numel() * 2),

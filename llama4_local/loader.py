@@ -137,19 +137,19 @@ def _own_storage(t: torch.Tensor) -> bool:
 HUGE_PAGE = 2 << 20
 
 
-def _huge_page_slots(tensors: list[torch.Tensor]) -> dict[int, torch.Tensor]:
+def _page_slots(tensors: list[torch.Tensor], huge: bool) -> dict[int, torch.Tensor]:
     """An empty tensor like each of `tensors` (keyed by data pointer), all carved from one
-    anonymous mapping that asks the kernel for transparent huge pages (madvise MADV_HUGEPAGE; on
-    Linux with THP in "madvise" or "always" mode), each slot on a 64-byte line; empty (the caller
-    clones as before) unless LLAMA4_LOCAL_HUGE_PAGES=1. Streaming weights through 2 MB pages
-    spares a TLB miss every 4 KB: a plain read loop on one Zen 4 core 22 -> 32 GB/s, the slice's
-    INT4 decode 5-10% faster. Opt-in because on the VMs measured here memory the guest has not
-    touched yet costs 1-2 s per GB to fault in as huge pages (0.25 s as 4 KB pages, which reuse
-    memory already backed): the slice loaded in 1.6-7.9 s instead of 0.5-0.9 (docs/benchmarks.md)."""
+    anonymous mapping, each slot on a 64-byte line (2 MB-aligned start): in transparent huge
+    pages with `huge` (madvise MADV_HUGEPAGE), else in 4 KB pages whatever THP_MEM_ALLOC_ENABLE
+    (which cli.py sets for quantize's temporaries) or a THP "always" mode would give torch's own
+    copies (MADV_NOHUGEPAGE); empty where madvise is missing (the caller clones). Streaming
+    weights through 2 MB pages spares a TLB miss every 4 KB (a plain read loop on one Zen 4 core
+    22 -> 32 GB/s, the slice's decode 4-10% faster), but on the VMs measured here memory the guest
+    has not touched yet costs 1-2 s per GB to fault in as huge pages (0.25 s as 4 KB pages, which
+    reuse memory already backed): the slice loaded in 3-8 s instead of 0.5 (docs/benchmarks.md)."""
     import mmap
-    import os
 
-    if not hasattr(mmap, "MADV_HUGEPAGE") or os.environ.get("LLAMA4_LOCAL_HUGE_PAGES") != "1":
+    if not hasattr(mmap, "MADV_HUGEPAGE"):
         return {}
     offsets: dict[int, int] = {}
     total = 0
@@ -160,7 +160,7 @@ def _huge_page_slots(tensors: list[torch.Tensor]) -> dict[int, torch.Tensor]:
     if not total:
         return {}
     area = mmap.mmap(-1, total + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    area.madvise(mmap.MADV_HUGEPAGE)
+    area.madvise(mmap.MADV_HUGEPAGE if huge else mmap.MADV_NOHUGEPAGE)
     whole = torch.frombuffer(area, dtype=torch.uint8)  # keeps `area` alive as long as a slot lives
     start = -whole.data_ptr() % HUGE_PAGE  # the first slot on a 2 MB boundary
     slots = {}
@@ -173,29 +173,35 @@ def _huge_page_slots(tensors: list[torch.Tensor]) -> dict[int, torch.Tensor]:
     return slots
 
 
-def copy_mapped_weights(model: torch.nn.Module, budget: float | None = None) -> int:
+def copy_mapped_weights(model: torch.nn.Module, budget: float | None = None, small_pages: bool = False) -> int:
     """Replace every CPU parameter and buffer that is a view of a mapped shard by a copy in
     anonymous memory, dropping the mapped pages behind it (llama.cpp's --no-mmap); returns the
     bytes copied. With a `budget`, nothing is copied when the copies would take more. Decode
     reads anonymous memory faster than a mapping of the page cache in 4 KB pages (huge_mapped
-    says when the mapping is in 2 MB pages instead). The copies go to huge pages
-    (_huge_page_slots), and so do the large weights made at load in anonymous memory (an INT8
-    lm_head, INT8 attention): moved there one at a time, each old one freed as it goes."""
+    says when the mapping is in 2 MB pages instead). Where the copies go: with
+    LLAMA4_LOCAL_HUGE_PAGES=1 to huge pages (_page_slots), and so do the large weights made at
+    load in anonymous memory (an INT8 lm_head, INT8 attention), moved there one at a time, each
+    old one freed as it goes; else with `small_pages` (the default load) to 4 KB pages, a load
+    well under a second; else (--no-mmap) wherever torch's allocator puts them (huge pages under
+    the CLI: the fastest decode, after a load of seconds on such VMs)."""
+    import os
+
     from .checkpoint import unmap_pages
 
+    huge = os.environ.get("LLAMA4_LOCAL_HUGE_PAGES") == "1"
     entries, tensors, sizes = [], [], {}
     for module, kind, name, t, mapped in _cpu_tensors(model):
         nbytes = t.numel() * t.element_size()
         if mapped:
             sizes[t.data_ptr()] = nbytes
-        elif nbytes < MOVE_BYTES or not _own_storage(t):
+        elif nbytes < MOVE_BYTES or not _own_storage(t) or not huge:
             continue
         entries.append((module, kind, name, mapped))
         if t.is_contiguous():
             tensors.append(t)
     if budget is not None and sum(sizes.values()) >= budget:
         return 0
-    slots = _huge_page_slots(tensors)
+    slots = _page_slots(tensors, True) if huge else _page_slots(tensors, False) if small_pages else {}
     tensors = t = None  # from here on only the modules hold the old tensors
     copies: dict[int, torch.Tensor] = {}
     for module, kind, name, mapped in entries:
@@ -205,7 +211,7 @@ def copy_mapped_weights(model: torch.nn.Module, budget: float | None = None) -> 
         if c is None:
             slot = slots.pop(ptr, None)
             if slot is None and not mapped:
-                continue  # no huge pages here: an anonymous tensor stays where it is
+                continue  # no slot for it: an anonymous tensor stays where it is
             c = copies[ptr] = old.detach().clone() if slot is None else slot.copy_(old)
             if mapped:
                 unmap_pages(ptr, sizes[ptr])  # the file's pages leave this process (they were only read)
@@ -401,6 +407,6 @@ def load_model(
     if mmap is not True and torch_device.type == "cpu":
         budget = None if mmap is False else 0.8 * available_memory()  # what loading left
         if mmap is False or not huge_mapped(model, budget):
-            copy_mapped_weights(model, budget)
+            copy_mapped_weights(model, budget, small_pages=mmap is None)
     model.eval()
     return model, cfg

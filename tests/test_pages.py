@@ -111,6 +111,28 @@ def test_default_load_keeps_the_mapping_only_where_it_is_in_huge_pages(scout_int
     assert torch.equal(a, copied(ids, copied.new_cache(9), last_only=False))
 
 
+def test_the_default_copies_into_4kb_pages_whatever_torch_would_use(scout_int4, monkeypatch):
+    """The default's fallback copy must load fast: 4 KB pages (MADV_NOHUGEPAGE), not the huge
+    pages torch gives clones under THP_MEM_ALLOC_ENABLE=1 (3-8 s to fault in on some VMs)."""
+    import mmap
+
+    from tests.test_mapped_weights import _vm_flags
+
+    if not hasattr(mmap, "MADV_NOHUGEPAGE"):
+        pytest.skip("no transparent huge pages on this platform")
+    path, _ = scout_int4
+    monkeypatch.setattr(pages, "huge_fraction", lambda spans: 0.0)
+    model, _ = load_model(path, "bfloat16", "cpu", mmap=None)
+    linears = [m for m in model.modules() if isinstance(m, Int4Linear)]
+    if linears[0].path not in AVX2_PATHS:
+        pytest.skip("our AVX2 kernel is not available here")
+    assert not any(_mapped(model))
+    for lin in linears:
+        assert "nh" in _vm_flags(lin.packed.data_ptr()), "the default's copies may land in huge pages"
+    copied, _ = load_model(path, "bfloat16", "cpu", mmap=False)  # --no-mmap: torch's allocator decides
+    assert "nh" not in _vm_flags(next(m for m in copied.modules() if isinstance(m, Int4Linear)).packed.data_ptr())
+
+
 def test_huge_pages_asked_for_means_copies(scout_int4, monkeypatch):
     path, _ = scout_int4
     monkeypatch.setenv("LLAMA4_LOCAL_HUGE_PAGES", "1")
