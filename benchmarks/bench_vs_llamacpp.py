@@ -203,20 +203,6 @@ def read_once(model_dir: Path) -> float:
     return time.perf_counter() - t0
 
 
-def huge_share(path: Path) -> float:
-    """The share of a file's pages that a mapping of it gets in 2 MB pages (llama4_local/pages.py)."""
-    import mmap
-
-    import numpy as np
-
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as m:
-        a = np.frombuffer(m, dtype=np.uint8)
-        base = a.ctypes.data
-        share = pages.huge_fraction([(base, base + a.size)])
-        del a
-    return share
-
-
 def same_page_cache(files: list[Path]) -> dict[str, float]:
     """Every side's files in the page cache the same way, before any timing: where a mapping gets
     less than 90% of a file in 2 MB pages (pages faulted in through a mapping, or evicted and
@@ -225,12 +211,12 @@ def same_page_cache(files: list[Path]) -> dict[str, float]:
     anonymous memory from there), so both profit alike; returns each file's share after."""
     out = {}
     for f in files:
-        if huge_share(f) < 0.9 and hasattr(os, "posix_fadvise"):
+        if pages.file_huge_fraction(f) < 0.9 and hasattr(os, "posix_fadvise"):
             fd = os.open(f, os.O_RDONLY)
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
             os.close(fd)
             pages.read_through(f)
-        out[f.name] = huge_share(f)
+        out[f.name] = pages.file_huge_fraction(f)
     return out
 
 

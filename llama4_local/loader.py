@@ -184,11 +184,9 @@ def copy_mapped_weights(model: torch.nn.Module, budget: float | None = None, sma
     old one freed as it goes; else with `small_pages` (the default load) to 4 KB pages, a load
     well under a second; else (--no-mmap) wherever torch's allocator puts them (huge pages under
     the CLI: the fastest decode, after a load of seconds on such VMs)."""
-    import os
-
     from .checkpoint import unmap_pages
 
-    huge = os.environ.get("LLAMA4_LOCAL_HUGE_PAGES") == "1"
+    huge = _huge_pages_wanted()
     entries, tensors, sizes = [], [], {}
     for module, kind, name, t, mapped in _cpu_tensors(model):
         nbytes = t.numel() * t.element_size()
@@ -201,7 +199,7 @@ def copy_mapped_weights(model: torch.nn.Module, budget: float | None = None, sma
             tensors.append(t)
     if budget is not None and sum(sizes.values()) >= budget:
         return 0
-    slots = _page_slots(tensors, True) if huge else _page_slots(tensors, False) if small_pages else {}
+    slots = _page_slots(tensors, huge) if huge or small_pages else {}
     tensors = t = None  # from here on only the modules hold the old tensors
     copies: dict[int, torch.Tensor] = {}
     for module, kind, name, mapped in entries:
@@ -252,17 +250,12 @@ def huge_mapped(model: torch.nn.Module, budget: float) -> bool:
 
     if _huge_pages_wanted():
         return False
-    maps = file_mappings()
-    files: dict[str, list[tuple[int, int]]] = {}
-    for _, _, _, t, mapped in _cpu_tensors(model):
-        if mapped:
-            ptr = t.data_ptr()
-            path = next(p for lo, hi, p in maps if lo <= ptr < hi)
-            files.setdefault(path, []).append((ptr, ptr + t.numel() * t.element_size()))
-    total = sum(hi - lo for spans in files.values() for lo, hi in pages.merged(spans))
-    if not files or total >= budget:
+    spans = pages.merged(
+        [(t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()) for *_, t, mapped in _cpu_tensors(model) if mapped]
+    )
+    if not spans or sum(hi - lo for lo, hi in spans) >= budget:
         return False
-    return pages.huge_fraction(pages.merged([s for spans in files.values() for s in spans])) >= HUGE_SHARE
+    return pages.huge_fraction(spans) >= HUGE_SHARE
 
 
 def quantized_parts(ckpt: Checkpoint, cfg: TextConfig, scheme):

@@ -17,6 +17,7 @@ Everything here answers "no" (or does nothing) where /proc or mincore is missing
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import mmap
@@ -64,26 +65,34 @@ def residency(lo: int, hi: int):
     return np.frombuffer(vec.raw, dtype=np.uint8) & 1
 
 
-def resident_fraction(lo: int, hi: int) -> float | None:
-    """The share of the pages of [lo, hi) that the page cache holds; None where it cannot say."""
-    vec = residency(lo, hi)
-    return None if vec is None else float(vec.mean())
+@contextlib.contextmanager
+def _file_mapping(path: Path):
+    """(start address, size) of a read-only mapping of a whole file that touches none of it;
+    (0, 0) for an empty file."""
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size == 0:
+            yield 0, 0
+            return
+        with mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as m:
+            import numpy as np
+
+            yield np.frombuffer(m, dtype=np.uint8).ctypes.data, size
 
 
 def file_residency(path: Path):
     """residency() over a whole file, through a mapping that touches none of it."""
     try:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            if size == 0 or _mincore() is None:
-                return None
-            with mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as m:
-                import numpy as np
-
-                base = np.frombuffer(m, dtype=np.uint8).ctypes.data
-                return residency(base, base + size)
+        with _file_mapping(path) as (base, size):
+            return residency(base, base + size) if size else None
     except (OSError, ValueError, BufferError):
         return None
+
+
+def file_huge_fraction(path: Path) -> float:
+    """huge_fraction() over a whole file, mapped for the purpose (it touches every 2 MB of it)."""
+    with _file_mapping(path) as (base, size):
+        return huge_fraction([(base, base + size)]) if size else 0.0
 
 
 def file_resident_fraction(path: Path) -> float | None:

@@ -311,19 +311,18 @@ static void rows_q8_quads(const int8_t* xq, const float* xd, const uint8_t* qp, 
 // per tile spill registers).
 constexpr int64_t BLOCK_N = 64, ROW_STEP = 3;
 
-// Activation rows per pass of the 512-bit tiles: at most ROW_STEP_ZMM (6 to 8 rows in one pass
-// would take one weight row per tile), so 8 go as 5 + 3.
-static int64_t quad_row_step(int64_t T) {
+// Activation rows per pass: up to 8 in one, more ROW_STEP at a time; for the 512-bit tiles at
+// most ROW_STEP_ZMM (6 to 8 rows in one pass would take one weight row per tile), so 8 go as 5 + 3.
+static int64_t row_step(int64_t T, bool quads) {
 #ifdef QUADS_ZMM
-  return T <= 5 ? T : ROW_STEP_ZMM;
-#else
-  return T <= 8 ? T : ROW_STEP;
+  if (quads) return T <= 5 ? T : ROW_STEP_ZMM;
 #endif
+  return T <= 8 ? T : ROW_STEP;
 }
 
 template <class Pass>
 static void over_blocks(int64_t T, int64_t N, Pass pass, bool quads = false) {
-  const int64_t step = quads ? quad_row_step(T) : T <= 8 ? T : ROW_STEP;
+  const int64_t step = row_step(T, quads);
   in_runs(N, BLOCK_N, [&](int64_t n0, int64_t n1) {
     for (int64_t nb = n0; nb < n1; nb += BLOCK_N)
       for (int64_t t0 = 0; t0 < T; t0 += step) pass(t0, std::min(step, T - t0), nb, std::min(nb + BLOCK_N, n1));
