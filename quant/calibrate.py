@@ -63,9 +63,12 @@ class LayerStats:
         return None if h is None else h.mean()
 
     def factor(self, role: str) -> torch.Tensor | None:
-        """GPTQ's error feedback for a role's Hessian (computed once: q, k and v share one)."""
+        """GPTQ's error feedback for a role's Hessian (computed once: q, k and v share one). The
+        role's sum goes into it (error_feedback needs neither its mean nor its upper half), so
+        hessian(role) is None afterwards."""
         if role not in self.factors:
-            self.factors[role] = factor_or_none(self.hessian(role), consume=True)  # a fresh mean
+            h = self.hessians.get(role)
+            self.factors[role] = factor_or_none(None if h is None else h.take_lower(), consume=True)
         return self.factors[role]
 
     def expert_rows(self, e: int) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -95,7 +98,11 @@ class LayerRunner:
         self.freqs = [rope_freqs(model.inv_freq, torch.arange(len(w), device=emb.device)) for w in texts]
 
     @torch.inference_mode()
-    def run_layer(self, i: int) -> LayerStats:
+    def run_layer(self, i: int, output: bool = True) -> LayerStats:
+        """Layer i's statistics; the hidden states move on past it unless `output` is False (the
+        last layer's feed nothing: its down projections then record their inputs and stop there,
+        at Scout's widths a third of that layer's feed-forward arithmetic, and `hidden` is None
+        afterwards)."""
         layer, stats = self.model.layers[i], LayerStats()
         hooks = []
 
@@ -125,6 +132,11 @@ class LayerRunner:
             record(ff.down_proj, "mlp_down")
         for lin in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj):
             _widen_once(lin)
+        downs = [] if output else [ff.shared_expert.down_proj if experts is not None else ff.down_proj]
+        for lin in downs:  # a down projection's output is the hidden size
+            lin.forward = lambda x, d=self.hidden[0].shape[-1]: x.new_zeros(x.shape[0], d)
+        if downs and experts is not None:
+            experts.expert = lambda e, x: experts.act(e, x).new_zeros(x.shape)
         try:
             # DecoderLayer.forward, with the feed-forward half run once on every window's tokens
             # together (it is per token; only attention needs the windows apart): a bf16 weight is
@@ -136,13 +148,14 @@ class LayerRunner:
                 stats.tokens += x.shape[0]
             h = torch.cat(mid)
             out = h + ff(layer.post_attention_layernorm(h))
-            self.hidden = list(out.split([x.shape[0] for x in mid]))
+            self.hidden = list(out.split([x.shape[0] for x in mid])) if output else None
         finally:
             for h in hooks:
                 h.remove()
             if experts is not None:
                 del experts.act  # the class's method again
-            for lin in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj):
+                vars(experts).pop("expert", None)
+            for lin in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, *downs):
                 vars(lin).pop("forward", None)
         return stats
 

@@ -19,7 +19,7 @@ from safetensors import safe_open
 
 from .calibrate import LayerRunner, LayerStats, factor_or_none
 from .format import to_tensors
-from .gptq import gram
+from .gptq import gram_lower
 from .quantize import _nbytes, expert_linears
 
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
@@ -85,8 +85,9 @@ def calibrated_pass(ctx, names: list[str]) -> set[str]:
     model, _ = load_model(ctx.src, dtype, "cpu", mmap=True)
     runner = LayerRunner(model, ctx.windows)
     handled: set[str] = set()
-    for i in range(len(model.layers)):
-        stats = runner.run_layer(i)
+    last = max(by_layer)  # nothing past it needs hidden states
+    for i in range(last + 1):
+        stats = runner.run_layer(i, output=i < last)
         _quantize_layer(ctx, reader, stats, by_layer.get(i, []))
         handled.update(by_layer.get(i, []))
     del runner, model
@@ -128,8 +129,8 @@ def _expert_factors(stats: LayerStats, e: int):
         return None, None
     x, a = rows
     return (
-        factor_or_none(gram(x).div_(x.shape[0]), consume=True),
-        factor_or_none(gram(a).div_(a.shape[0]), consume=True),
+        factor_or_none(gram_lower(x), consume=True),
+        factor_or_none(gram_lower(a), consume=True),
     )
 
 

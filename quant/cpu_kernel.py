@@ -112,7 +112,7 @@ def _module():
         )
 
         target = isa()
-        name = f"llama4_local_int4_{target.replace('-', '_')}_v52"
+        name = f"llama4_local_int4_{target.replace('-', '_')}_v53"
         if not list(Path(_get_build_directory(name, verbose=False)).glob("*.so")):
             sys.stderr.write("llama4-local: building the INT4 CPU kernel (once, about a minute)\n")
         return load_inline(
@@ -210,10 +210,11 @@ def gram_bf16_available() -> bool:
     return native_bf16() and "avx512_bf16" in _cpu_flags() and available()
 
 
-def gram_bf16(x: torch.Tensor, h: torch.Tensor, block: int) -> None:
+def gram_bf16(x: torch.Tensor, h: torch.Tensor, block: int, accumulate: bool = True) -> None:
     """h [N, N] float32 += x^T x for bf16 x [T, N] (N a multiple of 64), float32 sums, in the
-    blocks quant.gptq.add_gram fills (row m: the columns before the end of m's `block`)."""
-    _module().gram_bf16(x.contiguous(), h, block)
+    blocks quant.gptq.add_gram fills (row m: the columns before the end of m's `block`);
+    `accumulate=False`: h = x^T x there, h's old contents never read (T > 0)."""
+    _module().gram_bf16(x.contiguous(), h, block, accumulate)
 
 
 def attend_one(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:

@@ -64,8 +64,9 @@ static float fit_group_symmetric(const float* x, int64_t group, const std::vecto
 torch::Tensor fit_symmetric(torch::Tensor w, int64_t group, std::vector<double> ratios, int64_t iters) {
   TORCH_CHECK(w.dim() == 2 && w.scalar_type() == torch::kFloat, "w: float32 [O, K]");
   const int64_t O = w.size(0), K = w.size(1);
-  const bool columns = w.stride(0) == 1 && w.stride(1) == O && O > 1;
-  TORCH_CHECK(columns || w.is_contiguous(), "w: contiguous [O, K], or the transpose of a contiguous [K, O]");
+  const int64_t ld = w.stride(1);  // columns: the distance between a column's (a row of [K, O]'s) starts
+  const bool columns = w.stride(0) == 1 && ld >= O && O > 1;
+  TORCH_CHECK(columns || w.is_contiguous(), "w: contiguous [O, K], or the transpose of row-major [K, O]");
   TORCH_CHECK(group % 8 == 0 && group <= 4096 && K % group == 0, "group must divide K and be a multiple of 8");
   const int64_t G = K / group;
   auto out = torch::empty({O, G}, w.options().memory_format(at::MemoryFormat::Contiguous));
@@ -84,7 +85,7 @@ torch::Tensor fit_symmetric(torch::Tensor w, int64_t group, std::vector<double> 
       const int64_t o0 = c * R, rows = std::min(R, O - o0);
       for (int64_t g = 0; g < G; ++g) {
         for (int64_t k = 0; k < group; ++k) {
-          const float* src = wp + (g * group + k) * O + o0;
+          const float* src = wp + (g * group + k) * ld + o0;
           for (int64_t r = 0; r < rows; ++r) buf[r * group + k] = src[r];
         }
         for (int64_t r = 0; r < rows; ++r)

@@ -28,12 +28,15 @@ from .int4 import QMAX, QMIN, Int4Weight, _grouped, fit_scales, pack_int4_transp
 DAMP = 0.01  # added to H's diagonal, as a fraction of its mean: keeps rarely seen directions stable
 
 
+@torch.inference_mode()  # h may be a sum made under it (calibration), consumed in place
 def error_feedback(h: torch.Tensor, damp: float = DAMP, consume: bool = False) -> torch.Tensor:
     """GPTQ's error feedback for inputs with second moment H: float32 [N, N], strictly lower
     triangular, entry [k, j] the share of column j's rounding error (original minus quantized)
     that column k > j takes on before it is rounded (compute it once for the linears that share
-    an input). Inputs never seen (a zero diagonal) get a unit diagonal: their columns are rounded
-    on their own.
+    an input). Only H's lower triangle is read (add_gram's blocks need no mirror), and any
+    positive multiple of H gives the same feedback (a sum needs no division by its count).
+    Inputs never seen (a zero diagonal) get a unit diagonal: their columns are rounded on their
+    own.
 
     This is GPTQ's update written as QuIP's LDLQ (Chee et al., 2023, arXiv:2307.13304, Theorem 6):
     with H = R R^T, R upper triangular (the Cholesky factor of H with its order reversed), the
@@ -47,20 +50,24 @@ def error_feedback(h: torch.Tensor, damp: float = DAMP, consume: bool = False) -
     if not hessian_finite(h):
         raise ValueError("the calibration inputs hold NaN or infinity")
     reuse = consume and h.dtype == torch.float32 and h.is_contiguous()
+    # Reversed, H's lower triangle is m's upper one.
     m = _reverse_(h if reuse else h.to(torch.float32, memory_format=torch.contiguous_format, copy=True))
     diag = m.diagonal()
     diag[diag <= 0] = 1.0
     diag += damp * diag.mean()
     # The damping bounds the condition number by N / damp (8e5 at Scout's widest input), well
     # within float32's reach; float64 is the fallback all the same.
+    # m = U^T U from m's upper triangle (row-major input measured faster than the same matrix
+    # handed over column-major: 1.36 against 1.57 s at 8192 on two Zen 4 threads).
     try:
-        lower = torch.linalg.cholesky(m)
+        upper = torch.linalg.cholesky(m, upper=True)
     except torch.linalg.LinAlgError:
-        lower = torch.linalg.cholesky(m.double()).float()
-    # LAPACK's factor is column-major, so its transpose is laid out row by row, and reversing
-    # that is R^T (R = the reversed factor) with no transposing copy.
+        upper = torch.linalg.cholesky(m.double(), upper=True).float()
     del m
-    f = _reverse_(lower.mT)
+    # R = J U^T J, so R^T = J U J: U reversed. LAPACK's factor is column-major, so reverse its
+    # row-major transpose in place and view that transposed again (no transposing copy); f is
+    # column-major, which the products that read it take as they come.
+    f = _reverse_(upper.mT).mT
     f /= f.diagonal().clone()[:, None]  # row k by R[k, k]
     f.diagonal().zero_()
     return f
@@ -126,16 +133,17 @@ def gptq_int4(
     scales = torch.empty(groups, out, device=w.device)
     zeros = torch.zeros(groups, out, device=w.device)
     block = group_size * -(-128 // group_size)  # whole groups
+    ahead_buf = _rows(group_size, out, torch.float32, w.device)
     if left:  # each block's columns are read from w when it is reached: no transposed copy of w
         f_low = f.to(torch.bfloat16)
-        errs = torch.empty(inp, out, dtype=torch.bfloat16, device=w.device)  # every walked column's error
+        errs = _rows(inp, out, torch.bfloat16, w.device)  # every walked column's error
         # One set of block buffers for the whole walk (fresh ones per block cost as much again).
-        ob_buf, wb_buf, err_buf = (torch.empty(block, out, device=w.device) for _ in range(3))
-        upd = torch.empty(block, out, dtype=torch.bfloat16, device=w.device)
+        ob_buf, wb_buf, err_buf = (_rows(block, out, torch.float32, w.device) for _ in range(3))
+        upd = _rows(block, out, torch.bfloat16, w.device)
     else:
-        wt = w.float().t().contiguous()  # [N, O]: one input column per row, feedback added in place
+        wt = _rows(inp, out, torch.float32, w.device).copy_(w.t())  # [N, O]: an input column per row, updated in place
         orig = wt.clone()
-        err_buf = torch.empty(block, out, device=w.device)
+        err_buf = _rows(block, out, torch.float32, w.device)
     walk = _walk_kernel if w.device.type == "cpu" and cpu_kernel.available() else _walk_torch
     for b0 in range(0, inp, block):
         b1 = min(b0 + block, inp)
@@ -153,7 +161,7 @@ def gptq_int4(
         err = err_buf[:n].copy_(ob)  # the original columns, less what they round to
         for i in range(0, n, group_size):
             g, j = (b0 + i) // group_size, i + group_size
-            ahead = _as_gptq_sees(wb[i:j], err[i:j], fb[i:j, i:j])
+            ahead = _as_gptq_sees(wb[i:j], err[i:j], fb[i:j, i:j], ahead_buf)
             scales[g], zeros[g] = _fit_group(ahead.t(), symmetric, scale_dtype, iters)
             walk(wb, err, fb, scales[g], zeros[g], qb, i, j)
         if left:
@@ -188,7 +196,14 @@ def _walk_kernel(wb, err, fb, s, z, qb, i0: int, i1: int) -> None:
     cpu_kernel.gptq_columns(wb, err, fb, s, z, qb, i0, i1, QMIN, QMAX)
 
 
-def _as_gptq_sees(state: torch.Tensor, orig: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+def _rows(n: int, width: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """An uninitialised [n, width] buffer whose rows lie 64 bytes further apart than their width:
+    at Scout's widths rows 2^k bytes apart all fall in a few cache sets, and a pass down a
+    column missed L1 and L2 (GPTQ's column walk ran at a third of its speed)."""
+    return torch.empty(n, width + 64 // dtype.itemsize, dtype=dtype, device=device)[:, :width]
+
+
+def _as_gptq_sees(state: torch.Tensor, orig: torch.Tensor, f: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """A group's columns [g, O] as GPTQ's update leaves them when the walk reaches the group
     (f: the group's own feedback [g, g]).
 
@@ -200,7 +215,7 @@ def _as_gptq_sees(state: torch.Tensor, orig: torch.Tensor, f: torch.Tensor) -> t
     times faster than a triangular solve with O right-hand sides (LAPACK's wants them by column)."""
     eye = torch.eye(f.shape[0], dtype=f.dtype, device=f.device)
     inv = torch.linalg.solve_triangular(f + eye, eye, upper=False, unitriangular=True)
-    return torch.addmm(orig, inv, orig - state, alpha=-1)
+    return torch.addmm(orig, inv, orig - state, alpha=-1, out=out[: f.shape[0]])
 
 
 def _fit_group(wg: torch.Tensor, symmetric: bool, scale_dtype, iters: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -217,21 +232,26 @@ def _edges(n: int) -> list[int]:
     return list(range(0, n, GRAM_BLOCK)) + [n]
 
 
-def add_gram(h: torch.Tensor, x: torch.Tensor) -> None:
+def add_gram(h: torch.Tensor, x: torch.Tensor, accumulate: bool = True) -> None:
     """h += x^T x for x [T, N], h float32 [N, N], in the blocks on and below the diagonal only (a
-    little over half the products of one matrix product); mirror(h) fills the rest. Float32
-    sums always: a bf16 GEMM rounds its outputs to bf16, and that rounding (2^-9 of the largest
-    entries) breaks positive definiteness where one direction dominates the inputs (measured:
-    Cholesky failed on the trained 128-wide model's Hessians). bf16 inputs on a CPU with
-    AVX512-BF16 take quant/gram_kernel.py (float32 sums at twice the float32 GEMM's rate: 8192
-    bf16 rows at Scout's widths 1.6 against 4.0 s on two Zen 4 threads); others are widened."""
-    if _bf16_gram(h, x):
-        cpu_kernel.gram_bf16(x, h, GRAM_BLOCK)
+    little over half the products of one matrix product); mirror(h) fills the rest.
+    `accumulate=False`: h = x^T x in those blocks (h's old contents unread: no zeroing pass).
+    Float32 sums always: a bf16 GEMM rounds its outputs to bf16, and that rounding (2^-9 of the
+    largest entries) breaks positive definiteness where one direction dominates the inputs
+    (measured: Cholesky failed on the trained 128-wide model's Hessians). bf16 inputs on a CPU
+    with AVX512-BF16 take quant/gram_kernel.py (float32 sums at twice the float32 GEMM's rate:
+    8192 bf16 rows at Scout's widths 1.6 against 4.0 s on two Zen 4 threads); others are widened."""
+    if x.shape[0] and _bf16_gram(h, x):
+        cpu_kernel.gram_bf16(x, h, GRAM_BLOCK, accumulate)
         return
     x = x.float()
     edges = _edges(x.shape[1])
     for i0, i1 in zip(edges, edges[1:], strict=False):
-        h[i0:i1, :i1].addmm_(x[:, i0:i1].t(), x[:, :i1])  # row block i, columns up to its diagonal
+        block = h[i0:i1, :i1]  # row block i, columns up to its diagonal
+        if accumulate:
+            block.addmm_(x[:, i0:i1].t(), x[:, :i1])
+        else:
+            block.copy_(x[:, i0:i1].t() @ x[:, :i1])
 
 
 def _bf16_gram(h: torch.Tensor, x: torch.Tensor) -> bool:
@@ -252,27 +272,42 @@ def mirror(h: torch.Tensor) -> torch.Tensor:
     return h
 
 
+def gram_lower(x: torch.Tensor) -> torch.Tensor:
+    """x^T x [N, N] (float32) for x [T, N] in add_gram's blocks, the rest of the matrix undefined:
+    what error_feedback reads."""
+    h = torch.empty(x.shape[1], x.shape[1], device=x.device)
+    add_gram(h, x, accumulate=False)
+    return h
+
+
 def gram(x: torch.Tensor) -> torch.Tensor:
     """x^T x [N, N] (float32) for x [T, N]."""
-    h = torch.zeros(x.shape[1], x.shape[1], device=x.device)
-    add_gram(h, x)
-    return mirror(h)
+    return mirror(gram_lower(x))
 
 
 class HessianSum:
     """Accumulates sum x x^T over a linear's input rows (float32 on x's device) and their count."""
 
     def __init__(self):
-        self.sum: torch.Tensor | None = None
+        self.sum: torch.Tensor | None = None  # add_gram's blocks; the rest undefined
         self.rows = 0
 
     def add(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1])
-        if self.sum is None:
-            self.sum = torch.zeros(x.shape[1], x.shape[1], device=x.device)
-        add_gram(self.sum, x)
+        if x.shape[0] == 0:
+            return
+        first = self.sum is None
+        if first:
+            self.sum = torch.empty(x.shape[1], x.shape[1], device=x.device)
+        add_gram(self.sum, x, accumulate=not first)
         self.rows += x.shape[0]
 
     def mean(self) -> torch.Tensor | None:
         """E[x x^T], or None when no row was seen."""
-        return None if self.sum is None or self.rows == 0 else mirror(self.sum.clone()).div_(self.rows)
+        return None if self.sum is None else mirror(self.sum.clone()).div_(self.rows)
+
+    def take_lower(self) -> torch.Tensor | None:
+        """The sum itself, its lower blocks alone defined (enough for error_feedback, which needs
+        no mean either), given up: the accumulator is empty afterwards. None if no row was seen."""
+        h, self.sum, self.rows = self.sum, None, 0
+        return h

@@ -9,16 +9,88 @@ dequantized value s * (q - z)); only the rank-one updates may be fused into FMAs
 """
 
 SOURCE = r"""
+#if defined(__AVX512F__)
+static inline __mmask16 gptq_mask(int64_t n) {  // the first min(n, 16) lanes (none for n <= 0)
+  return n >= 16 ? (__mmask16)0xFFFF : n <= 0 ? (__mmask16)0 : (__mmask16)((1u << n) - 1);
+}
+
+// Columns [s0, s0 + 8) of a block for n outputs, as the scalar walk in gptq_columns does them
+// (the same operations in the same order, 16 outputs per instruction): each column rounded and
+// its error fed to the rest of the 8, then the block's later rows receive the 8 errors, 32
+// outputs at a time with those outputs' 8 errors held in registers (one load and one store of a
+// row's 32 outputs per 8 multiply-adds, where the scalar form reloads the errors for each row).
+// w, e: the tile's rows (stride ld); s, z: its grid; q: its integers (stride ldq).
+static void gptq_sub8_avx512(float* w, float* e, int64_t ld, const float* f, int64_t B, const float* s,
+                             const float* z, int8_t* q, int64_t ldq, int64_t s0, int64_t n, float lo, float hi) {
+  const __m512 vlo = _mm512_set1_ps(lo), vhi = _mm512_set1_ps(hi);
+  const int64_t s1 = s0 + 8;
+  for (int64_t i = s0; i < s1; ++i) {
+    float* wi = w + i * ld;
+    float* ei = e + i * ld;
+    for (int64_t o = 0; o < n; o += 16) {
+      const __mmask16 m = gptq_mask(n - o);
+      const __m512 vs = _mm512_maskz_loadu_ps(m, s + o), vz = _mm512_maskz_loadu_ps(m, z + o);
+      const __m512 x = _mm512_add_ps(_mm512_div_ps(_mm512_maskz_loadu_ps(m, wi + o), vs), vz);
+      // std::min(std::max(r, lo), hi): a NaN stays NaN (the second operand of max/min wins).
+      const __m512 r = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      const __m512 v = _mm512_min_ps(vhi, _mm512_max_ps(vlo, r));
+      _mm_mask_storeu_epi8(q + i * ldq + o, m, _mm512_cvtepi32_epi8(_mm512_cvttps_epi32(v)));
+      const __m512 err = _mm512_fnmadd_ps(vs, _mm512_sub_ps(v, vz), _mm512_maskz_loadu_ps(m, ei + o));
+      _mm512_mask_storeu_ps(ei + o, m, err);
+      for (int64_t k = i + 1; k < s1; ++k) {
+        float* wk = w + k * ld + o;
+        _mm512_mask_storeu_ps(wk, m, _mm512_fmadd_ps(_mm512_set1_ps(f[k * B + i]), err, _mm512_maskz_loadu_ps(m, wk)));
+      }
+    }
+  }
+  for (int64_t o = 0; o < n; o += 32) {
+    const __mmask16 m0 = gptq_mask(n - o), m1 = gptq_mask(n - o - 16);
+    __m512 a[8], b[8];
+    for (int j = 0; j < 8; ++j) {
+      a[j] = _mm512_maskz_loadu_ps(m0, e + (s0 + j) * ld + o);
+      b[j] = _mm512_maskz_loadu_ps(m1, e + (s0 + j) * ld + o + 16);
+    }
+    for (int64_t k = s1; k < B; ++k) {
+      const float* fk = f + k * B + s0;
+      float* wk = w + k * ld + o;
+      __m512 x = _mm512_maskz_loadu_ps(m0, wk), y = _mm512_maskz_loadu_ps(m1, wk + 16);
+      for (int j = 0; j < 8; ++j) {
+        const __m512 fj = _mm512_set1_ps(fk[j]);
+        x = _mm512_fmadd_ps(fj, a[j], x);
+        y = _mm512_fmadd_ps(fj, b[j], y);
+      }
+      _mm512_mask_storeu_ps(wk, m0, x);
+      _mm512_mask_storeu_ps(wk + 16, m1, y);
+    }
+  }
+}
+
+// Rows [i0, B) of a tile of n <= 256 outputs copied to (to_buf) or from a buffer whose rows are
+// 272 floats apart: rows a power of two apart (as O floats are at Scout's widths) all fall in
+// a few cache sets, and the tile's block kept missing L1 and L2.
+static void gptq_tile_copy(float* m, int64_t ld, float* buf, int64_t i0, int64_t B, int64_t n, bool to_buf) {
+  for (int64_t k = i0; k < B; ++k)
+    if (to_buf)
+      std::memcpy(buf + k * 272, m + k * ld, n * sizeof(float));
+    else
+      std::memcpy(m + k * ld, buf + k * 272, n * sizeof(float));
+}
+#endif
+
 // w [B, O]: the block's columns with the feedback so far; e [B, O]: the original columns, rows
 // [i0, i1) replaced by their errors; f [B, B]: the block's feedback (f[k][i]: column k's share of
 // column i's error, k > i); s, z [O]: the group's grid; q [B, O] int8: the integers of rows
 // [i0, i1).
 void gptq_columns(torch::Tensor w, torch::Tensor e, torch::Tensor f, torch::Tensor s, torch::Tensor z,
                   torch::Tensor q, int64_t i0, int64_t i1, double qmin, double qmax) {
-  for (const auto& t : {w, e, f, s, z})
+  for (const auto& t : {f, s, z})
     TORCH_CHECK(t.scalar_type() == torch::kFloat && t.is_contiguous(), "gptq_columns: float32, contiguous");
+  // w and e: rows of consecutive floats, the same distance apart (buffers padded past a power of two)
+  TORCH_CHECK(w.scalar_type() == torch::kFloat && e.scalar_type() == torch::kFloat && w.dim() == 2 &&
+                  w.stride(1) == 1 && e.stride(1) == 1 && e.stride(0) == w.stride(0),
+              "gptq_columns: w and e float32 rows, one row stride");
   TORCH_CHECK(q.scalar_type() == torch::kChar && q.is_contiguous(), "gptq_columns: q int8");
-  const int64_t B = w.size(0), O = w.size(1);
+  const int64_t B = w.size(0), O = w.size(1), ld = w.stride(0);
   TORCH_CHECK(e.size(0) == B && e.size(1) == O && f.size(0) == B && f.size(1) == B && q.size(0) == B &&
                   q.size(1) == O && s.numel() == O && z.numel() == O && 0 <= i0 && i0 <= i1 && i1 <= B,
               "gptq_columns: shapes");
@@ -37,16 +109,33 @@ void gptq_columns(torch::Tensor w, torch::Tensor e, torch::Tensor f, torch::Tens
   // receives the same multiply-adds in the same order (column i's before column i + 1's), so
   // the results are those of one column at a time, bit for bit. At [128, 16384], two Zen 4
   // threads: 7.0 ms a group against 11.0 one column at a time (SUB = 16: 78 ms, GCC spills).
-  constexpr int64_t TILE = 256, SUB = 8;
+  constexpr int64_t TILE = 256, SUB = 8;  // gptq_sub8_avx512's 8 and gptq_tile_copy's 256
   const bool by_sub = (i1 - i0) % SUB == 0;
+#if defined(__AVX512F__)
+  if (by_sub) {
+    at::parallel_for(0, O, TILE, [&](int64_t t0, int64_t t1) {
+      std::vector<float> wbuf(B * 272), ebuf(B * 272);
+      for (int64_t o0 = t0; o0 < t1; o0 += TILE) {
+        const int64_t n = std::min(o0 + TILE, t1) - o0;
+        gptq_tile_copy(wp + o0, ld, wbuf.data(), i0, B, n, true);
+        gptq_tile_copy(ep + o0, ld, ebuf.data(), i0, B, n, true);
+        for (int64_t s0 = i0; s0 < i1; s0 += SUB)
+          gptq_sub8_avx512(wbuf.data(), ebuf.data(), 272, fp, B, sp + o0, zp + o0, qp + o0, O, s0, n, lo, hi);
+        gptq_tile_copy(wp + o0, ld, wbuf.data(), i0, B, n, false);
+        gptq_tile_copy(ep + o0, ld, ebuf.data(), i0, B, n, false);
+      }
+    });
+    return;
+  }
+#endif
   at::parallel_for(0, O, TILE, [&](int64_t t0, int64_t t1) {
     for (int64_t o0 = t0; o0 < t1; o0 += TILE) {
       const int64_t o1 = std::min(o0 + TILE, t1);
       for (int64_t s0 = i0; s0 < i1; s0 += by_sub ? SUB : i1 - i0) {
         const int64_t s1 = by_sub ? s0 + SUB : i1;
         for (int64_t i = s0; i < s1; ++i) {
-          float* wi = wp + i * O;
-          float* ei = ep + i * O;
+          float* wi = wp + i * ld;
+          float* ei = ep + i * ld;
           int8_t* qi = qp + i * O;
           for (int64_t o = o0; o < o1; ++o) {
             const float v = std::min(std::max(std::nearbyint(wi[o] / sp[o] + zp[o]), lo), hi);
@@ -55,16 +144,16 @@ void gptq_columns(torch::Tensor w, torch::Tensor e, torch::Tensor f, torch::Tens
           }
           for (int64_t k = i + 1; k < (by_sub ? s1 : B); ++k) {
             const float share = fp[k * B + i];
-            float* wk = wp + k * O;
+            float* wk = wp + k * ld;
             for (int64_t o = o0; o < o1; ++o) wk[o] += share * ei[o];
           }
         }
         if (!by_sub) continue;
         const float* e[SUB];
-        for (int64_t j = 0; j < SUB; ++j) e[j] = ep + (s0 + j) * O;
+        for (int64_t j = 0; j < SUB; ++j) e[j] = ep + (s0 + j) * ld;
         for (int64_t k = s1; k < B; ++k) {
           const float* fk = fp + k * B + s0;
-          float* wk = wp + k * O;
+          float* wk = wp + k * ld;
           for (int64_t o = o0; o < o1; ++o) {
             float v = wk[o];
             for (int64_t j = 0; j < SUB; ++j) v += fk[j] * e[j][o];

@@ -20,7 +20,7 @@ SOURCE = r"""
 
 template <int MR>
 GRAM_TARGET static void gram_tile(const uint16_t* rows[MR], const uint16_t* cols, int64_t panel_stride, int64_t kp0,
-                                  int64_t kp1, float* h, int64_t ld) {
+                                  int64_t kp1, float* h, int64_t ld, bool store) {
   // Sums of SUB pairs start from zero and are then added to h (in L1 by then): float32 error
   // grows with the longest chain of additions, SUB plus T / (2 SUB) here against T / 2 for one
   // chain (measured on inputs with a dominant direction: 6-10e-6 of sqrt(H_ii H_jj) as one
@@ -41,28 +41,30 @@ GRAM_TARGET static void gram_tile(const uint16_t* rows[MR], const uint16_t* cols
     }
     for (int r = 0; r < MR; ++r)
       for (int j = 0; j < 4; ++j) {
-        float* o = h + r * ld + 16 * j;
-        _mm512_storeu_ps(o, _mm512_add_ps(_mm512_loadu_ps(o), acc[r][j]));
+        float* o = h + r * ld + 16 * j;  // `store`: the first sums overwrite h (no zeroing pass)
+        _mm512_storeu_ps(o, store && s0 == kp0 ? acc[r][j] : _mm512_add_ps(_mm512_loadu_ps(o), acc[r][j]));
       }
   }
 }
 
 template <int MR>
 GRAM_TARGET static void gram_rows(const uint16_t* p, int64_t TP, int64_t m, const uint16_t* cols, int64_t kp0,
-                                  int64_t kp1, float* h, int64_t ld) {
+                                  int64_t kp1, float* h, int64_t ld, bool store) {
   const uint16_t* rows[MR];
   for (int r = 0; r < MR; ++r) rows[r] = p + ((m + r) / 16) * TP * 32 + ((m + r) % 16) * 2;
-  gram_tile<MR>(rows, cols, TP * 32, kp0, kp1, h, ld);
+  gram_tile<MR>(rows, cols, TP * 32, kp0, kp1, h, ld, store);
 }
 
-// h [N, N] float32 += x^T x for x [T, N] bf16, in the blocks gptq.add_gram computes: row m,
-// columns below ((m / block) + 1) * block.
-void gram_bf16(torch::Tensor x, torch::Tensor h, int64_t block) {
+// h [N, N] float32 += x^T x for x [T, N] bf16 (h = x^T x when !accumulate: h's earlier contents
+// are never read), in the blocks gptq.add_gram computes: row m, columns below
+// ((m / block) + 1) * block.
+void gram_bf16(torch::Tensor x, torch::Tensor h, int64_t block, bool accumulate) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kBFloat16 && x.is_contiguous(), "x: contiguous bf16 [T, N]");
   const int64_t T = x.size(0), N = x.size(1);
   TORCH_CHECK(N % 64 == 0 && block % 64 == 0, "N and the block must be multiples of 64");
   TORCH_CHECK(h.scalar_type() == torch::kFloat && h.is_contiguous() && h.size(0) == N && h.size(1) == N,
               "h: contiguous float32 [N, N]");
+  TORCH_CHECK(T > 0 || accumulate, "x: at least one row, or accumulate");
   const int64_t TP = (T + 1) / 2, P = N / 16;
   auto packed = torch::empty({P, TP, 32}, x.options());
   const uint16_t* xp = (const uint16_t*)x.data_ptr();
@@ -82,19 +84,20 @@ void gram_bf16(torch::Tensor x, torch::Tensor h, int64_t block) {
   constexpr int64_t KC = 1024, MR = 6;
   for (int64_t kp0 = 0; kp0 < TP; kp0 += KC) {
     const int64_t kp1 = std::min(kp0 + KC, TP);
+    const bool store = !accumulate && kp0 == 0;
     // One task per 64 columns: the rows from the start of the columns' block to N (more rows for
     // the left columns: dynamic scheduling evens the threads out).
 #pragma omp parallel for schedule(dynamic, 1)
     for (int64_t n0 = 0; n0 < N; n0 += 64) {
       const uint16_t* cols = pp + (n0 / 16) * TP * 32;
       int64_t m = (n0 / block) * block;
-      for (; m + MR <= N; m += MR) gram_rows<MR>(pp, TP, m, cols, kp0, kp1, hp + m * N + n0, N);
+      for (; m + MR <= N; m += MR) gram_rows<MR>(pp, TP, m, cols, kp0, kp1, hp + m * N + n0, N, store);
       switch (N - m) {
-        case 5: gram_rows<5>(pp, TP, m, cols, kp0, kp1, hp + m * N + n0, N); break;
-        case 4: gram_rows<4>(pp, TP, m, cols, kp0, kp1, hp + m * N + n0, N); break;
-        case 3: gram_rows<3>(pp, TP, m, cols, kp0, kp1, hp + m * N + n0, N); break;
-        case 2: gram_rows<2>(pp, TP, m, cols, kp0, kp1, hp + m * N + n0, N); break;
-        case 1: gram_rows<1>(pp, TP, m, cols, kp0, kp1, hp + m * N + n0, N); break;
+        case 5: gram_rows<5>(pp, TP, m, cols, kp0, kp1, hp + m * N + n0, N, store); break;
+        case 4: gram_rows<4>(pp, TP, m, cols, kp0, kp1, hp + m * N + n0, N, store); break;
+        case 3: gram_rows<3>(pp, TP, m, cols, kp0, kp1, hp + m * N + n0, N, store); break;
+        case 2: gram_rows<2>(pp, TP, m, cols, kp0, kp1, hp + m * N + n0, N, store); break;
+        case 1: gram_rows<1>(pp, TP, m, cols, kp0, kp1, hp + m * N + n0, N, store); break;
         default: break;
       }
     }

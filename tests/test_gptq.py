@@ -157,6 +157,21 @@ def test_error_feedback_may_consume_its_hessian():
     assert torch.equal(error_feedback(h, consume=True), want)
 
 
+def test_error_feedback_reads_the_lower_triangle_of_any_multiple():
+    """Only H's lower triangle is read (the Gram blocks need no mirror) and a sum gives what its
+    mean gives (the damping is relative): the same feedback."""
+    x = correlated_inputs(300, 96)
+    h = x.t() @ x
+    want = error_feedback(h / 300)
+    lower = torch.tril(h) + torch.full_like(h, float("nan")).triu(1)  # the strict upper triangle: garbage
+    torch.testing.assert_close(error_feedback(lower, consume=True), want, rtol=1e-4, atol=1e-5)
+    acc = HessianSum()
+    acc.add(x[:100])
+    acc.add(x[100:])
+    torch.testing.assert_close(error_feedback(acc.take_lower()), want, rtol=1e-3, atol=1e-4)  # other sums
+    assert acc.sum is None and acc.mean() is None
+
+
 @pytest.mark.skipif(not cpu_kernel.gram_bf16_available(), reason="needs AVX512-BF16 and the built kernel")
 @pytest.mark.parametrize("rows", [1, 2, 127, 300])
 def test_bf16_gram_kernel(monkeypatch, rows):
@@ -171,8 +186,9 @@ def test_bf16_gram_kernel(monkeypatch, rows):
     x[:, 3] *= 300  # a dominant column
     x = x.bfloat16()
     want = x.double().t() @ x.double()
-    h = torch.zeros(320, 320)
-    cpu_kernel.gram_bf16(x, h, 128)
+    h = torch.full((320, 320), float("nan"))  # not read: overwritten where computed
+    cpu_kernel.gram_bf16(x, h, 128, accumulate=False)
+    h = torch.where(h.isnan(), 0.0, h)  # (a NaN input gives NaN sums; none here)
     edges = [0, 128, 256, 320]
     for i0, i1 in zip(edges, edges[1:], strict=False):
         assert not h[i0:i1, i1:].any()  # right of the block row's diagonal block: not touched
@@ -301,3 +317,24 @@ def test_non_finite_calibration_falls_back_to_the_plain_fit():
     assert factor_or_none(h.mean()) is None
     with pytest.raises(ValueError, match="NaN or infinity"):
         error_feedback(h.mean())
+
+
+def test_layer_runner_last_layer_without_output(scout_ckpt):
+    """A layer run with output=False records the same statistics (its down projections' inputs
+    included) without computing what they output, and leaves no hidden states behind."""
+    model, cfg = load_model(scout_ckpt, "float32", "cpu")
+    windows = calibration_windows(Tokenizer(scout_ckpt), None, 150, window=64)
+    full, short = LayerRunner(model, windows), LayerRunner(model, windows)
+    i = next(j for j, layer in enumerate(model.layers) if layer.is_moe)
+    for j in range(i):
+        full.run_layer(j)
+        short.run_layer(j)
+    want, got = full.run_layer(i), short.run_layer(i, output=False)
+    assert short.hidden is None
+    for role in ("qkv", "o", "shared_gu", "shared_down"):
+        assert torch.equal(got.hessian(role), want.hessian(role))
+    assert set(got.expert_inputs) == set(want.expert_inputs)
+    for e in want.expert_inputs:
+        assert all(torch.equal(a, b) for a, b in zip(got.expert_rows(e), want.expert_rows(e), strict=True))
+    ff = model.layers[i].feed_forward
+    assert "forward" not in vars(ff.shared_expert.down_proj) and "expert" not in vars(ff.experts)
