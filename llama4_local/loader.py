@@ -226,12 +226,22 @@ def _huge_pages_wanted() -> bool:
 def warm_shards(ckpt: Checkpoint, budget: float) -> None:
     """Before anything maps them: read the parts of the shards that the page cache lacks, when the
     shards fit in `budget` (a cold start reads them all anyway; read sequentially they land in
-    the large folios that huge_mapped looks for, faulted in through the mapping they would not)."""
+    the large folios that huge_mapped looks for, faulted in through the mapping they would not).
+    A shard partly in large folios (so this kernel and filesystem make them) but under
+    HUGE_SHARE, as memory pressure leaves it, is dropped and read again: one read of its bytes,
+    where the copy that huge_mapped would otherwise lead to faults in fresh memory (on the VM of
+    docs/benchmarks.md 6.2-6.9 s for the slice in such a state, 1.8 s to re-read and map). None
+    in large folios says nothing (they may never happen here: the copy, as before). A file's
+    first ~64 MB stay in small folios even when read through (readahead grows them as it goes)."""
     from . import pages
 
     paths = sorted({p for p in ckpt.files.values() if p is not None})
-    if not _huge_pages_wanted() and sum(p.stat().st_size for p in paths) < budget:
-        pages.warm(paths)
+    if _huge_pages_wanted() or sum(p.stat().st_size for p in paths) >= budget:
+        return
+    pages.warm(paths)
+    for path in paths:
+        if 0 < pages.file_huge_fraction(path) < HUGE_SHARE:
+            pages.reread(path)
 
 
 # The share of the mapped weights' pages that must be mapped 2 MB at a time to keep the mapping.

@@ -173,3 +173,28 @@ def test_a_checkpoint_larger_than_the_budget_is_neither_read_nor_copied(scout_in
     model, _ = load_model(path, "bfloat16", "cpu", mmap=None)
     assert not reads
     assert any(_mapped(model))
+
+
+@pytest.mark.parametrize(("share", "reread"), [(0.0, False), (0.3, True), (0.95, False)])
+def test_a_split_page_cache_is_read_again(scout_int4, monkeypatch, share, reread):
+    """A shard partly in 2 MB folios but under HUGE_SHARE (memory pressure split them) is dropped
+    and read again before mapping; none in them (a kernel or filesystem without large folios)
+    or enough of them: left alone."""
+    path, _ = scout_int4
+    done = []
+    monkeypatch.setattr(pages, "file_huge_fraction", lambda p: share)
+    monkeypatch.setattr(pages, "reread", lambda p: done.append(p) or 0)
+    load_model(path, "bfloat16", "cpu", mmap=None)
+    assert done == (sorted(path.glob("*.safetensors")) if reread else [])
+    done.clear()
+    load_model(path, "bfloat16", "cpu", mmap=True)  # --mmap: nothing read ahead
+    assert not done
+
+
+def test_reread_reads_the_file_through(tmp_path):
+    f = tmp_path / "shard"
+    f.write_bytes(os.urandom(3 << 20))
+    assert pages.reread(f) == 3 << 20
+    if pages.file_resident_fraction(f) is not None:
+        assert pages.file_resident_fraction(f) == 1.0
+
