@@ -197,4 +197,3 @@ def test_reread_reads_the_file_through(tmp_path):
     assert pages.reread(f) == 3 << 20
     if pages.file_resident_fraction(f) is not None:
         assert pages.file_resident_fraction(f) == 1.0
-
