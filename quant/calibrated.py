@@ -19,7 +19,8 @@ from safetensors import safe_open
 
 from .calibrate import LayerRunner, LayerStats, factor_or_none
 from .format import to_tensors
-from .gptq import gram_lower
+from .gptq import DAMP, gram_lower
+from .gptq_lowrank import LowRankFeedback, lowrank_feedback
 from .quantize import _nbytes, expert_linears
 
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
@@ -127,11 +128,16 @@ def _expert_factors(stats: LayerStats, e: int):
     rows = stats.expert_rows(e)
     if rows is None:
         return None, None
-    x, a = rows
-    return (
-        factor_or_none(gram_lower(x), consume=True),
-        factor_or_none(gram_lower(a), consume=True),
-    )
+    return tuple(_feedback(r) for r in rows)
+
+
+def _feedback(rows: torch.Tensor):
+    """GPTQ's feedback for a linear that saw `rows` [r, N]: from the rows themselves where they
+    are few (quant/gptq_lowrank.py: Scout's routed experts), else through the Hessian's factor;
+    None where they are not finite."""
+    if LowRankFeedback.pays(*rows.shape):
+        return lowrank_feedback(rows, DAMP)
+    return factor_or_none(gram_lower(rows), consume=True)
 
 
 def _expert(ctx, reader: _Reader, stats: LayerStats, prefix: str, e: int, projs: dict[str, str]) -> None:

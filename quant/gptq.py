@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from . import cpu_kernel
+from .gptq_lowrank import LowRankFeedback
 from .int4 import QMAX, QMIN, Int4Weight, _grouped, fit_scales, pack_int4_transposed
 
 DAMP = 0.01  # added to H's diagonal, as a fraction of its mean: keeps rarely seen directions stable
@@ -110,7 +111,8 @@ def gptq_int4(
     updates: torch.dtype | None = None,
 ) -> Int4Weight:
     """Quantize w [O, N] for inputs whose second moment H [N, N] (E[x x^T]) has the feedback
-    f = error_feedback(H); scales stored in scale_dtype (default: w's dtype), the integers chosen
+    f = error_feedback(H), or f = gptq_lowrank.lowrank_feedback(rows) (the same feedback from the
+    rows themselves); scales stored in scale_dtype (default: w's dtype), the integers chosen
     for the scales as stored.
 
     `updates`: the precision of the products that carry a block's errors to the later columns,
@@ -127,7 +129,9 @@ def gptq_int4(
         raise ValueError(f"H is {tuple(f.shape)} for a weight with {inp} inputs")
     scale_dtype = scale_dtype or (w.dtype if w.dtype.is_floating_point else torch.float32)
     f = f.to(w.device)
-    left = (updates or default_updates(w.device)) != torch.float32
+    updates = updates or default_updates(w.device)
+    lowrank = isinstance(f, LowRankFeedback)  # always left-looking, in `updates`' products
+    left = lowrank or updates != torch.float32
     q = torch.empty(inp, out, dtype=torch.int8, device=w.device)
     groups = inp // group_size
     scales = torch.empty(groups, out, device=w.device)
@@ -135,11 +139,12 @@ def gptq_int4(
     block = group_size * -(-128 // group_size)  # whole groups
     ahead_buf = _rows(group_size, out, torch.float32, w.device)
     if left:  # each block's columns are read from w when it is reached: no transposed copy of w
-        f_low = f.to(torch.bfloat16)
-        errs = _rows(inp, out, torch.bfloat16, w.device)  # every walked column's error
+        if not lowrank:
+            f_low = f.to(torch.bfloat16)
+            errs = _rows(inp, out, torch.bfloat16, w.device)  # every walked column's error
         # One set of block buffers for the whole walk (fresh ones per block cost as much again).
         ob_buf, wb_buf, err_buf = (_rows(block, out, torch.float32, w.device) for _ in range(3))
-        upd = _rows(block, out, torch.bfloat16, w.device)
+        upd = _rows(block, out, updates if lowrank else torch.bfloat16, w.device)
     else:
         wt = _rows(inp, out, torch.float32, w.device).copy_(w.t())  # [N, O]: an input column per row, updated in place
         orig = wt.clone()
@@ -151,20 +156,25 @@ def gptq_int4(
         if left:
             ob = ob_buf[:n].copy_(w[:, b0:b1].t())  # [block, O]
             wb = wb_buf[:n]
-            if b0:  # every earlier column's error, at once (the product rounded to bf16, then added)
+            if lowrank:  # every earlier column's error, through the running sum
+                torch.add(ob, f.update(b0, b1, updates, out=upd[:n]), out=wb)
+            elif b0:  # every earlier column's error, at once (the product rounded to bf16, then added)
                 torch.add(ob, torch.mm(f_low[b0:b1, :b0], errs[:b0], out=upd[:n]), out=wb)
             else:
                 wb.copy_(ob)
         else:
             ob, wb = orig[b0:b1], wt[b0:b1]
-        fb, qb = f[b0:b1, b0:b1].contiguous(), q[b0:b1]
+        fb = f.block(b0, b1) if lowrank else f[b0:b1, b0:b1].contiguous()
+        qb = q[b0:b1]
         err = err_buf[:n].copy_(ob)  # the original columns, less what they round to
         for i in range(0, n, group_size):
             g, j = (b0 + i) // group_size, i + group_size
             ahead = _as_gptq_sees(wb[i:j], err[i:j], fb[i:j, i:j], ahead_buf)
             scales[g], zeros[g] = _fit_group(ahead.t(), symmetric, scale_dtype, iters)
             walk(wb, err, fb, scales[g], zeros[g], qb, i, j)
-        if left:
+        if lowrank:
+            f.record(b0, b1, err, updates)
+        elif left:
             errs[b0:b1] = err
         elif b1 < inp:
             wt[b1:].addmm_(f[b1:, b0:b1], err)  # every later column, at once

@@ -1,0 +1,95 @@
+"""GPTQ's feedback from the calibration rows (quant/gptq_lowrank.py) against the Hessian's factor."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from quant.gptq import error_feedback, gptq_int4
+from quant.gptq_lowrank import LowRankFeedback, lowrank_feedback
+from quant.int4 import dequantize_int4, unpack_int4
+
+
+def rows(r: int, n: int, seed: int = 0) -> torch.Tensor:
+    """Calibration rows with correlated features and uneven scales, one input never seen."""
+    g = torch.Generator().manual_seed(seed)
+    basis = torch.randn(max(r // 4, 1), n, generator=g)
+    x = torch.randn(r, basis.shape[0], generator=g) @ basis + 0.1 * torch.randn(r, n, generator=g)
+    x = x * torch.linspace(0.2, 3.0, n)
+    x[:, 7] = 0
+    return x
+
+
+@pytest.mark.parametrize(("r", "n"), [(40, 300), (100, 520), (300, 256), (1, 130)])
+def test_the_feedback_equals_the_hessians(r, n):
+    """tril(A^T X, -1) is error_feedback(X^T X), damping and unseen inputs alike (blocks of 128
+    and a partial one; more rows than inputs too)."""
+    x = rows(r, n)
+    want = error_feedback(x.t().double() @ x.double())
+    got = lowrank_feedback(x, 0.01)
+    assert got.shape == (n, n)
+    torch.testing.assert_close(got.dense(), want, rtol=0, atol=2e-4 * want.abs().max().item())
+    torch.testing.assert_close(got.block(128, 256), want[128:256, 128:256], rtol=0, atol=2e-4 * want.abs().max().item())
+
+
+@pytest.mark.parametrize("updates", [torch.float32, torch.bfloat16])
+def test_gptq_through_the_rows_quantizes_as_through_the_hessian(updates):
+    """The same walk through either feedback: nearly the same integers and the same output error
+    on held-out rows (bf16 updates scatter it by a few percent either way, so over four draws),
+    and one feedback serves two linears in turn (its running sum starts afresh)."""
+    ratios = []
+    for seed in range(4):
+        x, held_out = rows(200, 1024, seed).bfloat16().float(), rows(400, 1024, seed + 10)
+        w = torch.randn(2, 256, 1024, generator=torch.Generator().manual_seed(seed))
+        f_dense, f_rows = error_feedback(x.t() @ x), lowrank_feedback(x, 0.01)
+        for wi in w:  # gate, then up, through the same feedback objects
+            a = gptq_int4(wi, f_dense, 128, updates=updates)
+            b = gptq_int4(wi, f_rows, 128, updates=updates)
+            same = (unpack_int4(a.packed) == unpack_int4(b.packed)).float().mean().item()
+            assert same > (0.99 if updates == torch.float32 else 0.9)
+            err = [((wi - dequantize_int4(q, torch.float32)) @ held_out.t()).pow(2).mean().item() for q in (a, b)]
+            ratios.append(err[1] / err[0])
+    if updates == torch.float32:
+        assert max(ratios) < 1.01, ratios
+    else:
+        assert max(ratios) < 1.04 and sum(ratios) / len(ratios) < 1.015, ratios
+
+
+def test_rows_with_nan_give_no_feedback():
+    x = rows(20, 200)
+    x[3, 5] = float("nan")
+    assert lowrank_feedback(x, 0.01) is None
+
+
+def test_the_rows_pay_only_when_few():
+    assert LowRankFeedback.pays(512, 5120) and LowRankFeedback.pays(1024, 8192)
+    assert not LowRankFeedback.pays(1024, 5120) and not LowRankFeedback.pays(2048, 8192)
+
+
+def test_a_calibrated_quantize_through_the_rows(scout_ckpt, tmp_path, monkeypatch):
+    """Routed experts quantized through their rows (forced here: the test model's experts see
+    more rows than a quarter of their inputs) land near the Hessian path's integers."""
+    import json
+
+    from safetensors import safe_open
+
+    from quant import calibrated
+    from quant.quantize import QuantizeOptions, quantize_checkpoint
+
+    opts = QuantizeOptions(group_size=32, calibration_tokens=512)
+    used = []
+    real = calibrated.lowrank_feedback
+    monkeypatch.setattr(calibrated, "lowrank_feedback", lambda x, damp: used.append(x.shape) or real(x, damp))
+    dense = quantize_checkpoint(scout_ckpt, tmp_path / "dense", opts)
+    assert not used
+    monkeypatch.setattr(LowRankFeedback, "pays", staticmethod(lambda r, n: True))
+    rows_ = quantize_checkpoint(scout_ckpt, tmp_path / "rows", opts)
+    assert used and rows_.quantized_linears == dense.quantized_linears
+    index = json.loads((tmp_path / "rows" / "model.safetensors.index.json").read_text())["weight_map"]
+    experts = [n for n in index if ".experts." in n and n.endswith("weight_packed")]
+    assert experts
+    same = []
+    for name in experts:
+        a, b = (safe_open(str(tmp_path / d / index[name]), "pt").get_tensor(name) for d in ("dense", "rows"))
+        same.append((unpack_int4(a) == unpack_int4(b)).float().mean().item())
+    assert min(same) > 0.8 and sum(same) / len(same) > 0.9, same
