@@ -280,7 +280,7 @@ def quantize_checkpoint(
         writer = _ShardWriter(work, opts.shard_bytes)
         done, count = 0, 0
 
-        def quantize(w: torch.Tensor, f: torch.Tensor | None = None):  # f: GPTQ's error feedback
+        def quantize(w: torch.Tensor, f=None):  # f: GPTQ's error feedback (a matrix, or quant.gptq_lowrank's)
             w = w if f is not None else w.contiguous()
             if opts.scheme == "nf4":
                 from .nf4 import quantize_nf4
