@@ -154,7 +154,7 @@ def gptq_int4(
         b1 = min(b0 + block, inp)
         n = b1 - b0
         if left:
-            ob = ob_buf[:n].copy_(w[:, b0:b1].t())  # [block, O]
+            ob = ob_buf[:n].copy_(w[:, b0:b1].float().t())  # [block, O] (widened first: 2x the transposing copy)
             wb = wb_buf[:n]
             if lowrank:  # every earlier column's error, through the running sum
                 torch.add(ob, f.update(b0, b1, updates, out=upd[:n]), out=wb)
