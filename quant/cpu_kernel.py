@@ -192,9 +192,9 @@ def q8_mv(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
 
 def fit_symmetric(w: torch.Tensor, group_size: int, ratios: list[float], iters: int) -> torch.Tensor:
     """The symmetric INT4 fit's group scales [O, G] (float32) for w [O, K], as quant.int4's (w may
-    be the transpose of a contiguous [K, O]: no copy then)."""
+    be the transpose of a row-major [K, O], its rows padded or not: no copy then)."""
     w = w.float()
-    if not (w.stride(0) == 1 and w.stride(1) == w.shape[0]):  # a transposed [K, O] is read as it is
+    if not (w.stride(0) == 1 and w.stride(1) >= w.shape[0] > 1):  # a transposed [K, O] is read as it is
         w = w.contiguous()
     return _module().fit_symmetric(w, group_size, [float(r) for r in ratios], iters)
 
