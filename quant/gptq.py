@@ -54,8 +54,7 @@ def error_feedback(h: torch.Tensor, damp: float = DAMP, consume: bool = False) -
     # Reversed, H's lower triangle is m's upper one.
     m = _reverse_(h if reuse else h.to(torch.float32, memory_format=torch.contiguous_format, copy=True))
     diag = m.diagonal()
-    diag[diag <= 0] = 1.0
-    diag += damp * diag.mean()
+    diag.copy_(damped_diagonal(diag, damp))
     # The damping bounds the condition number by N / damp (8e5 at Scout's widest input), well
     # within float32's reach; float64 is the fallback all the same.
     # m = U^T U from m's upper triangle (row-major input measured faster than the same matrix
@@ -72,6 +71,13 @@ def error_feedback(h: torch.Tensor, damp: float = DAMP, consume: bool = False) -
     f /= f.diagonal().clone()[:, None]  # row k by R[k, k]
     f.diagonal().zero_()
     return f
+
+
+def damped_diagonal(diag: torch.Tensor, damp: float) -> torch.Tensor:
+    """H's diagonal as GPTQ factors it: inputs never seen (a zero diagonal) get a unit one, then
+    damp times the mean is added to every entry (error_feedback and gptq_lowrank alike)."""
+    d = torch.where(diag > 0, diag, torch.ones_like(diag))
+    return d.add_(damp * d.mean())
 
 
 def _reverse_(t: torch.Tensor) -> torch.Tensor:

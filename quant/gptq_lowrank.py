@@ -80,11 +80,10 @@ def lowrank_feedback(x: torch.Tensor, damp: float) -> LowRankFeedback | None:
         return None
     xd = x.to(torch.float64)
     r, n = xd.shape
-    seen = (xd * xd).sum(0)  # H's diagonal before damping
-    unseen = seen <= 0
-    seen[unseen] = 1.0
-    d = (damp * seen.mean()).expand(n).clone()  # D = H's diagonal less x^T x's
-    d[unseen] += 1.0
+    from .gptq import damped_diagonal  # (quant.gptq imports this module)
+
+    seen = (xd * xd).sum(0)  # x^T x's diagonal
+    d = damped_diagonal(seen, damp) - seen  # D: what the damping adds to it
     a = torch.empty_like(xd)
     p = torch.eye(r, dtype=torch.float64, device=x.device)  # M^-1 past the current block
     for j1 in range(n, 0, -BLOCK):
