@@ -8,14 +8,12 @@ import torch
 from quant.gptq import error_feedback, gptq_int4
 from quant.gptq_lowrank import LowRankFeedback, lowrank_feedback
 from quant.int4 import dequantize_int4, unpack_int4
+from tests.test_gptq import correlated_inputs
 
 
 def rows(r: int, n: int, seed: int = 0) -> torch.Tensor:
     """Calibration rows with correlated features and uneven scales, one input never seen."""
-    g = torch.Generator().manual_seed(seed)
-    basis = torch.randn(max(r // 4, 1), n, generator=g)
-    x = torch.randn(r, basis.shape[0], generator=g) @ basis + 0.1 * torch.randn(r, n, generator=g)
-    x = x * torch.linspace(0.2, 3.0, n)
+    x = correlated_inputs(r, n, seed)
     x[:, 7] = 0
     return x
 
