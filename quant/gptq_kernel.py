@@ -9,6 +9,9 @@ dequantized value s * (q - z)); only the rank-one updates may be fused into FMAs
 """
 
 SOURCE = r"""
+// Outputs per tile of the walk, and the row stride of an AVX-512 build's copy of one.
+constexpr int64_t GPTQ_TILE = 256, GPTQ_TILE_LD = GPTQ_TILE + 16;
+
 #if defined(__AVX512F__)
 static inline __mmask16 gptq_mask(int64_t n) {  // the first min(n, 16) lanes (none for n <= 0)
   return n >= 16 ? (__mmask16)0xFFFF : n <= 0 ? (__mmask16)0 : (__mmask16)((1u << n) - 1);
@@ -65,15 +68,15 @@ static void gptq_sub8_avx512(float* w, float* e, int64_t ld, const float* f, int
   }
 }
 
-// Rows [i0, B) of a tile of n <= 256 outputs copied to (to_buf) or from a buffer whose rows are
-// 272 floats apart: rows a power of two apart (as O floats are at Scout's widths) all fall in
-// a few cache sets, and the tile's block kept missing L1 and L2.
+// Rows [i0, B) of a tile of n <= GPTQ_TILE outputs copied to (to_buf) or from a buffer whose rows
+// are GPTQ_TILE_LD floats apart: rows a power of two apart (as O floats are at Scout's widths)
+// all fall in a few cache sets, and the tile's block kept missing L1 and L2.
 static void gptq_tile_copy(float* m, int64_t ld, float* buf, int64_t i0, int64_t B, int64_t n, bool to_buf) {
   for (int64_t k = i0; k < B; ++k)
     if (to_buf)
-      std::memcpy(buf + k * 272, m + k * ld, n * sizeof(float));
+      std::memcpy(buf + k * GPTQ_TILE_LD, m + k * ld, n * sizeof(float));
     else
-      std::memcpy(m + k * ld, buf + k * 272, n * sizeof(float));
+      std::memcpy(m + k * ld, buf + k * GPTQ_TILE_LD, n * sizeof(float));
 }
 #endif
 
@@ -108,19 +111,20 @@ void gptq_columns(torch::Tensor w, torch::Tensor e, torch::Tensor f, torch::Tens
   // registers for SUB multiply-adds instead of one load and store each). Every element still
   // receives the same multiply-adds in the same order (column i's before column i + 1's), so
   // the results are those of one column at a time, bit for bit. At [128, 16384], two Zen 4
-  // threads: 7.0 ms a group against 11.0 one column at a time (SUB = 16: 78 ms, GCC spills).
-  constexpr int64_t TILE = 256, SUB = 8;  // gptq_sub8_avx512's 8 and gptq_tile_copy's 256
+  // threads: 7.0 ms a group against 11.0 one column at a time (SUB = 16: 78 ms, GCC spills);
+  // AVX-512 builds walk copies of the tiles (gptq_tile_copy): 2.3 ms.
+  constexpr int64_t TILE = GPTQ_TILE, SUB = 8;  // SUB: gptq_sub8_avx512's 8
   const bool by_sub = (i1 - i0) % SUB == 0;
 #if defined(__AVX512F__)
   if (by_sub) {
     at::parallel_for(0, O, TILE, [&](int64_t t0, int64_t t1) {
-      std::vector<float> wbuf(B * 272), ebuf(B * 272);
+      std::vector<float> wbuf(B * GPTQ_TILE_LD), ebuf(B * GPTQ_TILE_LD);
       for (int64_t o0 = t0; o0 < t1; o0 += TILE) {
         const int64_t n = std::min(o0 + TILE, t1) - o0;
         gptq_tile_copy(wp + o0, ld, wbuf.data(), i0, B, n, true);
         gptq_tile_copy(ep + o0, ld, ebuf.data(), i0, B, n, true);
         for (int64_t s0 = i0; s0 < i1; s0 += SUB)
-          gptq_sub8_avx512(wbuf.data(), ebuf.data(), 272, fp, B, sp + o0, zp + o0, qp + o0, O, s0, n, lo, hi);
+          gptq_sub8_avx512(wbuf.data(), ebuf.data(), GPTQ_TILE_LD, fp, B, sp + o0, zp + o0, qp + o0, O, s0, n, lo, hi);
         gptq_tile_copy(wp + o0, ld, wbuf.data(), i0, B, n, false);
         gptq_tile_copy(ep + o0, ld, ebuf.data(), i0, B, n, false);
       }
