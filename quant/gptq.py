@@ -241,7 +241,7 @@ def _fit_group(wg: torch.Tensor, symmetric: bool, scale_dtype, iters: int) -> tu
     return s.reshape(-1), z.reshape(-1)
 
 
-GRAM_BLOCK = 1024  # gram() computes blocks of this many columns on and below the diagonal
+GRAM_BLOCK = 1024  # add_gram computes blocks of this many columns on and below the diagonal
 
 
 def _edges(n: int) -> list[int]:
@@ -294,11 +294,6 @@ def gram_lower(x: torch.Tensor) -> torch.Tensor:
     h = torch.empty(x.shape[1], x.shape[1], device=x.device)
     add_gram(h, x, accumulate=False)
     return h
-
-
-def gram(x: torch.Tensor) -> torch.Tensor:
-    """x^T x [N, N] (float32) for x [T, N]."""
-    return mirror(gram_lower(x))
 
 
 class HessianSum:
