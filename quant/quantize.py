@@ -24,7 +24,6 @@ from types import SimpleNamespace
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from llama4_local.checkpoint import INDEX_NAME, list_tensors
 from llama4_local.config import load_config, read_json
@@ -36,6 +35,7 @@ from .format import QuantScheme, to_tensors
 from .gptq import gptq_int4
 from .int4 import GROUP_SIZES, quantize_int4
 from .resume import WorkDir, remove_old_partials, source_fingerprint
+from .shard_file import write_shard
 
 # "mlp": the dense SwiGLU MLPs of the layers without experts (Maverick's every other layer).
 PARTS = ("experts", "shared", "attention", "mlp")
@@ -113,8 +113,8 @@ class _ShardWriter:
             return
         name = f"shard-{len(self.work.shards):05d}.safetensors"
         tmp = self.work.path / (name + ".tmp")
-        save_file(self.pending, str(tmp), metadata={"format": "pt"})
-        self.work.add_shard(tmp, name, self.pending_units, list(self.pending), self.pending_bytes)
+        written = write_shard(tmp, self.pending, metadata={"format": "pt"})
+        self.work.add_shard(tmp, name, self.pending_units, list(self.pending), self.pending_bytes, written)
         self.pending, self.pending_units, self.pending_bytes = {}, [], 0
 
     def finish(self) -> int:

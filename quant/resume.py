@@ -99,12 +99,16 @@ class WorkDir:
     def done_units(self) -> set[str]:
         return {u for s in self.shards for u in s["units"]}
 
-    def add_shard(self, tmp: Path, name: str, units: list[str], tensors: list[str], tensor_bytes: int) -> None:
-        """Record a shard written to `tmp` (in this directory) as finished under `name`."""
+    def add_shard(
+        self, tmp: Path, name: str, units: list[str], tensors: list[str], tensor_bytes: int, written: tuple[int, str]
+    ) -> None:
+        """Record a shard written to `tmp` (in this directory) as finished under `name`; `written`:
+        its size and SHA-256, as its writer computed them on the way out."""
         final = self.path / name
         os.replace(tmp, final)
+        size, sha = written
         self.shards.append(
-            {"file": name, "bytes": final.stat().st_size, "sha256": file_sha256(final), "units": units,
+            {"file": name, "bytes": size, "sha256": sha, "units": units,
              "tensors": tensors, "tensor_bytes": tensor_bytes}
         )  # fmt: skip
         self._write_manifest()

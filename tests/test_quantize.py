@@ -170,7 +170,7 @@ def test_disk_full(tmp_path, scout_ckpt, monkeypatch):
     def full(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(qmod, "save_file", full)
+    monkeypatch.setattr(qmod, "write_shard", full)
     with pytest.raises(UserError, match="disk full"):
         quantize_checkpoint(scout_ckpt, tmp_path / "out", QuantizeOptions())
     assert list(tmp_path.iterdir()) == []

@@ -1,0 +1,156 @@
+"""Output shards written past the page cache: the same bytes `safetensors.torch.save_file` writes,
+streamed through one aligned buffer with O_DIRECT where the OS and filesystem allow it.
+
+A buffered write puts every byte into fresh page-cache pages first. On this project's 2-vCPU
+VM each fresh page also faults into the host (free pages are reported to it), and writing
+1.5 GB took 10.3 s of kernel time, where the same bytes with O_DIRECT took 0.64 s (dd, 8 MB
+blocks); for the Scout-width slice that was 7.7 s of a 210 s calibrated quantize. Scout's 60 GB
+of output would otherwise also push the source checkpoint out of the page cache. The SHA-256
+that the resume manifest records is computed from the bytes as they go out, so the shard is
+not read back.
+
+The layout is safetensors' own (tests check it byte for byte against `safetensors.torch.save`
+and read it back with `safe_open`): an 8-byte little-endian header length, the JSON header
+(padded with spaces to 8 bytes), then the tensors by dtype (widest first, as the library orders
+them, so every tensor is aligned to its element size) and by name. A dtype outside the table
+below goes through save_file itself.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import mmap
+import os
+import struct
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+# safetensors' dtype names, in the library's order (its Dtype enum); it writes the last first
+_ORDER = (
+    (torch.bool, "BOOL"),
+    (torch.uint8, "U8"),
+    (torch.int8, "I8"),
+    (torch.float8_e5m2, "F8_E5M2"),
+    (torch.float8_e4m3fn, "F8_E4M3"),
+    (torch.int16, "I16"),
+    (torch.uint16, "U16"),
+    (torch.float16, "F16"),
+    (torch.bfloat16, "BF16"),
+    (torch.int32, "I32"),
+    (torch.uint32, "U32"),
+    (torch.float32, "F32"),
+    (torch.float64, "F64"),
+    (torch.int64, "I64"),
+    (torch.uint64, "U64"),
+)
+_RANK = {dt: (i, name) for i, (dt, name) in enumerate(_ORDER)}
+CHUNK = 8 << 20  # the staging buffer: a multiple of any block size O_DIRECT asks for
+_ALIGN = 4096
+_staging: mmap.mmap | None = None  # one per process, faulted in once
+
+
+def header(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None) -> tuple[bytes, list[str]]:
+    """The file's first bytes (length and JSON header, padded) and the tensors' order."""
+    order = sorted(tensors, key=lambda n: (-_RANK[tensors[n].dtype][0], n))
+    entries: dict[str, object] = {}
+    if metadata:
+        entries["__metadata__"] = metadata
+    offset = 0
+    for n in order:
+        t = tensors[n]
+        size = t.numel() * t.element_size()
+        entries[n] = {"dtype": _RANK[t.dtype][1], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(entries, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text, order
+
+
+def write_shard(
+    path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
+) -> tuple[int, str]:
+    """Write `tensors` (contiguous, CPU) to path as safetensors; returns (bytes, SHA-256 hex)."""
+    if any(t.dtype not in _RANK or t.device.type != "cpu" for t in tensors.values()):
+        save_file(tensors, str(path), metadata=metadata)
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 24):
+                h.update(chunk)
+        return path.stat().st_size, h.hexdigest()
+    head, order = header(tensors, metadata)
+    with _DirectFile(path) as out:
+        out.write(memoryview(head))
+        for n in order:
+            t = tensors[n]
+            if t.numel():
+                out.write(memoryview(t.contiguous().view(-1).view(torch.uint8).numpy()))
+        return out.size, out.sha.hexdigest()
+
+
+class _DirectFile:
+    """Sequential writes of any length, gathered in an aligned buffer and written in whole
+    buffers with O_DIRECT (plainly where that is refused); the tail padded, then truncated."""
+
+    def __init__(self, path: Path):
+        global _staging
+        if _staging is None:
+            _staging = mmap.mmap(-1, CHUNK)
+        self.buf, self.pos, self.size, self.sha = _staging, 0, 0, hashlib.sha256()
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_BINARY", 0)
+        self.direct = hasattr(os, "O_DIRECT")
+        try:
+            self.fd = os.open(path, flags | (os.O_DIRECT if self.direct else 0), 0o644)
+        except OSError:  # tmpfs and some others refuse O_DIRECT
+            self.direct = False
+            self.fd = os.open(path, flags, 0o644)
+
+    def __enter__(self) -> _DirectFile:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        try:
+            if exc[0] is None and self.pos:
+                tail = -self.pos % _ALIGN if self.direct else 0
+                self.buf[self.pos : self.pos + tail] = bytes(tail)
+                self._flush(self.pos + tail)
+                if tail:
+                    os.ftruncate(self.fd, self.size)
+        finally:
+            os.close(self.fd)
+
+    def write(self, data: memoryview) -> None:
+        self.sha.update(data)
+        self.size += len(data)
+        while len(data):
+            k = min(len(data), CHUNK - self.pos)
+            self.buf[self.pos : self.pos + k] = data[:k]
+            self.pos += k
+            data = data[k:]
+            if self.pos == CHUNK:
+                self._flush(CHUNK)
+
+    def _flush(self, n: int) -> None:
+        view = memoryview(self.buf)[:n]
+        try:
+            done = 0
+            while done < n:
+                done += os.write(self.fd, view[done:])
+        except OSError as e:
+            if not self.direct or e.errno != errno.EINVAL:
+                raise
+            self._plain()  # the device asked for a larger alignment than ours: write plainly
+            while done < n:
+                done += os.write(self.fd, view[done:])
+        finally:
+            view.release()
+        self.pos = 0
+
+    def _plain(self) -> None:
+        import fcntl
+
+        fcntl.fcntl(self.fd, fcntl.F_SETFL, fcntl.fcntl(self.fd, fcntl.F_GETFL) & ~os.O_DIRECT)
+        self.direct = False
