@@ -148,6 +148,41 @@ def test_reverse_in_place(n):
     assert _reverse_(b) is b and torch.equal(b, a.flip(0, 1))
 
 
+@pytest.mark.parametrize("n,block", [(5, 256), (300, 256), (700, 64), (256, 256)])
+def test_blocked_cholesky(n, block):
+    """cholesky_upper_ is LAPACK's upper factor, reading only the upper triangle."""
+    from quant.gptq import cholesky_upper_
+
+    x = correlated_inputs(2 * n, n)
+    h = x.t() @ x / (2 * n) + 0.01 * torch.eye(n)
+    m = h.triu() + torch.full_like(h, float("nan")).tril(-1)  # the strict lower triangle: garbage
+    assert cholesky_upper_(m, block) is m
+    exact = torch.linalg.cholesky(h.double(), upper=True)
+    lapack = (torch.linalg.cholesky(h, upper=True).double() - exact).abs().max()
+    assert (m.double() - exact).abs().max() <= 2 * lapack + 1e-6  # float32's rounding, as LAPACK's
+
+
+def test_blocked_cholesky_finishes_in_float64(monkeypatch):
+    """A diagonal block float32 cannot factor: the rows above it stay, the rest is float64's."""
+    from quant.gptq import cholesky_upper_
+
+    x = correlated_inputs(600, 300)
+    h = x.t() @ x / 600 + 0.01 * torch.eye(300)
+    real, calls = torch.linalg.cholesky, []
+
+    def failing_third_block(a, upper=False):
+        calls.append(a.dtype)
+        if a.dtype == torch.float32 and len(calls) == 3:
+            raise torch.linalg.LinAlgError("not positive definite")
+        return real(a, upper=upper)
+
+    monkeypatch.setattr(torch.linalg, "cholesky", failing_third_block)
+    m = cholesky_upper_(h.clone(), 64)
+    assert calls == [torch.float32] * 3 + [torch.float64]
+    exact = real(h.double(), upper=True)
+    assert (m.double() - exact).abs().max() <= 2 * (real(h, upper=True).double() - exact).abs().max()
+
+
 def test_error_feedback_may_consume_its_hessian():
     x = correlated_inputs(300, 96)
     h = x.t() @ x / 300
