@@ -182,7 +182,8 @@ def gptq_int4(
             errs = _rows(inp, out, torch.bfloat16, w.device)  # every walked column's error
         # One set of block buffers for the whole walk (fresh ones per block cost as much again).
         ob_buf, wb_buf, err_buf = (_rows(block, out, torch.float32, w.device) for _ in range(3))
-        upd = _rows(block, out, updates if lowrank else torch.bfloat16, w.device)
+        upd = _rows(2 * block, out, updates if lowrank else torch.bfloat16, w.device)
+        near = _rows(block, out, torch.bfloat16, w.device)
     else:
         wt = _rows(inp, out, torch.float32, w.device).copy_(w.t())  # [N, O]: an input column per row, updated in place
         orig = wt.clone()
@@ -196,10 +197,17 @@ def gptq_int4(
             wb = wb_buf[:n]
             if lowrank:  # every earlier column's error, through the running sum
                 torch.add(ob, f.update(b0, b1, updates, out=upd[:n]), out=wb)
-            elif b0:  # every earlier column's error, at once (the product rounded to bf16, then added)
-                torch.add(ob, torch.mm(f_low[b0:b1, :b0], errs[:b0], out=upd[:n]), out=wb)
-            else:
-                wb.copy_(ob)
+            else:  # every earlier column's error (products rounded to bf16, then added)
+                s0 = b0 - b0 % (2 * block)  # pairs of blocks take what came before them in one product
+                if b0 == s0 and b0:  # (256 rows: 9% faster than 128 at Scout's widths)
+                    s1 = min(b0 + 2 * block, inp)
+                    torch.mm(f_low[b0:s1, :b0], errs[:b0], out=upd[: s1 - b0])
+                if s0:
+                    torch.add(ob, upd[b0 - s0 : b1 - s0], out=wb)
+                else:
+                    wb.copy_(ob)
+                if b0 > s0:  # the second of a pair: the first one's errors too
+                    wb.add_(torch.mm(f_low[b0:b1, s0:b0], errs[s0:b0], out=near[:n]))
         else:
             ob, wb = orig[b0:b1], wt[b0:b1]
         fb = f.block(b0, b1) if lowrank else f[b0:b1, b0:b1].contiguous()
