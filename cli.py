@@ -318,8 +318,7 @@ def quantize(
             calibration_text=calibration_text,
             calibration_tokens=calibration_tokens,
         )
-        if opts.gptq:
-            keep_freed_memory()
+        keep_freed_memory()
         if attention is not None or no_shared or no_mlp:
             parts = ("experts",) + (() if no_shared else ("shared",)) + (() if no_mlp else ("mlp",))
             opts.parts = parts + (("attention",) if (opts.gptq if attention is None else attention) else ())
