@@ -196,3 +196,16 @@ def test_bad_inputs(tmp_path, scout_ckpt, quantized):
     assert_one_line_error(run_cli("quantize", scout_ckpt, busy), "not empty")
     assert_one_line_error(run_cli("quantize", scout_ckpt, tmp_path / "o", "--group-size", "48"), "--group-size")
     assert not (tmp_path / "o").exists()
+
+
+def test_expert_slices_made_contiguous():
+    """The plain path's contiguous copy of a fused expert slice (two plain transposes for gate and
+    up) holds the same values as the view."""
+    from quant.quantize import _contiguous, expert_linears
+
+    t = torch.randn(3, 64, 2 * 96).bfloat16()
+    for name in ("experts.gate_up_proj", "experts.down_proj"):
+        src = t if name.endswith("gate_up_proj") else t[:, :, :96].transpose(1, 2).contiguous()
+        for w in expert_linears(name, src[1]).values():
+            c = _contiguous(w)
+            assert c.is_contiguous() and torch.equal(c, w)
