@@ -157,9 +157,10 @@ def gptq_int4(
     nearly all of GPTQ's arithmetic (O N^2 / 2 multiply-adds). float32: each block's errors
     added to every later column at once (right-looking, as the paper). bfloat16 (the default
     where the CPU multiplies bf16 natively, 2-3x float32's speed there): the feedback and the
-    errors rounded to bf16, and each block receives every earlier block's errors in one product
-    just before it is walked (left-looking: a long inner dimension, which bf16 GEMMs need to run
-    fast; float32 accumulation, the block's columns kept in float32). The rounding moves an
+    errors rounded to bf16, and each pair of blocks receives every earlier block's errors in one
+    product just before it is walked, the pair's second block its first's in a small one
+    (left-looking: a long inner dimension and 256 rows, which bf16 GEMMs need to run fast;
+    float32 accumulation, the block's columns kept in float32). The rounding moves an
     update by 2^-9 of itself, against a rounding step of the grid that is most of a weight."""
     out, inp = w.shape
     _grouped(w[:1], group_size)  # validate the shape
