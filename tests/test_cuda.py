@@ -209,3 +209,17 @@ def test_grouped_triton_prefill_equals_per_expert(scout_int4, monkeypatch):
     exact = cpu(ids, cpu.new_cache(40), last_only=False)
     assert rel_err(got, want) < 2e-2
     assert rel_err(got, exact) < 1.5 * rel_err(want, exact) + 1e-3
+
+
+def test_blocked_cholesky_and_feedback_on_cuda():
+    """GPTQ's factor (quant.gptq.cholesky_upper_: products, cuSOLVER's diagonal blocks, a
+    right-side triangular solve) and its feedback on the GPU equal the CPU's within float32."""
+    from quant.gptq import cholesky_upper_, error_feedback
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1200, 600, generator=g) * torch.linspace(0.2, 3.0, 600)
+    h = x.t() @ x / 1200 + 0.01 * torch.eye(600)
+    exact = torch.linalg.cholesky(h.double(), upper=True)
+    got = cholesky_upper_(h.cuda(), 128).cpu().double()
+    assert (got - exact).abs().max() <= 4 * (torch.linalg.cholesky(h, upper=True).double() - exact).abs().max()
+    torch.testing.assert_close(error_feedback(h.cuda()).cpu(), error_feedback(h), rtol=1e-3, atol=1e-4)
