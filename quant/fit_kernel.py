@@ -57,6 +57,71 @@ static float fit_group_symmetric(const float* x, int64_t group, const std::vecto
   return best_s;
 }
 
+// The same fit for 8 outputs at once, one per lane, reading a group's columns as GPTQ holds
+// them (column k of the group: 8 consecutive floats at x + k * ld): no gather into rows, and
+// 8 outputs' sums in flight instead of one. Bit for bit fit_group_symmetric's result: each sum
+// is kept as that function keeps it (8 partial sums, column k in partial k % 8, then added as
+// hsum adds its lanes).
+static inline __m256 lane_levels(__m256 x, __m256 s) {
+  const __m256 q = _mm256_round_ps(_mm256_div_ps(x, s), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  return _mm256_min_ps(_mm256_max_ps(q, _mm256_set1_ps(-8.f)), _mm256_set1_ps(7.f));
+}
+
+static inline __m256 lanes_hsum(const __m256* p) {  // hsum's order: ((0+4)+(2+6)) + ((1+5)+(3+7))
+  return _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(p[0], p[4]), _mm256_add_ps(p[2], p[6])),
+                       _mm256_add_ps(_mm256_add_ps(p[1], p[5]), _mm256_add_ps(p[3], p[7])));
+}
+
+static inline __m256 lanes_err(const float* x, int64_t ld, int64_t g, __m256 s) {
+  __m256 e[8];
+  for (int j = 0; j < 8; ++j) e[j] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < g; k += 8)
+    for (int j = 0; j < 8; ++j) {
+      const __m256 a = _mm256_loadu_ps(x + (k + j) * ld);
+      const __m256 d = _mm256_sub_ps(a, _mm256_mul_ps(s, lane_levels(a, s)));
+      e[j] = _mm256_add_ps(e[j], _mm256_mul_ps(d, d));
+    }
+  return lanes_hsum(e);
+}
+
+static inline void lanes_keep(__m256 s, __m256 e, __m256* best_s, __m256* best_e) {  // where e < best_e
+  const __m256 better = _mm256_cmp_ps(e, *best_e, _CMP_LT_OQ);
+  *best_s = _mm256_blendv_ps(*best_s, s, better);
+  *best_e = _mm256_blendv_ps(*best_e, e, better);
+}
+
+static void fit_lanes_symmetric(const float* x, int64_t ld, int64_t g, const std::vector<double>& ratios,
+                                int64_t iters, float* out, int64_t out_stride) {
+  const __m256 sign = _mm256_set1_ps(-0.f), tiny = _mm256_set1_ps(1e-12f);
+  __m256 amax = _mm256_setzero_ps();
+  for (int64_t k = 0; k < g; ++k)  // max(v, amax): v > amax ? v : amax, std::max(amax, v) (a NaN skipped)
+    amax = _mm256_max_ps(_mm256_andnot_ps(sign, _mm256_loadu_ps(x + k * ld)), amax);
+  amax = _mm256_max_ps(tiny, amax);
+  __m256 best_s = _mm256_div_ps(amax, _mm256_set1_ps(7.5f));
+  __m256 best_e = lanes_err(x, ld, g, best_s);
+  for (double ratio : ratios) {
+    const __m256 s = _mm256_mul_ps(amax, _mm256_set1_ps((float)(ratio / 7.5)));
+    lanes_keep(s, lanes_err(x, ld, g, s), &best_s, &best_e);
+  }
+  __m256 s = best_s;
+  for (int64_t it = 0; it < iters; ++it) {
+    __m256 a[8], b[8];
+    for (int j = 0; j < 8; ++j) a[j] = b[j] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < g; k += 8)
+      for (int j = 0; j < 8; ++j) {
+        const __m256 u = _mm256_loadu_ps(x + (k + j) * ld), q = lane_levels(u, s);
+        a[j] = _mm256_add_ps(a[j], _mm256_mul_ps(u, q));
+        b[j] = _mm256_add_ps(b[j], _mm256_mul_ps(q, q));
+      }
+    // std::max(num / std::max(den, tiny), tiny): max(tiny, v) keeps a NaN as std::max does
+    s = _mm256_max_ps(tiny, _mm256_div_ps(lanes_hsum(a), _mm256_max_ps(tiny, lanes_hsum(b))));
+    lanes_keep(s, lanes_err(x, ld, g, s), &best_s, &best_e);
+  }
+  alignas(32) float r[8];
+  _mm256_store_ps(r, best_s);
+  for (int j = 0; j < 8; ++j) out[j * out_stride] = r[j];
+}
+
 // w [O, K] either row-major or a transposed view of a row-major [K, O] (GPTQ holds a group's
 // columns that way): the latter's groups are gathered 16 rows at a time into a local buffer
 // (one pass over 16 consecutive floats per column), so no transposed copy is made and the
@@ -75,6 +140,14 @@ torch::Tensor fit_symmetric(torch::Tensor w, int64_t group, std::vector<double> 
   if (!columns) {
     at::parallel_for(0, O * G, 256, [&](int64_t i0, int64_t i1) {
       for (int64_t i = i0; i < i1; ++i) sp[i] = fit_group_symmetric(wp + i * group, group, ratios, iters);
+    });
+    return out;
+  }
+  if (O % 8 == 0) {  // 8 outputs a lane each (fit_lanes_symmetric): 4.6 -> 2.8 ms a group at 16384 (AVX2: 7.9 -> 5.8)
+    at::parallel_for(0, O / 8, 64, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c)
+        for (int64_t g = 0; g < G; ++g)
+          fit_lanes_symmetric(wp + g * group * ld + c * 8, ld, group, ratios, iters, sp + c * 8 * G + g, G);
     });
     return out;
   }

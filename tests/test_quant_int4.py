@@ -131,3 +131,22 @@ def test_the_cpu_fit_kernel_finds_the_torch_fits_scales(group_size):
         return (wg - s * q).pow(2).sum()
 
     assert err(got) <= err(want) * (1 + 1e-5)
+
+
+@pytest.mark.parametrize("outputs", [64, 72, 13])  # 13: not a multiple of 8, the gathering path
+def test_the_fit_kernel_reads_gptqs_layout_bit_for_bit(outputs):
+    """Groups handed over as GPTQ holds them (a transposed view of [K, O] rows, 8 outputs a lane)
+    get the scales of the same groups handed over row-major, bit for bit, NaN and infinity
+    included."""
+    from quant import cpu_kernel
+    from quant.int4 import SYM_RATIOS
+
+    if not cpu_kernel.available():
+        pytest.skip("no AVX2 kernel on this machine")
+    g = torch.Generator().manual_seed(outputs)
+    rows = torch.randn(256, outputs + 5, generator=g)[:, :outputs] * torch.logspace(-4, 1, outputs)  # padded rows
+    rows[:128, 2] = 0  # an all-zero group
+    rows[3, 5], rows[200, 7] = float("nan"), float("inf")
+    got = cpu_kernel.fit_symmetric(rows.t(), 128, SYM_RATIOS, 4)
+    want = cpu_kernel.fit_symmetric(rows.t().contiguous(), 128, SYM_RATIOS, 4)
+    assert torch.equal(got.nan_to_num(-1.0), want.nan_to_num(-1.0))
