@@ -187,8 +187,9 @@ def _release_freed_memory() -> None:
 def keep_freed_memory() -> bool:
     """Make this process keep the memory it frees for its own next allocations (glibc: no mmap
     for large blocks, no trimming of the heap; elsewhere nothing). For quantize, above all a
-    calibrated one, which allocates and frees the same large temporaries layer after layer (Hessians, their
-    factors, activations: hundreds of MB each). Freed pages otherwise go back to the kernel, and
+    calibrated one, which allocates and frees the same large temporaries layer after layer
+    (Hessians, their factors, activations: hundreds of MB each). Freed pages otherwise go back
+    to the kernel, and
     touching fresh ones costs the kernel's zeroing, and, in a VM that reports free pages to its
     host (Firecracker's page_reporting here), a fault into the host for each as well: on this
     project's 2-vCPU VM 27% of the slice quantize's CPU time was spent zeroing pages; mmap off
