@@ -35,7 +35,7 @@ from .format import QuantScheme, to_tensors
 from .gptq import gptq_int4
 from .int4 import GROUP_SIZES, quantize_int4
 from .resume import WorkDir, remove_old_partials, source_fingerprint
-from .shard_file import write_shard
+from .shard_file import Spill, Spilled, write_shard
 
 # "mlp": the dense SwiGLU MLPs of the layers without experts (Maverick's every other layer).
 PARTS = ("experts", "shared", "attention", "mlp")
@@ -95,14 +95,15 @@ class _ShardWriter:
 
     def __init__(self, work: WorkDir, limit: int):
         self.work, self.limit = work, limit  # work.shards: the finished shards, resumed or written
-        self.pending: dict[str, torch.Tensor] = {}
+        self.pending: dict[str, torch.Tensor | Spilled] = {}  # parked on disk until the shard is written
         self.pending_units: list[str] = []
         self.pending_bytes = 0
+        self.spill = Spill(work.path / "pending.spill.tmp")  # a .tmp: what a stopped run leaves is removed
 
     def add(self, tensors: dict[str, torch.Tensor], unit: str) -> None:
         for name, t in tensors.items():
             t = t.contiguous()
-            self.pending[name] = t
+            self.pending[name] = self.spill.put(t)
             self.pending_bytes += t.numel() * t.element_size()
         self.pending_units.append(unit)
         if self.pending_bytes >= self.limit:
@@ -114,6 +115,7 @@ class _ShardWriter:
         name = f"shard-{len(self.work.shards):05d}.safetensors"
         tmp = self.work.path / (name + ".tmp")
         written = write_shard(tmp, self.pending, metadata={"format": "pt"})
+        self.spill.reset()
         self.work.add_shard(tmp, name, self.pending_units, list(self.pending), self.pending_bytes, written)
         self.pending, self.pending_units, self.pending_bytes = {}, [], 0
         _release_freed_memory()
@@ -121,6 +123,7 @@ class _ShardWriter:
     def finish(self) -> int:
         """Name shards model-0000i-of-0000n and write the index; returns the shard count."""
         self.flush()
+        self.spill.reset()
         shards = self.work.shards
         n = len(shards)
         weight_map = {}

@@ -71,10 +71,12 @@ def header(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None) ->
 
 
 def write_shard(
-    path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
+    path: Path, tensors: dict[str, torch.Tensor | Spilled], metadata: dict[str, str] | None = None
 ) -> tuple[int, str]:
-    """Write `tensors` (contiguous, CPU) to path as safetensors; returns (bytes, SHA-256 hex)."""
-    if any(t.dtype not in _RANK or t.device.type != "cpu" for t in tensors.values()):
+    """Write `tensors` (contiguous, CPU, or parked in a Spill) to path as safetensors; returns
+    (bytes, SHA-256 hex)."""
+    if any(not isinstance(t, Spilled) and (t.dtype not in _RANK or t.device.type != "cpu") for t in tensors.values()):
+        tensors = {n: t.spill.tensor(t) if isinstance(t, Spilled) else t for n, t in tensors.items()}
         save_file(tensors, str(path), metadata=metadata)
         h = hashlib.sha256()
         with open(path, "rb") as f:
@@ -86,20 +88,114 @@ def write_shard(
         out.write(memoryview(head))
         for n in order:
             t = tensors[n]
-            if t.numel():
-                out.write(memoryview(t.contiguous().view(-1).view(torch.uint8).numpy()))
+            if isinstance(t, Spilled):
+                for chunk in t.spill.read(t):
+                    out.write(chunk)
+            elif t.numel():
+                out.write(_bytes(t))
         return out.size, out.sha.hexdigest()
+
+
+def _bytes(t: torch.Tensor) -> memoryview:
+    return memoryview(t.contiguous().view(-1).view(torch.uint8).numpy())
+
+
+class Spilled:
+    """A tensor parked in a Spill: what the header needs, and where its bytes are."""
+
+    def __init__(self, spill: Spill, dtype: torch.dtype, shape: tuple[int, ...], offset: int, nbytes: int):
+        self.spill, self.dtype, self.shape, self.offset, self.nbytes = spill, dtype, shape, offset, nbytes
+
+    def numel(self) -> int:
+        return self.nbytes // self.element_size()
+
+    def element_size(self) -> int:
+        return torch.empty(0, dtype=self.dtype).element_size()
+
+
+class Spill:
+    """Tensors parked in a file until their shard is written (O_DIRECT both ways where allowed),
+    so that a shard's output does not wait in memory: each waiting byte was a fresh page (on this
+    project's VM a fault into the host), and a calibrated quantize held up to a shard (2 GB) of
+    them. Each tensor starts on a 4 KB boundary; `reset` empties the file for the next shard."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.buf = mmap.mmap(-1, CHUNK)  # its own: write_shard's buffer is in use while this is read
+        self.out: _DirectFile | None = None
+
+    def put(self, t: torch.Tensor) -> Spilled | torch.Tensor:
+        """Park t (returns its record), or keep t as it is where its dtype is not safetensors'."""
+        if t.dtype not in _RANK or t.device.type != "cpu" or not t.numel():
+            return t
+        if self.out is None:
+            self.out = _DirectFile(self.path, self.buf, hashed=False)
+        self.out.write(memoryview(bytes(-self.out.size % _ALIGN)))  # start on a block
+        offset = self.out.size
+        self.out.write(_bytes(t))
+        return Spilled(self, t.dtype, tuple(t.shape), offset, self.out.size - offset)
+
+    def read(self, t: Spilled):
+        """t's bytes, in pieces of at most CHUNK (views of one buffer: use each before the next)."""
+        if self.out is not None:  # everything parked goes to the file before any is read
+            self.out.close()
+            self.out = None
+            self._fd = _open_read(self.path)
+        done = 0
+        while done < t.nbytes:
+            start = t.offset + done
+            aligned = start - start % _ALIGN
+            want = min(CHUNK, -(-(t.offset + t.nbytes - aligned) // _ALIGN) * _ALIGN)
+            got = os.preadv(self._fd, [memoryview(self.buf)[:want]], aligned)
+            k = min(got - (start - aligned), t.nbytes - done)
+            if k <= 0:
+                raise OSError(errno.EIO, f"{self.path} ended early")
+            yield memoryview(self.buf)[start - aligned : start - aligned + k]
+            done += k
+
+    def tensor(self, t: Spilled) -> torch.Tensor:
+        """t back in memory."""
+        out = torch.empty(t.nbytes, dtype=torch.uint8)
+        done = 0
+        for chunk in self.read(t):
+            out[done : done + len(chunk)] = torch.frombuffer(chunk, dtype=torch.uint8)
+            done += len(chunk)
+        return out.view(t.dtype).view(t.shape)
+
+    def reset(self) -> None:
+        """Empty the file (after its shard is written)."""
+        self.close()
+        self.path.unlink(missing_ok=True)
+
+    def close(self) -> None:
+        if self.out is not None:
+            self.out.close()
+            self.out = None
+        fd = getattr(self, "_fd", None)
+        if fd is not None:
+            os.close(fd)
+            self._fd = None
+
+
+def _open_read(path: Path) -> int:
+    try:
+        return os.open(path, os.O_RDONLY | getattr(os, "O_DIRECT", 0))
+    except OSError:
+        return os.open(path, os.O_RDONLY)
 
 
 class _DirectFile:
     """Sequential writes of any length, gathered in an aligned buffer and written in whole
     buffers with O_DIRECT (plainly where that is refused); the tail padded, then truncated."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, buf: mmap.mmap | None = None, hashed: bool = True):
         global _staging
-        if _staging is None:
-            _staging = mmap.mmap(-1, CHUNK)
-        self.buf, self.pos, self.size, self.sha = _staging, 0, 0, hashlib.sha256()
+        if buf is None:
+            if _staging is None:
+                _staging = mmap.mmap(-1, CHUNK)
+            buf = _staging
+        self.buf, self.pos, self.size = buf, 0, 0
+        self.sha = hashlib.sha256() if hashed else None
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_BINARY", 0)
         self.direct = hasattr(os, "O_DIRECT")
         try:
@@ -112,8 +208,12 @@ class _DirectFile:
         return self
 
     def __exit__(self, *exc) -> None:
+        self.close(exc[0] is None)
+
+    def close(self, complete: bool = True) -> None:
+        """Write what is left (unless `complete` is False) and close."""
         try:
-            if exc[0] is None and self.pos:
+            if complete and self.pos:
                 tail = -self.pos % _ALIGN if self.direct else 0
                 self.buf[self.pos : self.pos + tail] = bytes(tail)
                 self._flush(self.pos + tail)
@@ -123,7 +223,8 @@ class _DirectFile:
             os.close(self.fd)
 
     def write(self, data: memoryview) -> None:
-        self.sha.update(data)
+        if self.sha is not None:
+            self.sha.update(data)
         self.size += len(data)
         while len(data):
             k = min(len(data), CHUNK - self.pos)

@@ -92,3 +92,31 @@ def test_other_dtypes_go_through_save_file(tmp_path):
     assert size == len(data) and sha == hashlib.sha256(data).hexdigest()
     with safe_open(str(tmp_path / "a.safetensors"), framework="pt") as f:
         assert torch.equal(f.get_tensor("c"), ts["c"])
+
+
+def test_parked_tensors_write_the_same_shard(tmp_path, monkeypatch):
+    """Tensors parked in a Spill (each on a 4 KB boundary, read back in buffer-sized pieces) give
+    the bytes safetensors writes for them in memory; an odd dtype among them sends the shard
+    through save_file with the parked ones read back; reset removes the file."""
+    from quant.shard_file import Spill, Spilled
+
+    monkeypatch.setattr(shard_file, "CHUNK", 8192)
+    monkeypatch.setattr(shard_file, "_staging", None)
+    ts = _tensors(big=3 * 8192 // 4 + 7)
+    spill = Spill(tmp_path / "p.spill.tmp")
+    parked = {n: spill.put(t.contiguous()) for n, t in ts.items()}
+    assert isinstance(parked["big"], Spilled) and not isinstance(parked["a.empty"], Spilled)
+    size, sha = write_shard(tmp_path / "a.safetensors", parked, {"format": "pt"})
+    ref = save(ts, metadata={"format": "pt"})
+    assert (tmp_path / "a.safetensors").read_bytes() == ref and sha == hashlib.sha256(ref).hexdigest()
+    spill.reset()
+    assert not (tmp_path / "p.spill.tmp").exists()
+
+    odd = {"c": torch.ones(6, dtype=torch.complex64), "x": torch.arange(5000, dtype=torch.int32)}
+    parked = {n: spill.put(t) for n, t in odd.items()}
+    assert isinstance(parked["x"], Spilled) and not isinstance(parked["c"], Spilled)
+    write_shard(tmp_path / "b.safetensors", parked)
+    with safe_open(str(tmp_path / "b.safetensors"), framework="pt") as f:
+        assert all(torch.equal(f.get_tensor(n), t) for n, t in odd.items())
+    spill.reset()
+    monkeypatch.setattr(shard_file, "_staging", None)
