@@ -178,13 +178,15 @@ def gptq_int4(
     block = group_size * -(-128 // group_size)  # whole groups
     ahead_buf = _rows(group_size, out, torch.float32, w.device)
     if left:  # each block's columns are read from w when it is reached: no transposed copy of w
-        if not lowrank:
-            f_low = f.to(torch.bfloat16)
-            errs = _rows(inp, out, torch.bfloat16, w.device)  # every walked column's error
         # One set of block buffers for the whole walk (fresh ones per block cost as much again).
         ob_buf, wb_buf, err_buf = (_rows(block, out, torch.float32, w.device) for _ in range(3))
-        upd = _rows(2 * block, out, updates if lowrank else torch.bfloat16, w.device)
-        near = _rows(block, out, torch.bfloat16, w.device)
+        if lowrank:
+            upd = _rows(block, out, updates, w.device)
+        else:
+            f_low = f.to(torch.bfloat16)
+            errs = _rows(inp, out, torch.bfloat16, w.device)  # every walked column's error
+            upd = _rows(2 * block, out, torch.bfloat16, w.device)  # a pair of blocks' share
+            near = _rows(block, out, torch.bfloat16, w.device)  # a pair's second block's share of its first
     else:
         wt = _rows(inp, out, torch.float32, w.device).copy_(w.t())  # [N, O]: an input column per row, updated in place
         orig = wt.clone()

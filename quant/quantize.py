@@ -123,7 +123,6 @@ class _ShardWriter:
     def finish(self) -> int:
         """Name shards model-0000i-of-0000n and write the index; returns the shard count."""
         self.flush()
-        self.spill.reset()
         shards = self.work.shards
         n = len(shards)
         weight_map = {}
@@ -192,13 +191,12 @@ def keep_freed_memory() -> bool:
     for large blocks, no trimming of the heap; elsewhere nothing). For quantize, above all a
     calibrated one, which allocates and frees the same large temporaries layer after layer
     (Hessians, their factors, activations: hundreds of MB each). Freed pages otherwise go back
-    to the kernel, and
-    touching fresh ones costs the kernel's zeroing, and, in a VM that reports free pages to its
-    host (Firecracker's page_reporting here), a fault into the host for each as well: on this
-    project's 2-vCPU VM 27% of the slice quantize's CPU time was spent zeroing pages; mmap off
-    alone took it from 347 to 287 s wall, peak RSS 15.4 -> 17.4 GB. Process-wide and for good,
-    so the CLI calls it for `quantize`, where the process ends with the run (the shard writer
-    trims once per shard). Returns whether it took."""
+    to the kernel, and touching fresh ones costs the kernel's zeroing, and, in a VM that
+    reports free pages to its host (Firecracker's page_reporting here), a fault into the host
+    for each as well: on this project's 2-vCPU VM 27% of the slice quantize's CPU time was
+    spent zeroing pages; mmap off alone took it from 347 to 287 s wall, peak RSS 15.4 -> 17.4
+    GB. Process-wide and for good, so the CLI calls it for `quantize`, where the process ends
+    with the run (the shard writer trims once per shard). Returns whether it took."""
     libc = _glibc()
     if libc is None:
         return False

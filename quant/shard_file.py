@@ -29,6 +29,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from .resume import file_sha256
+
 # safetensors' dtype names, in the library's order (its Dtype enum); it writes the last first
 _ORDER = (
     (torch.bool, "BOOL"),
@@ -78,11 +80,7 @@ def write_shard(
     if any(not isinstance(t, Spilled) and (t.dtype not in _RANK or t.device.type != "cpu") for t in tensors.values()):
         tensors = {n: t.spill.tensor(t) if isinstance(t, Spilled) else t for n, t in tensors.items()}
         save_file(tensors, str(path), metadata=metadata)
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            while chunk := f.read(1 << 24):
-                h.update(chunk)
-        return path.stat().st_size, h.hexdigest()
+        return path.stat().st_size, file_sha256(path)
     head, order = header(tensors, metadata)
     with _DirectFile(path) as out:
         out.write(memoryview(head))
@@ -110,7 +108,7 @@ class Spilled:
         return self.nbytes // self.element_size()
 
     def element_size(self) -> int:
-        return torch.empty(0, dtype=self.dtype).element_size()
+        return self.dtype.itemsize
 
 
 class Spill:
@@ -122,7 +120,8 @@ class Spill:
     def __init__(self, path: Path):
         self.path = path
         self.buf = mmap.mmap(-1, CHUNK)  # its own: write_shard's buffer is in use while this is read
-        self.out: _DirectFile | None = None
+        self.out: _DirectFile | None = None  # while tensors are parked
+        self._fd: int | None = None  # while they are read back
 
     def put(self, t: torch.Tensor) -> Spilled | torch.Tensor:
         """Park t (returns its record), or keep t as it is where its dtype is not safetensors'."""
@@ -171,9 +170,8 @@ class Spill:
         if self.out is not None:
             self.out.close()
             self.out = None
-        fd = getattr(self, "_fd", None)
-        if fd is not None:
-            os.close(fd)
+        if self._fd is not None:
+            os.close(self._fd)
             self._fd = None
 
 
