@@ -86,15 +86,21 @@ def test_bfloat16_as_close_to_float32_as_transformers_bfloat16(all_ckpts, models
 def test_top2_bfloat16_sums_routed_experts_as_transformers(all_ckpts):
     """With k > 1 experts per token, the k routed outputs are summed (float32, rounded once) and
     then added to the shared expert's, as the reference does: adding each to the running sum
-    rounded k times and put bf16 logits 1.1-2.7% from transformers' bf16 (3.5% on an H200)."""
+    rounded k times and put bf16 logits 1.1-2.7% from transformers' bf16 on every prompt (3.5% on
+    an H200). Where the CPU multiplies bf16 natively both sides run the same GEMM and agree to
+    0.0; where it does not (AVX2: our linears widen to float32, torch's bf16 GEMM sums in another
+    order) two prompts agree to 1e-6 and 3e-4, and one flips a bf16 rounding early enough to end
+    5.4e-3 apart (Zen 3). So the median prompt is held to 2e-3 and every prompt under 1e-2."""
     ours, _ = load_model(all_ckpts["multimodal"], "bfloat16", "cpu")
     ref16 = load_reference(all_ckpts["multimodal"], torch.bfloat16)
     assert ours.cfg.top_k == 2
+    errs = []
     for seed in range(3):
         ids = torch.randint(0, ours.cfg.vocab_size, (60,), generator=torch.Generator().manual_seed(seed))
         with torch.no_grad():
             want = ref16(input_ids=ids[None]).logits[0]
-        assert rel_err(ours(ids, ours.new_cache(60), last_only=False), want) < 5e-3, seed
+        errs.append(rel_err(ours(ids, ours.new_cache(60), last_only=False), want))
+    assert sorted(errs)[1] < 2e-3 and max(errs) < 1e-2, errs
 
 
 @pytest.mark.parametrize("keys", [1, 37, 300])
