@@ -300,10 +300,12 @@ def test_symmetric_scales_alone_compute_the_same_bits(group_size, rows):
 @pytest.mark.parametrize("q8", [True, False])
 def test_many_rows_equal_one_row_at_a_time(q8):
     """Prefill-sized inputs go through in blocks of weight rows, three activation rows at a time:
-    every row's result is that row's alone (the same bits with int8 activations, except on an
-    AVX-512 build, whose many-row tiles sum four blocks per register where one row sums two;
-    float ones split their sums into as many chains as the row count allows: only the order
-    differs)."""
+    every row's result is that row's alone, to float32 rounding. Only the order of the sums
+    differs: one int8 row streams through row_q8_stream, which alternates two accumulators
+    between groups (FMA latency off the decode's critical path) where a tile keeps one, and an
+    AVX-512 build's tiles sum four blocks per register; float rows split their sums into as many
+    chains as the row count allows. (A Zen 3 host, AVX2: 40% of outputs differ, by 1.6e-7 of the
+    output's norm.)"""
     from quant import cpu_kernel
 
     if not cpu_kernel.available():
@@ -314,10 +316,7 @@ def test_many_rows_equal_one_row_at_a_time(q8):
     x = torch.randn(41, 256, generator=g)
     whole = cpu_kernel.int4_mv(x, lin.packed, lin.scales_and_zeros, 128, q8)
     rows = torch.cat([cpu_kernel.int4_mv(x[i : i + 1], lin.packed, lin.scales_and_zeros, 128, q8) for i in range(41)])
-    if q8 and cpu_kernel.isa() != "avx512-vnni":
-        assert torch.equal(whole, rows)
-    else:
-        torch.testing.assert_close(whole, rows, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(whole, rows, rtol=1e-5, atol=1e-4)
 
 
 def kernel_outputs() -> dict[str, torch.Tensor]:
