@@ -24,7 +24,12 @@ bf16, and the default INT4 (GPTQ, attention INT4 too) and the previous default (
 attention rounded to INT8 at load) in bf16 with float activations in the INT4 kernel and with
 int8 ones (what bf16 runs use on AVX2 CPUs), all against the float32 original.
 
-    python benchmarks/bench_quant_kl.py [--model benchmarks/.cache/small-llama4] [--ctx 256] [--bf16 | --llamacpp]
+With --tokens 2048,4096,8192 it runs the default quantize with each calibration token count
+(`--calibration-tokens`) and times it: how much of GPTQ's gain fewer tokens keep, for hosts
+where the calibrated quantize is slow (CPUs without bf16 dot products).
+
+    python benchmarks/bench_quant_kl.py [--model benchmarks/.cache/small-llama4] [--ctx 256]
+        [--bf16 | --llamacpp | --precision | --tokens N,..]
 """
 
 from __future__ import annotations
@@ -194,6 +199,21 @@ def bf16_costs(args, report):
 PLAIN = ("experts", "shared")
 
 
+def calibration_tokens(args, report):
+    """The default quantize at each of args.tokens calibration tokens, timed, with llama.cpp's
+    Q4_K_M beside it where the model's rows allow it."""
+    if q4_k_fits(args.model):
+        report("q4_k_m (llama.cpp, whole model)", q4_k_m(args.model, only_ours=False))
+    with tempfile.TemporaryDirectory() as tmp:
+        for tokens in [int(t) for t in args.tokens.split(",")]:
+            out = Path(tmp) / f"t{tokens}"
+            t0 = time.perf_counter()
+            quantize_checkpoint(args.model, out, QuantizeOptions(calibration_tokens=tokens))
+            seconds = round(time.perf_counter() - t0, 1)
+            report("gptq int4 g128 default", load_model(out, "float32", "cpu")[0], tokens=tokens, seconds=seconds)
+            shutil.rmtree(out)
+
+
 def quantizer_precision(args, report):
     """The default quantize (GPTQ) with its arithmetic in bf16 where the CPU multiplies bf16
     natively (calibration forward, GPTQ's updates, the Hessians' products: float32 sums throughout) against
@@ -228,6 +248,7 @@ def main():
     ap.add_argument("--bf16", action="store_true", help="the cost of bf16 runs and of int8 activations instead")
     ap.add_argument("--precision", action="store_true", help="the quantizer's bf16 arithmetic against float32")
     ap.add_argument("--llamacpp", action="store_true", help="llama.cpp's own Q4_K_M files, plain and with imatrix")
+    ap.add_argument("--tokens", help="the default quantize at these calibration token counts (e.g. 2048,4096,8192)")
     args = ap.parse_args()
     tok = Tokenizer(args.model)
     ids = tok.encode((args.model / "eval.txt").read_text(), add_special_tokens=False)
@@ -256,6 +277,8 @@ def main():
         return quantizer_precision(args, report)
     if args.llamacpp:
         return llamacpp_files(args, report)
+    if args.tokens:
+        return calibration_tokens(args, report)
     if q4_k_fits(args.model):
         # The anchor: llama.cpp's Q4_K_M (whole model), and its Q4_K on our default's tensors.
         report("q4_k_m (llama.cpp, whole model)", q4_k_m(args.model, only_ours=False))
