@@ -6,6 +6,10 @@ rows are independent, so threads split them and each walks every column for its 
 block's columns for those rows stay in cache, and the walk costs no Python call per column.
 Same float32 operations as the torch loop it replaces (division, round half to even, clamp, the
 dequantized value s * (q - z)); only the rank-one updates may be fused into FMAs.
+
+Also the column loop of quant/gptq_lowrank.py's feedback for one block (float64): per column a
+product with the block's later columns and a dot product, r x 128 at Scout's shapes, where the
+torch loop spent ~70 us of per-call overhead and strided column reads on ~2 us of arithmetic.
 """
 
 SOURCE = r"""
@@ -167,5 +171,49 @@ void gptq_columns(torch::Tensor w, torch::Tensor e, torch::Tensor f, torch::Tens
       }
     }
   });
+}
+
+// quant/gptq_lowrank.py's column loop for one block of n columns, last to first, float64, rows
+// [r, n] row-major: u_k = px_k - A_{>k} (U_{>k}^T x_k), a_k = u_k / (d_k + x_k . u_k), written
+// into u and a (their columns past k are read; column k written). Sequential in k: one thread.
+void lowrank_columns(torch::Tensor px, torch::Tensor xj, torch::Tensor d, torch::Tensor u, torch::Tensor a) {
+  TORCH_CHECK(px.scalar_type() == torch::kDouble && xj.scalar_type() == torch::kDouble, "float64");
+  TORCH_CHECK(px.is_contiguous() && xj.is_contiguous() && d.is_contiguous() && u.is_contiguous() && a.is_contiguous(),
+              "contiguous");
+  const int64_t r = xj.size(0), n = xj.size(1);
+  TORCH_CHECK(px.sizes() == xj.sizes() && u.sizes() == xj.sizes() && a.sizes() == xj.sizes() && d.numel() == n,
+              "shapes");
+  const double* pp = px.data_ptr<double>();
+  const double* xp = xj.data_ptr<double>();
+  const double* dp = d.data_ptr<double>();
+  double* up = u.data_ptr<double>();
+  double* ap = a.data_ptr<double>();
+  std::vector<double> s(n), uk(r);
+  for (int64_t k = n - 1; k >= 0; --k) {
+    for (int64_t j = k + 1; j < n; ++j) s[j] = 0.0;
+    for (int64_t i = 0; i < r; ++i) {  // s = U_{>k}^T x_k
+      const double xik = xp[i * n + k];
+      const double* ui = up + i * n;
+      for (int64_t j = k + 1; j < n; ++j) s[j] += ui[j] * xik;
+    }
+    double den = 0.0;
+    for (int64_t i = 0; i < r; ++i) {  // u_k = px_k - A_{>k} s
+      const double* ai = ap + i * n;
+      __m256d t4 = _mm256_setzero_pd();  // four lanes of the dot product: no FMA latency chain
+      int64_t j = k + 1;
+      for (; j + 4 <= n; j += 4) t4 = _mm256_fmadd_pd(_mm256_loadu_pd(ai + j), _mm256_loadu_pd(s.data() + j), t4);
+      alignas(32) double lanes[4];
+      _mm256_store_pd(lanes, t4);
+      double t = (lanes[0] + lanes[1]) + (lanes[2] + lanes[3]);
+      for (; j < n; ++j) t += ai[j] * s[j];
+      uk[i] = pp[i * n + k] - t;
+      den += xp[i * n + k] * uk[i];
+    }
+    den += dp[k];
+    for (int64_t i = 0; i < r; ++i) {
+      up[i * n + k] = uk[i];
+      ap[i * n + k] = uk[i] / den;
+    }
+  }
 }
 """

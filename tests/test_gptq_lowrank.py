@@ -30,6 +30,22 @@ def test_the_feedback_equals_the_hessians(r, n):
     torch.testing.assert_close(got.block(128, 256), want[128:256, 128:256], rtol=0, atol=2e-4 * want.abs().max().item())
 
 
+@pytest.mark.parametrize(("r", "n"), [(40, 300), (300, 131), (2, 9)])
+def test_the_column_kernel_is_the_torch_loop(r, n, monkeypatch):
+    """The block's column loop in C++ (quant/gptq_kernel.py) against the torch loop it replaces:
+    float64, only the order of the sums differs (blocks of 128, a partial one, odd widths)."""
+    from quant import cpu_kernel, gptq_lowrank
+
+    if not cpu_kernel.available():
+        pytest.skip("no AVX2/FMA CPU or no C++ compiler")
+    x = rows(r, n)
+    got = lowrank_feedback(x, 0.01)
+    monkeypatch.setattr(gptq_lowrank, "_columns_kernel", gptq_lowrank._columns_torch)
+    want = lowrank_feedback(x, 0.01)
+    torch.testing.assert_close(got.a, want.a, rtol=1e-6, atol=1e-6 * want.a.abs().max().item())
+    assert torch.equal(got.x, want.x)
+
+
 @pytest.mark.parametrize("updates", [torch.float32, torch.bfloat16])
 def test_gptq_through_the_rows_quantizes_as_through_the_hessian(updates):
     """The same walk through either feedback: nearly the same integers and the same output error
