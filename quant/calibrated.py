@@ -19,7 +19,7 @@ from safetensors import safe_open
 
 from .calibrate import LayerRunner, LayerStats, factor_or_none
 from .format import to_tensors
-from .gptq import DAMP, gram_lower
+from .gptq import DAMP, default_updates, gram_lower
 from .gptq_lowrank import LowRankFeedback, lowrank_feedback
 from .quantize import _nbytes, expert_linears
 
@@ -136,7 +136,7 @@ def _feedback(rows: torch.Tensor):
     """GPTQ's feedback for a linear that saw `rows` [r, N]: from the rows themselves where they
     are few (quant/gptq_lowrank.py: Scout's routed experts), else through the Hessian's factor;
     None where they are not finite."""
-    if LowRankFeedback.pays(*rows.shape):
+    if LowRankFeedback.pays(*rows.shape, dense_float32=default_updates(rows.device) == torch.float32):
         return lowrank_feedback(rows, DAMP)
     return factor_or_none(gram_lower(rows), consume=True)
 

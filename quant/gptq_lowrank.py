@@ -12,9 +12,10 @@ Woodbury,
 the errors of every earlier column as A_J^T v, with v the running sum of x_j times column j's
 error ([r, O]): 2 r N O multiply-adds in all instead of N^2 O / 2, and no N x N Cholesky
 factor. The products alone pay from 4 r < N; with the feedback's column loop and its float64
-r x r work, 8 r <= N (LowRankFeedback.pays). The a_k come from the last column backwards, 128
-at a time, in float64: M_{k+1}^-1 as the block's starting inverse P less the rank-one terms of
-the block's later columns, so each column costs O(r * 128) and each block one r x r x 128
+r x r work, 8 r <= N (6 r <= N where the Hessian's walk would run in float32:
+LowRankFeedback.pays). The a_k come from the last column backwards, 128 at a time, in float64:
+M_{k+1}^-1 as the block's starting inverse P less the rank-one terms of the block's later
+columns, so each column costs O(r * 128) and each block one r x r x 128
 product.
 """
 
@@ -45,12 +46,15 @@ class LowRankFeedback:
         return LowRankFeedback(self.a.to(device), self.x.to(device))
 
     @staticmethod
-    def pays(rows: int, inputs: int) -> bool:
+    def pays(rows: int, inputs: int, dense_float32: bool = False) -> bool:
         """Whether the rows' form is the faster for r rows and N inputs: the products alone pay
-        from 4 r < N, but the feedback's column loop and float64 r x r work take their share
-        (benchmarks/bench_gptq_lowrank.py at Scout's shapes, two Zen 4 threads: 1.59x a routed
-        expert at 512 rows; at 1024 rows gate 0.66x, down 1.26x)."""
-        return 8 * rows <= inputs
+        from 4 r < N, but the feedback's column loop and float64 r x r work take their share.
+        `dense_float32`: the Hessian's walk would update in float32 (a CPU without bf16 dot
+        products), twice its cost in bf16, so the rows' form pays longer. At Scout's shapes,
+        two threads (benchmarks/bench_gptq_lowrank.py): Zen 4, bf16 updates: 1.59x a routed
+        expert at 512 rows, at 1024 gate 0.66x, down 1.26x (8 r <= N); Zen 3, float32: gate
+        1.26x at 768 rows, 0.79x at 1024, down 1.60x at 1024, 1.04x at 1536 (6 r <= N)."""
+        return (6 if dense_float32 else 8) * rows <= inputs
 
     def block(self, b0: int, b1: int) -> torch.Tensor:
         """The feedback among columns [b0, b1): [n, n] float32, strictly lower triangular."""

@@ -77,6 +77,9 @@ def test_rows_with_nan_give_no_feedback():
 def test_the_rows_pay_only_when_few():
     assert LowRankFeedback.pays(512, 5120) and LowRankFeedback.pays(1024, 8192)
     assert not LowRankFeedback.pays(1024, 5120) and not LowRankFeedback.pays(2048, 8192)
+    # float32 dense updates (no bf16 dot products) cost twice as much: the rows pay longer
+    assert LowRankFeedback.pays(800, 5120, dense_float32=True) and LowRankFeedback.pays(1300, 8192, True)
+    assert not LowRankFeedback.pays(800, 5120) and not LowRankFeedback.pays(900, 5120, dense_float32=True)
 
 
 def test_a_calibrated_quantize_through_the_rows(scout_ckpt, tmp_path, monkeypatch):
@@ -95,7 +98,7 @@ def test_a_calibrated_quantize_through_the_rows(scout_ckpt, tmp_path, monkeypatc
     monkeypatch.setattr(calibrated, "lowrank_feedback", lambda x, damp: used.append(x.shape) or real(x, damp))
     dense = quantize_checkpoint(scout_ckpt, tmp_path / "dense", opts)
     assert not used
-    monkeypatch.setattr(LowRankFeedback, "pays", staticmethod(lambda r, n: True))
+    monkeypatch.setattr(LowRankFeedback, "pays", staticmethod(lambda r, n, dense_float32=False: True))
     rows_ = quantize_checkpoint(scout_ckpt, tmp_path / "rows", opts)
     assert used and rows_.quantized_linears == dense.quantized_linears
     index = json.loads((tmp_path / "rows" / "model.safetensors.index.json").read_text())["weight_map"]
