@@ -12,10 +12,18 @@ updates (O N^2). Two ways to less of it, each scored as bench_quant_kl.py scores
 
 Both replace the Hessian that error_feedback factors (quant/calibrate.py's), so each run is the
 default quantize otherwise; a Hessian as wide as B or K is left as it is. Fewer calibration
-tokens, the third way (less forward and Gram), is bench_quant_kl.py --tokens.
+tokens, the third way (less forward and Gram), is bench_quant_kl.py --tokens; `--tokens N`
+here runs every way at N of them.
+
+And one way to more from the same tokens, for routed experts that see few rows (Scout's ~512
+of 8192 against 5120 inputs):
+
+- shrink:L  a routed expert's gate/up Hessian plus L times its share of the rows times the
+  Hessian of every routed row of the layer (the same hidden states, all experts' tokens), a
+  prior for the directions its own rows leave unseen; its down projection's as it is.
 
     python benchmarks/bench_gptq_shortcuts.py [--model benchmarks/.cache/small-llama4-256]
-        [--ways block:128,block:64,rank:64,rank:32] [--max-windows 60]
+        [--ways block:128,block:64,rank:64,rank:32,shrink:0.3] [--tokens N] [--max-windows 60]
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import quant.calibrate as calibrate  # noqa: E402
+import quant.calibrated as calibrated  # noqa: E402
 from llama4_local.evaluate import evaluate  # noqa: E402
 from llama4_local.loader import load_model  # noqa: E402
 from llama4_local.tokenizer import Tokenizer  # noqa: E402
@@ -72,6 +81,21 @@ def low_rank(k: int):
     return feedback
 
 
+def shrunk_experts(lam: float):
+    """calibrated._expert_factors with the gate/up Hessian shrunk toward the layer's (shrink:L)."""
+
+    def expert_factors(stats, e):
+        rows = stats.expert_rows(e)
+        if rows is None:
+            return None, None
+        every = torch.cat([torch.cat(v) for v in stats.expert_inputs.values()]).float()
+        x = rows[0].float()
+        h = x.mT @ x + lam * (x.shape[0] / every.shape[0]) * (every.mT @ every)
+        return calibrate.factor_or_none(h.contiguous(), consume=True), calibrated._feedback(rows[1])
+
+    return expert_factors
+
+
 WAYS = {"block": block_diagonal, "rank": low_rank}
 
 
@@ -81,18 +105,23 @@ def main() -> None:
     ap.add_argument("--ways", default="block:128,block:64,block:32,rank:64,rank:32,rank:16")
     ap.add_argument("--ctx", type=int, default=256)
     ap.add_argument("--max-windows", type=int, default=60)
+    ap.add_argument("--tokens", type=int, default=None, help="calibration tokens (default: quantize's)")
     args = ap.parse_args()
     tok = Tokenizer(args.model)
     ids = tok.encode((args.model / "eval.txt").read_text(), add_special_tokens=False)
     ref, _ = load_model(args.model, "float32", "cpu")
+    opts = QuantizeOptions(calibration_tokens=args.tokens) if args.tokens else QuantizeOptions()
+    expert_factors = calibrated._expert_factors
     for way in ["full", *args.ways.split(",")]:
         kind, _, size = way.partition(":")
-        calibrate.error_feedback = error_feedback if kind == "full" else WAYS[kind](int(size))
+        calibrate.error_feedback = WAYS[kind](int(size)) if kind in WAYS else error_feedback
+        calibrated._expert_factors = shrunk_experts(float(size)) if kind == "shrink" else expert_factors
         with tempfile.TemporaryDirectory() as tmp:
-            quantize_checkpoint(args.model, Path(tmp) / "q", QuantizeOptions())
+            quantize_checkpoint(args.model, Path(tmp) / "q", opts)
             model = load_model(Path(tmp) / "q", "float32", "cpu")[0]
             r = evaluate(model, ids, args.ctx, tok.bos_id, ref, args.max_windows)
-        row = {"hessian": way, "kl_mean": round(r.kl_mean, 6), "top1": round(r.top1_agreement, 4)}
+        kl, top1 = round(r.kl_mean, 6), round(r.top1_agreement, 4)
+        row = {"hessian": way, "tokens": opts.calibration_tokens, "kl_mean": kl, "top1": top1}
         print(json.dumps(row), flush=True)
 
 
