@@ -104,6 +104,39 @@ def test_feedback_form_is_the_papers_gptq(kernel, monkeypatch):
     assert (unpack_int4(q.packed).float() == want).float().mean() > 0.995  # float32 rounding may flip a few ties
 
 
+@pytest.mark.parametrize("outputs,i0,i1,zero", [(264, 0, 128, False), (67, 32, 96, True), (136, 8, 13, False)])
+def test_column_walk_kernel_equals_the_torch_walk(outputs, i0, i1, zero):
+    """The C++ walk (8 outputs per instruction where the width allows, the rest scalar; whole
+    sub-blocks of 8 columns or not) against the torch loop: the same integers, errors and fed
+    columns to float32 rounding (the kernel fuses multiply-adds), a NaN in the same places."""
+    from quant import gptq
+
+    if not cpu_kernel.available():
+        pytest.skip("no AVX2 kernel here")
+    g = torch.Generator().manual_seed(outputs)
+    blk = 128
+    w0 = torch.randn(blk, outputs, generator=g)
+    w0[i0, 3] = float("nan")  # one output's column: its error and every later column there
+    f = torch.randn(blk, blk, generator=g).tril_(-1) * 0.05
+    s = torch.rand(outputs, generator=g) * 0.2 + 0.1
+    z = torch.randint(-2, 3, (outputs,), generator=g).float() if zero else torch.zeros(outputs)
+    runs = []
+    for walk in (gptq._walk_kernel, gptq._walk_torch):
+        wb = gptq._rows(blk, outputs, torch.float32, "cpu").copy_(w0)
+        err = gptq._rows(blk, outputs, torch.float32, "cpu").copy_(w0 + 0.01)
+        q = torch.zeros(blk, outputs, dtype=torch.int8)
+        walk(wb, err, f, s, z, q, i0, i1)
+        runs.append((wb.clone(), err.clone(), q))
+    (wk, ek, qk), (wt, et, qt) = runs
+    nan = torch.zeros(outputs, dtype=torch.bool)
+    nan[3] = True
+    assert ek[i0:i1, 3].isnan().all() and et[i0:i1, 3].isnan().all() and wk[i0 + 1 :, 3].isnan().all()
+    same = (qk[i0:i1] == qt[i0:i1]).all(0) & ~nan  # a tie flipped by fused rounding changes its output
+    assert same.float().sum() >= outputs - 2
+    for a, b in ((wk, wt), (ek, et)):
+        torch.testing.assert_close(a[:, same], b[:, same], rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("group_size,symmetric", [(128, True), (64, False), (32, True)])
 def test_bf16_updates_cost_nothing_measurable(group_size, symmetric):
     """The left-looking bf16 updates (the default on CPUs with bf16 dot products) land on the
