@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
+from . import pages
 from .config import read_json
 from .errors import UserError
 
@@ -100,13 +101,10 @@ class Checkpoint:
         return fd
 
     def prefetch_pages(self, names: list[str]) -> None:
-        """Start reading these tensors' bytes into the page cache without waiting (posix_fadvise
-        WILLNEED: the kernel reads ahead while we compute)."""
-        if not hasattr(os, "posix_fadvise"):
-            return
+        """Start reading these tensors' bytes into the page cache without waiting (pages.read_ahead:
+        the kernel reads them while we compute)."""
         for name in names:
-            path, off, length = self.byte_range(name)
-            os.posix_fadvise(self._fd(path), off, length, os.POSIX_FADV_WILLNEED)
+            pages.read_ahead(*self.byte_range(name))
 
     def drop_pages(self, names: list[str]) -> int:
         """Drop these tensors' pages from this process's mapping (madvise DONTNEED) and then from

@@ -22,10 +22,13 @@ import ctypes
 import functools
 import mmap
 import os
+import queue
+import threading
 from pathlib import Path
 
 HUGE = 2 << 20
 READ_CHUNK = 16 << 20
+WILLNEED_CHUNK = 8 << 20  # bytes per posix_fadvise(WILLNEED) call (ReadAhead)
 
 
 def merged(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -144,6 +147,74 @@ def read_range(path: Path, offset: int, length: int) -> int:
         while total < length and (n := f.readinto(view[: min(len(view), length - total)])):
             total += n
     return total
+
+
+class ReadAhead:
+    """Byte ranges of files read into the page cache in the background: posix_fadvise(WILLNEED)
+    WILLNEED_CHUNK bytes at a time on one daemon thread, so the caller returns at once.
+
+    One WILLNEED call reads at most the device's largest request (Linux clamps it to
+    max(io_pages, ra_pages): 8 MB on this project's VM, often 128 KB to 1 MB on NVMe), and a call
+    returns only once its reads are queued. Asked for a 4.4 GB shard in one call, the kernel read
+    8 MB of it; in 8 MB calls, all of it, the calls taking 2.3 s (3.2 GB/s disk): hence chunks, off
+    the caller's thread. Nothing happens where posix_fadvise is missing; a file that cannot be
+    opened is skipped (reading it later says what is wrong)."""
+
+    def __init__(self):
+        self._queue: queue.Queue = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def add(self, path: Path, offset: int, length: int) -> None:
+        if not hasattr(os, "posix_fadvise") or length <= 0:
+            return
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="llama4-read-ahead", daemon=True)
+                self._thread.start()
+        self._queue.put((Path(path), offset, length))
+
+    def drain(self) -> None:
+        """Wait until every range added so far has been asked of the kernel."""
+        self._queue.join()
+
+    def _run(self) -> None:
+        while True:
+            path, offset, length = self._queue.get()
+            try:
+                fd = os.open(path, os.O_RDONLY)
+                try:
+                    for off in range(offset, offset + length, WILLNEED_CHUNK):
+                        n = min(WILLNEED_CHUNK, offset + length - off)
+                        os.posix_fadvise(fd, off, n, os.POSIX_FADV_WILLNEED)
+                finally:
+                    os.close(fd)
+            except OSError:
+                pass
+            finally:
+                self._queue.task_done()
+
+
+_read_ahead = ReadAhead()
+
+
+def _after_fork() -> None:  # a forked child has no read-ahead thread: it starts its own
+    global _read_ahead
+    _read_ahead = ReadAhead()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork)
+
+
+def read_ahead(path: Path, offset: int, length: int) -> None:
+    """Start reading [offset, offset + length) of a file into the page cache; returns at once."""
+    _read_ahead.add(path, offset, length)
+
+
+def read_ahead_drain() -> None:
+    """Wait for every read_ahead so far to be asked of the kernel (tests, benchmarks)."""
+    _read_ahead.drain()
 
 
 def read_through(path: Path) -> int:

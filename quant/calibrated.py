@@ -17,6 +17,9 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from llama4_local import pages
+from llama4_local.checkpoint import tensor_offsets
+
 from .calibrate import LayerRunner, LayerStats, factor_or_none
 from .format import to_tensors
 from .gptq import DAMP, default_updates, gram_lower
@@ -87,13 +90,30 @@ def calibrated_pass(ctx, names: list[str]) -> set[str]:
     runner = LayerRunner(model, ctx.windows)
     handled: set[str] = set()
     last = max(by_layer)  # nothing past it needs hidden states
+    read_ahead(ctx.tensors, 0)
     for i in range(last + 1):
+        if i < last:
+            read_ahead(ctx.tensors, i + 1)  # read while layer i computes
         stats = runner.run_layer(i, output=i < last)
         _quantize_layer(ctx, reader, stats, by_layer.get(i, []))
         handled.update(by_layer.get(i, []))
         del stats  # its factors and rows (~0.8 GB at Scout's widths) not alive through the next layer
     del runner, model
     return handled
+
+
+def read_ahead(tensors: dict[str, Path], layer: int) -> None:
+    """Start reading text layer `layer`'s source tensors into the page cache and return at once
+    (pages.read_ahead). The calibration forward reads its memory-mapped weights through page
+    faults, a small read-ahead window at a time; asked ahead, the kernel reads the next layer at
+    the disk's speed while this one computes (Scout's 216 GB rarely fit in the page cache)."""
+    offsets: dict[Path, dict[str, tuple[int, int]]] = {}
+    for name, path in tensors.items():
+        if layer_of(name) == layer and "vision" not in name:
+            if path not in offsets:
+                offsets[path] = tensor_offsets(path)
+            start, end = offsets[path][name]
+            pages.read_ahead(path, start, end - start)
 
 
 def _any_embedding(tensors: dict[str, Path]) -> str:

@@ -275,6 +275,37 @@ def test_bf16_gram_kernel(monkeypatch, rows):
     assert h[5, 5].isnan()
 
 
+def test_calibration_reads_each_layer_ahead(scout_ckpt, tmp_path, monkeypatch):
+    """The calibrated pass asks for each text layer's source bytes before the layer before it runs
+    (exactly that layer's tensors, every byte of them), layer 0 before anything runs."""
+    from llama4_local import pages
+    from llama4_local.checkpoint import list_tensors, tensor_offsets
+    from quant import calibrate, calibrated
+
+    asked, events = [], []
+    monkeypatch.setattr(pages, "read_ahead", lambda path, off, n: asked.append((path, off, n)))
+    tensors = list_tensors(scout_ckpt)
+    calibrated.read_ahead(tensors, 1)
+    want = set()
+    for name, path in tensors.items():
+        if ".layers.1." in f".{name}":
+            start, end = tensor_offsets(path)[name]
+            want.add((path, start, end - start))
+    assert want and set(asked) == want and len(asked) == len(want)
+
+    real_ahead, real_run = calibrated.read_ahead, calibrate.LayerRunner.run_layer
+    monkeypatch.setattr(calibrated, "read_ahead", lambda t, i: events.append(("ahead", i)) or real_ahead(t, i))
+    monkeypatch.setattr(
+        calibrate.LayerRunner, "run_layer", lambda self, i, **k: events.append(("run", i)) or real_run(self, i, **k)
+    )
+    quantize_checkpoint(scout_ckpt, tmp_path / "q", QuantizeOptions(calibration_tokens=64))
+    n = load_model(scout_ckpt, "float32", "cpu")[1].num_layers
+    want_events = [("ahead", 0)]
+    for i in range(n):
+        want_events += ([("ahead", i + 1)] if i + 1 < n else []) + [("run", i)]
+    assert events == want_events
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_layer_runner_reproduces_the_forward(scout_ckpt, dtype):
     """Run layer by layer, the hidden states end where the whole model's forward ends (in bf16

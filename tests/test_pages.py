@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 
 import pytest
 import torch
@@ -197,3 +198,55 @@ def test_reread_reads_the_file_through(tmp_path):
     assert pages.reread(f) == 3 << 20
     if pages.file_resident_fraction(f) is not None:
         assert pages.file_resident_fraction(f) == 1.0
+
+
+@linux
+def test_read_ahead_asks_for_every_byte_in_chunks_off_the_callers_thread(tmp_path, monkeypatch):
+    """One WILLNEED call reads at most the device's largest request, so a range goes in chunks, on
+    the read-ahead thread (the caller returns before they are asked)."""
+    import threading
+
+    path = tmp_path / "f.bin"
+    path.write_bytes(b"\0" * 100)
+    calls, gate = [], threading.Event()
+
+    def fadvise(fd, offset, length, advice):
+        gate.wait(5)
+        calls.append((os.readlink(f"/proc/self/fd/{fd}"), offset, length, advice, threading.current_thread().name))
+
+    monkeypatch.setattr(os, "posix_fadvise", fadvise)
+    chunk = pages.WILLNEED_CHUNK
+    pages.read_ahead(path, 3, 2 * chunk + 5)
+    pages.read_ahead(path, 0, 0)  # nothing to read
+    assert calls == []  # the caller did not wait
+    gate.set()
+    pages.read_ahead_drain()
+    assert [c[1:3] for c in calls] == [(3, chunk), (3 + chunk, chunk), (3 + 2 * chunk, 5)]
+    assert {(c[0], c[3]) for c in calls} == {(str(path), os.POSIX_FADV_WILLNEED)}
+    assert all(c[4] != threading.current_thread().name for c in calls)
+
+
+@linux
+def test_read_ahead_fills_the_page_cache(tmp_path):
+    """A range dropped from the page cache is back in it after read_ahead (where the filesystem
+    drops clean pages at all: not tmpfs)."""
+    path = tmp_path / "cold.bin"
+    size = 48 << 20
+    with open(path, "wb") as f:
+        f.write(os.urandom(size))
+        f.flush()
+        os.fsync(f.fileno())
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+    cold = pages.file_resident_fraction(path)
+    if cold is None or cold > 0.2:
+        pytest.skip("this filesystem keeps the file's pages (tmpfs) or mincore is missing")
+    pages.read_ahead(path, 0, size)
+    pages.read_ahead_drain()  # every read asked for; the last ones may still be in flight
+    deadline = time.monotonic() + 10
+    while pages.file_resident_fraction(path) < 0.95 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert pages.file_resident_fraction(path) > 0.95
