@@ -33,6 +33,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fit_symmetric", &fit_symmetric, "symmetric INT4 group scales (AVX2)");
   m.def("gptq_columns", &gptq_columns, "GPTQ's walk over one group's columns");
   m.def("lowrank_columns", &lowrank_columns, "the low-rank GPTQ feedback's column loop for one block");
+  m.def("transpose_widen", &transpose_widen, "dst (and dst2) = src^T in float32", py::arg("src"), py::arg("dst"),
+        py::arg("dst2") = py::none());
   m.def("gram_bf16", &gram_bf16, "x^T x in float32 sums for bf16 x (AVX512-BF16)");
   m.def("attend_one", &attend_one, "decode attention for one query position (AVX2)");
   m.def("rms_norm", &rms_norm, "RMS norm over the last dimension, times an optional weight");
@@ -113,7 +115,7 @@ def _module():
         )
 
         target = isa()
-        name = f"llama4_local_int4_{target.replace('-', '_')}_v60"
+        name = f"llama4_local_int4_{target.replace('-', '_')}_v61"
         if not list(Path(_get_build_directory(name, verbose=False)).glob("*.so")):
             sys.stderr.write("llama4-local: building the INT4 CPU kernel (once, about a minute)\n")
         return load_inline(
@@ -203,6 +205,12 @@ def fit_symmetric(w: torch.Tensor, group_size: int, ratios: list[float], iters: 
 def gptq_columns(w, e, f, s, z, q, i0: int, i1: int, qmin: int, qmax: int) -> None:
     """GPTQ's walk over columns [i0, i1) of a block, in place (quant/gptq_kernel.py)."""
     _module().gptq_columns(w, e, f, s, z, q, i0, i1, float(qmin), float(qmax))
+
+
+def transpose_widen(src: torch.Tensor, dst: torch.Tensor, dst2: torch.Tensor | None = None) -> None:
+    """dst [C, R] (and dst2) = src [R, C]^T in float32, for bf16 or float32 src with rows of
+    consecutive elements (quant/gptq_kernel.py)."""
+    _module().transpose_widen(src, dst, dst2)
 
 
 def lowrank_columns(px, xj, d, u, a) -> None:

@@ -104,6 +104,28 @@ def test_feedback_form_is_the_papers_gptq(kernel, monkeypatch):
     assert (unpack_int4(q.packed).float() == want).float().mean() > 0.995  # float32 rounding may flip a few ties
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("rows,cols,cut", [(37, 29, None), (64, 300, (40, 168)), (13, 100, (3, 11)), (8, 8, None)])
+def test_transposed_copy_kernel(dtype, rows, cols, cut):
+    """GPTQ's transposed float32 copies of a weight (whole, or a block of its columns) through the
+    extension equal torch's, bit for bit (NaN included), into padded rows and a second copy."""
+    from quant import gptq
+
+    if not cpu_kernel.available():
+        pytest.skip("no AVX2 kernel here")
+    w = torch.randn(rows, cols, generator=torch.Generator().manual_seed(rows)).to(dtype)
+    w[rows // 2, cols // 3] = float("nan")
+    src = w if cut is None else w[:, cut[0] : cut[1]]
+    want = src.float().t()
+    out, out2 = gptq._rows(src.shape[1], rows, torch.float32, "cpu"), torch.empty(src.shape[1], rows)
+    assert gptq._transposed(src, out, out2) is out
+    for got in (out, out2):
+        assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.nan_to_num(), want.nan_to_num())
+    one = torch.empty(src.shape[1], rows)
+    cpu_kernel.transpose_widen(src, one)
+    assert torch.equal(one.nan_to_num(), want.nan_to_num())
+
+
 @pytest.mark.parametrize("outputs,i0,i1,zero", [(264, 0, 128, False), (67, 32, 96, True), (136, 8, 13, False)])
 def test_column_walk_kernel_equals_the_torch_walk(outputs, i0, i1, zero):
     """The C++ walk (8 outputs per instruction where the width allows, the rest scalar; whole
