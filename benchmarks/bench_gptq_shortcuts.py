@@ -88,9 +88,12 @@ def shrunk_experts(lam: float):
         rows = stats.expert_rows(e)
         if rows is None:
             return None, None
-        every = torch.cat([torch.cat(v) for v in stats.expert_inputs.values()]).float()
+        if not hasattr(stats, "routed_gram"):  # once per layer, not once per expert
+            every = torch.cat([torch.cat(v) for v in stats.expert_inputs.values()]).float()
+            stats.routed_gram = (every.mT @ every, every.shape[0])
+        gram, count = stats.routed_gram
         x = rows[0].float()
-        h = x.mT @ x + lam * (x.shape[0] / every.shape[0]) * (every.mT @ every)
+        h = x.mT @ x + lam * (x.shape[0] / count) * gram
         return calibrate.factor_or_none(h.contiguous(), consume=True), calibrated._feedback(rows[1])
 
     return expert_factors
