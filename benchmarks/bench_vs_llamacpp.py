@@ -16,6 +16,7 @@ of weights a decode token reads with the GB/s that makes.
 
     python benchmarks/bench_vs_llamacpp.py [--threads 1,2] [--reps 3] [--json FILE] [--depth N]
     python benchmarks/bench_vs_llamacpp.py --quantize [--reps 2]   # quantize times, alternated
+    python benchmarks/bench_vs_llamacpp.py --experts 16 --vocab 202048   # Scout's MoE and head
 
 Needs cmake, a C++ compiler and the test extras (transformers, for llama.cpp's converter).
 """
@@ -58,35 +59,55 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def prepare(cache: Path, threads: int) -> tuple[Path, dict[str, Path], dict[str, float]]:
-    """The llama.cpp tools, the model files, and seconds each quantize took (measured when made)."""
+SLICE = {"layers": 4, "experts": 4, "vocab": 600}  # the issue's checkpoint
+
+
+def stem(shape: dict[str, int]) -> str:
+    """The slice's file names: `scout-slice` for the issue's shape, its numbers in the name else."""
+    if shape == SLICE:
+        return "scout-slice"
+    return "scout-slice-l{layers}-e{experts}-v{vocab}".format(**shape)
+
+
+def prepare(
+    cache: Path, threads: int, shape: dict[str, int] = SLICE, f16: bool = True
+) -> tuple[Path, dict[str, Path], dict[str, float]]:
+    """The llama.cpp tools, the model files, and seconds each quantize took (measured when made).
+    `shape`: the slice's layers, experts and vocabulary (SLICE: the issue's; another shape gets
+    its own files and no imatrix peer). `f16`: keep the F16 GGUF (a side, and what llama-quantize
+    reads); a shape other than SLICE without it has it removed once the Q4 files are made (a
+    16-expert slice's is 40 GB)."""
     cache.mkdir(parents=True, exist_ok=True)
     bin_dir = llamacpp.build(cache, log=log)
-    src = cache / "scout-slice"
+    name = stem(shape)
+    src = cache / name
     if not (src / "model.safetensors.index.json").exists():
-        log("writing the Scout-width slice checkpoint (5.5 GB)")
-        write_slice(src)
-    files = {"bf16": src, "F16": cache / "scout-slice-f16.gguf", "int4": cache / "scout-slice-int4"}
-    times_path = cache / "quantize-times.json"
+        log(f"writing the Scout-width slice checkpoint {name}")
+        write_slice(src, **shape)
+    files = {"bf16": src, "F16": cache / f"{name}-f16.gguf", "int4": cache / f"{name}-int4"}
+    times_path = cache / ("quantize-times.json" if shape == SLICE else f"{name}-quantize-times.json")
     times = json.loads(times_path.read_text()) if times_path.exists() else {}
-    if not files["F16"].exists():
+    files.update({kind: cache / f"{name}-{kind.lower()}.gguf" for kind in ("Q4_0", "Q4_K_M")})
+    missing = [kind for kind in ("Q4_0", "Q4_K_M") if not files[kind].exists()]
+    calibrated = cache / "scout-slice-q4_k_m-imatrix.gguf"
+    make_calibrated = shape == SLICE and not calibrated.exists()
+    if not files["F16"].exists() and (f16 or missing or make_calibrated):
         log("converting to GGUF F16 with llama.cpp's convert_hf_to_gguf.py")
         llamacpp.convert(cache, src, files["F16"])
-    for kind in ("Q4_0", "Q4_K_M"):
-        files[kind] = cache / f"scout-slice-{kind.lower()}.gguf"
-        if not files[kind].exists():
-            log(f"llama-quantize {kind}")
-            times[kind] = llamacpp.quantize(bin_dir, files["F16"], files[kind], kind, threads)
+    for kind in missing:
+        log(f"llama-quantize {kind}")
+        times[kind] = llamacpp.quantize(bin_dir, files["F16"], files[kind], kind, threads)
     # llama.cpp's calibrated path, the peer of our calibrated default: an importance matrix over
     # the same text and token count, then Q4_K_M with it (timed, not benchmarked: same speed).
-    calibrated = cache / "scout-slice-q4_k_m-imatrix.gguf"
-    if not calibrated.exists():
+    if make_calibrated:
         imatrix = cache / "scout-slice-imatrix.gguf"
         log("llama-imatrix on the calibration text, then llama-quantize Q4_K_M --imatrix")
         t_imatrix = llamacpp.imatrix(bin_dir, files["F16"], DEFAULT_TEXT, imatrix, threads, DEFAULT_TOKENS, WINDOW)
         t_quantize = llamacpp.quantize(bin_dir, files["F16"], calibrated, "Q4_K_M", threads, imatrix)
         times["Q4_K_M imatrix (llama-imatrix + llama-quantize)"] = t_imatrix + t_quantize
         times["  of which llama-imatrix"] = t_imatrix
+    if not f16 and shape != SLICE and files["F16"].exists():
+        files["F16"].unlink()
     if not (files["int4"] / "config.json").exists():
         log("llama4-local quantize (default INT4)")
         t0 = time.perf_counter()
@@ -241,6 +262,8 @@ def main() -> None:
     ap.add_argument("--gen", type=int, default=32)
     ap.add_argument("--depth", type=int, default=0, help="tokens already in the context (llama-bench -d)")
     ap.add_argument("--cache", type=Path, default=CACHE)
+    for key, value in SLICE.items():
+        ap.add_argument(f"--{key}", type=int, default=value, help=f"the slice's {key} (default {value}: the issue's)")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--no-bf16", action="store_true", help="only the INT4 / Q4 sides (faster)")
     ap.add_argument("--bf16-attention", action="store_true", help="also ours INT4 with attention kept in bf16")
@@ -254,7 +277,10 @@ def main() -> None:
     if args.child:
         return child(json.loads(args.child))
     threads = [int(t) for t in args.threads.split(",")]
-    bin_dir, files, qtimes = prepare(args.cache, max(threads))
+    shape = {key: getattr(args, key) for key in SLICE}
+    if shape["layers"] < 4:  # its Llama 4 graph takes every fourth layer as NoPE and aborts with none
+        ap.error("--layers: llama.cpp runs a Llama 4 of at least 4 layers")
+    bin_dir, files, qtimes = prepare(args.cache, max(threads), shape, f16=args.quantize or not args.no_bf16)
     if args.quantize:
         return quantize_side_by_side(bin_dir, files, max(threads), args.reps)
 
