@@ -267,6 +267,14 @@ def quantize(
     no_mlp: Annotated[
         bool, typer.Option("--no-mlp", help="Leave the dense MLP layers (Maverick's, between MoE layers) in bf16.")
     ] = False,
+    int8_lm_head: Annotated[
+        bool,
+        typer.Option(
+            "--int8-lm-head/--keep-lm-head",
+            help="Store the lm_head in INT8, blocks of 32 (what a CPU run makes of it at every load otherwise; "
+            "default), or keep it as it is.",
+        ),
+    ] = True,
     shard_size: Annotated[str, typer.Option(help="Output shard size, e.g. 2GB.")] = "2GB",
     device: Annotated[str, typer.Option(help="Where the quantizer computes: cpu or cuda.")] = "cpu",
     revision: RevisionOpt = None,
@@ -277,7 +285,8 @@ def quantize(
 
     Routed and shared experts, attention and the dense MLPs of layers without experts are
     quantized, by GPTQ against the source model's own activations on a calibration text (run
-    layer by layer on the CPU); router, norms, embeddings, lm_head and vision stay as they are.
+    layer by layer on the CPU); the lm_head is stored in INT8 (blocks of 32); router, norms,
+    embeddings and vision stay as they are.
     Memory stays bounded: the source is read layer by layer, tensor by tensor. An interrupted
     run keeps the shards it finished; the same command again resumes from them. --scheme nf4
     writes bitsandbytes NF4 instead (its serialization, one linear per expert; no calibration).
@@ -317,6 +326,7 @@ def quantize(
             calibrate=calibrate,
             calibration_text=calibration_text,
             calibration_tokens=calibration_tokens,
+            int8_lm_head=int8_lm_head,
         )
         keep_freed_memory()
         if attention is not None or no_shared or no_mlp:

@@ -61,7 +61,7 @@ def assign_weights(module: torch.nn.Module, ckpt: Checkpoint, dtype: torch.dtype
 
     Parameters that name the same checkpoint tensor (tied embeddings) share one copy.
     """
-    params = dict(module.named_parameters())
+    params = {n: p for n, p in module.named_parameters() if p.is_meta}  # those set already (an INT8 lm_head) kept
     missing = [n for n in params if n not in ckpt or ckpt.files[n] is None]
     if missing:
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
@@ -386,9 +386,11 @@ def load_model(
 
         replace_experts(model)
     if scheme is not None:
+        from quant.kernels import stored_lm_head
         from quant.modules import apply_quantized
 
         apply_quantized(model, ckpt, scheme, torch_dtype, torch_device, routed=slots is None)
+        stored_lm_head(model, ckpt, torch_dtype, torch_device)
     load_weights(model, ckpt, torch_dtype, torch_device)
     if slots is not None:
         from offload.setup import attach_offload
@@ -406,7 +408,7 @@ def load_model(
     if scheme is not None:
         from quant.kernels import int8_lm_head
 
-        int8_lm_head(model)  # a bf16/fp16 CPU lm_head only: float32 runs stay exact, GPU ones as they are
+        int8_lm_head(model)  # a bf16/fp16 CPU lm_head stored bf16 only: float32 runs stay exact, GPU ones as they are
     if mmap is not True and torch_device.type == "cpu":
         budget = None if mmap is False else 0.8 * available_memory()  # what loading left
         if mmap is False or not huge_mapped(model, budget):

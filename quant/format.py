@@ -20,6 +20,26 @@ from .int4 import Int4Weight, pack_int4, unpack_int4
 
 SUFFIXES = ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point")
 
+# quantize's INT8 lm_head (Q8_0's blocks: int8 weights, a float32 scale per 32), as a
+# compressed-tensors group: its regex target outranks group_0's class target "Linear".
+LM_HEAD_TARGET = "re:.*lm_head$"
+LM_HEAD_GROUP = {
+    "targets": [LM_HEAD_TARGET],
+    "weights": {
+        "num_bits": 8,
+        "type": "int",
+        "symmetric": True,
+        "strategy": "group",
+        "group_size": 32,
+        "dynamic": False,
+        "actorder": None,
+        "observer": "minmax",
+    },
+    "input_activations": None,
+    "output_activations": None,
+    "format": "int-quantized",
+}
+
 
 @dataclass(frozen=True)
 class QuantScheme:
@@ -46,8 +66,9 @@ class QuantScheme:
             return f"NF4 block {self.group_size} (bitsandbytes)"
         return f"INT4 group {self.group_size} {'symmetric' if self.symmetric else 'asymmetric'}"
 
-    def config(self, ignore: list[str]) -> dict:
-        """The `quantization_config` entry of config.json."""
+    def config(self, ignore: list[str], int8_lm_head: bool = False) -> dict:
+        """The `quantization_config` entry of config.json; `int8_lm_head`: with a second group for
+        an lm_head stored in INT8 blocks of 32 (int-quantized; the whole then "mixed-precision")."""
         if self.kind == "nf4":
             return {
                 "quant_method": "bitsandbytes",
@@ -60,28 +81,31 @@ class QuantScheme:
                 "bnb_4bit_blocksize": self.group_size,  # ours; each tensor's quant_state has it too
                 "llm_int8_skip_modules": ignore,
             }
+        groups = {
+            "group_0": {
+                "targets": ["Linear"],
+                "weights": {
+                    "num_bits": self.num_bits,
+                    "type": "int",
+                    "symmetric": self.symmetric,
+                    "strategy": "group",
+                    "group_size": self.group_size,
+                    "dynamic": False,
+                    "actorder": None,
+                    "observer": "minmax",
+                },
+                "input_activations": None,
+                "output_activations": None,
+                "format": "pack-quantized",
+            }
+        }
+        if int8_lm_head:
+            groups["group_1"] = LM_HEAD_GROUP
         return {
             "quant_method": "compressed-tensors",
-            "format": "pack-quantized",
+            "format": "mixed-precision" if int8_lm_head else "pack-quantized",
             "quantization_status": "compressed",
-            "config_groups": {
-                "group_0": {
-                    "targets": ["Linear"],
-                    "weights": {
-                        "num_bits": self.num_bits,
-                        "type": "int",
-                        "symmetric": self.symmetric,
-                        "strategy": "group",
-                        "group_size": self.group_size,
-                        "dynamic": False,
-                        "actorder": None,
-                        "observer": "minmax",
-                    },
-                    "input_activations": None,
-                    "output_activations": None,
-                    "format": "pack-quantized",
-                }
-            },
+            "config_groups": groups,
             "ignore": ignore,
             "kv_cache_scheme": None,
         }
@@ -97,6 +121,9 @@ class QuantScheme:
             return cls(group_size=int(qc.get("bnb_4bit_blocksize", 64)), kind="nf4")
         if method == "compressed-tensors" and qc.get("format") == "float-quantized":
             return cls(group_size=0, num_bits=8, kind="fp8", fp8=Fp8Format.from_weights(_one_group(qc, source), source))
+        mixed = method == "compressed-tensors" and qc.get("format") == "mixed-precision"
+        if mixed:  # ours: INT4 linears and an INT8 lm_head (LM_HEAD_GROUP), nothing else
+            qc = _without_lm_head_group(qc, source)
         if method != "compressed-tensors" or qc.get("format", "pack-quantized") != "pack-quantized":
             raise UserError(
                 f"{source}: quantization {method!r} / {qc.get('format')!r} is not supported; "
@@ -109,6 +136,21 @@ class QuantScheme:
                 f"{w.get('num_bits')}-bit {w.get('type')} {w.get('strategy')}"
             )
         return cls(group_size=int(w["group_size"]), symmetric=bool(w.get("symmetric", True)))
+
+
+def _without_lm_head_group(qc: dict, source: str) -> dict:
+    """A mixed-precision config less its INT8 lm_head group: the rest as one pack-quantized
+    config (a UserError for mixtures quantize does not write)."""
+    groups = qc.get("config_groups") or {}
+    rest = {k: g for k, g in groups.items() if not (isinstance(g, dict) and g.get("targets") == [LM_HEAD_TARGET])}
+    head = [g for k, g in groups.items() if k not in rest]
+    formats = {g.get("format") for g in rest.values() if isinstance(g, dict)}
+    if len(head) != 1 or (head[0].get("weights") or {}).get("num_bits") != 8 or formats != {"pack-quantized"}:
+        raise UserError(
+            f"{source}: of mixed-precision compressed-tensors configs only INT4 pack-quantized linears "
+            "with an INT8 lm_head (as llama4-local quantize writes) are supported"
+        )
+    return {**qc, "format": "pack-quantized", "config_groups": rest}
 
 
 def _one_group(qc: dict, source: str) -> dict:

@@ -196,14 +196,16 @@ def use_cpu_path(model: torch.nn.Module, path: str) -> int:
 class Int8Linear(torch.nn.Module):
     """y = x @ W^T with W rounded at load time to INT8 (one float32 scale per block of 32 inputs,
     llama.cpp's Q8_0) and x to int8 per block of 32: for the linears a bf16 CPU run would
-    otherwise read in bf16 (attention), half the bytes and integer dot products."""
+    otherwise read in bf16 (attention), half the bytes and integer dot products. `stored`: the
+    weight as (int8 [N, K], float32 scales [N, K/32]) already (an lm_head quantize stored so),
+    taken as they are: views of the mapped checkpoint, no copy."""
 
-    def __init__(self, weight: torch.Tensor):
+    def __init__(self, weight: torch.Tensor | None, stored: tuple[torch.Tensor, ...] | None = None, dtype=None):
         super().__init__()
         from .cpu_kernel import q8_quantize
 
-        self.shape, self.dtype = tuple(weight.shape), weight.dtype
-        q, s = q8_quantize(weight)
+        q, s = stored if stored is not None else q8_quantize(weight)
+        self.shape, self.dtype = tuple(q.shape), dtype or weight.dtype
         self.register_buffer("qweight", q)
         self.register_buffer("scales", s)
 
@@ -260,4 +262,57 @@ def int8_lm_head(model: torch.nn.Module) -> bool:
     if head is None or not _int8_ready(head) or not cpu_kernel.available():
         return False
     model.lm_head = Int8Linear(head.weight)
+    return True
+
+
+def q8_blocks(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [N, K] (K % 32 == 0) -> (int8 [N, K], float32 scales [N, K/32]): Q8_0, the same integers
+    and scales as the extension's q8_quantize (the block's largest magnitude to 127, round half
+    to even; a block holding NaN or infinity gets a NaN scale), where it runs; torch elsewhere."""
+    from . import cpu_kernel
+
+    if w.device.type == "cpu" and w.dtype in (torch.float32, torch.bfloat16, torch.float16) and cpu_kernel.available():
+        return cpu_kernel.q8_quantize(w)
+    v = w.float().reshape(w.shape[0], -1, 32)
+    amax = v.abs().amax(-1)
+    inv = torch.where(amax > 0, torch.full_like(amax, 127.0) / amax, torch.zeros_like(amax))  # (127.0 / t: 127 * 1/t)
+    q = torch.round(v * inv[..., None]).nan_to_num_(0).clamp_(-127, 127).to(torch.int8).reshape(w.shape)
+    finite = torch.isfinite(v).all(-1)
+    return q, torch.where(finite, amax / 127.0, torch.full_like(amax, float("nan")))
+
+
+def q8_dequantize(q: torch.Tensor, s: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The weight q8_blocks' (q, s) stand for, in `dtype` (computed in float32)."""
+    return (q.float().reshape(q.shape[0], -1, 32) * s.float()[..., None]).reshape(q.shape).to(dtype)
+
+
+def stored_lm_head(model: torch.nn.Module, ckpt, dtype: torch.dtype, device: torch.device) -> bool:
+    """Where the checkpoint stores its lm_head in INT8 (`lm_head.weight` int8 and
+    `lm_head.weight_scale`, quantize's default: compressed-tensors int-quantized, group 32), put
+    it in the model before the other weights load; whether it did. A bf16/fp16 CPU run with our
+    kernel takes the mapped tensors as Int8Linear (what it made of a bf16 lm_head at every load
+    before, now without the 1 s of rounding or the 1.2 GB copy at Scout's size); any other run
+    gets the weight dequantized into `dtype` on `device`."""
+    from llama4_local.errors import UserError
+
+    from . import cpu_kernel
+
+    if "lm_head.weight_scale" not in ckpt:
+        return False
+    q, s = ckpt.get("lm_head.weight"), ckpt.get("lm_head.weight_scale")
+    head = model.lm_head
+    n, k = head.weight.shape
+    if q.dtype != torch.int8 or tuple(q.shape) != (n, k) or k % 32 or tuple(s.shape) != (n, k // 32):
+        raise UserError(
+            f"{ckpt.where('lm_head.weight')}: an INT8 lm_head must be int8 [{n}, {k}] with scales [{n}, {k // 32}]; "
+            "re-quantize the checkpoint"
+        )
+    s = s.float()  # float32 as quantize writes it: no copy
+    if device.type == "cpu" and dtype in (torch.bfloat16, torch.float16) and cpu_kernel.available():
+        model.lm_head = Int8Linear(None, stored=(q, s), dtype=dtype)
+    else:  # by blocks of rows: at Scout's size one float32 temporary of the whole would be 4 GB
+        w = torch.empty(n, k, dtype=dtype, device=device)
+        for i in range(0, n, 8192):
+            w[i : i + 8192] = q8_dequantize(q[i : i + 8192].to(device), s[i : i + 8192].to(device), dtype)
+        head.weight = torch.nn.Parameter(w, requires_grad=False)
     return True

@@ -34,6 +34,7 @@ from .calibrate import DEFAULT_TOKENS
 from .format import QuantScheme, to_tensors
 from .gptq import gptq_int4
 from .int4 import GROUP_SIZES, quantize_int4
+from .kernels import q8_blocks
 from .resume import WorkDir, remove_old_partials, source_fingerprint
 from .shard_file import Spill, Spilled, write_shard
 
@@ -68,6 +69,9 @@ class QuantizeOptions:
     calibrate: bool = True
     calibration_text: Path | None = None  # None: quant/data/calibration.txt
     calibration_tokens: int = DEFAULT_TOKENS
+    # The lm_head in INT8 (Q8_0: int8 and a float32 scale per 32 weights, compressed-tensors
+    # int-quantized), what a CPU run would make of it at every load; False keeps it as it is.
+    int8_lm_head: bool = True
 
     @property
     def gptq(self) -> bool:
@@ -269,6 +273,9 @@ def quantize_checkpoint(
         "source": source_fingerprint(list(tensors.values())),
         "options": [opts.group_size, opts.symmetric, list(parts), opts.shard_bytes, opts.device, opts.scheme],
     }
+    head = _int8_head(tensors) if opts.int8_lm_head and opts.scheme == "int4" else None
+    if head:  # (not in the list above: a run from before it resumes as it was)
+        fingerprint["lm_head"] = "int8"
     if calibrate:
         fingerprint["calibration"] = [str(opts.calibration_text or "default"), opts.calibration_tokens]
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -333,6 +340,9 @@ def quantize_checkpoint(
                         writer.add(to_tensors(name.removesuffix(".weight"), quantize(w)), name)
                         count += 1
                         _release_freed_memory()
+                    elif name == head:
+                        q, scale = q8_blocks(f.get_tensor(name))
+                        writer.add({name: q, name.removesuffix("weight") + "weight_scale": scale}, name)
                     elif source is not None and source.is_fp8(name):  # FP8 but not a part asked for: bf16
                         writer.add({name: source.read(f, name)}, name)
                     else:
@@ -344,7 +354,7 @@ def quantize_checkpoint(
 
         raw = read_json(src / "config.json")
         raw["quantization_config"] = scheme.config(
-            _skip_modules(parts) if opts.scheme == "nf4" else _ignore_list(parts)
+            _skip_modules(parts) if opts.scheme == "nf4" else _ignore_list(parts, bool(head)), int8_lm_head=bool(head)
         )
         (work.path / "config.json").write_text(json.dumps(raw, indent=2))
         copied = []
@@ -485,10 +495,22 @@ def _skip_modules(parts: tuple[str, ...]) -> list[str]:
 DENSE_IGNORE = r"re:.*feed_forward\.(gate|up|down)_proj$"
 
 
-def _ignore_list(parts: tuple[str, ...]) -> list[str]:
+def _int8_head(tensors: dict[str, Path]) -> str | None:
+    """The source's lm_head tensor if INT8 blocks of 32 fit it (a bf16/fp16/float32 matrix with
+    rows a multiple of 32 long), else None (none: tied embeddings)."""
+    name = next((n for n in tensors if n.endswith("lm_head.weight")), None)
+    if name is None:
+        return None
+    with safe_open(str(tensors[name]), framework="pt") as f:
+        sl = f.get_slice(name)
+        shape, dtype = sl.get_shape(), sl.get_dtype()
+    return name if len(shape) == 2 and shape[1] % 32 == 0 and dtype in ("BF16", "F16", "F32") else None
+
+
+def _ignore_list(parts: tuple[str, ...], int8_head: bool = False) -> list[str]:
     """Linear modules left unquantized, as compressed-tensors names them (re: prefixes)."""
-    ignore = [
-        "re:.*lm_head",
+    ignore = [] if int8_head else ["re:.*lm_head"]
+    ignore += [
         "re:.*router",
         "re:.*vision_model.*",
         "re:.*multi_modal_projector.*",
