@@ -271,10 +271,10 @@ def quantize(
         bool,
         typer.Option(
             "--int8-lm-head/--keep-lm-head",
-            help="Store the lm_head in INT8, blocks of 32 (what a CPU run makes of it at every load otherwise; "
-            "default), or keep it as it is.",
+            help="Store the lm_head in INT8, blocks of 32: what a CPU run makes of it at every load otherwise "
+            "(Scout: 1.7 s and 1.2 GB less per load), but vLLM cannot serve that file. Default: keep it as it is.",
         ),
-    ] = True,
+    ] = False,
     shard_size: Annotated[str, typer.Option(help="Output shard size, e.g. 2GB.")] = "2GB",
     device: Annotated[str, typer.Option(help="Where the quantizer computes: cpu or cuda.")] = "cpu",
     revision: RevisionOpt = None,
@@ -285,8 +285,8 @@ def quantize(
 
     Routed and shared experts, attention and the dense MLPs of layers without experts are
     quantized, by GPTQ against the source model's own activations on a calibration text (run
-    layer by layer on the CPU); the lm_head is stored in INT8 (blocks of 32); router, norms,
-    embeddings and vision stay as they are.
+    layer by layer on the CPU); router, norms, embeddings, lm_head and vision stay as they are
+    (--int8-lm-head stores the lm_head in INT8 for CPU runs).
     Memory stays bounded: the source is read layer by layer, tensor by tensor. An interrupted
     run keeps the shards it finished; the same command again resumes from them. --scheme nf4
     writes bitsandbytes NF4 instead (its serialization, one linear per expert; no calibration).

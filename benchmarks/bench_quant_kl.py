@@ -239,11 +239,12 @@ def quantizer_precision(args, report):
 
 
 def lm_head_cost(args, report):
-    """The default quantize with its lm_head stored in INT8 (blocks of 32) and kept as it is,
+    """The default quantize with its lm_head kept as it is and stored in INT8 (blocks of 32),
     scored in float32 (how a GPU or float32 run computes either) and as a bf16 CPU run (which
     rounds a kept head to the same INT8 at load): what storing it costs."""
     with tempfile.TemporaryDirectory() as tmp:
-        for name, int8 in (("gptq int4 g128 default (INT8 lm_head)", True), ("same, --keep-lm-head", False)):
+        runs = (("gptq int4 g128 default, --int8-lm-head", True), ("gptq int4 g128 default (lm_head kept)", False))
+        for name, int8 in runs:
             out = Path(tmp) / f"head-{int8}"
             quantize_checkpoint(args.model, out, QuantizeOptions(int8_lm_head=int8))
             report(name, load_model(out, "float32", "cpu")[0], dtype="float32")
@@ -261,7 +262,7 @@ def main():
     ap.add_argument("--bf16", action="store_true", help="the cost of bf16 runs and of int8 activations instead")
     ap.add_argument("--precision", action="store_true", help="the quantizer's bf16 arithmetic against float32")
     ap.add_argument("--llamacpp", action="store_true", help="llama.cpp's own Q4_K_M files, plain and with imatrix")
-    ap.add_argument("--lm-head", action="store_true", help="the default's INT8 lm_head against a kept one")
+    ap.add_argument("--lm-head", action="store_true", help="--int8-lm-head against the default's kept lm_head")
     ap.add_argument("--tokens", help="the default quantize at these calibration token counts (e.g. 2048,4096,8192)")
     args = ap.parse_args()
     tok = Tokenizer(args.model)

@@ -286,9 +286,12 @@ def q8_dequantize(q: torch.Tensor, s: torch.Tensor, dtype: torch.dtype) -> torch
     return (q.float().reshape(q.shape[0], -1, 32) * s.float()[..., None]).reshape(q.shape).to(dtype)
 
 
+DEQUANTIZE_ROWS = 8192  # stored_lm_head's blocks of rows where it dequantizes
+
+
 def stored_lm_head(model: torch.nn.Module, ckpt, dtype: torch.dtype, device: torch.device) -> bool:
     """Where the checkpoint stores its lm_head in INT8 (`lm_head.weight` int8 and
-    `lm_head.weight_scale`, quantize's default: compressed-tensors int-quantized, group 32), put
+    `lm_head.weight_scale`: quantize --int8-lm-head, compressed-tensors int-quantized, group 32), put
     it in the model before the other weights load; whether it did. A bf16/fp16 CPU run with our
     kernel takes the mapped tensors as Int8Linear (what it made of a bf16 lm_head at every load
     before, now without the 1 s of rounding or the 1.2 GB copy at Scout's size); any other run
@@ -311,8 +314,8 @@ def stored_lm_head(model: torch.nn.Module, ckpt, dtype: torch.dtype, device: tor
     if device.type == "cpu" and dtype in (torch.bfloat16, torch.float16) and cpu_kernel.available():
         model.lm_head = Int8Linear(None, stored=(q, s), dtype=dtype)
     else:  # by blocks of rows: at Scout's size one float32 temporary of the whole would be 4 GB
-        w = torch.empty(n, k, dtype=dtype, device=device)
-        for i in range(0, n, 8192):
-            w[i : i + 8192] = q8_dequantize(q[i : i + 8192].to(device), s[i : i + 8192].to(device), dtype)
+        w, step = torch.empty(n, k, dtype=dtype, device=device), DEQUANTIZE_ROWS
+        for i in range(0, n, step):
+            w[i : i + step] = q8_dequantize(q[i : i + step].to(device), s[i : i + step].to(device), dtype)
         head.weight = torch.nn.Parameter(w, requires_grad=False)
     return True

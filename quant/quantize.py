@@ -70,8 +70,9 @@ class QuantizeOptions:
     calibration_text: Path | None = None  # None: quant/data/calibration.txt
     calibration_tokens: int = DEFAULT_TOKENS
     # The lm_head in INT8 (Q8_0: int8 and a float32 scale per 32 weights, compressed-tensors
-    # int-quantized), what a CPU run would make of it at every load; False keeps it as it is.
-    int8_lm_head: bool = True
+    # int-quantized), what a CPU run would make of it at every load. Off by default: vLLM has no
+    # scheme for an int-quantized weight-only head and would not serve the checkpoint.
+    int8_lm_head: bool = False
 
     @property
     def gptq(self) -> bool:

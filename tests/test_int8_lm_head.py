@@ -1,5 +1,6 @@
-"""quantize stores the lm_head in INT8 (Q8_0 blocks of 32, compressed-tensors int-quantized), and
-the loader takes it as stored: mapped, no rounding at load, the same logits as before."""
+"""quantize --int8-lm-head stores the lm_head in INT8 (Q8_0 blocks of 32, compressed-tensors
+int-quantized), and the loader takes it as stored: mapped, no rounding at load, the same logits
+as a kept head rounded at load."""
 
 from __future__ import annotations
 
@@ -34,15 +35,15 @@ def _source_head(scout_ckpt):
 
 
 @pytest.fixture(scope="module")
-def kept(tmp_path_factory, scout_ckpt):
-    """The same quantize as the scout_int4 fixture with --keep-lm-head."""
-    out = tmp_path_factory.mktemp("keep") / "scout-int4-keep"
-    quantize_checkpoint(scout_ckpt, out, QuantizeOptions(group_size=64, calibrate=False, int8_lm_head=False))
+def stored(tmp_path_factory, scout_ckpt):
+    """The scout_int4 fixture's quantize with --int8-lm-head (scout_int4 keeps its head)."""
+    out = tmp_path_factory.mktemp("int8head") / "scout-int4-int8-head"
+    quantize_checkpoint(scout_ckpt, out, QuantizeOptions(group_size=64, calibrate=False, int8_lm_head=True))
     return out
 
 
-def test_stored_int8_with_its_config_group(scout_int4, scout_ckpt):
-    path, _ = scout_int4
+def test_stored_int8_with_its_config_group(stored, scout_ckpt):
+    path = stored
     qc = json.loads((path / "config.json").read_text())["quantization_config"]
     assert qc["format"] == "mixed-precision" and qc["config_groups"]["group_1"] == LM_HEAD_GROUP
     assert not any("lm_head" in i for i in qc["ignore"])
@@ -54,13 +55,13 @@ def test_stored_int8_with_its_config_group(scout_int4, scout_ckpt):
     assert (scheme.kind, scheme.group_size, scheme.num_bits) == ("int4", 64, 4)
 
 
-def test_compressed_tensors_reads_the_head(scout_int4, scout_ckpt):
+def test_compressed_tensors_reads_the_head(stored, scout_ckpt):
     """Its dequantizer gives our weights back, and its scheme matching gives the lm_head the INT8
     group (an exact regex outranks group_0's class target "Linear") and other linears INT4."""
     from compressed_tensors.compressors.naive_quantized.base import IntQuantizationCompressor
     from compressed_tensors.quantization import QuantizationConfig, QuantizationScheme, apply_quantization_config
 
-    path, _ = scout_int4
+    path = stored
     head = _head(path)
     scheme = QuantizationScheme(**LM_HEAD_GROUP)
     got = IntQuantizationCompressor.decompress(dict(head), scheme)["weight"]
@@ -77,10 +78,10 @@ def test_compressed_tensors_reads_the_head(scout_int4, scout_ckpt):
     assert toy.proj.quantization_scheme.weights.num_bits == 4
 
 
-def test_bf16_cpu_run_maps_the_head_and_computes_as_before(scout_int4, kept, scout_ckpt):
+def test_bf16_cpu_run_maps_the_head_and_computes_as_before(stored, scout_int4, scout_ckpt):
     """As a run of the kept checkpoint, whose bf16 head is rounded to INT8 at load (here from the
     float32 source's values, as quantize rounds them: from a bf16 source the two are the same)."""
-    path, _ = scout_int4
+    path, (kept, _) = stored, scout_int4
     if not cpu_kernel.available():
         pytest.skip("our CPU kernel is not available here")
     model, _ = load_model(path, "bfloat16", "cpu")
@@ -96,14 +97,18 @@ def test_bf16_cpu_run_maps_the_head_and_computes_as_before(scout_int4, kept, sco
     assert torch.equal(a, b)
 
 
-def test_float32_and_other_runs_dequantize(scout_int4):
-    path, _ = scout_int4
+def test_float32_and_other_runs_dequantize(stored, monkeypatch):
+    from quant import kernels
+
+    path = stored
+    monkeypatch.setattr(kernels, "DEQUANTIZE_ROWS", 100)  # 384 rows in four blocks
     model, _ = load_model(path, "float32", "cpu")
     head = _head(path)
     assert torch.equal(model.lm_head.weight, q8_dequantize(head["weight"], head["weight_scale"], torch.float32))
 
 
-def test_keep_lm_head(kept, scout_ckpt):
+def test_kept_by_default(scout_int4, scout_ckpt):
+    kept, _ = scout_int4
     qc = json.loads((kept / "config.json").read_text())["quantization_config"]
     assert qc["format"] == "pack-quantized" and "re:.*lm_head" in qc["ignore"] and "group_1" not in qc["config_groups"]
     head = _head(kept)

@@ -254,17 +254,14 @@ def test_int8_attention_replaces_the_projections_of_a_bf16_model(scout_ckpt):
     assert rel_err(int8, exact) < rel_err(bf16, exact)
 
 
-def test_a_quantized_checkpoints_bf16_run_reads_an_int8_lm_head(tmp_path, scout_ckpt, monkeypatch):
-    """A head stored bf16 (--keep-lm-head, or a checkpoint from elsewhere) is rounded at load."""
+def test_a_quantized_checkpoints_bf16_run_reads_an_int8_lm_head(scout_int4, monkeypatch):
     from llama4_local.loader import load_model
     from quant import cpu_kernel, kernels
     from quant.kernels import Int8Linear
-    from quant.quantize import QuantizeOptions, quantize_checkpoint
 
     if not cpu_kernel.available():
         pytest.skip("no AVX2 kernel on this machine")
-    path = tmp_path / "keep"
-    quantize_checkpoint(scout_ckpt, path, QuantizeOptions(group_size=64, calibrate=False, int8_lm_head=False))
+    path, _ = scout_int4
     q8, _ = load_model(path, "bfloat16", "cpu")
     assert isinstance(q8.lm_head, Int8Linear)
     f32, _ = load_model(path, "float32", "cpu")

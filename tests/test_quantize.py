@@ -12,7 +12,6 @@ from llama4_local.errors import UserError
 from llama4_local.loader import load_model
 from quant.format import QuantScheme
 from quant.int4 import dequantize_int4, quantize_int4
-from quant.kernels import q8_blocks, q8_dequantize
 from quant.quantize import QuantizeOptions, quantize_checkpoint
 from tests.cli_util import run_cli
 
@@ -30,7 +29,7 @@ def test_layout_and_config(quantized, scout_ckpt):
     out, summary = quantized
     cfg = json.loads((out / "config.json").read_text())
     qc = cfg["quantization_config"]
-    assert qc["quant_method"] == "compressed-tensors" and qc["format"] == "mixed-precision"  # INT8 lm_head
+    assert qc["quant_method"] == "compressed-tensors" and qc["format"] == "pack-quantized"
     w = qc["config_groups"]["group_0"]["weights"]
     assert (w["num_bits"], w["type"], w["strategy"], w["group_size"], w["symmetric"]) == (4, "int", "group", 64, True)
     index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
@@ -86,8 +85,6 @@ def fake_quantized(path, group_size):
         ff.experts.down_proj = torch.nn.Parameter(down, requires_grad=False)
         for lin in (ff.shared_expert.gate_proj, ff.shared_expert.up_proj, ff.shared_expert.down_proj):
             lin.weight = torch.nn.Parameter(rt(lin.weight), requires_grad=False)
-    head = model.lm_head.weight  # stored in INT8 blocks of 32 (quantize's int8_lm_head)
-    model.lm_head.weight = torch.nn.Parameter(q8_dequantize(*q8_blocks(head), head.dtype), requires_grad=False)
     return model
 
 
