@@ -294,7 +294,7 @@ def stored_lm_head(model: torch.nn.Module, ckpt, dtype: torch.dtype, device: tor
     `lm_head.weight_scale`: quantize --int8-lm-head, compressed-tensors int-quantized, group 32), put
     it in the model before the other weights load; whether it did. A bf16/fp16 CPU run with our
     kernel takes the mapped tensors as Int8Linear (what it made of a bf16 lm_head at every load
-    before, now without the 1 s of rounding or the 1.2 GB copy at Scout's size); any other run
+    before, now without the 1.7 s of rounding or the 1.2 GB copy at Scout's size); any other run
     gets the weight dequantized into `dtype` on `device`."""
     from llama4_local.errors import UserError
 
