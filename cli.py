@@ -271,8 +271,8 @@ def quantize(
         bool,
         typer.Option(
             "--int8-lm-head/--keep-lm-head",
-            help="Store the lm_head in INT8, blocks of 32: what a CPU run makes of it at every load otherwise "
-            "(Scout: 1.7 s and 1.2 GB less per load), but vLLM cannot serve that file. Default: keep it as it is.",
+            help="Store the lm_head only in INT8 (blocks of 32), 0.9 GB smaller for Scout, but vLLM cannot serve "
+            "that file. Default: keep it as it is, its INT8 blocks for CPU runs in a file beside it.",
         ),
     ] = False,
     shard_size: Annotated[str, typer.Option(help="Output shard size, e.g. 2GB.")] = "2GB",
@@ -285,8 +285,8 @@ def quantize(
 
     Routed and shared experts, attention and the dense MLPs of layers without experts are
     quantized, by GPTQ against the source model's own activations on a calibration text (run
-    layer by layer on the CPU); router, norms, embeddings, lm_head and vision stay as they are
-    (--int8-lm-head stores the lm_head in INT8 for CPU runs).
+    layer by layer on the CPU); router, norms, embeddings, lm_head and vision stay as they are,
+    the lm_head's INT8 blocks beside it for CPU runs (--int8-lm-head: in its place).
     Memory stays bounded: the source is read layer by layer, tensor by tensor. An interrupted
     run keeps the shards it finished; the same command again resumes from them. --scheme nf4
     writes bitsandbytes NF4 instead (its serialization, one linear per expert; no calibration).

@@ -48,6 +48,7 @@ from bench_runner import bytes_per_decode_token  # noqa: E402
 from scout_slice import write_slice  # noqa: E402
 
 from llama4_local import pages  # noqa: E402
+from llama4_local.checkpoint import HEAD_SIDECAR  # noqa: E402
 from llama4_local.loader import load_model  # noqa: E402
 from quant import cpu_kernel  # noqa: E402
 from quant.calibrate import DEFAULT_TEXT, DEFAULT_TOKENS, WINDOW  # noqa: E402
@@ -214,10 +215,16 @@ def quantize_side_by_side(bin_dir: Path, files: dict[str, Path], threads: int, r
         print(f"  {name}: {seconds:.1f} s ({seconds / peer:.2f}x llama-quantize Q4_K_M)")
 
 
+def weight_files(model_dir: Path) -> list[Path]:
+    """A checkpoint of ours' files that a run maps: shards, and the lm_head's INT8 sidecar."""
+    side = model_dir / HEAD_SIDECAR
+    return sorted(model_dir.glob("*.safetensors")) + ([side] if side.is_file() else [])
+
+
 def read_once(model_dir: Path) -> float:
     """Seconds to read every shard of a checkpoint once (from the page cache if it holds them)."""
     t0 = time.perf_counter()
-    for f in sorted(model_dir.glob("*.safetensors")):
+    for f in weight_files(model_dir):
         with open(f, "rb") as fh:
             while fh.read(1 << 24):
                 pass
@@ -287,7 +294,7 @@ def main() -> None:
     log("loading our INT4 and bf16 checkpoints")
     cpu_kernel.available()  # a (re)build of the kernel extension is not loading time
     read_s = read_once(files["int4"])  # the bytes once (what a cold start adds), and a warm page cache
-    shares = same_page_cache(sorted(files["int4"].glob("*.safetensors")) + [files[k] for k in ("Q4_0", "Q4_K_M")])
+    shares = same_page_cache(weight_files(files["int4"]) + [files[k] for k in ("Q4_0", "Q4_K_M")])
     log("page cache mapped in 2 MB pages: " + ", ".join(f"{k} {v:.0%}" for k, v in shares.items()))
     before = memory_status()
     ours = {"ours INT4": Ours(files["int4"], int8_attention=True)}  # what prompt/chat/serve run by default
@@ -361,7 +368,7 @@ def main() -> None:
                 parts.append(f"{side} vs {peer} {ratio[0]:.2f}x / {ratio[1]:.2f}x")
         print(f"  {t} thread(s): " + "; ".join(parts))
     int4 = ours["ours INT4"]
-    size = sum(f.stat().st_size for f in files["int4"].glob("*.safetensors"))
+    size = sum(f.stat().st_size for f in weight_files(files["int4"]))
     anon = after_int4.get("RssAnon", 0) - before.get("RssAnon", 0)
     filed = after_int4.get("RssFile", 0) - before.get("RssFile", 0)
     end = memory_status()

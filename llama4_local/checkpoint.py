@@ -27,6 +27,9 @@ from .errors import UserError
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
+# quantize's INT8 blocks of a kept lm_head (quant.kernels.sidecar_lm_head): safetensors inside,
+# a name no index lists and no *.safetensors glob matches, so vLLM and transformers never load it.
+HEAD_SIDECAR = "lm_head.q8_0.llama4-local"
 
 _PREFIXES = (
     ("language_model.model.", ""),

@@ -34,7 +34,7 @@ from .calibrate import DEFAULT_TOKENS
 from .format import QuantScheme, to_tensors
 from .gptq import gptq_int4
 from .int4 import GROUP_SIZES, quantize_int4
-from .kernels import q8_blocks
+from .kernels import HEAD_SIDECAR, q8_blocks, write_head_sidecar
 from .resume import WorkDir, remove_old_partials, source_fingerprint
 from .shard_file import Spill, Spilled, write_shard
 
@@ -70,8 +70,9 @@ class QuantizeOptions:
     calibration_text: Path | None = None  # None: quant/data/calibration.txt
     calibration_tokens: int = DEFAULT_TOKENS
     # The lm_head in INT8 (Q8_0: int8 and a float32 scale per 32 weights, compressed-tensors
-    # int-quantized), what a CPU run would make of it at every load. Off by default: vLLM has no
-    # scheme for an int-quantized weight-only head and would not serve the checkpoint.
+    # int-quantized) in place of the original. Off by default: vLLM has no scheme for an
+    # int-quantized weight-only head; the default keeps it and writes its INT8 blocks in a file
+    # beside the checkpoint for CPU runs (llama4_local.checkpoint.HEAD_SIDECAR).
     int8_lm_head: bool = False
 
     @property
@@ -274,7 +275,8 @@ def quantize_checkpoint(
         "source": source_fingerprint(list(tensors.values())),
         "options": [opts.group_size, opts.symmetric, list(parts), opts.shard_bytes, opts.device, opts.scheme],
     }
-    head = _int8_head(tensors) if opts.int8_lm_head and opts.scheme == "int4" else None
+    eligible = _int8_head(tensors) if opts.scheme == "int4" else None
+    head = eligible if opts.int8_lm_head else None  # stored in INT8 in place of the original
     if head:  # (not in the list above: a run from before it resumes as it was)
         fingerprint["lm_head"] = "int8"
     if calibrate:
@@ -358,6 +360,9 @@ def quantize_checkpoint(
             _skip_modules(parts) if opts.scheme == "nf4" else _ignore_list(parts, bool(head)), int8_lm_head=bool(head)
         )
         (work.path / "config.json").write_text(json.dumps(raw, indent=2))
+        if eligible and not head:  # the head kept (vLLM serves it), its INT8 blocks beside it for CPU runs
+            with safe_open(str(tensors[eligible]), framework="pt") as f:
+                write_head_sidecar(work.path / HEAD_SIDECAR, f.get_tensor(eligible))
         copied = []
         for p in sorted(src.iterdir()):
             if p.is_file() and p.suffix in COPY_SUFFIXES and p.name not in SKIP_FILES:

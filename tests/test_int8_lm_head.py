@@ -10,11 +10,12 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from llama4_local.checkpoint import HEAD_SIDECAR
 from llama4_local.errors import UserError
 from llama4_local.loader import file_mappings, load_model
 from quant import cpu_kernel
 from quant.format import LM_HEAD_GROUP, LM_HEAD_TARGET, QuantScheme
-from quant.kernels import Int8Linear, q8_blocks, q8_dequantize
+from quant.kernels import Int8Linear, q8_blocks, q8_dequantize, write_head_sidecar
 from quant.quantize import QuantizeOptions, quantize_checkpoint
 
 
@@ -107,12 +108,43 @@ def test_float32_and_other_runs_dequantize(stored, monkeypatch):
     assert torch.equal(model.lm_head.weight, q8_dequantize(head["weight"], head["weight_scale"], torch.float32))
 
 
-def test_kept_by_default(scout_int4, scout_ckpt):
+def test_kept_by_default_with_int8_blocks_beside_it(scout_int4, scout_ckpt):
+    """The default keeps the head (the config and index vLLM reads as before) and writes its
+    INT8 blocks in HEAD_SIDECAR, which no index names; a bf16 CPU run maps those."""
     kept, _ = scout_int4
     qc = json.loads((kept / "config.json").read_text())["quantization_config"]
     assert qc["format"] == "pack-quantized" and "re:.*lm_head" in qc["ignore"] and "group_1" not in qc["config_groups"]
     head = _head(kept)
-    assert set(head) == {"weight"} and torch.equal(head["weight"], _source_head(scout_ckpt))
+    src = _source_head(scout_ckpt)
+    assert set(head) == {"weight"} and torch.equal(head["weight"], src)
+    side = kept / HEAD_SIDECAR
+    assert side.is_file() and not side.name.endswith(".safetensors")
+    assert HEAD_SIDECAR not in (kept / "model.safetensors.index.json").read_text()
+    if not cpu_kernel.available():
+        pytest.skip("our CPU kernel is not available here")
+    model, _ = load_model(kept, "bfloat16", "cpu")
+    maps = [(lo, hi) for lo, hi, p in file_mappings() if str(side) in p]
+    assert isinstance(model.lm_head, Int8Linear)
+    assert all(any(lo <= t.data_ptr() < hi for lo, hi in maps) for t in (model.lm_head.qweight, model.lm_head.scales))
+    q, s = q8_blocks(src)
+    assert torch.equal(model.lm_head.qweight, q) and torch.equal(model.lm_head.scales, s)
+    f32, _ = load_model(kept, "float32", "cpu")  # other runs read the head as stored
+    assert torch.equal(f32.lm_head.weight, src)
+
+
+def test_a_sidecar_for_another_head_is_not_used(tmp_path, scout_int4, scout_ckpt):
+    import shutil
+
+    if not cpu_kernel.available():
+        pytest.skip("our CPU kernel is not available here")
+    kept, _ = scout_int4
+    copy = tmp_path / "copy"
+    shutil.copytree(kept, copy)
+    src = _source_head(scout_ckpt)
+    write_head_sidecar(copy / HEAD_SIDECAR, src * 2)  # a fine-tuned head's blocks, say
+    model, _ = load_model(copy, "bfloat16", "cpu")
+    assert isinstance(model.lm_head, Int8Linear)  # rounded at load from the head as stored
+    assert torch.equal(model.lm_head.qweight, q8_blocks(src.bfloat16())[0])
 
 
 def test_q8_blocks_torch_matches_the_kernel():

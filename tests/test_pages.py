@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from llama4_local import loader, pages
+from llama4_local.checkpoint import HEAD_SIDECAR
 from llama4_local.loader import file_mappings, load_model
 from quant.kernels import AVX2_PATHS, Int4Linear
 
@@ -153,7 +154,7 @@ def test_a_cold_checkpoint_is_read_before_it_is_mapped(scout_int4, monkeypatch):
     real = loader.Llama4Text
     monkeypatch.setattr(loader, "Llama4Text", lambda cfg: order.append(("build",)) or real(cfg))
     load_model(path, "bfloat16", "cpu", mmap=None)
-    shards = sorted(path.glob("*.safetensors"))
+    shards = sorted(path.glob("*.safetensors")) + [path / HEAD_SIDECAR]  # the lm_head's INT8 blocks too
     reads = [o for o in order if o[0] == "read"]
     assert [(o[1], o[2], o[3]) for o in reads] == [(s, 0, s.stat().st_size) for s in shards]
     assert order.index(reads[-1]) < order.index(("build",))
@@ -186,7 +187,7 @@ def test_a_split_page_cache_is_read_again(scout_int4, monkeypatch, share, reread
     monkeypatch.setattr(pages, "file_huge_fraction", lambda p: share)
     monkeypatch.setattr(pages, "reread", lambda p: done.append(p) or 0)
     load_model(path, "bfloat16", "cpu", mmap=None)
-    assert done == (sorted(path.glob("*.safetensors")) if reread else [])
+    assert done == (sorted(path.glob("*.safetensors")) + [path / HEAD_SIDECAR] if reread else [])
     done.clear()
     load_model(path, "bfloat16", "cpu", mmap=True)  # --mmap: nothing read ahead
     assert not done

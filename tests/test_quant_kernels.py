@@ -267,6 +267,7 @@ def test_a_quantized_checkpoints_bf16_run_reads_an_int8_lm_head(scout_int4, monk
     f32, _ = load_model(path, "float32", "cpu")
     assert not isinstance(f32.lm_head, Int8Linear)  # the precise mode stays exact
     monkeypatch.setattr(kernels, "int8_lm_head", lambda model: False)
+    monkeypatch.setattr(kernels, "sidecar_lm_head", lambda *args: False)  # and no INT8 blocks from beside it
     plain, _ = load_model(path, "bfloat16", "cpu")
     assert not isinstance(plain.lm_head, Int8Linear)
     ids = torch.arange(3, 40)
