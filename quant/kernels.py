@@ -291,6 +291,19 @@ def q8_dequantize(q: torch.Tensor, s: torch.Tensor, dtype: torch.dtype) -> torch
 DEQUANTIZE_ROWS = 8192  # stored_lm_head's blocks of rows where it dequantizes
 
 
+def _int8_run(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether a run of `dtype` on `device` computes an lm_head's INT8 blocks as they are
+    (Int8Linear: a bf16/fp16 CPU run with our kernel)."""
+    from . import cpu_kernel
+
+    return device.type == "cpu" and dtype in (torch.bfloat16, torch.float16) and cpu_kernel.available()
+
+
+def _blocks_fit(q: torch.Tensor, s: torch.Tensor, n: int, k: int) -> bool:
+    """Whether (q, s) are Q8_0 blocks of an [n, k] weight: int8 [n, k] and scales [n, k / 32]."""
+    return q.dtype == torch.int8 and tuple(q.shape) == (n, k) and k % 32 == 0 and tuple(s.shape) == (n, k // 32)
+
+
 def stored_lm_head(model: torch.nn.Module, ckpt, dtype: torch.dtype, device: torch.device) -> bool:
     """Where the checkpoint stores its lm_head in INT8 (`lm_head.weight` int8 and
     `lm_head.weight_scale`: quantize --int8-lm-head, compressed-tensors int-quantized, group 32), put
@@ -300,20 +313,18 @@ def stored_lm_head(model: torch.nn.Module, ckpt, dtype: torch.dtype, device: tor
     gets the weight dequantized into `dtype` on `device`."""
     from llama4_local.errors import UserError
 
-    from . import cpu_kernel
-
     if "lm_head.weight_scale" not in ckpt:
         return False
     q, s = ckpt.get("lm_head.weight"), ckpt.get("lm_head.weight_scale")
     head = model.lm_head
     n, k = head.weight.shape
-    if q.dtype != torch.int8 or tuple(q.shape) != (n, k) or k % 32 or tuple(s.shape) != (n, k // 32):
+    if not _blocks_fit(q, s, n, k):
         raise UserError(
             f"{ckpt.where('lm_head.weight')}: an INT8 lm_head must be int8 [{n}, {k}] with scales [{n}, {k // 32}]; "
             "re-quantize the checkpoint"
         )
     s = s.float()  # float32 as quantize writes it: no copy
-    if device.type == "cpu" and dtype in (torch.bfloat16, torch.float16) and cpu_kernel.available():
+    if _int8_run(dtype, device):
         model.lm_head = Int8Linear(None, stored=(q, s), dtype=dtype)
     else:  # by blocks of rows: at Scout's size one float32 temporary of the whole would be 4 GB
         w, step = torch.empty(n, k, dtype=dtype, device=device), DEQUANTIZE_ROWS
@@ -356,13 +367,11 @@ def sidecar_lm_head(model: torch.nn.Module, ckpt, model_dir, dtype: torch.dtype,
 
     from safetensors import SafetensorError, safe_open
 
-    from . import cpu_kernel
-
     side = Path(model_dir) / HEAD_SIDECAR
     head = getattr(model, "lm_head", None)
     if not side.is_file() or "lm_head.weight" not in ckpt or head is None or not hasattr(head, "weight"):
         return False
-    if device.type != "cpu" or dtype not in (torch.bfloat16, torch.float16) or not cpu_kernel.available():
+    if not _int8_run(dtype, device):
         return False
     try:
         f = safe_open(str(side), framework="pt")
@@ -370,7 +379,7 @@ def sidecar_lm_head(model: torch.nn.Module, ckpt, model_dir, dtype: torch.dtype,
     except (SafetensorError, OSError):
         return False  # unreadable: the head is rounded at load instead
     n, k = head.weight.shape
-    if q.dtype != torch.int8 or tuple(q.shape) != (n, k) or s.dtype != torch.float32 or tuple(s.shape) != (n, k // 32):
+    if not _blocks_fit(q, s, n, k) or s.dtype != torch.float32:
         return False
     if digest != head_digest(ckpt.get("lm_head.weight")):
         return False
