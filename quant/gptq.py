@@ -151,7 +151,28 @@ def gptq_int4(
     """Quantize w [O, N] for inputs whose second moment H [N, N] (E[x x^T]) has the feedback
     f = error_feedback(H), or f = gptq_lowrank.lowrank_feedback(rows) (the same feedback from the
     rows themselves); scales stored in scale_dtype (default: w's dtype), the integers chosen
-    for the scales as stored.
+    for the scales as stored. `updates`: see gptq_walk."""
+    out, inp = w.shape
+    scale_dtype = scale_dtype or (w.dtype if w.dtype.is_floating_point else torch.float32)
+
+    def fit(wg):
+        return _fit_group(wg, symmetric, scale_dtype, iters)
+
+    q, scales, zeros = gptq_walk(w, f, group_size, fit, QMIN, QMAX, updates)
+    return Int4Weight(
+        packed=pack_int4_transposed(q),
+        scale=scales.t().contiguous().to(scale_dtype),
+        zero=None if symmetric else zeros.t().contiguous().to(torch.int8),
+        shape=(out, inp),
+        group_size=group_size,
+    )
+
+
+def gptq_walk(w: torch.Tensor, f: torch.Tensor, group_size: int, fit, qmin: int, qmax: int, updates=None):
+    """GPTQ's walk of w [O, N] onto a grid of integers [qmin, qmax] with one scale (and zero) per
+    output and group of `group_size` inputs: fit(wg [O, g]) gives a group's (scales [O], zeros
+    [O] or None for 0), as stored, from its columns as GPTQ's update leaves them. Returns (q int8
+    [N, O], scales float32 [G, O], zeros float32 [G, O]): INT4 (gptq_int4) and Q6 (quant/q6.py).
 
     `updates`: the precision of the products that carry a block's errors to the later columns,
     nearly all of GPTQ's arithmetic (O N^2 / 2 multiply-adds). float32: each block's errors
@@ -166,7 +187,6 @@ def gptq_int4(
     _grouped(w[:1], group_size)  # validate the shape
     if f.shape != (inp, inp):
         raise ValueError(f"H is {tuple(f.shape)} for a weight with {inp} inputs")
-    scale_dtype = scale_dtype or (w.dtype if w.dtype.is_floating_point else torch.float32)
     f = f.to(w.device)
     updates = updates or default_updates(w.device)
     lowrank = isinstance(f, LowRankFeedback)  # always left-looking, in `updates`' products
@@ -220,21 +240,18 @@ def gptq_int4(
         for i in range(0, n, group_size):
             g, j = (b0 + i) // group_size, i + group_size
             ahead = _as_gptq_sees(wb[i:j], err[i:j], fb[i:j, i:j], ahead_buf)
-            scales[g], zeros[g] = _fit_group(ahead.t(), symmetric, scale_dtype, iters)
-            walk(wb, err, fb, scales[g], zeros[g], qb, i, j)
+            sg, zg = fit(ahead.t())
+            scales[g] = sg
+            if zg is not None:
+                zeros[g] = zg
+            walk(wb, err, fb, scales[g], zeros[g], qb, i, j, qmin, qmax)
         if lowrank:
             f.record(b0, b1, err, updates)
         elif left:
             errs[b0:b1] = err
         elif b1 < inp:
             wt[b1:].addmm_(f[b1:, b0:b1], err)  # every later column, at once
-    return Int4Weight(
-        packed=pack_int4_transposed(q),
-        scale=scales.t().contiguous().to(scale_dtype),
-        zero=None if symmetric else zeros.t().contiguous().to(torch.int8),
-        shape=(out, inp),
-        group_size=group_size,
-    )
+    return q, scales, zeros
 
 
 def default_updates(device: torch.device) -> torch.dtype:
@@ -242,18 +259,18 @@ def default_updates(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cpu" and cpu_kernel.native_bf16() else torch.float32
 
 
-def _walk_torch(wb, err, fb, s, z, qb, i0: int, i1: int) -> None:
-    """Columns [i0, i1) of a block: rounded to the grid (s, z), their errors kept in err, each
-    error fed to the block's later columns (quant/gptq_kernel.py does the same in C++)."""
+def _walk_torch(wb, err, fb, s, z, qb, i0: int, i1: int, qmin: int, qmax: int) -> None:
+    """Columns [i0, i1) of a block: rounded to the grid (s, z, [qmin, qmax]), their errors kept in
+    err, each error fed to the block's later columns (quant/gptq_kernel.py does the same in C++)."""
     for i in range(i0, i1):
-        qi = torch.clamp(torch.round(wb[i] / s + z), QMIN, QMAX)
+        qi = torch.clamp(torch.round(wb[i] / s + z), qmin, qmax)
         qb[i] = qi.to(torch.int8)
         e = err[i].sub_(s * (qi - z))
         wb[i + 1 :].addr_(fb[i + 1 :, i], e)
 
 
-def _walk_kernel(wb, err, fb, s, z, qb, i0: int, i1: int) -> None:
-    cpu_kernel.gptq_columns(wb, err, fb, s, z, qb, i0, i1, QMIN, QMAX)
+def _walk_kernel(wb, err, fb, s, z, qb, i0: int, i1: int, qmin: int, qmax: int) -> None:
+    cpu_kernel.gptq_columns(wb, err, fb, s, z, qb, i0, i1, qmin, qmax)
 
 
 def _transposed(w: torch.Tensor, out: torch.Tensor, out2: torch.Tensor | None = None) -> torch.Tensor:

@@ -126,11 +126,20 @@ def test_transposed_copy_kernel(dtype, rows, cols, cut):
     assert torch.equal(one.nan_to_num(), want.nan_to_num())
 
 
-@pytest.mark.parametrize("outputs,i0,i1,zero", [(264, 0, 128, False), (67, 32, 96, True), (136, 8, 13, False)])
-def test_column_walk_kernel_equals_the_torch_walk(outputs, i0, i1, zero):
+@pytest.mark.parametrize(
+    "outputs,i0,i1,zero,grid",
+    [
+        (264, 0, 128, False, (-8, 7)),
+        (67, 32, 96, True, (-8, 7)),
+        (136, 8, 13, False, (-8, 7)),
+        (72, 0, 32, False, (-32, 31)),
+    ],
+)
+def test_column_walk_kernel_equals_the_torch_walk(outputs, i0, i1, zero, grid):
     """The C++ walk (8 outputs per instruction where the width allows, the rest scalar; whole
     sub-blocks of 8 columns or not) against the torch loop: the same integers, errors and fed
-    columns to float32 rounding (the kernel fuses multiply-adds), a NaN in the same places."""
+    columns to float32 rounding (the kernel fuses multiply-adds), a NaN in the same places; on
+    INT4's grid and on Q6's (quant/q6.py: scales of either sign)."""
     from quant import gptq
 
     if not cpu_kernel.available():
@@ -141,13 +150,15 @@ def test_column_walk_kernel_equals_the_torch_walk(outputs, i0, i1, zero):
     w0[i0, 3] = float("nan")  # one output's column: its error and every later column there
     f = torch.randn(blk, blk, generator=g).tril_(-1) * 0.05
     s = torch.rand(outputs, generator=g) * 0.2 + 0.1
+    if grid[0] == -32:
+        s = (s * torch.randint(0, 2, (outputs,), generator=g) * 2 - s) / 4  # both signs, finer steps
     z = torch.randint(-2, 3, (outputs,), generator=g).float() if zero else torch.zeros(outputs)
     runs = []
     for walk in (gptq._walk_kernel, gptq._walk_torch):
         wb = gptq._rows(blk, outputs, torch.float32, "cpu").copy_(w0)
         err = gptq._rows(blk, outputs, torch.float32, "cpu").copy_(w0 + 0.01)
         q = torch.zeros(blk, outputs, dtype=torch.int8)
-        walk(wb, err, f, s, z, q, i0, i1)
+        walk(wb, err, f, s, z, q, i0, i1, *grid)
         runs.append((wb.clone(), err.clone(), q))
     (wk, ek, qk), (wt, et, qt) = runs
     nan = torch.zeros(outputs, dtype=torch.bool)
