@@ -239,17 +239,52 @@ def quantizer_precision(args, report):
 
 
 def lm_head_cost(args, report):
-    """The default quantize with its lm_head kept as it is and stored in INT8 (blocks of 32),
-    scored in float32 (how a GPU or float32 run computes either) and as a bf16 CPU run (which
-    rounds a kept head to the same INT8 at load): what storing it costs."""
+    """What the lm_head's forms cost on top of the default quantize: kept (float32 runs), its Q6
+    blocks from the sidecar (GPTQ against the head's inputs: what a bf16 CPU run maps), Q8_0
+    blocks (what runs rounded a kept head to before; --no-calibrate's sidecar) and
+    --int8-lm-head (Q8_0 in place). Each scored in float32 with the head dequantized into the
+    model (only the weights differ) and the sidecar forms as the bf16 CPU run computes them."""
+    from safetensors import safe_open
+
+    from llama4_local.checkpoint import HEAD_SIDECAR
+    from quant import q6
+    from quant.head import write_head_sidecar
+    from quant.kernels import q8_blocks, q8_dequantize
+
+    def with_head(path, w):
+        model = load_model(path, "float32", "cpu")[0]
+        model.lm_head.weight.data.copy_(w)
+        return model
+
     with tempfile.TemporaryDirectory() as tmp:
-        runs = (("gptq int4 g128 default, --int8-lm-head", True), ("gptq int4 g128 default (lm_head kept)", False))
-        for name, int8 in runs:
-            out = Path(tmp) / f"head-{int8}"
-            quantize_checkpoint(args.model, out, QuantizeOptions(int8_lm_head=int8))
-            report(name, load_model(out, "float32", "cpu")[0], dtype="float32")
-            report(name, load_model(out, "bfloat16", "cpu")[0], dtype="bfloat16")
-            shutil.rmtree(out)
+        out = Path(tmp) / "default"
+        quantize_checkpoint(args.model, out, QuantizeOptions())
+        kept = load_model(out, "float32", "cpu")[0]
+        report("gptq int4 g128 default, lm_head kept", kept, dtype="float32")
+        w = kept.lm_head.weight.detach().clone()
+        with safe_open(str(out / HEAD_SIDECAR), "pt") as f:
+            packed = f.get_tensor("q6")
+        report("... lm_head Q6 (GPTQ, the sidecar)", with_head(out, q6.dequantize(packed, w.shape[1])), dtype="float32")
+        report("... lm_head Q6 (GPTQ, the sidecar)", load_model(out, "bfloat16", "cpu")[0], dtype="bfloat16")
+        report(
+            "... lm_head Q6 (each block rounded alone)",
+            with_head(out, q6.dequantize(q6.pack(*q6.rtn(w)), w.shape[1])),
+            dtype="float32",
+        )
+        report("... lm_head Q8_0", with_head(out, q8_dequantize(*q8_blocks(w), torch.float32)), dtype="float32")
+        write_head_sidecar(out / HEAD_SIDECAR, _source_head(out))  # no feedback: Q8_0
+        report("... lm_head Q8_0 (the sidecar)", load_model(out, "bfloat16", "cpu")[0], dtype="bfloat16")
+        shutil.rmtree(out)
+        out = Path(tmp) / "int8"
+        quantize_checkpoint(args.model, out, QuantizeOptions(int8_lm_head=True))
+        report("gptq int4 g128 default, --int8-lm-head", load_model(out, "float32", "cpu")[0], dtype="float32")
+        report("gptq int4 g128 default, --int8-lm-head", load_model(out, "bfloat16", "cpu")[0], dtype="bfloat16")
+
+
+def _source_head(model_dir: Path) -> torch.Tensor:
+    from llama4_local.checkpoint import open_checkpoint
+
+    return open_checkpoint(model_dir).get("lm_head.weight")
 
 
 def main():
@@ -262,7 +297,7 @@ def main():
     ap.add_argument("--bf16", action="store_true", help="the cost of bf16 runs and of int8 activations instead")
     ap.add_argument("--precision", action="store_true", help="the quantizer's bf16 arithmetic against float32")
     ap.add_argument("--llamacpp", action="store_true", help="llama.cpp's own Q4_K_M files, plain and with imatrix")
-    ap.add_argument("--lm-head", action="store_true", help="--int8-lm-head against the default's kept lm_head")
+    ap.add_argument("--lm-head", action="store_true", help="the lm_head kept, in Q6 (the sidecar), Q8_0, in place")
     ap.add_argument("--tokens", help="the default quantize at these calibration token counts (e.g. 2048,4096,8192)")
     args = ap.parse_args()
     tok = Tokenizer(args.model)

@@ -27,9 +27,17 @@ from .errors import UserError
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
-# quantize's INT8 blocks of a kept lm_head (quant.kernels.sidecar_lm_head): safetensors inside,
-# a name no index lists and no *.safetensors glob matches, so vLLM and transformers never load it.
-HEAD_SIDECAR = "lm_head.q8_0.llama4-local"
+# quantize's blocks of a kept lm_head for CPU runs (quant/head.py): safetensors inside, a name no
+# index lists and no *.safetensors glob matches, so vLLM and transformers never load it. Read in
+# this order; the second is the name quantize gave it when it wrote Q8_0 only.
+HEAD_SIDECAR = "lm_head.llama4-local"
+HEAD_SIDECARS = (HEAD_SIDECAR, "lm_head.q8_0.llama4-local")
+
+
+def head_sidecar(root: Path) -> Path | None:
+    """The lm_head sidecar in checkpoint directory `root`, or None."""
+    return next((root / n for n in HEAD_SIDECARS if (root / n).is_file()), None)
+
 
 _PREFIXES = (
     ("language_model.model.", ""),

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import HEAD_SIDECAR, Checkpoint, open_checkpoint
+from .checkpoint import HEAD_SIDECARS, Checkpoint, head_sidecar, open_checkpoint
 from .config import TextConfig, load_config
 from .errors import UserError
 from .model import Llama4Text, rope_inv_freq
@@ -96,7 +96,7 @@ def file_mappings() -> list[tuple[int, int, str]]:
         return out
     for line in lines:
         parts = line.split(maxsplit=5)
-        if len(parts) == 6 and parts[5].endswith((".safetensors", HEAD_SIDECAR)):
+        if len(parts) == 6 and parts[5].endswith((".safetensors", *HEAD_SIDECARS)):
             lo, hi = (int(v, 16) for v in parts[0].split("-"))
             out.append((lo, hi, parts[5]))
     return out
@@ -224,7 +224,7 @@ def _huge_pages_wanted() -> bool:
     return os.environ.get("LLAMA4_LOCAL_HUGE_PAGES") == "1"
 
 
-def warm_shards(ckpt: Checkpoint, budget: float, head_sidecar: bool = False) -> None:
+def warm_shards(ckpt: Checkpoint, budget: float, with_head: bool = False) -> None:
     """Before anything maps them: read the parts of the shards that the page cache lacks, when the
     shards fit in `budget` (a cold start reads them all anyway; read sequentially they land in
     the large folios that huge_mapped looks for, faulted in through the mapping they would not).
@@ -237,8 +237,9 @@ def warm_shards(ckpt: Checkpoint, budget: float, head_sidecar: bool = False) -> 
     from . import pages
 
     paths = sorted({p for p in ckpt.files.values() if p is not None})
-    if head_sidecar and (Path(ckpt.root) / HEAD_SIDECAR).is_file():  # what a bf16 CPU run maps too
-        paths.append(Path(ckpt.root) / HEAD_SIDECAR)
+    side = head_sidecar(Path(ckpt.root)) if with_head else None
+    if side is not None:  # what a bf16 CPU run maps too
+        paths.append(side)
     if _huge_pages_wanted() or sum(p.stat().st_size for p in paths) >= budget:
         return
     pages.warm(paths)
@@ -361,7 +362,7 @@ def load_model(
     torch_dtype, torch_device = resolve_dtype(dtype), resolve_device(device)
     ckpt = open_checkpoint(model_dir)
     if mmap is None and torch_device.type == "cpu" and offload is None:
-        warm_shards(ckpt, 0.8 * available_memory(), head_sidecar=torch_dtype in (torch.bfloat16, torch.float16))
+        warm_shards(ckpt, 0.8 * available_memory(), with_head=torch_dtype in (torch.bfloat16, torch.float16))
     model = Llama4Text(cfg)  # on the meta device: allocates nothing
     model.plan = None
     scheme = None
@@ -389,7 +390,8 @@ def load_model(
 
         replace_experts(model)
     if scheme is not None:
-        from quant.kernels import sidecar_lm_head, stored_lm_head
+        from quant.head import sidecar_lm_head
+        from quant.kernels import stored_lm_head
         from quant.modules import apply_quantized
 
         apply_quantized(model, ckpt, scheme, torch_dtype, torch_device, routed=slots is None)

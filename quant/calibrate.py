@@ -159,6 +159,15 @@ class LayerRunner:
                 vars(lin).pop("forward", None)
         return stats
 
+    @torch.inference_mode()
+    def head_feedback(self) -> torch.Tensor | None:
+        """GPTQ's error feedback for the lm_head's inputs: the final norm of the hidden states that
+        came out of the last layer (run with `output`)."""
+        h = HessianSum()
+        for x in self.hidden:
+            h.add(self.model.norm(x))
+        return factor_or_none(h.take_lower(), consume=True)
+
 
 def _widen_once(lin) -> None:
     """A bf16/fp16 linear run once per window computes as model.linear does for many rows (x and

@@ -73,7 +73,10 @@ def calibrated_pass(ctx, names: list[str]) -> set[str]:
 
     `ctx` is quantize's run state: src, opts, calibration windows, fp8 source, tensors, writer,
     skip (units already in finished shards), quantize(w, f) (f: GPTQ's error feedback, or None
-    for the plain fit), progress(name, source bytes done) and count (linears quantized)."""
+    for the plain fit), progress(name, source bytes done), count (linears quantized) and
+    want_head: the hidden states go on through every layer and the final norm, and
+    ctx.head_feedback is set to GPTQ's error feedback for the lm_head's inputs (quant/head.py's
+    Q6 blocks; None where they are not finite)."""
     from llama4_local.loader import load_model
 
     by_layer: dict[int, list[str]] = {}
@@ -89,15 +92,18 @@ def calibrated_pass(ctx, names: list[str]) -> set[str]:
     model, _ = load_model(ctx.src, dtype, "cpu", mmap=True)
     runner = LayerRunner(model, ctx.windows)
     handled: set[str] = set()
-    last = max(by_layer)  # nothing past it needs hidden states
+    head = getattr(ctx, "want_head", False)
+    last = len(model.layers) - 1 if head else max(by_layer)  # nothing past it needs hidden states
     read_ahead(ctx.tensors, 0)
     for i in range(last + 1):
         if i < last:
             read_ahead(ctx.tensors, i + 1)  # read while layer i computes
-        stats = runner.run_layer(i, output=i < last)
+        stats = runner.run_layer(i, output=head or i < last)
         _quantize_layer(ctx, reader, stats, by_layer.get(i, []))
         handled.update(by_layer.get(i, []))
         del stats  # its factors and rows (~0.8 GB at Scout's widths) not alive through the next layer
+    if head:
+        ctx.head_feedback = runner.head_feedback()
     del runner, model
     return handled
 

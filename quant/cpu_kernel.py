@@ -41,6 +41,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("silu_mul", &silu_mul, "silu(gate) * up");
   m.def("q8_quantize", &q8_quantize, "INT8 weights, one scale per block of 32");
   m.def("q8_mv", &q8_mv, "INT8 weights x int8 activations (AVX2)");
+  m.def("q6_mv", &q6_mv, "Q6 weights x int8 activations (AVX2)");
 }
 """
 
@@ -115,7 +116,7 @@ def _module():
         )
 
         target = isa()
-        name = f"llama4_local_int4_{target.replace('-', '_')}_v61"
+        name = f"llama4_local_int4_{target.replace('-', '_')}_v62"
         if not list(Path(_get_build_directory(name, verbose=False)).glob("*.so")):
             sys.stderr.write("llama4-local: building the INT4 CPU kernel (once, about a minute)\n")
         return load_inline(
@@ -191,6 +192,12 @@ def q8_quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def q8_mv(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     """x [T, K] (T <= 4) @ dequant(q, s)^T with x rounded to int8 per block of 32; x's dtype."""
     return _module().q8_mv(x.contiguous(), q, s)
+
+
+def q6_mv(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x [T, K] (T <= 4) @ W^T for W packed as quant/q6.py's uint8 [N, K/32 * 26], x rounded to
+    int8 per block of 32; x's dtype."""
+    return _module().q6_mv(x.contiguous(), w)
 
 
 def fit_symmetric(w: torch.Tensor, group_size: int, ratios: list[float], iters: int) -> torch.Tensor:

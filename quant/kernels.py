@@ -29,8 +29,6 @@ import os
 import torch
 import torch.nn.functional as F
 
-from llama4_local.checkpoint import HEAD_SIDECAR
-
 from .int4 import Int4Weight, dequantize_int4, unpack_int4
 
 # Shape rules of the stock kernels (from their argument checks).
@@ -331,57 +329,4 @@ def stored_lm_head(model: torch.nn.Module, ckpt, dtype: torch.dtype, device: tor
         for i in range(0, n, step):
             w[i : i + step] = q8_dequantize(q[i : i + step].to(device), s[i : i + step].to(device), dtype)
         head.weight = torch.nn.Parameter(w, requires_grad=False)
-    return True
-
-
-# The default quantize keeps the lm_head as it is (vLLM serves it) and writes its Q8_0 blocks
-# beside the checkpoint in HEAD_SIDECAR, a safetensors file that no index names and no
-# *.safetensors pattern matches: vLLM and transformers never see it; a bf16 CPU run maps it.
-
-
-def head_digest(w: torch.Tensor) -> str:
-    """A fingerprint of an lm_head's values (shape, dtype and five rows spread over it): a
-    sidecar written for another head (a fine-tune, a replaced shard) does not match."""
-    import hashlib
-
-    rows = sorted({0, w.shape[0] // 4, w.shape[0] // 2, 3 * w.shape[0] // 4, w.shape[0] - 1})
-    h = hashlib.sha256(f"{tuple(w.shape)} {w.dtype}".encode())
-    for r in rows:
-        h.update(w[r].contiguous().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
-def write_head_sidecar(path, w: torch.Tensor) -> None:
-    """`path` = HEAD_SIDECAR's Q8_0 blocks of lm_head weight w, with w's digest."""
-    from safetensors.torch import save_file
-
-    q, s = q8_blocks(w)
-    save_file({"qweight": q, "scales": s}, str(path), metadata={"lm_head": head_digest(w)})
-
-
-def sidecar_lm_head(model: torch.nn.Module, ckpt, model_dir, dtype: torch.dtype, device: torch.device) -> bool:
-    """On a bf16/fp16 CPU run with our kernel, the lm_head from HEAD_SIDECAR in `model_dir`
-    (mapped: no rounding at load, no anonymous copy) where it is there and was written for this
-    checkpoint's head; whether it did. Else the head loads as stored, and int8_lm_head rounds it."""
-    from pathlib import Path
-
-    from safetensors import SafetensorError, safe_open
-
-    side = Path(model_dir) / HEAD_SIDECAR
-    head = getattr(model, "lm_head", None)
-    if not side.is_file() or "lm_head.weight" not in ckpt or head is None or not hasattr(head, "weight"):
-        return False
-    if not _int8_run(dtype, device):
-        return False
-    try:
-        f = safe_open(str(side), framework="pt")
-        digest, q, s = (f.metadata() or {}).get("lm_head"), f.get_tensor("qweight"), f.get_tensor("scales")
-    except (SafetensorError, OSError):
-        return False  # unreadable: the head is rounded at load instead
-    n, k = head.weight.shape
-    if not _blocks_fit(q, s, n, k) or s.dtype != torch.float32:
-        return False
-    if digest != head_digest(ckpt.get("lm_head.weight")):
-        return False
-    model.lm_head = Int8Linear(None, stored=(q, s), dtype=dtype)
     return True

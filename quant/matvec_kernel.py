@@ -1,7 +1,8 @@
 """The matrix-vector kernels for weights a run keeps unquantized or rounds at load (C++, compiled
-by quant/cpu_kernel.py): bf16/fp16 weights widened to float32 (`half_mv`), and INT8 weights
+by quant/cpu_kernel.py): bf16/fp16 weights widened to float32 (`half_mv`), INT8 weights
 with one scale per block of 32 against int8-rounded activations (`q8_quantize`, `q8_mv`: the
-lm_head of a quantized checkpoint's bf16 run, INT8 attention).
+lm_head of a quantized checkpoint's bf16 run, INT8 attention), and the lm_head's Q6 blocks
+(quant/q6.py) against the same (`q6_mv`).
 """
 
 SOURCE = r"""
@@ -187,6 +188,94 @@ torch::Tensor q8_mv(torch::Tensor x, torch::Tensor wq, torch::Tensor ws) {
   float* yp = y.data_ptr<float>();
   in_runs(N, 16, [&](int64_t n0, int64_t n1) {
     DISPATCH_ROWS4(rows_w8, xqp, xdp, wp, sp, yp, K, N, n0, n1)
+  });
+  return rounded_to(y, x.scalar_type());
+}
+
+// Q6 weights (quant/q6.py: per block of 32 inputs 16 bytes of low nibbles, 8 of top bits, an fp16
+// scale; u = q + 32 in [0, 63]) against int8-rounded activations: u rebuilt with shifts and masks,
+// maddubs(u, x) (|sums| <= 2 * 63 * 127: no saturation), 32 * sum(x) taken off in lane 0 (xs: per
+// activation block, 8 int32 lanes, the first that). Even and odd blocks go to two accumulators.
+static inline __m256i q6_unpack(const uint8_t* p) {
+  // the 16 low-nibble bytes in both halves, the second's shifted down 4: one shift, no insert
+  const __m256i l = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)p));
+  const __m256i low = _mm256_and_si256(_mm256_srlv_epi32(l, _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4)),
+                                       _mm256_set1_epi8(0x0F));
+  const __m256i top = _mm256_srlv_epi64(_mm256_set1_epi64x(*(const int64_t*)(p + 16)), _mm256_setr_epi64x(0, 2, 4, 6));
+  return _mm256_or_si256(low, _mm256_slli_epi16(_mm256_and_si256(top, _mm256_set1_epi8(0x03)), 4));
+}
+
+// The block's scale times the activation block's, in all 8 lanes.
+static inline __m256 q6_scale(const uint8_t* p, const float* xd) {
+  const __m256 s = _mm256_cvtph_ps(_mm_set1_epi16(*(const int16_t*)(p + 24)));
+  return _mm256_mul_ps(s, _mm256_broadcast_ss(xd));
+}
+
+template <int T, int R>
+static inline void block_q6(const int8_t* xq, const float* xd, const int32_t* xs, const uint8_t* wp, int64_t row,
+                            int64_t B, int64_t n, int64_t b, __m256 (&acc)[T][R]) {
+  for (int r = 0; r < R; ++r) {
+    const uint8_t* p = wp + (n + r) * row + b * 26;
+    _mm_prefetch((const char*)p + (R == 1 ? STREAM_AHEAD : AHEAD * row), _MM_HINT_T0);
+    const __m256i u = q6_unpack(p);
+    for (int t = 0; t < T; ++t) {
+      const int64_t i = t * B + b;
+      const __m256i x = _mm256_loadu_si256((const __m256i*)(xq + i * 32));
+      const __m256i d = _mm256_sub_epi32(dot4(u, x), _mm256_loadu_si256((const __m256i*)(xs + i * 8)));
+      acc[t][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), q6_scale(p, xd + i), acc[t][r]);
+    }
+  }
+}
+
+template <int T, int R>
+static void tile_q6(const int8_t* xq, const float* xd, const int32_t* xs, const uint8_t* wp, float* yp,
+                    int64_t K, int64_t N, int64_t n) {
+  const int64_t B = K / 32, row = B * 26;
+  __m256 even[T][R], odd[T][R];
+  for (int t = 0; t < T; ++t)
+    for (int r = 0; r < R; ++r) even[t][r] = odd[t][r] = _mm256_setzero_ps();
+  int64_t b = 0;
+  for (; b + 2 <= B; b += 2) {
+    block_q6<T, R>(xq, xd, xs, wp, row, B, n, b, even);
+    block_q6<T, R>(xq, xd, xs, wp, row, B, n, b + 1, odd);
+  }
+  if (b < B) block_q6<T, R>(xq, xd, xs, wp, row, B, n, b, even);
+  for (int t = 0; t < T; ++t)
+    for (int r = 0; r < R; ++r) yp[t * N + n + r] = hsum(_mm256_add_ps(even[t][r], odd[t][r]));
+}
+
+template <int T>
+static void rows_q6(const int8_t* xq, const float* xd, const int32_t* xs, const uint8_t* wp, float* yp,
+                    int64_t K, int64_t N, int64_t n0, int64_t n1) {
+  constexpr int R = tile_rows<T>();
+  int64_t n = n0;
+  for (; n + R <= n1; n += R) tile_q6<T, R>(xq, xd, xs, wp, yp, K, N, n);
+  for (; n < n1; ++n) tile_q6<T, 1>(xq, xd, xs, wp, yp, K, N, n);
+}
+
+torch::Tensor q6_mv(torch::Tensor x, torch::Tensor w) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "x: [T, K]");
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == torch::kByte && w.is_contiguous(), "w: uint8 [N, K / 32 * 26]");
+  const int64_t T = x.size(0), K = x.size(1), N = w.size(0), B = K / 32;
+  TORCH_CHECK(T >= 1 && T <= 4 && K % 32 == 0 && w.size(1) == B * 26, "shapes");
+  auto y = torch::empty({T, N}, x.options().dtype(torch::kFloat));
+  std::vector<int8_t> xq(T * K);
+  std::vector<float> xd(T * B);
+  std::vector<int32_t> xs(T * B * 8, 0);
+  std::vector<float> xbuf;
+  const float* xp = float_rows(x, xbuf);
+  int sum;
+  for (int64_t i = 0; i < T * B; ++i) {
+    xd[i] = round_block_q8(xp + i * 32, xq.data() + i * 32, nullptr, nullptr, &sum);
+    xs[i * 8] = 32 * sum;
+  }
+  const int8_t* xqp = xq.data();
+  const float* xdp = xd.data();
+  const int32_t* xsp = xs.data();
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  float* yp = y.data_ptr<float>();
+  in_runs(N, 16, [&](int64_t n0, int64_t n1) {
+    DISPATCH_ROWS4(rows_q6, xqp, xdp, xsp, wp, yp, K, N, n0, n1)
   });
   return rounded_to(y, x.scalar_type());
 }

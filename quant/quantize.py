@@ -25,7 +25,7 @@ from types import SimpleNamespace
 import torch
 from safetensors import safe_open
 
-from llama4_local.checkpoint import INDEX_NAME, list_tensors
+from llama4_local.checkpoint import HEAD_SIDECAR, INDEX_NAME, list_tensors
 from llama4_local.config import load_config, read_json
 from llama4_local.errors import UserError
 from llama4_local.loader import check_model_dir
@@ -33,8 +33,9 @@ from llama4_local.loader import check_model_dir
 from .calibrate import DEFAULT_TOKENS
 from .format import QuantScheme, to_tensors
 from .gptq import gptq_int4
+from .head import write_head_sidecar
 from .int4 import GROUP_SIZES, quantize_int4
-from .kernels import HEAD_SIDECAR, q8_blocks, write_head_sidecar
+from .kernels import q8_blocks
 from .resume import WorkDir, remove_old_partials, source_fingerprint
 from .shard_file import Spill, Spilled, write_shard
 
@@ -71,8 +72,8 @@ class QuantizeOptions:
     calibration_tokens: int = DEFAULT_TOKENS
     # The lm_head in INT8 (Q8_0: int8 and a float32 scale per 32 weights, compressed-tensors
     # int-quantized) in place of the original. Off by default: vLLM has no scheme for an
-    # int-quantized weight-only head; the default keeps it and writes its INT8 blocks in a file
-    # beside the checkpoint for CPU runs (llama4_local.checkpoint.HEAD_SIDECAR).
+    # int-quantized weight-only head; the default keeps it and writes it in Q6 (Q8_0 without
+    # calibration) to a file beside the checkpoint for CPU runs (quant/head.py).
     int8_lm_head: bool = False
 
     @property
@@ -321,6 +322,7 @@ def quantize_checkpoint(
             ctx = SimpleNamespace(
                 src=src, opts=opts, windows=windows, fp8_source=source, tensors=tensors, writer=writer,
                 skip=skip, quantize=quantize, progress=progress, count=0,
+                want_head=bool(eligible and not head), head_feedback=None,
             )  # fmt: skip
             targets = [n for n in names if _is_target(n, parts) or _expert_prefix(n)]
             handled = calibrated_pass(ctx, targets)
@@ -360,9 +362,10 @@ def quantize_checkpoint(
             _skip_modules(parts) if opts.scheme == "nf4" else _ignore_list(parts, bool(head)), int8_lm_head=bool(head)
         )
         (work.path / "config.json").write_text(json.dumps(raw, indent=2))
-        if eligible and not head:  # the head kept (vLLM serves it), its INT8 blocks beside it for CPU runs
+        if eligible and not head:  # the head kept (vLLM serves it), its Q6 or Q8_0 blocks beside it for CPU runs
+            feedback = ctx.head_feedback if calibrate else None
             with safe_open(str(tensors[eligible]), framework="pt") as f:
-                write_head_sidecar(work.path / HEAD_SIDECAR, f.get_tensor(eligible))
+                write_head_sidecar(work.path / HEAD_SIDECAR, f.get_tensor(eligible), feedback)
         copied = []
         for p in sorted(src.iterdir()):
             if p.is_file() and p.suffix in COPY_SUFFIXES and p.name not in SKIP_FILES:

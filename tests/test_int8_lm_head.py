@@ -15,7 +15,8 @@ from llama4_local.errors import UserError
 from llama4_local.loader import file_mappings, load_model
 from quant import cpu_kernel
 from quant.format import LM_HEAD_GROUP, LM_HEAD_TARGET, QuantScheme
-from quant.kernels import Int8Linear, q8_blocks, q8_dequantize, write_head_sidecar
+from quant.head import write_head_sidecar
+from quant.kernels import Int8Linear, q8_blocks, q8_dequantize
 from quant.quantize import QuantizeOptions, quantize_checkpoint
 
 

@@ -256,7 +256,7 @@ def test_int8_attention_replaces_the_projections_of_a_bf16_model(scout_ckpt):
 
 def test_a_quantized_checkpoints_bf16_run_reads_an_int8_lm_head(scout_int4, monkeypatch):
     from llama4_local.loader import load_model
-    from quant import cpu_kernel, kernels
+    from quant import cpu_kernel, head, kernels
     from quant.kernels import Int8Linear
 
     if not cpu_kernel.available():
@@ -267,7 +267,7 @@ def test_a_quantized_checkpoints_bf16_run_reads_an_int8_lm_head(scout_int4, monk
     f32, _ = load_model(path, "float32", "cpu")
     assert not isinstance(f32.lm_head, Int8Linear)  # the precise mode stays exact
     monkeypatch.setattr(kernels, "int8_lm_head", lambda model: False)
-    monkeypatch.setattr(kernels, "sidecar_lm_head", lambda *args: False)  # and no INT8 blocks from beside it
+    monkeypatch.setattr(head, "sidecar_lm_head", lambda *args: False)  # and no INT8 blocks from beside it
     plain, _ = load_model(path, "bfloat16", "cpu")
     assert not isinstance(plain.lm_head, Int8Linear)
     ids = torch.arange(3, 40)

@@ -1,0 +1,97 @@
+"""The lm_head's blocks beside a quantized checkpoint (llama4_local.checkpoint.HEAD_SIDECAR).
+
+The default quantize keeps the lm_head as it is (vLLM serves it) and writes, for CPU runs, the
+same head in fewer bits to a safetensors file that no index names and no *.safetensors pattern
+matches (vLLM and transformers never see it): Q6 chosen by GPTQ against the head's own inputs
+(quant/q6.py) when it calibrates, else Q8_0 (int8 and a float32 scale per 32 weights, what a
+run rounds a bf16 head to at load). A bf16/fp16 CPU run with our kernel maps it: no rounding at
+load, no anonymous copy, and a decoded token reads 0.84 GB of Scout's head in Q6 (1.10 GB in
+Q8_0, 2.07 GB in bf16). The file's metadata holds a digest of the head it was made from, so
+blocks written for another head (a fine-tune, a replaced shard) are never used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+
+from llama4_local.checkpoint import head_sidecar
+
+from . import q6
+from .kernels import Int8Linear, _blocks_fit, _int8_run, by_rows, q8_blocks
+
+Q6_MAX_ROWS = 4
+
+
+class Q6Linear(torch.nn.Module):
+    """y = x @ W^T for W in quant/q6.py's packed Q6 (uint8 [N, K/32 * 26], e.g. a view of the
+    mapped sidecar), x rounded to int8 per block of 32 (cpu_kernel.q6_mv)."""
+
+    def __init__(self, packed: torch.Tensor, k: int, dtype: torch.dtype):
+        super().__init__()
+        self.shape, self.dtype = (packed.shape[0], k), dtype
+        self.register_buffer("q6", packed)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from .cpu_kernel import q6_mv
+
+        lead, x = x.shape[:-1], x.reshape(-1, x.shape[-1])
+        y = by_rows(lambda rows: q6_mv(rows, self.q6), x, Q6_MAX_ROWS, Q6_MAX_ROWS)
+        return y.reshape(*lead, y.shape[-1])
+
+
+def head_digest(w: torch.Tensor) -> str:
+    """A fingerprint of an lm_head's values (shape, dtype and five rows spread over it)."""
+    rows = sorted({0, w.shape[0] // 4, w.shape[0] // 2, 3 * w.shape[0] // 4, w.shape[0] - 1})
+    h = hashlib.sha256(f"{tuple(w.shape)} {w.dtype}".encode())
+    for r in rows:
+        h.update(w[r].contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def write_head_sidecar(path, w: torch.Tensor, feedback: torch.Tensor | None = None) -> None:
+    """`path` = the blocks of lm_head weight w with w's digest: Q6 by GPTQ where `feedback` (the
+    error feedback of the head's inputs, quant.gptq.error_feedback) is given and w is finite, else
+    Q8_0."""
+    from safetensors.torch import save_file
+
+    meta = {"lm_head": head_digest(w)}
+    if feedback is not None and bool(torch.isfinite(w).all()):
+        save_file({"q6": q6.gptq(w, feedback)}, str(path), metadata=meta | {"format": "q6"})
+        return
+    q, s = q8_blocks(w)
+    save_file({"qweight": q, "scales": s}, str(path), metadata=meta | {"format": "q8_0"})
+
+
+def sidecar_lm_head(model: torch.nn.Module, ckpt, model_dir, dtype: torch.dtype, device: torch.device) -> bool:
+    """On a bf16/fp16 CPU run with our kernel, the lm_head from the sidecar in `model_dir` (mapped)
+    where it is there and was written for this checkpoint's head; whether it did. Else the head
+    loads as stored, and kernels.int8_lm_head rounds it."""
+    from safetensors import SafetensorError, safe_open
+
+    side = head_sidecar(Path(model_dir))
+    head = getattr(model, "lm_head", None)
+    if side is None or "lm_head.weight" not in ckpt or head is None or not hasattr(head, "weight"):
+        return False
+    if not _int8_run(dtype, device):
+        return False
+    n, k = head.weight.shape
+    try:
+        f = safe_open(str(side), framework="pt")
+        meta = f.metadata() or {}
+        if meta.get("format") == "q6":
+            w = f.get_tensor("q6")
+            fits = w.dtype == torch.uint8 and tuple(w.shape) == (n, k // q6.BLOCK * q6.BYTES) and k % q6.BLOCK == 0
+            module = Q6Linear(w, k, dtype)
+        else:  # Q8_0 (also a sidecar from before the format was written down)
+            q, s = f.get_tensor("qweight"), f.get_tensor("scales")
+            fits = _blocks_fit(q, s, n, k) and s.dtype == torch.float32
+            module = Int8Linear(None, stored=(q, s), dtype=dtype)
+    except (SafetensorError, OSError, KeyError):
+        return False  # unreadable: the head is rounded at load instead
+    if not fits or meta.get("lm_head") != head_digest(ckpt.get("lm_head.weight")):
+        return False
+    model.lm_head = module
+    return True

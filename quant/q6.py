@@ -1,0 +1,99 @@
+"""Q6: the lm_head in 6 bits for CPU runs (what `quantize` writes beside the checkpoint).
+
+A decoded token reads the whole lm_head: Scout's is 202048 x 5120, 2.07 GB in bf16, 1.10 GB as
+Q8_0, and llama.cpp's Q4 files keep it in Q6_K (0.85 GB). Q6 here is 6-bit integers q in
+[-32, 31] with one fp16 scale d per block of 32 inputs, w = d * q: 6.5 bits per weight (Q6_K
+6.5625), 0.84 GB for Scout's head. The integers are chosen by GPTQ against the head's own
+inputs (the final norm's output on the calibration text) with each block's scale fitted as
+GPTQ reaches it: on the trained 256-wide model the head then costs +1.4% of mean KL against
+the kept bf16 head, where rounding each block on its own costs +3.8% and Q8_0 +0.3%
+(docs/benchmarks.md).
+
+Layout, one row of uint8 per output, 26 bytes per block of 32 inputs (one stream to read):
+bytes 0-15 the low nibbles of u = q + 32 (byte j: element j low, element j + 16 high, as
+llama.cpp's Q4_0), bytes 16-23 the top two bits (byte i: elements i, i + 8, i + 16, i + 24 at
+bits 0-1, 2-3, 4-5, 6-7), bytes 24-25 the scale (fp16, little-endian). The kernel
+(quant/matvec_kernel.py, `q6_mv`) rebuilds u with a few shifts and masks, multiplies it as an
+unsigned byte against int8-rounded activations and takes 32 x (sum of the activations) off.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+BLOCK = 32
+BYTES = 26  # per block: 16 low nibbles' bytes, 8 top-bits' bytes, 2 scale bytes
+QMIN, QMAX = -32, 31
+ROWS = 16384  # GPTQ's rows per pass: at Scout's width two float32 copies of 335 MB, not of 4 GB
+
+
+def fit_scales(wg: torch.Tensor) -> torch.Tensor:
+    """Scales [R] for blocks wg [R, 32] (any strides): the block's largest magnitude, with its
+    sign, to -32 (the grid's far end), then the least-squares scale for those integers, rounded
+    to fp16 as stored (returned as float32). An all-zero block gets 1 (its integers are 0 either
+    way; the walk divides by it), a block holding NaN or infinity NaN."""
+    v = wg.float()
+    m = torch.gather(v, 1, v.abs().nan_to_num(float("inf")).argmax(1, keepdim=True))
+    inv = torch.where(m != 0, -32.0 / m, torch.zeros_like(m))
+    q = torch.round(v * inv).clamp_(QMIN, QMAX)
+    qq, wq = (q * q).sum(1), (v * q).sum(1)
+    d = torch.where(qq > 0, wq / qq.clamp(min=1), torch.ones_like(qq))
+    # fp16 keeps 2^-24 as its smallest magnitude: a scale under it would round to 0
+    d = torch.where(d.abs() < 2.0**-24, torch.full_like(d, 2.0**-24).copysign(d), d)
+    return torch.where(torch.isfinite(v).all(1), d, torch.full_like(d, float("nan"))).half().float()
+
+
+def rtn(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [N, K] -> (q int8 [N, K], scales float32 [N, K/32]): each block rounded on its own."""
+    n, k = w.shape
+    v = w.float().reshape(-1, BLOCK)
+    d = fit_scales(v)
+    q = torch.round(v / d[:, None]).nan_to_num_(0).clamp_(QMIN, QMAX).to(torch.int8)
+    return q.reshape(n, k), d.reshape(n, k // BLOCK)
+
+
+def pack(q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """q int8 [N, K] in [QMIN, QMAX] and scales [N, K/32] -> uint8 [N, K/32 * 26] (the layout above)."""
+    n, k = q.shape
+    u = (q.to(torch.int16) + 32).to(torch.uint8).reshape(n, k // BLOCK, BLOCK)
+    low = (u[..., :16] & 0xF) | ((u[..., 16:] & 0xF) << 4)
+    top = (u >> 4).reshape(n, k // BLOCK, 4, 8)  # [.., m, i]: element i + 8 m
+    high = top[..., 0, :] | (top[..., 1, :] << 2) | (top[..., 2, :] << 4) | (top[..., 3, :] << 6)
+    d = scales.to(torch.float16).contiguous().view(torch.uint8).reshape(n, k // BLOCK, 2)
+    if sys.byteorder != "little":
+        d = d.flip(-1)
+    return torch.cat([low, high, d], dim=-1).reshape(n, -1)
+
+
+def unpack(w: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """pack's inverse: uint8 [N, K/32 * 26] -> (q int8 [N, K], scales float32 [N, K/32])."""
+    n = w.shape[0]
+    b = w.reshape(n, k // BLOCK, BYTES)
+    low, high = b[..., :16], b[..., 16:24]
+    u_low = torch.cat([low & 0xF, low >> 4], dim=-1)
+    u_high = torch.cat([(high >> (2 * m)) & 3 for m in range(4)], dim=-1)
+    q = (u_low | (u_high << 4)).to(torch.int16) - 32
+    d = b[..., 24:26].contiguous()
+    if sys.byteorder != "little":
+        d = d.flip(-1)
+    return q.to(torch.int8).reshape(n, k), d.view(torch.float16).reshape(n, k // BLOCK).float()
+
+
+def dequantize(w: torch.Tensor, k: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The [N, K] weight a packed Q6 matrix stands for, in `dtype` (computed in float32)."""
+    q, d = unpack(w, k)
+    return (q.float().reshape(q.shape[0], -1, BLOCK) * d[..., None]).reshape(q.shape).to(dtype)
+
+
+def gptq(w: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    """w [N, K] quantized by GPTQ with error feedback f (quant.gptq.error_feedback of its inputs'
+    Hessian) to packed Q6, ROWS rows at a time (rows are independent: the same result)."""
+    from .gptq import gptq_walk
+
+    out = []
+    for r in range(0, w.shape[0], ROWS):
+        q, scales, _ = gptq_walk(w[r : r + ROWS], f, BLOCK, lambda wg: (fit_scales(wg), None), QMIN, QMAX)
+        out.append(pack(q.t(), scales.t()))
+    return torch.cat(out)
