@@ -272,7 +272,8 @@ def quantize(
         typer.Option(
             "--int8-lm-head/--keep-lm-head",
             help="Store the lm_head only in INT8 (blocks of 32), 0.9 GB smaller for Scout, but vLLM cannot serve "
-            "that file. Default: keep it as it is, its INT8 blocks for CPU runs in a file beside it.",
+            "that file. Default: keep it as it is, and write it for CPU runs in 6 bits (INT8 with --no-calibrate) "
+            "to a file beside it.",
         ),
     ] = False,
     shard_size: Annotated[str, typer.Option(help="Output shard size, e.g. 2GB.")] = "2GB",

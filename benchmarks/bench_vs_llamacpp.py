@@ -48,7 +48,7 @@ from bench_runner import bytes_per_decode_token  # noqa: E402
 from scout_slice import write_slice  # noqa: E402
 
 from llama4_local import pages  # noqa: E402
-from llama4_local.checkpoint import HEAD_SIDECAR  # noqa: E402
+from llama4_local.checkpoint import head_sidecar  # noqa: E402
 from llama4_local.loader import load_model  # noqa: E402
 from quant import cpu_kernel  # noqa: E402
 from quant.calibrate import DEFAULT_TEXT, DEFAULT_TOKENS, WINDOW  # noqa: E402
@@ -216,9 +216,9 @@ def quantize_side_by_side(bin_dir: Path, files: dict[str, Path], threads: int, r
 
 
 def weight_files(model_dir: Path) -> list[Path]:
-    """A checkpoint of ours' files that a run maps: shards, and the lm_head's INT8 sidecar."""
-    side = model_dir / HEAD_SIDECAR
-    return sorted(model_dir.glob("*.safetensors")) + ([side] if side.is_file() else [])
+    """A checkpoint of ours' files that a run maps: shards, and the lm_head's sidecar."""
+    side = head_sidecar(model_dir)
+    return sorted(model_dir.glob("*.safetensors")) + ([side] if side else [])
 
 
 def read_once(model_dir: Path) -> float:
