@@ -1,5 +1,7 @@
 """Scout's lm_head at decode on the CPU: bf16 (what a bf16 checkpoint reads) against the INT8
-copy a quantized checkpoint's CPU run makes at load (quant.kernels.int8_lm_head), one token.
+copy a quantized checkpoint's CPU run makes at load when it has no sidecar
+(quant.kernels.int8_lm_head) and the Q6 blocks of the default quantize's sidecar (quant/head.py),
+one token.
 
 Scout's vocabulary is 202048 and its hidden size 5120, so the lm_head is 2.07 GB of bf16 that
 every decoded token reads; the benchmark slice of bench_vs_llamacpp.py has a 600-token vocabulary
@@ -27,7 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from timing import best_time  # noqa: E402
 
 from llama4_local.loader import _page_slots  # noqa: E402
-from quant import cpu_kernel  # noqa: E402
+from quant import cpu_kernel, q6  # noqa: E402
+from quant.head import Q6Linear  # noqa: E402
 from quant.kernels import Int8Linear  # noqa: E402
 
 
@@ -53,12 +56,16 @@ def run(w: torch.Tensor, x: torch.Tensor, cpu: torch.device, reps: int) -> list[
     t0 = time.perf_counter()
     head = Int8Linear(w)
     rows = [{"int8 copy at load (s)": round(time.perf_counter() - t0, 2)}]
-    tensors = [w, head.qweight, head.scales]
+    six = Q6Linear(q6.pack(*q6.rtn(w)), w.shape[1], w.dtype)  # rounded alone: the same bytes to read as GPTQ's
+    tensors = [w, head.qweight, head.scales, six.q6]
     slots = _page_slots(tensors, True) if os.environ.get("LLAMA4_LOCAL_HUGE_PAGES") == "1" else {}
-    wb, head.qweight, head.scales = (slots[t.data_ptr()].copy_(t) if t.data_ptr() in slots else t for t in tensors)
+    wb, head.qweight, head.scales, six.q6 = (
+        slots[t.data_ptr()].copy_(t) if t.data_ptr() in slots else t for t in tensors
+    )
     sides = {
         "bf16": (lambda: cpu_kernel.half_mv(x, wb), wb.numel() * 2),
         "int8 (Q8_0)": (lambda: head(x), head.qweight.numel() + head.scales.numel() * 4),
+        "Q6 (the sidecar)": (lambda: six(x), six.q6.numel()),
     }
     for name, (fn, nbytes) in sides.items():
         seconds = best_time(fn, cpu, reps)

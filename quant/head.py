@@ -13,6 +13,7 @@ blocks written for another head (a fine-tune, a replaced shard) are never used.
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 import torch
@@ -60,9 +61,12 @@ def write_head_sidecar(path, w: torch.Tensor, feedback: torch.Tensor | None = No
     meta = {"lm_head": head_digest(w)}
     if feedback is not None and bool(torch.isfinite(w).all()):
         save_file({"q6": q6.gptq(w, feedback)}, str(path), metadata=meta | {"format": "q6"})
-        return
-    q, s = q8_blocks(w)
-    save_file({"qweight": q, "scales": s}, str(path), metadata=meta | {"format": "q8_0"})
+    else:
+        q, s = q8_blocks(w)
+        save_file({"qweight": q, "scales": s}, str(path), metadata=meta | {"format": "q8_0"})
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o644 & ~mask)  # as the shards (safetensors makes its files 0600: unreadable to others)
 
 
 def sidecar_lm_head(model: torch.nn.Module, ckpt, model_dir, dtype: torch.dtype, device: torch.device) -> bool:

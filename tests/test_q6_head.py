@@ -120,6 +120,8 @@ def test_calibrated_quantize_writes_q6_a_bf16_run_maps(calibrated, scout_ckpt):
     side = calibrated / HEAD_SIDECAR
     with safe_open(str(side), "pt") as f:
         assert f.metadata()["format"] == "q6" and set(f.keys()) == {"q6"}
+    shard = next(calibrated.glob("*.safetensors"))
+    assert side.stat().st_mode & 0o777 == shard.stat().st_mode & 0o777  # readable where the shards are
     if not cpu_kernel.available():
         pytest.skip("no AVX2 kernel here")
     model, _ = load_model(calibrated, "bfloat16", "cpu")
