@@ -31,18 +31,19 @@ ROWS = 16384  # GPTQ's rows per pass: at Scout's width two float32 copies of 335
 
 def fit_scales(wg: torch.Tensor) -> torch.Tensor:
     """Scales [R] for blocks wg [R, 32] (any strides): the block's largest magnitude, with its
-    sign, to -32 (the grid's far end), then the least-squares scale for those integers, rounded
-    to fp16 as stored (returned as float32). An all-zero block gets 1 (its integers are 0 either
-    way; the walk divides by it), a block holding NaN or infinity NaN."""
-    v = wg.float()
-    m = torch.gather(v, 1, v.abs().nan_to_num(float("inf")).argmax(1, keepdim=True))
+    sign (the positive one on a tie), to -32 (the grid's far end), then the least-squares scale
+    for those integers, rounded to fp16 as stored (returned as float32). An all-zero block gets 1
+    (its integers are 0 either way; the walk divides by it), a block holding NaN or infinity NaN."""
+    v = wg.float().t()  # [32, R]: GPTQ's groups come as transposed views; reductions run along rows
+    top, bottom = v.amax(0), v.amin(0)
+    m = torch.where(top >= -bottom, top, bottom)  # NaN where the block has one; +-inf where it has one
     inv = torch.where(m != 0, -32.0 / m, torch.zeros_like(m))
     q = torch.round(v * inv).clamp_(QMIN, QMAX)
-    qq, wq = (q * q).sum(1), (v * q).sum(1)
+    qq, wq = (q * q).sum(0), (v * q).sum(0)
     d = torch.where(qq > 0, wq / qq.clamp(min=1), torch.ones_like(qq))
     # fp16 keeps 2^-24 as its smallest magnitude: a scale under it would round to 0
     d = torch.where(d.abs() < 2.0**-24, torch.full_like(d, 2.0**-24).copysign(d), d)
-    return torch.where(torch.isfinite(v).all(1), d, torch.full_like(d, float("nan"))).half().float()
+    return torch.where(torch.isfinite(m), d, torch.full_like(d, float("nan"))).half().float()
 
 
 def rtn(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -57,7 +58,7 @@ def rtn(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def pack(q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """q int8 [N, K] in [QMIN, QMAX] and scales [N, K/32] -> uint8 [N, K/32 * 26] (the layout above)."""
     n, k = q.shape
-    u = (q.to(torch.int16) + 32).to(torch.uint8).reshape(n, k // BLOCK, BLOCK)
+    u = (q.contiguous().view(torch.uint8) + 32).reshape(n, k // BLOCK, BLOCK)  # wraps: q + 32 in [0, 63]
     low = (u[..., :16] & 0xF) | ((u[..., 16:] & 0xF) << 4)
     top = (u >> 4).reshape(n, k // BLOCK, 4, 8)  # [.., m, i]: element i + 8 m
     high = top[..., 0, :] | (top[..., 1, :] << 2) | (top[..., 2, :] << 4) | (top[..., 3, :] << 6)
