@@ -290,8 +290,8 @@ DEQUANTIZE_ROWS = 8192  # stored_lm_head's blocks of rows where it dequantizes
 
 
 def _int8_run(dtype: torch.dtype, device: torch.device) -> bool:
-    """Whether a run of `dtype` on `device` computes an lm_head's INT8 blocks as they are
-    (Int8Linear: a bf16/fp16 CPU run with our kernel)."""
+    """Whether a run of `dtype` on `device` computes an lm_head's INT8 or Q6 blocks as they are
+    (Int8Linear, head.Q6Linear: a bf16/fp16 CPU run with our kernel)."""
     from . import cpu_kernel
 
     return device.type == "cpu" and dtype in (torch.bfloat16, torch.float16) and cpu_kernel.available()
