@@ -364,6 +364,8 @@ def quantize_checkpoint(
         (work.path / "config.json").write_text(json.dumps(raw, indent=2))
         if eligible and not head:  # the head kept (vLLM serves it), its Q6 or Q8_0 blocks beside it for CPU runs
             feedback = ctx.head_feedback if calibrate else None
+            if on_progress:  # GPTQ of Scout's head: about a minute on two cores, after the shards
+                on_progress(done, total, eligible)
             with safe_open(str(tensors[eligible]), framework="pt") as f:
                 write_head_sidecar(work.path / HEAD_SIDECAR, f.get_tensor(eligible), feedback)
         copied = []

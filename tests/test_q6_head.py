@@ -152,3 +152,15 @@ def test_q8_sidecar_under_its_old_name_is_read(calibrated, tmp_path):
     model, _ = load_model(copy, "bfloat16", "cpu")
     assert isinstance(model.lm_head, Int8Linear)
     assert any(HEAD_SIDECARS[1] in p for _, _, p in file_mappings())
+
+
+def test_progress_names_the_head_while_its_copy_is_made(scout_ckpt, tmp_path):
+    """The sidecar comes after every shard (a minute of GPTQ for Scout's head): the progress says so."""
+    names = []
+    quantize_checkpoint(
+        scout_ckpt,
+        tmp_path / "q",
+        QuantizeOptions(group_size=64, calibrate=False),
+        on_progress=lambda d, t, n: names.append(n),
+    )
+    assert names[-1].endswith("lm_head.weight") and (tmp_path / "q" / HEAD_SIDECAR).is_file()
