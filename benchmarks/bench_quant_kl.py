@@ -24,12 +24,15 @@ bf16, and the default INT4 (GPTQ, attention INT4 too) and the previous default (
 attention rounded to INT8 at load) in bf16 with float activations in the INT4 kernel and with
 int8 ones (what bf16 runs use on AVX2 CPUs), all against the float32 original.
 
+With --lm-head it scores the default's lm_head in each form a run may read: kept (bf16), the
+6-bit copy the sidecar holds (GPTQ against the head's inputs), Q8_0, and --int8-lm-head's.
+
 With --tokens 2048,4096,8192 it runs the default quantize with each calibration token count
 (`--calibration-tokens`) and times it: how much of GPTQ's gain fewer tokens keep, for hosts
 where the calibrated quantize is slow (CPUs without bf16 dot products).
 
     python benchmarks/bench_quant_kl.py [--model benchmarks/.cache/small-llama4] [--ctx 256]
-        [--bf16 | --llamacpp | --precision | --tokens N,..]
+        [--bf16 | --llamacpp | --precision | --lm-head | --tokens N,..]
 """
 
 from __future__ import annotations
