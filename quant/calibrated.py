@@ -92,7 +92,7 @@ def calibrated_pass(ctx, names: list[str]) -> set[str]:
     model, _ = load_model(ctx.src, dtype, "cpu", mmap=True)
     runner = LayerRunner(model, ctx.windows)
     handled: set[str] = set()
-    head = getattr(ctx, "want_head", False)
+    head = ctx.want_head
     last = len(model.layers) - 1 if head else max(by_layer)  # nothing past it needs hidden states
     read_ahead(ctx.tensors, 0)
     for i in range(last + 1):

@@ -201,13 +201,17 @@ static inline __m256i q6_unpack(const uint8_t* p) {
   const __m256i l = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)p));
   const __m256i low = _mm256_and_si256(_mm256_srlv_epi32(l, _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4)),
                                        _mm256_set1_epi8(0x0F));
-  const __m256i top = _mm256_srlv_epi64(_mm256_set1_epi64x(*(const int64_t*)(p + 16)), _mm256_setr_epi64x(0, 2, 4, 6));
+  int64_t h;  // unaligned: memcpy (one load), not a cast
+  std::memcpy(&h, p + 16, 8);
+  const __m256i top = _mm256_srlv_epi64(_mm256_set1_epi64x(h), _mm256_setr_epi64x(0, 2, 4, 6));
   return _mm256_or_si256(low, _mm256_slli_epi16(_mm256_and_si256(top, _mm256_set1_epi8(0x03)), 4));
 }
 
 // The block's scale times the activation block's, in all 8 lanes.
 static inline __m256 q6_scale(const uint8_t* p, const float* xd) {
-  const __m256 s = _mm256_cvtph_ps(_mm_set1_epi16(*(const int16_t*)(p + 24)));
+  int16_t h;
+  std::memcpy(&h, p + 24, 2);
+  const __m256 s = _mm256_cvtph_ps(_mm_set1_epi16(h));
   return _mm256_mul_ps(s, _mm256_broadcast_ss(xd));
 }
 
