@@ -59,10 +59,9 @@ static void tile_fp8(const float* xp, const uint8_t* wp, const float* sp, float*
 template <int T>
 static void rows_fp8(const float* xp, const uint8_t* wp, const float* sp, float* yp, int64_t K, int64_t N, int64_t G,
                      int64_t n0, int64_t n1) {
-  constexpr int R = widening_tile_rows<T>();
-  int64_t n = n0;
-  for (; n + R <= n1; n += R) tile_fp8<T, R>(xp, wp, sp, yp, K, N, G, n);
-  for (; n < n1; ++n) tile_fp8<T, 1>(xp, wp, sp, yp, K, N, G, n);
+  in_tiles<widening_tile_rows<T>()>(n0, n1, [&](int64_t n, auto rows) {
+    tile_fp8<T, decltype(rows)::value>(xp, wp, sp, yp, K, N, G, n);
+  });
 }
 
 // x float32 [T, K] (T <= 4), w FP8 bytes [N, K], s float32 [N, G] (256 times the scales).

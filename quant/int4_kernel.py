@@ -211,10 +211,9 @@ static void rows_q8(const int8_t* xq, const float* xd, const uint8_t* qp, const 
     for (int64_t n = n0; n < n1; ++n) row_q8_stream(xq, xd, qp, sp, xs, yp, K, group, sym, n);
     return;
   }
-  constexpr int R = tile_rows<T>();
-  int64_t n = n0;
-  for (; n + R <= n1; n += R) tile_q8<T, R, PAIRS, S>(xq, xd, qp, sp, xs, yp, K, N, group, sym, n);
-  for (; n < n1; ++n) tile_q8<T, 1, PAIRS, S>(xq, xd, qp, sp, xs, yp, K, N, group, sym, n);
+  in_tiles<tile_rows<T>()>(n0, n1, [&](int64_t n, auto rows) {
+    tile_q8<T, decltype(rows)::value, PAIRS, S>(xq, xd, qp, sp, xs, yp, K, N, group, sym, n);
+  });
 }
 
 template <int T, class S>
@@ -294,10 +293,9 @@ static void tile_q8_zmm(const int8_t* xq, const float* xd, const uint8_t* qp, co
 template <int T, class S>
 static void rows_q8_quads(const int8_t* xq, const float* xd, const uint8_t* qp, const S* sp, const float* xs,
                           float* yp, int64_t K, int64_t N, int64_t group, bool sym, int64_t n0, int64_t n1) {
-  constexpr int R = zmm_tile_rows<T>();
-  int64_t n = n0;
-  for (; n + R <= n1; n += R) tile_q8_zmm<T, R, S>(xq, xd, qp, sp, xs, yp, K, N, group, sym, n);
-  for (; n < n1; ++n) tile_q8_zmm<T, 1, S>(xq, xd, qp, sp, xs, yp, K, N, group, sym, n);
+  in_tiles<zmm_tile_rows<T>()>(n0, n1, [&](int64_t n, auto rows) {
+    tile_q8_zmm<T, decltype(rows)::value, S>(xq, xd, qp, sp, xs, yp, K, N, group, sym, n);
+  });
 }
 #endif
 

@@ -12,6 +12,7 @@ SOURCE = r"""
 #include <immintrin.h>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 
 // Weights: nibbles u (0..15), w = s * (u - 8) + o per group, stored as packed bytes and, per row,
 // G scales s then G constants c = o - 8 s, so that sum_k w_k x_k = s * sum_k u_k x_k + c * sum_k x_k.
@@ -32,6 +33,15 @@ constexpr int tile_rows() {
 template <int T>
 constexpr int widening_tile_rows() {
   return T == 1 ? 4 : tile_rows<T>();
+}
+
+// Weight rows n0..n1 in tiles of R, then the remainder one at a time: tile(n, rows), where rows is
+// std::integral_constant<int, R> (then <int, 1>), so each tile compiles with its row count fixed.
+template <int R, class Tile>
+static inline void in_tiles(int64_t n0, int64_t n1, Tile&& tile) {
+  int64_t n = n0;
+  for (; n + R <= n1; n += R) tile(n, std::integral_constant<int, R>());
+  for (; n < n1; ++n) tile(n, std::integral_constant<int, 1>());
 }
 
 // x [32] rounded to int8 with scale d = max|x| / 127 (llama.cpp's Q8_0 block): the integers in

@@ -44,10 +44,9 @@ static void tile_half(const float* xp, const uint16_t* wp, float* yp, int64_t K,
 
 template <bool BF16, int T>
 static void rows_half(const float* xp, const uint16_t* wp, float* yp, int64_t K, int64_t N, int64_t n0, int64_t n1) {
-  constexpr int R = widening_tile_rows<T>();
-  int64_t n = n0;
-  for (; n + R <= n1; n += R) tile_half<BF16, T, R>(xp, wp, yp, K, N, n);
-  for (; n < n1; ++n) tile_half<BF16, T, 1>(xp, wp, yp, K, N, n);
+  in_tiles<widening_tile_rows<T>()>(n0, n1, [&](int64_t n, auto rows) {
+    tile_half<BF16, T, decltype(rows)::value>(xp, wp, yp, K, N, n);
+  });
 }
 
 #define DISPATCH_HALF(B)                                                                   \
@@ -161,10 +160,9 @@ static void tile_w8(const int8_t* xq, const float* xd, const int8_t* wq, const f
 template <int T>
 static void rows_w8(const int8_t* xq, const float* xd, const int8_t* wq, const float* ws, float* yp,
                     int64_t K, int64_t N, int64_t n0, int64_t n1) {
-  constexpr int R = tile_rows<T>();
-  int64_t n = n0;
-  for (; n + R <= n1; n += R) tile_w8<T, R>(xq, xd, wq, ws, yp, K, N, n);
-  for (; n < n1; ++n) tile_w8<T, 1>(xq, xd, wq, ws, yp, K, N, n);
+  in_tiles<tile_rows<T>()>(n0, n1, [&](int64_t n, auto rows) {
+    tile_w8<T, decltype(rows)::value>(xq, xd, wq, ws, yp, K, N, n);
+  });
 }
 
 torch::Tensor q8_mv(torch::Tensor x, torch::Tensor wq, torch::Tensor ws) {
@@ -251,10 +249,9 @@ static void tile_q6(const int8_t* xq, const float* xd, const int32_t* xs, const 
 template <int T>
 static void rows_q6(const int8_t* xq, const float* xd, const int32_t* xs, const uint8_t* wp, float* yp,
                     int64_t K, int64_t N, int64_t n0, int64_t n1) {
-  constexpr int R = tile_rows<T>();
-  int64_t n = n0;
-  for (; n + R <= n1; n += R) tile_q6<T, R>(xq, xd, xs, wp, yp, K, N, n);
-  for (; n < n1; ++n) tile_q6<T, 1>(xq, xd, xs, wp, yp, K, N, n);
+  in_tiles<tile_rows<T>()>(n0, n1, [&](int64_t n, auto rows) {
+    tile_q6<T, decltype(rows)::value>(xq, xd, xs, wp, yp, K, N, n);
+  });
 }
 
 torch::Tensor q6_mv(torch::Tensor x, torch::Tensor w) {
