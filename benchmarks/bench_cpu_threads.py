@@ -2,11 +2,16 @@
 
 For each thread count: decode (one bf16 row through `--matrices` distinct 8192 x 5120 INT4
 matrices, group 128, so the weights stream from memory, not from cache) in GB/s of packed
-weight bytes; prefill (128 rows through 4 of them) in GFLOP/s; a bf16 GEMM of the same prefill
-for comparison; and the memory ceiling: a float32 sum over 1 GiB at that thread count.
-Scout's decode reads about 12 such matrices' worth per MoE layer.
+weight bytes; prefill (128 rows through 4 of them) in GFLOP/s, by the integer kernel and by
+dequantizing to bf16 a chunk at a time for bf16 GEMMs (quant/gemm_kernel.py, the default on
+AMX CPUs; one figure per `--chunks` size in MB); a bf16 GEMM of the same prefill for comparison;
+and the memory ceiling: a float32 sum over 1 GiB at that thread count. Scout's decode reads
+about 12 such matrices' worth per MoE layer. With --crossover, at the last thread count: one
+matrix's time by each INT4 path at each of those row counts, where the GEMM starts to pay
+(quant.cpu_kernel.AMX_GEMM_ROWS).
 
-    python benchmarks/bench_cpu_threads.py [--threads 1,2,4,8,16] [--matrices 32]
+    python benchmarks/bench_cpu_threads.py [--threads 1,2,4,8,16] [--matrices 32] [--chunks 2,8,32]
+        [--crossover 8,16,32,64,128,512]
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from timing import best_time  # noqa: E402
 
 from llama4_local.model import linear  # noqa: E402
 from llama4_local.threads import physical_cores  # noqa: E402
+from quant import cpu_kernel  # noqa: E402
 from quant.int4 import Int4Weight  # noqa: E402
 from quant.kernels import Int4Linear  # noqa: E402
 
@@ -44,6 +50,8 @@ def main():
     ap.add_argument("--threads", default=",".join(map(str, default)))
     ap.add_argument("--matrices", type=int, default=32)
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--chunks", default="8", help="MB of bf16 weights per GEMM chunk, comma-separated")
+    ap.add_argument("--crossover", help="row counts at which to time both INT4 paths (last thread count)")
     args = ap.parse_args()
     cpu = torch.device("cpu")
     gen = torch.Generator().manual_seed(0)
@@ -61,6 +69,8 @@ def main():
                 "logical_cpus": os.cpu_count(),
                 "physical_cores": physical_cores(),
                 "kernel_path": lins[0].path,
+                "amx": cpu_kernel.has_amx(),
+                "int4_bf16_gemm_from_rows": cpu_kernel.bf16_gemm_rows(),
                 "decode_bytes_MB": round(nbytes / 1e6, 1),
             }
         ),
@@ -81,6 +91,15 @@ def main():
         t_dec = best_time(decode, cpu, args.reps)
         t_pre = best_time(prefill, cpu, max(2, args.reps // 2)) / 4
         t_bf16 = best_time(lambda: linear(xp, w16), cpu, max(2, args.reps // 2))
+        gemm = {}
+        for mb in [float(c) for c in args.chunks.split(",")]:
+
+            def prefill_gemm():
+                for lin in lins[:4]:
+                    cpu_kernel.int4_gemm_bf16(xp, lin.packed, lin.scales_and_zeros, GROUP, int(mb * 2**20))
+
+            t = best_time(prefill_gemm, cpu, max(2, args.reps // 2)) / 4
+            gemm[f"prefill_int4_bf16_gemm_{mb:g}MB_GFLOP_s"] = round(flops / t / 1e9, 1)
         t_sum = best_time(lambda: big.sum(), cpu, args.reps)
         print(
             json.dumps(
@@ -89,8 +108,32 @@ def main():
                     "decode_GB_s": round(nbytes / t_dec / 1e9, 2),
                     "decode_ms_per_matrix": round(t_dec / len(lins) * 1e3, 3),
                     "prefill_int4_GFLOP_s": round(flops / t_pre / 1e9, 1),
+                    **gemm,
                     "prefill_bf16_GFLOP_s": round(flops / t_bf16 / 1e9, 1),
                     "sum_GB_s": round(big.numel() * 4 / t_sum / 1e9, 2),
+                }
+            ),
+            flush=True,
+        )
+    if args.crossover:
+        crossover(lins[0], [int(r) for r in args.crossover.split(",")], args.reps)
+
+
+def crossover(lin, rows: list[int], reps: int) -> None:
+    """One matrix's time by the integer kernel and by the bf16 GEMM path at each row count."""
+    cpu = torch.device("cpu")
+    for r in rows:
+        x = torch.randn(r, K).bfloat16()
+        t_int = best_time(lambda: cpu_kernel.int4_mv(x, lin.packed, lin.scales_and_zeros, GROUP, True), cpu, reps)
+        t_gemm = best_time(lambda: cpu_kernel.int4_gemm_bf16(x, lin.packed, lin.scales_and_zeros, GROUP), cpu, reps)
+        print(
+            json.dumps(
+                {
+                    "rows": r,
+                    "threads": torch.get_num_threads(),
+                    "int4_ms": round(t_int * 1e3, 3),
+                    "bf16_gemm_ms": round(t_gemm * 1e3, 3),
+                    "gemm_speedup": round(t_int / t_gemm, 2),
                 }
             ),
             flush=True,

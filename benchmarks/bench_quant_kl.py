@@ -21,8 +21,9 @@ bench_vs_llamacpp.py builds them (cached under benchmarks/.cache/).
 
 With --bf16 it measures instead what a bf16 run costs on top of the weights: the original in
 bf16, and the default INT4 (GPTQ, attention INT4 too) and the previous default (plain fit,
-attention rounded to INT8 at load) in bf16 with float activations in the INT4 kernel and with
-int8 ones (what bf16 runs use on AVX2 CPUs), all against the float32 original.
+attention rounded to INT8 at load) in bf16 with float activations in the INT4 kernel, with
+int8 ones (what bf16 runs use on AVX2 CPUs) and through bf16 GEMMs of the dequantized weights
+(what bf16 prefills use on AMX CPUs), all against the float32 original.
 
 With --lm-head it scores the default's lm_head in each form a run may read: kept (bf16), the
 6-bit copy the sidecar holds (GPTQ against the head's inputs), Q8_0, and --int8-lm-head's.
@@ -38,6 +39,7 @@ where the calibrated quantize is slow (CPUs without bf16 dot products).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import os
@@ -193,10 +195,31 @@ def bf16_costs(args, report):
             out = Path(tmp) / f"q{i}"
             quantize_checkpoint(args.model, out, opts)
             report(name, load_model(out, "float32", "cpu")[0], dtype="float32")
-            for path, act in (("avx2", "float"), ("avx2_q8", "int8")):
+            for path, act in (("avx2", "float"), ("avx2_q8", "int8"), ("avx2_q8", "bf16 GEMM")):
                 model = with_cpu_path(load_model(out, "bfloat16", "cpu", int8_attention=int8_attention)[0], path)
-                report(name, model, dtype="bfloat16", activations=act)
+                with bf16_gemm(act == "bf16 GEMM"):
+                    report(name, model, dtype="bfloat16", activations=act)
             shutil.rmtree(out)
+
+
+@contextlib.contextmanager
+def bf16_gemm(on: bool):
+    """Every INT4 product of 2 rows or more through the bf16 GEMM path (AMX CPUs' default from
+    32 rows, quant/gemm_kernel.py) while on."""
+    from quant import cpu_kernel
+
+    old = os.environ.get("LLAMA4_LOCAL_INT4_BF16_GEMM")
+    if on:
+        os.environ["LLAMA4_LOCAL_INT4_BF16_GEMM"] = "2"
+    cpu_kernel.bf16_gemm_rows.cache_clear()
+    try:
+        yield
+    finally:
+        if on:
+            os.environ.pop("LLAMA4_LOCAL_INT4_BF16_GEMM")
+            if old is not None:
+                os.environ["LLAMA4_LOCAL_INT4_BF16_GEMM"] = old
+        cpu_kernel.bf16_gemm_rows.cache_clear()
 
 
 PLAIN = ("experts", "shared")

@@ -42,7 +42,8 @@ if has offload; then
 fi
 if has threads; then
   stamp threads
-  timeout "${THREADS_S:-45}" python3 benchmarks/bench_cpu_threads.py --threads 1,2,4,8,16 >"$OUT/threads.jsonl" 2>&1
+  timeout "${THREADS_S:-60}" python3 benchmarks/bench_cpu_threads.py --threads 1,2,4,8,16 --chunks 2,8,32 \
+    --crossover 8,16,32,64,128,512 >"$OUT/threads.jsonl" 2>&1
 fi
 if has vision; then
   stamp vision

@@ -28,6 +28,8 @@ GROUP_MULTIPLE = 32
 _BINDINGS = r"""
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int4_mv", &int4_mv, "INT4 matrix-vector (AVX2)");
+  m.def("int4_dequant_bf16", &int4_dequant_bf16, "rows of INT4 weights dequantized to bf16");
+  m.def("int4_gemm_bf16", &int4_gemm_bf16, "INT4 weights x many rows through bf16 GEMMs per chunk");
   m.def("fp8_mv", &fp8_mv, "FP8 e4m3 weights x float32 activations (AVX2, F16C)");
   m.def("half_mv", &half_mv, "bf16/fp16 matrix-vector (AVX2)");
   m.def("fit_symmetric", &fit_symmetric, "symmetric INT4 group scales (AVX2)");
@@ -107,6 +109,7 @@ def _module():
             attn_kernel,
             fit_kernel,
             fp8_kernel,
+            gemm_kernel,
             glue_kernel,
             gptq_kernel,
             gram_kernel,
@@ -116,7 +119,7 @@ def _module():
         )
 
         target = isa()
-        name = f"llama4_local_int4_{target.replace('-', '_')}_v64"
+        name = f"llama4_local_int4_{target.replace('-', '_')}_v65"
         if not list(Path(_get_build_directory(name, verbose=False)).glob("*.so")):
             sys.stderr.write("llama4-local: building the INT4 CPU kernel (once, about a minute)\n")
         return load_inline(
@@ -124,6 +127,7 @@ def _module():
             cpp_sources=[
                 kernel_common.SOURCE
                 + int4_kernel.SOURCE
+                + gemm_kernel.SOURCE
                 + matvec_kernel.SOURCE
                 + fit_kernel.SOURCE
                 + fp8_kernel.SOURCE
@@ -174,6 +178,45 @@ def int4_mv(
     weight rows); with int8_activations, x is first rounded to int8
     per block of 32 (one float scale per block) and the dot products run on integers."""
     return _module().int4_mv(x.contiguous(), packed, scales, group_size, int8_activations)
+
+
+# The bf16 GEMM path (quant/gemm_kernel.py): rows of weights dequantized per chunk, about this
+# many bytes of bf16 (a chunk stays in the last-level cache while the GEMM reads it).
+GEMM_CHUNK_BYTES = 8 << 20
+AMX_GEMM_ROWS = 32  # from this many activation rows where the CPU has AMX (docs/benchmarks.md)
+
+
+def int4_dequant_bf16(packed: torch.Tensor, scales: torch.Tensor, group_size: int, n0: int = 0, n1=None):
+    """Rows n0..n1 of int4_mv's weights dequantized to bf16 [n1 - n0, K] (w = s u + c in float32,
+    rounded to nearest even)."""
+    return _module().int4_dequant_bf16(packed, scales, group_size, n0, packed.shape[0] if n1 is None else n1)
+
+
+def int4_gemm_bf16(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, group_size: int, chunk_bytes=None):
+    """x [T, K] @ W^T in x's dtype for int4_mv's weights: W dequantized to bf16 a chunk of rows at
+    a time (`chunk_bytes`, default GEMM_CHUNK_BYTES), each chunk one bf16 GEMM (float32 sums)."""
+    rows = max(16, (chunk_bytes or GEMM_CHUNK_BYTES) // (2 * x.shape[1]) // 16 * 16)
+    return _module().int4_gemm_bf16(x, packed, scales, group_size, rows)
+
+
+def has_amx() -> bool:
+    return {"amx_tile", "amx_bf16"} <= _cpu_flags()
+
+
+@functools.cache
+def bf16_gemm_rows() -> int:
+    """From how many activation rows a bf16 or fp16 run's INT4 product on the CPU goes through
+    int4_gemm_bf16 instead of int4_mv's integer dot products; 0: never. By default AMX_GEMM_ROWS
+    where the CPU has AMX (and bf16 GEMMs are not turned off), else never;
+    LLAMA4_LOCAL_INT4_BF16_GEMM=N sets it (0: never)."""
+    v = os.environ.get("LLAMA4_LOCAL_INT4_BF16_GEMM", "auto")
+    if v == "auto":
+        return AMX_GEMM_ROWS if has_amx() and native_bf16() else 0
+    if not v.isdigit():
+        from llama4_local.errors import UserError
+
+        raise UserError(f"LLAMA4_LOCAL_INT4_BF16_GEMM must be auto or a row count (0: never), not {v!r}")
+    return int(v)
 
 
 HALF_MAX_ROWS = 4

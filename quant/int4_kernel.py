@@ -400,18 +400,24 @@ static torch::Tensor int4_mv_impl(const torch::Tensor& x, const torch::Tensor& q
   return rounded_to(y, x.scalar_type());
 }
 
-torch::Tensor int4_mv(torch::Tensor x, torch::Tensor q, torch::Tensor so, int64_t group, bool q8) {
-  TORCH_CHECK(x.dim() == 2 && q.dim() == 2 && so.dim() == 3, "bad ranks");
+// The weights' buffers: q uint8 [N, K / 2], so [N, 2 or 1, G] (float32, or bf16 when symmetric).
+static void check_int4_weights(const torch::Tensor& q, const torch::Tensor& so, int64_t group) {
+  TORCH_CHECK(q.dim() == 2 && so.dim() == 3, "bad ranks");
   TORCH_CHECK(q.scalar_type() == torch::kUInt8, "q must be uint8");
-  TORCH_CHECK(x.is_contiguous() && q.is_contiguous() && so.is_contiguous(), "contiguous inputs");
-  const int64_t T = x.size(0), K = x.size(1), N = q.size(0), G = K / group;
-  TORCH_CHECK(T >= 1, "at least one row");
-  TORCH_CHECK(group % 32 == 0 && K % group == 0 && q.size(1) * 2 == K, "bad shapes");
-  TORCH_CHECK(so.size(0) == N && (so.size(1) == 1 || so.size(1) == 2) && so.size(2) == G,
+  TORCH_CHECK(q.is_contiguous() && so.is_contiguous(), "contiguous weights");
+  const int64_t K = q.size(1) * 2, N = q.size(0);
+  TORCH_CHECK(group >= 32 && group % 32 == 0 && K % group == 0, "bad shapes");
+  TORCH_CHECK(so.size(0) == N && (so.size(1) == 1 || so.size(1) == 2) && so.size(2) == K / group,
               "scales must be [N, 2, G], or [N, 1, G] for symmetric weights");
-  const bool sym = so.size(1) == 1;
-  TORCH_CHECK(so.scalar_type() == torch::kFloat || (sym && so.scalar_type() == torch::kBFloat16),
+  TORCH_CHECK(so.scalar_type() == torch::kFloat || (so.size(1) == 1 && so.scalar_type() == torch::kBFloat16),
               "scales must be float32, or bf16 for symmetric weights");
+}
+
+torch::Tensor int4_mv(torch::Tensor x, torch::Tensor q, torch::Tensor so, int64_t group, bool q8) {
+  check_int4_weights(q, so, group);
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.size(0) >= 1 && x.size(1) == q.size(1) * 2,
+              "x must be contiguous [T, K]");
+  const bool sym = so.size(1) == 1;
   if (so.scalar_type() == torch::kBFloat16)
     return int4_mv_impl(x, q, reinterpret_cast<const uint16_t*>(so.data_ptr()), group, q8, sym);
   return int4_mv_impl(x, q, so.data_ptr<float>(), group, q8, sym);

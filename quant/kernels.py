@@ -115,9 +115,12 @@ def int4_matmul(path: str, group_size, x: torch.Tensor, tensors: dict[str, torch
 
         return nf4_matmul(x, tensors, group_size)
     if path in AVX2_PATHS:
-        from .cpu_kernel import int4_mv
+        from . import cpu_kernel
 
-        return int4_mv(x, tensors["packed"], tensors["scales_and_zeros"], group_size, path == "avx2_q8")
+        packed, scales = tensors["packed"], tensors["scales_and_zeros"]
+        if path == "avx2_q8" and 0 < cpu_kernel.bf16_gemm_rows() <= x.shape[0]:  # many rows, AMX: bf16 GEMMs
+            return cpu_kernel.int4_gemm_bf16(x, packed, scales, group_size)
+        return cpu_kernel.int4_mv(x, packed, scales, group_size, path == "avx2_q8")
     if path == "triton":
         from .triton_int4 import int4_matmul_triton
 
