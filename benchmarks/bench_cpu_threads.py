@@ -1,14 +1,14 @@
 """Thread scaling of the INT4 CPU kernel at Scout's expert shapes, next to what memory allows.
 
 For each thread count: decode (one bf16 row through `--matrices` distinct 8192 x 5120 INT4
-matrices, group 128, so the weights stream from memory, not from cache) in GB/s of packed
-weight bytes; prefill (128 rows through 4 of them) in GFLOP/s, by the integer kernel and by
-dequantizing to bf16 a chunk at a time for bf16 GEMMs (quant/gemm_kernel.py, the default on
-AMX CPUs; one figure per `--chunks` size in MB); a bf16 GEMM of the same prefill for comparison;
-and the memory ceiling: a float32 sum over 1 GiB at that thread count. Scout's decode reads
-about 12 such matrices' worth per MoE layer. With --crossover, at the last thread count: one
-matrix's time by each INT4 path at each of those row counts, where the GEMM starts to pay
-(quant.cpu_kernel.AMX_GEMM_ROWS).
+matrices, group 128, so the weights stream from memory, not from cache) in GB/s of packed weight
+bytes (on AVX-512 VNNI builds also with the row through the 512-bit tiles); prefill (128 rows
+through 4 of them) in GFLOP/s, by the integer kernel and by dequantizing to bf16 a chunk at a
+time for bf16 GEMMs (quant/gemm_kernel.py, the default on AMX CPUs; one figure per `--chunks`
+size in MB); a bf16 GEMM of the same prefill for comparison; and the memory ceiling: a float32
+sum over 1 GiB at that thread count. Scout's decode reads about 12 such matrices' worth per MoE
+layer. With --crossover, at the last thread count: one matrix's time by each INT4 path at each
+of those row counts, where the GEMM starts to pay (quant.cpu_kernel.AMX_GEMM_ROWS).
 
     python benchmarks/bench_cpu_threads.py [--threads 1,2,4,8,16] [--matrices 32] [--chunks 2,8,32]
         [--crossover 8,16,32,64,128,512]
@@ -89,6 +89,11 @@ def main():
                 lin(xp)
 
         t_dec = best_time(decode, cpu, args.reps)
+        zmm = {}
+        if cpu_kernel.isa() == "avx512-vnni":  # decode's one row through the 512-bit tiles too
+            cpu_kernel.set_zmm_one_row(True)
+            zmm["decode_zmm_one_row_GB_s"] = round(nbytes / best_time(decode, cpu, args.reps) / 1e9, 2)
+            cpu_kernel.set_zmm_one_row(False)
         t_pre = best_time(prefill, cpu, max(2, args.reps // 2)) / 4
         t_bf16 = best_time(lambda: linear(xp, w16), cpu, max(2, args.reps // 2))
         gemm = {}
@@ -107,6 +112,7 @@ def main():
                     "threads": n,
                     "decode_GB_s": round(nbytes / t_dec / 1e9, 2),
                     "decode_ms_per_matrix": round(t_dec / len(lins) * 1e3, 3),
+                    **zmm,
                     "prefill_int4_GFLOP_s": round(flops / t_pre / 1e9, 1),
                     **gemm,
                     "prefill_bf16_GFLOP_s": round(flops / t_bf16 / 1e9, 1),

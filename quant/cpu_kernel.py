@@ -29,6 +29,7 @@ _BINDINGS = r"""
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int4_mv", &int4_mv, "INT4 matrix-vector (AVX2)");
   m.def("int4_dequant_bf16", &int4_dequant_bf16, "rows of INT4 weights dequantized to bf16");
+  m.def("set_zmm_one_row", &set_zmm_one_row, "one activation row through the 512-bit INT4 tiles too");
   m.def("int4_gemm_bf16", &int4_gemm_bf16, "INT4 weights x many rows through bf16 GEMMs per chunk");
   m.def("fp8_mv", &fp8_mv, "FP8 e4m3 weights x float32 activations (AVX2, F16C)");
   m.def("half_mv", &half_mv, "bf16/fp16 matrix-vector (AVX2)");
@@ -197,6 +198,13 @@ def int4_gemm_bf16(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, 
     a time (`chunk_bytes`, default GEMM_CHUNK_BYTES), each chunk one bf16 GEMM (float32 sums)."""
     rows = max(16, (chunk_bytes or GEMM_CHUNK_BYTES) // (2 * x.shape[1]) // 16 * 16)
     return _module().int4_gemm_bf16(x, packed, scales, group_size, rows)
+
+
+def set_zmm_one_row(on: bool) -> None:
+    """Decode's single activation row through the 512-bit INT4 tiles as prefill's rows (AVX-512
+    VNNI builds; elsewhere nothing changes). Off by default: slower on Zen 4/5 (int4_kernel.py);
+    for benchmarks on other CPUs (bench_cpu_threads.py)."""
+    _module().set_zmm_one_row(on)
 
 
 def has_amx() -> bool:

@@ -327,6 +327,10 @@ static void over_blocks(int64_t T, int64_t N, Pass pass, bool quads = false) {
   });
 }
 
+// One activation row through the 512-bit tiles too (AVX-512 VNNI builds; else no effect).
+static std::atomic<bool> zmm_one_row{false};
+void set_zmm_one_row(bool on) { zmm_one_row.store(on); }
+
 template <class S>
 static torch::Tensor int4_mv_impl(const torch::Tensor& x, const torch::Tensor& q, const S* sp, int64_t group, bool q8,
                                   bool sym) {
@@ -359,8 +363,9 @@ static torch::Tensor int4_mv_impl(const torch::Tensor& x, const torch::Tensor& q
   // Not for one row: decode of the slice with the 512-bit tile measured 36-38 tok/s against 44
   // for the 256-bit one (one Zen 5 core; 49 against 55 on two), alternated; a 512-bit one-row
   // stream was no faster than row_q8_stream on Zen 4 either. So a row's result in a prefill and
-  // alone differ by float32 rounding (the same products, summed in another order).
-  const bool quads = group % 128 == 0 && T > 1;
+  // alone differ by float32 rounding (the same products, summed in another order). Intel's cores
+  // are another matter, unmeasured: set_zmm_one_row(true) lets a benchmark try (cpu_kernel.py).
+  const bool quads = group % 128 == 0 && (T > 1 || zmm_one_row.load(std::memory_order_relaxed));
 #else
   const bool quads = false;
 #endif

@@ -315,9 +315,21 @@ def test_many_rows_equal_one_row_at_a_time(q8):
     qw = quantize_int4(torch.randn(200, 256, generator=g), 128, True, scale_dtype=torch.bfloat16)
     lin = Int4Linear(qw, "cpu", torch.bfloat16)
     x = torch.randn(41, 256, generator=g)
-    whole = cpu_kernel.int4_mv(x, lin.packed, lin.scales_and_zeros, 128, q8)
-    rows = torch.cat([cpu_kernel.int4_mv(x[i : i + 1], lin.packed, lin.scales_and_zeros, 128, q8) for i in range(41)])
+
+    def mv(x):
+        return cpu_kernel.int4_mv(x, lin.packed, lin.scales_and_zeros, 128, q8)
+
+    whole = mv(x)
+    rows = torch.cat([mv(x[i : i + 1]) for i in range(41)])
     torch.testing.assert_close(whole, rows, rtol=1e-5, atol=1e-4)
+    cpu_kernel.set_zmm_one_row(True)  # AVX-512 builds: a decode row through the prefill's tiles
+    try:
+        zmm = torch.cat([mv(x[i : i + 1]) for i in range(41)])
+    finally:
+        cpu_kernel.set_zmm_one_row(False)
+    torch.testing.assert_close(zmm, rows, rtol=1e-5, atol=1e-4)
+    if q8:
+        torch.testing.assert_close(zmm, whole, rtol=1e-5, atol=1e-4)
 
 
 def kernel_outputs() -> dict[str, torch.Tensor]:
