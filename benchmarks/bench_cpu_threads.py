@@ -8,10 +8,12 @@ time for bf16 GEMMs (quant/gemm_kernel.py, the default on AMX CPUs; one figure p
 size in MB); a bf16 GEMM of the same prefill for comparison; and the memory ceiling: a float32
 sum over 1 GiB at that thread count. Scout's decode reads about 12 such matrices' worth per MoE
 layer. With --crossover, at the last thread count: one matrix's time by each INT4 path at each
-of those row counts, where the GEMM starts to pay (quant.cpu_kernel.AMX_GEMM_ROWS).
+of those row counts, where the GEMM starts to pay (quant.cpu_kernel.AMX_GEMM_ROWS). With
+--stream-prefetch, at the first and last thread counts: decode's GB/s with each prefetch distance
+and hint of the INT4 decode stream (e.g. 1024:nta,4096:t0; the default 2048:nta was tuned on AMD).
 
     python benchmarks/bench_cpu_threads.py [--threads 1,2,4,8,16] [--matrices 32] [--chunks 2,8,32]
-        [--crossover 8,16,32,64,128,512]
+        [--crossover 8,16,32,64,128,512] [--stream-prefetch 1024:nta,2048:nta,4096:nta,2048:t0,4096:t0]
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ def main():
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--chunks", default="8", help="MB of bf16 weights per GEMM chunk, comma-separated")
     ap.add_argument("--crossover", help="row counts at which to time both INT4 paths (last thread count)")
+    ap.add_argument("--stream-prefetch", help="decode prefetch settings to sweep, as BYTES:nta or BYTES:t0")
     args = ap.parse_args()
     cpu = torch.device("cpu")
     gen = torch.Generator().manual_seed(0)
@@ -77,7 +80,8 @@ def main():
         flush=True,
     )
     flops = 2 * ROWS * N * K
-    for n in [int(t) for t in args.threads.split(",")]:
+    counts = [int(t) for t in args.threads.split(",")]
+    for n in counts:
         torch.set_num_threads(n)
 
         def decode():
@@ -89,10 +93,16 @@ def main():
                 lin(xp)
 
         t_dec = best_time(decode, cpu, args.reps)
-        zmm = {}
+        extra = {}
+        if args.stream_prefetch and n in (counts[0], counts[-1]):
+            for setting in args.stream_prefetch.split(","):
+                ahead, hint = setting.split(":")
+                cpu_kernel.set_int4_stream_prefetch(int(ahead), hint == "nta")
+                extra[f"decode_GB_s_{setting}"] = round(nbytes / best_time(decode, cpu, args.reps) / 1e9, 2)
+            cpu_kernel.set_int4_stream_prefetch()
         if cpu_kernel.isa() == "avx512-vnni":  # decode's one row through the 512-bit tiles too
             cpu_kernel.set_zmm_one_row(True)
-            zmm["decode_zmm_one_row_GB_s"] = round(nbytes / best_time(decode, cpu, args.reps) / 1e9, 2)
+            extra["decode_zmm_one_row_GB_s"] = round(nbytes / best_time(decode, cpu, args.reps) / 1e9, 2)
             cpu_kernel.set_zmm_one_row(False)
         t_pre = best_time(prefill, cpu, max(2, args.reps // 2)) / 4
         t_bf16 = best_time(lambda: linear(xp, w16), cpu, max(2, args.reps // 2))
@@ -112,7 +122,7 @@ def main():
                     "threads": n,
                     "decode_GB_s": round(nbytes / t_dec / 1e9, 2),
                     "decode_ms_per_matrix": round(t_dec / len(lins) * 1e3, 3),
-                    **zmm,
+                    **extra,
                     "prefill_int4_GFLOP_s": round(flops / t_pre / 1e9, 1),
                     **gemm,
                     "prefill_bf16_GFLOP_s": round(flops / t_bf16 / 1e9, 1),

@@ -42,8 +42,9 @@ if has offload; then
 fi
 if has threads; then
   stamp threads
-  timeout "${THREADS_S:-60}" python3 benchmarks/bench_cpu_threads.py --threads 1,2,4,8,16 --chunks 2,8,32 \
-    --crossover 8,16,32,64,128,512 >"$OUT/threads.jsonl" 2>&1
+  timeout "${THREADS_S:-90}" python3 benchmarks/bench_cpu_threads.py --threads 1,2,4,8,16 --chunks 2,8,32 \
+    --crossover 8,16,32,64,128,512 --stream-prefetch 1024:nta,4096:nta,8192:nta,2048:t0,4096:t0 \
+    >"$OUT/threads.jsonl" 2>&1
 fi
 if has vision; then
   stamp vision

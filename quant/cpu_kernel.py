@@ -29,6 +29,7 @@ _BINDINGS = r"""
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int4_mv", &int4_mv, "INT4 matrix-vector (AVX2)");
   m.def("int4_dequant_bf16", &int4_dequant_bf16, "rows of INT4 weights dequantized to bf16");
+  m.def("set_int4_stream_prefetch", &set_int4_stream_prefetch, "the INT4 decode stream's prefetch distance and hint");
   m.def("set_zmm_one_row", &set_zmm_one_row, "one activation row through the 512-bit INT4 tiles too");
   m.def("int4_gemm_bf16", &int4_gemm_bf16, "INT4 weights x many rows through bf16 GEMMs per chunk");
   m.def("fp8_mv", &fp8_mv, "FP8 e4m3 weights x float32 activations (AVX2, F16C)");
@@ -120,7 +121,7 @@ def _module():
         )
 
         target = isa()
-        name = f"llama4_local_int4_{target.replace('-', '_')}_v66"
+        name = f"llama4_local_int4_{target.replace('-', '_')}_v67"
         if not list(Path(_get_build_directory(name, verbose=False)).glob("*.so")):
             sys.stderr.write("llama4-local: building the INT4 CPU kernel (once, about a minute)\n")
         return load_inline(
@@ -205,6 +206,13 @@ def set_zmm_one_row(on: bool) -> None:
     VNNI builds; elsewhere nothing changes). Off by default: slower on Zen 4/5 (int4_kernel.py);
     for benchmarks on other CPUs (bench_cpu_threads.py)."""
     _module().set_zmm_one_row(on)
+
+
+def set_int4_stream_prefetch(ahead: int = 2048, nta: bool = True) -> None:
+    """How far ahead (bytes, a multiple of 64) and with which hint (NTA, else T0) the INT4
+    decode stream prefetches its weights; the defaults were tuned on AMD cores. For benchmarks
+    on other CPUs (bench_cpu_threads.py --stream-prefetch)."""
+    _module().set_int4_stream_prefetch(ahead, nta)
 
 
 def has_amx() -> bool:

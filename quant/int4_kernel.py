@@ -172,10 +172,21 @@ static void tile_q8(const int8_t* xq, const float* xd, const uint8_t* qp, const 
     }
 }
 
+// The INT4 decode stream's software prefetch: how far ahead (STREAM_AHEAD, tuned on AMD cores)
+// and with which hint (NTA: into L1 past L2). Variables so that a benchmark can sweep them on
+// other CPUs (set_int4_stream_prefetch; bench_cpu_threads.py --stream-prefetch).
+static int64_t int4_stream_ahead = STREAM_AHEAD;
+static bool int4_stream_nta = true;
+void set_int4_stream_prefetch(int64_t ahead, bool nta) {
+  TORCH_CHECK(ahead >= 0 && ahead % 64 == 0, "ahead: a multiple of 64 bytes");
+  int4_stream_ahead = ahead;
+  int4_stream_nta = nta;
+}
+
 // One activation row (decode), pairs: weight rows one after another, so a thread's rows are one
-// contiguous stream read front to back, prefetched STREAM_AHEAD bytes ahead in it. Independent
-// products per pair of blocks (multiplied by d, not chained through FMA) and two accumulators,
-// alternate groups, keep the FMA latency off the critical path.
+// contiguous stream read front to back, prefetched int4_stream_ahead bytes ahead in it.
+// Independent products per pair of blocks (multiplied by d, not chained through FMA) and two
+// accumulators, alternate groups, keep the FMA latency off the critical path.
 template <class S>
 static void row_q8_stream(const int8_t* xq, const float* xd, const uint8_t* qp, const S* sp, const float* xs,
                           float* yp, int64_t K, int64_t group, bool sym, int64_t n) {
@@ -184,9 +195,15 @@ static void row_q8_stream(const int8_t* xq, const float* xd, const uint8_t* qp, 
   const S* srow = sp + n * (sym ? G : 2 * G);
   const __m256i low = _mm256_set1_epi8(0x0F);
   __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+  const char* ahead = (const char*)q + int4_stream_ahead;
+  const bool nta = int4_stream_nta;
   for (int64_t g = 0; g < G; ++g) {
-    for (int64_t line = 0; line < group / 2; line += 64)
-      _mm_prefetch((const char*)(q + STREAM_AHEAD + g * group / 2 + line), _MM_HINT_NTA);
+    for (int64_t line = 0; line < group / 2; line += 64) {
+      if (nta)
+        _mm_prefetch(ahead + g * group / 2 + line, _MM_HINT_NTA);
+      else
+        _mm_prefetch(ahead + g * group / 2 + line, _MM_HINT_T0);
+    }
     __m256 ga = _mm256_setzero_ps();
     for (int64_t j = 0; j < steps; ++j) {
       const int64_t b = g * steps + j;

@@ -332,6 +332,26 @@ def test_many_rows_equal_one_row_at_a_time(q8):
         torch.testing.assert_close(zmm, whole, rtol=1e-5, atol=1e-4)
 
 
+def test_the_decode_streams_prefetch_settings_change_no_result():
+    from quant import cpu_kernel
+
+    if not cpu_kernel.available():
+        pytest.skip("no AVX2/FMA CPU or no C++ compiler")
+    g = torch.Generator().manual_seed(3)
+    qw = quantize_int4(torch.randn(300, 512, generator=g), 128, True, scale_dtype=torch.bfloat16)
+    lin = Int4Linear(qw, "cpu", torch.bfloat16)
+    x = torch.randn(1, 512, generator=g).bfloat16()
+    want = lin(x)
+    try:
+        for ahead, nta in ((0, True), (64, False), (8192, True), (1 << 20, False)):
+            cpu_kernel.set_int4_stream_prefetch(ahead, nta)
+            assert torch.equal(lin(x), want)
+        with pytest.raises(RuntimeError, match="multiple of 64"):
+            cpu_kernel.set_int4_stream_prefetch(100, True)
+    finally:
+        cpu_kernel.set_int4_stream_prefetch()
+
+
 def kernel_outputs() -> dict[str, torch.Tensor]:
     """The int8-activation kernels on fixed inputs: INT4 at groups 32 and 128 for 1, 3 and 20
     rows, and the INT8 weight kernel."""
