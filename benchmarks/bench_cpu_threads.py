@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from timing import best_time  # noqa: E402
 
 from llama4_local.model import linear  # noqa: E402
-from llama4_local.threads import physical_cores  # noqa: E402
+from llama4_local.threads import cpu_name, physical_cores  # noqa: E402
 from quant import cpu_kernel  # noqa: E402
 from quant.int4 import Int4Weight  # noqa: E402
 from quant.kernels import Int4Linear  # noqa: E402
@@ -68,7 +68,7 @@ def main():
     print(
         json.dumps(
             {
-                "cpu": _cpu_name(),
+                "cpu": cpu_name(),
                 "logical_cpus": os.cpu_count(),
                 "physical_cores": physical_cores(),
                 "kernel_path": lins[0].path,
@@ -154,17 +154,6 @@ def crossover(lin, rows: list[int], reps: int) -> None:
             ),
             flush=True,
         )
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
 
 
 if __name__ == "__main__":

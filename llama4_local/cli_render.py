@@ -26,6 +26,7 @@ def print_info(res: dict, name: str) -> None:
     t.add_row("quantization", f"{q['scheme']} ({', '.join(q['parts'])})" if q else "none (bf16/fp16 weights)")
     t.add_row("on disk", human(res["bytes_on_disk"]))
     t.add_row("context", f"{res['max_context']} max; plans below for {res['context_planned']}")
+    t.add_row("this machine", machine_line(res["machine"]))
     con.print(t)
     for p in res["plans"]:
         title = f"memory plan for {p['gpu_memory'] / 2**30:.1f} GiB of GPU memory"
@@ -41,6 +42,18 @@ def print_info(res: dict, name: str) -> None:
         for what, where, n in p["rows"]:
             pt.add_row(what, where, binary(n))
         con.print(pt)
+
+
+def machine_line(m: dict) -> str:
+    """info's summary of machine_info(): CPU, kernels, RAM, GPU."""
+    kernels = f"{m['cpu_kernels']} kernels" if m["cpu_kernels"] else "no AVX2/FMA: stock kernels"
+    if m["native_bf16"]:
+        kernels += ", bf16 GEMMs"
+    if m["int4_bf16_gemm_from_rows"]:
+        kernels += f" (INT4 prefill from {m['int4_bf16_gemm_from_rows']} rows)"
+    line = f"{m['cpu']}, {m['physical_cores']} cores, {kernels}; {binary(m['available_memory'])} RAM available"
+    gpu = m["gpu"]
+    return line + (f"; GPU {gpu['name']} ({binary(gpu['memory'])})" if gpu else "; no GPU")
 
 
 def print_bench(res: dict, title: str) -> None:

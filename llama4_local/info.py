@@ -33,6 +33,34 @@ def text_parameters(cfg: TextConfig) -> tuple[int, int, int]:
     return total, active, routed_total
 
 
+def machine_info() -> dict:
+    """What this machine runs a model with: the CPU, its physical cores (the default --threads),
+    the instruction set the CPU kernels are built for (None without AVX2/FMA), whether it
+    multiplies bf16 natively, from how many rows an INT4 product goes through bf16 GEMMs (0:
+    never; AMX CPUs), the RAM available now, and the first GPU, if any."""
+    import torch
+
+    from quant import cpu_kernel
+
+    from .loader import available_memory
+    from .threads import cpu_name, physical_cores
+
+    gpu = None
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        gpu = {"name": props.name, "memory": props.total_memory}
+    avx2 = {"avx2", "fma"} <= cpu_kernel._cpu_flags()
+    return {
+        "cpu": cpu_name(),
+        "physical_cores": physical_cores(),
+        "cpu_kernels": cpu_kernel.isa() if avx2 else None,
+        "native_bf16": cpu_kernel.native_bf16(),
+        "int4_bf16_gemm_from_rows": cpu_kernel.bf16_gemm_rows() if avx2 else 0,
+        "available_memory": available_memory(),
+        "gpu": gpu,
+    }
+
+
 def model_info(path: Path, budgets: list[int], context: int, hosts: list[int | None] | None = None) -> dict:
     """What `info` prints; a memory plan per GPU budget and host-RAM budget for experts (None:
     every expert in host RAM)."""
@@ -123,4 +151,5 @@ def model_info(path: Path, budgets: list[int], context: int, hosts: list[int | N
         "bytes_on_disk": sum(f.stat().st_size for f in path.iterdir() if f.is_file()),
         "context_planned": context,
         "plans": plans,
+        "machine": machine_info(),
     }

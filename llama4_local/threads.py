@@ -38,6 +38,18 @@ def physical_cores() -> int:
     return len(allowed) if allowed else (os.cpu_count() or 1)
 
 
+def cpu_name() -> str:
+    """The CPU's model name (Linux: /proc/cpuinfo), else "unknown"."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
+
+
 def set_threads(n: int | None) -> int:
     """Use `n` threads for torch's CPU work (None: the physical cores); returns the count."""
     import torch

@@ -43,6 +43,17 @@ def test_table_output(scout_int4):
     r = run_cli("info", scout_int4[0], "--gpu-memory", "1GiB")
     assert r.returncode == 0, r.stderr
     assert "memory plan for 1.0 GiB" in r.stdout and "expert cache" in r.stdout
+    assert "this machine" in r.stdout and "cores" in r.stdout  # the line wraps at 80 columns
+
+
+def test_info_says_what_this_machine_runs_with(scout_int4):
+    from quant import cpu_kernel
+
+    m = info(scout_int4[0])["machine"]
+    assert m["physical_cores"] >= 1 and m["available_memory"] > 0
+    assert m["cpu_kernels"] in (cpu_kernel.isa(), None)
+    assert m["int4_bf16_gemm_from_rows"] == (cpu_kernel.bf16_gemm_rows() if m["cpu_kernels"] else 0)
+    assert m["native_bf16"] == cpu_kernel.native_bf16()
 
 
 def test_bad_info_input(tmp_path, scout_ckpt):
