@@ -42,6 +42,9 @@ if has offload; then
 fi
 if has threads; then
   stamp threads
+  # the bf16-GEMM INT4 path on this host's CPU (AMX: oneDNN's real kernels), then the timings
+  timeout 60 python3 -m pytest -q tests/test_int4_gemm.py -p no:cacheprovider >"$OUT/int4_gemm_tests.txt" 2>&1
+  tail -1 "$OUT/int4_gemm_tests.txt" | tee -a "$OUT/log.txt"
   timeout "${THREADS_S:-90}" python3 benchmarks/bench_cpu_threads.py --threads 1,2,4,8,16 --chunks 2,8,32 \
     --crossover 8,16,32,64,128,512 --stream-prefetch 1024:nta,4096:nta,8192:nta,2048:t0,4096:t0 \
     >"$OUT/threads.jsonl" 2>&1
