@@ -180,12 +180,12 @@ def run_setup(model, device, prompt_tokens: int, gen_tokens: int, mode: str = "e
     res = {}
     m.reset_stats()
     sync(device)
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     logits = model(ids, cache)
     int(logits[-1].argmax())
     sync(device)
     dt = time.perf_counter() - t
-    res["prefill"] = dict(tok_s=round(prompt_tokens / dt, 2), **phase_stats(m))
+    res["prefill"] = dict(tok_s=round(prompt_tokens / dt, 2), **busy(c, dt), **phase_stats(m))
     m.reset_stats()
     # Decode feeds random tokens (the argmax still syncs, as sampling does): greedy decoding of
     # random weights repeats one token, so every step would route to the same experts.
@@ -193,14 +193,21 @@ def run_setup(model, device, prompt_tokens: int, gen_tokens: int, mode: str = "e
     step = stepper(model, cache, mode)  # captures its graphs here, outside the timing
     sync(device)
     m.reset_stats()
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     for i in range(gen_tokens):
         logits = model(torch.tensor([feed[i]], device=device), cache) if step is None else step(feed[i])
         int(logits[-1].argmax())  # syncs, as sampling does
     sync(device)
     dt = time.perf_counter() - t
-    res["decode"] = dict(tok_s=round(gen_tokens / dt, 3), mode=mode, **phase_stats(m))
+    res["decode"] = dict(tok_s=round(gen_tokens / dt, 3), mode=mode, **busy(c, dt), **phase_stats(m))
     return res
+
+
+def busy(cpu0: float, wall: float) -> dict:
+    """The host's CPU time over the wall time since cpu0 (time.process_time): how many of its
+    cores the phase kept busy on average: the main thread's launches and waits count, and so do
+    OpenMP workers spinning for a while after each parallel region (the CPU misses' kernel)."""
+    return {"host_cores_busy": round((time.process_time() - cpu0) / wall, 2)}
 
 
 def profile_decode(model, device, steps: int) -> dict:
