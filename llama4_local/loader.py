@@ -360,6 +360,10 @@ def load_model(
     model_dir = check_model_dir(model_dir)
     cfg = load_config(model_dir)
     torch_dtype, torch_device = resolve_dtype(dtype), resolve_device(device)
+    if cfg.quantization and torch_device.type == "cpu" and torch_dtype != torch.float32:
+        from quant import cpu_kernel
+
+        cpu_kernel.bf16_gemm_rows()  # LLAMA4_LOCAL_INT4_BF16_GEMM checked now, not mid-prefill
     ckpt = open_checkpoint(model_dir)
     if mmap is None and torch_device.type == "cpu" and offload is None:
         warm_shards(ckpt, 0.8 * available_memory(), with_head=torch_dtype in (torch.bfloat16, torch.float16))

@@ -120,3 +120,12 @@ def test_a_bf16_prefill_through_the_gemm_is_as_close_to_float32_as_the_int8_path
     # This random tiny model amplifies any rounding (bf16 alone: about 14%); int8 activations
     # add a little to it, the GEMM's bf16 activations nothing.
     assert rel_err(gemm, exact) < 1.1 * rel_err(q8, exact)
+
+
+def test_a_bad_row_count_is_a_one_line_error_before_loading(scout_int4, gemm_rows):
+    from tests.cli_util import run_cli
+    from tests.test_bad_input import assert_user_error
+
+    gemm_rows("lots")  # the child process inherits it
+    r = run_cli("prompt", "hi", "--model", scout_int4[0], "--device", "cpu", "-n", "2")
+    assert_user_error(r, "LLAMA4_LOCAL_INT4_BF16_GEMM", "row count")
