@@ -49,7 +49,7 @@ def machine_info() -> dict:
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         gpu = {"name": props.name, "memory": props.total_memory}
-    avx2 = {"avx2", "fma"} <= cpu_kernel._cpu_flags()
+    avx2 = cpu_kernel._cpu_has_avx2_fma()
     return {
         "cpu": cpu_name(),
         "physical_cores": physical_cores(),
