@@ -65,20 +65,16 @@ static void dequant_rows_bf16(const uint8_t* qp, const S* sp, int64_t K, int64_t
   });
 }
 
-template <class S>
-static void dequant_bf16_impl(const torch::Tensor& q, const S* sp, int64_t group, bool sym, int64_t n0, int64_t n1,
-                              torch::Tensor& out) {
-  dequant_rows_bf16(q.data_ptr<uint8_t>(), sp, q.size(1) * 2, group, sym, n0, n1,
-                    reinterpret_cast<uint16_t*>(out.data_ptr()));
-}
-
 static void dequant_bf16(const torch::Tensor& q, const torch::Tensor& so, int64_t group, int64_t n0, int64_t n1,
                          torch::Tensor& out) {
+  const uint8_t* qp = q.data_ptr<uint8_t>();
+  const int64_t K = q.size(1) * 2;
   const bool sym = so.size(1) == 1;
+  uint16_t* op = reinterpret_cast<uint16_t*>(out.data_ptr());
   if (so.scalar_type() == torch::kBFloat16)
-    dequant_bf16_impl(q, reinterpret_cast<const uint16_t*>(so.data_ptr()), group, sym, n0, n1, out);
+    dequant_rows_bf16(qp, reinterpret_cast<const uint16_t*>(so.data_ptr()), K, group, sym, n0, n1, op);
   else
-    dequant_bf16_impl(q, so.data_ptr<float>(), group, sym, n0, n1, out);
+    dequant_rows_bf16(qp, so.data_ptr<float>(), K, group, sym, n0, n1, op);
 }
 
 // Rows n0..n1 of the weights, dequantized: bf16 [n1 - n0, K] (tests; the GEMM below uses it per chunk).
