@@ -205,20 +205,19 @@ def bf16_costs(args, report):
 @contextlib.contextmanager
 def bf16_gemm(on: bool):
     """Every INT4 product of 2 rows or more through the bf16 GEMM path (AMX CPUs' default from
-    32 rows, quant/gemm_kernel.py) while on."""
+    32 rows, quant/gemm_kernel.py) while on; never while off, so the other rows measure what
+    they name on AMX CPUs too."""
     from quant import cpu_kernel
 
     old = os.environ.get("LLAMA4_LOCAL_INT4_BF16_GEMM")
-    if on:
-        os.environ["LLAMA4_LOCAL_INT4_BF16_GEMM"] = "2"
+    os.environ["LLAMA4_LOCAL_INT4_BF16_GEMM"] = "2" if on else "0"
     cpu_kernel.bf16_gemm_rows.cache_clear()
     try:
         yield
     finally:
-        if on:
-            os.environ.pop("LLAMA4_LOCAL_INT4_BF16_GEMM")
-            if old is not None:
-                os.environ["LLAMA4_LOCAL_INT4_BF16_GEMM"] = old
+        os.environ.pop("LLAMA4_LOCAL_INT4_BF16_GEMM")
+        if old is not None:
+            os.environ["LLAMA4_LOCAL_INT4_BF16_GEMM"] = old
         cpu_kernel.bf16_gemm_rows.cache_clear()
 
 
