@@ -12,7 +12,10 @@ Two ways to form sum_k u_k x_k per block of 32 inputs (16 bytes of weights):
 - int8 activations (`int8_activations=True`, what bf16 runs use): x is rounded per block of 32
   to int8 with one float32 scale d (llama.cpp's Q8_0); `maddubs` multiplies the 32 unsigned
   nibbles by the 32 signed bytes, `madd` sums pairs, and the 8 int32 partial sums are scaled by
-  s * d in float32. About 10 instructions per 16 weight bytes: memory speed on one row.
+  s * d in float32. About 10 instructions per 16 weight bytes: memory speed on one row. On
+  AVX2 CPUs without VNNI, at groups of a multiple of 128, one scale d per 128 inputs instead
+  (`tile_q8_span`; cpu_kernel.int8_span): four maddubs add in int16 before one madd, 1.2-1.4x
+  the per-32 tiles' speed on a Zen 3 core, and decode from memory rather than bound by the core.
 - float activations (float32 runs, the precise mode): nibbles converted to float32 eight at a
   time and FMA'd with x; bit-for-bit the reference's arithmetic up to summation order, but the
   conversions make it compute-bound at about half the speed.
@@ -245,6 +248,136 @@ static void rows_q8_blocks(const int8_t* xq, const float* xd, const uint8_t* qp,
   rows_q8<false, T, S>(xq, xd, qp, sp, xs, yp, K, N, group, sym, n0, n1);
 }
 
+#ifndef DPBUSD
+#define SPAN128 1
+// AVX2 without VNNI, groups of a multiple of 128: the activations rounded to int8 per span of 128
+// inputs (one scale d per span; llama.cpp's Q8_K takes one per 256 for its K-quant dot products),
+// so the four maddubs of a span (two 32-byte weight loads, the pairs layout) add in int16 (|sum|
+// <= 4 * 2 * 15 * 127 < 2^15) before one madd: per 128 weights and activation row 4 maddubs and
+// one madd where per-32 scales take 4 and 2 (maddubs and madd share one pipe on Zen 3), one
+// conversion and one FMA where they take 2 and 3. Scale s times d is one scalar product per span.
+// The groups' constants (c = o - 8 s, or -8 s) times the activation sums xs go after the groups,
+// eight groups at a time for all T rows together (the scales read once). SPANS: spans per group
+// when fixed at compile time (1: groups of 128), else 0 (read from group).
+// One span's products for one activation row: the four maddubs of the weights' nibbles (lo0, hi0:
+// the first 32 weight bytes' low and high nibbles, lo1, hi1: the next 32's) with the span's 128
+// int8 activations in the pairs layout, summed in int16, then one madd: 8 int32 partial sums.
+static inline __m256i span_dot(__m256i lo0, __m256i hi0, __m256i lo1, __m256i hi1, const int8_t* x) {
+  const __m256i s16 = _mm256_add_epi16(
+      _mm256_add_epi16(_mm256_maddubs_epi16(lo0, _mm256_loadu_si256((const __m256i*)x)),
+                       _mm256_maddubs_epi16(hi0, _mm256_loadu_si256((const __m256i*)(x + 32)))),
+      _mm256_add_epi16(_mm256_maddubs_epi16(lo1, _mm256_loadu_si256((const __m256i*)(x + 64))),
+                       _mm256_maddubs_epi16(hi1, _mm256_loadu_si256((const __m256i*)(x + 96)))));
+  return _mm256_madd_epi16(s16, _mm256_set1_epi16(1));
+}
+
+template <int T, int R, class S, int SPANS>
+static void tile_q8_span(const int8_t* xq, const float* xd, const uint8_t* qp, const S* sp, const float* xs, float* yp,
+                         int64_t K, int64_t N, int64_t group, bool sym, int64_t n) {
+  const int64_t G = K / group, Q = K / 128, spans = SPANS ? SPANS : group / 128;
+  const __m256i low = _mm256_set1_epi8(0x0F);
+  const uint8_t* qrow[R];
+  const S* srow[R];
+  for (int r = 0; r < R; ++r) {
+    qrow[r] = qp + (n + r) * (K / 2);
+    srow[r] = sp + (n + r) * (sym ? G : 2 * G);
+  }
+  __m256 acc[T][R];
+  for (int t = 0; t < T; ++t)
+    for (int r = 0; r < R; ++r) acc[t][r] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < G; ++g) {
+    for (int r = 0; r < R; ++r) _mm_prefetch((const char*)(qrow[r] + AHEAD * (K / 2) + g * group / 2), _MM_HINT_NTA);
+    float s[R];
+    for (int r = 0; r < R; ++r) s[r] = scale_at(srow[r], g);
+    for (int64_t j = 0; j < spans; ++j) {
+      const int64_t c = g * spans + j;  // the span: inputs 128 c .. 128 c + 127
+      for (int r = 0; r < R; ++r) {
+        const __m256i b0 = _mm256_loadu_si256((const __m256i*)(qrow[r] + c * 64));
+        const __m256i b1 = _mm256_loadu_si256((const __m256i*)(qrow[r] + c * 64 + 32));
+        const __m256i lo0 = _mm256_and_si256(b0, low), hi0 = _mm256_and_si256(_mm256_srli_epi16(b0, 4), low);
+        const __m256i lo1 = _mm256_and_si256(b1, low), hi1 = _mm256_and_si256(_mm256_srli_epi16(b1, 4), low);
+        for (int t = 0; t < T; ++t) {
+          const __m256i p = span_dot(lo0, hi0, lo1, hi1, xq + t * K + c * 128);
+          acc[t][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(s[r] * xd[t * Q + c]), acc[t][r]);
+        }
+      }
+    }
+  }
+  const float m = sym ? -8.f : 1.f;
+  for (int r = 0; r < R; ++r) {
+    const S* cr = sym ? srow[r] : srow[r] + G;
+    __m256 off[T];
+    for (int t = 0; t < T; ++t) off[t] = _mm256_setzero_ps();
+    int64_t g = 0;
+    for (; g + 8 <= G; g += 8) {
+      const __m256 cv = _mm256_mul_ps(scales8(cr + g), _mm256_set1_ps(m));
+      for (int t = 0; t < T; ++t) off[t] = _mm256_fmadd_ps(cv, _mm256_loadu_ps(xs + t * G + g), off[t]);
+    }
+    for (int t = 0; t < T; ++t) {
+      float y = hsum(_mm256_add_ps(acc[t][r], off[t]));
+      for (int64_t h = g; h < G; ++h) y = std::fma(m * scale_at(cr, h), xs[t * G + h], y);
+      yp[t * N + n + r] = y;
+    }
+  }
+}
+
+// One activation row (decode) with per-128 scales: weight rows one after another, as row_q8_stream.
+template <class S>
+static void row_q8_span_stream(const int8_t* xq, const float* xd, const uint8_t* qp, const S* sp, const float* xs,
+                               float* yp, int64_t K, int64_t group, bool sym, int64_t n) {
+  const int64_t G = K / group, spans = group / 128;
+  const uint8_t* q = qp + n * (K / 2);
+  const S* srow = sp + n * (sym ? G : 2 * G);
+  const __m256i low = _mm256_set1_epi8(0x0F);
+  __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+  const char* ahead = (const char*)q + int4_stream_ahead;
+  const bool nta = int4_stream_nta;
+  for (int64_t g = 0; g < G; ++g) {
+    for (int64_t line = 0; line < group / 2; line += 64) {
+      if (nta)
+        _mm_prefetch(ahead + g * group / 2 + line, _MM_HINT_NTA);
+      else
+        _mm_prefetch(ahead + g * group / 2 + line, _MM_HINT_T0);
+    }
+    const float s = scale_at(srow, g);
+    for (int64_t j = 0; j < spans; ++j) {
+      const int64_t c = g * spans + j;
+      const __m256i b0 = _mm256_loadu_si256((const __m256i*)(q + c * 64));
+      const __m256i b1 = _mm256_loadu_si256((const __m256i*)(q + c * 64 + 32));
+      const __m256i hi0 = _mm256_and_si256(_mm256_srli_epi16(b0, 4), low);
+      const __m256i hi1 = _mm256_and_si256(_mm256_srli_epi16(b1, 4), low);
+      const __m256i p = span_dot(_mm256_and_si256(b0, low), hi0, _mm256_and_si256(b1, low), hi1, xq + c * 128);
+      acc[c & 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(s * xd[c]), acc[c & 1]);
+    }
+  }
+  yp[n] = hsum(_mm256_add_ps(acc[0], acc[1])) + group_offsets(srow, xs, G, sym);
+}
+
+template <int SPANS, int T, class S>
+static void rows_q8_span(const int8_t* xq, const float* xd, const uint8_t* qp, const S* sp, const float* xs, float* yp,
+                         int64_t K, int64_t N, int64_t group, bool sym, int64_t n0, int64_t n1) {
+  if (T == 1) {
+    for (int64_t n = n0; n < n1; ++n) row_q8_span_stream(xq, xd, qp, sp, xs, yp, K, group, sym, n);
+    return;
+  }
+  in_tiles<tile_rows<T>()>(n0, n1, [&](int64_t n, auto rows) {
+    tile_q8_span<T, decltype(rows)::value, S, SPANS>(xq, xd, qp, sp, xs, yp, K, N, group, sym, n);
+  });
+}
+
+template <int T, class S>
+static void rows_q8_span1(const int8_t* xq, const float* xd, const uint8_t* qp, const S* sp, const float* xs,
+                          float* yp, int64_t K, int64_t N, int64_t group, bool sym, int64_t n0, int64_t n1) {
+  rows_q8_span<1, T, S>(xq, xd, qp, sp, xs, yp, K, N, group, sym, n0, n1);
+}
+
+template <int T, class S>
+static void rows_q8_spans(const int8_t* xq, const float* xd, const uint8_t* qp, const S* sp, const float* xs,
+                          float* yp, int64_t K, int64_t N, int64_t group, bool sym, int64_t n0, int64_t n1) {
+  rows_q8_span<0, T, S>(xq, xd, qp, sp, xs, yp, K, N, group, sym, n0, n1);
+}
+#endif
+
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
 #define QUADS_ZMM 1
 // Weight rows per 512-bit tile: 2 for 2 to 5 activation rows (32 registers hold the 2 x 2 x 5
@@ -328,16 +461,23 @@ constexpr int64_t BLOCK_N = 64, ROW_STEP = 3;
 
 // Activation rows per pass: up to 8 in one, more ROW_STEP at a time; for the 512-bit tiles at
 // most ROW_STEP_ZMM (6 to 8 rows in one pass would take one weight row per tile), so 8 go as 5 + 3.
-static int64_t row_step(int64_t T, bool quads) {
+// The per-128 tiles (`span`: one accumulator per row and weight row) take as many rows as keep
+// their int8 activations within 32 KB (L1 on most cores), 3 to 5: for a 128-token prefill on one
+// Zen 3 thread, at 5120 inputs 5 rows 151-155 GOP/s, 4 146-148, 3 136-143; at 8192 inputs 4 rows
+// 145-147, 5 142-144, 3 128-140.
+static int64_t row_step(int64_t T, int64_t K, bool quads, bool span) {
 #ifdef QUADS_ZMM
   if (quads) return T <= 5 ? T : ROW_STEP_ZMM;
 #endif
+  if (span) {
+    const int64_t rows = std::min<int64_t>(5, std::max<int64_t>(3, 32768 / K));
+    return std::min(T, rows);
+  }
   return T <= 8 ? T : ROW_STEP;
 }
 
 template <class Pass>
-static void over_blocks(int64_t T, int64_t N, Pass pass, bool quads = false) {
-  const int64_t step = row_step(T, quads);
+static void over_blocks(int64_t T, int64_t N, int64_t step, Pass pass) {
   in_runs(N, BLOCK_N, [&](int64_t n0, int64_t n1) {
     for (int64_t nb = n0; nb < n1; nb += BLOCK_N)
       for (int64_t t0 = 0; t0 < T; t0 += step) pass(t0, std::min(step, T - t0), nb, std::min(nb + BLOCK_N, n1));
@@ -367,11 +507,45 @@ static torch::Tensor int4_mv_impl(const torch::Tensor& x, const torch::Tensor& q
       }
     const float* xsp = xs.data();
     const float* xpp = xperm.data();
-    over_blocks(T, N, [&](int64_t t0, int64_t T, int64_t n0, int64_t n1) {
+    over_blocks(T, N, row_step(T, K, false, false), [&](int64_t t0, int64_t T, int64_t n0, int64_t n1) {
       DISPATCH_ROWS_S(rows_f32, xpp + t0 * K, qp, sp, xsp + t0 * G, yp + t0 * N, K, N, group, sym, n0, n1)
     });
     return rounded_to(y, x.scalar_type());
   }
+#ifdef SPAN128
+  if (group % 128 == 0) {  // per-128 scales (tile_q8_span): the pairs layout, one d per span
+    const int64_t Q = K / 128;
+    auto xq_t = torch::empty({T * K}, torch::kChar);
+    auto xd_t = torch::empty({T * Q}, torch::kFloat);
+    int8_t* xq_p = xq_t.data_ptr<int8_t>();
+    float* xd_p = xd_t.data_ptr<float>();
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t c = 0; c < Q; ++c) {
+        const float* x = xp + t * K + c * 128;
+        __m256 inv;
+        const float d = q8_scale(x, 128, &inv);
+        int sum = 0;
+        for (int i = 0; i < 4; ++i) {  // block i of the span: pair i / 2, half i % 2
+          int8_t* dst = xq_p + t * K + c * 128 + (i / 2) * 64 + (i % 2) * 16;
+          sum += round_block_q8_with(x + 32 * i, inv, nullptr, dst, dst + 32);
+        }
+        xd_p[t * Q + c] = d;
+        xs[t * G + c * 128 / group] += d * (float)sum;
+      }
+    const int8_t* xqp = xq_p;
+    const float *xdp = xd_p, *xsp = xs.data();
+    over_blocks(T, N, row_step(T, K, false, true), [&](int64_t t0, int64_t T, int64_t n0, int64_t n1) {
+      if (group == 128) {
+        DISPATCH_ROWS_S(rows_q8_span1, xqp + t0 * K, xdp + t0 * Q, qp, sp, xsp + t0 * G, yp + t0 * N, K, N, group,
+                        sym, n0, n1)
+      } else {
+        DISPATCH_ROWS_S(rows_q8_spans, xqp + t0 * K, xdp + t0 * Q, qp, sp, xsp + t0 * G, yp + t0 * N, K, N, group,
+                        sym, n0, n1)
+      }
+    });
+    return rounded_to(y, x.scalar_type());
+  }
+#endif
   // Each block of 32 is rounded straight into the order the tiles read: per block (its 16 even
   // inputs, its 16 odd ones) with one scale; with two blocks per step (groups of 64 or more) per
   // pair (b0 even, b1 even, b0 odd, b1 odd) with each scale four times, as lanes.
@@ -405,7 +579,7 @@ static torch::Tensor int4_mv_impl(const torch::Tensor& x, const torch::Tensor& q
   const int8_t* xqp = xq_p;
   const float* xdp = xd_p;
   const float* xsp = xs.data();
-  over_blocks(T, N, [&](int64_t t0, int64_t T, int64_t n0, int64_t n1) {
+  over_blocks(T, N, row_step(T, K, quads, false), [&](int64_t t0, int64_t T, int64_t n0, int64_t n1) {
     const int8_t* xq0 = xqp + t0 * K;
     const float *xd0 = xdp + t0 * B * lanes, *xs0 = xsp + t0 * G;
     float* y0 = yp + t0 * N;
@@ -418,7 +592,7 @@ static torch::Tensor int4_mv_impl(const torch::Tensor& x, const torch::Tensor& q
     } else {
       DISPATCH_ROWS_S(rows_q8_blocks, xq0, xd0, qp, sp, xs0, y0, K, N, group, sym, n0, n1)
     }
-  }, quads);
+  });
   return rounded_to(y, x.scalar_type());
 }
 

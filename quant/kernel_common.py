@@ -1,5 +1,5 @@
 """What the CPU kernels share (C++, compiled with them by quant/cpu_kernel.py): row-tile sizes,
-int8 rounding of activations per block of 32 (llama.cpp's Q8_0), the int8 dot products
+int8 rounding of activations (per block of 32, llama.cpp's Q8_0, or per 128), the int8 dot products
 (vpdpbusd where the CPU has VNNI, else maddubs + madd), bf16 scale reads, dispatch on the
 activation row count, the dynamic split of weight rows over threads, and the conversions of
 activations in and results out in the run's dtype.
@@ -44,33 +44,40 @@ static inline void in_tiles(int64_t n0, int64_t n1, Tile&& tile) {
   for (; n < n1; ++n) tile(n, std::integral_constant<int, 1>());
 }
 
-// x [32] rounded to int8 with scale d = max|x| / 127 (llama.cpp's Q8_0 block): the integers in
-// order (ints, 32 bytes), or as the INT4 tiles read them (evens: the 16 even inputs at `even`, the
-// 16 odd ones at `odd`); returns d and, in *sum, the sum of the integers. A NaN or infinity makes
-// d NaN, so the outputs the block touches are NaN, as with float activations (rounding would hide
-// it). Eight lanes at a time; cvtps rounds to nearest even, as nearbyint does.
-static inline float round_block_q8(const float* x, int8_t* ints, int8_t* even, int8_t* odd, int* sum) {
+// Int8 rounding of activations with one scale d = max|x| / 127 over a span of them: llama.cpp's
+// Q8_0 (a block of 32), or 128 (q8_scale, for the AVX2 tiles of quant/int4_kernel.py). A NaN or
+// infinity in the span makes d NaN, so the outputs it touches are NaN, as with float activations
+// (rounding would hide it). Eight lanes at a time; cvtps rounds to nearest even, as nearbyint does.
+//
+// q8_scale: x [n] (a multiple of 8) -> d, and in *inv the factor 127 / max|x| (0 for a zero or
+// non-finite span).
+static inline float q8_scale(const float* x, int64_t n, __m256* inv) {
   const __m256 sign = _mm256_set1_ps(-0.f), zero = _mm256_setzero_ps();
-  __m256 v[4], amax = zero, bad = zero;
-  for (int i = 0; i < 4; ++i) {
-    v[i] = _mm256_loadu_ps(x + 8 * i);
-    amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, v[i]));
-    bad = _mm256_or_ps(bad, _mm256_cmp_ps(_mm256_mul_ps(v[i], zero), zero, _CMP_NEQ_UQ));  // x * 0 is NaN
+  __m256 amax = zero, bad = zero;
+  for (int64_t i = 0; i < n; i += 8) {
+    const __m256 v = _mm256_loadu_ps(x + i);
+    amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, v));
+    bad = _mm256_or_ps(bad, _mm256_cmp_ps(_mm256_mul_ps(v, zero), zero, _CMP_NEQ_UQ));  // x * 0 is NaN
   }
   const bool finite = _mm256_movemask_ps(bad) == 0;
   __m128 m = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
   m = _mm_max_ps(m, _mm_movehl_ps(m, m));
   const float top = _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
-  const __m256 id = _mm256_set1_ps(finite && top > 0.f ? 127.f / top : 0.f);
+  *inv = _mm256_set1_ps(finite && top > 0.f ? 127.f / top : 0.f);
+  return finite ? top / 127.f : NAN;
+}
+
+// x [32] times inv, rounded to int8: the integers in order (ints), or as the INT4 tiles read them
+// (the 16 even inputs at `even`, the 16 odd ones at `odd`); returns the sum of the integers.
+static inline int round_block_q8_with(const float* x, __m256 inv, int8_t* ints, int8_t* even, int8_t* odd) {
   __m256i q[4], total = _mm256_setzero_si256();
   for (int i = 0; i < 4; ++i) {
-    q[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], id));
+    q[i] = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + 8 * i), inv));
     total = _mm256_add_epi32(total, q[i]);
   }
   __m128i t = _mm_add_epi32(_mm256_castsi256_si128(total), _mm256_extracti128_si256(total, 1));
   t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0x4E));
   t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0xB1));
-  *sum = _mm_cvtsi128_si32(t);
   // int32 -> int8 (|q| <= 127, no saturation); the packs interleave 128-bit lanes, the permute undoes it.
   const __m256i b = _mm256_permutevar8x32_epi32(
       _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3])),
@@ -86,7 +93,15 @@ static inline float round_block_q8(const float* x, int8_t* ints, int8_t* even, i
     _mm_storeu_si128((__m128i*)even, _mm256_castsi256_si128(parts));
     _mm_storeu_si128((__m128i*)odd, _mm256_extracti128_si256(parts, 1));
   }
-  return finite ? top / 127.f : NAN;
+  return _mm_cvtsi128_si32(t);
+}
+
+// x [32] as one Q8_0 block: returns d, the integers' sum in *sum.
+static inline float round_block_q8(const float* x, int8_t* ints, int8_t* even, int8_t* odd, int* sum) {
+  __m256 inv;
+  const float d = q8_scale(x, 32, &inv);
+  *sum = round_block_q8_with(x, inv, ints, even, odd);
+  return d;
 }
 
 // Software prefetch reads the row AHEAD rows below the one being read, at the same column: the

@@ -12,8 +12,9 @@ kernels, repacks it once, at load time, into their layout (ours reads the stored
   cuBLAS) and its GEMV, 1.35x slower than the stock one alone, decoded faster in a CUDA graph
   because it reads a routed expert by a device index where the stock kernel needs a gathered copy,
 - CPU with AVX2 and FMA: quant.cpu_kernel (ours, compiled on first use), any number of rows:
-  "avx2_q8" for bf16 activations (rounded to int8 per block of 32, integer dot products, as
-  llama.cpp's Q4 x Q8), "avx2" for float32 ones (float dot products; the precise mode),
+  "avx2_q8" for bf16 activations (rounded to int8 per block of 32, or per 128 on AVX2 CPUs
+  without VNNI (cpu_kernel.int8_span); integer dot products, as llama.cpp's Q4 x Q8 and
+  Q4_K x Q8_K), "avx2" for float32 ones (float dot products; the precise mode),
 - "reference": dequantize, then an ordinary matmul; the oracle for the others in tests and
   the fallback where a kernel's shape rules are not met.
 
@@ -79,8 +80,8 @@ def kernel_for(qw, device: torch.device, dtype: torch.dtype) -> str:
         from . import cpu_kernel
 
         if qw.group_size % cpu_kernel.GROUP_MULTIPLE == 0 and k % qw.group_size == 0 and cpu_kernel.available():
-            # bf16 activations carry 8 significant bits: rounding them to int8 per block of 32
-            # costs little more, and integer dot products run at memory speed. float32 runs
+            # bf16 activations carry 8 significant bits: rounding them to int8 (per 32 or 128
+            # inputs) costs little more, and integer dot products run at memory speed. float32 runs
             # (the precise mode, the oracle tests) keep float activations.
             return "avx2" if dtype == torch.float32 else "avx2_q8"
         # With float32 activations the stock CPU kernel takes a path 16x slower than with bf16 ones.
