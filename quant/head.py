@@ -64,9 +64,22 @@ def write_head_sidecar(path, w: torch.Tensor, feedback: torch.Tensor | None = No
     else:
         q, s = q8_blocks(w)
         save_file({"qweight": q, "scales": s}, str(path), metadata=meta | {"format": "q8_0"})
+    os.chmod(path, 0o644 & ~_umask())  # as the shards (safetensors makes its files 0600: unreadable to others)
+
+
+def _umask() -> int:
+    """The process's umask, read where Linux shows it (/proc/self/status) rather than set and
+    restored: os.umask's round trip changes it process-wide for a moment."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
     mask = os.umask(0)
     os.umask(mask)
-    os.chmod(path, 0o644 & ~mask)  # as the shards (safetensors makes its files 0600: unreadable to others)
+    return mask
 
 
 def sidecar_lm_head(model: torch.nn.Module, ckpt, model_dir, dtype: torch.dtype, device: torch.device) -> bool:

@@ -164,3 +164,16 @@ def test_progress_names_the_head_while_its_copy_is_made(scout_ckpt, tmp_path):
         on_progress=lambda d, t, n: names.append(n),
     )
     assert names[-1].endswith("lm_head.weight") and (tmp_path / "q" / HEAD_SIDECAR).is_file()
+
+
+def test_the_sidecars_mode_follows_the_umask_read_not_set():
+    import os
+
+    from quant import head
+
+    old = os.umask(0o027)
+    try:
+        assert head._umask() == 0o027
+        assert os.umask(0o027) == 0o027  # still what it was: reading it changed nothing
+    finally:
+        os.umask(old)
