@@ -2,16 +2,18 @@
 
 The C++ lives beside this file, one module per kind, each a SOURCE string; they are compiled as
 one extension: quant/kernel_common.py (what the kernels share), quant/int4_kernel.py (INT4
-matrix-vector and prefill: the stored compressed-tensors bytes, no repack), quant/
+matrix-vector and prefill: the stored compressed-tensors bytes, no repack; with its AVX2
+per-128 tiles in int4_span_kernel.py and its 512-bit ones in int4_zmm_kernel.py), quant/
 matvec_kernel.py (bf16/fp16 and INT8 weights), quant/fit_kernel.py (the symmetric INT4 fit),
 fp8_kernel, gptq_kernel, gram_kernel, attn_kernel and glue_kernel.
 
 Built with torch.utils.cpp_extension on first use, for the CPU it runs on (needs a C++ compiler
 and ninja): where the CPU has VNNI (AVX-VNNI, or AVX512-VNNI: Intel since Ice Lake / Alder Lake,
 AMD since Zen 4), the int8 dot products take one vpdpbusd instead of maddubs + madd (`isa()`;
-the same integers), and with AVX-512 the INT4 tiles at groups of 128 or more work on 512-bit
-registers. Where the build fails, or the CPU lacks AVX2/FMA, `available()` is False and callers
-keep the stock kernel.
+the same integers for the same rounded activations), and with AVX-512 the INT4 tiles at groups
+of 128 or more work on 512-bit registers; without VNNI, at those groups, activations are
+rounded per 128 inputs rather than 32 (`int8_span`). Where the build fails, or the CPU lacks
+AVX2/FMA, `available()` is False and callers keep the stock kernel.
 """
 
 from __future__ import annotations
