@@ -65,6 +65,28 @@ def test_int8_activation_kernel_is_exact_on_rounded_activations(group_size, rows
     assert rel_err(plain, Int4Linear(qw, "cpu", torch.float32, path="reference")(x)) < 1e-5
 
 
+@pytest.mark.parametrize("group_size", [128, 256])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_int8_spans_of_128_across_passes_and_wide_groups(group_size, symmetric):
+    """The int8 path with each row's own activation rounding (per 128 inputs on AVX2 without
+    VNNI, else per 32): one row (the decode stream), a few (one pass) and many (passes of 3-5 rows
+    over blocks of weight rows), at groups of one and two spans, against the reference fed those
+    rounded activations."""
+    from quant import cpu_kernel
+
+    if not cpu_kernel.available():
+        pytest.skip("no AVX2/FMA CPU or no C++ compiler")
+    g = torch.Generator().manual_seed(group_size)
+    qw = quantize_int4(torch.randn(200, 1024, generator=g), group_size, symmetric, scale_dtype=torch.bfloat16)
+    lin = Int4Linear(qw, "cpu", torch.bfloat16)
+    ref = Int4Linear(qw, "cpu", torch.float32, path="reference")
+    for rows in (1, 4, 7, 23):
+        x = torch.randn(rows, 1024, generator=g) * torch.logspace(-2, 1, 1024)
+        got = cpu_kernel.int4_mv(x, lin.packed, lin.scales_and_zeros, group_size, True)
+        want = ref(cpu_kernel.round_activations_int8(x, cpu_kernel.int8_span(group_size)))
+        assert rel_err(got, want) < 1e-5, rows
+
+
 def test_the_kernel_reads_the_stored_words_as_they_are():
     """Byte j of a row holds input 2j (low nibble) and 2j + 1 (high): compressed-tensors' order,
     and the kernel's buffer is a view of the loaded tensor, not a copy."""
