@@ -215,6 +215,16 @@ void set_int4_stream_prefetch(int64_t ahead, bool nta) {
   int4_stream_nta = nta;
 }
 
+// The decode stream's prefetch of `bytes` from p on, a line at a time, with its hint.
+static inline void prefetch_lines(const char* p, int64_t bytes, bool nta) {
+  for (int64_t line = 0; line < bytes; line += 64) {
+    if (nta)
+      _mm_prefetch(p + line, _MM_HINT_NTA);
+    else
+      _mm_prefetch(p + line, _MM_HINT_T0);
+  }
+}
+
 // One activation row (decode), pairs: weight rows one after another, so a thread's rows are one
 // contiguous stream read front to back, prefetched int4_stream_ahead bytes ahead in it.
 // Independent products per pair of blocks (multiplied by d, not chained through FMA) and two
@@ -230,12 +240,7 @@ static void row_q8_stream(const int8_t* xq, const float* xd, const uint8_t* qp, 
   const char* ahead = (const char*)q + int4_stream_ahead;
   const bool nta = int4_stream_nta;
   for (int64_t g = 0; g < G; ++g) {
-    for (int64_t line = 0; line < group / 2; line += 64) {
-      if (nta)
-        _mm_prefetch(ahead + g * group / 2 + line, _MM_HINT_NTA);
-      else
-        _mm_prefetch(ahead + g * group / 2 + line, _MM_HINT_T0);
-    }
+    prefetch_lines(ahead + g * group / 2, group / 2, nta);
     __m256 ga = _mm256_setzero_ps();
     for (int64_t j = 0; j < steps; ++j) {
       const int64_t b = g * steps + j;

@@ -19,8 +19,8 @@ SOURCE = r"""
 // one madd where per-32 scales take 4 and 2 (maddubs and madd share one pipe on Zen 3), one
 // conversion and one FMA where they take 2 and 3. Scale s times d is one scalar product per span.
 // The groups' constants (c = o - 8 s, or -8 s) times the activation sums xs go after the groups,
-// eight groups at a time for all T rows together (the scales read once). SPANS: spans per group
-// when fixed at compile time (1: groups of 128), else 0 (read from group).
+// eight groups at a time for all T rows together (the scales read once: finish_tile).
+
 // One span's products for one activation row: the four maddubs of the weights' nibbles (lo0, hi0:
 // the first 32 weight bytes' low and high nibbles, lo1, hi1: the next 32's) with the span's 128
 // int8 activations in the pairs layout, summed in int16, then one madd: 8 int32 partial sums.
@@ -33,6 +33,8 @@ static inline __m256i span_dot(__m256i lo0, __m256i hi0, __m256i lo1, __m256i hi
   return _mm256_madd_epi16(s16, _mm256_set1_epi16(1));
 }
 
+// T activation rows by R weight rows. SPANS: spans per group when fixed at compile time (1: groups
+// of 128), else 0 (read from group).
 template <int T, int R, class S, int SPANS>
 static void tile_q8_span(const int8_t* xq, const float* xd, const uint8_t* qp, const S* sp, const float* xs, float* yp,
                          int64_t K, int64_t N, int64_t group, bool sym, int64_t n) {
@@ -80,12 +82,7 @@ static void row_q8_span_stream(const int8_t* xq, const float* xd, const uint8_t*
   const char* ahead = (const char*)q + int4_stream_ahead;
   const bool nta = int4_stream_nta;
   for (int64_t g = 0; g < G; ++g) {
-    for (int64_t line = 0; line < group / 2; line += 64) {
-      if (nta)
-        _mm_prefetch(ahead + g * group / 2 + line, _MM_HINT_NTA);
-      else
-        _mm_prefetch(ahead + g * group / 2 + line, _MM_HINT_T0);
-    }
+    prefetch_lines(ahead + g * group / 2, group / 2, nta);
     const float s = scale_at(srow, g);
     for (int64_t j = 0; j < spans; ++j) {
       const int64_t c = g * spans + j;
