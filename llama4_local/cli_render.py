@@ -47,6 +47,8 @@ def print_info(res: dict, name: str) -> None:
 def machine_line(m: dict) -> str:
     """info's summary of machine_info(): CPU, kernels, RAM, GPU."""
     kernels = f"{m['cpu_kernels']} kernels" if m["cpu_kernels"] else "no AVX2/FMA: stock kernels"
+    if m.get("int8_activation_span"):
+        kernels += f" (int8 activations per {m['int8_activation_span']})"
     if m["native_bf16"]:
         kernels += ", bf16 GEMMs"
     if m["int4_bf16_gemm_from_rows"]:

@@ -35,9 +35,10 @@ def text_parameters(cfg: TextConfig) -> tuple[int, int, int]:
 
 def machine_info() -> dict:
     """What this machine runs a model with: the CPU, its physical cores (the default --threads),
-    the instruction set the CPU kernels are built for (None without AVX2/FMA), whether it
-    multiplies bf16 natively, from how many rows an INT4 product goes through bf16 GEMMs (0:
-    never; AMX CPUs), the RAM available now, and the first GPU, if any."""
+    the instruction set the CPU kernels are built for (None without AVX2/FMA), how many inputs
+    share one int8 activation scale at INT4 groups of 128 in bf16 runs (32, or 128 on AVX2
+    without VNNI), whether it multiplies bf16 natively, from how many rows an INT4 product goes
+    through bf16 GEMMs (0: never; AMX CPUs), the RAM available now, and the first GPU, if any."""
     import torch
 
     from quant import cpu_kernel
@@ -54,6 +55,7 @@ def machine_info() -> dict:
         "cpu": cpu_name(),
         "physical_cores": physical_cores(),
         "cpu_kernels": cpu_kernel.isa() if avx2 else None,
+        "int8_activation_span": cpu_kernel.int8_span(128) if avx2 else None,
         "native_bf16": cpu_kernel.native_bf16(),
         "int4_bf16_gemm_from_rows": cpu_kernel.bf16_gemm_rows() if avx2 else 0,
         "available_memory": available_memory(),

@@ -54,6 +54,8 @@ def test_info_says_what_this_machine_runs_with(scout_int4):
     assert m["cpu_kernels"] in (cpu_kernel.isa(), None)
     assert m["int4_bf16_gemm_from_rows"] == (cpu_kernel.bf16_gemm_rows() if m["cpu_kernels"] else 0)
     assert m["native_bf16"] == cpu_kernel.native_bf16()
+    assert m["int8_activation_span"] == (cpu_kernel.int8_span(128) if m["cpu_kernels"] else None)
+    assert m["int8_activation_span"] in (32, 128, None)
 
 
 def test_bad_info_input(tmp_path, scout_ckpt):
