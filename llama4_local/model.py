@@ -314,8 +314,12 @@ class Experts(nn.Module):
         """Expert e on its tokens x [N, D] -> [N, D]."""
         return matmul(self.act(e, x), self.down_proj[e])
 
-    def run(self, groups: list[tuple[int, torch.Tensor]]) -> list[torch.Tensor]:
-        """Each (expert, its tokens) group's output, in order. Offloaded experts reorder inside."""
+    def run(self, groups: list[tuple[int, torch.Tensor]], overlap=None) -> list[torch.Tensor]:
+        """Each (expert, its tokens) group's output, in order. Offloaded experts reorder inside
+        and call `overlap` (other work of the layer) where it overlaps their CPU misses; here
+        it runs first."""
+        if overlap is not None:
+            overlap()
         return [self.expert(e, x) for e, x in groups]
 
 
@@ -343,13 +347,14 @@ class MoE(nn.Module):
         idx, scores = self.route(x)
         if self.observer is not None:
             self.observer(self.layer, idx)
-        out = self.shared_expert(x)
         # As the reference, the k routed outputs are summed first (float32, one rounding), then
         # added to the shared expert's: adding them one by one rounds k times in bf16.
         if x.shape[0] == 1:  # decode: no grouping needed; k experts for the one token
+            shared = []  # queued by the experts where it overlaps an offloaded layer's CPU misses
             groups = [(e, x * scores[:, j : j + 1]) for j, e in enumerate(idx[0].tolist())]
-            ys = list(self.experts.run(groups))
-            return out.add_(ys[0] if len(ys) == 1 else torch.stack(ys).sum(0))
+            ys = list(self.experts.run(groups, overlap=lambda: shared.append(self.shared_expert(x))))
+            return shared[0].add_(ys[0] if len(ys) == 1 else torch.stack(ys).sum(0))
+        out = self.shared_expert(x)
         fused = getattr(self.experts, "fused", None)  # grouped kernels, no host sync (Triton INT4)
         y = fused(x, idx, scores) if fused is not None else None
         if y is not None:

@@ -83,5 +83,7 @@ class PiecewiseDecode:
         idx, scores = ff.route(y)  # MoE.route, as the eager step (and whatever replaces it)
         if ff.observer is not None:
             ff.observer(ff.layer, idx)
-        ys = ff.experts.run([(e, y * scores[:, j : j + 1]) for j, e in enumerate(idx[0].tolist())])
-        return torch.cat([*ys, shared_row(ff, y)])
+        groups = [(e, y * scores[:, j : j + 1]) for j, e in enumerate(idx[0].tolist())]
+        shared = []  # queued while the manager's CPU misses compute (OffloadManager.run)
+        ys = ff.experts.run(groups, overlap=lambda: shared.append(shared_row(ff, y)))
+        return torch.cat([*ys, *shared])

@@ -9,6 +9,7 @@
 - computes a miss on the CPU instead of copying it, per `miss_policy`: `swap` always copies,
   `cpu` computes every miss of a few tokens on the CPU, `auto` picks the cheaper of the two
   from a cost model measured at start-up; pieces of many tokens (prefill) are always copied;
+  a decode step's shared expert is queued on the device while the CPU computes its misses;
 - before each MoE layer runs, applies that layer's router to the residual stream coming into
   the layer to guess its experts and starts copying them (speculative prefetch), so the copy
   overlaps the layer's attention;
@@ -61,8 +62,8 @@ class OffloadedExperts(nn.Module):
         self.layer, self.num_experts = layer, num_experts
         self.manager: OffloadManager | None = None
 
-    def run(self, groups: list[tuple[int, torch.Tensor]]) -> list[torch.Tensor]:
-        return self.manager.run(self.layer, groups)
+    def run(self, groups: list[tuple[int, torch.Tensor]], overlap=None) -> list[torch.Tensor]:
+        return self.manager.run(self.layer, groups, overlap)
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         return self.run([(e, x)])[0]
@@ -165,7 +166,11 @@ class OffloadManager:
             return True
         return self.cost.cpu(n_tokens) < self.cost.swap(n_tokens)
 
-    def run(self, layer: int, groups: list[tuple[int, torch.Tensor]]) -> list[torch.Tensor]:
+    def run(self, layer: int, groups: list[tuple[int, torch.Tensor]], overlap=None) -> list[torch.Tensor]:
+        """Each group's output, in order. `overlap`: other device work of the layer (a decode
+        step's shared expert), called once the CPU misses have their inputs and before they
+        compute, so the device runs it while the host computes them (queued before, the
+        inputs' copy would wait for it; after, it would wait for the CPU)."""
         cache, st = self.cache, self.stats[layer]
         keys = [(layer, e) for e, _ in groups]
         was_resident = [cache.resident(k) for k in keys]
@@ -182,6 +187,8 @@ class OffloadManager:
         n = len(groups)
         on_cpu = [j for j in range(n) if not was_resident[j] and self._cpu_for(groups[j][1].shape[0])]
         cpu_inputs = {j: groups[j][1].to("cpu") for j in on_cpu}  # before queueing device work
+        if overlap is not None:
+            overlap()
         skip = set(on_cpu)
         order = [j for j in range(n) if was_resident[j]] + [
             j for j in range(n) if not was_resident[j] and j not in skip

@@ -45,7 +45,9 @@ class QuantizedExperts(nn.Module):
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         return self.experts[e].down_proj(self.act(e, x))
 
-    def run(self, groups: list[tuple[int, torch.Tensor]]) -> list[torch.Tensor]:
+    def run(self, groups: list[tuple[int, torch.Tensor]], overlap=None) -> list[torch.Tensor]:
+        if overlap is not None:  # (model.Experts.run)
+            overlap()
         return [self.expert(e, x) for e, x in groups]
 
     def stacks(self, extra: nn.Module | None = None) -> dict[str, dict[str, torch.Tensor]]:

@@ -115,3 +115,43 @@ def test_piecewise_graphs_on_cuda_equal_static_and_eager(scout_int4, scout_ckpt,
     _, plain = run("static", feed=want_tokens)
     assert rel_err(replayed, plain) < 1e-6
     assert rel_err(replayed, want) < 1e-5
+
+
+@pytest.mark.parametrize("mode", ["eager", "static"])
+def test_decode_queues_the_shared_expert_while_cpu_misses_compute(scout_ckpt, mode):
+    """A decode step's shared expert is issued inside the manager's run, after the CPU misses
+    take their inputs and before they compute: on a GPU it runs while the host computes them
+    (issued before run, the inputs' copy would wait for it; after, it would wait for the CPU)."""
+    model, _ = load_model(scout_ckpt, "float32", "cpu", offload=OffloadOptions(slots=1, miss_policy="cpu"))
+    m, events = model.offload, []
+    run, cpu_kernel = m.run, m.cpu_kernel
+
+    def logged_run(layer, groups, overlap=None):
+        events.append(("run", layer))
+        return run(layer, groups, overlap)
+
+    def logged_cpu(x, views):
+        events.append(("cpu", None))
+        return cpu_kernel(x, views)
+
+    m.run, m.cpu_kernel = logged_run, logged_cpu
+    for layer in model.layers:
+        if layer.is_moe:
+            sh = layer.feed_forward.shared_expert.gate_proj
+            sh.register_forward_pre_hook(lambda _m, _x: events.append(("shared", None)))
+    cache = model.new_cache(PROMPT.shape[0] + 4)
+    logits = model(PROMPT, cache)
+    step = stepper(model, cache, mode)
+    events.clear()  # decode steps only (a prefill's misses are copied)
+    for _ in range(4):
+        tok = int(logits[-1].argmax())
+        logits = model(torch.tensor([tok]), cache) if step is None else step(tok)
+    layers = [i for i, (k, _) in enumerate(events) if k == "run"] + [len(events)]
+    cpu_steps = 0
+    for a, b in zip(layers, layers[1:], strict=False):
+        kinds = [k for k, _ in events[a + 1 : b]]
+        assert kinds.count("shared") == 1, kinds  # once per layer, inside run
+        if "cpu" in kinds:
+            cpu_steps += 1
+            assert kinds.index("shared") < kinds.index("cpu"), kinds
+    assert cpu_steps > 0
