@@ -11,6 +11,14 @@ Why not torch.bmm: for bf16 it goes to oneDNN, which compiles a kernel for each 
 the number of keys grows by one every token: 1.3-1.9 ms in the first layer of every decode step
 and ~250 us in each other layer (Scout-width slice, 48 keys, two Zen 4 threads), for what is a
 pass over 12 KB of keys. Threads split the KV heads; the scores live in a per-thread buffer.
+
+Each KV head's keys are read once for all the query heads that share them (up to six at a time:
+their sums stay in registers), two keys at a time; the softmax runs on 8 lanes (exp8, shared
+with the SwiGLU kernel); the values go in blocks of 64 rows that every query head's 16-column
+sums pass over while they sit in L1. At 16000 keys (Scout's NoPE layers in a long chat: 65 MB
+of bf16 keys and values a layer) this reads 7-9 GB/s on one Zen 3 thread and 17-20 on two,
+against 3.6 and 6.8 when each query head re-read and re-widened its keys, the softmax called
+expf one value at a time and the values were swept 16 columns by 4 heads at a time.
 """
 
 SOURCE = r"""
@@ -29,55 +37,192 @@ static inline __m256 load_row8(const void* p, int64_t i) {  // 8 values as float
   return _mm256_loadu_ps((const float*)p + i);
 }
 
+static inline __m256 round_bf16_8(__m256 x) {  // round_bf16 on 8 lanes
+  const __m256i u = _mm256_castps_si256(x);
+  const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  const __m256i r = _mm256_and_si256(_mm256_add_epi32(u, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7fff))),
+                                     _mm256_set1_epi32((int)0xffff0000u));
+  return _mm256_blendv_ps(_mm256_castsi256_ps(r), x, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
+}
+
+// exp(x) on 8 lanes: x = n ln2 + r (Cody-Waite), |r| <= ln2 / 2, exp(r) by Cephes' expf
+// polynomial, times 2^(n - 1) twice over so that n = 128 (x up to log(FLT_MAX)) stays finite.
+// Within 1.4 ulp of expf where the result is a normal float; inf past log(FLT_MAX), 0 below
+// -87.3, NaN for NaN. silu(a) rounded to bf16 with it equals silu with expf for every bf16 a
+// (all 65280 finite ones, a test), so bf16 runs use it (SwiGLU, decode attention's softmax);
+// float32 runs keep expf (an ulp here and there grew past the float32 tests' 1e-5 through a
+// few layers).
+static inline __m256 exp8(__m256 x) {
+  const __m256 big = _mm256_set1_ps(88.72283905f), small = _mm256_set1_ps(-87.33654475f);
+  const __m256 inf = _mm256_and_ps(_mm256_cmp_ps(x, big, _CMP_GT_OQ), _mm256_set1_ps(INFINITY));
+  x = _mm256_blendv_ps(x, small, _mm256_cmp_ps(x, small, _CMP_LT_OQ));  // comparisons: a NaN stays NaN
+  x = _mm256_blendv_ps(x, big, _mm256_cmp_ps(x, big, _CMP_GT_OQ));
+  const __m256 magic = _mm256_set1_ps(12582912.f);
+  const __m256 n = _mm256_sub_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), magic), magic);  // rounded
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_add_ps(_mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r), _mm256_set1_ps(1.f));
+  // 2^(n - 1), n in [-126, 128]
+  const __m256i half = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(126)), 23);
+  return _mm256_add_ps(_mm256_mul_ps(_mm256_add_ps(p, p), _mm256_castsi256_ps(half)), inf);
+}
+
+static inline float exp_vec(float x) { return _mm256_cvtss_f32(exp8(_mm256_set1_ps(x))); }  // one value (loop tails)
+
+// Raw scores (float32 sums, not yet rounded or scaled) of GN query heads qf [GN, hd] against S
+// keys: p[g * ps + s]. Two keys at a time, so each widened key chunk serves GN heads and 2 GN
+// independent sums keep both FMA pipes busy.
+template <bool BF16, int GN>
+static void raw_scores(const float* qf, const char* k, int64_t k_stride, int64_t S, int64_t hd, float* p, int64_t ps) {
+  const int64_t row = k_stride * (BF16 ? 2 : 4);
+  int64_t s = 0;
+  for (; s + 2 <= S; s += 2) {
+    const char* k0 = k + s * row;
+    __m256 a[GN][2];
+    for (int g = 0; g < GN; ++g) a[g][0] = a[g][1] = _mm256_setzero_ps();
+    for (int64_t d = 0; d < hd; d += 8) {
+      const __m256 x0 = load_row8<BF16>(k0, d), x1 = load_row8<BF16>(k0 + row, d);
+      for (int g = 0; g < GN; ++g) {
+        const __m256 qv = _mm256_loadu_ps(qf + g * hd + d);
+        a[g][0] = _mm256_fmadd_ps(qv, x0, a[g][0]);
+        a[g][1] = _mm256_fmadd_ps(qv, x1, a[g][1]);
+      }
+    }
+    for (int g = 0; g < GN; ++g) {  // both keys' sums at once: [k0 k0 k1 k1 | k0 k0 k1 k1], then halves
+      const __m256 h = _mm256_hadd_ps(a[g][0], a[g][1]);
+      __m128 r = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+      r = _mm_hadd_ps(r, r);
+      p[g * ps + s] = _mm_cvtss_f32(r);
+      p[g * ps + s + 1] = _mm_cvtss_f32(_mm_movehdup_ps(r));
+    }
+  }
+  if (s < S) {
+    const char* k0 = k + s * row;
+    for (int g = 0; g < GN; ++g) {
+      __m256 a = _mm256_setzero_ps();
+      for (int64_t d = 0; d < hd; d += 8)
+        a = _mm256_fmadd_ps(_mm256_loadu_ps(qf + g * hd + d), load_row8<BF16>(k0, d), a);
+      p[g * ps + s] = hsum(a);
+    }
+  }
+}
+
+// Raw scores to probabilities, in place: scaled (in bf16: the sum rounded, scaled, rounded
+// again), then softmax in float32 (exp(x - max) / sum), the probabilities rounded to bf16.
+template <bool BF16>
+static void softmax_scores(float* pg, int64_t S, float scale) {
+  const __m256 sc = _mm256_set1_ps(scale);
+  __m256 mv = _mm256_set1_ps(-INFINITY);
+  int64_t s = 0;
+  for (; s + 8 <= S; s += 8) {
+    __m256 x = _mm256_loadu_ps(pg + s);
+    x = BF16 ? round_bf16_8(_mm256_mul_ps(round_bf16_8(x), sc)) : _mm256_mul_ps(x, sc);
+    _mm256_storeu_ps(pg + s, x);
+    mv = _mm256_max_ps(mv, x);  // x second: a NaN score makes the maximum NaN, and the head's outputs
+  }
+  float m = -INFINITY;
+  for (; s < S; ++s) {
+    pg[s] = BF16 ? round_bf16(round_bf16(pg[s]) * scale) : pg[s] * scale;
+    m = pg[s] > m || pg[s] != pg[s] ? pg[s] : m;
+  }
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, mv);
+  for (float x : lanes) m = x > m || x != x ? x : m;
+  __m256 sv = _mm256_setzero_ps();
+  s = 0;
+  if (BF16) {  // float32: expf and a sum in key order, one at a time
+    const __m256 mv8 = _mm256_set1_ps(m);
+    for (; s + 8 <= S; s += 8) {
+      const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(pg + s), mv8));
+      _mm256_storeu_ps(pg + s, e);
+      sv = _mm256_add_ps(sv, e);
+    }
+  }
+  float sum = hsum(sv);
+  for (; s < S; ++s) sum += (pg[s] = BF16 ? exp_vec(pg[s] - m) : std::exp(pg[s] - m));
+  const __m256 sumv = _mm256_set1_ps(sum);
+  for (s = 0; s + 8 <= S; s += 8) {
+    const __m256 x = _mm256_div_ps(_mm256_loadu_ps(pg + s), sumv);
+    _mm256_storeu_ps(pg + s, BF16 ? round_bf16_8(x) : x);
+  }
+  for (; s < S; ++s) pg[s] = BF16 ? round_bf16(pg[s] / sum) : pg[s] / sum;
+}
+
+// o [GN, hd] (float32) += probabilities p [GN, ps] times S values. Keys in blocks of VBLOCK
+// (16 KB of bf16 rows at hd 128, held in L1 while 16 columns at a time of every head sum over
+// them), each output's sum in key order. Each pass that starts a cache line of the rows
+// prefetches that line of the rows two blocks on (a block's whole prefetch at its start, or
+// in its first pass, or none: 10-25% slower from memory on one or two Zen 3 threads; the
+// rows copied in order into a float32 buffer first: no faster).
+constexpr int64_t VBLOCK = 64;
+
+template <bool BF16, int GN>
+static void weighted_values(const float* p, int64_t ps, const char* v, int64_t v_stride, int64_t S, int64_t hd,
+                            float* o) {
+  const int64_t row = v_stride * (BF16 ? 2 : 4);
+  for (int64_t s0 = 0; s0 < S; s0 += VBLOCK) {
+    const int64_t s1 = std::min(S, s0 + VBLOCK);
+    for (int64_t d = 0; d < hd; d += 16) {
+      const bool line = d * (BF16 ? 2 : 4) % 64 == 0;  // the pass starts a cache line of each row
+      __m256 acc[GN][2];
+      for (int g = 0; g < GN; ++g) {
+        acc[g][0] = _mm256_loadu_ps(o + g * hd + d);
+        acc[g][1] = _mm256_loadu_ps(o + g * hd + d + 8);
+      }
+      for (int64_t s = s0; s < s1; ++s) {
+        const char* vs = v + s * row;
+        if (line)  // a block's prefetches spread over its passes
+          _mm_prefetch(vs + 2 * VBLOCK * row + d * (BF16 ? 2 : 4), _MM_HINT_T0);
+        const __m256 v0 = load_row8<BF16>(vs, d), v1 = load_row8<BF16>(vs, d + 8);
+        for (int g = 0; g < GN; ++g) {
+          const __m256 w = _mm256_broadcast_ss(p + g * ps + s);
+          acc[g][0] = _mm256_fmadd_ps(w, v0, acc[g][0]);
+          acc[g][1] = _mm256_fmadd_ps(w, v1, acc[g][1]);
+        }
+      }
+      for (int g = 0; g < GN; ++g) {
+        _mm256_storeu_ps(o + g * hd + d, acc[g][0]);
+        _mm256_storeu_ps(o + g * hd + d + 8, acc[g][1]);
+      }
+    }
+  }
+}
+
+// Up to 6 query heads at a time: their 12 sums (scores) or 12 accumulators (values) in registers.
+constexpr int MAX_HEADS = 6;
+
+template <bool BF16, int GN = MAX_HEADS>
+static void heads_pass(int64_t gn, bool values, const float* qf, const char* kv, int64_t stride, int64_t S, int64_t hd,
+                       float* p, int64_t ps, float* o) {
+  if constexpr (GN > 1) {
+    if (gn < GN) return heads_pass<BF16, GN - 1>(gn, values, qf, kv, stride, S, hd, p, ps, o);
+  }
+  if (values)
+    weighted_values<BF16, GN>(p, ps, kv, stride, S, hd, o);
+  else
+    raw_scores<BF16, GN>(qf, kv, stride, S, hd, p, ps);
+}
+
 template <bool BF16>
 static void attend_head(const void* q, const void* k, const void* v, void* out, int64_t G, int64_t S, int64_t hd,
                         int64_t k_stride, int64_t v_stride, float scale, std::vector<float>& p) {
-  const int64_t es = BF16 ? 2 : 4;  // element size
   p.resize(G * S);
-  std::vector<float> qf(G * hd);
+  std::vector<float> qf(G * hd), o(G * hd, 0.f);
   for (int64_t g = 0; g < G; ++g)
     for (int64_t d = 0; d < hd; d += 8) _mm256_storeu_ps(&qf[g * hd + d], load_row8<BF16>(q, g * hd + d));
-  for (int64_t s = 0; s < S; ++s) {
-    const char* ks = (const char*)k + s * k_stride * es;
-    for (int64_t g = 0; g < G; ++g) {
-      __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-      for (int64_t d = 0; d < hd; d += 16) {
-        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(&qf[g * hd + d]), load_row8<BF16>(ks, d), a0);
-        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(&qf[g * hd + d + 8]), load_row8<BF16>(ks, d + 8), a1);
-      }
-      const float dot = hsum(_mm256_add_ps(a0, a1));
-      p[g * S + s] = BF16 ? round_bf16(round_bf16(dot) * scale) : dot * scale;
-    }
-  }
-  for (int64_t g = 0; g < G; ++g) {  // softmax in float32, as torch: exp(x - max) / sum
-    float* pg = &p[g * S];
-    float m = -INFINITY;
-    for (int64_t s = 0; s < S; ++s) m = std::max(m, pg[s]);
-    float sum = 0.f;
-    for (int64_t s = 0; s < S; ++s) sum += (pg[s] = std::exp(pg[s] - m));
-    for (int64_t s = 0; s < S; ++s) pg[s] = BF16 ? round_bf16(pg[s] / sum) : pg[s] / sum;
-  }
-  std::vector<float> o(G * hd, 0.f);
-  for (int64_t d = 0; d < hd; d += 16) {  // 16 output columns of every head over all keys
-    for (int64_t g0 = 0; g0 < G; g0 += 4) {
-      const int64_t gn = std::min<int64_t>(4, G - g0);
-      __m256 acc[4][2];
-      for (int i = 0; i < 4; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
-      for (int64_t s = 0; s < S; ++s) {
-        const char* vs = (const char*)v + s * v_stride * es;
-        const __m256 v0 = load_row8<BF16>(vs, d), v1 = load_row8<BF16>(vs, d + 8);
-        for (int64_t i = 0; i < gn; ++i) {
-          const __m256 w = _mm256_set1_ps(p[(g0 + i) * S + s]);
-          acc[i][0] = _mm256_fmadd_ps(w, v0, acc[i][0]);
-          acc[i][1] = _mm256_fmadd_ps(w, v1, acc[i][1]);
-        }
-      }
-      for (int64_t i = 0; i < gn; ++i) {
-        _mm256_storeu_ps(&o[(g0 + i) * hd + d], acc[i][0]);
-        _mm256_storeu_ps(&o[(g0 + i) * hd + d + 8], acc[i][1]);
-      }
-    }
-  }
+  for (int64_t g0 = 0; g0 < G; g0 += MAX_HEADS)  // K read once for every MAX_HEADS heads
+    heads_pass<BF16>(std::min<int64_t>(MAX_HEADS, G - g0), false, &qf[g0 * hd], (const char*)k, k_stride, S, hd,
+                     &p[g0 * S], S, nullptr);
+  for (int64_t g = 0; g < G; ++g) softmax_scores<BF16>(&p[g * S], S, scale);
+  for (int64_t g0 = 0; g0 < G; g0 += MAX_HEADS)  // V likewise
+    heads_pass<BF16>(std::min<int64_t>(MAX_HEADS, G - g0), true, nullptr, (const char*)v, v_stride, S, hd,
+                     &p[g0 * S], S, &o[g0 * hd]);
   for (int64_t i = 0; i < G * hd; ++i) {
     if (BF16) {
       const float r = round_bf16(o[i]);

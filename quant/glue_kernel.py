@@ -4,7 +4,8 @@ place of the 7-8 and 2 torch operations each takes (about 5 us of dispatch apiec
 per layer of a decode step), with the reference's roundings: in bf16 the norm is computed in
 float32 and rounded to bf16, then multiplied by the bf16 weight and rounded again; silu is rounded
 to bf16 before the product. Only the order of the float32 sum of squares differs from torch's.
-Uses quant/attn_kernel.py's round_bf16 and load_row8 (cpu_kernel concatenates that source first).
+Uses quant/attn_kernel.py's round_bf16(_8), exp8 and load_row8 and quant/gemm_kernel.py's bf16_nearest
+(cpu_kernel concatenates those sources first).
 """
 
 SOURCE = r"""
@@ -77,37 +78,20 @@ torch::Tensor rms_norm(torch::Tensor x, c10::optional<torch::Tensor> weight, dou
   return out;
 }
 
-// exp(x) in plain arithmetic the compiler vectorizes (std::exp is a call per element): x =
-// n ln2 + r (Cody-Waite), |r| <= ln2 / 2, exp(r) by Cephes' expf polynomial, times 2^(n - 1)
-// twice over so that n = 128 (x up to log(FLT_MAX)) stays finite. Within 1.4 ulp of expf where
-// the result is a normal float; inf past log(FLT_MAX), 0 below -87.3, NaN for NaN. silu(a)
-// rounded to bf16 with it equals silu with expf for every bf16 a (all 65280 finite ones checked),
-// so bf16 runs use it; float32 runs keep expf (an ulp here and there grew past the float32 tests'
-// 1e-5 through a few layers).
-static inline float exp_vec(float x) {
-  const float inf = x > 88.72283905f ? INFINITY : 0.f;
-  x = x < -87.33654475f ? -87.33654475f : x;  // comparisons, not fmin/fmax: a NaN stays NaN
-  x = x > 88.72283905f ? 88.72283905f : x;
-  const float n = (x * 1.44269504088896341f + 12582912.f) - 12582912.f;  // rounded to an integer
-  float r = x - n * 0.693359375f;
-  r = r - n * -2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * (r * r) + r + 1.f;
-  const int32_t bits = ((int32_t)n + 126) << 23;  // 2^(n - 1), n in [-126, 128]
-  float half;
-  std::memcpy(&half, &bits, 4);
-  return (p + p) * half + inf;
-}
-
 template <bool BF16>
 static void silu_mul_n(const void* g, const void* u, void* out, int64_t n) {
   at::parallel_for(0, n, 4096, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) {
+    int64_t i = i0;
+    if (BF16) {  // 8 at a time, as the loop below computes each
+      const uint16_t *gh = (const uint16_t*)g, *uh = (const uint16_t*)u;
+      for (; i + 8 <= i1; i += 8) {
+        const __m256 a = widen8<true>(gh + i);
+        const __m256 e = exp8(_mm256_xor_ps(a, _mm256_set1_ps(-0.f)));
+        const __m256 s = round_bf16_8(_mm256_div_ps(a, _mm256_add_ps(_mm256_set1_ps(1.f), e)));
+        _mm_storeu_si128((__m128i*)((uint16_t*)out + i), bf16_nearest(_mm256_mul_ps(s, widen8<true>(uh + i))));
+      }
+    }
+    for (; i < i1; ++i) {
       const float a = load1<BF16>(g, i);
       float s = a / (1.f + (BF16 ? exp_vec(-a) : std::exp(-a)));  // float32 runs: expf, bit for bit as before
       if (BF16) s = round_bf16(s);

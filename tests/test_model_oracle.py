@@ -121,21 +121,24 @@ def test_one_query_attention_is_sdpa_with_gqa(keys):
 
 
 @pytest.mark.skipif(not cpu_kernel.available(), reason="needs the built CPU kernel")
-@pytest.mark.parametrize("keys", [1, 37, 300])
+@pytest.mark.parametrize("keys", [1, 37, 300, 1001])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_attention_kernel_is_the_eager_path(keys, dtype):
+@pytest.mark.parametrize("heads,hd", [(10, 32), (16, 128)])
+def test_attention_kernel_is_the_eager_path(keys, dtype, heads, hd):
     """quant/attn_kernel.py (what one_query_attention runs on the CPU) against the eager path it
     replaces (two bmm, float32 softmax, roundings in the inputs' dtype), on views of a larger
-    cache as decode passes them: float32 to rounding, bf16 equal but for a rare last-bit flip."""
+    cache as decode passes them: float32 to rounding, bf16 equal but for a rare last-bit flip.
+    Scout's 5 query heads per KV head, and 8 (the kernel takes 6 at a time); odd key counts
+    (its keys go 2 at a time) and several blocks of values."""
     from llama4_local import model
 
     g = torch.Generator().manual_seed(keys)
-    q = torch.randn(10, 1, 32, generator=g).to(dtype)
-    k, v = (torch.randn(2, 400, 32, generator=g).to(dtype)[:, :keys] for _ in range(2))
+    q = torch.randn(heads, 1, hd, generator=g).to(dtype)
+    k, v = (torch.randn(2, 1100, hd, generator=g).to(dtype)[:, :keys] for _ in range(2))
     assert model._attention_kernel(q, k, v)
     got = cpu_kernel.attend_one(q, k, v)
-    scores = torch.bmm(q.reshape(2, 5, 32), k.transpose(1, 2)) * 32**-0.5
-    want = torch.bmm(torch.softmax(scores, dim=-1, dtype=torch.float32).to(dtype), v).reshape(10, 1, 32)
+    scores = torch.bmm(q.reshape(2, heads // 2, hd), k.transpose(1, 2)) * hd**-0.5
+    want = torch.bmm(torch.softmax(scores, dim=-1, dtype=torch.float32).to(dtype), v).reshape(heads, 1, hd)
     assert got.dtype == dtype and got.shape == want.shape
     if dtype == torch.float32:
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
@@ -145,4 +148,5 @@ def test_attention_kernel_is_the_eager_path(keys, dtype):
     nan = k.clone()
     nan[1, 0, 3] = float("nan")
     out = cpu_kernel.attend_one(q, nan, v)
-    assert out[5:].isnan().all() and not out[:5].isnan().any()  # only the heads reading KV head 1
+    half = heads // 2
+    assert out[half:].isnan().all() and not out[:half].isnan().any()  # only the heads reading KV head 1
