@@ -10,7 +10,9 @@ with the values summed in float32 and rounded once. Only the order of the float3
 Why not torch.bmm: for bf16 it goes to oneDNN, which compiles a kernel for each new shape, and
 the number of keys grows by one every token: 1.3-1.9 ms in the first layer of every decode step
 and ~250 us in each other layer (Scout-width slice, 48 keys, two Zen 4 threads), for what is a
-pass over 12 KB of keys. Threads split the KV heads; the scores live in a per-thread buffer.
+pass over 12 KB of keys. Threads split the KV heads (the scores live in a per-thread buffer);
+with more threads than KV heads (Scout has 8) and over 2048 keys, each head's keys are cut into
+ranges too, whose threads agree on each query head's softmax maximum and sum in between.
 
 Each KV head's keys are read once for all the query heads that share them (up to six at a time:
 their sums stay in registers), two keys at a time; the softmax runs on 8 lanes (exp8, shared
@@ -113,45 +115,63 @@ static void raw_scores(const float* qf, const char* k, int64_t k_stride, int64_t
   }
 }
 
-// Raw scores to probabilities, in place: scaled (in bf16: the sum rounded, scaled, rounded
-// again), then softmax in float32 (exp(x - max) / sum), the probabilities rounded to bf16.
+static inline float max_nan(float m, float x) { return x > m || x != x ? x : m; }
+
+// The softmax of raw scores, in place, in three steps so that threads holding parts of one
+// head's keys can agree on its maximum and sum between them: scaled (in bf16: the sum rounded,
+// scaled, rounded again), then exp(x - max) / sum in float32, the probabilities rounded to bf16.
+// finish_max: scale (and round) n scores; returns their maximum (NaN if one is NaN).
 template <bool BF16>
-static void softmax_scores(float* pg, int64_t S, float scale) {
+static float finish_max(float* pg, int64_t n, float scale) {
   const __m256 sc = _mm256_set1_ps(scale);
   __m256 mv = _mm256_set1_ps(-INFINITY);
   int64_t s = 0;
-  for (; s + 8 <= S; s += 8) {
+  for (; s + 8 <= n; s += 8) {
     __m256 x = _mm256_loadu_ps(pg + s);
     x = BF16 ? round_bf16_8(_mm256_mul_ps(round_bf16_8(x), sc)) : _mm256_mul_ps(x, sc);
     _mm256_storeu_ps(pg + s, x);
     mv = _mm256_max_ps(mv, x);  // x second: a NaN score makes the maximum NaN, and the head's outputs
   }
   float m = -INFINITY;
-  for (; s < S; ++s) {
+  for (; s < n; ++s) {
     pg[s] = BF16 ? round_bf16(round_bf16(pg[s]) * scale) : pg[s] * scale;
-    m = pg[s] > m || pg[s] != pg[s] ? pg[s] : m;
+    m = max_nan(m, pg[s]);
   }
   alignas(32) float lanes[8];
   _mm256_store_ps(lanes, mv);
-  for (float x : lanes) m = x > m || x != x ? x : m;
+  for (float x : lanes) m = max_nan(m, x);
+  return m;
+}
+
+// exp_sum: exp(x - m) for n scores, in place; returns their sum (bf16: 8 lanes; float32: expf
+// and a sum in key order, one at a time).
+template <bool BF16>
+static float exp_sum(float* pg, int64_t n, float m) {
   __m256 sv = _mm256_setzero_ps();
-  s = 0;
-  if (BF16) {  // float32: expf and a sum in key order, one at a time
-    const __m256 mv8 = _mm256_set1_ps(m);
-    for (; s + 8 <= S; s += 8) {
-      const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(pg + s), mv8));
+  int64_t s = 0;
+  if (BF16) {
+    const __m256 mv = _mm256_set1_ps(m);
+    for (; s + 8 <= n; s += 8) {
+      const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(pg + s), mv));
       _mm256_storeu_ps(pg + s, e);
       sv = _mm256_add_ps(sv, e);
     }
   }
   float sum = hsum(sv);
-  for (; s < S; ++s) sum += (pg[s] = BF16 ? exp_vec(pg[s] - m) : std::exp(pg[s] - m));
+  for (; s < n; ++s) sum += (pg[s] = BF16 ? exp_vec(pg[s] - m) : std::exp(pg[s] - m));
+  return sum;
+}
+
+// normalize: n values divided by the head's sum (rounded to bf16 in BF16).
+template <bool BF16>
+static void normalize(float* pg, int64_t n, float sum) {
   const __m256 sumv = _mm256_set1_ps(sum);
-  for (s = 0; s + 8 <= S; s += 8) {
+  int64_t s = 0;
+  for (; s + 8 <= n; s += 8) {
     const __m256 x = _mm256_div_ps(_mm256_loadu_ps(pg + s), sumv);
     _mm256_storeu_ps(pg + s, BF16 ? round_bf16_8(x) : x);
   }
-  for (; s < S; ++s) pg[s] = BF16 ? round_bf16(pg[s] / sum) : pg[s] / sum;
+  for (; s < n; ++s) pg[s] = BF16 ? round_bf16(pg[s] / sum) : pg[s] / sum;
 }
 
 // o [GN, hd] (float32) += probabilities p [GN, ps] times S values. Keys in blocks of VBLOCK
@@ -210,20 +230,13 @@ static void heads_pass(int64_t gn, bool values, const float* qf, const char* kv,
 }
 
 template <bool BF16>
-static void attend_head(const void* q, const void* k, const void* v, void* out, int64_t G, int64_t S, int64_t hd,
-                        int64_t k_stride, int64_t v_stride, float scale, std::vector<float>& p) {
-  p.resize(G * S);
-  std::vector<float> qf(G * hd), o(G * hd, 0.f);
-  for (int64_t g = 0; g < G; ++g)
-    for (int64_t d = 0; d < hd; d += 8) _mm256_storeu_ps(&qf[g * hd + d], load_row8<BF16>(q, g * hd + d));
-  for (int64_t g0 = 0; g0 < G; g0 += MAX_HEADS)  // K read once for every MAX_HEADS heads
-    heads_pass<BF16>(std::min<int64_t>(MAX_HEADS, G - g0), false, &qf[g0 * hd], (const char*)k, k_stride, S, hd,
-                     &p[g0 * S], S, nullptr);
-  for (int64_t g = 0; g < G; ++g) softmax_scores<BF16>(&p[g * S], S, scale);
-  for (int64_t g0 = 0; g0 < G; g0 += MAX_HEADS)  // V likewise
-    heads_pass<BF16>(std::min<int64_t>(MAX_HEADS, G - g0), true, nullptr, (const char*)v, v_stride, S, hd,
-                     &p[g0 * S], S, &o[g0 * hd]);
-  for (int64_t i = 0; i < G * hd; ++i) {
+static void widen_queries(const void* q, int64_t G, int64_t hd, float* qf) {
+  for (int64_t i = 0; i < G * hd; i += 8) _mm256_storeu_ps(qf + i, load_row8<BF16>(q, i));
+}
+
+template <bool BF16>
+static void store_out(const float* o, int64_t n, void* out) {  // rounded once to the output's dtype
+  for (int64_t i = 0; i < n; ++i) {
     if (BF16) {
       const float r = round_bf16(o[i]);
       uint32_t u;
@@ -235,8 +248,92 @@ static void attend_head(const void* q, const void* k, const void* v, void* out, 
   }
 }
 
+// Keys [s0, s0 + n) of one KV head: raw scores of its G query heads into p (row stride ps), or
+// (values) the probabilities there times the values, added to o [G, hd].
+template <bool BF16>
+static void heads_range(bool values, const float* qf, const char* kv, int64_t stride, int64_t s0, int64_t n,
+                        int64_t G, int64_t hd, float* p, int64_t ps, float* o) {
+  const char* first = kv + s0 * stride * (BF16 ? 2 : 4);
+  for (int64_t g0 = 0; g0 < G; g0 += MAX_HEADS)  // K (or V) read once for every MAX_HEADS heads
+    heads_pass<BF16>(std::min<int64_t>(MAX_HEADS, G - g0), values, values ? nullptr : qf + g0 * hd, first, stride, n,
+                     hd, p + g0 * ps + s0, ps, values ? o + g0 * hd : nullptr);
+}
+
+template <bool BF16>
+static void attend_head(const void* q, const void* k, const void* v, void* out, int64_t G, int64_t S, int64_t hd,
+                        int64_t k_stride, int64_t v_stride, float scale, std::vector<float>& p) {
+  p.resize(G * S);
+  std::vector<float> qf(G * hd), o(G * hd, 0.f);
+  widen_queries<BF16>(q, G, hd, qf.data());
+  heads_range<BF16>(false, qf.data(), (const char*)k, k_stride, 0, S, G, hd, p.data(), S, nullptr);
+  for (int64_t g = 0; g < G; ++g) {
+    float* pg = &p[g * S];
+    normalize<BF16>(pg, S, exp_sum<BF16>(pg, S, finish_max<BF16>(pg, S, scale)));
+  }
+  heads_range<BF16>(true, nullptr, (const char*)v, v_stride, 0, S, G, hd, p.data(), S, o.data());
+  store_out<BF16>(o.data(), G * hd, out);
+}
+
+// Every KV head's keys cut into `parts` ranges, one work item each (threads beyond the KV
+// heads), in three passes that share each query head's maximum and then its sum; each part's
+// weighted values summed apart and added up at the end (only that order of float32 sums
+// differs from attend_head's).
+template <bool BF16>
+static void attend_parts(const char* q, const char* k, const char* v, char* out, int64_t KV, int64_t G, int64_t S,
+                         int64_t hd, int64_t k_head, int64_t k_stride, int64_t v_head, int64_t v_stride, float scale,
+                         int64_t parts) {
+  const int64_t es = BF16 ? 2 : 4, items = KV * parts;
+  std::vector<float> qf(KV * G * hd), p(KV * G * S), top(items * G), sums(items * G), o(items * G * hd, 0.f);
+  auto first = [&](int64_t j) { return S * j / parts; };
+  for (int64_t h = 0; h < KV; ++h) widen_queries<BF16>(q + h * G * hd * es, G, hd, &qf[h * G * hd]);
+  at::parallel_for(0, items, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t h = i / parts, j = i % parts, s0 = first(j), n = first(j + 1) - s0;
+      float* ph = &p[h * G * S];
+      heads_range<BF16>(false, &qf[h * G * hd], k + h * k_head * es, k_stride, s0, n, G, hd, ph, S, nullptr);
+      for (int64_t g = 0; g < G; ++g) top[i * G + g] = finish_max<BF16>(ph + g * S + s0, n, scale);
+    }
+  });
+  at::parallel_for(0, items, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t h = i / parts, j = i % parts, s0 = first(j), n = first(j + 1) - s0;
+      for (int64_t g = 0; g < G; ++g) {
+        float m = -INFINITY;
+        for (int64_t jj = 0; jj < parts; ++jj) m = max_nan(m, top[(h * parts + jj) * G + g]);
+        sums[i * G + g] = exp_sum<BF16>(&p[(h * G + g) * S + s0], n, m);
+      }
+    }
+  });
+  at::parallel_for(0, items, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t h = i / parts, j = i % parts, s0 = first(j), n = first(j + 1) - s0;
+      float* ph = &p[h * G * S];
+      for (int64_t g = 0; g < G; ++g) {
+        float sum = 0.f;
+        for (int64_t jj = 0; jj < parts; ++jj) sum += sums[(h * parts + jj) * G + g];
+        normalize<BF16>(ph + g * S + s0, n, sum);
+      }
+      heads_range<BF16>(true, nullptr, v + h * v_head * es, v_stride, s0, n, G, hd, ph, S, &o[i * G * hd]);
+    }
+  });
+  for (int64_t h = 0; h < KV; ++h) {
+    float* oh = &o[h * parts * G * hd];  // part 0's sums, then each later part's added
+    for (int64_t j = 1; j < parts; ++j)
+      for (int64_t x = 0; x < G * hd; ++x) oh[x] += oh[j * G * hd + x];
+    store_out<BF16>(oh, G * hd, out + h * G * hd * es);
+  }
+}
+
+// Parts per KV head where there are more threads than KV heads and enough keys to share.
+static int64_t auto_parts(int64_t KV, int64_t S) {
+  const int64_t threads = at::get_num_threads();
+  if (threads <= KV) return 1;
+  return std::max<int64_t>(1, std::min<int64_t>((threads + KV - 1) / KV, S / 1024));
+}
+
 // q [H, 1, hd]; keys, values [KV, S, hd] (the last dimension contiguous); all bf16 or all float32.
-torch::Tensor attend_one(torch::Tensor q, torch::Tensor k, torch::Tensor v) {
+// parts: each KV head's keys cut into this many ranges for threads (0: auto_parts).
+torch::Tensor attend_one(torch::Tensor q, torch::Tensor k, torch::Tensor v, int64_t parts) {
   const auto dt = q.scalar_type();
   TORCH_CHECK(dt == torch::kBFloat16 || dt == torch::kFloat, "attend_one: bf16 or float32");
   TORCH_CHECK(k.scalar_type() == dt && v.scalar_type() == dt, "attend_one: one dtype");
@@ -255,6 +352,16 @@ torch::Tensor attend_one(torch::Tensor q, torch::Tensor k, torch::Tensor v) {
   const char* kp = (const char*)k.data_ptr();
   const char* vp = (const char*)v.data_ptr();
   char* op = (char*)out.data_ptr();
+  parts = std::min<int64_t>(parts > 0 ? parts : auto_parts(KV, S), S);
+  if (parts > 1) {
+    if (dt == torch::kFloat)
+      attend_parts<false>(qp, kp, vp, op, KV, G, S, hd, k.stride(0), k.stride(1), v.stride(0), v.stride(1), scale,
+                          parts);
+    else
+      attend_parts<true>(qp, kp, vp, op, KV, G, S, hd, k.stride(0), k.stride(1), v.stride(0), v.stride(1), scale,
+                         parts);
+    return out;
+  }
   at::parallel_for(0, KV, 1, [&](int64_t h0, int64_t h1) {
     std::vector<float> p;
     for (int64_t h = h0; h < h1; ++h) {

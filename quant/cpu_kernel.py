@@ -42,7 +42,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("transpose_widen", &transpose_widen, "dst (and dst2) = src^T in float32", py::arg("src"), py::arg("dst"),
         py::arg("dst2") = py::none());
   m.def("gram_bf16", &gram_bf16, "x^T x in float32 sums for bf16 x (AVX512-BF16)");
-  m.def("attend_one", &attend_one, "decode attention for one query position (AVX2)");
+  m.def("attend_one", &attend_one, "decode attention for one query position (AVX2)", py::arg("q"), py::arg("k"),
+        py::arg("v"), py::arg("parts") = 0);
   m.def("rms_norm", &rms_norm, "RMS norm over the last dimension, times an optional weight");
   m.def("silu_mul", &silu_mul, "silu(gate) * up");
   m.def("q8_quantize", &q8_quantize, "INT8 weights, one scale per block of 32");
@@ -123,7 +124,7 @@ def _module():
         )
 
         target = isa()
-        name = f"llama4_local_int4_{target.replace('-', '_')}_v70"
+        name = f"llama4_local_int4_{target.replace('-', '_')}_v71"
         if not list(Path(_get_build_directory(name, verbose=False)).glob("*.so")):
             sys.stderr.write("llama4-local: building the INT4 CPU kernel (once, about a minute)\n")
         return load_inline(
@@ -299,11 +300,12 @@ def gram_bf16(x: torch.Tensor, h: torch.Tensor, block: int, accumulate: bool = T
     _module().gram_bf16(x.contiguous(), h, block, accumulate)
 
 
-def attend_one(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+def attend_one(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, parts: int = 0) -> torch.Tensor:
     """softmax(q k^T / sqrt(hd)) v for q [H, 1, hd] against keys and values [KV, S, hd] (rows
     contiguous; views of a cache are fine), bf16 or float32, as the reference's eager attention
-    rounds it (quant/attn_kernel.py)."""
-    return _module().attend_one(q, keys, values)
+    rounds it (quant/attn_kernel.py). `parts`: each KV head's keys cut into that many ranges for
+    threads (0: as many as the threads beyond the KV heads need, at least 1024 keys each)."""
+    return _module().attend_one(q, keys, values, parts)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:

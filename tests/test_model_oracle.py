@@ -124,19 +124,21 @@ def test_one_query_attention_is_sdpa_with_gqa(keys):
 @pytest.mark.parametrize("keys", [1, 37, 300, 1001])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("heads,hd", [(10, 32), (16, 128)])
-def test_attention_kernel_is_the_eager_path(keys, dtype, heads, hd):
+@pytest.mark.parametrize("parts", [0, 3])
+def test_attention_kernel_is_the_eager_path(keys, dtype, heads, hd, parts):
     """quant/attn_kernel.py (what one_query_attention runs on the CPU) against the eager path it
     replaces (two bmm, float32 softmax, roundings in the inputs' dtype), on views of a larger
     cache as decode passes them: float32 to rounding, bf16 equal but for a rare last-bit flip.
     Scout's 5 query heads per KV head, and 8 (the kernel takes 6 at a time); odd key counts
-    (its keys go 2 at a time) and several blocks of values."""
+    (its keys go 2 at a time) and several blocks of values; each KV head's keys in one range
+    (as here, two threads for two KV heads) or cut into three (threads beyond the KV heads)."""
     from llama4_local import model
 
     g = torch.Generator().manual_seed(keys)
     q = torch.randn(heads, 1, hd, generator=g).to(dtype)
     k, v = (torch.randn(2, 1100, hd, generator=g).to(dtype)[:, :keys] for _ in range(2))
     assert model._attention_kernel(q, k, v)
-    got = cpu_kernel.attend_one(q, k, v)
+    got = cpu_kernel.attend_one(q, k, v, parts)
     scores = torch.bmm(q.reshape(2, heads // 2, hd), k.transpose(1, 2)) * hd**-0.5
     want = torch.bmm(torch.softmax(scores, dim=-1, dtype=torch.float32).to(dtype), v).reshape(heads, 1, hd)
     assert got.dtype == dtype and got.shape == want.shape
@@ -147,6 +149,6 @@ def test_attention_kernel_is_the_eager_path(keys, dtype, heads, hd):
         torch.testing.assert_close(got.float(), want.float(), rtol=0.01, atol=0.01)
     nan = k.clone()
     nan[1, 0, 3] = float("nan")
-    out = cpu_kernel.attend_one(q, nan, v)
+    out = cpu_kernel.attend_one(q, nan, v, parts)
     half = heads // 2
     assert out[half:].isnan().all() and not out[:half].isnan().any()  # only the heads reading KV head 1
