@@ -11,9 +11,14 @@ layer. With --crossover, at the last thread count: one matrix's time by each INT
 of those row counts, where the GEMM starts to pay (quant.cpu_kernel.AMX_GEMM_ROWS). With
 --stream-prefetch, at the first and last thread counts: decode's GB/s with each prefetch distance
 and hint of the INT4 decode stream (e.g. 1024:nta,4096:t0; the default 2048:nta was tuned on AMD).
+Also decode attention (`cpu_kernel.attend_one`) at Scout's 40 query / 8 KV heads of 128 against
+`--attention-keys` keys of a bf16 cache, in GB/s of keys and values read: as it runs (each KV
+head's keys cut into ranges where there are more threads than KV heads) and, past 8 threads,
+with one range a head (8 threads at most).
 
     python benchmarks/bench_cpu_threads.py [--threads 1,2,4,8,16] [--matrices 32] [--chunks 2,8,32]
         [--crossover 8,16,32,64,128,512] [--stream-prefetch 1024:nta,2048:nta,4096:nta,2048:t0,4096:t0]
+        [--attention-keys 16000]
 """
 
 from __future__ import annotations
@@ -55,6 +60,7 @@ def main():
     ap.add_argument("--chunks", default="8", help="MB of bf16 weights per GEMM chunk, comma-separated")
     ap.add_argument("--crossover", help="row counts at which to time both INT4 paths (last thread count)")
     ap.add_argument("--stream-prefetch", help="decode prefetch settings to sweep, as BYTES:nta or BYTES:t0")
+    ap.add_argument("--attention-keys", type=int, default=16000, help="keys for decode attention (0: skip)")
     args = ap.parse_args()
     cpu = torch.device("cpu")
     gen = torch.Generator().manual_seed(0)
@@ -65,6 +71,8 @@ def main():
     x1 = torch.randn(1, K).bfloat16()
     xp = torch.randn(ROWS, K).bfloat16()
     big = torch.ones(1 << 28)  # 1 GiB of float32
+    keys = args.attention_keys
+    q, kv = torch.randn(40, 1, 128).bfloat16(), torch.randn(2, 8, max(keys, 1), 128).bfloat16()
     print(
         json.dumps(
             {
@@ -116,6 +124,11 @@ def main():
             t = best_time(prefill_gemm, cpu, max(2, args.reps // 2)) / 4
             gemm[f"prefill_int4_bf16_gemm_{mb:g}MB_GFLOP_s"] = round(flops / t / 1e9, 1)
         t_sum = best_time(lambda: big.sum(), cpu, args.reps)
+        if keys and cpu_kernel.available():
+            for name, parts in (("attention_GB_s", 0), ("attention_one_range_GB_s", 1)):
+                if parts == 0 or n > 8:
+                    t = best_time(lambda p=parts: cpu_kernel.attend_one(q, kv[0], kv[1], p), cpu, args.reps)
+                    extra[name] = round(kv.numel() * 2 / t / 1e9, 2)
         print(
             json.dumps(
                 {
