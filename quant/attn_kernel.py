@@ -120,7 +120,8 @@ static inline float max_nan(float m, float x) { return x > m || x != x ? x : m; 
 // The softmax of raw scores, in place, in three steps so that threads holding parts of one
 // head's keys can agree on its maximum and sum between them: scaled (in bf16: the sum rounded,
 // scaled, rounded again), then exp(x - max) / sum in float32, the probabilities rounded to bf16.
-// finish_max: scale (and round) n scores; returns their maximum (NaN if one is NaN).
+// finish_max: scale (and round) n scores; returns their maximum. (A NaN score need not reach
+// the maximum; its exp makes the sum NaN, and so every output of the head, as torch's softmax.)
 template <bool BF16>
 static float finish_max(float* pg, int64_t n, float scale) {
   const __m256 sc = _mm256_set1_ps(scale);
@@ -130,7 +131,7 @@ static float finish_max(float* pg, int64_t n, float scale) {
     __m256 x = _mm256_loadu_ps(pg + s);
     x = BF16 ? round_bf16_8(_mm256_mul_ps(round_bf16_8(x), sc)) : _mm256_mul_ps(x, sc);
     _mm256_storeu_ps(pg + s, x);
-    mv = _mm256_max_ps(mv, x);  // x second: a NaN score makes the maximum NaN, and the head's outputs
+    mv = _mm256_max_ps(mv, x);
   }
   float m = -INFINITY;
   for (; s < n; ++s) {
