@@ -74,6 +74,9 @@ class LowRankFeedback:
     def record(self, b0: int, b1: int, err: torch.Tensor, dtype: torch.dtype) -> None:
         """Add columns [b0, b1)'s errors (err [n, O], original minus quantized) to v (float32),
         the product in `dtype`'s arithmetic (bf16: both sides rounded, float32 sums)."""
+        if dtype == torch.float32 and self.v is not None:  # in place: no [r, O] temporary per block
+            self.v.addmm_(self.x[:, b0:b1], err)
+            return
         term = (self.x[:, b0:b1].to(dtype) @ err.to(dtype)).float()
         self.v = term if self.v is None else self.v.add_(term)
 
