@@ -284,7 +284,8 @@ static void attend_parts(const char* q, const char* k, const char* v, char* out,
                          int64_t hd, int64_t k_head, int64_t k_stride, int64_t v_head, int64_t v_stride, float scale,
                          int64_t parts) {
   const int64_t es = BF16 ? 2 : 4, items = KV * parts;
-  std::vector<float> qf(KV * G * hd), p(KV * G * S), top(items * G), sums(items * G), o(items * G * hd, 0.f);
+  std::vector<float> qf(KV * G * hd), top(items * G), sums(items * G), o(items * G * hd, 0.f);
+  std::unique_ptr<float[]> p(new float[KV * G * S]);  // every entry written before it is read: not zeroed
   auto first = [&](int64_t j) { return S * j / parts; };
   for (int64_t h = 0; h < KV; ++h) widen_queries<BF16>(q + h * G * hd * es, G, hd, &qf[h * G * hd]);
   at::parallel_for(0, items, 1, [&](int64_t i0, int64_t i1) {
@@ -364,7 +365,7 @@ torch::Tensor attend_one(torch::Tensor q, torch::Tensor k, torch::Tensor v, int6
     return out;
   }
   at::parallel_for(0, KV, 1, [&](int64_t h0, int64_t h1) {
-    std::vector<float> p;
+    static thread_local std::vector<float> p;  // grown, never shrunk: zeroed once, not on every call
     for (int64_t h = h0; h < h1; ++h) {
       const char* qh = qp + h * G * hd * es;
       const char* kh = kp + h * k.stride(0) * es;
