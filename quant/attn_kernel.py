@@ -39,6 +39,29 @@ static inline __m256 load_row8(const void* p, int64_t i) {  // 8 values as float
   return _mm256_loadu_ps((const float*)p + i);
 }
 
+template <bool BF16>
+static inline float load1(const void* p, int64_t i) {
+  if (BF16) {
+    const uint32_t u = (uint32_t)((const uint16_t*)p)[i] << 16;
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+  }
+  return ((const float*)p)[i];
+}
+
+template <bool BF16>
+static inline void store1(void* p, int64_t i, float x) {  // rounded to bf16 where BF16
+  if (BF16) {
+    const float r = round_bf16(x);
+    uint32_t u;
+    std::memcpy(&u, &r, 4);
+    ((uint16_t*)p)[i] = (uint16_t)(u >> 16);
+  } else {
+    ((float*)p)[i] = x;
+  }
+}
+
 static inline __m256 round_bf16_8(__m256 x) {  // round_bf16 on 8 lanes
   const __m256i u = _mm256_castps_si256(x);
   const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
@@ -237,16 +260,7 @@ static void widen_queries(const void* q, int64_t G, int64_t hd, float* qf) {
 
 template <bool BF16>
 static void store_out(const float* o, int64_t n, void* out) {  // rounded once to the output's dtype
-  for (int64_t i = 0; i < n; ++i) {
-    if (BF16) {
-      const float r = round_bf16(o[i]);
-      uint32_t u;
-      std::memcpy(&u, &r, 4);
-      ((uint16_t*)out)[i] = (uint16_t)(u >> 16);
-    } else {
-      ((float*)out)[i] = o[i];
-    }
-  }
+  for (int64_t i = 0; i < n; ++i) store1<BF16>(out, i, o[i]);
 }
 
 // Keys [s0, s0 + n) of one KV head: raw scores of its G query heads into p (row stride ps), or

@@ -4,34 +4,11 @@ place of the 7-8 and 2 torch operations each takes (about 5 us of dispatch apiec
 per layer of a decode step), with the reference's roundings: in bf16 the norm is computed in
 float32 and rounded to bf16, then multiplied by the bf16 weight and rounded again; silu is rounded
 to bf16 before the product. Only the order of the float32 sum of squares differs from torch's.
-Uses quant/attn_kernel.py's round_bf16(_8), exp8 and load_row8 and quant/gemm_kernel.py's bf16_nearest
-(cpu_kernel concatenates those sources first).
+Uses quant/attn_kernel.py's round_bf16(_8), exp8, load_row8, load1 and store1 and quant/gemm_kernel.py's
+bf16_nearest (cpu_kernel concatenates those sources first).
 """
 
 SOURCE = r"""
-template <bool BF16>
-static inline float load1(const void* p, int64_t i) {
-  if (BF16) {
-    const uint32_t u = (uint32_t)((const uint16_t*)p)[i] << 16;
-    float f;
-    std::memcpy(&f, &u, 4);
-    return f;
-  }
-  return ((const float*)p)[i];
-}
-
-template <bool BF16>
-static inline void store1(void* p, int64_t i, float x) {  // rounded to bf16 where BF16
-  if (BF16) {
-    const float r = round_bf16(x);
-    uint32_t u;
-    std::memcpy(&u, &r, 4);
-    ((uint16_t*)p)[i] = (uint16_t)(u >> 16);
-  } else {
-    ((float*)p)[i] = x;
-  }
-}
-
 template <bool BF16>
 static void rms_rows(const void* x, const void* w, void* out, int64_t rows, int64_t D, float eps) {
   at::parallel_for(0, rows, rows > 16 ? 16 : rows, [&](int64_t r0, int64_t r1) {
