@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from . import cpu_decode
+
 
 def fuse_qkv(attn):
     """One linear whose output rows are q_proj's, k_proj's and v_proj's, made once per model: the
@@ -57,5 +59,6 @@ def fuse_qkv(attn):
         a = mods[0]
         fused_mod.shape = (sum(m.shape[0] for m in mods), a.shape[1])
         fused_mod.group_size, fused_mod.dtype, fused_mod.path = a.group_size, a.dtype, a.path
+    cpu_decode.invalidate()  # the projections' tensors are now views of the whole
     object.__setattr__(attn, "_qkv", fused_mod)  # not a submodule: its weights are the projections'
     return fused_mod

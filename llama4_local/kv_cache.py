@@ -66,6 +66,17 @@ class FullKV:
         self.length = pos0 + t
         return self.buf.k[:, : self.length], self.buf.v[:, : self.length], 0
 
+    def append_slot(self, pos0: int) -> int:
+        """The slot of buf.k / buf.v where one new position pos0 goes (room made for it); attention
+        then reads slots 0..slot; `appended` after the slot is written. What update does for one
+        token, for a caller that writes the slot itself (cpu_decode)."""
+        assert pos0 == self.length, f"cache holds {self.length} positions, got pos0={pos0}"
+        self.buf.reserve(pos0 + 1, keep=pos0)
+        return pos0
+
+    def appended(self, pos0: int) -> None:
+        self.length = pos0 + 1
+
     def truncate(self, length: int) -> None:
         self.length = min(self.length, length)
 
@@ -106,6 +117,13 @@ class ChunkedKV:
             keys = torch.cat([self.buf.k[:, :held], k], dim=1)
             values = torch.cat([self.buf.v[:, :held], v], dim=1)
             first = self.start
+        self._advance(end, keys, values, first, k, v)
+        return keys, values, first
+
+    def _advance(self, end: int, keys, values, first: int, k=None, v=None) -> None:
+        """Cover positions up to `end`, keys / values holding [first, end) and k / v the new ones:
+        where a block ended among them the buffer starts over with what follows it."""
+        c = self.chunk
         new_start = (end // c) * c
         if new_start > self.start:
             if self.keep_previous:
@@ -114,12 +132,23 @@ class ChunkedKV:
                 self.prev = (keys[:, lo:hi].clone(), values[:, lo:hi].clone(), a)
             keep = end - new_start  # positions [new_start, end), all among the new tokens
             if keep:
+                t = k.shape[1]
                 self.buf.reserve(keep, keep=0)
                 self.buf.k[:, :keep] = k[:, t - keep :]
                 self.buf.v[:, :keep] = v[:, t - keep :]
             self.start = new_start
         self.length = end
-        return keys, values, first
+
+    def append_slot(self, pos0: int) -> int:
+        """As FullKV.append_slot: one new position's slot (slots 0..slot then hold [start, pos0])."""
+        assert pos0 == self.length, f"cache holds {self.length} positions, got pos0={pos0}"
+        held = pos0 - self.start  # one position never crosses a block: it lands in the held one
+        self.buf.reserve(held + 1, keep=held)
+        return held
+
+    def appended(self, pos0: int) -> None:
+        n = pos0 + 1 - self.start
+        self._advance(pos0 + 1, self.buf.k[:, :n], self.buf.v[:, :n], self.start)
 
     def can_truncate(self, length: int) -> bool:
         if length >= self.start:

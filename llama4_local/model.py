@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import cpu_decode
 from .config import TextConfig
 from .errors import UserError
 from .kv_cache import KVCache
@@ -399,6 +400,10 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, x, pos0, freqs, cache):
+        if x.shape[0] == 1 and x.dtype == torch.bfloat16 and x.device.type == "cpu":
+            fast = cpu_decode.plan(self)  # the whole layer in one C++ call, same arithmetic
+            if fast is not None:
+                return cpu_decode.run(fast, x, pos0, freqs, cache)
         h = x + self.self_attn(self.input_layernorm(x), pos0, freqs, cache)
         return h + self.feed_forward(self.post_attention_layernorm(h))
 

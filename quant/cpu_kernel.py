@@ -5,7 +5,8 @@ one extension: quant/kernel_common.py (what the kernels share), quant/int4_kerne
 matrix-vector and prefill: the stored compressed-tensors bytes, no repack; with its AVX2
 per-128 tiles in int4_span_kernel.py and its 512-bit ones in int4_zmm_kernel.py), quant/
 matvec_kernel.py (bf16/fp16 and INT8 weights), quant/fit_kernel.py (the symmetric INT4 fit),
-fp8_kernel, gptq_kernel, gram_kernel, attn_kernel and glue_kernel.
+fp8_kernel, gptq_kernel, gram_kernel, attn_kernel, glue_kernel and layer_kernel (a decoder layer's
+decode step in one call).
 
 Built with torch.utils.cpp_extension on first use, for the CPU it runs on (needs a C++ compiler
 and ninja): where the CPU has VNNI (AVX-VNNI, or AVX512-VNNI: Intel since Ice Lake / Alder Lake,
@@ -49,7 +50,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("q8_quantize", &q8_quantize, "INT8 weights, one scale per block of 32");
   m.def("q8_mv", &q8_mv, "INT8 weights x int8 activations (AVX2)");
   m.def("q6_mv", &q6_mv, "Q6 weights x int8 activations (AVX2)");
-}
 """
 
 
@@ -120,11 +120,12 @@ def _module():
             gram_kernel,
             int4_kernel,
             kernel_common,
+            layer_kernel,
             matvec_kernel,
         )
 
         target = isa()
-        name = f"llama4_local_int4_{target.replace('-', '_')}_v71"
+        name = f"llama4_local_int4_{target.replace('-', '_')}_v72"
         if not list(Path(_get_build_directory(name, verbose=False)).glob("*.so")):
             sys.stderr.write("llama4-local: building the INT4 CPU kernel (once, about a minute)\n")
         return load_inline(
@@ -140,7 +141,10 @@ def _module():
                 + gram_kernel.SOURCE
                 + attn_kernel.SOURCE
                 + glue_kernel.SOURCE
+                + layer_kernel.SOURCE
                 + _BINDINGS
+                + layer_kernel.BINDINGS
+                + "}\n"
             ],
             extra_cflags=["-O3", "-mtune=native", "-mavx2", "-mfma", "-mf16c", "-fopenmp", *_ISA_FLAGS[target]],
             extra_ldflags=["-fopenmp"],

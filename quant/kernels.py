@@ -30,6 +30,8 @@ import os
 import torch
 import torch.nn.functional as F
 
+from llama4_local import cpu_decode
+
 from .int4 import Int4Weight, dequantize_int4, unpack_int4
 
 # Shape rules of the stock kernels (from their argument checks).
@@ -194,6 +196,7 @@ def use_cpu_path(model: torch.nn.Module, path: str) -> int:
     for m in model.modules():
         if isinstance(m, Int4Linear) and m.path in AVX2_PATHS:
             m.path, n = path, n + 1
+    cpu_decode.invalidate()
     return n
 
 
@@ -251,6 +254,7 @@ def int8_attention(model: torch.nn.Module) -> int:
         parent, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent), attr, Int8Linear(module.weight))
         n += 1
+    cpu_decode.invalidate()
     return n
 
 

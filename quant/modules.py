@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from llama4_local import cpu_decode
 from llama4_local.errors import UserError
 from llama4_local.model import silu_mul
 
@@ -70,6 +71,7 @@ class QuantizedExperts(nn.Module):
                     for n, t in stacks[p].items():
                         m._buffers[n] = t[e]
             self._stacks, self.stacked_extra = stacks, len(mlps) > len(self.experts)
+            cpu_decode.invalidate()  # the experts' buffers are new tensors (views of the stacks)
         return self._stacks
 
     def fused(self, x: torch.Tensor, idx: torch.Tensor, scores: torch.Tensor) -> torch.Tensor | None:
