@@ -1,7 +1,7 @@
 """A decoder layer's decode step (one token, on the CPU, in bf16) as one call to C++.
 
 model.DecoderLayer.forward hands a one-token step here: where every linear of the layer is one
-our CPU kernels serve at one row (INT4 through int4_mv, bf16 through half_mv), the routed experts
+our CPU kernels serve at one row (INT4 through int4_mv, INT8 through q8_mv, bf16 through half_mv), the routed experts
 are INT4 in memory (not offloaded) and nobody observes the routing, the whole layer runs as
 quant/layer_kernel.py's DecodeLayer.run: the same kernels and ATen operations the Python layer
 calls, in the same order, without the ~0.7 ms of Python and dispatch a layer spent between them
@@ -40,7 +40,7 @@ def _kernel():
 def _linear(kernel, mod):
     """The DecodeLinear for one module, or None where the C++ layer cannot serve it."""
     from quant import cpu_kernel
-    from quant.kernels import AVX2_PATHS, Int4Linear
+    from quant.kernels import AVX2_PATHS, Int4Linear, Int8Linear
 
     from . import model
 
@@ -48,12 +48,14 @@ def _linear(kernel, mod):
         if mod.path not in AVX2_PATHS or (mod.path == "avx2_q8" and 0 < cpu_kernel.bf16_gemm_rows() <= 1):
             return None
         b = mod._buffers
-        return kernel.DecodeLinear(b["packed"], b["scales_and_zeros"], mod.group_size, mod.path == "avx2_q8")
+        return kernel.DecodeLinear("int4", b["packed"], b["scales_and_zeros"], mod.group_size, mod.path == "avx2_q8")
+    if type(mod) is Int8Linear:
+        return kernel.DecodeLinear("int8", mod.qweight, mod.scales, 0, True)
     if type(mod) is model.Linear:
         w = mod.weight
         if w.dtype != torch.bfloat16 or w.device.type != "cpu" or w.shape[1] % 16 or not w.is_contiguous():
             return None
-        return kernel.DecodeLinear(w, None, 0, False)
+        return kernel.DecodeLinear("half", w, None, 0, False)
     return None
 
 
@@ -99,9 +101,10 @@ def _build(layer):
         d.mlp, d.router, d.top_k = shared, router, ff.top_k
         d.gate, d.up, d.down = ([r[i] for r in routed] for i in range(3))
     elif isinstance(ff, model.MLP):
-        d.mlp = _mlp(kernel, ff)
-        if d.mlp is None:
+        mlp = _mlp(kernel, ff)
+        if mlp is None:
             return None
+        d.mlp = mlp
     else:
         return None
     return d

@@ -12,29 +12,45 @@ products, SwiGLU and attention, and ATen's own operations (at::topk, at::sigmoid
 product of RoPE, the temperature's log1p) for the small steps in between, so every value is the
 one the Python model computes, bit for bit (tests/test_cpu_decode.py).
 
-Uses int4_mv (int4_kernel), half_mv (matvec_kernel), rms_norm and silu_mul (glue_kernel) and
+Uses int4_mv (int4_kernel), half_mv and q8_mv (matvec_kernel), rms_norm and silu_mul (glue_kernel) and
 attend_one (attn_kernel), which cpu_kernel concatenates ahead of this source.
 """
 
 SOURCE = r"""
-// One linear of a decode layer: INT4 weights through int4_mv (q8: int8 activations), or a bf16 /
-// fp16 weight [out, in] through half_mv (scales undefined).
+// One linear of a decode layer: "int4" weights through int4_mv (q8: int8 activations), "int8" ones
+// (Q8_0, int8 [N, K] and float32 scales [N, K / 32]) through q8_mv, or a "half" (bf16 / fp16)
+// weight [out, in] through half_mv.
 struct DecodeLinear {
+  enum Kind { INT4, INT8, HALF } kind = HALF;
   torch::Tensor w, scales;
   int64_t group = 0;
   bool q8 = false;
   DecodeLinear() = default;
-  DecodeLinear(torch::Tensor w_, c10::optional<torch::Tensor> s, int64_t group_, bool q8_)
+  DecodeLinear(const std::string& kind_, torch::Tensor w_, c10::optional<torch::Tensor> s, int64_t group_, bool q8_)
       : w(std::move(w_)), scales(s.has_value() ? *s : torch::Tensor()), group(group_), q8(q8_) {
-    if (scales.defined())
+    if (kind_ == "int4") {
+      kind = INT4;
+      TORCH_CHECK(scales.defined(), "DecodeLinear: INT4 weights need their scales");
       check_int4_weights(w, scales, group);
-    else
+    } else if (kind_ == "int8") {
+      kind = INT8;
+      TORCH_CHECK(scales.defined() && w.scalar_type() == torch::kChar && w.dim() == 2 && w.is_contiguous() &&
+                      w.size(1) % 32 == 0 && scales.scalar_type() == torch::kFloat && scales.is_contiguous() &&
+                      scales.numel() == w.numel() / 32,
+                  "DecodeLinear: INT8 weights int8 [N, K] with float32 scales [N, K / 32]");
+    } else {
+      TORCH_CHECK(kind_ == "half", "DecodeLinear: kind int4, int8 or half");
       TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && w.size(1) % 16 == 0 &&
                       (w.scalar_type() == torch::kBFloat16 || w.scalar_type() == torch::kHalf),
                   "DecodeLinear: a contiguous bf16/fp16 weight [out, in], in a multiple of 16");
+    }
   }
   torch::Tensor operator()(const torch::Tensor& x) const {
-    return scales.defined() ? int4_mv(x, w, scales, group, q8) : half_mv(x, w);
+    switch (kind) {
+      case INT4: return int4_mv(x, w, scales, group, q8);
+      case INT8: return q8_mv(x, w, scales);
+      default: return half_mv(x, w);
+    }
   }
 };
 
@@ -121,8 +137,8 @@ struct DecodeLayer {
 
 BINDINGS = r"""
   py::class_<DecodeLinear>(m, "DecodeLinear")
-      .def(py::init<torch::Tensor, c10::optional<torch::Tensor>, int64_t, bool>(), py::arg("w"), py::arg("scales"),
-           py::arg("group"), py::arg("q8"));
+      .def(py::init<const std::string&, torch::Tensor, c10::optional<torch::Tensor>, int64_t, bool>(),
+           py::arg("kind"), py::arg("w"), py::arg("scales"), py::arg("group"), py::arg("q8"));
   py::class_<DecodeLayer>(m, "DecodeLayer")
       .def(py::init<>())
       .def_readwrite("in_norm", &DecodeLayer::in_norm)
@@ -146,5 +162,7 @@ BINDINGS = r"""
       .def_readwrite("gate", &DecodeLayer::gate)
       .def_readwrite("up", &DecodeLayer::up)
       .def_readwrite("down", &DecodeLayer::down)
-      .def("run", &DecodeLayer::run, "the layer's decode step for one token");
+      // The GIL is let go for the layer (a Scout layer reads ~200 MB): a server's event loop
+      // and other Python threads run meanwhile. Only tensors are touched inside.
+      .def("run", &DecodeLayer::run, py::call_guard<py::gil_scoped_release>(), "the layer's decode step for one token");
 """

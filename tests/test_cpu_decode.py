@@ -82,6 +82,25 @@ def test_bf16_attention_and_a_kernel_path_switch(scout_int4, monkeypatch):
     assert not torch.equal(fast, fast_q8)  # the paths differ, so a stale plan would show
 
 
+def test_bf16_dense_layers_beside_python_moe_layers(maverick_ckpt, monkeypatch):
+    """A bf16 Maverick: its dense layers (bf16 attention and MLP, half_mv) run in C++, its MoE
+    layers (bf16 experts in the fused layout) in Python, in one step."""
+    model, _ = load_model(maverick_ckpt, "bfloat16", "cpu")
+    _, want, _ = decode(model, True, monkeypatch)
+    _, got, _ = decode(model, False, monkeypatch)
+    assert served(model) == sum(not layer.is_moe for layer in model.layers) > 0
+    assert torch.equal(got, want)
+
+
+def test_int8_attention(scout_int4, monkeypatch):
+    """Attention rounded to INT8 at load (--int8-attention): q8_mv in the C++ layer too."""
+    model, _ = load_model(scout_int4[0], "bfloat16", "cpu", int8_attention=True)
+    _, want, _ = decode(model, True, monkeypatch)
+    _, got, _ = decode(model, False, monkeypatch)
+    assert served(model) == model.cfg.num_layers
+    assert torch.equal(got, want)
+
+
 def test_chunk_roll_keeps_the_previous_block_as_the_python_cache(int4_all, monkeypatch):
     """With keep_previous the cache copies the block that ends; rewinding into it after C++ steps
     gives what rewinding after Python steps gives."""
