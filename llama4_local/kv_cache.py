@@ -147,8 +147,12 @@ class ChunkedKV:
         return held
 
     def appended(self, pos0: int) -> None:
-        n = pos0 + 1 - self.start
-        self._advance(pos0 + 1, self.buf.k[:, :n], self.buf.v[:, :n], self.start)
+        end = pos0 + 1
+        if (end // self.chunk) * self.chunk <= self.start:  # the block goes on (most tokens)
+            self.length = end
+            return
+        n = end - self.start
+        self._advance(end, self.buf.k[:, :n], self.buf.v[:, :n], self.start)
 
     def can_truncate(self, length: int) -> bool:
         if length >= self.start:
