@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device session's checks for the GPU issue, in one command, each part time-boxed and logged
 # under $OUT (the device tool brings $OUT back): environment, `pytest -m cuda`, the INT4 CPU
-# kernel's thread scaling on the GPU host, the vision tower on the GPU, offloaded Scout at 80 and
+# kernel's thread scaling on the GPU host (and decode's host time a layer), the vision tower on the GPU, offloaded Scout at 80 and
 # 24 GiB. Usage (repo root, on the GPU machine): OUT=dir bash benchmarks/gpu_checks.sh [parts]
 # parts: any of env,tests,offload,threads,vision,triton,graph,matmul (default: all, in this order),
 # and peer (llama.cpp built with CUDA against us: most of a session's device time on its own;
@@ -48,6 +48,8 @@ if has threads; then
   timeout "${THREADS_S:-90}" python3 benchmarks/bench_cpu_threads.py --threads 1,2,4,8,16 --chunks 2,8,32 \
     --crossover 8,16,32,64,128,512 --stream-prefetch 1024:nta,4096:nta,8192:nta,2048:t0,4096:t0 \
     >"$OUT/threads.jsonl" 2>&1
+  # decode's host time a layer, Python layer against the one-call C++ layer (~15 s on 2 cores)
+  timeout "${HOST_S:-60}" python3 benchmarks/bench_decode_host.py --threads 1,4,16 --reps 3 >"$OUT/decode_host.jsonl" 2>&1
 fi
 if has vision; then
   stamp vision
