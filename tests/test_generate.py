@@ -26,6 +26,57 @@ def test_greedy_and_filters():
     assert probs[2] / probs[1] > 0.3 > probs[0] / probs[1]
 
 
+def reference_top_p(logits, top_p):
+    """transformers' TopPLogitsWarper: sort ascending, drop the tail whose mass is <= 1 - top_p."""
+    sorted_logits, sorted_idx = torch.sort(logits, descending=False)
+    cum = sorted_logits.softmax(-1).cumsum(-1)
+    drop = cum <= 1 - top_p
+    drop[-1] = False
+    return set(sorted_idx[~drop].tolist())
+
+
+@pytest.mark.parametrize("first", [256, 4])  # 4: the candidates grow, then a sort takes over
+def test_top_p_keeps_what_the_full_sort_keeps(monkeypatch, first):
+    from llama4_local import sampling
+
+    monkeypatch.setattr(sampling, "TOP_P_FIRST", first)
+    g = torch.Generator().manual_seed(3)
+    checked = 0
+    for v in (384, 5000):
+        for scale in (0.05, 1.0, 5.0, 20.0):
+            for top_p in (0.3, 0.9, 0.99):
+                logits = torch.randn(v, generator=g) * scale
+                logits[torch.randperm(v, generator=g)[: v // 10]] = float("-inf")  # a grammar's mask
+                got = sampling.top_p_keep(logits, top_p)
+                assert got.unique().numel() == got.numel()
+                want = reference_top_p(logits, top_p)
+                if set(got.tolist()) != want:  # only where the set's edge sits at top_p within rounding
+                    probs = logits.softmax(-1)
+                    edge = min(want ^ set(got.tolist()), key=lambda i: -probs[i])
+                    above = probs[probs > probs[edge]].sum()
+                    assert abs(float(above) - top_p) < 1e-5 or abs(float(above + probs[edge]) - top_p) < 1e-5
+                checked += 1
+                assert float(logits[got].softmax(-1).sum()) == pytest.approx(1.0)
+    assert checked == 24
+
+
+def test_draws_follow_the_filtered_distribution():
+    """top-k (ties with the k-th kept) then top-p then the draw among what is left, mapped back
+    to token ids: frequencies match the renormalized probabilities."""
+    logits = torch.tensor([0.0, 2.0, -9.0, 1.0, 1.0, 3.0, -1.0, 0.5])
+    # top-k 3 keeps 3.0, 2.0 and both 1.0s (tokens 5, 1, 3, 4): probabilities 0.61, 0.22, 0.08,
+    # 0.08, whose first three hold 0.92: top-p 0.95 keeps all four, 0.8 the first two
+    kept = torch.tensor([5, 1, 3, 4])
+    n = 6000
+    s = Sampler(SamplingParams(temperature=1, top_k=3, top_p=0.95, seed=1), torch.device("cpu"))
+    counts = torch.bincount(torch.tensor([s(logits, None) for _ in range(n)]), minlength=8).float() / n
+    want = torch.zeros(8)
+    want[kept] = logits[kept].softmax(-1)
+    assert torch.allclose(counts, want, atol=0.02)
+    assert set(torch.nonzero(counts).squeeze(1).tolist()) == set(kept.tolist())
+    assert sample_many(SamplingParams(temperature=1, top_k=3, top_p=0.8, seed=1), logits) == {5, 1}
+
+
 def test_repetition_penalty():
     logits = torch.tensor([2.0, 1.9, -1.0])
     s = Sampler(SamplingParams(temperature=0, repetition_penalty=1.5), torch.device("cpu"))
