@@ -29,27 +29,30 @@ import torch
 GROUP_MULTIPLE = 32
 
 _BINDINGS = r"""
+// Each computing kernel lets the GIL go while it runs (it touches tensors only): a server's event
+// loop, in another thread, is not frozen for a prefill's products (each up to ~0.1 s).
+#define NOGIL py::call_guard<py::gil_scoped_release>()
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("int4_mv", &int4_mv, "INT4 matrix-vector (AVX2)");
-  m.def("int4_dequant_bf16", &int4_dequant_bf16, "rows of INT4 weights dequantized to bf16");
+  m.def("int4_mv", &int4_mv, NOGIL, "INT4 matrix-vector (AVX2)");
+  m.def("int4_dequant_bf16", &int4_dequant_bf16, NOGIL, "rows of INT4 weights dequantized to bf16");
   m.def("set_int4_stream_prefetch", &set_int4_stream_prefetch, "the INT4 decode stream's prefetch distance and hint");
   m.def("set_zmm_one_row", &set_zmm_one_row, "one activation row through the 512-bit INT4 tiles too");
-  m.def("int4_gemm_bf16", &int4_gemm_bf16, "INT4 weights x many rows through bf16 GEMMs per chunk");
-  m.def("fp8_mv", &fp8_mv, "FP8 e4m3 weights x float32 activations (AVX2, F16C)");
-  m.def("half_mv", &half_mv, "bf16/fp16 matrix-vector (AVX2)");
-  m.def("fit_symmetric", &fit_symmetric, "symmetric INT4 group scales (AVX2)");
-  m.def("gptq_columns", &gptq_columns, "GPTQ's walk over one group's columns");
-  m.def("lowrank_columns", &lowrank_columns, "the low-rank GPTQ feedback's column loop for one block");
-  m.def("transpose_widen", &transpose_widen, "dst (and dst2) = src^T in float32", py::arg("src"), py::arg("dst"),
+  m.def("int4_gemm_bf16", &int4_gemm_bf16, NOGIL, "INT4 weights x many rows through bf16 GEMMs per chunk");
+  m.def("fp8_mv", &fp8_mv, NOGIL, "FP8 e4m3 weights x float32 activations (AVX2, F16C)");
+  m.def("half_mv", &half_mv, NOGIL, "bf16/fp16 matrix-vector (AVX2)");
+  m.def("fit_symmetric", &fit_symmetric, NOGIL, "symmetric INT4 group scales (AVX2)");
+  m.def("gptq_columns", &gptq_columns, NOGIL, "GPTQ's walk over one group's columns");
+  m.def("lowrank_columns", &lowrank_columns, NOGIL, "the low-rank GPTQ feedback's column loop for one block");
+  m.def("transpose_widen", &transpose_widen, NOGIL, "dst (and dst2) = src^T in float32", py::arg("src"), py::arg("dst"),
         py::arg("dst2") = py::none());
-  m.def("gram_bf16", &gram_bf16, "x^T x in float32 sums for bf16 x (AVX512-BF16)");
-  m.def("attend_one", &attend_one, "decode attention for one query position (AVX2)", py::arg("q"), py::arg("k"),
+  m.def("gram_bf16", &gram_bf16, NOGIL, "x^T x in float32 sums for bf16 x (AVX512-BF16)");
+  m.def("attend_one", &attend_one, NOGIL, "decode attention for one query position (AVX2)", py::arg("q"), py::arg("k"),
         py::arg("v"), py::arg("parts") = 0);
-  m.def("rms_norm", &rms_norm, "RMS norm over the last dimension, times an optional weight");
-  m.def("silu_mul", &silu_mul, "silu(gate) * up");
-  m.def("q8_quantize", &q8_quantize, "INT8 weights, one scale per block of 32");
-  m.def("q8_mv", &q8_mv, "INT8 weights x int8 activations (AVX2)");
-  m.def("q6_mv", &q6_mv, "Q6 weights x int8 activations (AVX2)");
+  m.def("rms_norm", &rms_norm, NOGIL, "RMS norm over the last dimension, times an optional weight");
+  m.def("silu_mul", &silu_mul, NOGIL, "silu(gate) * up");
+  m.def("q8_quantize", &q8_quantize, NOGIL, "INT8 weights, one scale per block of 32");
+  m.def("q8_mv", &q8_mv, NOGIL, "INT8 weights x int8 activations (AVX2)");
+  m.def("q6_mv", &q6_mv, NOGIL, "Q6 weights x int8 activations (AVX2)");
 """
 
 

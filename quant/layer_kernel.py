@@ -162,7 +162,5 @@ BINDINGS = r"""
       .def_readwrite("gate", &DecodeLayer::gate)
       .def_readwrite("up", &DecodeLayer::up)
       .def_readwrite("down", &DecodeLayer::down)
-      // The GIL is let go for the layer (a Scout layer reads ~200 MB): a server's event loop
-      // and other Python threads run meanwhile. Only tensors are touched inside.
-      .def("run", &DecodeLayer::run, py::call_guard<py::gil_scoped_release>(), "the layer's decode step for one token");
+      .def("run", &DecodeLayer::run, NOGIL, "the layer's decode step for one token");  // (cpu_kernel's NOGIL)
 """

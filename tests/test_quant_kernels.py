@@ -466,3 +466,44 @@ def test_bf16_silu_equals_torch_for_every_bf16_input():
     assert torch.equal(got.isnan(), want.isnan())
     ok = ~want.isnan()
     assert torch.equal(got[ok], want[ok])
+
+
+def test_kernels_let_other_python_threads_run():
+    """A kernel call lets the GIL go while it computes: another Python thread (a server's event
+    loop) keeps running through a long prefill product instead of freezing until it ends."""
+    import threading
+    import time
+
+    from quant import cpu_kernel
+
+    if not cpu_kernel.available():
+        pytest.skip("no AVX2/FMA CPU or no C++ compiler")
+    lin = Int4Linear(quantize_int4(torch.randn(4096, 4096), 128), torch.device("cpu"), torch.bfloat16, "avx2_q8")
+    x = torch.randn(128, 4096).bfloat16()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        lin(x)
+        t0 = time.perf_counter()
+        lin(x)
+        call = time.perf_counter() - t0  # one product, ~30 ms on one thread
+        started, done = threading.Event(), threading.Event()
+
+        def work():
+            started.set()
+            for _ in range(6):
+                lin(x)
+            done.set()
+
+        t = threading.Thread(target=work)
+        t.start()
+        started.wait()
+        gap, last = 0.0, time.perf_counter()
+        while not done.is_set():
+            now = time.perf_counter()
+            gap, last = max(gap, now - last), now
+        t.join()
+    finally:
+        torch.set_num_threads(threads)
+    # Holding the GIL, each product would stop this loop for its whole length.
+    assert gap < call / 2, (gap, call)
