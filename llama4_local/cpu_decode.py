@@ -1,12 +1,13 @@
 """A decoder layer's decode step (one token, on the CPU, in bf16) as one call to C++.
 
 model.DecoderLayer.forward hands a one-token step here: where every linear of the layer is one
-our CPU kernels serve at one row (INT4 through int4_mv, INT8 through q8_mv, bf16 through half_mv), the routed experts
-are INT4 in memory (not offloaded) and nobody observes the routing, the whole layer runs as
-quant/layer_kernel.py's DecodeLayer.run: the same kernels and ATen operations the Python layer
-calls, in the same order, without the ~0.7 ms of Python and dispatch a layer spent between them
-(docs/benchmarks.md, session 25). Anything else (prefill, float32, CUDA, offloaded experts, a
-routing recorder, NF4/FP8 weights) keeps the Python path.
+our CPU kernels serve at one row (INT4 through int4_mv, INT8 through q8_mv, bf16 through
+half_mv, and bf16 experts in the checkpoint's fused [in, out] layout through half_vm), the
+routed experts are in memory (not offloaded) and nobody observes the routing, the whole layer
+runs as quant/layer_kernel.py's DecodeLayer.run: the same kernels and ATen operations the
+Python layer calls, in the same order, without the ~0.7 ms of Python and dispatch a layer spent
+between them (docs/benchmarks.md, session 25). Anything else (prefill, float32, CUDA, offloaded
+experts, a routing recorder, NF4/FP8 weights) keeps the Python path.
 
 A layer's plan holds its weights' tensors, so it is built once and reused; `invalidate()` drops
 every plan where modules are swapped or switch kernel paths (kernels.use_cpu_path,
@@ -91,15 +92,25 @@ def _build(layer):
         experts = ff.experts
         shared = _mlp(kernel, ff.shared_expert)
         router = ff.router.weight
-        if not isinstance(experts, QuantizedExperts) or shared is None or type(ff.router) is not model.Linear:
+        if shared is None or type(ff.router) is not model.Linear:
             return None
         if router.dtype != torch.bfloat16 or router.shape[1] % 16 or not router.is_contiguous():
             return None
-        routed = [_mlp(kernel, e) for e in experts.experts]
-        if any(r is None for r in routed):
+        if isinstance(experts, QuantizedExperts):
+            routed = [_mlp(kernel, e) for e in experts.experts]
+            if any(r is None for r in routed):
+                return None
+            d.gate, d.up, d.down = ([r[i] for r in routed] for i in range(3))
+        elif type(experts) is model.Experts:  # bf16, the checkpoint's fused [E, D, 2I] and [E, I, D]
+            gu, dn = experts.gate_up_proj, experts.down_proj
+            if any(t.dtype != torch.bfloat16 or t.device.type != "cpu" or not t.is_contiguous() for t in (gu, dn)):
+                return None
+            d.fused = True
+            d.gate = [kernel.DecodeLinear("half_t", gu[e], None, 0, False) for e in range(gu.shape[0])]
+            d.down = [kernel.DecodeLinear("half_t", dn[e], None, 0, False) for e in range(dn.shape[0])]
+        else:
             return None
         d.mlp, d.router, d.top_k = shared, router, ff.top_k
-        d.gate, d.up, d.down = ([r[i] for r in routed] for i in range(3))
     elif isinstance(ff, model.MLP):
         mlp = _mlp(kernel, ff)
         if mlp is None:

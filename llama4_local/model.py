@@ -88,6 +88,9 @@ def matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """x [T, in] @ w [in, out] (the fused expert layout)."""
     if _cpu_low_precision(x, w):
         if x.shape[0] < _UPCAST_ROWS:
+            kernel = _half_kernel()
+            if kernel is not None and x.shape[0] <= kernel.HALF_MAX_ROWS and w.is_contiguous():
+                return kernel.half_vm(x, w)  # streams the layout as stored (torch.mv on w.t(): half speed)
             return _rows_mv(x, w.t())
         if not _native(x, w):
             return (x.float() @ w.float()).to(x.dtype)

@@ -40,6 +40,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int4_gemm_bf16", &int4_gemm_bf16, NOGIL, "INT4 weights x many rows through bf16 GEMMs per chunk");
   m.def("fp8_mv", &fp8_mv, NOGIL, "FP8 e4m3 weights x float32 activations (AVX2, F16C)");
   m.def("half_mv", &half_mv, NOGIL, "bf16/fp16 matrix-vector (AVX2)");
+  m.def("half_vm", &half_vm, NOGIL, "vector x bf16/fp16 matrix stored [in, out] (AVX2)");
   m.def("fit_symmetric", &fit_symmetric, NOGIL, "symmetric INT4 group scales (AVX2)");
   m.def("gptq_columns", &gptq_columns, NOGIL, "GPTQ's walk over one group's columns");
   m.def("lowrank_columns", &lowrank_columns, NOGIL, "the low-rank GPTQ feedback's column loop for one block");
@@ -330,6 +331,12 @@ def half_mv(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """x [T, K] (T <= 4) @ w [N, K]^T for bf16 or fp16 w (K a multiple of 16), accumulated in
     float32; the result in x's dtype."""
     return _module().half_mv(x.contiguous(), w)
+
+
+def half_vm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x [T, K] (T <= 4) @ w [K, N] for bf16 or fp16 w stored inputs by outputs (contiguous),
+    accumulated in float32 in input order; the result in x's dtype."""
+    return _module().half_vm(x.contiguous(), w)
 
 
 def int8_span(group_size: int) -> int:

@@ -12,16 +12,16 @@ products, SwiGLU and attention, and ATen's own operations (at::topk, at::sigmoid
 product of RoPE, the temperature's log1p) for the small steps in between, so every value is the
 one the Python model computes, bit for bit (tests/test_cpu_decode.py).
 
-Uses int4_mv (int4_kernel), half_mv and q8_mv (matvec_kernel), rms_norm and silu_mul (glue_kernel) and
+Uses int4_mv (int4_kernel), half_mv, half_vm and q8_mv (matvec_kernel), rms_norm and silu_mul (glue_kernel) and
 attend_one (attn_kernel), which cpu_kernel concatenates ahead of this source.
 """
 
 SOURCE = r"""
 // One linear of a decode layer: "int4" weights through int4_mv (q8: int8 activations), "int8" ones
-// (Q8_0, int8 [N, K] and float32 scales [N, K / 32]) through q8_mv, or a "half" (bf16 / fp16)
-// weight [out, in] through half_mv.
+// (Q8_0, int8 [N, K] and float32 scales [N, K / 32]) through q8_mv, a "half" (bf16 / fp16)
+// weight [out, in] through half_mv, or a "half_t" one stored [in, out] (bf16 experts) through half_vm.
 struct DecodeLinear {
-  enum Kind { INT4, INT8, HALF } kind = HALF;
+  enum Kind { INT4, INT8, HALF, HALF_T } kind = HALF;
   torch::Tensor w, scales;
   int64_t group = 0;
   bool q8 = false;
@@ -38,8 +38,13 @@ struct DecodeLinear {
                       w.size(1) % 32 == 0 && scales.scalar_type() == torch::kFloat && scales.is_contiguous() &&
                       scales.numel() == w.numel() / 32,
                   "DecodeLinear: INT8 weights int8 [N, K] with float32 scales [N, K / 32]");
+    } else if (kind_ == "half_t") {
+      kind = HALF_T;
+      TORCH_CHECK(w.dim() == 2 && w.is_contiguous() &&
+                      (w.scalar_type() == torch::kBFloat16 || w.scalar_type() == torch::kHalf),
+                  "DecodeLinear: a contiguous bf16/fp16 weight [in, out]");
     } else {
-      TORCH_CHECK(kind_ == "half", "DecodeLinear: kind int4, int8 or half");
+      TORCH_CHECK(kind_ == "half", "DecodeLinear: kind int4, int8, half or half_t");
       TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && w.size(1) % 16 == 0 &&
                       (w.scalar_type() == torch::kBFloat16 || w.scalar_type() == torch::kHalf),
                   "DecodeLinear: a contiguous bf16/fp16 weight [out, in], in a multiple of 16");
@@ -49,6 +54,7 @@ struct DecodeLinear {
     switch (kind) {
       case INT4: return int4_mv(x, w, scales, group, q8);
       case INT8: return q8_mv(x, w, scales);
+      case HALF_T: return half_vm(x, w);
       default: return half_mv(x, w);
     }
   }
@@ -64,10 +70,12 @@ struct DecodeLayer {
   bool rope, qk_norm, temperature;
   double floor_scale, attn_scale;
   // The feed-forward: a dense SwiGLU MLP (mlp), or routed experts (gate, up, down, one per
-  // expert; router [E, D] bf16, top_k) beside the shared expert (mlp).
+  // expert; router [E, D] bf16, top_k) beside the shared expert (mlp). fused: each expert's gate
+  // holds the checkpoint's gate_up [D, 2I] (gate the first I outputs, up the rest; up unused).
   std::vector<DecodeLinear> mlp;
   torch::Tensor router;
   int64_t top_k = 0;
+  bool fused = false;
   std::vector<DecodeLinear> gate, up, down;
 
   // apply_rope: pairs (2i, 2i+1) of x [1, n, hd] times freqs [1, hd/2] as complex64, ATen's product.
@@ -116,7 +124,14 @@ struct DecodeLayer {
     for (int64_t j = 0; j < top_k; ++j) {  // the router score scales the expert's input
       const int64_t e = ip[j];
       TORCH_CHECK(e >= 0 && e < (int64_t)gate.size(), "DecodeLayer: expert index out of range");
-      ys.push_back(swiglu(gate[e], up[e], down[e], xn.mul(scores.narrow(1, j, 1))));
+      auto xe = xn.mul(scores.narrow(1, j, 1));
+      if (fused) {  // as model.Experts: gate_up's product cut in two
+        auto gu = gate[e](xe);
+        const int64_t I = gu.size(1) / 2;
+        ys.push_back(down[e](silu_mul(gu.narrow(1, 0, I), gu.narrow(1, I, I))));
+      } else {
+        ys.push_back(swiglu(gate[e], up[e], down[e], xe));
+      }
     }
     // k routed outputs summed in float32 and rounded once, then added to the shared expert's
     return shared.add_(ys.size() == 1 ? ys[0] : torch::stack(ys).sum(0));
@@ -159,6 +174,7 @@ BINDINGS = r"""
       .def_readwrite("mlp", &DecodeLayer::mlp)
       .def_readwrite("router", &DecodeLayer::router)
       .def_readwrite("top_k", &DecodeLayer::top_k)
+      .def_readwrite("fused", &DecodeLayer::fused)
       .def_readwrite("gate", &DecodeLayer::gate)
       .def_readwrite("up", &DecodeLayer::up)
       .def_readwrite("down", &DecodeLayer::down)

@@ -1,7 +1,8 @@
 """A decoder layer's decode step in one C++ call (llama4_local/cpu_decode.py, quant/layer_kernel.py)
 against the Python layer it replaces: the same logits bit for bit, across chunk boundaries, NoPE
 temperature, qk-norm, dense and MoE layers, top-1 and top-2 routing, INT4 and bf16 attention,
-both INT4 activation paths; and the Python layer wherever the C++ one cannot serve."""
+both INT4 activation paths, bf16 checkpoints; and the Python layer wherever the C++ one cannot
+serve."""
 
 import pytest
 import torch
@@ -82,13 +83,15 @@ def test_bf16_attention_and_a_kernel_path_switch(scout_int4, monkeypatch):
     assert not torch.equal(fast, fast_q8)  # the paths differ, so a stale plan would show
 
 
-def test_bf16_dense_layers_beside_python_moe_layers(maverick_ckpt, monkeypatch):
-    """A bf16 Maverick: its dense layers (bf16 attention and MLP, half_mv) run in C++, its MoE
-    layers (bf16 experts in the fused layout) in Python, in one step."""
-    model, _ = load_model(maverick_ckpt, "bfloat16", "cpu")
+@pytest.mark.parametrize("kind", ["scout", "maverick", "multimodal"])
+def test_bf16_checkpoints(all_ckpts, kind, monkeypatch):
+    """bf16 weights as published: attention, the shared expert and dense MLPs through half_mv,
+    the routed experts in the fused [E, D, 2I] / [E, I, D] layout through half_vm (top-1 and
+    top-2), dense and MoE layers interleaved (Maverick-like)."""
+    model, _ = load_model(all_ckpts[kind], "bfloat16", "cpu")
     _, want, _ = decode(model, True, monkeypatch)
     _, got, _ = decode(model, False, monkeypatch)
-    assert served(model) == sum(not layer.is_moe for layer in model.layers) > 0
+    assert served(model) == model.cfg.num_layers
     assert torch.equal(got, want)
 
 
@@ -116,8 +119,11 @@ def test_chunk_roll_keeps_the_previous_block_as_the_python_cache(int4_all, monke
 def test_python_layer_serves_what_the_cpu_layer_cannot(scout_ckpt, int4_all, monkeypatch):
     monkeypatch.delenv("LLAMA4_LOCAL_PY_DECODE", raising=False)
     cpu_decode.invalidate()
-    bf16, _ = load_model(scout_ckpt, "bfloat16", "cpu")  # bf16 experts (fused [E, D, 2I] layout)
-    assert served(bf16) == 0
+    f32, _ = load_model(scout_ckpt, "float32", "cpu")  # float32 runs keep the Python layer
+    cache = f32.new_cache(20)
+    f32(PROMPT, cache)
+    f32(torch.tensor([3]), cache)
+    assert all(layer.__dict__.get("_cpu_decode") is None for layer in f32.layers)
     model, _ = load_model(int4_all["scout"], "bfloat16", "cpu")
     assert served(model) == model.cfg.num_layers
     seen = []

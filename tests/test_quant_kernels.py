@@ -215,6 +215,47 @@ def test_half_matvec_matches_float32_product(dtype, rows, n):
     assert cpu_kernel.half_mv(x, w)[0].isnan().all()
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4])
+@pytest.mark.parametrize("k, n", [(1, 5), (37, 100), (96, 2051), (301, 4099)])
+def test_half_vecmat_on_inputs_by_outputs_weights(dtype, rows, k, n):
+    """half_vm: x @ w for w stored [K, N] (the fused experts' layout): odd K (the rows left after
+    four a pass), N past a column chunk and not a multiple of 8, NaN kept to its row."""
+    from quant import cpu_kernel
+
+    if not cpu_kernel.available():
+        pytest.skip("no AVX2 kernel on this machine")
+    g = torch.Generator().manual_seed(rows * 1000 + k + n)
+    w = torch.randn(k, n, generator=g).to(dtype)
+    x = torch.randn(rows, k, generator=g)
+    want = x @ w.float()
+    got = cpu_kernel.half_vm(x, w)  # float32 in and out: only the summation order differs
+    assert got.dtype == torch.float32 and torch.allclose(got, want, rtol=1e-5, atol=1e-4)
+    xb = x.bfloat16()
+    assert cpu_kernel.half_vm(xb, w).dtype == torch.bfloat16
+    x[0, k // 2] = float("nan")
+    got = cpu_kernel.half_vm(x, w)
+    assert got[0].isnan().all() and not got[1:].isnan().any()
+
+
+def test_low_precision_decode_matmul_uses_the_vecmat_kernel(monkeypatch):
+    """model.matmul on a bf16 CPU weight stored [in, out] with a few rows goes through half_vm."""
+    from llama4_local import model
+    from quant import cpu_kernel
+
+    if not cpu_kernel.available():
+        pytest.skip("no AVX2 kernel on this machine")
+    calls = []
+    real = cpu_kernel.half_vm
+    monkeypatch.setattr(cpu_kernel, "half_vm", lambda x, w: calls.append(x.shape) or real(x, w))
+    w = torch.randn(128, 64).bfloat16()
+    x = torch.randn(3, 128).bfloat16()
+    got = model.matmul(x, w)
+    assert calls == [(3, 128)] and got.dtype == torch.bfloat16
+    want = x.float() @ w.float()
+    assert (got.float() - want).abs().max() <= 2 * want.abs().max() * 2**-8
+
+
 def test_low_precision_decode_linear_uses_the_half_kernel(monkeypatch):
     """model.linear on a bf16 CPU weight with a few rows goes through half_mv, rounded like torch.mv's."""
     from llama4_local import model
