@@ -548,3 +548,21 @@ def test_kernels_let_other_python_threads_run():
         torch.set_num_threads(threads)
     # Holding the GIL, each product would stop this loop for its whole length.
     assert gap < call / 2, (gap, call)
+
+
+@pytest.mark.parametrize("in_out", [False, True])
+def test_widened_products_in_chunks(monkeypatch, in_out):
+    """bf16 CPU products of many rows widen a chunk of the weight at a time (model.WIDEN_CHUNK_BYTES):
+    the same float32 products as widening it whole, chunks of 16 outputs and a remainder."""
+    from llama4_local import model
+
+    monkeypatch.setattr(model, "WIDEN_CHUNK_BYTES", 16 * 4 * 96)  # 16 outputs a chunk
+    g = torch.Generator().manual_seed(7)
+    w = torch.randn(96, 71, generator=g).bfloat16() if in_out else torch.randn(71, 96, generator=g).bfloat16()
+    x = torch.randn(9, 96, generator=g).bfloat16()
+    got = model._widened_linear(x, w, in_out)
+    want = (x.float() @ (w.float() if in_out else w.float().t())).bfloat16()
+    assert got.dtype == torch.bfloat16 and got.shape == (9, 71)
+    assert (got.float() - want.float()).abs().max() <= want.float().abs().max() * 2**-7
+    if not model.native_low_precision(torch.bfloat16):  # (CPUs with bf16 dot products run bf16 GEMMs)
+        assert torch.equal(model.matmul(x, w) if in_out else model.linear(x, w), got)
