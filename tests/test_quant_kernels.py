@@ -238,40 +238,29 @@ def test_half_vecmat_on_inputs_by_outputs_weights(dtype, rows, k, n):
     assert got[0].isnan().all() and not got[1:].isnan().any()
 
 
-def test_low_precision_decode_matmul_uses_the_vecmat_kernel(monkeypatch):
-    """model.matmul on a bf16 CPU weight stored [in, out] with a few rows goes through half_vm."""
+@pytest.mark.parametrize("layout", ["out_in", "in_out"])
+def test_low_precision_decode_products_use_the_half_kernels(monkeypatch, layout):
+    """model.linear on a bf16 CPU weight [out, in] with a few rows goes through half_mv, and
+    model.matmul on one stored [in, out] (the fused experts) through half_vm, rounded like
+    torch.mv's."""
     from llama4_local import model
     from quant import cpu_kernel
 
     if not cpu_kernel.available():
         pytest.skip("no AVX2 kernel on this machine")
+    name = "half_mv" if layout == "out_in" else "half_vm"
     calls = []
-    real = cpu_kernel.half_vm
-    monkeypatch.setattr(cpu_kernel, "half_vm", lambda x, w: calls.append(x.shape) or real(x, w))
-    w = torch.randn(128, 64).bfloat16()
+    real = getattr(cpu_kernel, name)
+    monkeypatch.setattr(cpu_kernel, name, lambda x, w: calls.append(x.shape) or real(x, w))
     x = torch.randn(3, 128).bfloat16()
-    got = model.matmul(x, w)
+    if layout == "out_in":
+        w = torch.randn(64, 128).bfloat16()
+        got, want = model.linear(x, w), torch.stack([torch.mv(w, r) for r in x]).float()
+    else:
+        w = torch.randn(128, 64).bfloat16()
+        got, want = model.matmul(x, w), x.float() @ w.float()
     assert calls == [(3, 128)] and got.dtype == torch.bfloat16
-    want = x.float() @ w.float()
     assert (got.float() - want).abs().max() <= 2 * want.abs().max() * 2**-8
-
-
-def test_low_precision_decode_linear_uses_the_half_kernel(monkeypatch):
-    """model.linear on a bf16 CPU weight with a few rows goes through half_mv, rounded like torch.mv's."""
-    from llama4_local import model
-    from quant import cpu_kernel
-
-    if not cpu_kernel.available():
-        pytest.skip("no AVX2 kernel on this machine")
-    calls = []
-    real = cpu_kernel.half_mv
-    monkeypatch.setattr(cpu_kernel, "half_mv", lambda x, w: calls.append(x.shape) or real(x, w))
-    w = torch.randn(64, 128).bfloat16()
-    x = torch.randn(2, 128).bfloat16()
-    got = model.linear(x, w)
-    assert calls == [(2, 128)] and got.dtype == torch.bfloat16
-    want = torch.stack([torch.mv(w, r) for r in x])
-    assert (got.float() - want.float()).abs().max() <= 2 * want.float().abs().max() * 2**-8
 
 
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 9])
