@@ -77,6 +77,31 @@ def test_draws_follow_the_filtered_distribution():
     assert sample_many(SamplingParams(temperature=1, top_k=3, top_p=0.8, seed=1), logits) == {5, 1}
 
 
+def test_draws_over_a_large_vocabulary():
+    """Past DRAW_BY_CDF candidates (top-p 1 over Scout's vocabulary) a draw inverts the cumulative
+    sum: frequencies follow the probabilities, tokens without probability never come, a seed
+    repeats its draws."""
+    from llama4_local.sampling import draw
+
+    v = 20000
+    logits = torch.full((v,), float("-inf"))
+    logits[[3, 7000, 19999]] = torch.tensor([1.0, 2.0, 0.5])
+    logits[100:200] = -2.0
+    params = SamplingParams(temperature=1, top_p=1.0, seed=4)
+    s = Sampler(params, torch.device("cpu"))
+    n = 4000
+    got = torch.tensor([s(logits, None) for _ in range(n)])
+    counts = torch.bincount(got, minlength=v).float() / n
+    assert torch.allclose(counts, logits.softmax(-1), atol=0.025)
+    assert set(got.tolist()) <= {3, 7000, 19999} | set(range(100, 200))
+    again = Sampler(params, torch.device("cpu"))
+    assert [again(logits, None) for _ in range(50)] == got[:50].tolist()
+    gen = torch.Generator().manual_seed(0)
+    last = torch.zeros(v)
+    last[-1] = 1.0
+    assert all(draw(last, gen) == v - 1 for _ in range(20))
+
+
 def test_repetition_penalty():
     logits = torch.tensor([2.0, 1.9, -1.0])
     s = Sampler(SamplingParams(temperature=0, repetition_penalty=1.5), torch.device("cpu"))
