@@ -10,8 +10,9 @@ between them (docs/benchmarks.md, session 25). Anything else (prefill, float32, 
 experts, a routing recorder, NF4/FP8 weights) keeps the Python path.
 
 A layer's plan holds its weights' tensors, so it is built once and reused; `invalidate()` drops
-every plan where modules are swapped or switch kernel paths (kernels.use_cpu_path,
-QuantizedExperts.stacks), and each plan remembers the generation it was built in.
+every plan where modules are swapped, re-pointed or switch kernel paths (kernels.use_cpu_path and
+int8_attention, QuantizedExperts.stacks, joined.fuse_qkv), and each plan remembers the generation
+it was built in.
 
 LLAMA4_LOCAL_PY_DECODE=1 keeps the Python layer (for comparison).
 """
@@ -90,11 +91,8 @@ def _build(layer):
     d.floor_scale, d.attn_scale = float(attn.floor_scale), float(attn.attn_scale)
     if isinstance(ff, model.MoE):
         experts = ff.experts
-        shared = _mlp(kernel, ff.shared_expert)
-        router = ff.router.weight
-        if shared is None or type(ff.router) is not model.Linear:
-            return None
-        if router.dtype != torch.bfloat16 or router.shape[1] % 16 or not router.is_contiguous():
+        shared, router = _mlp(kernel, ff.shared_expert), _linear(kernel, ff.router)
+        if shared is None or router is None:
             return None
         if isinstance(experts, QuantizedExperts):
             routed = [_mlp(kernel, e) for e in experts.experts]

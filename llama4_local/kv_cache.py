@@ -120,12 +120,16 @@ class ChunkedKV:
         self._advance(end, keys, values, first, k, v)
         return keys, values, first
 
-    def _advance(self, end: int, keys, values, first: int, k=None, v=None) -> None:
-        """Cover positions up to `end`, keys / values holding [first, end) and k / v the new ones:
-        where a block ended among them the buffer starts over with what follows it."""
+    def _advance(self, end: int, keys=None, values=None, first: int | None = None, k=None, v=None) -> None:
+        """Cover positions up to `end`, keys / values holding [first, end) (None: the buffer's
+        slots from start) and k / v the new ones: where a block ended among them the buffer
+        starts over with what follows it."""
         c = self.chunk
         new_start = (end // c) * c
         if new_start > self.start:
+            if keys is None:
+                first = self.start
+                keys, values = self.buf.k[:, : end - first], self.buf.v[:, : end - first]
             if self.keep_previous:
                 a = max(first, new_start - c)  # keys hold positions [first, end)
                 lo, hi = a - first, new_start - first
@@ -147,12 +151,7 @@ class ChunkedKV:
         return held
 
     def appended(self, pos0: int) -> None:
-        end = pos0 + 1
-        if (end // self.chunk) * self.chunk <= self.start:  # the block goes on (most tokens)
-            self.length = end
-            return
-        n = end - self.start
-        self._advance(end, self.buf.k[:, :n], self.buf.v[:, :n], self.start)
+        self._advance(pos0 + 1)
 
     def can_truncate(self, length: int) -> bool:
         if length >= self.start:

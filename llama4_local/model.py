@@ -87,8 +87,6 @@ def _widened_linear(x: torch.Tensor, w: torch.Tensor, in_out: bool = False) -> t
     xf = x.float()
     n_in, n_out = (w.shape[0], w.shape[1]) if in_out else (w.shape[1], w.shape[0])
     step = max(16, WIDEN_CHUNK_BYTES // (4 * n_in))
-    if step >= n_out:
-        return (xf @ w.float() if in_out else F.linear(xf, w.float())).to(x.dtype)
     out = torch.empty(x.shape[0], n_out, dtype=x.dtype, device=x.device)
     for c in range(0, n_out, step):
         part = xf @ w[:, c : c + step].float() if in_out else F.linear(xf, w[c : c + step].float())

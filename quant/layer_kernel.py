@@ -70,10 +70,10 @@ struct DecodeLayer {
   bool rope, qk_norm, temperature;
   double floor_scale, attn_scale;
   // The feed-forward: a dense SwiGLU MLP (mlp), or routed experts (gate, up, down, one per
-  // expert; router [E, D] bf16, top_k) beside the shared expert (mlp). fused: each expert's gate
+  // expert; router [E, D], top_k) beside the shared expert (mlp). fused: each expert's gate
   // holds the checkpoint's gate_up [D, 2I] (gate the first I outputs, up the rest; up unused).
   std::vector<DecodeLinear> mlp;
-  torch::Tensor router;
+  DecodeLinear router;
   int64_t top_k = 0;
   bool fused = false;
   std::vector<DecodeLinear> gate, up, down;
@@ -116,7 +116,7 @@ struct DecodeLayer {
     auto xn = rms_norm(h, post_norm, eps);
     auto shared = swiglu(mlp[0], mlp[1], mlp[2], xn);
     if (gate.empty()) return shared;
-    auto top = torch::topk(half_mv(xn, router), top_k, 1);  // as model.top_k_scores
+    auto top = torch::topk(router(xn), top_k, 1);  // as model.top_k_scores
     auto scores = torch::sigmoid(std::get<0>(top).to(torch::kFloat)).to(xn.scalar_type());
     auto idx = std::get<1>(top).contiguous();
     const int64_t* ip = idx.data_ptr<int64_t>();

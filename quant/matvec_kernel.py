@@ -97,6 +97,30 @@ static inline float half1(const uint16_t* p, int64_t i) {  // one weight as floa
   return f;
 }
 
+// Weight rows k .. k + R (r: row k's segment of the chunk, w of its columns, w8 of them in whole
+// vectors) added into each activation row's sums acc, row after row for every output.
+template <bool BF16, int T, int R>
+static inline void vm_rows(const float* xp, const uint16_t* r, float (*acc)[VM_COLS], int64_t K, int64_t N,
+                           int64_t k, int64_t w, int64_t w8) {
+  __m256 xs[T][R];
+  for (int t = 0; t < T; ++t)
+    for (int j = 0; j < R; ++j) xs[t][j] = _mm256_set1_ps(xp[t * K + k + j]);
+  for (int64_t c = 0; c < w8; c += 8) {
+    if ((c & 31) == 0)  // every line of the rows VM_AHEAD ahead, as this pass reaches it
+      for (int j = 0; j < R; ++j) _mm_prefetch((const char*)(r + (VM_AHEAD + j) * N + c), _MM_HINT_T0);
+    __m256 v[R];
+    for (int j = 0; j < R; ++j) v[j] = widen8<BF16>(r + j * N + c);
+    for (int t = 0; t < T; ++t) {
+      __m256 s = _mm256_load_ps(acc[t] + c);
+      for (int j = 0; j < R; ++j) s = _mm256_fmadd_ps(v[j], xs[t][j], s);
+      _mm256_store_ps(acc[t] + c, s);
+    }
+  }
+  for (int64_t c = w8; c < w; ++c)
+    for (int t = 0; t < T; ++t)
+      for (int j = 0; j < R; ++j) acc[t][c] = std::fma(half1<BF16>(r + j * N, c), xp[t * K + k + j], acc[t][c]);
+}
+
 template <bool BF16, int T>
 static void cols_half_vm(const float* xp, const uint16_t* wp, float* yp, int64_t K, int64_t N, int64_t n0,
                          int64_t n1) {
@@ -105,37 +129,8 @@ static void cols_half_vm(const float* xp, const uint16_t* wp, float* yp, int64_t
     const int64_t w = std::min(VM_COLS, n1 - c0), w8 = w & ~int64_t(7);
     for (int t = 0; t < T; ++t) std::fill(acc[t], acc[t] + w, 0.f);
     int64_t k = 0;
-    for (; k + VM_ROWS <= K; k += VM_ROWS) {
-      const uint16_t* r = wp + k * N + c0;
-      __m256 xs[T][VM_ROWS];
-      for (int t = 0; t < T; ++t)
-        for (int j = 0; j < VM_ROWS; ++j) xs[t][j] = _mm256_set1_ps(xp[t * K + k + j]);
-      for (int64_t c = 0; c < w8; c += 8) {
-        if ((c & 31) == 0)  // every line of the rows VM_AHEAD ahead, as this pass reaches it
-          for (int j = 0; j < VM_ROWS; ++j) _mm_prefetch((const char*)(r + (VM_AHEAD + j) * N + c), _MM_HINT_T0);
-        __m256 v[VM_ROWS];
-        for (int j = 0; j < VM_ROWS; ++j) v[j] = widen8<BF16>(r + j * N + c);
-        for (int t = 0; t < T; ++t) {
-          __m256 s = _mm256_load_ps(acc[t] + c);
-          for (int j = 0; j < VM_ROWS; ++j) s = _mm256_fmadd_ps(v[j], xs[t][j], s);
-          _mm256_store_ps(acc[t] + c, s);
-        }
-      }
-      for (int64_t c = w8; c < w; ++c)
-        for (int t = 0; t < T; ++t)
-          for (int j = 0; j < VM_ROWS; ++j)
-            acc[t][c] = std::fma(half1<BF16>(r + j * N, c), xp[t * K + k + j], acc[t][c]);
-    }
-    for (; k < K; ++k) {
-      const uint16_t* r0 = wp + k * N + c0;
-      for (int t = 0; t < T; ++t) {
-        const __m256 xa = _mm256_set1_ps(xp[t * K + k]);
-        int64_t c = 0;
-        for (; c < w8; c += 8)
-          _mm256_store_ps(acc[t] + c, _mm256_fmadd_ps(widen8<BF16>(r0 + c), xa, _mm256_load_ps(acc[t] + c)));
-        for (; c < w; ++c) acc[t][c] = std::fma(half1<BF16>(r0, c), xp[t * K + k], acc[t][c]);
-      }
-    }
+    for (; k + VM_ROWS <= K; k += VM_ROWS) vm_rows<BF16, T, VM_ROWS>(xp, wp + k * N + c0, acc, K, N, k, w, w8);
+    for (; k < K; ++k) vm_rows<BF16, T, 1>(xp, wp + k * N + c0, acc, K, N, k, w, w8);
     for (int t = 0; t < T; ++t) std::copy(acc[t], acc[t] + w, yp + t * N + c0);
   }
 }
