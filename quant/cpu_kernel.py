@@ -41,6 +41,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fp8_mv", &fp8_mv, NOGIL, "FP8 e4m3 weights x float32 activations (AVX2, F16C)");
   m.def("half_mv", &half_mv, NOGIL, "bf16/fp16 matrix-vector (AVX2)");
   m.def("half_vm", &half_vm, NOGIL, "vector x bf16/fp16 matrix stored [in, out] (AVX2)");
+  m.def("set_half_bf16_dot", &set_half_bf16_dot, "bf16 x bf16 decode products through vdpbf16ps");
   m.def("fit_symmetric", &fit_symmetric, NOGIL, "symmetric INT4 group scales (AVX2)");
   m.def("gptq_columns", &gptq_columns, NOGIL, "GPTQ's walk over one group's columns");
   m.def("lowrank_columns", &lowrank_columns, NOGIL, "the low-rank GPTQ feedback's column loop for one block");
@@ -129,10 +130,10 @@ def _module():
         )
 
         target = isa()
-        name = f"llama4_local_int4_{target.replace('-', '_')}_v72"
+        name = f"llama4_local_int4_{target.replace('-', '_')}_v73"
         if not list(Path(_get_build_directory(name, verbose=False)).glob("*.so")):
             sys.stderr.write("llama4-local: building the INT4 CPU kernel (once, about a minute)\n")
-        return load_inline(
+        mod = load_inline(
             name=name,
             cpp_sources=[
                 kernel_common.SOURCE
@@ -156,6 +157,20 @@ def _module():
         )
     except Exception:  # no compiler, no ninja, a failed build: the stock kernel serves
         return None
+    mod.set_half_bf16_dot(half_bf16_dot_default())
+    return mod
+
+
+def half_bf16_dot_default() -> bool:
+    """Whether half_mv / half_vm multiply bf16 activations by bf16 weights with vdpbf16ps (CPUs
+    with AVX512-BF16, bf16 arithmetic not turned off) rather than widening the weights."""
+    return native_bf16() and "avx512_bf16" in _cpu_flags()
+
+
+def set_half_bf16_dot(on: bool) -> None:
+    """Turn half_mv / half_vm's vdpbf16ps path on or off (benchmarks and tests; `on` only where
+    half_bf16_dot_default() would be: the instruction must exist)."""
+    _module().set_half_bf16_dot(on)
 
 
 def available() -> bool:

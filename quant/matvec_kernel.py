@@ -60,6 +60,68 @@ static void rows_half(const float* xp, const uint16_t* wp, float* yp, int64_t K,
     }                                                                                      \
   });
 
+// Where the CPU has AVX512-BF16 and both sides are bf16 (a bf16 run: the activations are bf16
+// already, so nothing is rounded), vdpbf16ps multiplies them as they are: one instruction per 32
+// weights where widening takes three per 16, which on a Zen 4 core held one weight row at a time
+// to 17 GB/s against 27 (a plain read: 25). Products are exact in float32 either way; the sums run
+// in float32 in another order (two products a lane, then the accumulator; bf16 denormals as zero).
+// set_half_bf16_dot decides (cpu_kernel.py: on where the CPU has it, off under
+// LLAMA4_LOCAL_NO_BF16_GEMM).
+static std::atomic<bool> half_bf16_dot{false};
+void set_half_bf16_dot(bool on) { half_bf16_dot.store(on); }
+
+static bool use_bf16_dot(const torch::Tensor& x, const torch::Tensor& w) {
+  return half_bf16_dot.load(std::memory_order_relaxed) && x.scalar_type() == torch::kBFloat16 &&
+         w.scalar_type() == torch::kBFloat16;
+}
+
+#define DOT_TARGET __attribute__((target("avx512f,avx512bw,avx512bf16")))
+
+// The first `n` bf16 of p (n <= 32), zeros past them.
+DOT_TARGET static inline __m512bh bf16_load(const uint16_t* p, int64_t n) {
+  if (n >= 32) return (__m512bh)_mm512_loadu_si512(p);
+  return (__m512bh)_mm512_maskz_loadu_epi16((__mmask32)((1ull << n) - 1), p);
+}
+
+// Weight rows n0..n1 [N, K] times bf16 activations [T, K], one weight row at a time (a thread's
+// rows one contiguous stream), two accumulators a row over alternate 32-input blocks.
+template <int T>
+DOT_TARGET static void rows_dot(const uint16_t* xp, const uint16_t* wp, float* yp, int64_t K, int64_t N, int64_t n0,
+                                int64_t n1) {
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint16_t* wr = wp + n * K;
+    __m512 a[T][2];
+    for (int t = 0; t < T; ++t) a[t][0] = a[t][1] = _mm512_setzero_ps();
+    int64_t k = 0;
+    for (; k + 64 <= K; k += 64) {
+      const __m512bh w0 = bf16_load(wr + k, 32), w1 = bf16_load(wr + k + 32, 32);
+      for (int t = 0; t < T; ++t) {
+        a[t][0] = _mm512_dpbf16_ps(a[t][0], w0, bf16_load(xp + t * K + k, 32));
+        a[t][1] = _mm512_dpbf16_ps(a[t][1], w1, bf16_load(xp + t * K + k + 32, 32));
+      }
+    }
+    for (; k < K; k += 32) {
+      const __m512bh w0 = bf16_load(wr + k, K - k);
+      for (int t = 0; t < T; ++t) a[t][0] = _mm512_dpbf16_ps(a[t][0], w0, bf16_load(xp + t * K + k, K - k));
+    }
+    for (int t = 0; t < T; ++t) yp[t * N + n] = _mm512_reduce_add_ps(_mm512_add_ps(a[t][0], a[t][1]));
+  }
+}
+
+static void half_mv_dot(const torch::Tensor& x, const torch::Tensor& w, float* yp) {
+  const int64_t T = x.size(0), K = x.size(1), N = w.size(0);
+  const uint16_t* xp = reinterpret_cast<const uint16_t*>(x.data_ptr());
+  const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.data_ptr());
+  in_runs(N, 16, [&](int64_t n0, int64_t n1) {
+    switch (T) {
+      case 1: rows_dot<1>(xp, wp, yp, K, N, n0, n1); break;
+      case 2: rows_dot<2>(xp, wp, yp, K, N, n0, n1); break;
+      case 3: rows_dot<3>(xp, wp, yp, K, N, n0, n1); break;
+      default: rows_dot<4>(xp, wp, yp, K, N, n0, n1); break;
+    }
+  });
+}
+
 torch::Tensor half_mv(torch::Tensor x, torch::Tensor w) {
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2, "x [T, K], w [N, K]");
   TORCH_CHECK(w.scalar_type() == torch::kBFloat16 || w.scalar_type() == torch::kHalf, "w must be bf16 or fp16");
@@ -67,10 +129,14 @@ torch::Tensor half_mv(torch::Tensor x, torch::Tensor w) {
   const int64_t T = x.size(0), K = x.size(1), N = w.size(0);
   TORCH_CHECK(T >= 1 && T <= 4 && w.size(1) == K && K % 16 == 0, "1 to 4 rows, K a multiple of 16");
   auto y = torch::empty({T, N}, x.options().dtype(torch::kFloat));
-  std::vector<float> xbuf;
-  const float* xp = float_rows(x, xbuf);
   const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.data_ptr());
   float* yp = y.data_ptr<float>();
+  if (use_bf16_dot(x, w)) {
+    half_mv_dot(x, w, yp);
+    return rounded_to(y, x.scalar_type());
+  }
+  std::vector<float> xbuf;
+  const float* xp = float_rows(x, xbuf);
   if (w.scalar_type() == torch::kBFloat16) {
     DISPATCH_HALF(true)
   } else {
@@ -135,6 +201,95 @@ static void cols_half_vm(const float* xp, const uint16_t* wp, float* yp, int64_t
   }
 }
 
+// half_vm with vdpbf16ps (see half_bf16_dot): weight rows k and k + 1 interleaved in registers
+// (unpacklo / unpackhi of 32 columns each) against the broadcast pair (x[k], x[k + 1]), VM_DOT_ROWS
+// rows a pass. Each thread takes one column range and sums up to VM_DOT_COLS of its columns at a
+// time (float32 sums in L1 / L2), so where that is all of them its weight bytes are one stream
+// (Scout's down [8192, 5120], one Zen 4 thread: 12 GB/s in 2048-column chunks, 24 so).
+// The sums are kept in the unpacks' order: of 32 columns, s0 holds 0-3, 8-11, 16-19, 24-27 and
+// s1 4-7, 12-15, 20-23, 28-31, put back in order once, at the end.
+constexpr int64_t VM_DOT_COLS = 16384;
+constexpr int VM_DOT_ROWS = 8;
+
+template <int T, int R>
+DOT_TARGET static inline void vm_dot_rows(const uint16_t* xp, const uint16_t* r, float* acc, int64_t K, int64_t N,
+                                          int64_t k, int64_t w, int64_t W) {
+  // R rows from k (R even; R = 1: row k paired with zeros)
+  constexpr int P = (R + 1) / 2;
+  __m512bh xs[T][P];
+  for (int t = 0; t < T; ++t)
+    for (int j = 0; j < P; ++j) {
+      const uint32_t lo = xp[t * K + k + 2 * j], hi = R == 1 ? 0 : xp[t * K + k + 2 * j + 1];
+      xs[t][j] = (__m512bh)_mm512_set1_epi32((int)(lo | (hi << 16)));
+    }
+  for (int64_t c = 0; c < w; c += 32) {
+    const int64_t n = std::min<int64_t>(32, w - c);
+    __m512bh lo[P], hi[P];
+    for (int j = 0; j < P; ++j) {
+      const __m512i a = (__m512i)bf16_load(r + 2 * j * N + c, n);
+      const __m512i b = R == 1 ? _mm512_setzero_si512() : (__m512i)bf16_load(r + (2 * j + 1) * N + c, n);
+      lo[j] = (__m512bh)_mm512_unpacklo_epi16(a, b);
+      hi[j] = (__m512bh)_mm512_unpackhi_epi16(a, b);
+    }
+    for (int t = 0; t < T; ++t) {
+      float* at = acc + t * W + c;
+      __m512 s0 = _mm512_load_ps(at), s1 = _mm512_load_ps(at + 16);
+      for (int j = 0; j < P; ++j) {
+        s0 = _mm512_dpbf16_ps(s0, lo[j], xs[t][j]);
+        s1 = _mm512_dpbf16_ps(s1, hi[j], xs[t][j]);
+      }
+      _mm512_store_ps(at, s0);
+      _mm512_store_ps(at + 16, s1);
+    }
+  }
+}
+
+template <int T>
+DOT_TARGET static void cols_dot_vm(const uint16_t* xp, const uint16_t* wp, float* yp, int64_t K, int64_t N,
+                                   int64_t n0, int64_t n1) {
+  const int64_t W = std::min(VM_DOT_COLS, (n1 - n0 + 31) & ~int64_t(31));
+  float* acc = static_cast<float*>(std::aligned_alloc(64, T * W * sizeof(float)));
+  const __m512i lo_idx = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
+  const __m512i hi_idx = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
+  for (int64_t c0 = n0; c0 < n1; c0 += W) {
+    const int64_t w = std::min(W, n1 - c0);
+    std::fill(acc, acc + T * W, 0.f);
+    int64_t k = 0;
+    for (; k + VM_DOT_ROWS <= K; k += VM_DOT_ROWS) vm_dot_rows<T, VM_DOT_ROWS>(xp, wp + k * N + c0, acc, K, N, k, w, W);
+    for (; k + 2 <= K; k += 2) vm_dot_rows<T, 2>(xp, wp + k * N + c0, acc, K, N, k, w, W);
+    if (k < K) vm_dot_rows<T, 1>(xp, wp + k * N + c0, acc, K, N, k, w, W);
+    for (int t = 0; t < T; ++t)
+      for (int64_t c = 0; c < w; c += 32) {
+        const __m512 s0 = _mm512_load_ps(acc + t * W + c), s1 = _mm512_load_ps(acc + t * W + c + 16);
+        float* o = yp + t * N + c0 + c;
+        const int64_t n = std::min<int64_t>(32, w - c);
+        _mm512_mask_storeu_ps(o, (__mmask16)(n >= 16 ? 0xffff : (1u << n) - 1), _mm512_permutex2var_ps(s0, lo_idx, s1));
+        if (n > 16) _mm512_mask_storeu_ps(o + 16, (__mmask16)(n >= 32 ? 0xffff : (1u << (n - 16)) - 1),
+                                          _mm512_permutex2var_ps(s0, hi_idx, s1));
+      }
+  }
+  std::free(acc);
+}
+
+static void half_vm_dot(const torch::Tensor& x, const torch::Tensor& w, float* yp) {
+  const int64_t T = x.size(0), K = x.size(1), N = w.size(1);
+  const uint16_t* xp = reinterpret_cast<const uint16_t*>(x.data_ptr());
+  const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.data_ptr());
+  // one column range a thread, split at multiples of 32 columns
+  const int64_t units = (N + 31) / 32, nth = std::min<int64_t>(at::get_num_threads(), units);
+  at::parallel_for(0, nth, 1, [&](int64_t first, int64_t last) {
+    for (int64_t i = first; i < last; ++i) {
+      const int64_t n0 = units * i / nth * 32, n1 = std::min(N, units * (i + 1) / nth * 32);
+      switch (T) {
+        case 1: cols_dot_vm<1>(xp, wp, yp, K, N, n0, n1); break;
+        case 2: cols_dot_vm<2>(xp, wp, yp, K, N, n0, n1); break;
+        case 3: cols_dot_vm<3>(xp, wp, yp, K, N, n0, n1); break;
+        default: cols_dot_vm<4>(xp, wp, yp, K, N, n0, n1); break;
+      }
+    }
+  });
+}
+
 // x [T, K] (1 to 4 rows) @ w [K, N] for bf16 / fp16 w; the result in x's dtype.
 torch::Tensor half_vm(torch::Tensor x, torch::Tensor w) {
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2, "x [T, K], w [K, N]");
@@ -143,10 +298,14 @@ torch::Tensor half_vm(torch::Tensor x, torch::Tensor w) {
   const int64_t T = x.size(0), K = x.size(1), N = w.size(1);
   TORCH_CHECK(T >= 1 && T <= 4 && w.size(0) == K && K > 0 && N > 0, "1 to 4 rows, w [K, N]");
   auto y = torch::empty({T, N}, x.options().dtype(torch::kFloat));
+  float* yp = y.data_ptr<float>();
+  if (use_bf16_dot(x, w)) {
+    half_vm_dot(x, w, yp);
+    return rounded_to(y, x.scalar_type());
+  }
   std::vector<float> xbuf;
   const float* xp = float_rows(x, xbuf);
   const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.data_ptr());
-  float* yp = y.data_ptr<float>();
   const bool bf16 = w.scalar_type() == torch::kBFloat16;
   auto cols = [&](auto bf16_tag, int64_t n0, int64_t n1) {
     constexpr bool B = decltype(bf16_tag)::value;

@@ -238,6 +238,42 @@ def test_half_vecmat_on_inputs_by_outputs_weights(dtype, rows, k, n):
     assert got[0].isnan().all() and not got[1:].isnan().any()
 
 
+@pytest.mark.parametrize("rows", [1, 2, 3, 4])
+@pytest.mark.parametrize("layout", ["out_in", "in_out"])
+def test_half_kernels_bf16_dot_products(rows, layout):
+    """Where the CPU has AVX512-BF16, bf16 activations times bf16 weights go through vdpbf16ps
+    (half_bf16_dot): each output within one bf16 rounding (plus float32 sums) of the exact
+    product, and of the widening path's; shapes off every block (K odd for [K, N], columns past a
+    32-column block and past one column range, K past a 64-input block for [N, K]); NaN kept to
+    its row."""
+    from quant import cpu_kernel
+
+    if not (cpu_kernel.available() and cpu_kernel.half_bf16_dot_default()):
+        pytest.skip("no AVX512-BF16 on this machine")
+    g = torch.Generator().manual_seed(rows)
+    shapes = [(1, 16), (7, 48), (130, 96), (33, 1040)] if layout == "out_in" else [(1, 5), (37, 100), (9, 16411)]
+    fn = cpu_kernel.half_mv if layout == "out_in" else cpu_kernel.half_vm
+    for shape in shapes:
+        w = torch.randn(*shape, generator=g).bfloat16()
+        k = shape[1] if layout == "out_in" else shape[0]
+        x = torch.randn(rows, k, generator=g).bfloat16()
+        exact = x.double() @ (w.double().t() if layout == "out_in" else w.double())
+        try:
+            cpu_kernel.set_half_bf16_dot(False)
+            widened = fn(x, w)
+            cpu_kernel.set_half_bf16_dot(True)
+            got = fn(x, w)
+        finally:
+            cpu_kernel.set_half_bf16_dot(cpu_kernel.half_bf16_dot_default())
+        assert got.dtype == torch.bfloat16 and got.shape == exact.shape
+        tol = exact.abs() * 2**-8 + 1e-5 * k
+        assert ((got.double() - exact).abs() <= tol).all(), shape
+        assert ((got.double() - widened.double()).abs() <= 2 * tol).all(), shape
+        x[0, k // 2] = float("nan")
+        got = fn(x, w)
+        assert got[0].isnan().all() and not got[1:].isnan().any()
+
+
 @pytest.mark.parametrize("layout", ["out_in", "in_out"])
 def test_low_precision_decode_products_use_the_half_kernels(monkeypatch, layout):
     """model.linear on a bf16 CPU weight [out, in] with a few rows goes through half_mv, and
