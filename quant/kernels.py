@@ -121,7 +121,7 @@ def int4_matmul(path: str, group_size, x: torch.Tensor, tensors: dict[str, torch
         from . import cpu_kernel
 
         packed, scales = tensors["packed"], tensors["scales_and_zeros"]
-        if path == "avx2_q8" and 0 < cpu_kernel.bf16_gemm_rows() <= x.shape[0]:  # many rows, AMX: bf16 GEMMs
+        if path == "avx2_q8" and 0 < cpu_kernel.bf16_gemm_rows() <= x.shape[0]:  # many rows, bf16 CPUs: GEMMs
             return cpu_kernel.int4_gemm_bf16(x, packed, scales, group_size)
         return cpu_kernel.int4_mv(x, packed, scales, group_size, path == "avx2_q8")
     if path == "triton":

@@ -93,14 +93,18 @@ def test_bf16_runs_take_the_gemm_from_the_row_count_set(gemm_rows):
     assert torch.equal(lin(x), dots)
 
 
-def test_the_gemm_is_the_default_only_where_the_cpu_has_amx(gemm_rows, monkeypatch):
+def test_the_gemm_is_the_default_only_where_the_cpu_multiplies_bf16(gemm_rows, monkeypatch):
     gemm_rows("auto")
-    monkeypatch.setattr(cpu_kernel, "has_amx", lambda: False)
-    assert cpu_kernel.bf16_gemm_rows() == 0
-    cpu_kernel.bf16_gemm_rows.cache_clear()
-    monkeypatch.setattr(cpu_kernel, "has_amx", lambda: True)
-    monkeypatch.setattr(cpu_kernel, "native_bf16", lambda: True)
-    assert cpu_kernel.bf16_gemm_rows() == cpu_kernel.AMX_GEMM_ROWS
+    for flags, native, want in [
+        (set(), False, 0),  # AVX2 only: bf16 GEMMs emulated
+        ({"avx512_bf16"}, True, cpu_kernel.AVX512_BF16_GEMM_ROWS),  # Zen 4
+        ({"avx512_bf16", "amx_tile", "amx_bf16"}, True, cpu_kernel.AMX_GEMM_ROWS),
+        ({"avx512_bf16", "amx_tile", "amx_bf16"}, False, 0),  # LLAMA4_LOCAL_NO_BF16_GEMM
+    ]:
+        monkeypatch.setattr(cpu_kernel, "_cpu_flags", lambda flags=flags: frozenset(flags))
+        monkeypatch.setattr(cpu_kernel, "native_bf16", lambda native=native: native)
+        cpu_kernel.bf16_gemm_rows.cache_clear()
+        assert cpu_kernel.bf16_gemm_rows() == want, flags
     gemm_rows("many")
     with pytest.raises(UserError, match="LLAMA4_LOCAL_INT4_BF16_GEMM"):
         cpu_kernel.bf16_gemm_rows()
