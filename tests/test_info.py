@@ -56,6 +56,8 @@ def test_info_says_what_this_machine_runs_with(scout_int4):
     assert m["native_bf16"] == cpu_kernel.native_bf16()
     assert m["int8_activation_span"] == (cpu_kernel.int8_span(128) if m["cpu_kernels"] else None)
     assert m["int8_activation_span"] in (32, 128, None)
+    dot = m["cpu_kernels"] and cpu_kernel.available() and cpu_kernel.half_bf16_dot_default()
+    assert m["bf16_dot_decode"] == bool(dot)
 
 
 def test_bad_info_input(tmp_path, scout_ckpt):
