@@ -130,7 +130,7 @@ def _module():
         )
 
         target = isa()
-        name = f"llama4_local_int4_{target.replace('-', '_')}_v74"
+        name = f"llama4_local_int4_{target.replace('-', '_')}_v75"
         if not list(Path(_get_build_directory(name, verbose=False)).glob("*.so")):
             sys.stderr.write("llama4-local: building the INT4 CPU kernel (once, about a minute)\n")
         mod = load_inline(
@@ -367,7 +367,7 @@ def int8_span(group_size: int) -> int:
     group size: 128 on AVX2 CPUs without VNNI where the group is a multiple of 128 (four maddubs
     sum in int16 before one madd: the tiles run 1.2-1.4x faster there), else 32 (llama.cpp's Q8_0
     block; VNNI's vpdpbusd gains nothing from longer spans)."""
-    return 128 if isa() == "avx2" and group_size % 128 == 0 else 32
+    return 128 if group_size % 128 == 0 else 32
 
 
 def round_activations_int8(x: torch.Tensor, span: int = 32) -> torch.Tensor:

@@ -10,7 +10,6 @@ VNNI builds keep Q8_0's 32: vpdpbusd gains nothing from longer spans.
 """
 
 SOURCE = r"""
-#ifndef DPBUSD
 #define SPAN128 1
 // AVX2 without VNNI, groups of a multiple of 128: the activations rounded to int8 per span of 128
 // inputs (one scale d per span; llama.cpp's Q8_K takes one per 256 for its K-quant dot products),
@@ -25,6 +24,14 @@ SOURCE = r"""
 // the first 32 weight bytes' low and high nibbles, lo1, hi1: the next 32's) with the span's 128
 // int8 activations in the pairs layout, summed in int16, then one madd: 8 int32 partial sums.
 static inline __m256i span_dot(__m256i lo0, __m256i hi0, __m256i lo1, __m256i hi1, const int8_t* x) {
+#ifdef DPBUSD
+  // VNNI: four vpdpbusd in two chains (the same int32 sums as the maddubs form below)
+  const __m256i a = DPBUSD(DPBUSD(_mm256_setzero_si256(), lo0, _mm256_loadu_si256((const __m256i*)x)), hi0,
+                           _mm256_loadu_si256((const __m256i*)(x + 32)));
+  const __m256i b = DPBUSD(DPBUSD(_mm256_setzero_si256(), lo1, _mm256_loadu_si256((const __m256i*)(x + 64))), hi1,
+                           _mm256_loadu_si256((const __m256i*)(x + 96)));
+  return _mm256_add_epi32(a, b);
+#endif
   const __m256i s16 = _mm256_add_epi16(
       _mm256_add_epi16(_mm256_maddubs_epi16(lo0, _mm256_loadu_si256((const __m256i*)x)),
                        _mm256_maddubs_epi16(hi0, _mm256_loadu_si256((const __m256i*)(x + 32)))),
@@ -120,5 +127,4 @@ static void rows_q8_spans(const int8_t* xq, const float* xd, const uint8_t* qp, 
                           float* yp, int64_t K, int64_t N, int64_t group, bool sym, int64_t n0, int64_t n1) {
   rows_q8_span<0, T, S>(xq, xd, qp, sp, xs, yp, K, N, group, sym, n0, n1);
 }
-#endif
 """
