@@ -12,8 +12,8 @@ Built with torch.utils.cpp_extension on first use, for the CPU it runs on (needs
 and ninja): where the CPU has VNNI (AVX-VNNI, or AVX512-VNNI: Intel since Ice Lake / Alder Lake,
 AMD since Zen 4), the int8 dot products take one vpdpbusd instead of maddubs + madd (`isa()`;
 the same integers for the same rounded activations), and with AVX-512 the INT4 tiles at groups
-of 128 or more work on 512-bit registers; without VNNI, at those groups, activations are
-rounded per 128 inputs rather than 32 (`int8_span`). Where the build fails, or the CPU lacks
+of 128 or more work on 512-bit registers; at those groups activations are rounded per 128
+inputs rather than 32 (`int8_span`). Where the build fails, or the CPU lacks
 AVX2/FMA, `available()` is False and callers keep the stock kernel.
 """
 
@@ -130,7 +130,7 @@ def _module():
         )
 
         target = isa()
-        name = f"llama4_local_int4_{target.replace('-', '_')}_v75"
+        name = f"llama4_local_int4_{target.replace('-', '_')}_v76"
         if not list(Path(_get_build_directory(name, verbose=False)).glob("*.so")):
             sys.stderr.write("llama4-local: building the INT4 CPU kernel (once, about a minute)\n")
         mod = load_inline(
@@ -364,9 +364,9 @@ def half_vm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 def int8_span(group_size: int) -> int:
     """How many activations share one int8 scale in int4_mv's int8 path for INT4 weights of this
-    group size: 128 on AVX2 CPUs without VNNI where the group is a multiple of 128 (four maddubs
-    sum in int16 before one madd: the tiles run 1.2-1.4x faster there), else 32 (llama.cpp's Q8_0
-    block; VNNI's vpdpbusd gains nothing from longer spans)."""
+    group size: 128 where the group is a multiple of 128 (one conversion and one FMA per 128
+    weights: 1.2-1.4x on Zen 3 without VNNI, the decode stream 1.25x on Zen 4 with it), else 32
+    (llama.cpp's Q8_0 block)."""
     return 128 if group_size % 128 == 0 else 32
 
 

@@ -12,10 +12,10 @@ Two ways to form sum_k u_k x_k per block of 32 inputs (16 bytes of weights):
 - int8 activations (`int8_activations=True`, what bf16 runs use): x is rounded per block of 32
   to int8 with one float32 scale d (llama.cpp's Q8_0); `maddubs` multiplies the 32 unsigned
   nibbles by the 32 signed bytes, `madd` sums pairs, and the 8 int32 partial sums are scaled by
-  s * d in float32. About 10 instructions per 16 weight bytes: memory speed on one row. On
-  AVX2 CPUs without VNNI, at groups of a multiple of 128, one scale d per 128 inputs instead
-  (`tile_q8_span`; cpu_kernel.int8_span): four maddubs add in int16 before one madd, 1.2-1.4x
-  the per-32 tiles' speed on a Zen 3 core, and decode from memory rather than bound by the core.
+  s * d in float32. At groups of a multiple of 128, one scale d per 128 inputs instead
+  (`tile_q8_span`; cpu_kernel.int8_span): four maddubs add in int16 before one madd (or four
+  vpdpbusd with VNNI), 1.2-1.4x the per-32 tiles' speed on a Zen 3 core, the decode stream 1.25x
+  on a Zen 4 one; AVX-512 builds' 512-bit quads take the same rounding for rows > 1.
 - float activations (float32 runs, the precise mode): nibbles converted to float32 eight at a
   time and FMA'd with x; bit-for-bit the reference's arithmetic up to summation order, but the
   conversions make it compute-bound at about half the speed.
@@ -357,8 +357,17 @@ static torch::Tensor int4_mv_impl(const torch::Tensor& x, const torch::Tensor& q
     });
     return rounded_to(y, x.scalar_type());
   }
-#ifdef SPAN128
-  if (group % 128 == 0) {  // per-128 scales (tile_q8_span): the pairs layout, one d per span
+#ifdef QUADS_ZMM
+  // Not for one row: decode of the slice with the 512-bit tile measured 36-38 tok/s against 44
+  // for the 256-bit one (one Zen 5 core; 49 against 55 on two), alternated; a 512-bit one-row
+  // stream was no faster than the one-row streams on Zen 4 either. So a row's result in a prefill
+  // and alone differ by float32 rounding (the same products, summed in another order). Intel's
+  // cores are another matter, unmeasured: set_zmm_one_row(true) lets a benchmark try (cpu_kernel.py).
+  const bool quads = group % 128 == 0 && (T > 1 || zmm_one_row.load(std::memory_order_relaxed));
+#else
+  const bool quads = false;
+#endif
+  if (group % 128 == 0 && !quads) {  // per-128 scales (tile_q8_span): the pairs layout, one d per span
     const int64_t Q = K / 128;
     auto xq_t = torch::empty({T * K}, torch::kChar);
     auto xd_t = torch::empty({T * Q}, torch::kFloat);
@@ -393,34 +402,33 @@ static torch::Tensor int4_mv_impl(const torch::Tensor& x, const torch::Tensor& q
     });
     return rounded_to(y, x.scalar_type());
   }
-#endif
   // Each block of 32 is rounded straight into the order the tiles read: per block (its 16 even
   // inputs, its 16 odd ones) with one scale; with two blocks per step (groups of 64 or more) per
-  // pair (b0 even, b1 even, b0 odd, b1 odd) with each scale four times, as lanes.
+  // pair (b0 even, b1 even, b0 odd, b1 odd) with each scale four times, as lanes. The 512-bit
+  // quads round per 128 inputs (each block's lanes the span's d), as the span tiles do.
   const bool pairs = group % 64 == 0;
-#ifdef QUADS_ZMM
-  // Not for one row: decode of the slice with the 512-bit tile measured 36-38 tok/s against 44
-  // for the 256-bit one (one Zen 5 core; 49 against 55 on two), alternated; a 512-bit one-row
-  // stream was no faster than row_q8_stream on Zen 4 either. So a row's result in a prefill and
-  // alone differ by float32 rounding (the same products, summed in another order). Intel's cores
-  // are another matter, unmeasured: set_zmm_one_row(true) lets a benchmark try (cpu_kernel.py).
-  const bool quads = group % 128 == 0 && (T > 1 || zmm_one_row.load(std::memory_order_relaxed));
-#else
-  const bool quads = false;
-#endif
   const int64_t lanes = pairs ? 4 : 1, span = quads ? 4 : 2;  // blocks per step when pairs
   // 64-byte aligned (torch's CPU allocator), so the tiles' 32-byte loads never straddle a line.
   auto xq_t = torch::empty({T * K}, torch::kChar);
   auto xd_t = torch::empty({T * B * lanes}, torch::kFloat);
   int8_t* xq_p = xq_t.data_ptr<int8_t>();
   float* xd_p = xd_t.data_ptr<float>();
+  float span_d = 0.f;
+  __m256 span_inv = _mm256_setzero_ps();
   for (int64_t t = 0; t < T; ++t)
     for (int64_t b = 0; b < B; ++b) {
       const int64_t base = pairs ? (b & ~(span - 1)) * 32 : b * 32, half = pairs ? (b & (span - 1)) * 16 : 0;
       const int64_t odd = pairs ? span * 16 : 16;
       int sum;
       int8_t* dst = xq_p + t * K + base + half;
-      const float d = round_block_q8(xp + t * K + b * 32, nullptr, dst, dst + odd, &sum);
+      float d;
+      if (quads) {  // per 128 (group % 128 == 0): the span's scale, found at its first block
+        if (b % 4 == 0) span_d = q8_scale(xp + t * K + b * 32, 128, &span_inv);
+        d = span_d;
+        sum = round_block_q8_with(xp + t * K + b * 32, span_inv, nullptr, dst, dst + odd);
+      } else {
+        d = round_block_q8(xp + t * K + b * 32, nullptr, dst, dst + odd, &sum);
+      }
       for (int64_t l = 0; l < lanes; ++l) xd_p[(t * B + b) * lanes + l] = d;
       xs[t * G + (b * 32) / group] += d * (float)sum;
     }

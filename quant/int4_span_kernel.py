@@ -1,4 +1,4 @@
-"""INT4 tiles for AVX2 CPUs without VNNI (C++, a part of quant/int4_kernel.py's source).
+"""INT4 tiles with one int8 activation scale per 128 inputs (C++, a part of quant/int4_kernel.py's source).
 
 At INT4 groups of a multiple of 128 (the default's 128), a bf16 run's activations are rounded to
 int8 with one scale per span of 128 inputs rather than per block of 32 (cpu_kernel.int8_span;
@@ -6,12 +6,16 @@ llama.cpp's K-quant dot products take one per 256), so the four maddubs of a spa
 before one madd, and one conversion and one FMA serve 128 weights. On a Zen 3 core, whose
 maddubs and madd share one pipe, that took a 128-row prefill from 115 to 151 GOP/s and the decode
 stream from 13-14 to 19-20 GB/s, for 3% more KL in the int8 row (docs/benchmarks.md, session 23).
-VNNI builds keep Q8_0's 32: vpdpbusd gains nothing from longer spans.
+VNNI builds take the same spans with four vpdpbusd (the same int32 sums, so the same results bit
+for bit): on a Zen 4 core the one-row stream's loop has fewer instructions per 128 weights (one
+conversion, one FMA, one activation scale), and the slice's decode went from 1.19x / 1.03x to
+1.50x / 1.40-1.48x llama.cpp's Q4_0 on one / two threads (session 26). Rows > 1 on AVX-512 builds
+go through the 512-bit quads (int4_zmm_kernel.py), rounded per 128 as well.
 """
 
 SOURCE = r"""
 #define SPAN128 1
-// AVX2 without VNNI, groups of a multiple of 128: the activations rounded to int8 per span of 128
+// Groups of a multiple of 128: the activations rounded to int8 per span of 128
 // inputs (one scale d per span; llama.cpp's Q8_K takes one per 256 for its K-quant dot products),
 // so the four maddubs of a span (two 32-byte weight loads, the pairs layout) add in int16 (|sum|
 // <= 4 * 2 * 15 * 127 < 2^15) before one madd: per 128 weights and activation row 4 maddubs and

@@ -12,8 +12,8 @@ kernels, repacks it once, at load time, into their layout (ours reads the stored
   cuBLAS) and its GEMV, 1.35x slower than the stock one alone, decoded faster in a CUDA graph
   because it reads a routed expert by a device index where the stock kernel needs a gathered copy,
 - CPU with AVX2 and FMA: quant.cpu_kernel (ours, compiled on first use), any number of rows:
-  "avx2_q8" for bf16 activations (rounded to int8 per block of 32, or per 128 on AVX2 CPUs
-  without VNNI (cpu_kernel.int8_span); integer dot products, as llama.cpp's Q4 x Q8 and
+  "avx2_q8" for bf16 activations (rounded to int8 per block of 32, or per 128 at groups of
+  128 (cpu_kernel.int8_span); integer dot products, as llama.cpp's Q4 x Q8 and
   Q4_K x Q8_K), "avx2" for float32 ones (float dot products; the precise mode),
 - "reference": dequantize, then an ordinary matmul; the oracle for the others in tests and
   the fallback where a kernel's shape rules are not met.

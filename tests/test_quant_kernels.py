@@ -68,10 +68,9 @@ def test_int8_activation_kernel_is_exact_on_rounded_activations(group_size, rows
 @pytest.mark.parametrize("group_size", [128, 256])
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_int8_spans_of_128_across_passes_and_wide_groups(group_size, symmetric):
-    """The int8 path with each row's own activation rounding (per 128 inputs on AVX2 without
-    VNNI, else per 32): one row (the decode stream), a few (one pass) and many (passes of 3-5 rows
-    over blocks of weight rows), at groups of one and two spans, against the reference fed those
-    rounded activations."""
+    """The int8 path with each row's own activation rounding (per 128 inputs, int8_span): one
+    row (the decode stream), a few (one pass) and many (passes of 3-5 rows over blocks of weight
+    rows), at groups of one and two spans, against the reference fed those rounded activations."""
     from quant import cpu_kernel
 
     if not cpu_kernel.available():
@@ -442,15 +441,15 @@ def test_the_decode_streams_prefetch_settings_change_no_result():
 
 def kernel_outputs() -> dict[str, torch.Tensor]:
     """The int8-activation kernels on fixed inputs: INT4 at groups 32 and 64 for 1, 3 and 20
-    rows, and the INT8 weight kernel."""
+    rows and at 128 for one (the per-128 stream), and the INT8 weight kernel."""
     from quant import cpu_kernel
 
     g = torch.Generator().manual_seed(7)
     out = {}
-    for group in (32, 64):
+    for group in (32, 64, 128):
         qw = quantize_int4(torch.randn(72, 512, generator=g), group, True, scale_dtype=torch.bfloat16)
         packed, scales = cpu_kernel.stored_bytes(qw.packed), cpu_kernel.pack_scales(qw.scale, None)
-        for rows in (1, 3, 20):
+        for rows in (1,) if group == 128 else (1, 3, 20):
             x = torch.randn(rows, 512, generator=g)
             out[f"int4 g{group} x{rows}"] = cpu_kernel.int4_mv(x, packed, scales, group, True)
     q, s = cpu_kernel.q8_quantize(torch.randn(40, 256, generator=g))
@@ -466,9 +465,9 @@ _CHILD = (
 def test_vnni_dot_products_equal_the_avx2_ones(tmp_path):
     """Where the kernel is built with VNNI, its int8 dot products give the AVX2 build's integers
     (the plain build runs in a child process, as LLAMA4_LOCAL_NO_VNNI=1 makes it): the same bits
-    at groups 32 and 64 and for INT8 weights. (At groups of 128 the AVX2 build rounds activations
-    per 128, cpu_kernel.int8_span, where VNNI keeps Q8_0's 32: other integers, each checked
-    against its own reference by test_cpu_kernels_match_reference.)"""
+    at groups 32 and 64, for INT8 weights, and for one row at groups of 128 (both round per 128,
+    cpu_kernel.int8_span: four vpdpbusd give the four maddubs' sums). More rows at 128 go through
+    AVX-512 builds' 512-bit quads, which sum the same products in another order."""
     import os
     import subprocess
     import sys
