@@ -14,7 +14,6 @@ go through the 512-bit quads (int4_zmm_kernel.py), rounded per 128 as well.
 """
 
 SOURCE = r"""
-#define SPAN128 1
 // Groups of a multiple of 128: the activations rounded to int8 per span of 128
 // inputs (one scale d per span; llama.cpp's Q8_K takes one per 256 for its K-quant dot products),
 // so the four maddubs of a span (two 32-byte weight loads, the pairs layout) add in int16 (|sum|

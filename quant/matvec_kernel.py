@@ -112,14 +112,7 @@ static void half_mv_dot(const torch::Tensor& x, const torch::Tensor& w, float* y
   const int64_t T = x.size(0), K = x.size(1), N = w.size(0);
   const uint16_t* xp = reinterpret_cast<const uint16_t*>(x.data_ptr());
   const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.data_ptr());
-  in_runs(N, 16, [&](int64_t n0, int64_t n1) {
-    switch (T) {
-      case 1: rows_dot<1>(xp, wp, yp, K, N, n0, n1); break;
-      case 2: rows_dot<2>(xp, wp, yp, K, N, n0, n1); break;
-      case 3: rows_dot<3>(xp, wp, yp, K, N, n0, n1); break;
-      default: rows_dot<4>(xp, wp, yp, K, N, n0, n1); break;
-    }
-  });
+  in_runs(N, 16, [&](int64_t n0, int64_t n1) { DISPATCH_ROWS4(rows_dot, xp, wp, yp, K, N, n0, n1) });
 }
 
 torch::Tensor half_mv(torch::Tensor x, torch::Tensor w) {
@@ -248,7 +241,8 @@ template <int T>
 DOT_TARGET static void cols_dot_vm(const uint16_t* xp, const uint16_t* wp, float* yp, int64_t K, int64_t N,
                                    int64_t n0, int64_t n1) {
   const int64_t W = std::min(VM_DOT_COLS, (n1 - n0 + 31) & ~int64_t(31));
-  float* acc = static_cast<float*>(std::aligned_alloc(64, T * W * sizeof(float)));
+  auto acc_t = torch::empty({T * W}, torch::kFloat);  // 64-byte aligned (torch's CPU allocator)
+  float* acc = acc_t.data_ptr<float>();
   const __m512i lo_idx = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
   const __m512i hi_idx = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
   for (int64_t c0 = n0; c0 < n1; c0 += W) {
@@ -268,7 +262,6 @@ DOT_TARGET static void cols_dot_vm(const uint16_t* xp, const uint16_t* wp, float
                                           _mm512_permutex2var_ps(s0, hi_idx, s1));
       }
   }
-  std::free(acc);
 }
 
 static void half_vm_dot(const torch::Tensor& x, const torch::Tensor& w, float* yp) {
@@ -280,12 +273,7 @@ static void half_vm_dot(const torch::Tensor& x, const torch::Tensor& w, float* y
   at::parallel_for(0, nth, 1, [&](int64_t first, int64_t last) {
     for (int64_t i = first; i < last; ++i) {
       const int64_t n0 = units * i / nth * 32, n1 = std::min(N, units * (i + 1) / nth * 32);
-      switch (T) {
-        case 1: cols_dot_vm<1>(xp, wp, yp, K, N, n0, n1); break;
-        case 2: cols_dot_vm<2>(xp, wp, yp, K, N, n0, n1); break;
-        case 3: cols_dot_vm<3>(xp, wp, yp, K, N, n0, n1); break;
-        default: cols_dot_vm<4>(xp, wp, yp, K, N, n0, n1); break;
-      }
+      DISPATCH_ROWS4(cols_dot_vm, xp, wp, yp, K, N, n0, n1)
     }
   });
 }
