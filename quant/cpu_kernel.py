@@ -130,7 +130,7 @@ def _module():
         )
 
         target = isa()
-        name = f"llama4_local_int4_{target.replace('-', '_')}_v77"
+        name = f"llama4_local_int4_{target.replace('-', '_')}_v78"
         if not list(Path(_get_build_directory(name, verbose=False)).glob("*.so")):
             sys.stderr.write("llama4-local: building the INT4 CPU kernel (once, about a minute)\n")
         mod = load_inline(

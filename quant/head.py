@@ -27,8 +27,8 @@ Q6_MAX_ROWS = 4
 
 
 class Q6Linear(torch.nn.Module):
-    """y = x @ W^T for W in quant/q6.py's packed Q6 (uint8 [N, K/32 * 26], e.g. a view of the
-    mapped sidecar), x rounded to int8 per block of 32 (cpu_kernel.q6_mv)."""
+    """y = x @ W^T for W in quant/q6.py's packed Q6 (uint8 [N, q6.row_bytes(K)], e.g. a view of
+    the mapped sidecar), x rounded to int8 per block of 32 (cpu_kernel.q6_mv)."""
 
     def __init__(self, packed: torch.Tensor, k: int, dtype: torch.dtype):
         super().__init__()
@@ -60,7 +60,7 @@ def write_head_sidecar(path, w: torch.Tensor, feedback: torch.Tensor | None = No
 
     meta = {"lm_head": head_digest(w)}
     if feedback is not None and bool(torch.isfinite(w).all()):
-        save_file({"q6": q6.gptq(w, feedback)}, str(path), metadata=meta | {"format": "q6"})
+        save_file({"q6": q6.gptq(w, feedback)}, str(path), metadata=meta | {"format": q6.FORMAT})
     else:
         q, s = q8_blocks(w)
         save_file({"qweight": q, "scales": s}, str(path), metadata=meta | {"format": "q8_0"})
@@ -98,9 +98,11 @@ def sidecar_lm_head(model: torch.nn.Module, ckpt, model_dir, dtype: torch.dtype,
     try:
         f = safe_open(str(side), framework="pt")
         meta = f.metadata() or {}
-        if meta.get("format") == "q6":
+        if meta.get("format") in (q6.FORMAT, q6.FORMAT_V1):
             w = f.get_tensor("q6")
-            fits = w.dtype == torch.uint8 and tuple(w.shape) == (n, k // q6.BLOCK * q6.BYTES) and k % q6.BLOCK == 0
+            v1 = meta["format"] == q6.FORMAT_V1
+            width = k // q6.BLOCK * q6.BYTES_V1 if v1 else q6.row_bytes(k)
+            fits = w.dtype == torch.uint8 and tuple(w.shape) == (n, width) and k % q6.BLOCK == 0
             module = Q6Linear(w, k, dtype)
         else:  # Q8_0 (also a sidecar from before the format was written down)
             q, s = f.get_tensor("qweight"), f.get_tensor("scales")
@@ -110,5 +112,7 @@ def sidecar_lm_head(model: torch.nn.Module, ckpt, model_dir, dtype: torch.dtype,
         return False  # unreadable: the head is rounded at load instead
     if not fits or meta.get("lm_head") != head_digest(ckpt.get("lm_head.weight")):
         return False
+    if meta.get("format") == q6.FORMAT_V1:  # the first layout (before 2026-12-06): repacked, in anonymous memory
+        module.q6 = q6.pack(*q6.unpack_v1(module.q6, k))
     model.lm_head = module
     return True

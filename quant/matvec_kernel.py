@@ -425,107 +425,122 @@ torch::Tensor q8_mv(torch::Tensor x, torch::Tensor wq, torch::Tensor ws) {
   return rounded_to(y, x.scalar_type());
 }
 
-// Q6 weights (quant/q6.py: per block of 32 inputs 16 bytes of low nibbles, 8 of top bits, an fp16
-// scale; u = q + 32 in [0, 63]) against int8-rounded activations: u rebuilt with shifts and masks,
-// maddubs(u, x) (|sums| <= 2 * 63 * 127: no saturation), 32 * sum(x) taken off in lane 0 (xs: per
-// activation block, 8 int32 lanes, the first -32 sum(x): the products' starting value, so vpdpbusd
-// adds onto it). Even and odd blocks go to two accumulators, four blocks a loop step, one
-// prefetch a pair (52 bytes: every line once). On one Zen 4 thread the loop is bound by its
-// instructions (about 18.5 a block before these three, 20 GB/s from L3 as from memory).
-static inline __m256i q6_unpack(const uint8_t* p) {
-  // the 16 low-nibble bytes in both halves, the second's shifted down 4: one shift, no insert
-  const __m256i l = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)p));
-  const __m256i low = _mm256_and_si256(_mm256_srlv_epi32(l, _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4)),
-                                       _mm256_set1_epi8(0x0F));
-  int64_t h;  // unaligned: memcpy (one load), not a cast
-  std::memcpy(&h, p + 16, 8);
-  const __m256i top = _mm256_srlv_epi64(_mm256_set1_epi64x(h), _mm256_setr_epi64x(0, 2, 4, 6));
-  return _mm256_or_si256(low, _mm256_slli_epi16(_mm256_and_si256(top, _mm256_set1_epi8(0x03)), 4));
-}
+// Q6 weights (quant/q6.py) in super-blocks of 128 inputs, 104 bytes each: 64 bytes of low nibbles,
+// 32 of top bits, four fp16 scales (one per block of 32); u = q + 32 in [0, 63]. The 128 inputs
+// are stored in the kernel's order: four vectors of 32 bytes, vector v's 4-byte group l (0-7)
+// holding inputs 8 v + 4 (l / 4) .. + 3 of block l % 4, so every int32 lane of a 4-byte dot
+// product (vpdpbusd) stays inside one block over all four vectors: one chain of four products a
+// super-block (started at -32 x the lane's activation sum, so the integers are q x, exactly), one
+// convert and one FMA against [d0 .. d3, d0 .. d3] x the activation blocks' scales. About 6
+// vector operations a block of 32 where the layout of one block at a time took about 14 (the
+// scale read, converted and multiplied per block, the top bits broadcast from a scalar).
+constexpr int64_t Q6_SUPER = 104;
 
-// The block's scale times the activation block's, in all 8 lanes.
-static inline __m256 q6_scale(const uint8_t* p, const float* xd) {
-  int16_t h;
-  std::memcpy(&h, p + 24, 2);
-  const __m256 s = _mm256_cvtph_ps(_mm_set1_epi16(h));
-  return _mm256_mul_ps(s, _mm256_broadcast_ss(xd));
-}
-
-// init + dot4(u, s), in one vpdpbusd where the CPU has VNNI.
-static inline __m256i dot4_onto(__m256i init, __m256i u, __m256i s) {
+static inline __m256i q6_dot(__m256i acc, const __m256i (&u)[4], const int8_t* x) {
 #ifdef DPBUSD
-  return DPBUSD(init, u, s);
+  for (int v = 0; v < 4; ++v) acc = DPBUSD(acc, u[v], _mm256_loadu_si256((const __m256i*)(x + 32 * v)));
+  return acc;
 #else
-  return _mm256_add_epi32(init, dot4(u, s));
+  // dot4x2's int16 sums hold here too: 2 x 2 x 63 x 127 = 32004
+  const __m256i* xv = (const __m256i*)x;
+  const __m256i a = dot4x2(u[0], _mm256_loadu_si256(xv), u[1], _mm256_loadu_si256(xv + 1));
+  const __m256i b = dot4x2(u[2], _mm256_loadu_si256(xv + 2), u[3], _mm256_loadu_si256(xv + 3));
+  return _mm256_add_epi32(acc, _mm256_add_epi32(a, b));
 #endif
 }
 
 template <int T, int R>
-static inline void block_q6(const int8_t* xq, const float* xd, const int32_t* xs, const uint8_t* wp, int64_t row,
-                            int64_t B, int64_t n, int64_t b, __m256 (&acc)[T][R], bool prefetch) {
-  for (int r = 0; r < R; ++r) {
-    const uint8_t* p = wp + (n + r) * row + b * 26;
-    if (prefetch) _mm_prefetch((const char*)p + (R == 1 ? STREAM_AHEAD : AHEAD * row), _MM_HINT_T0);
-    const __m256i u = q6_unpack(p);
-    for (int t = 0; t < T; ++t) {
-      const int64_t i = t * B + b;
-      const __m256i x = _mm256_loadu_si256((const __m256i*)(xq + i * 32));
-      const __m256i d = dot4_onto(_mm256_loadu_si256((const __m256i*)(xs + i * 8)), u, x);
-      acc[t][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), q6_scale(p, xd + i), acc[t][r]);
+static void tile_q6(const int8_t* xq, const float* xd, const int32_t* xs, const uint8_t* wp, float* yp,
+                    int64_t S, int64_t N, int64_t n) {
+  const int64_t row = S * Q6_SUPER;
+  const __m256i low4 = _mm256_set1_epi8(0x0F), top2 = _mm256_set1_epi8(0x30);
+  __m256 acc[T][R];
+  for (int t = 0; t < T; ++t)
+    for (int r = 0; r < R; ++r) acc[t][r] = _mm256_setzero_ps();
+  for (int64_t s = 0; s < S; ++s) {
+    for (int r = 0; r < R; ++r) {
+      const uint8_t* p = wp + (n + r) * row + s * Q6_SUPER;
+      const int64_t ahead = R == 1 ? STREAM_AHEAD : AHEAD * row;
+      _mm_prefetch((const char*)p + ahead, _MM_HINT_T0);
+      _mm_prefetch((const char*)p + ahead + 64, _MM_HINT_T0);
+      const __m256i l0 = _mm256_loadu_si256((const __m256i*)p), l1 = _mm256_loadu_si256((const __m256i*)(p + 32));
+      const __m256i tb = _mm256_loadu_si256((const __m256i*)(p + 64));
+      // 16-bit shifts move bits across bytes; the masks keep each byte's own
+      const __m256i u[4] = {
+          _mm256_or_si256(_mm256_and_si256(l0, low4), _mm256_and_si256(_mm256_slli_epi16(tb, 4), top2)),
+          _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), low4),
+                          _mm256_and_si256(_mm256_slli_epi16(tb, 2), top2)),
+          _mm256_or_si256(_mm256_and_si256(l1, low4), _mm256_and_si256(tb, top2)),
+          _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), low4),
+                          _mm256_and_si256(_mm256_srli_epi16(tb, 2), top2))};
+      int64_t h;  // the four scales, unaligned: memcpy (one load), not a cast
+      std::memcpy(&h, p + 96, 8);
+      const __m256 d = _mm256_cvtph_ps(_mm_set1_epi64x(h));  // [d0 .. d3, d0 .. d3]
+      for (int t = 0; t < T; ++t) {
+        const int64_t i = t * S + s;
+        const __m256i q = q6_dot(_mm256_loadu_si256((const __m256i*)(xs + i * 8)), u, xq + i * 128);
+        acc[t][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q), _mm256_mul_ps(d, _mm256_loadu_ps(xd + i * 8)), acc[t][r]);
+      }
     }
   }
-}
-
-template <int T, int R>
-static void tile_q6(const int8_t* xq, const float* xd, const int32_t* xs, const uint8_t* wp, float* yp,
-                    int64_t K, int64_t N, int64_t n) {
-  const int64_t B = K / 32, row = B * 26;
-  __m256 even[T][R], odd[T][R];
   for (int t = 0; t < T; ++t)
-    for (int r = 0; r < R; ++r) even[t][r] = odd[t][r] = _mm256_setzero_ps();
-  int64_t b = 0;
-  for (; b + 4 <= B; b += 4) {
-    block_q6<T, R>(xq, xd, xs, wp, row, B, n, b, even, true);
-    block_q6<T, R>(xq, xd, xs, wp, row, B, n, b + 1, odd, false);
-    block_q6<T, R>(xq, xd, xs, wp, row, B, n, b + 2, even, true);
-    block_q6<T, R>(xq, xd, xs, wp, row, B, n, b + 3, odd, false);
-  }
-  for (; b < B; ++b) block_q6<T, R>(xq, xd, xs, wp, row, B, n, b, (b & 1) ? odd : even, true);
-  for (int t = 0; t < T; ++t)
-    for (int r = 0; r < R; ++r) yp[t * N + n + r] = hsum(_mm256_add_ps(even[t][r], odd[t][r]));
+    for (int r = 0; r < R; ++r) yp[t * N + n + r] = hsum(acc[t][r]);
 }
 
 template <int T>
 static void rows_q6(const int8_t* xq, const float* xd, const int32_t* xs, const uint8_t* wp, float* yp,
-                    int64_t K, int64_t N, int64_t n0, int64_t n1) {
+                    int64_t S, int64_t N, int64_t n0, int64_t n1) {
   in_tiles<tile_rows<T>()>(n0, n1, [&](int64_t n, auto rows) {
-    tile_q6<T, decltype(rows)::value>(xq, xd, xs, wp, yp, K, N, n);
+    tile_q6<T, decltype(rows)::value>(xq, xd, xs, wp, yp, S, N, n);
   });
+}
+
+// Activations for tile_q6: each row's blocks of 32 rounded to int8 (Q8_0, as before), each
+// super-block's 128 integers put in the kernel's order (xq), its four scales twice (xd) and per
+// lane -32 x the sum of the integers that lane multiplies (xs); blocks past K are zeros.
+static void q6_activations(const float* xp, int64_t T, int64_t K, int64_t S, int8_t* xq, float* xd, int32_t* xs) {
+  const int64_t B = K / 32;
+  int8_t ints[128];
+  int sum;
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t s = 0; s < S; ++s) {
+      const int64_t i = t * S + s;
+      for (int m = 0; m < 4; ++m) {
+        const int64_t b = s * 4 + m;
+        const float d = b < B ? round_block_q8(xp + t * K + b * 32, ints + 32 * m, nullptr, nullptr, &sum) : 0.f;
+        if (b >= B) std::memset(ints + 32 * m, 0, 32);
+        xd[i * 8 + m] = xd[i * 8 + m + 4] = d;
+      }
+      for (int l = 0; l < 8; ++l) {
+        int lane = 0;
+        for (int v = 0; v < 4; ++v) {
+          const int8_t* src = ints + 32 * (l % 4) + 8 * v + 4 * (l / 4);
+          std::memcpy(xq + i * 128 + 32 * v + 4 * l, src, 4);
+          lane += src[0] + src[1] + src[2] + src[3];
+        }
+        xs[i * 8 + l] = -32 * lane;
+      }
+    }
 }
 
 torch::Tensor q6_mv(torch::Tensor x, torch::Tensor w) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "x: [T, K]");
-  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == torch::kByte && w.is_contiguous(), "w: uint8 [N, K / 32 * 26]");
-  const int64_t T = x.size(0), K = x.size(1), N = w.size(0), B = K / 32;
-  TORCH_CHECK(T >= 1 && T <= 4 && K % 32 == 0 && w.size(1) == B * 26, "shapes");
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == torch::kByte && w.is_contiguous(), "w: uint8 [N, K / 128 * 104]");
+  const int64_t T = x.size(0), K = x.size(1), N = w.size(0), S = (K + 127) / 128;
+  TORCH_CHECK(T >= 1 && T <= 4 && K % 32 == 0 && w.size(1) == S * Q6_SUPER, "shapes");
   auto y = torch::empty({T, N}, x.options().dtype(torch::kFloat));
-  std::vector<int8_t> xq(T * K);
-  std::vector<float> xd(T * B);
-  std::vector<int32_t> xs(T * B * 8, 0);
+  std::vector<int8_t> xq(T * S * 128);
+  std::vector<float> xd(T * S * 8);
+  std::vector<int32_t> xs(T * S * 8);
   std::vector<float> xbuf;
-  const float* xp = float_rows(x, xbuf);
-  int sum;
-  for (int64_t i = 0; i < T * B; ++i) {
-    xd[i] = round_block_q8(xp + i * 32, xq.data() + i * 32, nullptr, nullptr, &sum);
-    xs[i * 8] = -32 * sum;
-  }
+  q6_activations(float_rows(x, xbuf), T, K, S, xq.data(), xd.data(), xs.data());
   const int8_t* xqp = xq.data();
   const float* xdp = xd.data();
   const int32_t* xsp = xs.data();
   const uint8_t* wp = w.data_ptr<uint8_t>();
   float* yp = y.data_ptr<float>();
   in_runs(N, 16, [&](int64_t n0, int64_t n1) {
-    DISPATCH_ROWS4(rows_q6, xqp, xdp, xsp, wp, yp, K, N, n0, n1)
+    DISPATCH_ROWS4(rows_q6, xqp, xdp, xsp, wp, yp, S, N, n0, n1)
   });
   return rounded_to(y, x.scalar_type());
 }

@@ -9,12 +9,18 @@ GPTQ reaches it: on the trained 256-wide model the head then costs +1.4% of mean
 the kept bf16 head, where rounding each block on its own costs +3.8% and Q8_0 +0.3%
 (docs/benchmarks.md).
 
-Layout, one row of uint8 per output, 26 bytes per block of 32 inputs (one stream to read):
-bytes 0-15 the low nibbles of u = q + 32 (byte j: element j low, element j + 16 high, as
-llama.cpp's Q4_0), bytes 16-23 the top two bits (byte i: elements i, i + 8, i + 16, i + 24 at
-bits 0-1, 2-3, 4-5, 6-7), bytes 24-25 the scale (fp16, little-endian). The kernel
-(quant/matvec_kernel.py, `q6_mv`) rebuilds u with a few shifts and masks, multiplies it as an
-unsigned byte against int8-rounded activations and takes 32 x (sum of the activations) off.
+Layout, one row of uint8 per output in super-blocks of 128 inputs (four blocks; the last one
+padded with zero blocks, scale 0), 104 bytes each: 6.5 bits a weight, one stream to read. The 128
+values u = q + 32 (0-63) are stored in the kernel's order (ORDER): four vectors of 32, vector v's
+4-byte group l (0-7) holding elements 8 v + 4 (l // 4) .. + 3 of block l % 4, so that each int32
+lane of the kernel's 4-byte dot products stays inside one block. Bytes 0-31: vectors 0 (low
+nibble) and 1 (high nibble), the low four bits of u; bytes 32-63 the same for vectors 2 and 3;
+bytes 64-95: the top two bits of vector v's byte j at bits 2v, 2v + 1 of byte j; bytes 96-103 the
+four blocks' scales (fp16, little-endian). The kernel (quant/matvec_kernel.py, `q6_mv`) rebuilds u
+with a shift and masks, multiplies it as unsigned bytes against int8-rounded activations
+(Q8_0) from -32 x their sum, and scales each lane by its block's d. The first layout (FORMAT_V1:
+26 bytes a block of 32, scale beside it) is read by `unpack_v1` and repacked where an older
+sidecar holds it.
 """
 
 from __future__ import annotations
@@ -24,9 +30,19 @@ import sys
 import torch
 
 BLOCK = 32
-BYTES = 26  # per block: 16 low nibbles' bytes, 8 top-bits' bytes, 2 scale bytes
+SUPER = 128  # inputs a super-block: four blocks
+SUPER_BYTES = 104  # per super-block: 64 bytes of low nibbles, 32 of top bits, 8 of scales
+BYTES_V1 = 26  # the first layout, per block: 16 low nibbles' bytes, 8 top-bits' bytes, 2 scale bytes
+FORMAT, FORMAT_V1 = "q6-128", "q6"  # the sidecar's metadata names its layout
 QMIN, QMAX = -32, 31
 ROWS = 16384  # GPTQ's rows per pass: at Scout's width two float32 copies of 335 MB, not of 4 GB
+# ORDER[p]: which of a super-block's 128 inputs (block-major) sits at the kernel's position p
+ORDER = torch.tensor([32 * (g % 4) + 8 * v + 4 * (g // 4) + j for v in range(4) for g in range(8) for j in range(4)])
+
+
+def row_bytes(k: int) -> int:
+    """Bytes of one packed row of k inputs (k a multiple of 32)."""
+    return -(-k // SUPER) * SUPER_BYTES
 
 
 def fit_scales(wg: torch.Tensor) -> torch.Tensor:
@@ -56,22 +72,46 @@ def rtn(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def pack(q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """q int8 [N, K] in [QMIN, QMAX] and scales [N, K/32] -> uint8 [N, K/32 * 26] (the layout above)."""
+    """q int8 [N, K] in [QMIN, QMAX] and scales [N, K/32] -> uint8 [N, row_bytes(K)] (the layout above)."""
     n, k = q.shape
-    u = (q.contiguous().view(torch.uint8) + 32).reshape(n, k // BLOCK, BLOCK)  # wraps: q + 32 in [0, 63]
-    low = (u[..., :16] & 0xF) | ((u[..., 16:] & 0xF) << 4)
-    top = (u >> 4).reshape(n, k // BLOCK, 4, 8)  # [.., m, i]: element i + 8 m
-    high = top[..., 0, :] | (top[..., 1, :] << 2) | (top[..., 2, :] << 4) | (top[..., 3, :] << 6)
-    d = scales.to(torch.float16).contiguous().view(torch.uint8).reshape(n, k // BLOCK, 2)
+    s = -(-k // SUPER)
+    qp = torch.zeros(n, s * SUPER, dtype=torch.int8)
+    qp[:, :k] = q
+    dp = torch.zeros(n, s * SUPER // BLOCK, dtype=torch.float16)
+    dp[:, : k // BLOCK] = scales
+    u = (qp.view(torch.uint8) + 32).reshape(n, s, SUPER)[..., ORDER].reshape(n, s, 4, 32)  # wraps: q + 32
+    low = (u[..., 0::2, :] & 0xF) | ((u[..., 1::2, :] & 0xF) << 4)  # [n, s, 2, 32]
+    top = (u >> 4) << torch.tensor([0, 2, 4, 6], dtype=torch.uint8)[:, None]
+    top = top[..., 0, :] | top[..., 1, :] | top[..., 2, :] | top[..., 3, :]
+    d = dp.view(torch.uint8).reshape(n, s, 4, 2)
     if sys.byteorder != "little":
         d = d.flip(-1)
-    return torch.cat([low, high, d], dim=-1).reshape(n, -1)
+    return torch.cat([low.reshape(n, s, 64), top, d.reshape(n, s, 8)], dim=-1).reshape(n, -1)
 
 
 def unpack(w: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """pack's inverse: uint8 [N, K/32 * 26] -> (q int8 [N, K], scales float32 [N, K/32])."""
+    """pack's inverse: uint8 [N, row_bytes(K)] -> (q int8 [N, K], scales float32 [N, K/32])."""
     n = w.shape[0]
-    b = w.reshape(n, k // BLOCK, BYTES)
+    b = w.reshape(n, -1, SUPER_BYTES)
+    s = b.shape[1]
+    low = b[..., :64].reshape(n, s, 2, 1, 32)
+    nib = torch.cat([low & 0xF, low >> 4], dim=3).reshape(n, s, 4, 32)
+    top = (b[..., None, 64:96] >> torch.tensor([0, 2, 4, 6], dtype=torch.uint8)[:, None]) & 3
+    u = torch.empty(n, s, SUPER, dtype=torch.int16)
+    u[..., ORDER] = (nib | (top << 4)).reshape(n, s, SUPER).to(torch.int16)
+    q = (u - 32).to(torch.int8).reshape(n, -1)[:, :k]
+    d = b[..., 96:].contiguous().reshape(n, s, 4, 2)
+    if sys.byteorder != "little":
+        d = d.flip(-1)
+    return q.contiguous(), d.contiguous().view(torch.float16).reshape(n, -1)[:, : k // BLOCK].float()
+
+
+def unpack_v1(w: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first layout's (FORMAT_V1) inverse: uint8 [N, K/32 * 26], per block of 32 the low
+    nibbles as Q4_0 (byte j: element j low, element j + 16 high), the top bits four to a byte (byte
+    i: elements i, i + 8, i + 16, i + 24), the fp16 scale -> (q int8 [N, K], scales float32 [N, K/32])."""
+    n = w.shape[0]
+    b = w.reshape(n, k // BLOCK, BYTES_V1)
     low, high = b[..., :16], b[..., 16:24]
     u_low = torch.cat([low & 0xF, low >> 4], dim=-1)
     u_high = torch.cat([(high >> (2 * m)) & 3 for m in range(4)], dim=-1)

@@ -8,6 +8,7 @@ import shutil
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import save_file
 
 from llama4_local.checkpoint import HEAD_SIDECAR, HEAD_SIDECARS, open_checkpoint
 from llama4_local.loader import file_mappings, load_model
@@ -22,20 +23,54 @@ from .test_gptq import correlated_inputs, output_error
 needs_kernel = pytest.mark.skipif(not cpu_kernel.available(), reason="no AVX2 kernel here")
 
 
-def test_layout_of_one_block():
-    """Low nibbles as Q4_0 (byte j: element j, element j + 16 on top), top bits four to a byte
-    (byte i: elements i, i + 8, i + 16, i + 24), then the fp16 scale."""
-    q = (torch.arange(32) - 32 + torch.arange(32) * 2 % 64).clamp(-32, 31).to(torch.int8)[None]
-    d = torch.tensor([[-0.25]])
+def test_layout_of_one_super_block():
+    """128 inputs in 104 bytes: u = q + 32 in the kernel's order (vector v's 4-byte group l holds
+    elements 8 v + 4 (l // 4) .. + 3 of block l % 4), low nibbles two vectors to a byte plane, the
+    top bits four to a byte, then the four fp16 scales."""
+    q = ((torch.arange(128) * 37) % 64 - 32).to(torch.int8)[None]
+    d = torch.tensor([[-0.25, 0.5, 1.0, 2.0**-10]])
     b = q6.pack(q, d)[0]
+    assert b.shape == (104,)
     u = q[0].to(torch.int16) + 32
-    assert b.shape == (26,)
-    for j in range(16):
-        assert b[j] == (u[j] & 15) | ((u[j + 16] & 15) << 4)
-    for i in range(8):
-        assert b[16 + i] == sum(((u[i + 8 * m] >> 4) & 3) << (2 * m) for m in range(4))
-    assert b[24:26].contiguous().view(torch.float16).item() == -0.25
-    got_q, got_d = q6.unpack(b[None], 32)
+
+    def at(v, byte):  # the element the kernel reads at vector v, byte `byte`
+        g, j = divmod(byte, 4)
+        return u[32 * (g % 4) + 8 * v + 4 * (g // 4) + j]
+
+    for j in range(32):
+        assert b[j] == (at(0, j) & 15) | ((at(1, j) & 15) << 4)
+        assert b[32 + j] == (at(2, j) & 15) | ((at(3, j) & 15) << 4)
+        assert b[64 + j] == sum(((at(v, j) >> 4) & 3) << (2 * v) for v in range(4))
+    assert torch.equal(b[96:104].contiguous().view(torch.float16).float(), d[0])
+    got_q, got_d = q6.unpack(b[None], 128)
+    assert torch.equal(got_q, q) and torch.equal(got_d, d)
+
+
+def test_a_partial_super_block_is_padded_with_zero_scales():
+    q, d = q6.rtn(torch.randn(3, 160, generator=torch.Generator().manual_seed(4)))
+    packed = q6.pack(q, d)
+    assert packed.shape == (3, 2 * 104) and q6.row_bytes(160) == 208
+    tail = packed.reshape(3, 2, 104)[:, 1]
+    assert not tail[:, 98:104].any()  # blocks 6-8 of 8: scale 0
+    assert torch.equal(q6.unpack(packed, 160)[0], q)
+
+
+def pack_v1(q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """The first layout (quant/q6.py's unpack_v1), as sidecars written before 2026-12-06 hold it."""
+    n, k = q.shape
+    u = (q.contiguous().view(torch.uint8) + 32).reshape(n, k // 32, 32)
+    low = (u[..., :16] & 0xF) | ((u[..., 16:] & 0xF) << 4)
+    top = (u >> 4).reshape(n, k // 32, 4, 8)
+    high = top[..., 0, :] | (top[..., 1, :] << 2) | (top[..., 2, :] << 4) | (top[..., 3, :] << 6)
+    d = scales.to(torch.float16).contiguous().view(torch.uint8).reshape(n, k // 32, 2)
+    return torch.cat([low, high, d], dim=-1).reshape(n, -1)
+
+
+def test_the_first_layout_unpacks():
+    q, d = q6.rtn(torch.randn(5, 96, generator=torch.Generator().manual_seed(5)))
+    old = pack_v1(q, d)
+    assert old.shape == (5, 3 * 26)
+    got_q, got_d = q6.unpack_v1(old, 96)
     assert torch.equal(got_q, q) and torch.equal(got_d, d)
 
 
@@ -47,7 +82,7 @@ def test_rtn_round_trip_and_error():
     assert torch.equal(d, d.half().float())  # scales as stored
     assert d[3, 1] == 1 and not q[3, 32:64].any()
     packed = q6.pack(q, d)
-    assert packed.shape == (37, 160 // 32 * 26) and packed.dtype == torch.uint8
+    assert packed.shape == (37, q6.row_bytes(160)) and packed.dtype == torch.uint8
     assert torch.equal(q6.unpack(packed, 160)[0], q)
     err = (q6.dequantize(packed, 160) - w).norm() / w.norm()
     assert err < 0.025  # 6 bits: about a quarter of INT4's error at these blocks
@@ -119,7 +154,7 @@ def calibrated(scout_ckpt, tmp_path_factory):
 def test_calibrated_quantize_writes_q6_a_bf16_run_maps(calibrated, scout_ckpt):
     side = calibrated / HEAD_SIDECAR
     with safe_open(str(side), "pt") as f:
-        assert f.metadata()["format"] == "q6" and set(f.keys()) == {"q6"}
+        assert f.metadata()["format"] == q6.FORMAT and set(f.keys()) == {"q6"}
     shard = next(calibrated.glob("*.safetensors"))
     assert side.stat().st_mode & 0o777 == shard.stat().st_mode & 0o777  # readable where the shards are
     if not cpu_kernel.available():
@@ -139,6 +174,25 @@ def test_calibrated_quantize_writes_q6_a_bf16_run_maps(calibrated, scout_ckpt):
         return ((a - b).norm() / b.norm()).item()
 
     assert rel(got, before) < 0.04 and rel(got, exact) < 1.1 * rel(before, exact)
+
+
+def test_a_sidecar_in_the_first_q6_layout_is_repacked_at_load(calibrated, tmp_path):
+    """A checkpoint quantized before the super-block layout: the same integers and scales, so the
+    same logits, from a copy made at load."""
+    if not cpu_kernel.available():
+        pytest.skip("no AVX2 kernel here")
+    copy = tmp_path / "copy"
+    shutil.copytree(calibrated, copy)
+    side = copy / HEAD_SIDECAR
+    with safe_open(str(side), "pt") as f:
+        meta, w = f.metadata(), f.get_tensor("q6")
+    k = open_checkpoint(copy).get("lm_head.weight").shape[1]
+    save_file({"q6": pack_v1(*q6.unpack(w, k))}, str(side), metadata=meta | {"format": q6.FORMAT_V1})
+    new, _ = load_model(calibrated, "bfloat16", "cpu")
+    old, _ = load_model(copy, "bfloat16", "cpu")
+    assert isinstance(old.lm_head, Q6Linear) and torch.equal(old.lm_head.q6, new.lm_head.q6)
+    ids = torch.arange(3, 20)
+    assert torch.equal(old(ids, old.new_cache(20)), new(ids, new.new_cache(20)))
 
 
 def test_q8_sidecar_under_its_old_name_is_read(calibrated, tmp_path):
