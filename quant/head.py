@@ -113,6 +113,6 @@ def sidecar_lm_head(model: torch.nn.Module, ckpt, model_dir, dtype: torch.dtype,
     if not fits or meta.get("lm_head") != head_digest(ckpt.get("lm_head.weight")):
         return False
     if meta.get("format") == q6.FORMAT_V1:  # the first layout (before 2026-12-06): repacked, in anonymous memory
-        module.q6 = q6.pack(*q6.unpack_v1(module.q6, k))
+        module.q6 = q6.repack_v1(module.q6, k)
     model.lm_head = module
     return True

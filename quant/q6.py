@@ -97,9 +97,9 @@ def unpack(w: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     low = b[..., :64].reshape(n, s, 2, 1, 32)
     nib = torch.cat([low & 0xF, low >> 4], dim=3).reshape(n, s, 4, 32)
     top = (b[..., None, 64:96] >> torch.tensor([0, 2, 4, 6], dtype=torch.uint8)[:, None]) & 3
-    u = torch.empty(n, s, SUPER, dtype=torch.int16)
-    u[..., ORDER] = (nib | (top << 4)).reshape(n, s, SUPER).to(torch.int16)
-    q = (u - 32).to(torch.int8).reshape(n, -1)[:, :k]
+    u = torch.empty(n, s, SUPER, dtype=torch.uint8)
+    u[..., ORDER] = (nib | (top << 4)).reshape(n, s, SUPER)
+    q = (u - 32).view(torch.int8).reshape(n, -1)[:, :k]  # wraps back: u - 32
     d = b[..., 96:].contiguous().reshape(n, s, 4, 2)
     if sys.byteorder != "little":
         d = d.flip(-1)
@@ -115,11 +115,21 @@ def unpack_v1(w: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     low, high = b[..., :16], b[..., 16:24]
     u_low = torch.cat([low & 0xF, low >> 4], dim=-1)
     u_high = torch.cat([(high >> (2 * m)) & 3 for m in range(4)], dim=-1)
-    q = (u_low | (u_high << 4)).to(torch.int16) - 32
+    q = ((u_low | (u_high << 4)) - 32).view(torch.int8)  # wraps back: u - 32
     d = b[..., 24:26].contiguous()
     if sys.byteorder != "little":
         d = d.flip(-1)
-    return q.to(torch.int8).reshape(n, k), d.view(torch.float16).reshape(n, k // BLOCK).float()
+    return q.reshape(n, k), d.view(torch.float16).reshape(n, k // BLOCK).float()
+
+
+def repack_v1(w: torch.Tensor, k: int) -> torch.Tensor:
+    """The first layout's rows (uint8 [N, K/32 * 26]) in this one (uint8 [N, row_bytes(K)]), ROWS
+    rows at a time: what a run does with a sidecar written before it (a few seconds for Scout's
+    head, in anonymous memory)."""
+    out = torch.empty(w.shape[0], row_bytes(k), dtype=torch.uint8)
+    for r in range(0, w.shape[0], ROWS // 8):
+        out[r : r + ROWS // 8] = pack(*unpack_v1(w[r : r + ROWS // 8], k))
+    return out
 
 
 def dequantize(w: torch.Tensor, k: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
