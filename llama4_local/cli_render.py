@@ -24,6 +24,8 @@ def print_info(res: dict, name: str) -> None:
         t.add_row("vision", b(res["parameters_vision"]))
     q = res["quantization"]
     t.add_row("quantization", f"{q['scheme']} ({', '.join(q['parts'])})" if q else "none (bf16/fp16 weights)")
+    if q and q.get("lm_head_cpu"):
+        t.add_row("lm_head on the CPU", q["lm_head_cpu"])
     t.add_row("on disk", human(res["bytes_on_disk"]))
     t.add_row("context", f"{res['max_context']} max; plans below for {res['context_planned']}")
     t.add_row("this machine", machine_line(res["machine"]))

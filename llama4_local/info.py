@@ -112,9 +112,12 @@ def model_info(path: Path, budgets: list[int], context: int, hosts: list[int | N
     quant = None
     if q is not None:
         parts = [p for p in ("experts", "shared", "mlp", "attention") if getattr(q, p)]
+        from quant.head import sidecar_kind
+
         quant = {
             "scheme": scheme.label,
             "parts": parts,
+            "lm_head_cpu": sidecar_kind(path),  # the head's blocks a bf16 CPU run maps (quant/head.py)
         }
     from .vision import VisionConfig, vision_memory, vision_parameters
 

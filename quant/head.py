@@ -82,6 +82,25 @@ def _umask() -> int:
     return mask
 
 
+def sidecar_kind(model_dir) -> str | None:
+    """What the lm_head sidecar in `model_dir` holds, for `info` (None: no readable sidecar)."""
+    from safetensors import SafetensorError, safe_open
+
+    side = head_sidecar(Path(model_dir))
+    if side is None:
+        return None
+    try:
+        with safe_open(str(side), framework="pt") as f:
+            fmt = (f.metadata() or {}).get("format", "q8_0")
+    except (SafetensorError, OSError):
+        return None
+    return {
+        q6.FORMAT: "Q6 (6.5 bits, GPTQ)",
+        q6.FORMAT_V1: "Q6 in its first layout (repacked at each load: quantize again to rewrite it)",
+        "q8_0": "Q8_0",
+    }.get(fmt, f"unknown format {fmt!r} (not used: the head is rounded at load)")
+
+
 def sidecar_lm_head(model: torch.nn.Module, ckpt, model_dir, dtype: torch.dtype, device: torch.device) -> bool:
     """On a bf16/fp16 CPU run with our kernel, the lm_head from the sidecar in `model_dir` (mapped)
     where it is there and was written for this checkpoint's head; whether it did. Else the head

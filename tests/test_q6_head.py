@@ -11,6 +11,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from llama4_local.checkpoint import HEAD_SIDECAR, HEAD_SIDECARS, open_checkpoint
+from llama4_local.info import model_info
 from llama4_local.loader import file_mappings, load_model
 from quant import cpu_kernel, q6
 from quant.gptq import HessianSum, error_feedback
@@ -188,6 +189,8 @@ def test_a_sidecar_in_the_first_q6_layout_is_repacked_at_load(calibrated, tmp_pa
         meta, w = f.metadata(), f.get_tensor("q6")
     k = open_checkpoint(copy).get("lm_head.weight").shape[1]
     save_file({"q6": pack_v1(*q6.unpack(w, k))}, str(side), metadata=meta | {"format": q6.FORMAT_V1})
+    assert "first layout" in model_info(copy, [], 64)["quantization"]["lm_head_cpu"]
+    assert model_info(calibrated, [], 64)["quantization"]["lm_head_cpu"].startswith("Q6 (6.5 bits")
     new, _ = load_model(calibrated, "bfloat16", "cpu")
     old, _ = load_model(copy, "bfloat16", "cpu")
     assert isinstance(old.lm_head, Q6Linear) and torch.equal(old.lm_head.q6, new.lm_head.q6)
