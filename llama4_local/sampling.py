@@ -138,16 +138,15 @@ def top_p_keep(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     that took ~18 ms of a 29 ms draw on two CPU threads (docs/benchmarks.md, session 25). Here
     the set is looked for among the TOP_P_FIRST most likely (torch.topk), among more only where
     those hold less than top_p (at least 8x, or what their mass a token says the rest needs), and
-    by a sort past an eighth of the vocabulary (a flat distribution). The same set up to float32
-    rounding at its edge."""
+    past an eighth of the vocabulary (a flat distribution) by buckets (top_p_by_buckets). The same
+    set up to float32 rounding at its edge."""
     probs = logits.softmax(-1)
     v = probs.shape[-1]
     k = min(TOP_P_FIRST, v)
     while True:
-        if k * 8 > v:  # a sort beats a top-k this large
-            top, idx = torch.sort(probs, descending=True)
-        else:
-            top, idx = torch.topk(probs, k)
+        if k * 8 > v:  # a flat distribution: a top-k this large costs more than the buckets' passes
+            return top_p_by_buckets(probs, top_p)
+        top, idx = torch.topk(probs, k)
         cum = top.cumsum(-1)
         mass = float(cum[-1])
         if top.shape[0] == v or mass >= top_p:
@@ -157,3 +156,28 @@ def top_p_keep(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     keep = torch.ones_like(cum, dtype=torch.bool)
     keep[1:] = cum[:-1] < top_p  # the mass above each token
     return idx[keep]
+
+
+BUCKET_SHIFT = 15  # probabilities by their float32 bits' top 17: exponent and 8 bits of mantissa
+
+
+def top_p_by_buckets(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """top_p_keep's set for probs [V] without sorting V: a flat distribution's set is most of the
+    vocabulary, and a sort of Scout's 202k took ~20 ms. Non-negative floats order as their bits,
+    so the bits' top 17 put every probability in one of ~32k buckets (a bucket spans 1/256 of its
+    value) in order; the buckets' masses from the top find the one where the mass reaches top_p:
+    every token above it stays, and only that bucket's tokens are sorted. Positions in no
+    particular order (a draw does not depend on it)."""
+    key = probs.view(torch.int32) >> BUCKET_SHIFT
+    mass = torch.zeros(int(key.max()) + 1, dtype=torch.float64, device=probs.device)
+    mass.index_add_(0, key, probs.double())
+    from_top = mass.flip(0).cumsum(0)  # the mass of each bucket and all above it
+    i = int(torch.searchsorted(from_top, torch.tensor(top_p, dtype=torch.float64, device=probs.device)))
+    if i >= from_top.shape[0]:  # the whole mass (rounded) falls short of top_p: every possible token
+        return torch.nonzero(probs > 0).squeeze(1)
+    edge = from_top.shape[0] - 1 - i
+    above = float(from_top[i - 1]) if i else 0.0
+    at = torch.nonzero(key == edge).squeeze(1)
+    top, order = torch.sort(probs[at], descending=True)
+    before = top.double().cumsum(0) - top.double()  # the mass of the edge bucket's tokens above each
+    return torch.cat([torch.nonzero(key > edge).squeeze(1), at[order[above + before < top_p]]])

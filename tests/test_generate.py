@@ -60,6 +60,23 @@ def test_top_p_keeps_what_the_full_sort_keeps(monkeypatch, first):
     assert checked == 24
 
 
+def test_top_p_of_a_flat_vocabulary_by_buckets():
+    """Past an eighth of the vocabulary the set comes from buckets of the probabilities' bits:
+    the full sort's set on a flat distribution (most of the vocabulary kept), and on equal
+    probabilities (one bucket holds them all) as many tokens as the sort keeps."""
+    from llama4_local import sampling
+
+    g = torch.Generator().manual_seed(4)
+    for scale, top_p in ((0.3, 0.9), (1.0, 0.5), (0.01, 0.99)):
+        logits = torch.randn(50000, generator=g) * scale
+        got = sampling.top_p_by_buckets(logits.softmax(-1), top_p)
+        assert got.unique().numel() == got.numel() and len(got) > 5000
+        want = reference_top_p(logits, top_p)
+        assert len(want ^ set(got.tolist())) <= 2, (scale, top_p)  # at most the edge, within rounding
+    flat = torch.zeros(1000)
+    assert len(sampling.top_p_keep(flat, 0.5)) == len(reference_top_p(flat, 0.5)) == 500
+
+
 def test_draws_follow_the_filtered_distribution():
     """top-k (ties with the k-th kept) then top-p then the draw among what is left, mapped back
     to token ids: frequencies match the renormalized probabilities."""
