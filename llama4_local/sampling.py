@@ -144,9 +144,9 @@ def top_p_keep(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     v = probs.shape[-1]
     k = min(TOP_P_FIRST, v)
     while True:
-        if k * 8 > v:  # a flat distribution: a top-k this large costs more than the buckets' passes
+        if k * 8 > v and bool(torch.isfinite(probs).all()):  # flat: the buckets cost less than this top-k
             return top_p_by_buckets(probs, top_p)
-        top, idx = torch.topk(probs, k)
+        top, idx = torch.sort(probs, descending=True) if k * 8 > v else torch.topk(probs, k)  # NaN: sorted
         cum = top.cumsum(-1)
         mass = float(cum[-1])
         if top.shape[0] == v or mass >= top_p:

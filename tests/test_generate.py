@@ -75,6 +75,9 @@ def test_top_p_of_a_flat_vocabulary_by_buckets():
         assert len(want ^ set(got.tolist())) <= 2, (scale, top_p)  # at most the edge, within rounding
     flat = torch.zeros(1000)
     assert len(sampling.top_p_keep(flat, 0.5)) == len(reference_top_p(flat, 0.5)) == 500
+    bad = torch.zeros(1000)
+    bad[7] = -float("nan")  # a NaN's sign bit would give a negative bucket: such logits are sorted
+    assert len(sampling.top_p_keep(bad, 0.5)) >= 1
 
 
 def test_draws_follow_the_filtered_distribution():
