@@ -130,7 +130,7 @@ def _module():
         )
 
         target = isa()
-        name = f"llama4_local_int4_{target.replace('-', '_')}_v78"
+        name = f"llama4_local_int4_{target.replace('-', '_')}_v79"
         if not list(Path(_get_build_directory(name, verbose=False)).glob("*.so")):
             sys.stderr.write("llama4-local: building the INT4 CPU kernel (once, about a minute)\n")
         mod = load_inline(
@@ -161,10 +161,16 @@ def _module():
     return mod
 
 
+def avx512_bf16() -> bool:
+    """Whether this CPU has AVX512-BF16 (vdpbf16ps) and bf16 arithmetic is not turned off
+    (native_bf16: LLAMA4_LOCAL_NO_BF16_GEMM)."""
+    return native_bf16() and "avx512_bf16" in _cpu_flags()
+
+
 def half_bf16_dot_default() -> bool:
     """Whether half_mv / half_vm multiply bf16 activations by bf16 weights with vdpbf16ps (CPUs
     with AVX512-BF16, bf16 arithmetic not turned off) rather than widening the weights."""
-    return native_bf16() and "avx512_bf16" in _cpu_flags()
+    return avx512_bf16()
 
 
 def set_half_bf16_dot(on: bool) -> None:
@@ -261,7 +267,7 @@ def bf16_gemm_rows() -> int:
             return 0
         if has_amx():
             return AMX_GEMM_ROWS
-        return AVX512_BF16_GEMM_ROWS if "avx512_bf16" in _cpu_flags() else 0
+        return AVX512_BF16_GEMM_ROWS if avx512_bf16() else 0
     if not v.isdigit():
         from llama4_local.errors import UserError
 
@@ -321,7 +327,7 @@ def lowrank_columns(px, xj, d, u, a) -> None:
 def gram_bf16_available() -> bool:
     """Whether gram_bf16 runs here: the kernel is built and the CPU has AVX512-BF16 (and bf16
     arithmetic is not turned off: LLAMA4_LOCAL_NO_BF16_GEMM)."""
-    return native_bf16() and "avx512_bf16" in _cpu_flags() and available()
+    return avx512_bf16() and available()
 
 
 def gram_bf16(x: torch.Tensor, h: torch.Tensor, block: int, accumulate: bool = True) -> None:

@@ -117,9 +117,9 @@ def sidecar_lm_head(model: torch.nn.Module, ckpt, model_dir, dtype: torch.dtype,
     try:
         f = safe_open(str(side), framework="pt")
         meta = f.metadata() or {}
-        if meta.get("format") in (q6.FORMAT, q6.FORMAT_V1):
+        v1 = meta.get("format") == q6.FORMAT_V1  # the first layout (before 2026-12-06): repacked below
+        if v1 or meta.get("format") == q6.FORMAT:
             w = f.get_tensor("q6")
-            v1 = meta["format"] == q6.FORMAT_V1
             width = k // q6.BLOCK * q6.BYTES_V1 if v1 else q6.row_bytes(k)
             fits = w.dtype == torch.uint8 and tuple(w.shape) == (n, width) and k % q6.BLOCK == 0
             module = Q6Linear(w, k, dtype)
@@ -131,7 +131,7 @@ def sidecar_lm_head(model: torch.nn.Module, ckpt, model_dir, dtype: torch.dtype,
         return False  # unreadable: the head is rounded at load instead
     if not fits or meta.get("lm_head") != head_digest(ckpt.get("lm_head.weight")):
         return False
-    if meta.get("format") == q6.FORMAT_V1:  # the first layout (before 2026-12-06): repacked, in anonymous memory
+    if v1:  # in anonymous memory
         module.q6 = q6.repack_v1(module.q6, k)
     model.lm_head = module
     return True

@@ -525,7 +525,8 @@ static void q6_activations(const float* xp, int64_t T, int64_t K, int64_t S, int
 
 torch::Tensor q6_mv(torch::Tensor x, torch::Tensor w) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "x: [T, K]");
-  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == torch::kByte && w.is_contiguous(), "w: uint8 [N, K / 128 * 104]");
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == torch::kByte && w.is_contiguous(),
+              "w: uint8 [N, ceil(K / 128) * 104]");
   const int64_t T = x.size(0), K = x.size(1), N = w.size(0), S = (K + 127) / 128;
   TORCH_CHECK(T >= 1 && T <= 4 && K % 32 == 0 && w.size(1) == S * Q6_SUPER, "shapes");
   auto y = torch::empty({T, N}, x.options().dtype(torch::kFloat));

@@ -38,6 +38,7 @@ QMIN, QMAX = -32, 31
 ROWS = 16384  # GPTQ's rows per pass: at Scout's width two float32 copies of 335 MB, not of 4 GB
 # ORDER[p]: which of a super-block's 128 inputs (block-major) sits at the kernel's position p
 ORDER = torch.tensor([32 * (g % 4) + 8 * v + 4 * (g // 4) + j for v in range(4) for g in range(8) for j in range(4)])
+TOP_SHIFTS = torch.tensor([0, 2, 4, 6], dtype=torch.uint8)[:, None]  # vector v's top bits at bits 2v, 2v + 1
 
 
 def row_bytes(k: int) -> int:
@@ -81,7 +82,7 @@ def pack(q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     dp[:, : k // BLOCK] = scales
     u = (qp.view(torch.uint8) + 32).reshape(n, s, SUPER)[..., ORDER].reshape(n, s, 4, 32)  # wraps: q + 32
     low = (u[..., 0::2, :] & 0xF) | ((u[..., 1::2, :] & 0xF) << 4)  # [n, s, 2, 32]
-    top = (u >> 4) << torch.tensor([0, 2, 4, 6], dtype=torch.uint8)[:, None]
+    top = (u >> 4) << TOP_SHIFTS
     top = top[..., 0, :] | top[..., 1, :] | top[..., 2, :] | top[..., 3, :]
     d = dp.view(torch.uint8).reshape(n, s, 4, 2)
     if sys.byteorder != "little":
@@ -96,7 +97,7 @@ def unpack(w: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     s = b.shape[1]
     low = b[..., :64].reshape(n, s, 2, 1, 32)
     nib = torch.cat([low & 0xF, low >> 4], dim=3).reshape(n, s, 4, 32)
-    top = (b[..., None, 64:96] >> torch.tensor([0, 2, 4, 6], dtype=torch.uint8)[:, None]) & 3
+    top = (b[..., None, 64:96] >> TOP_SHIFTS) & 3
     u = torch.empty(n, s, SUPER, dtype=torch.uint8)
     u[..., ORDER] = (nib | (top << 4)).reshape(n, s, SUPER)
     q = (u - 32).view(torch.int8).reshape(n, -1)[:, :k]  # wraps back: u - 32
@@ -122,13 +123,13 @@ def unpack_v1(w: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     return q.reshape(n, k), d.view(torch.float16).reshape(n, k // BLOCK).float()
 
 
-def repack_v1(w: torch.Tensor, k: int) -> torch.Tensor:
-    """The first layout's rows (uint8 [N, K/32 * 26]) in this one (uint8 [N, row_bytes(K)]), ROWS
-    rows at a time: what a run does with a sidecar written before it (a few seconds for Scout's
-    head, in anonymous memory)."""
+def repack_v1(w: torch.Tensor, k: int, chunk: int = ROWS // 8) -> torch.Tensor:
+    """The first layout's rows (uint8 [N, K/32 * 26]) in this one (uint8 [N, row_bytes(K)]),
+    `chunk` rows at a time: what a run does with a sidecar written before it (a few seconds for
+    Scout's head, in anonymous memory)."""
     out = torch.empty(w.shape[0], row_bytes(k), dtype=torch.uint8)
-    for r in range(0, w.shape[0], ROWS // 8):
-        out[r : r + ROWS // 8] = pack(*unpack_v1(w[r : r + ROWS // 8], k))
+    for r in range(0, w.shape[0], chunk):
+        out[r : r + chunk] = pack(*unpack_v1(w[r : r + chunk], k))
     return out
 
 
