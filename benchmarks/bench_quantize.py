@@ -5,14 +5,17 @@ layer, written layer by layer so writing it stays small too): hidden 1024, exper
 2048, 16 experts per layer, 10 layers by default: about 2.2 GB. Then runs `llama4-local
 quantize` on it in a child process that samples its own memory every 20 ms: peak RSS (which
 counts pages of the memory-mapped source while they are mapped) and peak anonymous memory (what
-the process itself allocated), for each shard size asked.
+the process itself allocated), for each shard size and mode asked: `default` is what `quantize`
+does unasked (GPTQ over the bundled calibration text; a small BPE tokenizer is written into the
+random checkpoint for it), `no-calibrate` the plain fit.
 
-    python benchmarks/bench_quantize.py [--layers 10] [--shard-sizes 256MB,1GB] [--asymmetric]
+    python benchmarks/bench_quantize.py [--layers 10] [--shard-sizes 256MB,1GB] [--modes default,no-calibrate]
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import shutil
 import subprocess
@@ -27,6 +30,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from scout_slice import write_weights  # noqa: E402
+
+from tests.factory import write_tokenizer  # noqa: E402
 
 # Runs the CLI in this process while a thread samples /proc/self/status; prints the peaks.
 CHILD = """
@@ -92,17 +97,23 @@ def main():
     ap.add_argument("--layers", type=int, default=10)
     ap.add_argument("--shard-sizes", default="256MB,1GB")
     ap.add_argument("--asymmetric", action="store_true")
+    ap.add_argument("--modes", default="default,no-calibrate", help="default (GPTQ) and/or no-calibrate")
     ap.add_argument("--workdir", type=Path, default=None)
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         src = Path(tmp) / "src"
         size = write_checkpoint(src, args.layers)
         print(json.dumps({"checkpoint_GB": round(size / 1e9, 2), "threads": torch.get_num_threads()}), flush=True)
-        for shard in args.shard_sizes.split(","):
+        write_tokenizer(src, vocab_size=2000)  # for the calibration text (ids far below the model's vocabulary)
+        for mode, shard in itertools.product(args.modes.split(","), args.shard_sizes.split(",")):
+            if mode not in ("default", "no-calibrate"):
+                sys.exit(f"--modes: default or no-calibrate, not {mode!r}")
             out = Path(tmp) / f"out-{shard}"
             cli_args = ["quantize", str(src), str(out), "--shard-size", shard]
             if args.asymmetric:
                 cli_args.append("--asymmetric")
+            if mode == "no-calibrate":
+                cli_args.append("--no-calibrate")
             cmd = [sys.executable, "-c", CHILD, json.dumps(cli_args)]
             t = time.perf_counter()
             r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
@@ -112,6 +123,7 @@ def main():
             mem = json.loads(r.stdout.strip().splitlines()[-1])
             out_bytes = sum(p.stat().st_size for p in out.glob("*.safetensors"))
             row = {
+                "mode": mode,
                 "shard_size": shard,
                 "seconds": round(seconds, 1),
                 "source_MB_s": round(size / seconds / 1e6, 1),

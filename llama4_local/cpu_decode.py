@@ -6,7 +6,7 @@ half_mv, and bf16 experts in the checkpoint's fused [in, out] layout through hal
 routed experts are in memory (not offloaded) and nobody observes the routing, the whole layer
 runs as quant/layer_kernel.py's DecodeLayer.run: the same kernels and ATen operations the
 Python layer calls, in the same order, without the ~0.7 ms of Python and dispatch a layer spent
-between them (docs/benchmarks.md, session 25). Anything else (prefill, float32, CUDA, offloaded
+between them (docs/benchmarks-history.md, session 25). Anything else (prefill, float32, CUDA, offloaded
 experts, a routing recorder, NF4/FP8 weights) keeps the Python path.
 
 A layer's plan holds its weights' tensors, so it is built once and reused; `invalidate()` drops

@@ -135,7 +135,7 @@ def top_p_keep(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     """Positions in logits [V] of the smallest set of most likely tokens whose probability reaches
     top_p, most likely first: a token stays while the tokens above it hold less than top_p (the
     most likely always). transformers sorts the whole vocabulary for this; at Scout's 202k tokens
-    that took ~18 ms of a 29 ms draw on two CPU threads (docs/benchmarks.md, session 25). Here
+    that took ~18 ms of a 29 ms draw on two CPU threads (docs/benchmarks-history.md, session 25). Here
     the set is looked for among the TOP_P_FIRST most likely (torch.topk), among more only where
     those hold less than top_p (at least 8x, or what their mass a token says the rest needs), and
     past an eighth of the vocabulary (a flat distribution) by buckets (top_p_by_buckets). The same

@@ -5,7 +5,7 @@ int8 with one scale per span of 128 inputs rather than per block of 32 (cpu_kern
 llama.cpp's K-quant dot products take one per 256), so the four maddubs of a span add in int16
 before one madd, and one conversion and one FMA serve 128 weights. On a Zen 3 core, whose
 maddubs and madd share one pipe, that took a 128-row prefill from 115 to 151 GOP/s and the decode
-stream from 13-14 to 19-20 GB/s, for 3% more KL in the int8 row (docs/benchmarks.md, session 23).
+stream from 13-14 to 19-20 GB/s, for 3% more KL in the int8 row (docs/benchmarks-history.md, session 23).
 VNNI builds take the same spans with four vpdpbusd (the same int32 sums, so the same results bit
 for bit): on a Zen 4 core the one-row stream's loop has fewer instructions per 128 weights (one
 conversion, one FMA, one activation scale), and the slice's decode went from 1.19x / 1.03x to
