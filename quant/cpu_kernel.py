@@ -14,12 +14,16 @@ AMD since Zen 4), the int8 dot products take one vpdpbusd instead of maddubs + m
 the same integers for the same rounded activations), and with AVX-512 the INT4 tiles at groups
 of 128 or more work on 512-bit registers; at those groups activations are rounded per 128
 inputs rather than 32 (`int8_span`). Where the build fails, or the CPU lacks
-AVX2/FMA, `available()` is False and callers keep the stock kernel.
+AVX2/FMA, `available()` is False and callers keep the stock kernel. A build is kept in torch's
+extension cache (`~/.cache/torch_extensions`) under a name that carries a digest of its source
+and flags (`extension_name`): a changed kernel is a new build, and any process loads a build
+that is there without running ninja again.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import sys
 from pathlib import Path
@@ -111,53 +115,84 @@ def _module():
     if os.environ.get("LLAMA4_LOCAL_NO_AVX2_KERNEL") or not _cpu_has_avx2_fma():
         return None
     try:
-        import sys
-
-        from torch.utils.cpp_extension import _get_build_directory, load_inline
-
-        from . import (
-            attn_kernel,
-            fit_kernel,
-            fp8_kernel,
-            gemm_kernel,
-            glue_kernel,
-            gptq_kernel,
-            gram_kernel,
-            int4_kernel,
-            kernel_common,
-            layer_kernel,
-            matvec_kernel,
-        )
-
-        target = isa()
-        name = f"llama4_local_int4_{target.replace('-', '_')}_v79"
-        if not list(Path(_get_build_directory(name, verbose=False)).glob("*.so")):
-            sys.stderr.write("llama4-local: building the INT4 CPU kernel (once, about a minute)\n")
-        mod = load_inline(
-            name=name,
-            cpp_sources=[
-                kernel_common.SOURCE
-                + int4_kernel.SOURCE
-                + gemm_kernel.SOURCE
-                + matvec_kernel.SOURCE
-                + fit_kernel.SOURCE
-                + fp8_kernel.SOURCE
-                + gptq_kernel.SOURCE
-                + gram_kernel.SOURCE
-                + attn_kernel.SOURCE
-                + glue_kernel.SOURCE
-                + layer_kernel.SOURCE
-                + _BINDINGS
-                + layer_kernel.BINDINGS
-                + "}\n"
-            ],
-            extra_cflags=["-O3", "-mtune=native", "-mavx2", "-mfma", "-mf16c", "-fopenmp", *_ISA_FLAGS[target]],
-            extra_ldflags=["-fopenmp"],
-            verbose=False,
-        )
+        mod = _load_or_build(isa())
     except Exception:  # no compiler, no ninja, a failed build: the stock kernel serves
         return None
     mod.set_half_bf16_dot(half_bf16_dot_default())
+    return mod
+
+
+def _source() -> str:
+    from . import (
+        attn_kernel,
+        fit_kernel,
+        fp8_kernel,
+        gemm_kernel,
+        glue_kernel,
+        gptq_kernel,
+        gram_kernel,
+        int4_kernel,
+        kernel_common,
+        layer_kernel,
+        matvec_kernel,
+    )
+
+    return (
+        kernel_common.SOURCE
+        + int4_kernel.SOURCE
+        + gemm_kernel.SOURCE
+        + matvec_kernel.SOURCE
+        + fit_kernel.SOURCE
+        + fp8_kernel.SOURCE
+        + gptq_kernel.SOURCE
+        + gram_kernel.SOURCE
+        + attn_kernel.SOURCE
+        + glue_kernel.SOURCE
+        + layer_kernel.SOURCE
+        + _BINDINGS
+        + layer_kernel.BINDINGS
+        + "}\n"
+    )
+
+
+def extension_name(target: str, source: str, cflags: list[str]) -> str:
+    """The extension's name, and so its build directory: the instruction set it targets and a
+    digest of what it is built from (the C++, the flags, torch's version), so a changed source is
+    a new build and an unchanged one is found again by any process, whatever its environment."""
+    digest = hashlib.sha256("\0".join([source, *cflags, torch.__version__]).encode()).hexdigest()[:16]
+    return f"llama4_local_{target.replace('-', '_')}_{digest}"
+
+
+def _load_or_build(target: str):
+    """The compiled extension for `target`: imported directly where this source's build is
+    already there (no ninja run: a process with another ninja on its PATH, whose build log hashes
+    commands differently, would otherwise rebuild it, a minute each time), built first otherwise
+    (torch's load_inline: the build directory's lock keeps concurrent builds apart)."""
+    from torch.utils.cpp_extension import _get_build_directory, load_inline
+
+    source = _source()
+    cflags = ["-O3", "-mtune=native", "-mavx2", "-mfma", "-mf16c", "-fopenmp", *_ISA_FLAGS[target]]
+    name = extension_name(target, source, cflags)
+    build = Path(_get_build_directory(name, verbose=False))
+    built = build / f"{name}.so"
+    if built.is_file() and not (build / "lock").exists():  # the lock: a build under way
+        try:
+            return _import_extension(name, built)
+        except ImportError:  # not loadable here: build it again
+            pass
+    else:
+        sys.stderr.write("llama4-local: building the INT4 CPU kernel (once, about a minute)\n")
+    return load_inline(name=name, cpp_sources=[source], extra_cflags=cflags, extra_ldflags=["-fopenmp"], verbose=False)
+
+
+def _import_extension(name: str, path: Path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot load {path}")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
     return mod
 
 

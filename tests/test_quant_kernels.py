@@ -487,6 +487,34 @@ def test_vnni_dot_products_equal_the_avx2_ones(tmp_path):
         assert torch.equal(ours[key], want), key
 
 
+def test_a_built_kernel_loads_without_ninja_and_a_changed_source_is_a_new_build(tmp_path):
+    """The extension is named by a digest of its source, flags and torch's version, and a process
+    finds a build that is there without running ninja: a CLI started with another PATH (a
+    system ninja of another version, whose build log hashes commands its own way, or none at
+    all) loaded the same kernel after a minute's rebuild, or fell back to torch's kernels."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from quant import cpu_kernel
+
+    if not cpu_kernel.available():
+        pytest.skip("no AVX2/FMA CPU or no C++ compiler")
+    flags = ["-O3"]
+    name = cpu_kernel.extension_name("avx2", "int x;", flags)
+    assert name == cpu_kernel.extension_name("avx2", "int x;", flags)
+    assert name != cpu_kernel.extension_name("avx2", "int y;", flags)
+    assert name != cpu_kernel.extension_name("avx2", "int x;", ["-O2"])
+    assert name != cpu_kernel.extension_name("avx512-vnni", "int x;", flags)
+    child = "from quant import cpu_kernel; import sys; sys.exit(0 if cpu_kernel.available() else 3)"
+    env = {k: v for k, v in os.environ.items() if k != "PATH"} | {"PATH": str(tmp_path)}  # no ninja, no compiler
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, "-c", child], env=env, cwd=root, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "building" not in r.stderr
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_activations_in_and_out_as_torch_rounds(dtype):
     """The kernels take bf16/fp16 activations and return that dtype: the same bits as widening
