@@ -343,17 +343,21 @@ def quantize(
                 bar.start()
             bar.update(task, completed=done, total=total, description=f"quantizing {name.split('.')[-2][:18]:<18}")
 
+        def stop():  # a bar never started would still end a line: a blank one before an input error
+            if bar.live.is_started:
+                bar.stop()
+
         try:
             s = quantize_checkpoint(_model(src, revision), out, opts, progress)
         except KeyboardInterrupt:
-            bar.stop()
+            stop()
             work = work_path(out)
             if work.is_dir():
                 sys.stderr.write(f"\ninterrupted; finished shards are kept in {work}: run the same command to resume\n")
                 raise typer.Exit(130) from None
             raise
         finally:
-            bar.stop()
+            stop()
         if s.resumed_shards:
             err.print(f"resumed: {s.resumed_shards} shards were already finished by an earlier run")
         err.print(

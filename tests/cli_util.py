@@ -21,3 +21,9 @@ def greedy_json(*args) -> dict:
     )
     assert r.returncode == 0, r.stderr
     return json.loads(r.stdout)
+
+
+def error_lines(r: subprocess.CompletedProcess) -> list[str]:
+    """stderr's lines, less the one-time note of a kernel build (a fresh machine's first CLI run
+    may be the one that builds it): a user error is exactly one of them, no blank line around it."""
+    return [line for line in r.stderr.split("\n")[:-1] if not line.startswith("llama4-local: building")]

@@ -7,12 +7,12 @@ import pytest
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from tests.cli_util import run_cli
+from tests.cli_util import error_lines, run_cli
 
 
 def assert_user_error(r, *words):
     assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
-    lines = r.stderr.strip().splitlines()
+    lines = error_lines(r)
     assert len(lines) == 1, r.stderr
     assert lines[0].startswith("error: ")
     assert "Traceback" not in r.stderr

@@ -13,7 +13,7 @@ from llama4_local.loader import load_model
 from quant.format import QuantScheme
 from quant.int4 import dequantize_int4, quantize_int4
 from quant.quantize import QuantizeOptions, quantize_checkpoint
-from tests.cli_util import run_cli
+from tests.cli_util import error_lines, run_cli
 
 
 def rel_err(a, b):
@@ -178,7 +178,7 @@ def test_disk_full(tmp_path, scout_ckpt, monkeypatch):
 
 def assert_one_line_error(r, *words):
     assert r.returncode == 2, (r.stdout, r.stderr)
-    lines = r.stderr.strip().splitlines()
+    lines = error_lines(r)
     assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in r.stderr, r.stderr
     for w in words:
         assert w in lines[0]
