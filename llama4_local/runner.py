@@ -77,7 +77,7 @@ def build_prompt(tokenizer: Tokenizer, text: str, system: str | None, raw: bool,
 
 def run_prompt(req: PromptRequest, on_text: Callable[[str], None] | None = None) -> PromptResult:
     # Cheap checks first: config, tokenizer and images before gigabytes of weights.
-    setup = ModelSetup.check(req.model, req.sampling, vision=bool(req.images), template=False)
+    setup = ModelSetup.check(req.model, req.sampling, req.context, vision=bool(req.images), template=False)
     tokenizer, defaults = setup.tokenizer, setup.defaults
     if req.images and setup.images is None:
         raise text_only(setup.path)

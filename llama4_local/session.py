@@ -47,6 +47,12 @@ class ModelSetup:
         defaults = replace(defaults, sampling=defaults.sampling.merged(**(sampling or {})).validate())
         if context is not None and context < 16:
             raise UserError(f"--context must be at least 16 tokens, not {context}")
+        if context is not None:
+            from .config import load_config
+
+            limit = load_config(path).max_position_embeddings
+            if context > limit:
+                raise UserError(f"--context {context} is past this model's {limit} positions; pass at most {limit}")
         images = None
         if vision and has_vision(path):
             from .images import ImageReader

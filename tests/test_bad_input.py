@@ -101,6 +101,8 @@ def test_tensor_with_wrong_shape(broken):
 
 def test_context_overflow(scout_ckpt):
     assert_user_error(run_cli("prompt", "hi", "-m", scout_ckpt, "-n", "100000"), "context")
+    # a context past the model's positions was cut to them without a word
+    assert_user_error(run_cli("prompt", "hi", "-m", scout_ckpt, "--context", "10000000"), "--context", "positions")
 
 
 @pytest.mark.parametrize(

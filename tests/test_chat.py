@@ -208,4 +208,7 @@ def test_chat_bad_input(tmp_path, scout_ckpt):
 
     assert_user_error(run_cli("chat", "-m", tmp_path / "nope"), "does not exist")
     assert_user_error(run_cli("chat", "-m", scout_ckpt, "--context", "4"), "--context")
+    cfg = json.loads((scout_ckpt / "config.json").read_text())
+    limit = cfg.get("text_config", cfg)["max_position_embeddings"]
+    assert_user_error(run_cli("chat", "-m", scout_ckpt, "--context", str(limit + 1)), "--context", f"at most {limit}")
     assert_user_error(run_cli("chat", "-m", scout_ckpt, "--temperature", "-2"), "temperature")
