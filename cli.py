@@ -637,5 +637,29 @@ def bench(
     _run(go, verbose)
 
 
+def run() -> None:
+    """The console entry point: the Typer app, with its usage errors (an option missing,
+    malformed or unknown, an unknown command) as one line and exit 2, as every other input
+    error; `llama4-local` alone still prints the help. (Typer's click may be its own copy, so
+    the errors are known by their class names.)"""
+    try:
+        code = app(standalone_mode=False)
+    except Exception as e:
+        kinds = {c.__name__ for c in type(e).__mro__}
+        if "NoArgsIsHelpError" in kinds:
+            e.show()
+        elif "UsageError" in kinds:
+            ctx = getattr(e, "ctx", None)
+            where = ctx.command_path.replace("cli.py", "llama4-local") if ctx else "llama4-local"
+            message = " ".join(e.format_message().split())
+            sys.stderr.write(f"error: {message} ({where} --help lists the options)\n")
+        elif "Abort" in kinds:
+            sys.stderr.write("aborted\n")
+        else:
+            raise
+        raise SystemExit(getattr(e, "exit_code", 1)) from None
+    raise SystemExit(code if isinstance(code, int) else 0)
+
+
 if __name__ == "__main__":
-    app()
+    run()

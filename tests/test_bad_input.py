@@ -146,6 +146,18 @@ def test_help_teaches_by_example_without_importing_torch(command):
     assert r.returncode == 0, r.stderr
 
 
+def test_usage_errors_are_one_line(scout_ckpt):
+    """A missing, malformed or unknown option or command: one line naming it and where the
+    options are listed, exit 2 (Typer's own rendering was a boxed panel under a usage line); no
+    arguments at all still print the help."""
+    assert_user_error(run_cli("prompt", "hi", "-m", scout_ckpt, "--threads", "abc"), "'--threads'", "prompt --help")
+    assert_user_error(run_cli("prompt", "hi", "-m", scout_ckpt, "--bogus"), "--bogus")
+    assert_user_error(run_cli("eval", "-m", scout_ckpt), "--text")
+    assert_user_error(run_cli("no-such-command"), "no-such-command", "llama4-local --help")
+    bare = run_cli()
+    assert bare.returncode == 2 and "Usage" in bare.stdout + bare.stderr and "prompt" in bare.stdout + bare.stderr
+
+
 def test_exit_codes(scout_ckpt, tmp_path):
     ok = run_cli("prompt", "hi", "-m", scout_ckpt, "--device", "cpu", "-n", "1")
     assert ok.returncode == 0
