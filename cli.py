@@ -643,14 +643,14 @@ def run() -> None:
     error; `llama4-local` alone still prints the help. (Typer's click may be its own copy, so
     the errors are known by their class names.)"""
     try:
-        code = app(standalone_mode=False)
+        code = app(prog_name="llama4-local", standalone_mode=False)  # `python -m cli` too
     except Exception as e:
         kinds = {c.__name__ for c in type(e).__mro__}
         if "NoArgsIsHelpError" in kinds:
             e.show()
         elif "UsageError" in kinds:
             ctx = getattr(e, "ctx", None)
-            where = ctx.command_path.replace("cli.py", "llama4-local") if ctx else "llama4-local"
+            where = ctx.command_path if ctx else "llama4-local"
             message = " ".join(e.format_message().split())
             sys.stderr.write(f"error: {message} ({where} --help lists the options)\n")
         elif "Abort" in kinds:
