@@ -26,6 +26,7 @@ import functools
 import hashlib
 import os
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -175,6 +176,7 @@ def _load_or_build(target: str):
     name = extension_name(target, source, cflags)
     build = Path(_get_build_directory(name, verbose=False))
     built = build / f"{name}.so"
+    clear_stale_lock(build)
     if built.is_file() and not (build / "lock").exists():  # the lock: a build under way
         try:
             return _import_extension(name, built)
@@ -183,6 +185,23 @@ def _load_or_build(target: str):
     else:
         sys.stderr.write("llama4-local: building the INT4 CPU kernel (once, about a minute)\n")
     return load_inline(name=name, cpp_sources=[source], extra_cflags=cflags, extra_ldflags=["-fopenmp"], verbose=False)
+
+
+STALE_LOCK_S = 900  # a build takes about a minute; a lock this old is a killed build's
+
+
+def clear_stale_lock(build: Path) -> bool:
+    """Remove the build directory's lock when its build died with it (SIGKILL, the OOM killer, a
+    closed laptop: torch releases it on every other exit), else every later process waits on it
+    for ever; returns whether one was removed."""
+    lock = build / "lock"
+    try:
+        if time.time() - lock.stat().st_mtime > STALE_LOCK_S:
+            lock.unlink()
+            return True
+    except OSError:  # none, or gone meanwhile
+        pass
+    return False
 
 
 def _import_extension(name: str, path: Path):

@@ -515,6 +515,23 @@ def test_a_built_kernel_loads_without_ninja_and_a_changed_source_is_a_new_build(
     assert "building" not in r.stderr
 
 
+def test_a_killed_builds_lock_is_cleared_and_a_live_one_kept(tmp_path):
+    """torch's build lock outlives a build killed with SIGKILL, and every later process waited on
+    it for ever; one older than any build is removed, a fresh one (a build under way) kept."""
+    import os
+    import time
+
+    from quant import cpu_kernel
+
+    lock = tmp_path / "lock"
+    lock.write_text("")
+    assert not cpu_kernel.clear_stale_lock(tmp_path) and lock.exists()
+    old = time.time() - cpu_kernel.STALE_LOCK_S - 60
+    os.utime(lock, (old, old))
+    assert cpu_kernel.clear_stale_lock(tmp_path) and not lock.exists()
+    assert not cpu_kernel.clear_stale_lock(tmp_path)  # none there
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_activations_in_and_out_as_torch_rounds(dtype):
     """The kernels take bf16/fp16 activations and return that dtype: the same bits as widening
