@@ -55,6 +55,8 @@ def machine_line(m: dict) -> str:
         kernels += ", bf16 GEMMs"
     if m["int4_bf16_gemm_from_rows"]:
         kernels += f" (INT4 prefill from {m['int4_bf16_gemm_from_rows']} rows)"
+    if m.get("int4_outer_from_rows"):
+        kernels += f", INT4 prefill from {m['int4_outer_from_rows']} rows by outer-product tiles"
     if m.get("bf16_dot_decode"):
         kernels += ", bf16 decode by vdpbf16ps"
     line = f"{m['cpu']}, {m['physical_cores']} cores, {kernels}; {binary(m['available_memory'])} RAM available"

@@ -58,6 +58,7 @@ def machine_info() -> dict:
         "int8_activation_span": cpu_kernel.int8_span(128) if avx2 else None,
         "native_bf16": cpu_kernel.native_bf16(),
         "int4_bf16_gemm_from_rows": cpu_kernel.bf16_gemm_rows() if avx2 else 0,
+        "int4_outer_from_rows": cpu_kernel.outer_rows() if avx2 else 0,
         "bf16_dot_decode": avx2 and cpu_kernel.available() and cpu_kernel.half_bf16_dot_default(),
         "available_memory": available_memory(),
         "gpu": gpu,

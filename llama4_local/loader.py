@@ -364,6 +364,7 @@ def load_model(
         from quant import cpu_kernel
 
         cpu_kernel.bf16_gemm_rows()  # LLAMA4_LOCAL_INT4_BF16_GEMM checked now, not mid-prefill
+        cpu_kernel.outer_rows()  # LLAMA4_LOCAL_INT4_OUTER too
     ckpt = open_checkpoint(model_dir)
     if mmap is None and torch_device.type == "cpu" and offload is None:
         warm_shards(ckpt, 0.8 * available_memory(), with_head=torch_dtype in (torch.bfloat16, torch.float16))

@@ -43,6 +43,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_int4_stream_prefetch", &set_int4_stream_prefetch, "the INT4 decode stream's prefetch distance and hint");
   m.def("set_zmm_one_row", &set_zmm_one_row, "one activation row through the 512-bit INT4 tiles too");
   m.def("int4_gemm_bf16", &int4_gemm_bf16, NOGIL, "INT4 weights x many rows through bf16 GEMMs per chunk");
+  m.def("int4_gemm_outer", &int4_gemm_outer, NOGIL, "INT4 weights x many rows, outer-product VNNI tiles");
   m.def("fp8_mv", &fp8_mv, NOGIL, "FP8 e4m3 weights x float32 activations (AVX2, F16C)");
   m.def("half_mv", &half_mv, NOGIL, "bf16/fp16 matrix-vector (AVX2)");
   m.def("half_vm", &half_vm, NOGIL, "vector x bf16/fp16 matrix stored [in, out] (AVX2)");
@@ -291,6 +292,19 @@ def int4_gemm_bf16(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, 
     return _module().int4_gemm_bf16(x, packed, scales, group_size, rows)
 
 
+def outer_available() -> bool:
+    """Whether the outer-product INT4 tiles (quant/int4_outer_kernel.py) are built here: AVX-512
+    VNNI builds."""
+    return available() and isa() == "avx512-vnni"
+
+
+def int4_gemm_outer(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, group_size: int) -> torch.Tensor:
+    """x [T, K] times INT4 weights [N, K] (the stored bytes and int4_mv's scales) through the
+    outer-product VNNI tiles: groups of 128, N a multiple of 32; activations rounded per 128 as
+    int4_mv rounds them there (opt-in while measured: quant/int4_outer_kernel.py)."""
+    return _module().int4_gemm_outer(x, packed, scales, group_size)
+
+
 def set_zmm_one_row(on: bool) -> None:
     """Decode's single activation row through the 512-bit INT4 tiles as prefill's rows (AVX-512
     VNNI builds; elsewhere nothing changes). Off by default: slower on Zen 4/5 (int4_kernel.py);
@@ -321,12 +335,38 @@ def bf16_gemm_rows() -> int:
             return 0
         if has_amx():
             return AMX_GEMM_ROWS
+        if outer_available():  # the outer-product tiles take many rows there (outer_rows)
+            return 0
         return AVX512_BF16_GEMM_ROWS if avx512_bf16() else 0
     if not v.isdigit():
         from llama4_local.errors import UserError
 
         raise UserError(f"LLAMA4_LOCAL_INT4_BF16_GEMM must be auto or a row count (0: never), not {v!r}")
     return int(v)
+
+
+# From this many rows, on AVX-512 VNNI builds without AMX, a bf16/fp16 run's INT4 products at
+# groups of 128 take the outer-product tiles: two Zen 4 threads at 16384 x 5120 / 5120 x 8192,
+# against the better of int4_mv's tiles and the bf16 GEMM path, 0.95-1.03x at 32 rows, 1.26x at
+# 64, 1.35-1.40x at 128, 1.62-1.65x at 512 (docs/benchmarks.md).
+OUTER_ROWS = 64
+
+
+@functools.cache
+def outer_rows() -> int:
+    """From how many activation rows a bf16 or fp16 run's INT4 product (groups of 128, weight
+    rows a multiple of 32) goes through int4_gemm_outer instead of int4_mv; 0: never. By default
+    OUTER_ROWS on AVX-512 VNNI builds without AMX (with AMX the bf16 GEMM path is several times
+    faster), else never; LLAMA4_LOCAL_INT4_OUTER=N sets it (0: never). The bf16 GEMM path, where
+    bf16_gemm_rows() asks for it, goes first."""
+    v = os.environ.get("LLAMA4_LOCAL_INT4_OUTER", "auto")
+    if v == "auto":
+        return OUTER_ROWS if outer_available() and not has_amx() else 0
+    if not v.isdigit():
+        from llama4_local.errors import UserError
+
+        raise UserError(f"LLAMA4_LOCAL_INT4_OUTER must be auto or a row count (0: never), not {v!r}")
+    return int(v) if outer_available() else 0
 
 
 HALF_MAX_ROWS = 4

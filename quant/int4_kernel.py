@@ -34,6 +34,7 @@ With AVX-512 the tiles at groups of 128 or more work on four blocks (128 weights
 register: a 128-token prefill of the Scout-width slice 1.81 -> 1.37 s on one Zen 5 core.
 """
 
+from .int4_outer_kernel import SOURCE as OUTER_SOURCE
 from .int4_span_kernel import SOURCE as SPAN_SOURCE
 from .int4_zmm_kernel import SOURCE as ZMM_SOURCE
 
@@ -477,4 +478,4 @@ torch::Tensor int4_mv(torch::Tensor x, torch::Tensor q, torch::Tensor so, int64_
 
 """
 
-SOURCE = _TILES + SPAN_SOURCE + ZMM_SOURCE + _DISPATCH
+SOURCE = _TILES + SPAN_SOURCE + ZMM_SOURCE + _DISPATCH + OUTER_SOURCE

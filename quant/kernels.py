@@ -123,6 +123,9 @@ def int4_matmul(path: str, group_size, x: torch.Tensor, tensors: dict[str, torch
         packed, scales = tensors["packed"], tensors["scales_and_zeros"]
         if path == "avx2_q8" and 0 < cpu_kernel.bf16_gemm_rows() <= x.shape[0]:  # many rows, bf16 CPUs: GEMMs
             return cpu_kernel.int4_gemm_bf16(x, packed, scales, group_size)
+        outer = path == "avx2_q8" and group_size == 128 and packed.shape[0] % 32 == 0 and x.is_contiguous()
+        if outer and 0 < cpu_kernel.outer_rows() <= x.shape[0]:  # many rows, VNNI: the outer-product tiles
+            return cpu_kernel.int4_gemm_outer(x, packed, scales, group_size)
         return cpu_kernel.int4_mv(x, packed, scales, group_size, path == "avx2_q8")
     if path == "triton":
         from .triton_int4 import int4_matmul_triton

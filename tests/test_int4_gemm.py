@@ -93,6 +93,41 @@ def test_bf16_runs_take_the_gemm_from_the_row_count_set(gemm_rows):
     assert torch.equal(lin(x), dots)
 
 
+def test_many_rows_take_the_outer_product_tiles_from_the_row_count_set(gemm_rows, monkeypatch):
+    """On AVX-512 VNNI builds without AMX a bf16 run's INT4 products of OUTER_ROWS rows or more
+    (groups of 128, weight rows a multiple of 32) go through int4_gemm_outer; fewer rows, other
+    groups and LLAMA4_LOCAL_INT4_OUTER=0 keep int4_mv, and an asked-for bf16 GEMM goes first."""
+    if not cpu_kernel.outer_available():
+        pytest.skip("no AVX-512 VNNI build here")
+
+    def outer(value):
+        monkeypatch.setenv("LLAMA4_LOCAL_INT4_OUTER", value)
+        cpu_kernel.outer_rows.cache_clear()
+
+    gemm_rows("0")
+    outer("16")
+    qw, *_ = weights(64, 256, 128, True, torch.bfloat16)
+    lin = Int4Linear(qw, "cpu", torch.bfloat16)
+    x = torch.randn(20, 256, generator=torch.Generator().manual_seed(3)).bfloat16()
+    tiles = cpu_kernel.int4_gemm_outer(x, lin.packed, lin.scales_and_zeros, 128)
+    dots = cpu_kernel.int4_mv(x, lin.packed, lin.scales_and_zeros, 128, True)
+    assert torch.equal(lin(x), tiles) and torch.equal(lin(x[:15]), dots[:15])
+    gemm_rows("8")
+    assert torch.equal(lin(x), cpu_kernel.int4_gemm_bf16(x, lin.packed, lin.scales_and_zeros, 128))
+    gemm_rows("0")
+    odd = Int4Linear(weights(40, 256, 128, True, torch.bfloat16)[0], "cpu", torch.bfloat16)  # 40 rows
+    assert torch.equal(odd(x), cpu_kernel.int4_mv(x, odd.packed, odd.scales_and_zeros, 128, True))
+    outer("0")
+    assert torch.equal(lin(x), dots)
+    outer("auto")
+    assert cpu_kernel.outer_rows() == (0 if cpu_kernel.has_amx() else cpu_kernel.OUTER_ROWS)
+    outer("many")
+    with pytest.raises(UserError, match="LLAMA4_LOCAL_INT4_OUTER"):
+        cpu_kernel.outer_rows()
+    monkeypatch.delenv("LLAMA4_LOCAL_INT4_OUTER")
+    cpu_kernel.outer_rows.cache_clear()
+
+
 def test_the_gemm_is_the_default_only_where_the_cpu_multiplies_bf16(gemm_rows, monkeypatch):
     gemm_rows("auto")
     for flags, native, want in [

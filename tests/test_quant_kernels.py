@@ -86,6 +86,38 @@ def test_int8_spans_of_128_across_passes_and_wide_groups(group_size, symmetric):
         assert rel_err(got, want) < 1e-5, rows
 
 
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_outer_product_tiles_equal_the_reference_on_rounded_activations(symmetric, dtype):
+    """The outer-product VNNI tiles (quant/int4_outer_kernel.py): every tile height left over
+    (rows 1 to 8 past full tiles of 8), blocks of 32 weight rows, activation spans of very
+    different scale and an all-zero one, against the reference fed the same per-128 rounding,
+    and equal to int4_mv's integer path but for float summation order; NaN stays in its row."""
+    from quant import cpu_kernel
+
+    if not cpu_kernel.outer_available():
+        pytest.skip("no AVX-512 VNNI build here")
+    g = torch.Generator().manual_seed(11 + symmetric)
+    qw = quantize_int4(torch.randn(96, 640, generator=g), 128, symmetric, scale_dtype=torch.bfloat16)
+    lin = Int4Linear(qw, "cpu", torch.bfloat16)
+    ref = Int4Linear(qw, "cpu", torch.float32, path="reference")
+    for rows in (1, 3, 8, 9, 16, 23):
+        x = (torch.randn(rows, 640, generator=g) * torch.logspace(-2, 1, 640)).to(dtype)
+        x[0, 128:256] = 0
+        got = cpu_kernel.int4_gemm_outer(x, lin.packed, lin.scales_and_zeros, 128)
+        assert got.dtype == dtype and got.shape == (rows, 96)
+        want = ref(cpu_kernel.round_activations_int8(x.float(), 128))
+        assert rel_err(got, want) < (1e-5 if dtype == torch.float32 else 1e-2), rows
+        mv = cpu_kernel.int4_mv(x, lin.packed, lin.scales_and_zeros, 128, True)
+        assert rel_err(got, mv) < (1e-6 if dtype == torch.float32 else 1e-2), rows
+    x = torch.randn(10, 640, generator=g)
+    x[9, 300] = float("nan")
+    got = cpu_kernel.int4_gemm_outer(x, lin.packed, lin.scales_and_zeros, 128)
+    assert torch.isnan(got[9]).all() and torch.isfinite(got[:9]).all()
+    with pytest.raises(RuntimeError, match="multiple of 32"):
+        cpu_kernel.int4_gemm_outer(x, lin.packed[:40], lin.scales_and_zeros[:40], 128)
+
+
 def test_the_kernel_reads_the_stored_words_as_they_are():
     """Byte j of a row holds input 2j (low nibble) and 2j + 1 (high): compressed-tensors' order,
     and the kernel's buffer is a view of the loaded tensor, not a copy."""
