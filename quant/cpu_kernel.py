@@ -347,9 +347,9 @@ def bf16_gemm_rows() -> int:
 
 # From this many rows, on AVX-512 VNNI builds without AMX, a bf16/fp16 run's INT4 products at
 # groups of 128 take the outer-product tiles: two Zen 4 threads at 16384 x 5120 / 5120 x 8192,
-# against the better of int4_mv's tiles and the bf16 GEMM path, 0.95-1.03x at 32 rows, 1.26x at
-# 64, 1.35-1.40x at 128, 1.62-1.65x at 512 (docs/benchmarks.md).
-OUTER_ROWS = 64
+# against the better of int4_mv's tiles and the bf16 GEMM path, 0.96-1.07x at 16 rows, 1.11-1.33x
+# at 32, 1.39-1.42x at 64, 1.61-1.63x at 128, 1.64-1.67x at 512 (docs/benchmarks.md).
+OUTER_ROWS = 32
 
 
 @functools.cache
