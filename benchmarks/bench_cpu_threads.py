@@ -149,24 +149,26 @@ def main():
 
 
 def crossover(lin, rows: list[int], reps: int) -> None:
-    """One matrix's time by the integer kernel and by the bf16 GEMM path at each row count."""
+    """One matrix's time by the integer kernel, the bf16 GEMM path and (AVX-512 VNNI builds) the
+    outer-product tiles at each row count."""
     cpu = torch.device("cpu")
     for r in rows:
         x = torch.randn(r, K).bfloat16()
         t_int = best_time(lambda: cpu_kernel.int4_mv(x, lin.packed, lin.scales_and_zeros, GROUP, True), cpu, reps)
         t_gemm = best_time(lambda: cpu_kernel.int4_gemm_bf16(x, lin.packed, lin.scales_and_zeros, GROUP), cpu, reps)
-        print(
-            json.dumps(
-                {
-                    "rows": r,
-                    "threads": torch.get_num_threads(),
-                    "int4_ms": round(t_int * 1e3, 3),
-                    "bf16_gemm_ms": round(t_gemm * 1e3, 3),
-                    "gemm_speedup": round(t_int / t_gemm, 2),
-                }
-            ),
-            flush=True,
-        )
+        row = {
+            "rows": r,
+            "threads": torch.get_num_threads(),
+            "int4_ms": round(t_int * 1e3, 3),
+            "bf16_gemm_ms": round(t_gemm * 1e3, 3),
+            "gemm_speedup": round(t_int / t_gemm, 2),
+        }
+        if cpu_kernel.outer_available() and GROUP == 128:
+            t_outer = best_time(
+                lambda: cpu_kernel.int4_gemm_outer(x, lin.packed, lin.scales_and_zeros, GROUP), cpu, reps
+            )
+            row |= {"outer_ms": round(t_outer * 1e3, 3), "outer_speedup": round(min(t_int, t_gemm) / t_outer, 2)}
+        print(json.dumps(row), flush=True)
 
 
 if __name__ == "__main__":
