@@ -301,7 +301,7 @@ def outer_available() -> bool:
 def int4_gemm_outer(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, group_size: int) -> torch.Tensor:
     """x [T, K] times INT4 weights [N, K] (the stored bytes and int4_mv's scales) through the
     outer-product VNNI tiles: groups of 128, N a multiple of 32; activations rounded per 128 as
-    int4_mv rounds them there (opt-in while measured: quant/int4_outer_kernel.py)."""
+    int4_mv rounds them there (quant/int4_outer_kernel.py; when: outer_rows)."""
     return _module().int4_gemm_outer(x, packed, scales, group_size)
 
 
@@ -327,8 +327,9 @@ def has_amx() -> bool:
 def bf16_gemm_rows() -> int:
     """From how many activation rows a bf16 or fp16 run's INT4 product on the CPU goes through
     int4_gemm_bf16 instead of int4_mv's integer dot products; 0: never. By default AMX_GEMM_ROWS
-    where the CPU has AMX, AVX512_BF16_GEMM_ROWS where it has AVX512-BF16 (bf16 GEMMs not turned
-    off), else never; LLAMA4_LOCAL_INT4_BF16_GEMM=N sets it (0: never)."""
+    where the CPU has AMX; never where the outer-product tiles take many rows (outer_rows);
+    AVX512_BF16_GEMM_ROWS where it has AVX512-BF16 otherwise (bf16 GEMMs not turned off), else
+    never; LLAMA4_LOCAL_INT4_BF16_GEMM=N sets it (0: never)."""
     v = os.environ.get("LLAMA4_LOCAL_INT4_BF16_GEMM", "auto")
     if v == "auto":
         if not native_bf16():

@@ -7,9 +7,11 @@ of docs/benchmarks.md 6.4 TFLOP/s against 850 GFLOP/s for quant/int4_kernel.py a
 So there a prefill's INT4 product dequantizes the weights to bf16, a chunk of rows at a time
 into a scratch that stays in cache, and hands each chunk to that GEMM: float32 sums, one
 rounding of the output, the weights rounded to bf16 once (w = s u + c in float32, then to the
-nearest bf16, as the GPU's prefill does). With AVX512-BF16 but no AMX (Zen 4) the gain is
-smaller but real from about 64 rows (two Zen 4 threads at 8192 x 5120: 1.05x at 64 rows, 1.26x at
-512). quant/kernels.py decides when (cpu_kernel.bf16_gemm_rows).
+nearest bf16, as the GPU's prefill does). With AVX512-BF16 but no AMX (Zen 4) the gain over the
+integer tiles was smaller (two Zen 4 threads at 8192 x 5120: 1.05x at 64 rows, 1.26x at 512), and
+the outer-product tiles of quant/int4_outer_kernel.py beat both there, so this path is the default
+only with AMX (or, without AMX, where the VNNI build is turned off). quant/kernels.py decides
+when (cpu_kernel.bf16_gemm_rows).
 """
 
 SOURCE = r"""
