@@ -241,22 +241,30 @@ def calibration_tokens(args, report):
 
 def quantizer_precision(args, report):
     """The default quantize (GPTQ) with its arithmetic in bf16 where the CPU multiplies bf16
-    natively (calibration forward, GPTQ's updates, the Hessians' products: float32 sums throughout) against
-    the same run in float32
-    (LLAMA4_LOCAL_NO_BF16_GEMM=1), scored in float32: what the faster arithmetic costs; with
-    llama.cpp's Q4_K_M beside them where the model's rows allow it."""
+    natively (GPTQ's updates, the Hessians' products: float32 sums throughout) and its
+    calibration forward's products in int8 (quant/int8_forward.py) against the same run in
+    float32 (LLAMA4_LOCAL_NO_BF16_GEMM=1, LLAMA4_LOCAL_NO_INT8_CALIBRATION=1) and with only the
+    int8 forward off, scored in float32: what the faster arithmetic costs; with llama.cpp's
+    Q4_K_M beside them where the model's rows allow it."""
     from quant import cpu_kernel
 
     if q4_k_fits(args.model):
         report("q4_k_m (llama.cpp, whole model)", q4_k_m(args.model, only_ours=False))
+    runs = (
+        (
+            "gptq int4 g128 default, float32 arithmetic",
+            {"LLAMA4_LOCAL_NO_BF16_GEMM": "1", "LLAMA4_LOCAL_NO_INT8_CALIBRATION": "1"},
+        ),
+        ("gptq int4 g128 default, forward in the model's dtype", {"LLAMA4_LOCAL_NO_INT8_CALIBRATION": "1"}),
+        ("gptq int4 g128 default", {}),
+    )
     with tempfile.TemporaryDirectory() as tmp:
-        for name, off in (("gptq int4 g128 default, float32 arithmetic", True), ("gptq int4 g128 default", False)):
-            if off:
-                os.environ["LLAMA4_LOCAL_NO_BF16_GEMM"] = "1"
-            else:
-                os.environ.pop("LLAMA4_LOCAL_NO_BF16_GEMM", None)
+        for name, env in runs:
+            for key in ("LLAMA4_LOCAL_NO_BF16_GEMM", "LLAMA4_LOCAL_NO_INT8_CALIBRATION"):
+                os.environ.pop(key, None)
+            os.environ.update(env)
             cpu_kernel.native_bf16.cache_clear()
-            out = Path(tmp) / name.replace(" ", "-")
+            out = Path(tmp) / name.replace(" ", "-").replace("'", "").replace(",", "")
             t0 = time.perf_counter()
             quantize_checkpoint(args.model, out, QuantizeOptions())
             seconds = round(time.perf_counter() - t0, 1)

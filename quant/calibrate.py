@@ -28,6 +28,7 @@ from llama4_local.errors import UserError
 from llama4_local.evaluate import windows
 from llama4_local.model import native_low_precision, rope_freqs
 
+from . import int8_forward
 from .gptq import HessianSum, error_feedback, hessian_finite
 
 DEFAULT_TEXT = Path(__file__).parent / "data" / "calibration.txt"
@@ -115,10 +116,13 @@ class LayerRunner:
         record(attn.o_proj, "o")
         ff = layer.feed_forward
         experts = getattr(ff, "experts", None)
+        int8 = int8_forward.enabled()
         if experts is not None:
-            record(ff.shared_expert.gate_proj, "shared_gu")
-            record(ff.shared_expert.down_proj, "shared_down")
-            original = experts.act
+            mlp = ff.shared_expert
+            record(mlp.gate_proj, "shared_gu")
+            record(mlp.down_proj, "shared_down")
+            fns = int8_forward.int8_experts(experts, lambda e, x: experts.act(e, x)) if int8 else None
+            original, expert = fns or (experts.act, None)
 
             def act(e, x):
                 a = original(e, x)
@@ -127,12 +131,17 @@ class LayerRunner:
                 return a
 
             experts.act = act
+            if expert is not None:
+                experts.expert = expert
         else:
+            mlp = ff
             record(ff.gate_proj, "mlp_gu")
             record(ff.down_proj, "mlp_down")
-        for lin in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj):
-            _widen_once(lin)
-        downs = [] if output else [ff.shared_expert.down_proj if experts is not None else ff.down_proj]
+        linears = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+        for lin in linears:
+            if not (int8 and int8_forward.int8_linear(lin)) and lin in linears[:4]:
+                _widen_once(lin)
+        downs = [] if output else [mlp.down_proj]
         for lin in downs:  # a down projection's output is the hidden size
             lin.forward = lambda x, d=self.hidden[0].shape[-1]: x.new_zeros(x.shape[0], d)
         if downs and experts is not None:
@@ -155,7 +164,7 @@ class LayerRunner:
             if experts is not None:
                 del experts.act  # the class's method again
                 vars(experts).pop("expert", None)
-            for lin in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, *downs):
+            for lin in linears:
                 vars(lin).pop("forward", None)
         return stats
 

@@ -5,8 +5,8 @@ one extension: quant/kernel_common.py (what the kernels share), quant/int4_kerne
 matrix-vector and prefill: the stored compressed-tensors bytes, no repack; with its AVX2
 per-128 tiles in int4_span_kernel.py and its 512-bit ones in int4_zmm_kernel.py), quant/
 matvec_kernel.py (bf16/fp16 and INT8 weights), quant/fit_kernel.py (the symmetric INT4 fit),
-fp8_kernel, gptq_kernel, gram_kernel, attn_kernel, glue_kernel and layer_kernel (a decoder layer's
-decode step in one call).
+fp8_kernel, gptq_kernel, gram_kernel, attn_kernel, glue_kernel, int8_kernel (the calibration
+forward's int8 roundings) and layer_kernel (a decoder layer's decode step in one call).
 
 Built with torch.utils.cpp_extension on first use, for the CPU it runs on (needs a C++ compiler
 and ninja): where the CPU has VNNI (AVX-VNNI, or AVX512-VNNI: Intel since Ice Lake / Alder Lake,
@@ -61,6 +61,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("q8_quantize", &q8_quantize, NOGIL, "INT8 weights, one scale per block of 32");
   m.def("q8_mv", &q8_mv, NOGIL, "INT8 weights x int8 activations (AVX2)");
   m.def("q6_mv", &q6_mv, NOGIL, "Q6 weights x int8 activations (AVX2)");
+  m.def("int8_rows", &int8_rows, NOGIL, "rows rounded to int8, one scale each");
+  m.def("int8_cols", &int8_cols, NOGIL, "columns rounded to int8, one scale each");
+  m.def("int8_rescale", &int8_rescale, NOGIL, "int32 products times row and column scales");
 """
 
 
@@ -134,6 +137,7 @@ def _source() -> str:
         gptq_kernel,
         gram_kernel,
         int4_kernel,
+        int8_kernel,
         kernel_common,
         layer_kernel,
         matvec_kernel,
@@ -150,6 +154,7 @@ def _source() -> str:
         + gram_kernel.SOURCE
         + attn_kernel.SOURCE
         + glue_kernel.SOURCE
+        + int8_kernel.SOURCE
         + layer_kernel.SOURCE
         + _BINDINGS
         + layer_kernel.BINDINGS
@@ -461,6 +466,26 @@ def half_vm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """x [T, K] (T <= 4) @ w [K, N] for bf16 or fp16 w stored inputs by outputs (contiguous),
     accumulated in float32 in input order; the result in x's dtype."""
     return _module().half_vm(x.contiguous(), w)
+
+
+def int8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [R, K] (float32, bf16 or fp16) -> (int8 [R, K], float32 scales [R]), each row's largest
+    magnitude to 127, nearest even; a row holding NaN or infinity gets a NaN scale."""
+    q, s = _module().int8_rows(x.contiguous())
+    return q, s
+
+
+def int8_cols(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [K, O] -> (int8 [K, O], float32 scales [O]): int8_rows by columns."""
+    q, s = _module().int8_cols(w.contiguous())
+    return q, s
+
+
+def int8_rescale(acc: torch.Tensor, sx: torch.Tensor, sw: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out [T, O] (contiguous float32 or bf16) = int32 products acc [T, O] times sx [T] and sw
+    [O]; returns out."""
+    _module().int8_rescale(acc, sx, sw, out)
+    return out
 
 
 def int8_span(group_size: int) -> int:

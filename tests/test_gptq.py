@@ -340,10 +340,12 @@ def test_calibration_reads_each_layer_ahead(scout_ckpt, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_layer_runner_reproduces_the_forward(scout_ckpt, dtype):
-    """Run layer by layer, the hidden states end where the whole model's forward ends (in bf16
-    too, where attention's weights are widened once per layer), and each routed expert sees
-    exactly the rows routed to it."""
+def test_layer_runner_reproduces_the_forward(scout_ckpt, dtype, monkeypatch):
+    """Run layer by layer with the products in the model's dtype, the hidden states end where
+    the whole model's forward ends (in bf16 too, where attention's weights are widened once per
+    layer), and each routed expert sees exactly the rows routed to it (the int8 products:
+    tests/test_int8_forward.py)."""
+    monkeypatch.setenv("LLAMA4_LOCAL_NO_INT8_CALIBRATION", "1")
     model, cfg = load_model(scout_ckpt, dtype, "cpu")
     tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == "float32" else {"rtol": 2e-2, "atol": 2e-2}
     tok = Tokenizer(scout_ckpt)

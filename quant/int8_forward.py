@@ -1,0 +1,117 @@
+"""The calibration forward's matrix products in int8 (quant/calibrate.py's LayerRunner).
+
+GPTQ needs what each linear sees on the calibration text, not the model's outputs to the last
+bit: the forward that produces those inputs is a third of a calibrated quantize's time (at the
+issue's Scout-width slice, 63 of 203 s on two Zen 4 threads), all of it bf16 GEMMs (float32
+where the CPU lacks bf16). Here each product rounds its activations to int8 per row (token) and
+the weight to int8 per output, multiplies in int32 through torch._int_mm (oneDNN's int8 GEMM:
+on two Zen 4 threads 760-820 GOP/s against 390-430 for bf16; limited to AVX2, 416 against 184
+for float32) and scales back: an error of about 1% of a product, against bf16's 0.2%. What
+it costs GPTQ was measured on the trained 256-wide model (docs/benchmarks.md): within the spread
+that any perturbation of the forward gives its KL (GPTQ's choices are chaotic in its inputs).
+
+Only where the extension is built (x86 with AVX2), the activations are bf16 or float32 and
+there are at least MIN_ROWS rows; `LLAMA4_LOCAL_NO_INT8_CALIBRATION=1` keeps the forward in the
+model's own dtype.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from . import cpu_kernel
+
+MIN_ROWS = 32  # fewer rows (a decode-sized product): the model's own path
+CHUNK_ROWS = 2048  # int32 products [CHUNK_ROWS, O] at a time (8192 x 16384 at once: 0.5 GB)
+
+
+def enabled() -> bool:
+    return not os.environ.get("LLAMA4_LOCAL_NO_INT8_CALIBRATION") and cpu_kernel.available()
+
+
+class Int8Weight:
+    """A weight rounded to int8 with one scale per output, as torch._int_mm's second operand:
+    q [K, O] (a transposed view for a [O, K] linear weight), s float32 [O]."""
+
+    def __init__(self, q: torch.Tensor, s: torch.Tensor):
+        self.q, self.s = q, s
+
+    @classmethod
+    def of_linear(cls, w: torch.Tensor) -> Int8Weight:
+        """From a linear's weight [O, K]."""
+        q, s = cpu_kernel.int8_rows(w)
+        return cls(q.t(), s)
+
+    @classmethod
+    def of_in_out(cls, w: torch.Tensor) -> Int8Weight:
+        """From a weight stored inputs by outputs [K, O] (the fused experts' layout)."""
+        q, s = cpu_kernel.int8_cols(w)
+        return cls(q, s)
+
+
+_FLOAT = (torch.bfloat16, torch.float32, torch.float16)
+
+
+def usable(x: torch.Tensor) -> bool:
+    return x.dim() == 2 and x.shape[0] >= MIN_ROWS and x.dtype in _FLOAT[:2] and x.device.type == "cpu"
+
+
+def plain_weight(w) -> bool:
+    """A weight int8_rows / int8_cols can round: a float tensor on the CPU (not an FP8 source's)."""
+    return isinstance(w, torch.Tensor) and w.dtype in _FLOAT and w.device.type == "cpu"
+
+
+def product(x: torch.Tensor, w: Int8Weight) -> torch.Tensor:
+    """x [T, K] @ W [K, O] in int8: x rounded per row, W as stored in w; the result in x's dtype."""
+    out = torch.empty(x.shape[0], w.q.shape[1], dtype=x.dtype)
+    for t0 in range(0, x.shape[0], CHUNK_ROWS):
+        t1 = min(t0 + CHUNK_ROWS, x.shape[0])
+        xq, sx = cpu_kernel.int8_rows(x[t0:t1])
+        cpu_kernel.int8_rescale(torch._int_mm(xq, w.q), sx, w.s, out[t0:t1])
+    return out
+
+
+def int8_linear(lin) -> None:
+    """Give a model Linear an int8 forward for many rows (the weight rounded on first use, kept
+    with the module until its instance forward is removed); fewer rows go the usual way. Not
+    for a weight that is not plain_weight. Returns whether it did."""
+    if not plain_weight(getattr(lin, "weight", None)):
+        return False
+    plain, cached = lin.forward, []
+
+    def forward(x):
+        if not usable(x):
+            return plain(x)
+        if not cached:
+            cached.append(Int8Weight.of_linear(lin.weight))
+        return product(x, cached[0])
+
+    lin.forward = forward
+    return True
+
+
+def int8_experts(experts, act_of=None):
+    """An act(e, x) for model.Experts computing silu(gate) * up with the gate/up product in int8
+    (expert e's weight rounded on each call: the calibration forward runs each expert once per
+    layer), and an expert(e, x) whose down product is int8 too; returns (act, expert). `act_of`:
+    the act that expert() calls (a recording wrapper around the returned act), default act.
+    None where the experts' weights are not plain_weight."""
+    from llama4_local.model import matmul, silu_mul
+
+    if not (plain_weight(getattr(experts, "gate_up_proj", None)) and plain_weight(getattr(experts, "down_proj", None))):
+        return None
+
+    def act(e, x):
+        w = experts.gate_up_proj[e]
+        y = product(x, Int8Weight.of_in_out(w)) if usable(x) else matmul(x, w)
+        gate, up = y.chunk(2, dim=-1)
+        return silu_mul(gate, up)
+
+    def expert(e, x):
+        a = (act_of or act)(e, x)
+        w = experts.down_proj[e]
+        return product(a, Int8Weight.of_in_out(w)) if usable(a) else matmul(a, w)
+
+    return act, expert

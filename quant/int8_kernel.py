@@ -1,0 +1,183 @@
+"""C++ source of the int8 rounding and rescaling around torch._int_mm, built into quant.cpu_kernel's
+extension: what quant/int8_forward.py needs to run the calibration forward's products in int8.
+
+`int8_rows` rounds each row of a matrix to int8 with one scale (its largest magnitude to 127),
+`int8_cols` each column, and `int8_rescale` turns the int32 products back into float32 or bf16
+with a row scale and a column scale: one pass over memory each, where torch's elementwise
+operations took 5-6 (57-87 ms for a [2048, 5120] activation against a 190-210 ms product).
+A row or column holding NaN or infinity gets a NaN scale, so everything it touches comes out NaN
+(the calibration's finiteness check then sees it), where the rounding alone would hide it.
+Uses quant/matvec_kernel.py's load8 and quant/attn_kernel.py's load1 / store1 / round_bf16_8
+(cpu_kernel concatenates those sources first).
+"""
+
+SOURCE = r"""
+// 8 floats times `inv`, rounded to nearest even, stored as 8 int8 (|v| inv <= 127 by construction).
+static inline void store_q8x8(int8_t* dst, __m256 v, __m256 inv) {
+  const __m256i n = _mm256_cvtps_epi32(_mm256_mul_ps(v, inv));
+  const __m128i p16 = _mm_packs_epi32(_mm256_castsi256_si128(n), _mm256_extracti128_si256(n, 1));
+  _mm_storel_epi64((__m128i*)dst, _mm_packs_epi16(p16, p16));
+}
+
+static inline float hmax8(__m256 v) {
+  __m128 r = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  r = _mm_max_ps(r, _mm_movehl_ps(r, r));
+  return _mm_cvtss_f32(_mm_max_ss(r, _mm_movehdup_ps(r)));
+}
+
+static inline int8_t q8_one(float v, float inv) { return (int8_t)std::nearbyint(v * inv); }
+
+static inline int half_kind(const torch::Tensor& t) {
+  const auto st = t.scalar_type();
+  TORCH_CHECK(st == torch::kFloat || st == torch::kBFloat16 || st == torch::kHalf, "float32, bf16 or fp16");
+  return st == torch::kFloat ? 0 : (st == torch::kBFloat16 ? 1 : 2);
+}
+
+static inline float load_any(const void* p, int kind, int64_t i) {
+  if (kind == 0) return ((const float*)p)[i];
+  if (kind == 1) return load1<true>(p, i);
+  return _cvtsh_ss(((const uint16_t*)p)[i]);
+}
+
+// x [R, K] -> (int8 [R, K], float32 scales [R]): x[r] ~ q[r] s[r].
+std::vector<torch::Tensor> int8_rows(torch::Tensor x) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "int8_rows: contiguous [R, K]");
+  const int kind = half_kind(x);
+  const int64_t R = x.size(0), K = x.size(1);
+  auto q = torch::empty({R, K}, x.options().dtype(torch::kChar));
+  auto s = torch::empty({R}, x.options().dtype(torch::kFloat));
+  const void* xp = x.data_ptr();
+  int8_t* qp = q.data_ptr<int8_t>();
+  float* sp = s.data_ptr<float>();
+  const __m256 sign = _mm256_set1_ps(-0.f);
+  at::parallel_for(0, R, 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t base = r * K;
+      __m256 m = _mm256_setzero_ps(), bad = _mm256_setzero_ps();
+      int64_t k = 0;
+      for (; k + 8 <= K; k += 8) {
+        const __m256 v = load8(xp, kind, base + k);
+        m = _mm256_max_ps(m, _mm256_andnot_ps(sign, v));
+        bad = _mm256_or_ps(bad, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+      }
+      float amax = hmax8(m);
+      bool finite = _mm256_movemask_ps(bad) == 0;
+      for (int64_t j = k; j < K; ++j) {
+        const float v = load_any(xp, kind, base + j);
+        finite = finite && !std::isnan(v);
+        amax = std::max(amax, std::fabs(v));
+      }
+      finite = finite && std::isfinite(amax);
+      const float id = finite && amax > 0.f ? 127.f / amax : 0.f;
+      const __m256 inv = _mm256_set1_ps(id);
+      for (k = 0; k + 8 <= K; k += 8) store_q8x8(qp + base + k, load8(xp, kind, base + k), inv);
+      for (; k < K; ++k) qp[base + k] = q8_one(load_any(xp, kind, base + k), id);
+      sp[r] = finite ? amax / 127.f : NAN;
+    }
+  });
+  return {q, s};
+}
+
+// w [K, O] -> (int8 [K, O], float32 scales [O]): w[:, o] ~ q[:, o] s[o]. Column maxima by chunks
+// of 64 columns down all rows, then the rounding row by row.
+std::vector<torch::Tensor> int8_cols(torch::Tensor w) {
+  TORCH_CHECK(w.dim() == 2 && w.is_contiguous(), "int8_cols: contiguous [K, O]");
+  const int kind = half_kind(w);
+  const int64_t K = w.size(0), O = w.size(1);
+  auto q = torch::empty({K, O}, w.options().dtype(torch::kChar));
+  auto s = torch::empty({O}, w.options().dtype(torch::kFloat));
+  std::vector<float> inv(O);
+  const void* wp = w.data_ptr();
+  int8_t* qp = q.data_ptr<int8_t>();
+  float* sp = s.data_ptr<float>();
+  const __m256 sign = _mm256_set1_ps(-0.f);
+  constexpr int64_t C = 64;
+  at::parallel_for(0, (O + C - 1) / C, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t o0 = c * C, n = std::min(C, O - o0), vecs = n / 8;
+      __m256 m[C / 8], bad[C / 8];
+      float tail_max[8] = {0}, tail_bad[8] = {0};
+      for (int j = 0; j < C / 8; ++j) m[j] = bad[j] = _mm256_setzero_ps();
+      for (int64_t k = 0; k < K; ++k) {
+        const int64_t base = k * O + o0;
+        for (int64_t j = 0; j < vecs; ++j) {
+          const __m256 v = load8(wp, kind, base + 8 * j);
+          m[j] = _mm256_max_ps(m[j], _mm256_andnot_ps(sign, v));
+          bad[j] = _mm256_or_ps(bad[j], _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+        }
+        for (int64_t t = 8 * vecs; t < n; ++t) {
+          const float v = load_any(wp, kind, base + t);
+          tail_max[t - 8 * vecs] = std::max(tail_max[t - 8 * vecs], std::fabs(v));
+          tail_bad[t - 8 * vecs] += std::isnan(v);
+        }
+      }
+      for (int64_t t = 0; t < n; ++t) {
+        float amax, nan;
+        if (t < 8 * vecs) {
+          alignas(32) float mm[8], bb[8];
+          _mm256_store_ps(mm, m[t / 8]);
+          _mm256_store_ps(bb, bad[t / 8]);
+          amax = mm[t % 8];
+          nan = bb[t % 8] != 0.f;
+        } else {
+          amax = tail_max[t - 8 * vecs];
+          nan = tail_bad[t - 8 * vecs];
+        }
+        const bool finite = !nan && std::isfinite(amax);
+        inv[o0 + t] = finite && amax > 0.f ? 127.f / amax : 0.f;
+        sp[o0 + t] = finite ? amax / 127.f : NAN;
+      }
+    }
+  });
+  const float* ip = inv.data();
+  at::parallel_for(0, K, 16, [&](int64_t k0, int64_t k1) {
+    for (int64_t k = k0; k < k1; ++k) {
+      const int64_t base = k * O;
+      int64_t o = 0;
+      for (; o + 8 <= O; o += 8) store_q8x8(qp + base + o, load8(wp, kind, base + o), _mm256_loadu_ps(ip + o));
+      for (; o < O; ++o) qp[base + o] = q8_one(load_any(wp, kind, base + o), ip[o]);
+    }
+  });
+  return {q, s};
+}
+
+template <bool BF16>
+static void rescale_rows(const int32_t* ap, const float* sx, const float* sw, void* out, int64_t T, int64_t O) {
+  at::parallel_for(0, T, 4, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const __m256 st = _mm256_set1_ps(sx[t]);
+      const int64_t base = t * O;
+      int64_t o = 0;
+      for (; o + 8 <= O; o += 8) {
+        const __m256 a = _mm256_cvtepi32_ps(_mm256_loadu_si256((const __m256i*)(ap + base + o)));
+        const __m256 y = _mm256_mul_ps(_mm256_mul_ps(a, _mm256_loadu_ps(sw + o)), st);
+        if (BF16) {
+          const __m256i b = _mm256_srli_epi32(_mm256_castps_si256(round_bf16_8(y)), 16);
+          const __m128i h = _mm_packus_epi32(_mm256_castsi256_si128(b), _mm256_extracti128_si256(b, 1));
+          _mm_storeu_si128((__m128i*)((uint16_t*)out + base + o), h);
+        } else {
+          _mm256_storeu_ps((float*)out + base + o, y);
+        }
+      }
+      for (; o < O; ++o) store1<BF16>(out, base + o, (float)ap[base + o] * sw[o] * sx[t]);
+    }
+  });
+}
+
+// out [T, O] (float32 or bf16, nearest even; contiguous) = acc[t, o] sw[o] sx[t] for int32 acc [T, O]
+// (torch._int_mm's).
+void int8_rescale(torch::Tensor acc, torch::Tensor sx, torch::Tensor sw, torch::Tensor out) {
+  TORCH_CHECK(acc.dim() == 2 && acc.is_contiguous() && acc.scalar_type() == torch::kInt, "acc: int32 [T, O]");
+  const int64_t T = acc.size(0), O = acc.size(1);
+  TORCH_CHECK(sx.scalar_type() == torch::kFloat && sx.is_contiguous() && sx.numel() == T, "sx: float32 [T]");
+  TORCH_CHECK(sw.scalar_type() == torch::kFloat && sw.is_contiguous() && sw.numel() == O, "sw: float32 [O]");
+  const auto dt = out.scalar_type();
+  TORCH_CHECK(out.is_contiguous() && out.dim() == 2 && out.size(0) == T && out.size(1) == O &&
+                  (dt == torch::kFloat || dt == torch::kBFloat16),
+              "out: contiguous float32 or bf16 [T, O]");
+  if (dt == torch::kBFloat16)
+    rescale_rows<true>(acc.data_ptr<int32_t>(), sx.data_ptr<float>(), sw.data_ptr<float>(), out.data_ptr(), T, O);
+  else
+    rescale_rows<false>(acc.data_ptr<int32_t>(), sx.data_ptr<float>(), sw.data_ptr<float>(), out.data_ptr(), T, O);
+}
+"""

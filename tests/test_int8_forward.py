@@ -1,0 +1,133 @@
+"""The calibration forward's int8 products (quant/int8_forward.py, quant/int8_kernel.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llama4_local.loader import load_model
+from llama4_local.tokenizer import Tokenizer
+from quant import cpu_kernel, int8_forward
+from quant.calibrate import LayerRunner, calibration_windows
+from quant.int8_forward import Int8Weight, product
+
+pytestmark = pytest.mark.skipif(not cpu_kernel.available(), reason="needs the AVX2 extension")
+
+
+def _rounded(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8_rows' rounding in torch: round(x * (127 / max|row|)), nearest even; scale max / 127."""
+    xf = x.float()
+    amax = xf.abs().amax(1, keepdim=True)
+    inv = torch.where(amax > 0, torch.full_like(amax, 127.0) / amax, torch.zeros_like(amax))
+    return torch.round(xf * inv).to(torch.int8), (amax / 127).squeeze(1)
+
+
+@pytest.mark.parametrize(
+    ("rows", "cols", "dtype"),
+    [(37, 1003, torch.bfloat16), (5, 8, torch.float32), (64, 256, torch.float16), (3, 5, torch.float32)],
+)
+def test_int8_rows_as_torch_rounds(rows, cols, dtype):
+    x = torch.randn(rows, cols).to(dtype) * torch.logspace(-3, 3, rows)[:, None].to(dtype)
+    q, s = cpu_kernel.int8_rows(x)
+    want_q, want_s = _rounded(x)
+    assert torch.equal(q, want_q) and torch.equal(s, want_s)
+    assert q.abs().max() == 127
+
+
+def test_int8_rows_nonfinite_and_zero_rows():
+    x = torch.randn(4, 40)
+    x[0, 13] = float("nan")
+    x[1, 39] = float("inf")  # in the scalar tail
+    x[2] = 0
+    q, s = cpu_kernel.int8_rows(x)
+    assert s[:2].isnan().all()
+    assert s[2] == 0 and (q[2] == 0).all()
+    assert torch.equal(q[3], _rounded(x[3:])[0][0]) and torch.isfinite(s[3])
+
+
+@pytest.mark.parametrize(("k", "o"), [(515, 77), (33, 200), (8, 64), (3, 7)])
+def test_int8_cols_is_rows_of_the_transpose(k, o):
+    w = torch.randn(k, o).bfloat16()
+    w[k // 2, o - 1] = float("nan")
+    q, s = cpu_kernel.int8_cols(w)
+    qt, st = cpu_kernel.int8_rows(w.t().contiguous())
+    ok = ~st.isnan()
+    assert torch.equal(q.t()[ok], qt[ok]) and torch.equal(s[ok], st[ok])
+    assert s[o - 1].isnan() and ok.sum() == o - 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_rescale(dtype):
+    acc = torch.randint(-(1 << 24), 1 << 24, (9, 21), dtype=torch.int32)
+    sx, sw = torch.rand(9), torch.rand(21)
+    sx[4] = float("nan")
+    got = cpu_kernel.int8_rescale(acc, sx, sw, torch.empty(9, 21, dtype=dtype))
+    want = (acc.float() * sw) * sx[:, None]
+    torch.testing.assert_close(got, want.to(dtype), rtol=0, atol=0, equal_nan=True)
+    with pytest.raises(RuntimeError):
+        cpu_kernel.int8_rescale(acc, sx, sw, torch.empty(9, 21, dtype=torch.float16))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_product_is_the_rounded_operands_product(dtype, monkeypatch):
+    monkeypatch.setattr(int8_forward, "CHUNK_ROWS", 48)  # three chunks, the last one short
+    x, w = torch.randn(130, 272).to(dtype), (torch.randn(96, 272) * 0.02).to(dtype)
+    xq, sx = _rounded(x)
+    wq, sw = _rounded(w)
+    exact = (xq.double() @ wq.double().t()) * sw.double() * sx.double()[:, None]
+    got = product(x, Int8Weight.of_linear(w))
+    assert got.dtype == dtype
+    torch.testing.assert_close(
+        got.double(), exact.to(dtype).double(), rtol=1e-6 if dtype == torch.float32 else 8e-3, atol=1e-7
+    )
+    # the fused experts' layout [in, out] rounds the same integers
+    w_io = Int8Weight.of_in_out(w.t().contiguous())
+    assert torch.equal(w_io.q, Int8Weight.of_linear(w).q) and torch.equal(w_io.s, sw)
+    # and int8 costs about 1% of the product
+    ref = x.double() @ w.double().t()
+    assert (got.double() - ref).norm() / ref.norm() < 0.02
+
+
+def test_only_plain_weights_get_an_int8_forward():
+    lin = torch.nn.Linear(64, 32, bias=False)
+    assert int8_forward.int8_linear(lin) and "forward" in vars(lin)
+    fp8 = torch.nn.Module()
+    fp8.weight = torch.zeros(32, 64).to(torch.float8_e4m3fn)
+    assert not int8_forward.int8_linear(fp8) and "forward" not in vars(fp8)
+    few = torch.randn(int8_forward.MIN_ROWS - 1, 64)  # too few rows: the module's own forward
+    assert torch.equal(lin(few), few @ lin.weight.t())
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_layer_runner_with_int8_products(scout_ckpt, dtype, monkeypatch):
+    """With int8 products the layer-by-layer hidden states stay within a few percent of the
+    model's forward (this random model's layers add 1-2% each), each routed expert still
+    records the rows routed to it and what its down saw, and every wrapper is gone afterwards."""
+    monkeypatch.delenv("LLAMA4_LOCAL_NO_INT8_CALIBRATION", raising=False)
+    calls = []
+    real = int8_forward.product
+    monkeypatch.setattr(int8_forward, "product", lambda x, w: calls.append(x.shape[0]) or real(x, w))
+    model, cfg = load_model(scout_ckpt, dtype, "cpu")
+    tok = Tokenizer(scout_ckpt)
+    windows = calibration_windows(tok, None, 150, window=64)
+    runner = LayerRunner(model, windows)
+    routed = 0
+    for i in range(cfg.num_layers):
+        stats = runner.run_layer(i)
+        ex = model.layers[i].feed_forward.experts
+        for e in stats.expert_inputs:
+            x, a = stats.expert_rows(e)
+            want = ex.act(e, x).float()
+            assert (a.float() - want).norm() <= 0.03 * want.norm()
+            routed += x.shape[0]
+    assert routed == cfg.top_k * stats.tokens * cfg.num_layers
+    assert calls and min(calls) >= int8_forward.MIN_ROWS
+    for w, h in zip(windows, runner.hidden, strict=True):
+        want = model(torch.tensor(w), model.new_cache(len(w)), last_only=False).float()
+        got = model.lm_head(model.norm(h)).float()
+        assert (got - want).norm() <= 0.1 * want.norm()
+    layer = model.layers[0]
+    mlp = layer.feed_forward.shared_expert
+    for lin in (layer.self_attn.q_proj, layer.self_attn.o_proj, mlp.gate_proj, mlp.down_proj):
+        assert "forward" not in vars(lin)
+    assert not {"act", "expert"} & set(vars(layer.feed_forward.experts))
