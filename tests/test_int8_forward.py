@@ -104,9 +104,12 @@ def test_layer_runner_with_int8_products(scout_ckpt, dtype, monkeypatch):
     model's forward (this random model's layers add 1-2% each), each routed expert still
     records the rows routed to it and what its down saw, and every wrapper is gone afterwards."""
     monkeypatch.delenv("LLAMA4_LOCAL_NO_INT8_CALIBRATION", raising=False)
-    calls = []
+    calls, experts_rounded = [], []
     real = int8_forward.product
     monkeypatch.setattr(int8_forward, "product", lambda x, w: calls.append(x.shape[0]) or real(x, w))
+    monkeypatch.setattr(int8_forward, "EXPERT_MIN_ROWS", int8_forward.MIN_ROWS)  # this model's experts see ~40
+    of_in_out = Int8Weight.of_in_out
+    monkeypatch.setattr(Int8Weight, "of_in_out", lambda w: experts_rounded.append(w.shape) or of_in_out(w))
     model, cfg = load_model(scout_ckpt, dtype, "cpu")
     tok = Tokenizer(scout_ckpt)
     windows = calibration_windows(tok, None, 150, window=64)
@@ -122,6 +125,7 @@ def test_layer_runner_with_int8_products(scout_ckpt, dtype, monkeypatch):
             routed += x.shape[0]
     assert routed == cfg.top_k * stats.tokens * cfg.num_layers
     assert calls and min(calls) >= int8_forward.MIN_ROWS
+    assert experts_rounded  # some routed experts ran in int8 too
     for w, h in zip(windows, runner.hidden, strict=True):
         want = model(torch.tensor(w), model.new_cache(len(w)), last_only=False).float()
         got = model.lm_head(model.norm(h)).float()
@@ -131,3 +135,16 @@ def test_layer_runner_with_int8_products(scout_ckpt, dtype, monkeypatch):
     for lin in (layer.self_attn.q_proj, layer.self_attn.o_proj, mlp.gate_proj, mlp.down_proj):
         assert "forward" not in vars(lin)
     assert not {"act", "expert"} & set(vars(layer.feed_forward.experts))
+
+
+def test_experts_with_few_rows_keep_the_model_path(scout_ckpt):
+    model, _ = load_model(scout_ckpt, "float32", "cpu")
+    experts = model.layers[0].feed_forward.experts
+    act, expert = int8_forward.int8_experts(experts)
+    few = torch.randn(int8_forward.EXPERT_MIN_ROWS - 1, experts.gate_up_proj.shape[1])
+    assert torch.equal(act(0, few), experts.act(0, few))
+    assert torch.equal(expert(0, few), experts.expert(0, few))
+    many = torch.randn(int8_forward.EXPERT_MIN_ROWS, experts.gate_up_proj.shape[1])
+    want = experts.expert(0, many)
+    got = expert(0, many)
+    assert not torch.equal(got, want) and (got - want).norm() <= 0.03 * want.norm()
