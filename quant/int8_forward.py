@@ -4,7 +4,8 @@ GPTQ needs what each linear sees on the calibration text, not the model's output
 bit: the forward that produces those inputs is a third of a calibrated quantize's time (at the
 issue's Scout-width slice, 63 of 203 s on two Zen 4 threads), all of it bf16 GEMMs (float32
 where the CPU lacks bf16). Here each product rounds its activations to int8 per row (token) and
-the weight to int8 per output, multiplies in int32 through torch._int_mm (oneDNN's int8 GEMM:
+the weight to int8 per output (rows and outputs that one large value dominates stay in the
+model's dtype: CREST), multiplies in int32 through torch._int_mm (oneDNN's int8 GEMM:
 on two Zen 4 threads 760-820 GOP/s against 390-430 for bf16; limited to AVX2, 416 against 184
 for float32) and scales back: an error of about 1% of a product, against bf16's 0.2%. What
 it costs GPTQ was measured on the trained 256-wide model (docs/benchmarks.md): within the spread
@@ -34,24 +35,37 @@ def enabled() -> bool:
     return not os.environ.get("LLAMA4_LOCAL_NO_INT8_CALIBRATION") and cpu_kernel.available()
 
 
+# Rows (tokens) and outputs whose largest magnitude stands more than CREST times their rms above
+# it keep the model's dtype: per-row int8's error relative to a row's rms is about crest / 440 (a
+# rounding step of max / 127, uniform): 1% for a Gaussian row of 5120 (crest ~4.5), 5.5% at 24.
+# A massive activation (an attention sink's hidden state, 100x and more in one channel) or one
+# outsized weight in an output's row goes over; SwiGLU's heavy-tailed products (crests 10-24 on
+# the slice's expert inputs) do not, and 3% of error in every product of the forward left GPTQ's
+# KL on the trained model inside its spread (docs/benchmarks.md).
+CREST = 24.0
+
+
 class Int8Weight:
     """A weight rounded to int8 with one scale per output, as torch._int_mm's second operand:
-    q [K, O] (a transposed view for a [O, K] linear weight), s float32 [O]."""
+    q [K, O] (a transposed view for a [O, K] linear weight), s float32 [O]; `src` the weight
+    itself in the same orientation (a view), for the outputs whose crest is over CREST
+    (`exact`, their indices)."""
 
-    def __init__(self, q: torch.Tensor, s: torch.Tensor):
-        self.q, self.s = q, s
+    def __init__(self, q: torch.Tensor, s: torch.Tensor, crest: torch.Tensor, src: torch.Tensor):
+        self.q, self.s, self.src = q, s, src
+        self.exact = (crest > CREST).nonzero().flatten()
 
     @classmethod
     def of_linear(cls, w: torch.Tensor) -> Int8Weight:
         """From a linear's weight [O, K]."""
-        q, s = cpu_kernel.int8_rows(w)
-        return cls(q.t(), s)
+        q, s, crest = cpu_kernel.int8_rows(w)
+        return cls(q.t(), s, crest, w.t())
 
     @classmethod
     def of_in_out(cls, w: torch.Tensor) -> Int8Weight:
         """From a weight stored inputs by outputs [K, O] (the fused experts' layout)."""
-        q, s = cpu_kernel.int8_cols(w)
-        return cls(q, s)
+        q, s, crest = cpu_kernel.int8_cols(w)
+        return cls(q, s, crest, w)
 
 
 _FLOAT = (torch.bfloat16, torch.float32, torch.float16)
@@ -67,12 +81,20 @@ def plain_weight(w) -> bool:
 
 
 def product(x: torch.Tensor, w: Int8Weight) -> torch.Tensor:
-    """x [T, K] @ W [K, O] in int8: x rounded per row, W as stored in w; the result in x's dtype."""
+    """x [T, K] @ W [K, O] in int8: x rounded per row, W as stored in w; the result in x's dtype.
+    Rows of x and outputs of W whose crest is over CREST are computed in x's dtype instead."""
     out = torch.empty(x.shape[0], w.q.shape[1], dtype=x.dtype)
+    crests = []
     for t0 in range(0, x.shape[0], CHUNK_ROWS):
         t1 = min(t0 + CHUNK_ROWS, x.shape[0])
-        xq, sx = cpu_kernel.int8_rows(x[t0:t1])
+        xq, sx, cx = cpu_kernel.int8_rows(x[t0:t1])
         cpu_kernel.int8_rescale(torch._int_mm(xq, w.q), sx, w.s, out[t0:t1])
+        crests.append(cx)
+    rows = (torch.cat(crests) > CREST).nonzero().flatten()
+    if rows.numel():
+        out[rows] = x[rows] @ w.src.to(x.dtype)
+    if w.exact.numel():
+        out[:, w.exact] = x @ w.src[:, w.exact].to(x.dtype)
     return out
 
 

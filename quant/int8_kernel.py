@@ -1,10 +1,12 @@
 """C++ source of the int8 rounding and rescaling around torch._int_mm, built into quant.cpu_kernel's
 extension: what quant/int8_forward.py needs to run the calibration forward's products in int8.
 
-`int8_rows` rounds each row of a matrix to int8 with one scale (its largest magnitude to 127),
-`int8_cols` each column, and `int8_rescale` turns the int32 products back into float32 or bf16
-with a row scale and a column scale: one pass over memory each, where torch's elementwise
-operations took 5-6 (57-87 ms for a [2048, 5120] activation against a 190-210 ms product).
+`int8_rows` rounds each row of a matrix to int8 with one scale (its largest magnitude to 127)
+and reports each row's crest (largest magnitude over rms, which the rounding error relative to
+the row grows with), `int8_cols` the same by columns, and `int8_rescale` turns the int32
+products back into float32 or bf16 with a row scale and a column scale: one pass over memory
+each, where torch's elementwise operations took 5-6 (57-87 ms for a [2048, 5120] activation
+against a 190-210 ms product).
 A row or column holding NaN or infinity gets a NaN scale, so everything it touches comes out NaN
 (the calibration's finiteness check then sees it), where the rounding alone would hide it.
 Uses quant/matvec_kernel.py's load8 and quant/attn_kernel.py's load1 / store1 / round_bf16_8
@@ -39,33 +41,44 @@ static inline float load_any(const void* p, int kind, int64_t i) {
   return _cvtsh_ss(((const uint16_t*)p)[i]);
 }
 
-// x [R, K] -> (int8 [R, K], float32 scales [R]): x[r] ~ q[r] s[r].
+// max / rms of a row or column (how far its largest magnitude stands out: the rounding error
+// relative to the row's rms grows with it); 0 for a zero or non-finite one.
+static inline float crest_of(float amax, double sumsq, int64_t n, bool finite) {
+  return finite && sumsq > 0 ? (float)(amax / std::sqrt(sumsq / (double)n)) : 0.f;
+}
+
+// x [R, K] -> (int8 [R, K], float32 scales [R], float32 crests [R]): x[r] ~ q[r] s[r].
 std::vector<torch::Tensor> int8_rows(torch::Tensor x) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "int8_rows: contiguous [R, K]");
   const int kind = half_kind(x);
   const int64_t R = x.size(0), K = x.size(1);
   auto q = torch::empty({R, K}, x.options().dtype(torch::kChar));
   auto s = torch::empty({R}, x.options().dtype(torch::kFloat));
+  auto c = torch::empty({R}, x.options().dtype(torch::kFloat));
   const void* xp = x.data_ptr();
   int8_t* qp = q.data_ptr<int8_t>();
   float* sp = s.data_ptr<float>();
+  float* cp = c.data_ptr<float>();
   const __m256 sign = _mm256_set1_ps(-0.f);
   at::parallel_for(0, R, 16, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t base = r * K;
-      __m256 m = _mm256_setzero_ps(), bad = _mm256_setzero_ps();
+      __m256 m = _mm256_setzero_ps(), bad = _mm256_setzero_ps(), ss = _mm256_setzero_ps();
       int64_t k = 0;
       for (; k + 8 <= K; k += 8) {
         const __m256 v = load8(xp, kind, base + k);
         m = _mm256_max_ps(m, _mm256_andnot_ps(sign, v));
         bad = _mm256_or_ps(bad, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+        ss = _mm256_fmadd_ps(v, v, ss);
       }
       float amax = hmax8(m);
+      double sumsq = hsum(ss);
       bool finite = _mm256_movemask_ps(bad) == 0;
       for (int64_t j = k; j < K; ++j) {
         const float v = load_any(xp, kind, base + j);
         finite = finite && !std::isnan(v);
         amax = std::max(amax, std::fabs(v));
+        sumsq += (double)v * v;
       }
       finite = finite && std::isfinite(amax);
       const float id = finite && amax > 0.f ? 127.f / amax : 0.f;
@@ -73,12 +86,13 @@ std::vector<torch::Tensor> int8_rows(torch::Tensor x) {
       for (k = 0; k + 8 <= K; k += 8) store_q8x8(qp + base + k, load8(xp, kind, base + k), inv);
       for (; k < K; ++k) qp[base + k] = q8_one(load_any(xp, kind, base + k), id);
       sp[r] = finite ? amax / 127.f : NAN;
+      cp[r] = crest_of(amax, sumsq, K, finite);
     }
   });
-  return {q, s};
+  return {q, s, c};
 }
 
-// w [K, O] -> (int8 [K, O], float32 scales [O]): w[:, o] ~ q[:, o] s[o]. Column maxima by chunks
+// w [K, O] -> (int8 [K, O], float32 scales [O], float32 crests [O]): w[:, o] ~ q[:, o] s[o]. Column maxima by chunks
 // of 512 columns (2 KB of running maxima in L1, 1 KB read per row), then the rounding row by row.
 std::vector<torch::Tensor> int8_cols(torch::Tensor w) {
   TORCH_CHECK(w.dim() == 2 && w.is_contiguous(), "int8_cols: contiguous [K, O]");
@@ -86,35 +100,41 @@ std::vector<torch::Tensor> int8_cols(torch::Tensor w) {
   const int64_t K = w.size(0), O = w.size(1);
   auto q = torch::empty({K, O}, w.options().dtype(torch::kChar));
   auto s = torch::empty({O}, w.options().dtype(torch::kFloat));
+  auto cr = torch::empty({O}, w.options().dtype(torch::kFloat));
   std::vector<float> inv(O);
   const void* wp = w.data_ptr();
   int8_t* qp = q.data_ptr<int8_t>();
   float* sp = s.data_ptr<float>();
+  float* cp = cr.data_ptr<float>();
   const __m256 sign = _mm256_set1_ps(-0.f);
   constexpr int64_t C = 512;
   at::parallel_for(0, (O + C - 1) / C, 1, [&](int64_t c0, int64_t c1) {
-    alignas(32) float m[C], bad[C];
+    alignas(32) float m[C], bad[C], ss[C];
     for (int64_t c = c0; c < c1; ++c) {
       const int64_t o0 = c * C, n = std::min(C, O - o0), n8 = n / 8 * 8;
       std::fill(m, m + n, 0.f);
       std::fill(bad, bad + n, 0.f);
+      std::fill(ss, ss + n, 0.f);
       for (int64_t k = 0; k < K; ++k) {
         const int64_t base = k * O + o0;
         for (int64_t j = 0; j < n8; j += 8) {
           const __m256 v = load8(wp, kind, base + j);
           _mm256_store_ps(m + j, _mm256_max_ps(_mm256_load_ps(m + j), _mm256_andnot_ps(sign, v)));
           _mm256_store_ps(bad + j, _mm256_or_ps(_mm256_load_ps(bad + j), _mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
+          _mm256_store_ps(ss + j, _mm256_fmadd_ps(v, v, _mm256_load_ps(ss + j)));
         }
         for (int64_t j = n8; j < n; ++j) {
           const float v = load_any(wp, kind, base + j);
           m[j] = std::max(m[j], std::fabs(v));
           bad[j] += std::isnan(v);
+          ss[j] += v * v;
         }
       }
       for (int64_t j = 0; j < n; ++j) {
         const bool finite = bad[j] == 0.f && std::isfinite(m[j]);
         inv[o0 + j] = finite && m[j] > 0.f ? 127.f / m[j] : 0.f;
         sp[o0 + j] = finite ? m[j] / 127.f : NAN;
+        cp[o0 + j] = crest_of(m[j], ss[j], K, finite);
       }
     }
   });
@@ -127,7 +147,7 @@ std::vector<torch::Tensor> int8_cols(torch::Tensor w) {
       for (; o < O; ++o) qp[base + o] = q8_one(load_any(wp, kind, base + o), ip[o]);
     }
   });
-  return {q, s};
+  return {q, s, cr};
 }
 
 template <bool BF16>

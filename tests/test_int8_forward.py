@@ -28,9 +28,11 @@ def _rounded(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 )
 def test_int8_rows_as_torch_rounds(rows, cols, dtype):
     x = torch.randn(rows, cols).to(dtype) * torch.logspace(-3, 3, rows)[:, None].to(dtype)
-    q, s = cpu_kernel.int8_rows(x)
+    q, s, crest = cpu_kernel.int8_rows(x)
     want_q, want_s = _rounded(x)
     assert torch.equal(q, want_q) and torch.equal(s, want_s)
+    xf = x.double()
+    torch.testing.assert_close(crest.double(), xf.abs().amax(1) / xf.pow(2).mean(1).sqrt(), rtol=1e-5, atol=0)
     assert q.abs().max() == 127
 
 
@@ -39,9 +41,10 @@ def test_int8_rows_nonfinite_and_zero_rows():
     x[0, 13] = float("nan")
     x[1, 39] = float("inf")  # in the scalar tail
     x[2] = 0
-    q, s = cpu_kernel.int8_rows(x)
+    q, s, crest = cpu_kernel.int8_rows(x)
     assert s[:2].isnan().all()
     assert s[2] == 0 and (q[2] == 0).all()
+    assert (crest[:3] == 0).all() and crest[3] > 1
     assert torch.equal(q[3], _rounded(x[3:])[0][0]) and torch.isfinite(s[3])
 
 
@@ -49,10 +52,11 @@ def test_int8_rows_nonfinite_and_zero_rows():
 def test_int8_cols_is_rows_of_the_transpose(k, o):
     w = torch.randn(k, o).bfloat16()
     w[k // 2, o - 1] = float("nan")
-    q, s = cpu_kernel.int8_cols(w)
-    qt, st = cpu_kernel.int8_rows(w.t().contiguous())
+    q, s, crest = cpu_kernel.int8_cols(w)
+    qt, st, ct = cpu_kernel.int8_rows(w.t().contiguous())
     ok = ~st.isnan()
     assert torch.equal(q.t()[ok], qt[ok]) and torch.equal(s[ok], st[ok])
+    torch.testing.assert_close(crest, ct, rtol=1e-5, atol=0)
     assert s[o - 1].isnan() and ok.sum() == o - 1
 
 
@@ -86,6 +90,29 @@ def test_product_is_the_rounded_operands_product(dtype, monkeypatch):
     # and int8 costs about 1% of the product
     ref = x.double() @ w.double().t()
     assert (got.double() - ref).norm() / ref.norm() < 0.02
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rows_and_outputs_with_a_high_crest_keep_the_dtype(dtype):
+    """A token with a massive activation, or an output whose weights one value dominates, is
+    computed in the model's dtype; the others in int8."""
+    x, w = torch.randn(64, 1024), torch.randn(96, 1024) * 0.02
+    x[5, 17] = 1000.0  # crest ~32 (a one-hot row's is sqrt(1024))
+    w[40, 3] = 1.0  # crest ~27
+    assert int8_forward.CREST < 26
+    x, w = x.to(dtype), w.to(dtype)
+    iw = Int8Weight.of_linear(w)
+    assert iw.exact.tolist() == [40]
+    got, exact = product(x, iw), x @ w.t()
+    tol = 1e-6 if dtype == torch.float32 else 4e-3  # one product against another's summation order
+    for g, e in ((got[5], exact[5]), (got[:, 40], exact[:, 40])):
+        assert (g - e).float().norm() <= tol * e.float().norm()
+    rest = torch.ones_like(got, dtype=torch.bool)
+    rest[5], rest[:, 40] = False, False
+    assert not torch.equal(got[rest], exact[rest])
+    assert (got[rest] - exact[rest]).float().norm() <= 0.02 * exact[rest].float().norm()
+    w_io = Int8Weight.of_in_out(w.t().contiguous())
+    assert w_io.exact.tolist() == [40] and torch.allclose(product(x, w_io).float(), got.float(), rtol=1e-2, atol=1e-3)
 
 
 def test_only_plain_weights_get_an_int8_forward():
