@@ -92,8 +92,9 @@ std::vector<torch::Tensor> int8_rows(torch::Tensor x) {
   return {q, s, c};
 }
 
-// w [K, O] -> (int8 [K, O], float32 scales [O], float32 crests [O]): w[:, o] ~ q[:, o] s[o]. Column maxima by chunks
-// of 512 columns (2 KB of running maxima in L1, 1 KB read per row), then the rounding row by row.
+// w [K, O] -> (int8 [K, O], float32 scales [O], float32 crests [O]): w[:, o] ~ q[:, o] s[o].
+// Column maxima by chunks of 512 columns (2 KB of running maxima in L1, 1 KB read per row), then
+// the rounding row by row.
 std::vector<torch::Tensor> int8_cols(torch::Tensor w) {
   TORCH_CHECK(w.dim() == 2 && w.is_contiguous(), "int8_cols: contiguous [K, O]");
   const int kind = half_kind(w);
