@@ -144,8 +144,8 @@ def gptq(w: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
     Hessian) to packed Q6, ROWS rows at a time (rows are independent: the same result)."""
     from .gptq import gptq_walk
 
-    out = []
+    out = torch.empty(w.shape[0], row_bytes(w.shape[1]), dtype=torch.uint8)  # filled in place: no second copy
     for r in range(0, w.shape[0], ROWS):
         q, scales, _ = gptq_walk(w[r : r + ROWS], f, BLOCK, lambda wg: (fit_scales(wg), None), QMIN, QMAX)
-        out.append(pack(q.t(), scales.t()))
-    return torch.cat(out)
+        out[r : r + ROWS] = pack(q.t(), scales.t())
+    return out

@@ -234,3 +234,14 @@ def test_the_sidecars_mode_follows_the_umask_read_not_set():
         assert os.umask(0o027) == 0o027  # still what it was: reading it changed nothing
     finally:
         os.umask(old)
+
+
+def test_all_finite_checks_every_chunk():
+    from quant.head import all_finite
+
+    w = torch.randn(10, 8).bfloat16()
+    assert all_finite(w, rows=4)
+    for r, v in ((9, float("inf")), (0, float("nan")), (5, float("-inf"))):
+        bad = w.clone()
+        bad[r, 3] = v
+        assert not all_finite(bad, rows=4)
