@@ -110,7 +110,8 @@ class _ShardWriter:
     def add(self, tensors: dict[str, torch.Tensor], unit: str) -> None:
         for name, t in tensors.items():
             t = t.contiguous()
-            self.pending[name] = self.spill.put(t)
+            parked = self.spill.put(t)  # its bytes written to the spill file now (a mapped view is fine)
+            self.pending[name] = t.clone() if parked is t else parked  # kept in memory: not a view of a map
             self.pending_bytes += t.numel() * t.element_size()
         self.pending_units.append(unit)
         if self.pending_bytes >= self.limit:
@@ -351,7 +352,7 @@ def quantize_checkpoint(
                     elif source is not None and source.is_fp8(name):  # FP8 but not a part asked for: bf16
                         writer.add({name: source.read(f, name)}, name)
                     else:
-                        writer.add({name: f.get_tensor(name).clone()}, name)  # a copy, not a view of the map
+                        writer.add({name: f.get_tensor(name)}, name)  # a view of the map: the writer parks its bytes
                     done += _nbytes(f, name)
                     if on_progress:
                         on_progress(done, total, name)
