@@ -2,7 +2,7 @@
 
 GPTQ needs what each linear sees on the calibration text, not the model's outputs to the last
 bit: the forward that produces those inputs is a third of a calibrated quantize's time (at the
-issue's Scout-width slice, 63 of 203 s on two Zen 4 threads), all of it bf16 GEMMs (float32
+issue's Scout-width slice, 63 of 206 s on two Zen 4 threads), all of it bf16 GEMMs (float32
 where the CPU lacks bf16). Here each product rounds its activations to int8 per row (token) and
 the weight to int8 per output (rows and outputs that one large value dominates stay in the
 model's dtype: CREST), multiplies in int32 through torch._int_mm (oneDNN's int8 GEMM:
@@ -98,7 +98,7 @@ def product(x: torch.Tensor, w: Int8Weight) -> torch.Tensor:
     return out
 
 
-def int8_linear(lin) -> None:
+def int8_linear(lin) -> bool:
     """Give a model Linear an int8 forward for many rows (the weight rounded on first use, kept
     with the module until its instance forward is removed); fewer rows go the usual way. Not
     for a weight that is not plain_weight. Returns whether it did."""
