@@ -9,8 +9,8 @@ each, where torch's elementwise operations took 5-6 (57-87 ms for a [2048, 5120]
 against a 190-210 ms product).
 A row or column holding NaN or infinity gets a NaN scale, so everything it touches comes out NaN
 (the calibration's finiteness check then sees it), where the rounding alone would hide it.
-Uses quant/matvec_kernel.py's load8 and quant/attn_kernel.py's load1 / store1 / round_bf16_8
-(cpu_kernel concatenates those sources first).
+Uses quant/kernel_common.py's hmax, quant/matvec_kernel.py's load_kind / load8 / load1_kind and
+quant/attn_kernel.py's store1 / round_bf16_8 (cpu_kernel concatenates those sources first).
 """
 
 SOURCE = r"""
@@ -21,25 +21,7 @@ static inline void store_q8x8(int8_t* dst, __m256 v, __m256 inv) {
   _mm_storel_epi64((__m128i*)dst, _mm_packs_epi16(p16, p16));
 }
 
-static inline float hmax8(__m256 v) {
-  __m128 r = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  r = _mm_max_ps(r, _mm_movehl_ps(r, r));
-  return _mm_cvtss_f32(_mm_max_ss(r, _mm_movehdup_ps(r)));
-}
-
 static inline int8_t q8_one(float v, float inv) { return (int8_t)std::nearbyint(v * inv); }
-
-static inline int half_kind(const torch::Tensor& t) {
-  const auto st = t.scalar_type();
-  TORCH_CHECK(st == torch::kFloat || st == torch::kBFloat16 || st == torch::kHalf, "float32, bf16 or fp16");
-  return st == torch::kFloat ? 0 : (st == torch::kBFloat16 ? 1 : 2);
-}
-
-static inline float load_any(const void* p, int kind, int64_t i) {
-  if (kind == 0) return ((const float*)p)[i];
-  if (kind == 1) return load1<true>(p, i);
-  return _cvtsh_ss(((const uint16_t*)p)[i]);
-}
 
 // max / rms of a row or column (how far its largest magnitude stands out: the rounding error
 // relative to the row's rms grows with it); 0 for a zero or non-finite one.
@@ -50,7 +32,7 @@ static inline float crest_of(float amax, double sumsq, int64_t n, bool finite) {
 // x [R, K] -> (int8 [R, K], float32 scales [R], float32 crests [R]): x[r] ~ q[r] s[r].
 std::vector<torch::Tensor> int8_rows(torch::Tensor x) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "int8_rows: contiguous [R, K]");
-  const int kind = half_kind(x);
+  const int kind = load_kind(x);
   const int64_t R = x.size(0), K = x.size(1);
   auto q = torch::empty({R, K}, x.options().dtype(torch::kChar));
   auto s = torch::empty({R}, x.options().dtype(torch::kFloat));
@@ -71,11 +53,11 @@ std::vector<torch::Tensor> int8_rows(torch::Tensor x) {
         bad = _mm256_or_ps(bad, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
         ss = _mm256_fmadd_ps(v, v, ss);
       }
-      float amax = hmax8(m);
+      float amax = hmax(m);
       double sumsq = hsum(ss);
       bool finite = _mm256_movemask_ps(bad) == 0;
       for (int64_t j = k; j < K; ++j) {
-        const float v = load_any(xp, kind, base + j);
+        const float v = load1_kind(xp, kind, base + j);
         finite = finite && !std::isnan(v);
         amax = std::max(amax, std::fabs(v));
         sumsq += (double)v * v;
@@ -84,7 +66,7 @@ std::vector<torch::Tensor> int8_rows(torch::Tensor x) {
       const float id = finite && amax > 0.f ? 127.f / amax : 0.f;
       const __m256 inv = _mm256_set1_ps(id);
       for (k = 0; k + 8 <= K; k += 8) store_q8x8(qp + base + k, load8(xp, kind, base + k), inv);
-      for (; k < K; ++k) qp[base + k] = q8_one(load_any(xp, kind, base + k), id);
+      for (; k < K; ++k) qp[base + k] = q8_one(load1_kind(xp, kind, base + k), id);
       sp[r] = finite ? amax / 127.f : NAN;
       cp[r] = crest_of(amax, sumsq, K, finite);
     }
@@ -97,7 +79,7 @@ std::vector<torch::Tensor> int8_rows(torch::Tensor x) {
 // the rounding row by row.
 std::vector<torch::Tensor> int8_cols(torch::Tensor w) {
   TORCH_CHECK(w.dim() == 2 && w.is_contiguous(), "int8_cols: contiguous [K, O]");
-  const int kind = half_kind(w);
+  const int kind = load_kind(w);
   const int64_t K = w.size(0), O = w.size(1);
   auto q = torch::empty({K, O}, w.options().dtype(torch::kChar));
   auto s = torch::empty({O}, w.options().dtype(torch::kFloat));
@@ -125,7 +107,7 @@ std::vector<torch::Tensor> int8_cols(torch::Tensor w) {
           _mm256_store_ps(ss + j, _mm256_fmadd_ps(v, v, _mm256_load_ps(ss + j)));
         }
         for (int64_t j = n8; j < n; ++j) {
-          const float v = load_any(wp, kind, base + j);
+          const float v = load1_kind(wp, kind, base + j);
           m[j] = std::max(m[j], std::fabs(v));
           bad[j] += std::isnan(v);
           ss[j] += v * v;
@@ -145,7 +127,7 @@ std::vector<torch::Tensor> int8_cols(torch::Tensor w) {
       const int64_t base = k * O;
       int64_t o = 0;
       for (; o + 8 <= O; o += 8) store_q8x8(qp + base + o, load8(wp, kind, base + o), _mm256_loadu_ps(ip + o));
-      for (; o < O; ++o) qp[base + o] = q8_one(load_any(wp, kind, base + o), ip[o]);
+      for (; o < O; ++o) qp[base + o] = q8_one(load1_kind(wp, kind, base + o), ip[o]);
     }
   });
   return {q, s, cr};

@@ -44,6 +44,13 @@ static inline void in_tiles(int64_t n0, int64_t n1, Tile&& tile) {
   for (; n < n1; ++n) tile(n, std::integral_constant<int, 1>());
 }
 
+// The largest of 8 lanes (max_ps: a NaN lane may be dropped; callers check NaN apart).
+static inline float hmax(__m256 v) {
+  __m128 r = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  r = _mm_max_ps(r, _mm_movehl_ps(r, r));
+  return _mm_cvtss_f32(_mm_max_ss(r, _mm_movehdup_ps(r)));
+}
+
 // Int8 rounding of activations with one scale d = max|x| / 127 over a span of them: llama.cpp's
 // Q8_0 (a block of 32), or 128 (q8_scale, for the AVX2 tiles of quant/int4_kernel.py). A NaN or
 // infinity in the span makes d NaN, so the outputs it touches are NaN, as with float activations
@@ -60,9 +67,7 @@ static inline float q8_scale(const float* x, int64_t n, __m256* inv) {
     bad = _mm256_or_ps(bad, _mm256_cmp_ps(_mm256_mul_ps(v, zero), zero, _CMP_NEQ_UQ));  // x * 0 is NaN
   }
   const bool finite = _mm256_movemask_ps(bad) == 0;
-  __m128 m = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
-  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-  const float top = _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+  const float top = hmax(amax);
   *inv = _mm256_set1_ps(finite && top > 0.f ? 127.f / top : 0.f);
   return finite ? top / 127.f : NAN;
 }

@@ -317,6 +317,13 @@ torch::Tensor half_vm(torch::Tensor x, torch::Tensor w) {
 // linears a bf16 run would otherwise read in bf16 (attention): half the bytes, and int8 dot
 // products with the int8-rounded activations. maddubs wants an unsigned operand, so the
 // weights' signs move onto the activations (|w| * sign(x, w), llama.cpp's trick).
+// A tensor's storage kind for load8 / load1_kind: 0 float32, 1 bf16, 2 fp16 (anything else refused).
+static inline int load_kind(const torch::Tensor& t) {
+  const auto st = t.scalar_type();
+  TORCH_CHECK(st == torch::kFloat || st == torch::kBFloat16 || st == torch::kHalf, "float32, bf16 or fp16");
+  return st == torch::kFloat ? 0 : (st == torch::kBFloat16 ? 1 : 2);
+}
+
 // 8 weights as float32 from bf16, fp16 or float32 storage.
 static inline __m256 load8(const void* p, int kind, int64_t i) {
   if (kind == 0) return _mm256_loadu_ps((const float*)p + i);
@@ -324,11 +331,15 @@ static inline __m256 load8(const void* p, int kind, int64_t i) {
   return kind == 1 ? widen8<true>(h) : widen8<false>(h);
 }
 
+// One of them (load8's scalar tail).
+static inline float load1_kind(const void* p, int kind, int64_t i) {
+  if (kind == 0) return ((const float*)p)[i];
+  return kind == 1 ? half1<true>((const uint16_t*)p, i) : half1<false>((const uint16_t*)p, i);
+}
+
 std::vector<torch::Tensor> q8_quantize(torch::Tensor w) {
   TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && w.size(1) % 32 == 0, "w: contiguous [N, K], K % 32 == 0");
-  const auto st = w.scalar_type();
-  TORCH_CHECK(st == torch::kFloat || st == torch::kBFloat16 || st == torch::kHalf, "w: float32, bf16 or fp16");
-  const int kind = st == torch::kFloat ? 0 : (st == torch::kBFloat16 ? 1 : 2);
+  const int kind = load_kind(w);
   const int64_t N = w.size(0), K = w.size(1), B = K / 32;
   auto q = torch::empty({N, K}, w.options().dtype(torch::kChar));
   auto sc = torch::empty({N, B}, w.options().dtype(torch::kFloat));
@@ -343,10 +354,7 @@ std::vector<torch::Tensor> q8_quantize(torch::Tensor w) {
         v[j] = load8(wp, kind, i * 32 + j * 8);
         m = _mm256_max_ps(m, _mm256_andnot_ps(sign, v[j]));
       }
-      __m128 r = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
-      r = _mm_max_ps(r, _mm_movehl_ps(r, r));
-      r = _mm_max_ss(r, _mm_movehdup_ps(r));
-      const float amax = _mm_cvtss_f32(r);
+      const float amax = hmax(m);
       const float id = amax > 0.f ? 127.f / amax : 0.f;
       __m256i n[4];
       for (int j = 0; j < 4; ++j)
