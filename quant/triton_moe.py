@@ -84,12 +84,13 @@ if triton is not None:
         HG: tl.constexpr = G // 2
         pid_m = tl.program_id(0)
         e = tl.load(blk_ptr + pid_m)
-        used = e >= 0
-        e = tl.maximum(e, 0)
         rows = tl.load(rows_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
-        rmask = (rows < P) & used
+        rmask = rows < P  # a block past the used ones holds only the sentinel P
         cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-        cmask = (cols < N) & used
+        # ... and reads no weights. The block's flag as a vector: Triton 3.9's interpreter fails
+        # on a mask made from a vector and a scalar ("mask has unsupported dtype").
+        cmask = (cols < N) & (tl.zeros_like(cols) + e >= 0)
+        e = tl.maximum(e, 0)
         w_base = w_ptr + e * N * kb
         s_base = sz_ptr + e * N * (R * ng)
         jj = tl.arange(0, HG)
