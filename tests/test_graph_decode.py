@@ -248,3 +248,20 @@ def test_cuda_graph_replay_equals_the_static_step_and_the_cpu(scout_int4, scout_
     if dtype == "float32":
         cpu, _ = load_model(path, dtype, "cpu")
         assert rel_err(replayed, eager(cpu, PROMPT, 16, feed=tokens)[1]) < 1e-4
+
+
+def test_static_steps_on_triton_int4_in_the_interpreter(scout_int4):
+    """The GPU's decode step (experts stacked with the shared one, each row through its expert by a
+    device index in quant/triton_experts.py) on the CPU through Triton's interpreter, where Triton
+    is installed: equal to eager on the same kernels (tests/triton_decode_check.py)."""
+    import importlib.util
+    import os
+    import subprocess
+    import sys
+
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("no Triton (CPU wheels of torch come without it)")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    cmd = [sys.executable, "-m", "tests.triton_decode_check", str(scout_int4[0])]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
