@@ -442,7 +442,7 @@ def serve(
     model: ModelOpt,
     revision: RevisionOpt = None,
     host: Annotated[str, typer.Option(help="Address to listen on (127.0.0.1: this machine only).")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port to listen on (0: any free port).")] = 8080,
+    port: Annotated[int, typer.Option(min=0, max=65535, help="Port to listen on (0: any free port).")] = 8080,
     api_key: Annotated[
         str | None,
         typer.Option(envvar="LLAMA4_LOCAL_API_KEY", help="Require 'Authorization: Bearer KEY' on every API call."),

@@ -121,6 +121,12 @@ def test_bad_options(scout_ckpt, opt, value, words):
     assert_user_error(run_cli("prompt", "hi", "-m", scout_ckpt, opt, value), words)
 
 
+@pytest.mark.parametrize("port", ["99999", "-1"])
+def test_serve_port_out_of_range(scout_ckpt, port):
+    # getaddrinfo took 99999 as 99999 - 65536 and the server listened on another port than asked
+    assert_user_error(run_cli("serve", "-m", scout_ckpt, "--port", port, timeout=60), "--port")
+
+
 def test_raw_needed_without_template(broken):
     cfg = json.loads((broken / "tokenizer_config.json").read_text())
     del cfg["chat_template"]
