@@ -211,6 +211,9 @@ def quantize_side_by_side(bin_dir: Path, files: dict[str, Path], threads: int, r
     }
     if avx2:
         sides["ours default, held to AVX2 (emulated)"] = ours(env=AS_AVX2)
+    for env in [{}] + [AS_AVX2] * avx2:  # the kernel extension each side loads, built before timing
+        warm = [sys.executable, "-c", "from quant import cpu_kernel; cpu_kernel.available()"]
+        subprocess.run(warm, check=True, cwd=ROOT, env={**os.environ, **env})
     best: dict[str, float] = {}
     with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
         for rep in range(reps):
