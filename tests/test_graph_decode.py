@@ -250,7 +250,21 @@ def test_cuda_graph_replay_equals_the_static_step_and_the_cpu(scout_int4, scout_
         assert rel_err(replayed, eager(cpu, PROMPT, 16, feed=tokens)[1]) < 1e-4
 
 
-def test_static_steps_on_triton_int4_in_the_interpreter(scout_int4):
+@pytest.fixture(scope="module")
+def int4_kinds(scout_int4, maverick_ckpt, multimodal_ckpt, tmp_path_factory):
+    """INT4 checkpoints (plain fit, groups of 64) of the Scout-like, Maverick-like (dense and MoE
+    layers interleaved) and top-2 configs."""
+    from quant.quantize import QuantizeOptions, quantize_checkpoint
+
+    out = {"scout": scout_int4[0]}
+    for kind, src in (("maverick", maverick_ckpt), ("top2", multimodal_ckpt)):
+        out[kind] = tmp_path_factory.mktemp("q") / kind
+        quantize_checkpoint(src, out[kind], QuantizeOptions(group_size=64, shard_bytes=300_000, calibrate=False))
+    return out
+
+
+@pytest.mark.parametrize("kind", ["scout", "maverick", "top2"])
+def test_static_steps_on_triton_int4_in_the_interpreter(int4_kinds, kind):
     """The GPU's decode step (experts stacked with the shared one, each row through its expert by a
     device index in quant/triton_experts.py) on the CPU through Triton's interpreter, where Triton
     is installed: equal to eager on the same kernels (tests/triton_decode_check.py)."""
@@ -262,6 +276,6 @@ def test_static_steps_on_triton_int4_in_the_interpreter(scout_int4):
     if importlib.util.find_spec("triton") is None:
         pytest.skip("no Triton (CPU wheels of torch come without it)")
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    cmd = [sys.executable, "-m", "tests.triton_decode_check", str(scout_int4[0])]
+    cmd = [sys.executable, "-m", "tests.triton_decode_check", str(int4_kinds[kind])]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
