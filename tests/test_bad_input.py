@@ -121,10 +121,19 @@ def test_bad_options(scout_ckpt, opt, value, words):
     assert_user_error(run_cli("prompt", "hi", "-m", scout_ckpt, opt, value), words)
 
 
-@pytest.mark.parametrize("port", ["99999", "-1"])
-def test_serve_port_out_of_range(scout_ckpt, port):
-    # getaddrinfo took 99999 as 99999 - 65536 and the server listened on another port than asked
-    assert_user_error(run_cli("serve", "-m", scout_ckpt, "--port", port, timeout=60), "--port")
+@pytest.mark.parametrize(
+    "opt, value, words",
+    [
+        # getaddrinfo took 99999 as 99999 - 65536 and the server listened on another port than asked
+        ("--port", "99999", "--port"),
+        ("--port", "-1", "--port"),
+        ("--prompt-cache", "-1", "--prompt-cache"),
+        ("--api-key", "", "--api-key"),  # would have let in 'Authorization: Bearer ' with no key
+        ("--host", "999.1.1.1", "--host"),  # the no-key warning came first: two lines
+    ],
+)
+def test_bad_serve_options(scout_ckpt, opt, value, words):
+    assert_user_error(run_cli("serve", "-m", scout_ckpt, "--port", "0", opt, value, timeout=60), words)
 
 
 def test_raw_needed_without_template(broken):

@@ -68,6 +68,11 @@ def prepare_loader(cfg: ServeConfig):
     setup = ModelSetup.check(cfg.model, cfg.sampling, cfg.context, cfg.vision)
     if cfg.max_queue < 0:
         raise UserError(f"--max-queue must be >= 0, not {cfg.max_queue}")
+    if cfg.cache_entries < 0:
+        raise UserError(f"--prompt-cache must be >= 0 (0: off), not {cfg.cache_entries}")
+    if cfg.api_key is not None and not cfg.api_key.strip():
+        # An empty key would let in any client that sends 'Authorization: Bearer ' with nothing after it.
+        raise UserError("--api-key is empty (or LLAMA4_LOCAL_API_KEY is set to nothing); give a key or leave it out")
 
     def load():
         from .serving import Serving
@@ -106,9 +111,9 @@ def serve(cfg: ServeConfig) -> int:
     import uvicorn
 
     load = prepare_loader(cfg)
+    sock = bind(cfg.host, cfg.port)  # first: an address that cannot be bound is the only line printed
     if not is_loopback(cfg.host) and not cfg.api_key:
         log(f"warning: listening on {cfg.host} without --api-key: anyone who can reach this port can use the model")
-    sock = bind(cfg.host, cfg.port)
     host, port = sock.getsockname()[:2]
     server = Server(ServerOptions(cfg.model_id, cfg.api_key, cfg.max_queue), load)
     app = build_app(server)
