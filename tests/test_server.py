@@ -75,6 +75,18 @@ def test_completions_raw_text_equals_prompt_raw(server, client, ckpt):
     assert "".join(c.choices[0].text for c in chunks) == want["text"]
 
 
+def test_completions_take_token_ids(server, client):
+    """A prompt of token ids (OpenAI's API allows it; eval harnesses send them) is the prompt the
+    same text tokenizes to, taken exactly (no BOS added)."""
+    ids = post(server, "/tokenize", {"prompt": "The quick brown"}).json()["tokens"]
+    want = client.completions.create(model="m", prompt="The quick brown", max_tokens=10, **GREEDY)
+    got = client.completions.create(model="m", prompt=ids, max_tokens=10, echo=True, **GREEDY)
+    assert got.choices[0].text.endswith(want.choices[0].text) and got.choices[0].text.startswith("<|begin_of_text|>")
+    assert got.usage.prompt_tokens == want.usage.prompt_tokens == len(ids)
+    bad = post(server, "/v1/completions", {"prompt": [10**9], "max_tokens": 2})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "prompt"
+
+
 def test_stream_concatenates_to_the_whole_reply(server, client):
     msgs = [{"role": "user", "content": "Count to ten"}]
     whole = chat(client, msgs, 16)
