@@ -53,13 +53,16 @@ def all_ckpts(scout_ckpt, maverick_ckpt, multimodal_ckpt):
     return {"scout": scout_ckpt, "maverick": maverick_ckpt, "multimodal": multimodal_ckpt}
 
 
-@pytest.fixture(scope="session")
-def scout_int4(tmp_path_factory, scout_ckpt):
-    """The Scout-like checkpoint quantized (INT4, group 64, symmetric, the plain fit, attention
-    left bf16, so tests can rebuild every weight with quantize_int4): (directory, summary)."""
+def quantize_plain(src, out):
+    """`src` quantized into `out` as the tests' INT4 checkpoints are (group 64, symmetric, the plain
+    fit, attention left bf16, so tests can rebuild every weight with quantize_int4); the summary."""
     from quant.quantize import QuantizeOptions, quantize_checkpoint
 
+    return quantize_checkpoint(src, out, QuantizeOptions(group_size=64, shard_bytes=300_000, calibrate=False))
+
+
+@pytest.fixture(scope="session")
+def scout_int4(tmp_path_factory, scout_ckpt):
+    """The Scout-like checkpoint quantized by quantize_plain: (directory, summary)."""
     out = tmp_path_factory.mktemp("q") / "scout-int4"
-    opts = QuantizeOptions(group_size=64, shard_bytes=300_000, calibrate=False)
-    summary = quantize_checkpoint(scout_ckpt, out, opts)
-    return out, summary
+    return out, quantize_plain(scout_ckpt, out)

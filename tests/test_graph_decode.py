@@ -252,14 +252,14 @@ def test_cuda_graph_replay_equals_the_static_step_and_the_cpu(scout_int4, scout_
 
 @pytest.fixture(scope="module")
 def int4_kinds(scout_int4, maverick_ckpt, multimodal_ckpt, tmp_path_factory):
-    """INT4 checkpoints (plain fit, groups of 64) of the Scout-like, Maverick-like (dense and MoE
+    """INT4 checkpoints (conftest.quantize_plain) of the Scout-like, Maverick-like (dense and MoE
     layers interleaved) and top-2 configs."""
-    from quant.quantize import QuantizeOptions, quantize_checkpoint
+    from tests.conftest import quantize_plain
 
     out = {"scout": scout_int4[0]}
     for kind, src in (("maverick", maverick_ckpt), ("top2", multimodal_ckpt)):
         out[kind] = tmp_path_factory.mktemp("q") / kind
-        quantize_checkpoint(src, out[kind], QuantizeOptions(group_size=64, shard_bytes=300_000, calibrate=False))
+        quantize_plain(src, out[kind])
     return out
 
 

@@ -327,10 +327,8 @@ def build_app(server: Server) -> Starlette:
         server.check_key(request)
         s = server.ready()
         body = await server.body(request, DetokenizeRequest)
-        vocab = s.engine.model.cfg.vocab_size
-        if any(not 0 <= t < vocab for t in body.tokens):
-            raise APIError(400, f"token ids must be in [0, {vocab})", "tokens")
-        return JSONResponse({"prompt": s.tokenizer.decode(body.tokens, skip_special_tokens=False)})
+        ids = s.check_token_ids(body.tokens, "tokens")
+        return JSONResponse({"prompt": s.tokenizer.decode(ids, skip_special_tokens=False)})
 
     async def api_error(request: Request, exc: APIError):
         return _error(exc)

@@ -215,17 +215,22 @@ class Serving:
     def completion(self, req: CompletionRequest) -> Prepared:
         params, stop, processors = self._common(req)
         if isinstance(req.prompt, str):
-            ids, text = self.tokenizer.encode(req.prompt, add_special_tokens=True), req.prompt
+            ids = self.tokenizer.encode(req.prompt, add_special_tokens=True)
+            echo = req.prompt if req.echo else ""
         else:  # token ids, as OpenAI's API allows: no BOS added, the client's tokens exactly
-            vocab = self.engine.model.cfg.vocab_size
-            if any(not 0 <= t < vocab for t in req.prompt):
-                raise APIError(400, f"prompt token ids must be in [0, {vocab})", "prompt")
-            ids = list(req.prompt)
-            text = self.tokenizer.decode(ids, skip_special_tokens=False) if req.echo else ""
+            ids = self.check_token_ids(req.prompt, "prompt")
+            echo = self.tokenizer.decode(ids, skip_special_tokens=False) if req.echo else ""
         max_tokens = self._max_tokens(req.max_tokens, len(ids))
         self.engine.check(len(ids), max_tokens)
         gen = GenerationRequest(ids, params, max_tokens, [], stop, req.ignore_eos, processors, req.logprobs)
-        return self._prepared("text", req, gen, echo=text if req.echo else "")
+        return self._prepared("text", req, gen, echo=echo)
+
+    def check_token_ids(self, ids: list[int], param: str) -> list[int]:
+        """ids as a list, or a 400 naming `param` where one is outside the vocabulary."""
+        vocab = self.engine.model.cfg.vocab_size
+        if any(not 0 <= t < vocab for t in ids):
+            raise APIError(400, f"token ids must be in [0, {vocab})", param)
+        return list(ids)
 
     def _prepared(self, kind: str, req, gen: GenerationRequest, **kw) -> Prepared:
         usage = bool(req.stream_options and req.stream_options.include_usage)
