@@ -537,7 +537,7 @@ def info(
         str | None,
         typer.Option(
             help="Host RAM for expert copies, one size or several (64GiB,128GiB): a plan for each; "
-            "experts beyond it are read from disk (default: every expert in host RAM)."
+            "experts beyond it are read from disk (default: as many as this machine's available RAM holds)."
         ),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,

@@ -80,7 +80,10 @@ GpuMemoryOpt = Annotated[
 ]
 HostMemoryOpt = Annotated[
     str | None,
-    typer.Option(help="Host RAM for expert copies; beyond it experts are read from disk.", rich_help_panel=_OFF),
+    typer.Option(
+        help="Host RAM for expert copies; beyond it experts are read from disk (default: what is available).",
+        rich_help_panel=_OFF,
+    ),
 ]
 SlotsOpt = Annotated[
     int | None,

@@ -67,8 +67,10 @@ def machine_info() -> dict:
 
 def model_info(path: Path, budgets: list[int], context: int, hosts: list[int | None] | None = None) -> dict:
     """What `info` prints; a memory plan per GPU budget and host-RAM budget for experts (None:
-    every expert in host RAM)."""
+    every expert that this machine's available RAM holds, as a run here would keep)."""
     from offload.plan import plan_memory
+
+    from .loader import available_memory
 
     cfg = load_config(path)
     context = min(context, cfg.max_position_embeddings)
@@ -131,7 +133,8 @@ def model_info(path: Path, budgets: list[int], context: int, hosts: list[int | N
         for host in hosts or [None]:
             entry = {"gpu_memory": budget, "host_memory": host}
             try:
-                plan = plan_memory(cfg, budget, context, 2, q, host_budget=host, vision=vbytes)
+                avail = available_memory() if host is None else 0  # as a run here would bound it
+                plan = plan_memory(cfg, budget, context, 2, q, host_budget=host, vision=vbytes, available=avail)
                 plans.append({**entry, "plan": plan.as_dict(), "rows": plan.rows()})
             except UserError as e:  # a budget too small is information here, not an error
                 plans.append({**entry, "error": str(e)})

@@ -8,6 +8,7 @@ and the file.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import torch
@@ -312,10 +313,25 @@ def _offload_slots(cfg, ckpt, scheme, torch_dtype, torch_device, opts, context: 
         from .vision import vision_memory
 
         vision = vision_memory(vcfg, elt)
-    plan = plan_memory(cfg, budget, context, elt, q, prefill_chunk, opts.host_memory, vision=vision)
+    plan = plan_memory(
+        cfg, budget, context, elt, q, prefill_chunk, opts.host_memory, vision=vision, available=available_memory()
+    )
     if opts.slots is not None:
         return opts.slots, plan
     return (None if plan.all_resident else plan.slots), plan
+
+
+def _host_note(manager) -> None:
+    """One line on stderr when the machine's available RAM, not --host-memory, bounds the experts
+    held in host RAM (offload.setup.build_manager), and fewer than all of them fit."""
+    store = manager.cache.store
+    held, total = len(store.blocks), len(store.keys)
+    if manager.host_budget_auto and held < total:
+        sys.stderr.write(
+            f"note: {held} of {total} experts fit in this machine's available RAM "
+            f"({available_memory() / 2**30:.1f} GiB); the others are read from the checkpoint when chosen "
+            "(--host-memory sets the RAM experts take)\n"
+        )
 
 
 def text_only(model_dir: Path) -> UserError:
@@ -407,6 +423,7 @@ def load_model(
         from offload.setup import attach_offload
 
         model.offload = attach_offload(model, ckpt, scheme, torch_dtype, torch_device, slots, offload)
+        _host_note(model.offload)
     if vcfg is not None:
         from .vision import load_vision
 

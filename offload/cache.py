@@ -82,7 +82,7 @@ class HostStore:
         self.layout, self.build, self.pin = layout, build, pin
         self.bounded, self.release = budget_bytes is not None, getattr(build, "release", None)
         held = len(keys) if budget_bytes is None else min(len(keys), max(0, budget_bytes // layout.nbytes))
-        self.held_keys = keys[:held]
+        self.keys, self.held_keys = keys, keys[:held]
         self.blocks: dict[Key, torch.Tensor] = {}
         self.policy = policy if 0 < held < len(keys) else None
         self._row_busy: dict[Key, torch.cuda.Event] = {}

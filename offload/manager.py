@@ -93,6 +93,8 @@ class OffloadManager:
         self.guess: dict[int, set[Key]] = {}
         self.cost: CostModel | None = None
         self.lookahead = LOOKAHEAD if cache.cuda else 0
+        self.host_budget: int | None = None  # host RAM the expert stores may take (None: every expert)
+        self.host_budget_auto = False  # whether it came from the machine's available RAM (offload.setup)
         for ff in self.moe.values():
             ff.experts.manager = self
         if miss_policy == "auto":

@@ -19,6 +19,23 @@ GiB = 1 << 30
 MiB = 1 << 20
 DEFAULT_MARGIN = 1 * GiB  # left free for the CUDA context, allocator slack and other processes
 WORKSPACE_FIXED = 256 * MiB
+# Host RAM left free when the expert store's size comes from what is available (no --host-memory):
+# the OS, this process's own (CUDA context, torch, Python) and a page cache for the experts read
+# from the checkpoint; 3 GiB and 5% of what is available.
+HOST_RESERVE = 3 * GiB
+HOST_RESERVE_SHARE = 0.05
+
+
+def host_budget_from(needed: int, available: int) -> int | None:
+    """Host RAM for expert blocks when --host-memory is not given: None (hold every expert) where
+    `needed` bytes fit in `available` (MemAvailable; 0: unknown, no bound) less the reserve, else
+    that much (at least 0), the experts beyond it read from the checkpoint's mapped files when
+    chosen: holding all of Scout's (48 GiB) on a 32 GB machine would fail to pin or drive it
+    into swap."""
+    if available <= 0:
+        return None
+    room = int(available - HOST_RESERVE - HOST_RESERVE_SHARE * available)
+    return None if needed <= room else max(0, room)
 
 
 @dataclass(frozen=True)
@@ -98,6 +115,7 @@ class MemoryPlan:
     slots: int
     host_budget: int | None
     host_experts: int
+    host_from_available: bool = False  # host_budget came from the machine's available RAM
 
     @property
     def dense_total(self) -> int:
@@ -126,7 +144,10 @@ class MemoryPlan:
         )
         if self.all_resident:
             return rows
-        rows.append((f"experts in host RAM: {self.host_experts}", "cpu", self.host_experts * self.expert_bytes))
+        held = f"experts in host RAM: {self.host_experts}"
+        if self.host_from_available:
+            held += " (what this machine's available RAM holds)"
+        rows.append((held, "cpu", self.host_experts * self.expert_bytes))
         cold = self.experts_total - self.host_experts
         if cold:
             rows.append((f"experts read from disk on demand: {cold}", "disk", cold * self.expert_bytes))
@@ -142,10 +163,13 @@ def plan_memory(
     prefill_chunk: int = 512,
     host_budget: int | None = None,
     vision: int = 0,
+    available: int = 0,
 ) -> MemoryPlan:
     """Fit a model into `budget` bytes of device memory; UserError naming the minimum if it cannot.
 
     `vision`: bytes of the vision tower and its activations, when images will be read.
+    `host_budget`: host RAM for expert blocks; None: every expert, or, given `available` (the
+    machine's available RAM), as many as host_budget_from allows.
     """
     dense = dense_parts(cfg, elt, q)
     if vision:
@@ -165,8 +189,12 @@ def plan_memory(
             + "or quantize attention too (quantize --attention, the default when calibrating)"
         )
     slots = min(total, (budget - fixed) // one)
+    auto = False
     if slots >= total:
         host = 0  # every expert lives on the device; none is staged in host RAM
     else:
+        if host_budget is None:
+            host_budget = host_budget_from(total * one, available)
+            auto = host_budget is not None
         host = total if host_budget is None else min(total, host_budget // one)
-    return MemoryPlan(budget, context, dense, kv, work, one, total, int(slots), host_budget, host)
+    return MemoryPlan(budget, context, dense, kv, work, one, total, int(slots), host_budget, host, auto)

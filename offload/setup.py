@@ -120,26 +120,36 @@ def attach_offload(
 
 def build_manager(model, build, kernel, device: torch.device, slots: int, opts: OffloadOptions, cpu=None):
     """Store, cache and manager from a block builder: `build(key)` gives an expert's tensors in the
-    device kernel's layout, `cpu` (a (build, kernel) pair) the CPU layout for CPU-computed misses."""
+    device kernel's layout, `cpu` (a (build, kernel) pair) the CPU layout for CPU-computed misses.
+
+    Without --host-memory the stores hold every expert where the machine's available RAM takes
+    them (plan.host_budget_from), else as many as it does; the manager's `host_budget` says which
+    bound applied (None: none)."""
+    from llama4_local.loader import available_memory
+
+    from .plan import host_budget_from
+
     moe = [i for i, layer in enumerate(model.layers) if layer.is_moe]
     keys = [(i, e) for i in moe for e in range(model.layers[i].feed_forward.num_experts)]
     slots = min(slots, len(keys))
     policy = resolve_policy(opts.policy, model.layers[moe[0]].feed_forward.num_experts)
-    store = HostStore(
-        ExpertLayout(build(keys[0])),
-        keys,
-        build,
-        pin=device.type == "cuda",
-        budget_bytes=opts.host_memory,
-        policy=make_policy(policy),
-    )
-    cpu_store, cpu_kernel = store, kernel
+    layout, cpu_layout = ExpertLayout(build(keys[0])), None
     if cpu is not None:
-        cpu_build, cpu_kernel = cpu
-        cpu_layout = ExpertLayout(cpu_build(keys[0]))
-        if cpu_layout.entries != store.layout.entries:  # the stock CUDA kernel's own layout: a second copy
-            left = None if opts.host_memory is None else max(0, opts.host_memory - store.nbytes)
-            cpu_store = HostStore(cpu_layout, keys, cpu_build, pin=False, budget_bytes=left)
-        # else (Triton on CUDA) the CPU kernel reads the pinned blocks the GPU copies from
+        cpu_layout = ExpertLayout(cpu[0](keys[0]))
+        if cpu_layout.entries == layout.entries:  # Triton on CUDA: the CPU kernel reads the pinned blocks
+            cpu_layout = None
+    budget, auto = opts.host_memory, False
+    if budget is None:
+        need = len(keys) * (layout.nbytes + (cpu_layout.nbytes if cpu_layout else 0))
+        budget = host_budget_from(need, available_memory())
+        auto = budget is not None
+    store = HostStore(layout, keys, build, pin=device.type == "cuda", budget_bytes=budget, policy=make_policy(policy))
+    cpu_store, cpu_kernel = store, (kernel if cpu is None else cpu[1])
+    if cpu_layout is not None:  # the stock CUDA kernel's own layout: a second copy, from what is left
+        left = None if budget is None else max(0, budget - store.nbytes)
+        cpu_store = HostStore(cpu_layout, keys, cpu[0], pin=False, budget_bytes=left)
     cache = ExpertCache(store, slots, device, make_policy(policy))
-    return OffloadManager(model, cache, kernel, cpu_store, cpu_kernel, opts.miss_policy, opts.prefetch)
+    manager = OffloadManager(model, cache, kernel, cpu_store, cpu_kernel, opts.miss_policy, opts.prefetch)
+    manager.host_budget = budget
+    manager.host_budget_auto = auto
+    return manager

@@ -226,6 +226,52 @@ def test_plan_names_the_minimum(scout_cfg):
         plan_memory(scout_cfg, 20 * GiB, 8192, 2, None)
 
 
+def test_plan_holds_what_available_ram_takes(scout_cfg):
+    """Without a host budget the plan keeps every expert in host RAM where the machine's available
+    RAM takes them (less 3 GiB and 5%), else as many as it does: Scout's 48 GiB of INT4 experts
+    beside a 24 GB GPU on machines of 32 and 64 GB."""
+    from offload.plan import host_budget_from
+
+    q = Quantized(group_size=128)
+    one = 3 * (5120 * 8192 // 2 + 5120 * 8192 // 128 * 4)
+    small = plan_memory(scout_cfg, 24 * GiB, 8192, 2, q, available=28 * GiB)
+    room = int(28 * GiB - 3 * GiB - 0.05 * 28 * GiB)
+    assert (small.host_budget, small.host_experts, small.host_from_available) == (room, room // one, True)
+    assert small.host_experts == 379 and ("experts read from disk on demand: 389", "disk", 389 * one) in small.rows()
+    assert "available RAM" in small.rows()[-2][0]
+    big = plan_memory(scout_cfg, 24 * GiB, 8192, 2, q, available=58 * GiB)
+    assert (big.host_budget, big.host_experts, big.host_from_available) == (None, 768, False)
+    # An explicit budget, or an unknown amount of RAM (0), is taken as it is.
+    assert plan_memory(scout_cfg, 24 * GiB, 8192, 2, q, host_budget=64 * GiB, available=28 * GiB).host_experts == 768
+    assert plan_memory(scout_cfg, 24 * GiB, 8192, 2, q).host_experts == 768
+    assert host_budget_from(10 * GiB, 0) is None and host_budget_from(10 * GiB, 2 * GiB) == 0
+
+
+def test_host_tier_sized_by_available_ram(references, monkeypatch, capsys):
+    """Without --host-memory the stores hold what the machine's available RAM takes: here (reserve
+    off) two experts; the others are read from the checkpoint when chosen, the outputs unchanged,
+    and one line says so."""
+    import offload.plan
+    from llama4_local import loader
+
+    path, dtype, (want, _) = references["int4"]
+    probe = offloaded(path, dtype, slots=1, miss_policy="swap")
+    assert probe.offload.host_budget is None and len(probe.offload.cache.store.blocks) == 16  # room for all
+    one = probe.offload.cache.layout.nbytes
+    monkeypatch.setattr(offload.plan, "HOST_RESERVE", 0)
+    monkeypatch.setattr(offload.plan, "HOST_RESERVE_SHARE", 0.0)
+    monkeypatch.setattr(loader, "available_memory", lambda: 2 * one + one // 2)
+    capsys.readouterr()
+    model = offloaded(path, dtype, slots=1, miss_policy="swap")
+    store = model.offload.cache.store
+    assert (model.offload.host_budget, model.offload.host_budget_auto) == (2 * one + one // 2, True)
+    assert len(store.blocks) == 2
+    assert torch.equal(run(model, PROMPT)[0], want)
+    assert store.rebuilt > 0
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("note: 2 of 16 experts fit in this machine's available RAM")
+
+
 @pytest.fixture(scope="module")
 def maverick_cfg(tmp_path_factory):
     from llama4_local.config import load_config
