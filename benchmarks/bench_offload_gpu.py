@@ -266,6 +266,8 @@ def main():
     ap.add_argument("--routing", default="random", choices=["random", "model"])
     ap.add_argument("--bf16-attention", action="store_true", help="attention projections bf16 (default: INT4)")
     ap.add_argument("--decode-modes", default="eager,graph", help="offloaded decode: eager and/or piecewise graph")
+    ap.add_argument("--host-rows", type=int, default=0, help="hold this many experts in host RAM (0: all)")
+    ap.add_argument("--inclusive-host", action="store_true", help="with --host-rows: RAM keeps the GPU's experts too")
     args = ap.parse_args()
     device, dtype = torch.device(args.device), torch.bfloat16
     cfg = scout_config(args.small, args.layers or None)
@@ -277,7 +279,10 @@ def main():
     layout = ExpertLayout(dev_tensors)
     keys = [(i, e) for i in range(cfg.num_layers) if cfg.moe_layers[i] for e in range(cfg.num_experts)]
     t_model = time.perf_counter() - t0
-    store = HostStore(layout, keys, lambda k: dev_tensors, pin=device.type == "cuda")
+    held = args.host_rows or None  # bounded: the rest "read from disk" (here a copy from RAM)
+    budget, policy = (held * layout.nbytes, make_policy("lru")) if held else (None, None)
+    store = HostStore(layout, keys, lambda k: dev_tensors, device.type == "cuda", budget, policy)
+    store.exclusive = store.policy is not None and not args.inclusive_host
     t_store = time.perf_counter() - t0 - t_model
     cpu_store, cpu_kernel = store, kernel
     if device.type == "cuda" and set(args.miss_policies.split(",")) - {"swap"}:
@@ -299,6 +304,8 @@ def main():
         "model_build_s": round(t_model, 1),
         "pinned_store_build_s": round(t_store, 1),
         "gpu_layout_equals_cpu_layout": cpu_store is store,
+        "host_rows": held,
+        "host_tier": None if not held else "exclusive" if store.exclusive else "inclusive",
     }
     print(json.dumps(head), flush=True)
     warmed = False

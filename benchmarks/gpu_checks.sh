@@ -9,7 +9,8 @@
 # A session has about 15 device minutes, a start costs about 40 s and each run rebuilds the CPU
 # kernel (~45 s, inside `tests`): e.g. `bash benchmarks/gpu_checks.sh tests,graph,triton` first
 # (about 7-8 minutes: graph runs its bench twice, stock and Triton INT4), then offload with
-# BUDGETS=24 MISS=auto if time is left.
+# BUDGETS=24 MISS=auto if time is left (HOST_ROWS=379 for a 32 GB machine's host tier, INCLUSIVE_HOST=1
+# for the tier before session 31).
 set -u
 OUT=${OUT:-bench-out}
 mkdir -p "$OUT"
@@ -37,7 +38,8 @@ fi
 if has offload; then
   stamp offload
   timeout "${OFFLOAD_S:-290}" python3 benchmarks/bench_offload_gpu.py --budgets "${BUDGETS:-80,24}" \
-    --miss-policies "${MISS:-swap,cpu,auto}" --prompt-tokens 256 --gen-tokens 32 >"$OUT/offload.jsonl" 2>&1
+    --miss-policies "${MISS:-swap,cpu,auto}" --prompt-tokens 256 --gen-tokens 32 ${HOST_ROWS:+--host-rows "$HOST_ROWS"} \
+    ${INCLUSIVE_HOST:+--inclusive-host} >"$OUT/offload.jsonl" 2>&1
   free -g >>"$OUT/offload.jsonl"
 fi
 if has threads; then

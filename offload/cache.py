@@ -37,6 +37,7 @@ class LayerStats:
     prefetch_correct: int = 0
     prefetch_loads: int = 0
     disk_hints: int = 0  # experts beyond the host budget whose read-ahead a guess started
+    spills: int = 0  # experts the device evicted copied back into host RAM (the exclusive host tier)
 
     def add(self, other: LayerStats) -> None:
         for f in fields(self):
@@ -68,7 +69,14 @@ class HostStore:
     With a budget that holds some but not all experts and a `policy`, the held set is a cache
     too: an expert read from the files takes the row of the policy's victim (after any copy out
     of that row has finished), so the experts in RAM follow the routing instead of staying the
-    first ones loaded."""
+    first ones loaded.
+
+    `exclusive` (offload.setup sets it on such a store when the device cache reads it): an expert
+    copied to the device leaves host RAM and one the device evicts is copied back into it
+    (ExpertCache.load), so RAM and the device hold different experts. Beside a 24 GB GPU, Scout's
+    768 experts then fit in RAM and GPU together from 48 GB of RAM, where holding the same ones
+    twice left a fifth of the uses to the disk (docs/benchmarks-history.md, session 31). One row
+    beyond the budget (the staging buffer) is the spare that makes each swap one pair of copies."""
 
     def __init__(
         self,
@@ -85,8 +93,13 @@ class HostStore:
         self.keys, self.held_keys = keys, keys[:held]
         self.blocks: dict[Key, torch.Tensor] = {}
         self.policy = policy if 0 < held < len(keys) else None
-        self._row_busy: dict[Key, torch.cuda.Event] = {}
+        self.exclusive = False
         self.replaced = 0
+        # The last copy out of and into each row (CUDA events by the row's address): the host
+        # waits for them before writing a row (both) or reading it (the copy in); copies on the
+        # cache's stream are ordered by the stream.
+        self._out: dict[int, torch.cuda.Event] = {}
+        self._in: dict[int, torch.cuda.Event] = {}
         if self.policy is not None:
             for k in self.held_keys:
                 self.policy.insert(k)
@@ -100,12 +113,35 @@ class HostStore:
                 for row, k in zip(buf, layer_keys, strict=True):
                     self.blocks[k] = layout.pack(build(k), row)
         self._staging = torch.empty(layout.nbytes, dtype=torch.uint8, pin_memory=pin)
-        self._staging_busy: torch.cuda.Event | None = None
+        self.free: list[torch.Tensor] = [self._staging]  # rows holding no expert (the exclusive tier's spare)
         self.rebuilt = 0
 
     @property
     def nbytes(self) -> int:
         return len(self.blocks) * self.layout.nbytes
+
+    def _host(self, row: torch.Tensor, write: bool) -> torch.Tensor:
+        """`row` once the host may read it (a copy into it finished) or write it (copies both ways)."""
+        for events in (self._in, self._out) if write else (self._in,):
+            ev = events.pop(row.data_ptr(), None)
+            if ev is not None:
+                ev.synchronize()
+        return row
+
+    def _read(self, key: Key, row: torch.Tensor) -> torch.Tensor:
+        """Expert `key` read from the checkpoint into `row`; its pages dropped where bounded."""
+        self.rebuilt += 1
+        out = self.layout.pack(self.build(key), self._host(row, write=True))
+        if self.bounded and self.release is not None:
+            self.release(key)
+        return out
+
+    def _victim_row(self) -> torch.Tensor:
+        """The row of the held expert the policy gives up (it is then read from the files)."""
+        victim = self.policy.victim(list(self.blocks))
+        self.policy.evict(victim)
+        self.replaced += 1
+        return self.blocks.pop(victim)
 
     def block(self, key: Key) -> torch.Tensor:
         """The expert's block; for one not held, a staging buffer valid until the next call.
@@ -118,26 +154,41 @@ class HostStore:
         if b is not None:
             if self.policy is not None:
                 self.policy.hit(key)
-            return b
-        self.rebuilt += 1
-        if self.policy is not None:  # into the row of a held expert the policy gives up
-            victim = self.policy.victim(list(self.blocks))
-            self.policy.evict(victim)
-            row = self.blocks.pop(victim)
-            busy = self._row_busy.pop(victim, None)
-            if busy is not None:
-                busy.synchronize()  # a copy out of this row must finish before it is overwritten
-            out = self.blocks[key] = self.layout.pack(self.build(key), row)
+            return self._host(b, write=False)
+        if self.policy is not None:  # into a free row (exclusive tier), else a held expert's the policy gives up
+            row = self.free.pop() if self.exclusive and self.free else self._victim_row()
+            out = self.blocks[key] = self._read(key, row)
             self.policy.insert(key)
-            self.replaced += 1
-        else:
-            if self._staging_busy is not None:
-                self._staging_busy.synchronize()  # the previous copy out of staging must be done
-                self._staging_busy = None
-            out = self.layout.pack(self.build(key), self._staging)
-        if self.bounded and self.release is not None:
-            self.release(key)
-        return out
+            return out
+        return self._read(key, self._staging)
+
+    # -- the exclusive tier (ExpertCache.load) ----------------------------------------------------
+    def take(self, key: Key) -> torch.Tensor:
+        """The row to copy `key` to the device from: its own, which leaves the held set, or a free
+        row it is read into from the files. Hand it to `done` once the copy is queued."""
+        row = self.blocks.pop(key, None)
+        if row is not None:
+            self.policy.evict(key)
+            return row
+        return self._read(key, self.free.pop() if self.free else self._victim_row())
+
+    def put_back(self, key: Key) -> torch.Tensor | None:
+        """A row for `key`, which the device evicts, to be copied into (None: already held)."""
+        if key in self.blocks:
+            return None
+        row = self.free.pop() if self.free else self._victim_row()
+        self.blocks[key] = row
+        self.policy.insert(key)
+        return row
+
+    def done(self, row: torch.Tensor, copy_out=None, back: torch.Tensor | None = None, copy_in=None) -> None:
+        """`row` (from take) is free once its copy out ends at `copy_out`; `back` (from put_back)
+        is valid once its copy in ends at `copy_in` (CUDA events; None on the CPU)."""
+        if copy_out is not None:
+            self._out[row.data_ptr()] = copy_out
+        if back is not None and copy_in is not None:
+            self._in[back.data_ptr()] = copy_in
+        self.free.append(row)
 
     def willneed(self, key: Key) -> bool:
         """Start reading a not-held expert's bytes into the page cache in the background (the
@@ -151,11 +202,8 @@ class HostStore:
 
     def in_use(self, key: Key, event: torch.cuda.Event) -> None:
         """A copy out of `key`'s block (its row, or the staging buffer) ends at `event`."""
-        if key in self.blocks:
-            if self.policy is not None:
-                self._row_busy[key] = event
-        else:
-            self._staging_busy = event
+        row = self.blocks.get(key, self._staging)
+        self._out[row.data_ptr()] = event
 
 
 class ExpertCache:
@@ -184,6 +232,7 @@ class ExpertCache:
         """Start copying `key` in; False when every resident block is protected (nothing moved)."""
         if key in self.slot_of:
             return True
+        victim = None
         if len(self.slot_of) < self.slots:
             slot = self.key_of.index(None)
         else:
@@ -196,26 +245,39 @@ class ExpertCache:
         self.key_of[slot] = key
         self.slot_of[key] = slot
         self.policy.insert(key)
-        src = self.store.block(key)
+        store = self.store
+        # Exclusive host tier: the expert leaves host RAM, the evicted one goes back into it.
+        src = store.take(key) if store.exclusive else store.block(key)
+        back = store.put_back(victim) if store.exclusive and victim is not None else None
         n = self.layout.nbytes
         stats.loads += 1
-        stats.bytes_moved += n
+        stats.bytes_moved += n if back is None else 2 * n
+        stats.spills += back is not None
         if self.cuda:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             with torch.cuda.stream(self.stream):
                 if self.released[slot] is not None:
                     self.stream.wait_event(self.released[slot])
                 start.record(self.stream)
+                if back is not None:  # the evicted expert out of the slot first, then the new one in
+                    back.copy_(self.buf[slot], non_blocking=True)
                 self.buf[slot].copy_(src, non_blocking=True)
                 end.record(self.stream)
             self.ready[slot] = end
-            self.store.in_use(key, end)
+            if store.exclusive:
+                store.done(src, end, back, end)
+            else:
+                store.in_use(key, end)
             self._timings.append((stats, start, end, demand))
             if len(self._timings) > 1024:
                 self.collect_timings(wait=False)
         else:
             t0 = time.perf_counter()
+            if back is not None:
+                back.copy_(self.buf[slot])
             self.buf[slot].copy_(src)
+            if store.exclusive:
+                store.done(src)
             dt = time.perf_counter() - t0
             stats.copy_s += dt
             if demand:

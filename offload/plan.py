@@ -149,6 +149,8 @@ class MemoryPlan:
             held += " (what this machine's available RAM holds)"
         rows.append((held, "cpu", self.host_experts * self.expert_bytes))
         cold = self.experts_total - self.host_experts
+        if 0 < self.host_experts < self.experts_total:  # RAM holds none of the GPU's (cache.HostStore)
+            cold = max(0, cold - self.slots)
         if cold:
             rows.append((f"experts read from disk on demand: {cold}", "disk", cold * self.expert_bytes))
         return rows

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -148,6 +149,9 @@ def build_manager(model, build, kernel, device: torch.device, slots: int, opts: 
     if cpu_layout is not None:  # the stock CUDA kernel's own layout: a second copy, from what is left
         left = None if budget is None else max(0, budget - store.nbytes)
         cpu_store = HostStore(cpu_layout, keys, cpu[0], pin=False, budget_bytes=left)
+    # Some experts held, not all: RAM and the device hold different ones (cache.HostStore), unless
+    # LLAMA4_LOCAL_INCLUSIVE_HOST=1 (RAM keeps copies of the device's experts; for comparison).
+    store.exclusive = store.policy is not None and os.environ.get("LLAMA4_LOCAL_INCLUSIVE_HOST") != "1"
     cache = ExpertCache(store, slots, device, make_policy(policy))
     manager = OffloadManager(model, cache, kernel, cpu_store, cpu_kernel, opts.miss_policy, opts.prefetch)
     manager.host_budget = budget

@@ -123,6 +123,33 @@ def test_offloaded_equals_resident_on_cuda(scout_int4, miss, prefetch, int4, mon
         assert t.copy_s >= 0
 
 
+@pytest.mark.parametrize("miss", ["swap", "auto"])
+def test_exclusive_host_tier_on_cuda(scout_int4, miss):
+    """Host RAM holding some experts, none of the GPU's: an evicted expert is copied back into RAM
+    on the copy stream after the compute that read its slot and before the next copy in; nothing
+    computed changes."""
+    from offload.setup import OffloadOptions
+    from tests.test_offload import PROMPT, run
+
+    path = scout_int4[0]
+    want, want_tokens = run(load_model(path, "bfloat16", "cuda")[0], PROMPT.cuda())
+    probe, _ = load_model(path, "bfloat16", "cuda", offload=OffloadOptions(slots=1, miss_policy="swap"))
+    one = probe.offload.cache.layout.nbytes
+    for slots, held in ((3, 6), (6, 10)):
+        opts = OffloadOptions(slots=slots, miss_policy=miss, host_memory=held * one)
+        model, _ = load_model(path, "bfloat16", "cuda", offload=opts)
+        m = model.offload
+        assert m.cache.store.exclusive
+        if miss == "swap":
+            got, tokens = run(model, PROMPT.cuda())
+            assert torch.equal(got, want) and tokens == want_tokens, slots
+            assert m.totals().spills > 0
+        else:  # CPU-computed misses round activations to int8 (test_offloaded_equals_resident_on_cuda)
+            got, _ = run(model, PROMPT.cuda(), feed=want_tokens)
+            assert rel_err(got, want) < 4e-2, slots
+        assert not set(m.cache.store.blocks) & set(m.cache.slot_of)
+
+
 def test_plan_on_cuda_fits_free_memory(scout_int4):
     from offload.setup import OffloadOptions
 

@@ -1,0 +1,92 @@
+"""Where a 24 GB GPU's misses come from when host RAM holds only some of Scout's experts.
+
+Drives the real `offload.cache.HostStore` and `ExpertCache` (on the CPU, with 64-byte stand-in
+blocks, so it runs anywhere in seconds) with Scout's counts: 768 routed experts (48 layers x 16),
+one chosen per layer and token, the device cache's slots as the planner gives them at 24 GiB, and
+the host tier's rows as `host_budget_from` gives them on machines of 32 and 48 GB (MemAvailable
+28 and 44 GiB). Each decode token runs the 48 layers in order; the layer's expert is loaded
+(LRU on both tiers, as the defaults are for 16 experts) and counted as a device hit, a host
+hit, or a read from the checkpoint's files (the disk). The host tier is exclusive (what
+`offload.setup` builds: an expert copied to the device leaves RAM, an evicted one is copied
+back) or inclusive (RAM keeps copies of the device's experts, as before session 31).
+
+Routing: uniform (every expert equally likely: the cache's worst case) or Zipf with exponent s
+per layer (a few hot experts), `--tokens` decode tokens after a warm-up of as many.
+
+    python benchmarks/bench_host_tier.py [--slots 178] [--hosts 379,620] [--zipf 0,1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from offload.cache import ExpertCache, HostStore, LayerStats  # noqa: E402
+from offload.layout import ExpertLayout  # noqa: E402
+from offload.policy import make_policy  # noqa: E402
+
+LAYERS, EXPERTS = 48, 16
+BLOCK = {"w": torch.zeros(16, dtype=torch.float32)}  # 64 bytes: the counts, not the bytes, matter here
+
+
+def trace(tokens: int, s: float, seed: int) -> list[tuple[int, int]]:
+    """(layer, expert) uses of `tokens` decode tokens; Zipf(s) per layer (s = 0: uniform), each
+    layer's popularity order shuffled."""
+    r = random.Random(seed)
+    weights = [1 / (i + 1) ** s for i in range(EXPERTS)]
+    order = [r.sample(range(EXPERTS), EXPERTS) for _ in range(LAYERS)]
+    return [(i, order[i][r.choices(range(EXPERTS), weights)[0]]) for _ in range(tokens) for i in range(LAYERS)]
+
+
+def serve(uses: list[tuple[int, int]], slots: int, held: int, exclusive: bool, warm: int) -> dict:
+    """Counts over the uses after the first `warm`, through the real store and cache."""
+    keys = [(i, e) for i in range(LAYERS) for e in range(EXPERTS)]
+    layout = ExpertLayout(BLOCK)
+    store = HostStore(
+        layout, keys, lambda k: BLOCK, pin=False, budget_bytes=held * layout.nbytes, policy=make_policy("lru")
+    )
+    store.exclusive = exclusive and store.policy is not None
+    cache = ExpertCache(store, slots, torch.device("cpu"), make_policy("lru"))
+    stats = LayerStats()
+    counts = {"device": 0, "host": 0, "disk": 0}
+    for n, key in enumerate(uses):
+        where = "device" if cache.resident(key) else "host" if key in store.blocks else "disk"
+        if cache.resident(key):
+            cache.policy.hit(key)
+        else:
+            cache.load(key, stats, {key}, demand=True)
+        if n >= warm:
+            counts[where] += 1
+    total = sum(counts.values())
+    return {k: round(v / total, 4) for k, v in counts.items()} | {
+        "copies_back_per_token": stats.spills / (len(uses) / LAYERS)
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--slots", type=int, default=178, help="device slots (24 GiB with the vision tower: 178)")
+    ap.add_argument("--hosts", default="379,620", help="host rows (32 GB: 379, 48 GB: 620 of 768)")
+    ap.add_argument("--zipf", default="0,1", help="routing exponents (0: uniform)")
+    ap.add_argument("--tokens", type=int, default=1000)
+    args = ap.parse_args()
+    for s in [float(z) for z in args.zipf.split(",")]:
+        uses = trace(2 * args.tokens, s, seed=0)
+        for held in [int(h) for h in args.hosts.split(",")]:
+            row = {"routing": "uniform" if s == 0 else f"zipf {s}", "slots": args.slots, "host_rows": held}
+            for exclusive in (True, False):
+                r = serve(uses, args.slots, held, exclusive, warm=args.tokens * LAYERS)
+                row["exclusive" if exclusive else "inclusive"] = r
+            print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+    main()
