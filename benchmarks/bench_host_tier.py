@@ -11,7 +11,9 @@ hit, or a read from the checkpoint's files (the disk). The host tier is exclusiv
 back) or inclusive (RAM keeps copies of the device's experts, as before session 31).
 
 Routing: uniform (every expert equally likely: the cache's worst case) or Zipf with exponent s
-per layer (a few hot experts), `--tokens` decode tokens after a warm-up of as many.
+per layer (a few hot experts), `--tokens` decode tokens after a warm-up of as many. Misses are
+either all copied to the device (`--miss swap`) or, as the default `auto` mostly does for one
+token, computed on the CPU from host RAM after a prefill that filled the device (`cpu`).
 
     python benchmarks/bench_host_tier.py [--slots 178] [--hosts 379,620] [--zipf 0,1]
 """
@@ -46,8 +48,11 @@ def trace(tokens: int, s: float, seed: int) -> list[tuple[int, int]]:
     return [(i, order[i][r.choices(range(EXPERTS), weights)[0]]) for _ in range(tokens) for i in range(LAYERS)]
 
 
-def serve(uses: list[tuple[int, int]], slots: int, held: int, exclusive: bool, warm: int) -> dict:
-    """Counts over the uses after the first `warm`, through the real store and cache."""
+def serve(uses: list[tuple[int, int]], slots: int, held: int, exclusive: bool, warm: int, miss: str) -> dict:
+    """Counts over the uses after the first `warm`, through the real store and cache. `miss`:
+    "swap" copies every miss to the device; "cpu" computes decode misses on the CPU from host RAM
+    (OffloadManager's cpu policy, what `auto` mostly picks for one token), after a 256-token
+    prefill whose pieces copied every expert of every layer to the device in layer order."""
     keys = [(i, e) for i in range(LAYERS) for e in range(EXPERTS)]
     layout = ExpertLayout(BLOCK)
     store = HostStore(
@@ -57,10 +62,17 @@ def serve(uses: list[tuple[int, int]], slots: int, held: int, exclusive: bool, w
     cache = ExpertCache(store, slots, torch.device("cpu"), make_policy("lru"))
     stats = LayerStats()
     counts = {"device": 0, "host": 0, "disk": 0}
+    if miss == "cpu":
+        for i in range(LAYERS):  # the prefill: each layer's 16 experts, copied as the layer runs
+            layer = {(i, e) for e in range(EXPERTS)}
+            for key in sorted(layer):
+                cache.load(key, stats, layer, demand=True)
     for n, key in enumerate(uses):
         where = "device" if cache.resident(key) else "host" if key in store.blocks else "disk"
         if cache.resident(key):
             cache.policy.hit(key)
+        elif miss == "cpu":
+            store.block(key)
         else:
             cache.load(key, stats, {key}, demand=True)
         if n >= warm:
@@ -77,15 +89,18 @@ def main() -> None:
     ap.add_argument("--hosts", default="379,620", help="host rows (32 GB: 379, 48 GB: 620 of 768)")
     ap.add_argument("--zipf", default="0,1", help="routing exponents (0: uniform)")
     ap.add_argument("--tokens", type=int, default=1000)
+    ap.add_argument("--miss", default="swap,cpu", help="swap: every miss copied; cpu: decode misses on the CPU")
     args = ap.parse_args()
     for s in [float(z) for z in args.zipf.split(",")]:
         uses = trace(2 * args.tokens, s, seed=0)
         for held in [int(h) for h in args.hosts.split(",")]:
-            row = {"routing": "uniform" if s == 0 else f"zipf {s}", "slots": args.slots, "host_rows": held}
-            for exclusive in (True, False):
-                r = serve(uses, args.slots, held, exclusive, warm=args.tokens * LAYERS)
-                row["exclusive" if exclusive else "inclusive"] = r
-            print(json.dumps(row), flush=True)
+            for miss in args.miss.split(","):
+                row = {"routing": "uniform" if s == 0 else f"zipf {s}", "slots": args.slots, "host_rows": held}
+                row["miss"] = miss
+                for exclusive in (True, False):
+                    r = serve(uses, args.slots, held, exclusive, args.tokens * LAYERS, miss)
+                    row["exclusive" if exclusive else "inclusive"] = r
+                print(json.dumps(row), flush=True)
 
 
 if __name__ == "__main__":

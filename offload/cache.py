@@ -75,8 +75,9 @@ class HostStore:
     copied to the device leaves host RAM and one the device evicts is copied back into it
     (ExpertCache.load), so RAM and the device hold different experts. Beside a 24 GB GPU, Scout's
     768 experts then fit in RAM and GPU together from 48 GB of RAM, where holding the same ones
-    twice left a fifth of the uses to the disk (docs/benchmarks-history.md, session 31). One row
-    beyond the budget (the staging buffer) is the spare that makes each swap one pair of copies."""
+    twice left a fifth of the uses to the disk when misses are copied (docs/benchmarks-history.md,
+    session 31). One row beyond the budget (the staging buffer) is the spare that makes each swap
+    one pair of copies."""
 
     def __init__(
         self,
