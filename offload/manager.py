@@ -168,6 +168,13 @@ class OffloadManager:
             return True
         return self.cost.cpu(n_tokens) < self.cost.swap(n_tokens)
 
+    def _cpu_reads_ram(self, key: Key) -> bool:
+        """Whether a CPU-computed miss would find `key` in host RAM: not where the CPU has its own
+        store (the stock CUDA kernel's layout differs) that lacks it while the device's store holds
+        it, where the CPU would read the checkpoint's files and a copy reads RAM."""
+        cpu, dev = self.cpu_store, self.cache.store
+        return cpu is dev or key in cpu.blocks or key not in dev.blocks
+
     def run(self, layer: int, groups: list[tuple[int, torch.Tensor]], overlap=None) -> list[torch.Tensor]:
         """Each group's output, in order. `overlap`: other device work of the layer (a decode
         step's shared expert), called once the CPU misses have their inputs and before they
@@ -187,7 +194,11 @@ class OffloadManager:
             if r:
                 cache.policy.hit(k)
         n = len(groups)
-        on_cpu = [j for j in range(n) if not was_resident[j] and self._cpu_for(groups[j][1].shape[0])]
+        on_cpu = [
+            j
+            for j in range(n)
+            if not was_resident[j] and self._cpu_for(groups[j][1].shape[0]) and self._cpu_reads_ram(keys[j])
+        ]
         cpu_inputs = {j: groups[j][1].to("cpu") for j in on_cpu}  # before queueing device work
         if overlap is not None:
             overlap()

@@ -178,6 +178,27 @@ def test_host_tier_is_exclusive(references, slots, held, miss, fewer):
     assert reads[True] < reads[False] if fewer else reads[True] <= reads[False], reads
 
 
+def test_cpu_misses_not_read_from_files_where_the_device_store_holds_them(references):
+    """Where the CPU has a store of its own (the stock CUDA kernel's layout differs from the CPU's)
+    and it lacks an expert that the device's store holds in RAM, the miss is copied from RAM
+    rather than computed on the CPU from the checkpoint's files."""
+    from offload.cache import HostStore
+
+    path, dtype, (want, _) = references["int4"]
+    one = offloaded(path, dtype, slots=1, miss_policy="swap").offload.cache.layout.nbytes
+    model = offloaded(path, dtype, slots=2, miss_policy="cpu", host_memory=8 * one, prefetch=False)
+    m = model.offload
+    dev = m.cache.store
+    cpu = m.cpu_store = HostStore(dev.layout, dev.keys, dev.build, pin=False, budget_bytes=0)  # holds none
+    seen = []
+    block = cpu.block
+    cpu.block = lambda key: (seen.append(key in dev.blocks), block(key))[1]
+    assert torch.equal(run(model, PROMPT)[0], want)
+    t = m.totals()
+    assert seen and not any(seen) and t.cpu == len(seen)  # only experts RAM did not hold went to the CPU
+    assert t.loads > 2  # the others were copied from RAM
+
+
 def test_prefetch_from_disk_only_starts_read_ahead(references, monkeypatch):
     from llama4_local.checkpoint import Checkpoint
 
