@@ -323,14 +323,15 @@ def _offload_slots(cfg, ckpt, scheme, torch_dtype, torch_device, opts, context: 
 
 def _host_note(manager) -> None:
     """One line on stderr when the machine's available RAM, not --host-memory, bounds the experts
-    held in host RAM (offload.setup.build_manager), and fewer than all of them fit."""
+    held in host RAM (offload.setup.build_manager), and fewer than all of them fit; the bound is
+    the one the store was sized by (available RAM read again now would lack what it pinned)."""
     store = manager.cache.store
     held, total = len(store.blocks), len(store.keys)
     if manager.host_budget_auto and held < total:
         sys.stderr.write(
             f"note: {held} of {total} experts fit in this machine's available RAM "
-            f"({available_memory() / 2**30:.1f} GiB); the others are read from the checkpoint when chosen "
-            "(--host-memory sets the RAM experts take)\n"
+            f"({manager.host_budget / 2**30:.1f} GiB of it for them); the others are read from the checkpoint "
+            "when chosen (--host-memory sets the RAM experts take)\n"
         )
 
 

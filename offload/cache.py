@@ -163,10 +163,13 @@ class HostStore:
             return out
         return self._read(key, self._staging)
 
-    # -- the exclusive tier (ExpertCache.load) ----------------------------------------------------
+    # -- copies to the device (ExpertCache.load) ----------------------------------------------------
     def take(self, key: Key) -> torch.Tensor:
-        """The row to copy `key` to the device from: its own, which leaves the held set, or a free
-        row it is read into from the files. Hand it to `done` once the copy is queued."""
+        """The block to copy `key` to the device from; hand it to `done` once the copy is queued.
+        Exclusive: its own row, which leaves the held set, or a free row it is read into from the
+        files; else `block(key)`."""
+        if not self.exclusive:
+            return self.block(key)
         row = self.blocks.pop(key, None)
         if row is not None:
             self.policy.evict(key)
@@ -174,8 +177,9 @@ class HostStore:
         return self._read(key, self.free.pop() if self.free else self._victim_row())
 
     def put_back(self, key: Key) -> torch.Tensor | None:
-        """A row for `key`, which the device evicts, to be copied into (None: already held)."""
-        if key in self.blocks:
+        """A row for `key`, which the device evicts, to be copied into (None: not exclusive, or
+        already held)."""
+        if not self.exclusive or key in self.blocks:
             return None
         row = self.free.pop() if self.free else self._victim_row()
         self.blocks[key] = row
@@ -183,13 +187,14 @@ class HostStore:
         return row
 
     def done(self, row: torch.Tensor, copy_out=None, back: torch.Tensor | None = None, copy_in=None) -> None:
-        """`row` (from take) is free once its copy out ends at `copy_out`; `back` (from put_back)
-        is valid once its copy in ends at `copy_in` (CUDA events; None on the CPU)."""
+        """The copy out of `row` (from take) ends at `copy_out`, and the copy into `back` (from
+        put_back) at `copy_in` (CUDA events; None on the CPU). Exclusive: `row` is free."""
         if copy_out is not None:
             self._out[row.data_ptr()] = copy_out
         if back is not None and copy_in is not None:
             self._in[back.data_ptr()] = copy_in
-        self.free.append(row)
+        if self.exclusive:
+            self.free.append(row)
 
     def willneed(self, key: Key) -> bool:
         """Start reading a not-held expert's bytes into the page cache in the background (the
@@ -200,11 +205,6 @@ class HostStore:
             return False
         hint(key)
         return True
-
-    def in_use(self, key: Key, event: torch.cuda.Event) -> None:
-        """A copy out of `key`'s block (its row, or the staging buffer) ends at `event`."""
-        row = self.blocks.get(key, self._staging)
-        self._out[row.data_ptr()] = event
 
 
 class ExpertCache:
@@ -247,9 +247,9 @@ class ExpertCache:
         self.slot_of[key] = slot
         self.policy.insert(key)
         store = self.store
-        # Exclusive host tier: the expert leaves host RAM, the evicted one goes back into it.
-        src = store.take(key) if store.exclusive else store.block(key)
-        back = store.put_back(victim) if store.exclusive and victim is not None else None
+        # An exclusive host tier: the expert leaves host RAM, the evicted one goes back into it.
+        src = store.take(key)
+        back = store.put_back(victim) if victim is not None else None
         n = self.layout.nbytes
         stats.loads += 1
         stats.bytes_moved += n if back is None else 2 * n
@@ -265,10 +265,7 @@ class ExpertCache:
                 self.buf[slot].copy_(src, non_blocking=True)
                 end.record(self.stream)
             self.ready[slot] = end
-            if store.exclusive:
-                store.done(src, end, back, end)
-            else:
-                store.in_use(key, end)
+            store.done(src, end, back, end)
             self._timings.append((stats, start, end, demand))
             if len(self._timings) > 1024:
                 self.collect_timings(wait=False)
@@ -277,8 +274,7 @@ class ExpertCache:
             if back is not None:
                 back.copy_(self.buf[slot])
             self.buf[slot].copy_(src)
-            if store.exclusive:
-                store.done(src)
+            store.done(src)
             dt = time.perf_counter() - t0
             stats.copy_s += dt
             if demand:
