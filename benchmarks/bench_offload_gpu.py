@@ -123,7 +123,7 @@ def build_model(cfg: TextConfig, device: torch.device, dtype: torch.dtype, int4_
 def random_routing(model, seed: int = 4) -> None:
     """Every MoE layer routes each token to experts drawn uniformly at random (on the device, so
     no host sync is added), with sigmoid score 0.5."""
-    dev = model.embed_tokens.weight.device
+    dev = model.device
     gen = torch.Generator(device=dev).manual_seed(seed)
     for layer in model.layers:
         if layer.is_moe:
@@ -316,6 +316,9 @@ def main():
             budget = min(gib * GiB, free + used_now - GiB)
             plan = plan_memory(cfg, budget, args.prompt_tokens + args.gen_tokens, 2, Quantized(GROUP))
             slots = plan.slots
+            # Where the plan keeps the embeddings in host RAM (not every expert fits), so does the run.
+            where = "cpu" if "embeddings" in plan.host_dense else device
+            model.embed_tokens.weight = torch.nn.Parameter(model.embed_tokens.weight.to(where), requires_grad=False)
         else:
             slots = args.slots or len(keys) // 5
         for miss in args.miss_policies.split(","):
@@ -327,7 +330,8 @@ def main():
                     run_setup(model, device, 32, 2)
                     warmed = True
                 res = run_setup(model, device, args.prompt_tokens, args.gen_tokens)
-                row = {"gpu_memory_GiB": gib, "slots": slots, "miss_policy": miss, "prefetch": prefetch, **res}
+                row = {"gpu_memory_GiB": gib, "slots": slots, "miss_policy": miss, "prefetch": prefetch}
+                row.update(embeddings=str(model.embed_tokens.weight.device), **res)
                 for mode in args.decode_modes.split(","):
                     if mode != "eager":
                         row[f"decode_{mode}"] = run_setup(model, device, 16, args.gen_tokens, mode)["decode"]

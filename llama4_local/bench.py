@@ -67,7 +67,7 @@ def run_bench(req: BenchRequest) -> dict:
         mmap=req.mmap,
     )
     load_s = time.perf_counter() - t0
-    device = model.embed_tokens.weight.device
+    device = model.device
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     gen = torch.Generator().manual_seed(req.seed)

@@ -52,7 +52,7 @@ def windows(ids: list[int], ctx: int, bos: int | None, limit: int | None = None)
 
 def _log_probs(model: Llama4Text, ids: list[int], piece: int) -> torch.Tensor:
     """log softmax of every position's next-token logits [T, V], float32 on the CPU."""
-    device = model.embed_tokens.weight.device
+    device = model.device
     x = torch.tensor(ids, dtype=torch.long, device=device)
     cache = model.new_cache(len(ids))
     out = [

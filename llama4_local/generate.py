@@ -115,7 +115,7 @@ def _steps(
     processors: Sequence[LogitsProcessor] = (),
 ) -> Iterator[tuple[int, torch.Tensor]]:
     """Yield (token, the model's own logits [V] for it) without end."""
-    device = model.embed_tokens.weight.device
+    device = model.device
     ids = torch.tensor(prompt, dtype=torch.long, device=device)
     seen = torch.tensor(history if history is not None else prompt, dtype=torch.long, device=device)
     use_history = sampler.p.repetition_penalty != 1.0
@@ -289,7 +289,7 @@ def stream_generate(
     `history` is every token of the context when `prompt` is only the part not yet cached.
     """
     need = check_context(model.cfg, len(prompt), max_new_tokens, context)
-    device = model.embed_tokens.weight.device
+    device = model.device
     if cache is None:
         cache = model.new_cache(need)
     sampler = Sampler(params, device)

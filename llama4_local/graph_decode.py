@@ -34,7 +34,6 @@ from __future__ import annotations
 import sys
 
 import torch
-import torch.nn.functional as F
 
 from . import fused
 from .errors import UserError
@@ -70,7 +69,7 @@ class StaticDecode:
             self.caps.append(cap)
             self.k.append(kv.buf.k)
             self.v.append(kv.buf.v)
-        self.slots = {c: torch.arange(c, device=model.embed_tokens.weight.device) for c in set(self.caps)}
+        self.slots = {c: torch.arange(c, device=model.device) for c in set(self.caps)}
         self.qkv = [fuse_qkv(layer.self_attn) for layer in model.layers]  # joined once per model
         # (QuantizedExperts.stacks() stacks once per model, whatever number of caches it serves)
         moe = [] if offloaded else [i for i, layer in enumerate(model.layers) if layer.is_moe]
@@ -111,7 +110,7 @@ class StaticDecode:
     def embed(self, token: torch.Tensor, pos: torch.Tensor):
         """(x, its first norm, cos, sin) for `token` at `pos`."""
         m = self.model
-        x = F.embedding(token, m.embed_tokens.weight)
+        x = m.embed(token)
         angles = pos.float()[:, None] * m.inv_freq[None, :]  # rope_freqs's, as cos and sin
         first = m.layers[0].input_layernorm
         return x, fused.norm(x, first.weight, first.eps), torch.cos(angles), torch.sin(angles)
@@ -318,7 +317,7 @@ def stepper(model, cache: KVCache, mode: str | None = None):
     stepper is kept on the cache and reused by later turns on it. In "auto", a graph that fails to build
     (a compiler missing on this machine, say) warns once and leaves the eager forward."""
     mode = mode or decode_mode()
-    cuda = model.embed_tokens.weight.device.type == "cuda"
+    cuda = model.device.type == "cuda"
     offloaded = model.offload is not None
     if mode == "eager" or (mode == "auto" and (offloaded or not cuda)):
         return None
@@ -362,7 +361,7 @@ def greedy_static(
 ) -> tuple[list[int], torch.Tensor]:
     """Eager prefill of `prompt` [T], then `n` greedy tokens (or `feed`'s) by static decode steps,
     replayed as a CUDA graph on CUDA unless `graph` is False: (tokens fed, logits after each [n, V])."""
-    dev = model.embed_tokens.weight.device
+    dev = model.device
     cache = model.new_cache(prompt.shape[0] + n)
     logits = model(prompt.to(dev), cache)
     use_graph = dev.type == "cuda" if graph is None else graph

@@ -47,20 +47,30 @@ def check_model_dir(path: Path) -> Path:
     return path
 
 
-def load_weights(model: Llama4Text, ckpt: Checkpoint, dtype: torch.dtype, device: torch.device) -> None:
-    """Assign every parameter of `model` (on meta) from `ckpt`, checking names and shapes."""
+def load_weights(
+    model: Llama4Text, ckpt: Checkpoint, dtype: torch.dtype, device: torch.device, host: frozenset[str] = frozenset()
+) -> None:
+    """Assign every parameter of `model` (on meta) from `ckpt`, checking names and shapes; those
+    named in `host` stay in host RAM (a mapped view where the dtype matches)."""
     cfg = model.cfg
     if cfg.tie_word_embeddings and "lm_head.weight" not in ckpt:
         ckpt.files["lm_head.weight"] = ckpt.files.get("embed_tokens.weight")
         ckpt.names["lm_head.weight"] = ckpt.names.get("embed_tokens.weight")
-    assign_weights(model, ckpt, dtype, device)
+    assign_weights(model, ckpt, dtype, device, host)
     model.inv_freq = rope_inv_freq(cfg).to(device)
 
 
-def assign_weights(module: torch.nn.Module, ckpt: Checkpoint, dtype: torch.dtype, device: torch.device) -> None:
+def assign_weights(
+    module: torch.nn.Module,
+    ckpt: Checkpoint,
+    dtype: torch.dtype,
+    device: torch.device,
+    host: frozenset[str] = frozenset(),
+) -> None:
     """Replace every parameter of `module` (on meta) by its checkpoint tensor, checking names and shapes.
 
-    Parameters that name the same checkpoint tensor (tied embeddings) share one copy.
+    Parameters that name the same checkpoint tensor (tied embeddings) share one copy; those named
+    in `host` go to the CPU instead of `device`.
     """
     params = {n: p for n, p in module.named_parameters() if p.is_meta}  # those set already (an INT8 lm_head) kept
     missing = [n for n in params if n not in ckpt or ckpt.files[n] is None]
@@ -81,7 +91,7 @@ def assign_weights(module: torch.nn.Module, ckpt: Checkpoint, dtype: torch.dtype
         key = ckpt.where(name)
         t = shared.get(key)
         if t is None:
-            t = ckpt.get(name).to(device=device, dtype=dtype)
+            t = ckpt.get(name).to(device="cpu" if name in host else device, dtype=dtype)
             shared[key] = t
         module_path, _, attr = name.rpartition(".")
         setattr(module.get_submodule(module_path), attr, torch.nn.Parameter(t, requires_grad=False))
@@ -419,7 +429,10 @@ def load_model(
         apply_quantized(model, ckpt, scheme, torch_dtype, torch_device, routed=slots is None)
         if not stored_lm_head(model, ckpt, torch_dtype, torch_device):
             sidecar_lm_head(model, ckpt, model_dir, torch_dtype, torch_device)
-    load_weights(model, ckpt, torch_dtype, torch_device)
+    host = frozenset()
+    if slots is not None and model.plan is not None and "embeddings" in model.plan.host_dense:
+        host = frozenset({"embed_tokens.weight"})  # read a row a token: their GPU room holds experts
+    load_weights(model, ckpt, torch_dtype, torch_device, host)
     if slots is not None:
         from offload.setup import attach_offload
 

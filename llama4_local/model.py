@@ -450,6 +450,19 @@ class Llama4Text(nn.Module):
         self.vision = None  # vision.Vision when the checkpoint's vision tower is loaded
         self.image_token_id: int | None = None  # <|patch|>: where image features go
 
+    @property
+    def device(self) -> torch.device:
+        """Where the model computes: the embeddings may lie elsewhere (host RAM, beside an expert
+        cache on a GPU: loader.load_model)."""
+        return self.norm.weight.device
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """The embeddings of ids [T] as [T, D] on ids' device, looked up where the table lies."""
+        w = self.embed_tokens.weight
+        if ids.device == w.device:
+            return F.embedding(ids, w)
+        return F.embedding(ids.to(w.device), w).to(ids.device)
+
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         """Image tiles [N, 3, S, S] -> features [N * tokens_per_tile, hidden] for the <|patch|> positions."""
         if self.vision is None:
@@ -458,8 +471,7 @@ class Llama4Text(nn.Module):
 
     def new_cache(self, max_len: int, keep_previous: bool = False) -> KVCache:
         """An empty cache; `keep_previous` lets it be rewound into the chunk before the current one."""
-        w = self.embed_tokens.weight
-        return KVCache(self.cfg, max_len, w.dtype, w.device, keep_previous)
+        return KVCache(self.cfg, max_len, self.embed_tokens.weight.dtype, self.device, keep_previous)
 
     @torch.inference_mode()
     def forward(
@@ -470,7 +482,7 @@ class Llama4Text(nn.Module):
         `image_features` [n, D] replace the embeddings of the n <|patch|> tokens among ids, in order.
         """
         pos0 = cache.length
-        x = F.embedding(ids, self.embed_tokens.weight)  # [T, D]
+        x = self.embed(ids)  # [T, D]
         if image_features is not None:
             mask = ids == self.image_token_id
             if int(mask.sum()) != image_features.shape[0]:

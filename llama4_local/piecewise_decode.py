@@ -30,7 +30,7 @@ class PiecewiseDecode:
         if model.offload is None:
             raise ValueError("piecewise decode is for models with an expert cache")
         self.model, self.static = model, StaticDecode(model, cache, offloaded=True)
-        dev = model.embed_tokens.weight.device
+        dev = model.device
         d = model.cfg.hidden_size
         dtype = model.embed_tokens.weight.dtype
         # Static inputs of the attention pieces: what each step copies in before replaying.

@@ -3,14 +3,16 @@
 Everything but the routed experts (embeddings, attention, norms, routers, shared experts, dense
 MLPs, lm_head) lives on the device, with the KV cache for the requested context and a
 workspace for activations. What is left of the budget becomes expert-cache slots of one
-expert block each. Sizes are computed from the config and the quantization scheme, in the
+expert block each. Where not every expert fits, the token embeddings (Scout's: 1.93 GiB, read
+one row a token) stay in host RAM instead, as llama.cpp keeps them, and their room becomes
+some 30 more slots. Sizes are computed from the config and the quantization scheme, in the
 layout the device kernels use (INT4: half a byte per weight plus a bf16 scale and offset per
 group and row), so the plan can be made, printed and tested without any weights.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 from llama4_local.config import TextConfig
 from llama4_local.errors import UserError
@@ -116,6 +118,7 @@ class MemoryPlan:
     host_budget: int | None
     host_experts: int
     host_from_available: bool = False  # host_budget came from the machine's available RAM
+    host_dense: dict[str, int] = field(default_factory=dict)  # parts kept in host RAM (the embeddings)
 
     @property
     def dense_total(self) -> int:
@@ -142,6 +145,7 @@ class MemoryPlan:
         rows.append(
             (f"expert cache: {self.slots} of {self.experts_total} experts", "gpu", self.slots * self.expert_bytes)
         )
+        rows += [(name.replace("_", " "), "cpu", n) for name, n in self.host_dense.items()]
         if self.all_resident:
             return rows
         held = f"experts in host RAM: {self.host_experts}"
@@ -172,6 +176,10 @@ def plan_memory(
     `vision`: bytes of the vision tower and its activations, when images will be read.
     `host_budget`: host RAM for expert blocks; None: every expert, or, given `available` (the
     machine's available RAM), as many as host_budget_from allows.
+    Where the experts do not all fit, the embeddings go to host RAM (untied ones: a tied table is
+    the lm_head too), unless that would make room for every expert: the slots then stay as they
+    were, the embeddings on the device, so that "every expert resident" always means the whole
+    model on the device.
     """
     dense = dense_parts(cfg, elt, q)
     if vision:
@@ -181,6 +189,11 @@ def plan_memory(
     one = expert_bytes(cfg, elt, q)
     total = cfg.num_experts * sum(cfg.moe_layers)
     fixed = sum(dense.values()) + kv + work
+    movable = 0 if cfg.tie_word_embeddings else dense["embeddings"]
+    host_dense = {}
+    if movable and total and budget - fixed + movable < total * one:  # some experts stay off the device
+        host_dense["embeddings"] = dense.pop("embeddings")
+        fixed -= movable
     if fixed + one > budget:
         need = (fixed + one) / GiB
         raise UserError(
@@ -199,4 +212,4 @@ def plan_memory(
             host_budget = host_budget_from(total * one, available)
             auto = host_budget is not None
         host = total if host_budget is None else min(total, host_budget // one)
-    return MemoryPlan(budget, context, dense, kv, work, one, total, int(slots), host_budget, host, auto)
+    return MemoryPlan(budget, context, dense, kv, work, one, total, int(slots), host_budget, host, auto, host_dense)

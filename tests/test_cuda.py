@@ -150,6 +150,37 @@ def test_exclusive_host_tier_on_cuda(scout_int4, miss):
         assert not set(m.cache.store.blocks) & set(m.cache.slot_of)
 
 
+@pytest.mark.parametrize("miss", ["swap", "auto"])
+def test_embeddings_in_host_ram_on_cuda(scout_int4, miss):
+    """A GPU budget that holds 3 of the experts: the plan keeps the embeddings in host RAM (the
+    checkpoint's mapped view), the model computes on the GPU, and nothing computed changes, in
+    the eager forward and in the piecewise decode's graphs."""
+    from llama4_local.graph_decode import stepper
+    from offload.setup import OffloadOptions
+    from tests.test_offload import PROMPT, run
+
+    path = scout_int4[0]
+    want, want_tokens = run(load_model(path, "bfloat16", "cuda")[0], PROMPT.cuda())
+    probe, _ = load_model(path, "bfloat16", "cuda", offload=OffloadOptions(gpu_memory=2**30))
+    p = probe.plan
+    budget = p.used - p.dense["embeddings"] - (p.experts_total - 3) * p.expert_bytes
+    model, _ = load_model(path, "bfloat16", "cuda", offload=OffloadOptions(gpu_memory=budget, miss_policy=miss))
+    assert model.plan.slots == 3 and "embeddings" in model.plan.host_dense and model.offload is not None
+    assert model.embed_tokens.weight.device.type == "cpu" and model.device.type == "cuda"
+    assert model.new_cache(4).layers[0].buf.k.device.type == "cuda"
+    if miss == "swap":
+        got, tokens = run(model, PROMPT.cuda())
+        assert torch.equal(got, want) and tokens == want_tokens
+    else:  # CPU-computed misses round activations to int8 (test_offloaded_equals_resident_on_cuda)
+        got, _ = run(model, PROMPT.cuda(), feed=want_tokens)
+        assert rel_err(got, want) < 4e-2
+    cache = model.new_cache(PROMPT.shape[0] + 6)
+    model(PROMPT.cuda(), cache)
+    step = stepper(model, cache, "graph")
+    steps = [step(t).clone() for t in want_tokens]
+    assert rel_err(torch.cat(steps), want[PROMPT.shape[0] :]) < 4e-2
+
+
 def test_plan_on_cuda_fits_free_memory(scout_int4):
     from offload.setup import OffloadOptions
 

@@ -22,12 +22,14 @@ def test_scout_config_alone(tmp_path):
     assert 108.5e9 < res["parameters_total"] < 109.0e9  # "109B" with the vision tower
     assert 17.0e9 < res["parameters_active"] < 17.3e9  # "17B active"
     assert res["experts"] == 16 and res["layers"] == 48 and res["nope_layers"][:2] == [3, 7]
-    # bf16 attention and shared experts, plus the 2 GiB vision tower, do not fit 24 GiB...
+    # bf16 attention and shared experts, plus the 2 GiB vision tower, fit 24 GiB with the
+    # embeddings in host RAM, and a few expert slots...
     (plan,) = res["plans"]
+    assert "error" not in plan and plan["plan"]["used"] <= 24 * 2**30 and plan["plan"]["slots"] > 0
+    assert list(plan["plan"]["host_dense"]) == ["embeddings"]
+    # ...but not 22 GiB.
+    (plan,) = info(tmp_path, "--gpu-memory", "22GiB")["plans"]
     assert "vision tower" in plan["error"] and "--no-vision" in plan["error"]
-    # ...26 GiB holds them and a few expert slots.
-    (plan,) = info(tmp_path, "--gpu-memory", "26GiB")["plans"]
-    assert "error" not in plan and plan["plan"]["used"] <= 26 * 2**30 and plan["plan"]["slots"] > 0
 
 
 def test_quantized_and_multimodal_checkpoints(scout_int4, multimodal_ckpt):

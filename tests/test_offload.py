@@ -276,6 +276,38 @@ def test_plan_names_the_minimum(scout_cfg):
         plan_memory(scout_cfg, 20 * GiB, 8192, 2, None)
 
 
+def test_plan_keeps_embeddings_in_host_ram_where_experts_do_not_fit(scout_cfg):
+    """Scout's embeddings (1.93 GiB, a row a token) go to host RAM where not every expert fits on
+    the GPU, and their room holds ~30 more experts; where every expert fits, or would fit only
+    with the embeddings moved, or the table is the lm_head too (tied), they stay on the GPU."""
+    from dataclasses import replace
+
+    q = Quantized(group_size=128, attention=True)
+    one, emb = 3 * (5120 * 8192 // 2 + 5120 * 8192 // 128 * 4), 202048 * 5120 * 2
+    tied = replace(scout_cfg, tie_word_embeddings=True)
+    for gib in (16, 24, 48):
+        plan, kept = plan_memory(scout_cfg, gib * GiB, 8192, 2, q), plan_memory(tied, gib * GiB, 8192, 2, q)
+        assert plan.host_dense == {"embeddings": emb} and "embeddings" not in plan.dense
+        assert ("embeddings", "cpu", emb) in plan.rows() and ("embeddings", "gpu", emb) in kept.rows()
+        assert emb // one == 30 and plan.slots - kept.slots in (30, 31)
+        assert plan.used <= gib * GiB < plan.used + one  # the room is the slots'
+
+    assert plan_memory(scout_cfg, 24 * GiB, 8192, 2, q).slots == 241
+    full = plan_memory(scout_cfg, 80 * GiB, 8192, 2, q)
+    assert full.all_resident and not full.host_dense and "embeddings" in full.dense
+    # Budgets where moving the embeddings would make room for every expert: the whole model stays
+    # on the GPU, fewer experts with it (an expert cache of every expert would be no faster).
+    need = full.used
+    for short in (one, emb // 2, emb - one):
+        band = plan_memory(scout_cfg, need - short, 8192, 2, q)
+        assert not band.host_dense and not band.all_resident and band.used <= need - short
+    # The minimum named for a too-small budget counts the embeddings in host RAM.
+    with pytest.raises(UserError, match="at least") as e:
+        plan_memory(scout_cfg, 8 * GiB, 8192, 2, q)
+    need = float(e.value.args[0].split("at least ")[1].split(" GiB")[0])
+    assert plan_memory(scout_cfg, int((need + 0.1) * GiB), 8192, 2, q).host_dense == {"embeddings": emb}
+
+
 def test_plan_holds_what_available_ram_takes(scout_cfg):
     """Without a host budget the plan keeps every expert in host RAM where the machine's available
     RAM takes them (less 3 GiB and 5%), else as many as it does: Scout's 48 GiB of INT4 experts
@@ -287,9 +319,9 @@ def test_plan_holds_what_available_ram_takes(scout_cfg):
     small = plan_memory(scout_cfg, 24 * GiB, 8192, 2, q, available=28 * GiB)
     room = int(28 * GiB - 3 * GiB - 0.05 * 28 * GiB)
     assert (small.host_budget, small.host_experts, small.host_from_available) == (room, room // one, True)
-    # 389 experts beyond RAM, 144 of them on the GPU at a time: RAM holds none of the GPU's.
+    # 389 experts beyond RAM, 174 of them on the GPU at a time: RAM holds none of the GPU's.
     cold = 768 - 379 - small.slots
-    assert small.host_experts == 379 and ("experts read from disk on demand: 245", "disk", cold * one) in small.rows()
+    assert small.host_experts == 379 and ("experts read from disk on demand: 215", "disk", cold * one) in small.rows()
     assert "available RAM" in small.rows()[-2][0]
     big = plan_memory(scout_cfg, 24 * GiB, 8192, 2, q, available=58 * GiB)
     assert (big.host_budget, big.host_experts, big.host_from_available) == (None, 768, False)

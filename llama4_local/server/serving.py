@@ -84,7 +84,7 @@ class Serving:
         if len(stop) > MAX_STOPS:
             raise APIError(400, f"stop takes at most {MAX_STOPS} strings, got {len(stop)}", "stop")
         processors = []
-        device = self.engine.model.embed_tokens.weight.device
+        device = self.engine.model.device
         vocab = self.engine.model.cfg.vocab_size
         if req.presence_penalty or req.frequency_penalty:
             processors.append(OutputPenalties(req.presence_penalty, req.frequency_penalty, vocab, device))
