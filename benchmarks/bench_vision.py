@@ -5,8 +5,11 @@ blocks of width 1408, 0.87 B parameters) with random weights in memory, then tim
   - preprocessing (decode not included) of a 1-tile and a 16-tile (+ global view) image,
   - the tower on 1 tile and on a pass of `--tiles` tiles, in each dtype asked for,
 and reports seconds per tile, tiles/s and achieved TFLOP/s (the matmuls' 2 x params x tokens).
+`--streamed N`: also a N-tile image (17: 16 tiles and the global view) with the tower whole on
+the device and with its blocks in host RAM, copied into one block's room as they run (what a
+run beside an expert cache does), one after the other.
 
-    python benchmarks/bench_vision.py [--device cpu|cuda] [--dtypes bfloat16,float32] [--tiles 4]
+    python benchmarks/bench_vision.py [--device cpu|cuda] [--dtypes bfloat16,float32] [--tiles 4] [--streamed 17]
 """
 
 from __future__ import annotations
@@ -46,12 +49,38 @@ def random_tower(cfg: VisionConfig, dtype: torch.dtype, device: torch.device) ->
     return v.eval()
 
 
+def streamed_against_whole(tower: Vision, cfg: VisionConfig, dtype, device, args, g) -> dict:
+    """An image of args.streamed tiles through the whole tower, then with its blocks in host RAM
+    (pageable, as a mapped checkpoint's are) copied into one block's room as they run."""
+    pixels = torch.randn(args.streamed, 3, cfg.image_size, cfg.image_size, generator=g).to(device, dtype)
+    whole = best_time(lambda: tower(pixels), device, args.reps)
+    want = tower(pixels)
+    for block in tower.vision_model.model.layers:
+        block.to("cpu")
+    tower.make_room(dtype, device)
+    streamed = best_time(lambda: tower(pixels), device, args.reps)
+    blocks = sum(p.nbytes for p in tower.vision_model.model.layers.parameters())
+    row = {
+        "dtype": str(dtype).removeprefix("torch."),
+        "tiles": args.streamed,
+        "whole_s": round(whole, 3),
+        "streamed_s": round(streamed, 3),
+        "blocks_GB": round(blocks / 1e9, 3),
+        "copy_GB_s": round(blocks / (streamed - whole) / 1e9, 1) if streamed > whole else None,
+        "equal": bool(torch.equal(tower(pixels), want)),
+    }
+    if not args.json:
+        print(f"{row['dtype']:9s} {args.streamed} tiles whole {whole:.3f} s, streamed {streamed:.3f} s")
+    return row
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--dtypes", default="bfloat16,float32")
     ap.add_argument("--tiles", type=int, default=4, help="tiles per pass for the batched timing")
     ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--streamed", type=int, default=0, help="tiles of an image timed streamed and whole (0: not)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     device = torch.device(args.device)
@@ -96,6 +125,8 @@ def main():
             )
             if not args.json:
                 print(f"{name:9s} {n:2d} tile(s): {s:7.3f} s, {s / n:6.3f} s/tile, {flops / s / 1e12:.3f} TFLOP/s")
+        if args.streamed:
+            out.setdefault("streamed", []).append(streamed_against_whole(tower, cfg, dtype, device, args, g))
         tower = None  # free it before the next dtype
     out["runs"] = runs
     print(json.dumps(out, indent=1))

@@ -55,7 +55,7 @@ if has threads; then
 fi
 if has vision; then
   stamp vision
-  timeout "${VISION_S:-35}" python3 benchmarks/bench_vision.py --device cuda --json >"$OUT/vision.txt" 2>&1
+  timeout "${VISION_S:-45}" python3 benchmarks/bench_vision.py --device cuda --streamed 17 --json >"$OUT/vision.txt" 2>&1
 fi
 if has triton; then
   stamp triton

@@ -126,6 +126,7 @@ def model_info(path: Path, budgets: list[int], context: int, hosts: list[int | N
 
     vcfg = VisionConfig.from_dir(path) if cfg.multimodal else None
     vbytes = vision_memory(vcfg, 2) if vcfg is not None else 0  # what chat loads for /image
+    streamable = vbytes - vision_memory(vcfg, 2, streamed=True) if vcfg is not None else 0
     if vcfg is not None and not vision:  # a config without weights: count from the config
         vision = vision_parameters(vcfg)
     plans = []
@@ -134,7 +135,9 @@ def model_info(path: Path, budgets: list[int], context: int, hosts: list[int | N
             entry = {"gpu_memory": budget, "host_memory": host}
             try:
                 avail = available_memory() if host is None else 0  # as a run here would bound it
-                plan = plan_memory(cfg, budget, context, 2, q, host_budget=host, vision=vbytes, available=avail)
+                plan = plan_memory(
+                    cfg, budget, context, 2, q, host_budget=host, vision=vbytes, available=avail, vision_host=streamable
+                )
                 plans.append({**entry, "plan": plan.as_dict(), "rows": plan.rows()})
             except UserError as e:  # a budget too small is information here, not an error
                 plans.append({**entry, "error": str(e)})

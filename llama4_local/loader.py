@@ -318,13 +318,14 @@ def _offload_slots(cfg, ckpt, scheme, torch_dtype, torch_device, opts, context: 
         budget = free - DEFAULT_MARGIN
     elt = torch.empty((), dtype=torch_dtype).element_size()
     q = quantized_parts(ckpt, cfg, scheme)
-    vision = 0
+    vision = streamable = 0
     if vcfg is not None:
         from .vision import vision_memory
 
         vision = vision_memory(vcfg, elt)
+        streamable = vision - vision_memory(vcfg, elt, streamed=True)
     plan = plan_memory(
-        cfg, budget, context, elt, q, prefill_chunk, opts.host_memory, vision=vision, available=available_memory()
+        cfg, budget, context, elt, q, prefill_chunk, opts.host_memory, vision, available_memory(), streamable
     )
     if opts.slots is not None:
         return opts.slots, plan
@@ -441,7 +442,8 @@ def load_model(
     if vcfg is not None:
         from .vision import load_vision
 
-        model.vision = load_vision(vckpt, vcfg, torch_dtype, torch_device)
+        streamed = model.plan is not None and "vision blocks" in model.plan.host_dense
+        model.vision = load_vision(vckpt, vcfg, torch_dtype, torch_device, streamed)
         model.image_token_id = vcfg.image_token_id
     if int8_attention:  # bf16/fp16 CPU weights only; int8_attention checks each one
         from quant.kernels import int8_attention as to_int8

@@ -10,6 +10,12 @@ then pixel shuffle (2x2 neighbouring patches -> one token of 4x the width), the 
 Parameter names are the checkpoint's own (`vision_model.*`, `multi_modal_projector.*`), so
 loading is a name-for-name copy. The tower runs in the text model's dtype (bf16 by default;
 its weights are small and never quantized).
+
+Beside an expert cache on a GPU (a 24 GB card) the 34 ViT blocks' weights (1.5 GiB of Scout's
+1.6) can stay in host RAM: each block is copied into one block's room on the device when it
+runs, every tile of a round going through it before the next is copied (`load_vision(...,
+streamed=True)`): ~1.5 GB over PCIe an image, in exchange for ~22 more expert slots all the
+time. Same arithmetic as the resident tower.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from .errors import UserError
 from .model import linear
 
 LN_EPS = 1e-5  # the reference builds its LayerNorms with torch's default eps
+STREAM_TILES = 32  # tiles per round through a streamed tower's blocks (each round copies every block once)
 
 
 @dataclass(frozen=True)
@@ -248,25 +255,53 @@ class Vision(nn.Module):
         cos, sin = rope_2d(cfg)
         self.register_buffer("rope_cos", cos.to("meta"), persistent=False)
         self.register_buffer("rope_sin", sin.to("meta"), persistent=False)
+        self.slot: VisionBlock | None = None  # streamed: the device's room for one block
 
     @torch.inference_mode()
     def forward(self, pixels: torch.Tensor, tiles_per_pass: int = 8) -> torch.Tensor:
-        """Features of every tile, in order; tiles go through the tower a few at a time (bounded memory)."""
-        out = [self._tiles(pixels[i : i + tiles_per_pass]) for i in range(0, pixels.shape[0], tiles_per_pass)]
+        """Features of every tile, in order; tiles go through the tower a few at a time (bounded
+        memory), a streamed tower's blocks copied in once for every STREAM_TILES tiles."""
+        group = tiles_per_pass if self.slot is None else max(tiles_per_pass, STREAM_TILES)
+        out = [self._tiles(pixels[i : i + group], tiles_per_pass) for i in range(0, pixels.shape[0], group)]
         return torch.cat(out).flatten(0, 1)
 
-    def _tiles(self, pixels: torch.Tensor) -> torch.Tensor:
+    def _tiles(self, pixels: torch.Tensor, tiles_per_pass: int) -> torch.Tensor:
         vm, cfg = self.vision_model, self.cfg
         w = vm.patch_embedding.linear.weight
-        x = F.unfold(pixels.to(device=w.device, dtype=w.dtype), cfg.patch_size, stride=cfg.patch_size)
-        x = vm.patch_embedding.linear(x.transpose(1, 2))  # [N, patches, d]
-        x = torch.cat([x, vm.class_embedding.expand(x.shape[0], 1, -1)], dim=1)
-        x = vm.layernorm_pre(x + vm.positional_embedding_vlm)
+        xs = []
+        for i in range(0, pixels.shape[0], tiles_per_pass):
+            x = F.unfold(
+                pixels[i : i + tiles_per_pass].to(device=w.device, dtype=w.dtype), cfg.patch_size, stride=cfg.patch_size
+            )
+            x = vm.patch_embedding.linear(x.transpose(1, 2))  # [N, patches, d]
+            x = torch.cat([x, vm.class_embedding.expand(x.shape[0], 1, -1)], dim=1)
+            xs.append(vm.layernorm_pre(x + vm.positional_embedding_vlm))
         for block in vm.model.layers:
-            x = block(x, self.rope_cos, self.rope_sin)
-        x = vm.layernorm_post(x)[:, :-1]
-        x = vm.vision_adapter(pixel_shuffle(x, cfg.pixel_shuffle_ratio))
-        return self.multi_modal_projector.linear_1(x)
+            block = self._on_device(block)
+            xs = [block(x, self.rope_cos, self.rope_sin) for x in xs]
+        out = []
+        for x in xs:
+            x = vm.layernorm_post(x)[:, :-1]
+            x = vm.vision_adapter(pixel_shuffle(x, cfg.pixel_shuffle_ratio))
+            out.append(self.multi_modal_projector.linear_1(x))
+        return torch.cat(out)
+
+    def make_room(self, dtype: torch.dtype, device: torch.device) -> None:
+        """Stream the blocks (wherever their weights lie) through one block's room on `device`."""
+        self.slot = VisionBlock(self.cfg)
+        for name, p in list(self.slot.named_parameters()):
+            mod, _, attr = name.rpartition(".")
+            room = nn.Parameter(torch.empty(p.shape, dtype=dtype, device=device), requires_grad=False)
+            setattr(self.slot.get_submodule(mod), attr, room)
+
+    def _on_device(self, block: VisionBlock) -> VisionBlock:
+        """`block` itself, or, streamed, the device's block room holding a copy of its weights
+        (queued after the previous block's work on the same stream, so nothing reads it early)."""
+        if self.slot is None:
+            return block
+        for room, weights in zip(self.slot.parameters(), block.parameters(), strict=True):
+            room.copy_(weights)
+        return self.slot
 
 
 def vision_checkpoint(model_dir: Path) -> Checkpoint | None:
@@ -281,26 +316,45 @@ def vision_checkpoint(model_dir: Path) -> Checkpoint | None:
 def vision_parameters(cfg: VisionConfig) -> int:
     """Parameters of the vision tower and projector, from the config alone (Scout: 0.87 B)."""
     d, m, p = cfg.hidden_size, cfg.intermediate_size, cfg.patch_size
-    block = 4 * (d * d + d) + (d * m + m) + (m * d + d) + 4 * d
-    tower = 3 * p * p * d + d + (cfg.patches_per_side**2 + 1) * d + 4 * d + cfg.num_layers * block
+    tower = 3 * p * p * d + d + (cfg.patches_per_side**2 + 1) * d + 4 * d + cfg.num_layers * _block_parameters(cfg)
     adapter = m * cfg.projector_input_dim + cfg.projector_output_dim**2
     return tower + adapter + cfg.vision_output_dim * cfg.text_hidden_size
 
 
-def load_vision(ckpt: Checkpoint, cfg: VisionConfig, dtype: torch.dtype, device: torch.device) -> Vision:
-    """Build the vision tower from a `vision_checkpoint` (names and shapes checked as for the text model)."""
+def load_vision(
+    ckpt: Checkpoint, cfg: VisionConfig, dtype: torch.dtype, device: torch.device, streamed: bool = False
+) -> Vision:
+    """Build the vision tower from a `vision_checkpoint` (names and shapes checked as for the text
+    model); `streamed`: the ViT blocks' weights stay in host RAM (mapped views where the dtype
+    matches) and are copied into one block's room on `device` as they run."""
     from .loader import assign_weights
 
     vision = Vision(cfg)
-    assign_weights(vision, ckpt, dtype, device)
+    host = frozenset(n for n, _ in vision.named_parameters() if n.startswith(BLOCKS)) if streamed else frozenset()
+    assign_weights(vision, ckpt, dtype, device, host)
+    if streamed:
+        vision.make_room(dtype, device)
     cos, sin = rope_2d(cfg)
     vision.rope_cos, vision.rope_sin = cos.to(device), sin.to(device)
     return vision.eval()
 
 
-def vision_memory(cfg: VisionConfig, elt: int, tiles_per_pass: int = 8) -> int:
-    """Device bytes the vision tower needs: its weights plus the activations of one pass of tiles."""
+BLOCKS = "vision_model.model.layers."
+
+
+def _block_parameters(cfg: VisionConfig) -> int:
+    d, m = cfg.hidden_size, cfg.intermediate_size
+    return 4 * (d * d + d) + (d * m + m) + (m * d + d) + 4 * d
+
+
+def vision_memory(cfg: VisionConfig, elt: int, tiles_per_pass: int = 8, streamed: bool = False) -> int:
+    """Device bytes the vision tower needs: its weights plus the activations of one pass of tiles;
+    `streamed`: one block's weights of the ViT blocks' and the residuals of a round of tiles."""
     length = cfg.patches_per_side**2 + 1
     acts = tiles_per_pass * length * (4 * cfg.hidden_size + cfg.intermediate_size) * 4
     scores = tiles_per_pass * cfg.num_heads * length * length * 4  # if attention is not fused
-    return vision_parameters(cfg) * elt + acts + scores
+    weights = vision_parameters(cfg)
+    if streamed:
+        weights -= (cfg.num_layers - 1) * _block_parameters(cfg)
+        acts += max(tiles_per_pass, STREAM_TILES) * length * cfg.hidden_size * elt
+    return weights * elt + acts + scores

@@ -4,8 +4,9 @@ Everything but the routed experts (embeddings, attention, norms, routers, shared
 MLPs, lm_head) lives on the device, with the KV cache for the requested context and a
 workspace for activations. What is left of the budget becomes expert-cache slots of one
 expert block each. Where not every expert fits, the token embeddings (Scout's: 1.93 GiB, read
-one row a token) stay in host RAM instead, as llama.cpp keeps them, and their room becomes
-some 30 more slots. Sizes are computed from the config and the quantization scheme, in the
+one row a token) stay in host RAM instead, as llama.cpp keeps them, and so do the vision
+tower's blocks (1.5 GiB, copied in one at a time when an image comes): some 30 and 22 more
+slots. Sizes are computed from the config and the quantization scheme, in the
 layout the device kernels use (INT4: half a byte per weight plus a bf16 scale and offset per
 group and row), so the plan can be made, printed and tested without any weights.
 """
@@ -170,16 +171,19 @@ def plan_memory(
     host_budget: int | None = None,
     vision: int = 0,
     available: int = 0,
+    vision_host: int = 0,
 ) -> MemoryPlan:
     """Fit a model into `budget` bytes of device memory; UserError naming the minimum if it cannot.
 
     `vision`: bytes of the vision tower and its activations, when images will be read.
     `host_budget`: host RAM for expert blocks; None: every expert, or, given `available` (the
     machine's available RAM), as many as host_budget_from allows.
-    Where the experts do not all fit, the embeddings go to host RAM (untied ones: a tied table is
-    the lm_head too), unless that would make room for every expert: the slots then stay as they
-    were, the embeddings on the device, so that "every expert resident" always means the whole
-    model on the device.
+    `vision_host`: bytes of those the tower can leave in host RAM (its blocks, streamed in as
+    they run: vision.load_vision).
+    Where the experts do not all fit, the embeddings (untied ones: a tied table is the lm_head
+    too) and the vision blocks go to host RAM, unless that would make room for every expert: the
+    slots then stay as they were, everything on the device, so that "every expert resident"
+    always means the whole model on the device.
     """
     dense = dense_parts(cfg, elt, q)
     if vision:
@@ -189,11 +193,18 @@ def plan_memory(
     one = expert_bytes(cfg, elt, q)
     total = cfg.num_experts * sum(cfg.moe_layers)
     fixed = sum(dense.values()) + kv + work
-    movable = 0 if cfg.tie_word_embeddings else dense["embeddings"]
+    movable = {"embeddings": 0 if cfg.tie_word_embeddings else dense["embeddings"]}
+    if vision:
+        movable["vision blocks"] = vision_host
+    movable = {k: n for k, n in movable.items() if n}
     host_dense = {}
-    if movable and total and budget - fixed + movable < total * one:  # some experts stay off the device
-        host_dense["embeddings"] = dense.pop("embeddings")
-        fixed -= movable
+    if movable and total and budget - fixed + sum(movable.values()) < total * one:  # some experts stay off
+        host_dense = movable
+        if "embeddings" in movable:
+            del dense["embeddings"]
+        if "vision blocks" in movable:
+            dense["vision"] -= vision_host
+        fixed -= sum(movable.values())
     if fixed + one > budget:
         need = (fixed + one) / GiB
         raise UserError(

@@ -206,6 +206,33 @@ def test_image_features_and_logits_on_cuda(multimodal_ckpt):
     assert prepare(noise(30, 30), settings).pixels.shape[0] == 1
 
 
+def test_streamed_vision_and_host_embeddings_on_cuda(multimodal_ckpt):
+    """Beside an expert cache the embeddings and the vision blocks stay in host RAM, each block
+    copied into one block's room on the GPU as it runs: the same features bit for bit as the
+    resident tower on the GPU, and the logits of an image prompt those of the resident model."""
+    from llama4_local.vision import VisionConfig, vision_memory
+    from offload.setup import OffloadOptions
+    from tests.test_vision import _image_prompt, noise
+
+    ids, pixels = _image_prompt(multimodal_ckpt, [noise(100, 170, seed=5), noise(60, 50, seed=6)])
+    whole, _ = load_model(multimodal_ckpt, "float32", "cuda", vision=True)
+    want_feats = whole.encode_images(pixels)
+    want = whole(torch.tensor(ids).cuda(), whole.new_cache(len(ids)), last_only=False, image_features=want_feats)
+    probe, _ = load_model(multimodal_ckpt, "float32", "cuda", vision=True, offload=OffloadOptions(gpu_memory=2**30))
+    p = probe.plan
+    blocks = p.dense["vision"] - vision_memory(VisionConfig.from_dir(multimodal_ckpt), 4, streamed=True)
+    budget = p.used - p.dense["embeddings"] - blocks - (p.experts_total - 2) * p.expert_bytes
+    opts = OffloadOptions(gpu_memory=budget, miss_policy="swap")
+    ours, _ = load_model(multimodal_ckpt, "float32", "cuda", vision=True, offload=opts)
+    assert ours.plan.slots == 2 and set(ours.plan.host_dense) == {"embeddings", "vision blocks"}
+    layers = ours.vision.vision_model.model.layers
+    assert layers[0].mlp.fc1.weight.device.type == "cpu" and ours.vision.slot.mlp.fc1.weight.device.type == "cuda"
+    feats = ours.encode_images(pixels)
+    assert feats.device.type == "cuda" and torch.equal(feats, want_feats)
+    logits = ours(torch.tensor(ids).cuda(), ours.new_cache(len(ids)), last_only=False, image_features=feats)
+    assert rel_err(logits, want) < 1e-5
+
+
 def test_nf4_on_cuda(tmp_path, scout_ckpt):
     """bitsandbytes' CUDA NF4 kernels give what its CPU path gives."""
     from quant.quantize import QuantizeOptions, quantize_checkpoint

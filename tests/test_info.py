@@ -23,10 +23,10 @@ def test_scout_config_alone(tmp_path):
     assert 17.0e9 < res["parameters_active"] < 17.3e9  # "17B active"
     assert res["experts"] == 16 and res["layers"] == 48 and res["nope_layers"][:2] == [3, 7]
     # bf16 attention and shared experts, plus the 2 GiB vision tower, fit 24 GiB with the
-    # embeddings in host RAM, and a few expert slots...
+    # embeddings and the tower's blocks in host RAM, and a few expert slots...
     (plan,) = res["plans"]
     assert "error" not in plan and plan["plan"]["used"] <= 24 * 2**30 and plan["plan"]["slots"] > 0
-    assert list(plan["plan"]["host_dense"]) == ["embeddings"]
+    assert list(plan["plan"]["host_dense"]) == ["embeddings", "vision blocks"]
     # ...but not 22 GiB.
     (plan,) = info(tmp_path, "--gpu-memory", "22GiB")["plans"]
     assert "vision tower" in plan["error"] and "--no-vision" in plan["error"]

@@ -145,6 +145,35 @@ def test_image_features_equal_transformers(models, multimodal_ckpt):
     assert rel(got, want) < 1e-4
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_streamed_tower_equals_the_resident_one(multimodal_ckpt, monkeypatch, dtype):
+    """The ViT blocks left in host RAM and copied one at a time into one block's room: the same
+    features bit for bit, for fewer tiles than a round and for several rounds (each round's tiles
+    through a block before the next block is copied)."""
+    from llama4_local import vision as vision_mod
+    from llama4_local.vision import VisionConfig, load_vision, vision_checkpoint
+
+    monkeypatch.setattr(vision_mod, "STREAM_TILES", 5)
+    vcfg, ckpt = VisionConfig.from_dir(multimodal_ckpt), vision_checkpoint(multimodal_ckpt)
+    torch_dtype = getattr(torch, dtype)
+    resident = load_vision(ckpt, vcfg, torch_dtype, torch.device("cpu"))
+    streamed = load_vision(ckpt, vcfg, torch_dtype, torch.device("cpu"), streamed=True)
+    blocks = streamed.vision_model.model.layers
+    assert resident.slot is None and streamed.slot is not None and len(blocks) > 1
+    copies = []
+    real = vision_mod.Vision._on_device
+    monkeypatch.setattr(vision_mod.Vision, "_on_device", lambda self, b: copies.append(b) or real(self, b))
+    settings = ImageSettings.from_dir(multimodal_ckpt, 56)
+    for img, rounds in ((noise(60, 50, seed=5), 1), (noise(200, 120, seed=6), 2)):
+        pixels = prepare(img, settings).pixels
+        want = resident(pixels, tiles_per_pass=2)
+        copies.clear()
+        assert torch.equal(streamed(pixels, tiles_per_pass=2), want), pixels.shape
+        assert pixels.shape[0] > 5 * (rounds - 1) and copies == list(blocks) * rounds
+        pairs = zip(streamed.slot.parameters(), blocks[-1].parameters(), strict=True)
+        assert all(p.data_ptr() != q.data_ptr() for p, q in pairs)  # copies in the room, not the blocks
+
+
 def _image_prompt(ckpt, images, text="What is in these pictures?"):
     tok = Tokenizer(ckpt)
     reader = ImageReader(ckpt, tok)
@@ -385,6 +414,15 @@ def test_planner_counts_the_vision_tower(multimodal_ckpt):
     assert with_vision.dense["vision"] == extra
     assert with_vision.used <= 24 * GiB < with_vision.used + with_vision.expert_bytes
     assert with_vision.slots < without.slots
+    # Its blocks streamed in from host RAM (every expert does not fit): 1.41 GiB, 22 more slots.
+    resident = vision_memory(vcfg, 2, streamed=True)
+    streamed = plan_memory(tcfg, 24 * GiB, 8192, 2, q, vision=extra, vision_host=extra - resident)
+    assert streamed.dense["vision"] == resident and streamed.host_dense["vision blocks"] == extra - resident
+    assert 1.40 * GiB < extra - resident < 1.42 * GiB and streamed.slots - with_vision.slots == 22
+    assert streamed.used <= 24 * GiB < streamed.used + streamed.expert_bytes
+    # Where everything fits, the tower stays whole on the device.
+    full = plan_memory(tcfg, 80 * GiB, 8192, 2, q, vision=extra, vision_host=extra - resident)
+    assert full.all_resident and not full.host_dense and full.dense["vision"] == extra
 
 
 # -- bad input ------------------------------------------------------------------------------------
