@@ -16,7 +16,7 @@ per layer (a few hot experts), `--tokens` decode tokens after a warm-up of as ma
 either all copied to the device (`--miss swap`) or, as the default `auto` mostly does for one
 token, computed on the CPU from host RAM after a prefill that filled the device (`cpu`).
 
-    python benchmarks/bench_host_tier.py [--slots 232] [--hosts 379,620] [--zipf 0,1]
+    python benchmarks/bench_host_tier.py [--slots 250] [--hosts 379,620] [--zipf 0,1]
 """
 
 from __future__ import annotations
@@ -101,7 +101,7 @@ def serve(
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--slots", type=int, default=232, help="device slots (24 GiB with the vision tower: 232)")
+    ap.add_argument("--slots", type=int, default=250, help="device slots (24 GiB with the vision tower: 250)")
     ap.add_argument("--hosts", default="379,620", help="host rows (32 GB: 379, 48 GB: 620 of 768)")
     ap.add_argument("--zipf", default="0,1", help="routing exponents (0: uniform)")
     ap.add_argument("--tokens", type=int, default=1000)

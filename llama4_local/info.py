@@ -125,6 +125,11 @@ def model_info(path: Path, budgets: list[int], context: int, hosts: list[int | N
     from .vision import VisionConfig, vision_memory, vision_parameters
 
     vcfg = VisionConfig.from_dir(path) if cfg.multimodal else None
+    head_q6 = 0  # a GPU run beside an expert cache reads a Q6 sidecar's head (quant/triton_q6.py)
+    if ckpt is not None and scheme is not None:
+        from quant.head import q6_sidecar_bytes
+
+        head_q6 = q6_sidecar_bytes(path, ckpt, cfg.vocab_size, cfg.hidden_size)
     vbytes = vision_memory(vcfg, 2) if vcfg is not None else 0  # what chat loads for /image
     streamable = vbytes - vision_memory(vcfg, 2, streamed=True) if vcfg is not None else 0
     if vcfg is not None and not vision:  # a config without weights: count from the config
@@ -136,7 +141,16 @@ def model_info(path: Path, budgets: list[int], context: int, hosts: list[int | N
             try:
                 avail = available_memory() if host is None else 0  # as a run here would bound it
                 plan = plan_memory(
-                    cfg, budget, context, 2, q, host_budget=host, vision=vbytes, available=avail, vision_host=streamable
+                    cfg,
+                    budget,
+                    context,
+                    2,
+                    q,
+                    host_budget=host,
+                    vision=vbytes,
+                    available=avail,
+                    vision_host=streamable,
+                    head_q6=head_q6,
                 )
                 plans.append({**entry, "plan": plan.as_dict(), "rows": plan.rows()})
             except UserError as e:  # a budget too small is information here, not an error

@@ -325,11 +325,33 @@ def _offload_slots(cfg, ckpt, scheme, torch_dtype, torch_device, opts, context: 
         vision = vision_memory(vcfg, elt)
         streamable = vision - vision_memory(vcfg, elt, streamed=True)
     plan = plan_memory(
-        cfg, budget, context, elt, q, prefill_chunk, opts.host_memory, vision, available_memory(), streamable
+        cfg,
+        budget,
+        context,
+        elt,
+        q,
+        prefill_chunk,
+        opts.host_memory,
+        vision,
+        available_memory(),
+        streamable,
+        _q6_head_bytes(ckpt, cfg, scheme),
     )
     if opts.slots is not None:
         return opts.slots, plan
     return (None if plan.all_resident else plan.slots), plan
+
+
+def _q6_head_bytes(ckpt: Checkpoint, cfg, scheme) -> int:
+    """Bytes of the Q6 lm_head a GPU run could read from the checkpoint's sidecar (Triton's
+    kernel: quant/triton_q6.py), or 0."""
+    from quant import triton_q6
+
+    if scheme is None or not triton_q6.available():
+        return 0
+    from quant.head import q6_sidecar_bytes
+
+    return q6_sidecar_bytes(ckpt.root, ckpt, cfg.vocab_size, cfg.hidden_size)
 
 
 def _host_note(manager) -> None:
@@ -429,7 +451,8 @@ def load_model(
 
         apply_quantized(model, ckpt, scheme, torch_dtype, torch_device, routed=slots is None)
         if not stored_lm_head(model, ckpt, torch_dtype, torch_device):
-            sidecar_lm_head(model, ckpt, model_dir, torch_dtype, torch_device)
+            q6_on_device = slots is not None and model.plan is not None and model.plan.head_q6
+            sidecar_lm_head(model, ckpt, model_dir, torch_dtype, torch_device, q6_on_device)
     host = frozenset()
     if slots is not None and model.plan is not None and "embeddings" in model.plan.host_dense:
         host = frozenset({"embed_tokens.weight"})  # read a row a token: their GPU room holds experts

@@ -120,6 +120,7 @@ class MemoryPlan:
     host_experts: int
     host_from_available: bool = False  # host_budget came from the machine's available RAM
     host_dense: dict[str, int] = field(default_factory=dict)  # parts kept in host RAM (the embeddings)
+    head_q6: bool = False  # the lm_head read in Q6 on the device (its sidecar), not as stored
 
     @property
     def dense_total(self) -> int:
@@ -140,7 +141,8 @@ class MemoryPlan:
 
     def rows(self) -> list[tuple[str, str, int]]:
         """(what, where, bytes) for printing."""
-        rows = [(name.replace("_", " "), "gpu", n) for name, n in self.dense.items() if n]
+        label = {"lm_head": "lm head (Q6)"} if self.head_q6 else {}
+        rows = [(label.get(name, name.replace("_", " ")), "gpu", n) for name, n in self.dense.items() if n]
         rows.append((f"KV cache ({self.context} tokens)", "gpu", self.kv_cache))
         rows.append(("workspace", "gpu", self.workspace))
         rows.append(
@@ -172,6 +174,7 @@ def plan_memory(
     vision: int = 0,
     available: int = 0,
     vision_host: int = 0,
+    head_q6: int = 0,
 ) -> MemoryPlan:
     """Fit a model into `budget` bytes of device memory; UserError naming the minimum if it cannot.
 
@@ -179,11 +182,12 @@ def plan_memory(
     `host_budget`: host RAM for expert blocks; None: every expert, or, given `available` (the
     machine's available RAM), as many as host_budget_from allows.
     `vision_host`: bytes of those the tower can leave in host RAM (its blocks, streamed in as
-    they run: vision.load_vision).
+    they run: vision.load_vision). `head_q6`: bytes of the lm_head in Q6 where the checkpoint's
+    sidecar holds it and the device can read it (quant/triton_q6.py); 0: none.
     Where the experts do not all fit, the embeddings (untied ones: a tied table is the lm_head
-    too) and the vision blocks go to host RAM, unless that would make room for every expert: the
-    slots then stay as they were, everything on the device, so that "every expert resident"
-    always means the whole model on the device.
+    too) and the vision blocks go to host RAM and the lm_head is read in Q6, unless that would
+    make room for every expert: the slots then stay as they were, everything on the device as
+    stored, so that "every expert resident" always means the whole model on the device.
     """
     dense = dense_parts(cfg, elt, q)
     if vision:
@@ -193,18 +197,22 @@ def plan_memory(
     one = expert_bytes(cfg, elt, q)
     total = cfg.num_experts * sum(cfg.moe_layers)
     fixed = sum(dense.values()) + kv + work
-    movable = {"embeddings": 0 if cfg.tie_word_embeddings else dense["embeddings"]}
-    if vision:
-        movable["vision blocks"] = vision_host
-    movable = {k: n for k, n in movable.items() if n}
-    host_dense = {}
-    if movable and total and budget - fixed + sum(movable.values()) < total * one:  # some experts stay off
-        host_dense = movable
-        if "embeddings" in movable:
+    saved = {  # device bytes each move frees
+        "embeddings": 0 if cfg.tie_word_embeddings else dense["embeddings"],
+        "vision blocks": vision_host if vision else 0,
+        "lm_head": max(0, dense["lm_head"] - head_q6) if head_q6 else 0,
+    }
+    saved = {k: n for k, n in saved.items() if n}
+    host_dense, q6 = {}, False
+    if saved and total and budget - fixed + sum(saved.values()) < total * one:  # some experts stay off
+        host_dense = {k: n for k, n in saved.items() if k != "lm_head"}
+        if "embeddings" in saved:
             del dense["embeddings"]
-        if "vision blocks" in movable:
+        if "vision blocks" in saved:
             dense["vision"] -= vision_host
-        fixed -= sum(movable.values())
+        if "lm_head" in saved:
+            dense["lm_head"], q6 = head_q6, True
+        fixed -= sum(saved.values())
     if fixed + one > budget:
         need = (fixed + one) / GiB
         raise UserError(
@@ -223,4 +231,4 @@ def plan_memory(
             host_budget = host_budget_from(total * one, available)
             auto = host_budget is not None
         host = total if host_budget is None else min(total, host_budget // one)
-    return MemoryPlan(budget, context, dense, kv, work, one, total, int(slots), host_budget, host, auto, host_dense)
+    return MemoryPlan(budget, context, dense, kv, work, one, total, int(slots), host_budget, host, auto, host_dense, q6)

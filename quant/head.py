@@ -28,7 +28,8 @@ Q6_MAX_ROWS = 4
 
 class Q6Linear(torch.nn.Module):
     """y = x @ W^T for W in quant/q6.py's packed Q6 (uint8 [N, q6.row_bytes(K)], e.g. a view of
-    the mapped sidecar), x rounded to int8 per block of 32 (cpu_kernel.q6_mv)."""
+    the mapped sidecar), x rounded to int8 per block of 32 (cpu_kernel.q6_mv); on CUDA (beside an
+    expert cache) by Triton's kernel, x as it is (quant/triton_q6.py)."""
 
     def __init__(self, packed: torch.Tensor, k: int, dtype: torch.dtype):
         super().__init__()
@@ -36,10 +37,15 @@ class Q6Linear(torch.nn.Module):
         self.register_buffer("q6", packed)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from .cpu_kernel import q6_mv
-
         lead, x = x.shape[:-1], x.reshape(-1, x.shape[-1])
-        y = by_rows(lambda rows: q6_mv(rows, self.q6), x, Q6_MAX_ROWS, Q6_MAX_ROWS)
+        if self.q6.is_cuda:  # a GPU beside an expert cache: Triton reads the same blocks
+            from .triton_q6 import q6_matmul
+
+            y = q6_matmul(x, self.q6, self.shape[1])
+        else:
+            from .cpu_kernel import q6_mv
+
+            y = by_rows(lambda rows: q6_mv(rows, self.q6), x, Q6_MAX_ROWS, Q6_MAX_ROWS)
         return y.reshape(*lead, y.shape[-1])
 
 
@@ -107,37 +113,72 @@ def sidecar_kind(model_dir) -> str | None:
     }.get(fmt, f"unknown format {fmt!r} (not used: the head is rounded at load)")
 
 
-def sidecar_lm_head(model: torch.nn.Module, ckpt, model_dir, dtype: torch.dtype, device: torch.device) -> bool:
+def sidecar_lm_head(
+    model: torch.nn.Module, ckpt, model_dir, dtype: torch.dtype, device: torch.device, q6_on_device: bool = False
+) -> bool:
     """On a bf16/fp16 CPU run with our kernel, the lm_head from the sidecar in `model_dir` (mapped)
     where it is there and was written for this checkpoint's head; whether it did. Else the head
-    loads as stored, and kernels.int8_lm_head rounds it."""
-    from safetensors import SafetensorError, safe_open
-
-    side = head_sidecar(Path(model_dir))
+    loads as stored, and kernels.int8_lm_head rounds it. `q6_on_device`: a GPU run beside an
+    expert cache (the plan's head_q6) takes the Q6 blocks onto the device (quant/triton_q6.py)."""
     head = getattr(model, "lm_head", None)
-    if side is None or "lm_head.weight" not in ckpt or head is None or not hasattr(head, "weight"):
+    if "lm_head.weight" not in ckpt or head is None or not hasattr(head, "weight"):
         return False
-    if not _int8_run(dtype, device):
+    if not (q6_on_device or _int8_run(dtype, device)):
         return False
     n, k = head.weight.shape
+    found = _read_sidecar(Path(model_dir), ckpt, n, k)
+    if found is None:
+        return False
+    kind, tensors = found
+    if q6_on_device:
+        if kind == "q8_0":
+            return False
+        w = tensors[0] if kind == q6.FORMAT else q6.repack_v1(tensors[0], k)
+        model.lm_head = Q6Linear(w.to(device), k, dtype)
+    elif kind == "q8_0":
+        model.lm_head = Int8Linear(None, stored=tensors, dtype=dtype)
+    else:
+        module = Q6Linear(tensors[0], k, dtype)
+        if kind == q6.FORMAT_V1:  # in anonymous memory
+            module.q6 = q6.repack_v1(module.q6, k)
+        model.lm_head = module
+    return True
+
+
+def q6_sidecar_bytes(model_dir, ckpt, n: int, k: int) -> int:
+    """Bytes of the Q6 head in `model_dir`'s sidecar where it holds one for this checkpoint's
+    [n, k] lm_head (0: none, Q8_0 blocks, or an INT8 head in the checkpoint itself, which loads
+    as kernels.stored_lm_head makes it): what the head takes on a GPU that reads it."""
+    if "lm_head.weight_scale" in ckpt:
+        return 0
+    found = _read_sidecar(Path(model_dir), ckpt, n, k)
+    return 0 if found is None or found[0] == "q8_0" else n * q6.row_bytes(k)
+
+
+def _read_sidecar(model_dir: Path, ckpt, n: int, k: int) -> tuple[str, tuple[torch.Tensor, ...]] | None:
+    """(format, its tensors, mapped) of the sidecar written for this checkpoint's [n, k] head, or
+    None (none, unreadable, another shape, or another head's digest)."""
+    from safetensors import SafetensorError, safe_open
+
+    side = head_sidecar(model_dir)
+    if side is None or "lm_head.weight" not in ckpt:
+        return None
     try:
         f = safe_open(str(side), framework="pt")
         meta = f.metadata() or {}
-        v1 = meta.get("format") == q6.FORMAT_V1  # the first layout (before 2026-12-06): repacked below
-        if v1 or meta.get("format") == q6.FORMAT:
+        kind = meta.get("format", "q8_0")
+        if kind in (q6.FORMAT, q6.FORMAT_V1):  # the first layout (before 2026-12-06): repacked by the caller
             w = f.get_tensor("q6")
-            width = k // q6.BLOCK * q6.BYTES_V1 if v1 else q6.row_bytes(k)
+            width = k // q6.BLOCK * q6.BYTES_V1 if kind == q6.FORMAT_V1 else q6.row_bytes(k)
             fits = w.dtype == torch.uint8 and tuple(w.shape) == (n, width) and k % q6.BLOCK == 0
-            module = Q6Linear(w, k, dtype)
+            tensors = (w,)
         else:  # Q8_0 (also a sidecar from before the format was written down)
+            kind = "q8_0"
             q, s = f.get_tensor("qweight"), f.get_tensor("scales")
             fits = _blocks_fit(q, s, n, k) and s.dtype == torch.float32
-            module = Int8Linear(None, stored=(q, s), dtype=dtype)
+            tensors = (q, s)
     except (SafetensorError, OSError, KeyError):
-        return False  # unreadable: the head is rounded at load instead
+        return None  # unreadable: the head is rounded at load instead
     if not fits or meta.get("lm_head") != head_digest(ckpt.get("lm_head.weight")):
-        return False
-    if v1:  # in anonymous memory
-        module.q6 = q6.repack_v1(module.q6, k)
-    model.lm_head = module
-    return True
+        return None
+    return kind, tensors

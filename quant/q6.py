@@ -97,9 +97,9 @@ def unpack(w: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     s = b.shape[1]
     low = b[..., :64].reshape(n, s, 2, 1, 32)
     nib = torch.cat([low & 0xF, low >> 4], dim=3).reshape(n, s, 4, 32)
-    top = (b[..., None, 64:96] >> TOP_SHIFTS) & 3
-    u = torch.empty(n, s, SUPER, dtype=torch.uint8)
-    u[..., ORDER] = (nib | (top << 4)).reshape(n, s, SUPER)
+    top = (b[..., None, 64:96] >> TOP_SHIFTS.to(w.device)) & 3
+    u = torch.empty(n, s, SUPER, dtype=torch.uint8, device=w.device)
+    u[..., ORDER.to(w.device)] = (nib | (top << 4)).reshape(n, s, SUPER)
     q = (u - 32).view(torch.int8).reshape(n, -1)[:, :k]  # wraps back: u - 32
     d = b[..., 96:].contiguous().reshape(n, s, 4, 2)
     if sys.byteorder != "little":

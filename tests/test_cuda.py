@@ -181,6 +181,43 @@ def test_embeddings_in_host_ram_on_cuda(scout_int4, miss):
     assert rel_err(torch.cat(steps), want[PROMPT.shape[0] :]) < 4e-2
 
 
+def test_q6_head_on_cuda_beside_an_expert_cache(tmp_path, scout_int4):
+    """A checkpoint with a Q6 head sidecar: with every expert on the GPU the head is read as
+    stored; beside an expert cache the plan takes the Q6 blocks onto the GPU (Triton's kernel),
+    and the logits stay within the Q6 head's rounding of the resident model's."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from llama4_local.checkpoint import HEAD_SIDECAR, open_checkpoint
+    from offload.setup import OffloadOptions
+    from quant import q6
+    from quant.head import Q6Linear, head_digest
+    from tests.test_offload import PROMPT, run
+
+    pytest.importorskip("triton")
+    path = tmp_path / "q6"
+    shutil.copytree(scout_int4[0], path)
+    for old in path.glob("lm_head.*llama4-local"):
+        old.unlink()
+    w = open_checkpoint(path).get("lm_head.weight")
+    meta = {"lm_head": head_digest(w), "format": q6.FORMAT}
+    save_file({"q6": q6.pack(*q6.rtn(w))}, str(path / HEAD_SIDECAR), metadata=meta)
+    resident, _ = load_model(path, "bfloat16", "cuda")
+    assert not isinstance(resident.lm_head, Q6Linear)
+    want, want_tokens = run(resident, PROMPT.cuda())
+    probe, _ = load_model(path, "bfloat16", "cuda", offload=OffloadOptions(gpu_memory=2**30))
+    p = probe.plan
+    assert p.all_resident and not p.head_q6
+    budget = p.used - p.dense["embeddings"] - (p.dense["lm_head"] - w.shape[0] * q6.row_bytes(w.shape[1]))
+    budget -= (p.experts_total - 2) * p.expert_bytes
+    model, _ = load_model(path, "bfloat16", "cuda", offload=OffloadOptions(gpu_memory=budget, miss_policy="swap"))
+    assert model.plan.head_q6 and model.plan.slots == 2
+    assert isinstance(model.lm_head, Q6Linear) and model.lm_head.q6.is_cuda
+    got, _ = run(model, PROMPT.cuda(), feed=want_tokens)
+    assert rel_err(got, want) < 3e-2
+
+
 def test_plan_on_cuda_fits_free_memory(scout_int4):
     from offload.setup import OffloadOptions
 

@@ -308,6 +308,23 @@ def test_plan_keeps_embeddings_in_host_ram_where_experts_do_not_fit(scout_cfg):
     assert plan_memory(scout_cfg, int((need + 0.1) * GiB), 8192, 2, q).host_dense == {"embeddings": emb}
 
 
+def test_plan_reads_the_q6_head_where_experts_do_not_fit(scout_cfg):
+    """Given a Q6 lm_head the device can read (0.78 GiB against 1.93 in bf16), a plan that leaves
+    experts off the GPU takes it and 18 more slots; one that holds every expert keeps the head as
+    stored."""
+    from quant import q6
+
+    q = Quantized(group_size=128, attention=True)
+    head = 202048 * q6.row_bytes(5120)
+    bf16 = plan_memory(scout_cfg, 24 * GiB, 8192, 2, q)
+    plan = plan_memory(scout_cfg, 24 * GiB, 8192, 2, q, head_q6=head)
+    assert plan.head_q6 and not bf16.head_q6 and plan.dense["lm_head"] == head < 0.79 * GiB
+    assert plan.slots - bf16.slots == 18 and plan.used <= 24 * GiB < plan.used + plan.expert_bytes
+    assert ("lm head (Q6)", "gpu", head) in plan.rows() and ("lm head", "gpu", 202048 * 5120 * 2) in bf16.rows()
+    full = plan_memory(scout_cfg, 80 * GiB, 8192, 2, q, head_q6=head)
+    assert full.all_resident and not full.head_q6 and full.dense["lm_head"] == 202048 * 5120 * 2
+
+
 def test_plan_holds_what_available_ram_takes(scout_cfg):
     """Without a host budget the plan keeps every expert in host RAM where the machine's available
     RAM takes them (less 3 GiB and 5%), else as many as it does: Scout's 48 GiB of INT4 experts

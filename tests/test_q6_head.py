@@ -198,6 +198,30 @@ def test_a_sidecar_in_the_first_q6_layout_is_repacked_at_load(calibrated, tmp_pa
     assert torch.equal(old(ids, old.new_cache(20)), new(ids, new.new_cache(20)))
 
 
+def test_a_gpu_plan_beside_an_expert_cache_counts_the_q6_head(calibrated, tmp_path):
+    """`info`'s plan for a GPU too small for every expert reads the head's Q6 blocks (what a GPU
+    run there loads: quant/triton_q6.py); a Q8_0 sidecar, or none, leaves the head as stored."""
+    from quant.head import q6_sidecar_bytes
+
+    ckpt = open_checkpoint(calibrated)
+    n, k = ckpt.get("lm_head.weight").shape
+    assert q6_sidecar_bytes(calibrated, ckpt, n, k) == n * q6.row_bytes(k)
+    assert q6_sidecar_bytes(calibrated, ckpt, n, k + 32) == 0  # another head's shape
+    (full,) = model_info(calibrated, [2**40], 64)["plans"]
+    p = full["plan"]
+    saved = p["dense"]["embeddings"] + p["dense"]["lm_head"] - n * q6.row_bytes(k)
+    budget = p["used"] - saved - (p["experts_total"] - 2) * p["expert_bytes"]  # two expert slots
+    (small,) = model_info(calibrated, [budget], 64)["plans"]
+    assert not p["head_q6"] and small["plan"]["head_q6"] and small["plan"]["slots"] == 2
+    assert small["plan"]["dense"]["lm_head"] == n * q6.row_bytes(k)
+    copy = tmp_path / "copy"
+    shutil.copytree(calibrated, copy)
+    write_head_sidecar(copy / HEAD_SIDECAR, open_checkpoint(copy).get("lm_head.weight"))  # Q8_0
+    assert q6_sidecar_bytes(copy, open_checkpoint(copy), n, k) == 0
+    (small,) = model_info(copy, [budget + p["dense"]["lm_head"] - n * q6.row_bytes(k)], 64)["plans"]
+    assert not small["plan"]["head_q6"] and small["plan"]["slots"] == 2  # the bf16 head's room
+
+
 def test_q8_sidecar_under_its_old_name_is_read(calibrated, tmp_path):
     """A checkpoint quantized before the Q6 head: its Q8_0 blocks under the name they had."""
     if not cpu_kernel.available():

@@ -168,11 +168,12 @@ def test_cuda_kernel_matches_reference(symmetric, rows, path):
 def test_triton_int4_kernels_match_reference():
     """GEMV and dequantize (symmetric and not, bf16 and float32, NaN rows) on the GPU."""
     pytest.importorskip("triton")
-    from tests.triton_check import check, check_experts, check_moe
+    from tests.triton_check import check, check_experts, check_moe, check_q6
 
     assert check("cuda") == []
     assert check_moe("cuda") == []
     assert check_experts("cuda") == []
+    assert check_q6("cuda") == []
 
 
 def test_triton_int4_kernels_in_the_interpreter():

@@ -154,9 +154,40 @@ def check_experts(device: str) -> list[str]:
     return fails
 
 
+def check_q6(device: str) -> list[str]:
+    """quant.triton_q6 (the Q6 lm_head's blocks as stored) against the dequantized float32 head,
+    for widths inside one super-block, past several and not a multiple of one, GEMV rows and
+    the slabs' GEMM, and a NaN input row."""
+    from quant import q6
+    from quant.triton_q6 import q6_matmul
+
+    fails = []
+    g = torch.Generator().manual_seed(3)
+    for n, k in ((40, 96), (33, 160), (70, 640)):
+        q, d = q6.rtn(torch.randn(n, k, generator=g) * 0.05)
+        packed = q6.pack(q, d)
+        ref = q6.dequantize(packed, k)
+        packed = packed.to(device)
+        for rows in (1, 3, 7):
+            for dtype in (torch.float32, torch.bfloat16):
+                x = torch.randn(rows, k, generator=g).to(dtype)
+                y = q6_matmul(x.to(device), packed, k)
+                e = rel_err(y.cpu(), x.float() @ ref.t())
+                tol = 1e-6 if dtype == torch.float32 or rows <= 4 else 1e-2  # slabs dequantize into x's dtype
+                if y.dtype != torch.float32 or y.shape != (rows, n) or e > tol:
+                    fails.append(f"q6 {n}x{k} {dtype} rows {rows}: {y.dtype} {tuple(y.shape)} rel err {e}")
+        x = torch.randn(2, k, generator=g).to(device)
+        x[1, 5] = float("nan")
+        y = q6_matmul(x, packed, k)
+        if not (torch.isfinite(y[0]).all() and torch.isnan(y[1]).all()):
+            fails.append(f"q6 {n}x{k}: a NaN input row must give NaN outputs and leave the other row finite")
+    return fails
+
+
 if __name__ == "__main__":
     failures = check(sys.argv[1] if len(sys.argv) > 1 else "cpu")
     failures += check_moe(sys.argv[1] if len(sys.argv) > 1 else "cpu")
     failures += check_experts(sys.argv[1] if len(sys.argv) > 1 else "cpu")
+    failures += check_q6(sys.argv[1] if len(sys.argv) > 1 else "cpu")
     print("\n".join(failures) or "ok")
     sys.exit(1 if failures else 0)
