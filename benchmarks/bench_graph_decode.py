@@ -9,7 +9,9 @@ about 51 GB of experts, for an 80 GB-class GPU. Reports tok/s for each way, host
 and how far the replayed logits are from the eager ones (fed the same tokens); and one 2048-token
 prefill, in one forward and in the CLI's 512-token chunks (with Triton INT4, also through the
 grouped MoE kernels of quant/triton_moe.py and without them); `graph_plain` is the graph without
-llama4_local/fused.py's compiled regions; `--profile` writes the kernels of 4 replays.
+llama4_local/fused.py's compiled regions; `graph_q6` the graph with the lm_head in Q6
+(quant/triton_q6.py, random blocks: its logits differ, its time is the point); `--profile`
+writes the kernels of 4 replays.
 
     python benchmarks/bench_graph_decode.py                  # CUDA, 80 GB-class GPU (Triton INT4)
     LLAMA4_LOCAL_CUDA_INT4=stock python benchmarks/bench_graph_decode.py    # the stock INT4 kernel
@@ -169,7 +171,23 @@ def main():
         finally:
             del os.environ["LLAMA4_LOCAL_COMPILE"]
 
-    table = {"eager": eager, "static": lambda: static(False), "graph": lambda: static(True), "graph_plain": plain_graph}
+    def q6_graph():  # the graph with the lm_head in Q6 (quant/triton_q6.py): random blocks, timing only
+        from quant.head import Q6Linear
+
+        kept = model.lm_head
+        model.lm_head = Q6Linear(random_q6(cfg.vocab_size, cfg.hidden_size, device), cfg.hidden_size, dtype)
+        try:
+            return static(True)
+        finally:
+            model.lm_head = kept
+
+    table = {
+        "eager": eager,
+        "static": lambda: static(False),
+        "graph": lambda: static(True),
+        "graph_plain": plain_graph,
+        "graph_q6": q6_graph,
+    }
     ways = [w for w in args.ways.split(",") if device.type == "cuda" or not w.startswith("graph")]
     ref = None
     for name in ways:
@@ -184,6 +202,16 @@ def main():
         print(json.dumps(row), flush=True)
     if args.profile and device.type == "cuda":
         profile_graph(model, prompt, feed, args.profile)
+
+
+def random_q6(n: int, k: int, device) -> torch.Tensor:
+    """Packed Q6 rows (quant/q6.py's layout) of random integers, every scale 2^-7."""
+    from quant import q6
+
+    rb = q6.row_bytes(k)
+    packed = torch.randint(0, 256, (n, rb // q6.SUPER_BYTES, q6.SUPER_BYTES), dtype=torch.uint8, device=device)
+    packed[..., 96:] = torch.tensor([0, 0x20] * 4, dtype=torch.uint8, device=device)
+    return packed.reshape(n, rb)
 
 
 def profile_graph(model, prompt, feed, out: str) -> None:

@@ -68,8 +68,9 @@ if has graph; then
   LLAMA4_LOCAL_CUDA_INT4=stock timeout "${GRAPH_S:-120}" python3 benchmarks/bench_graph_decode.py --ways "$ways" \
     --profile "$OUT/profile.txt" \
     >"$OUT/graph.jsonl" 2>&1
-  LLAMA4_LOCAL_CUDA_INT4=triton timeout "${GRAPH_S:-120}" python3 benchmarks/bench_graph_decode.py --ways "$ways" \
-    --profile "$OUT/profile_triton.txt" >"$OUT/graph_triton.jsonl" 2>&1
+  LLAMA4_LOCAL_CUDA_INT4=triton timeout "${GRAPH_S:-120}" python3 benchmarks/bench_graph_decode.py \
+    --ways "${WAYS_TRITON:-eager,graph,graph_q6,graph_plain}" --profile "$OUT/profile_triton.txt" \
+    >"$OUT/graph_triton.jsonl" 2>&1
 fi
 if has peer; then  # llama.cpp with CUDA against us on the Scout-width slice; carry .peer (see the script)
   stamp peer
