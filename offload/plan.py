@@ -202,7 +202,7 @@ def plan_memory(
         "vision blocks": vision_host if vision else 0,
         "lm_head": max(0, dense["lm_head"] - head_q6) if head_q6 else 0,
     }
-    saved = {k: n for k, n in saved.items() if n}
+    saved = {k: n for k, n in saved.items() if n > 0}  # (a tiny tower's round of tiles outweighs its blocks)
     host_dense, q6 = {}, False
     if saved and total and budget - fixed + sum(saved.values()) < total * one:  # some experts stay off
         host_dense = {k: n for k, n in saved.items() if k != "lm_head"}

@@ -420,6 +420,15 @@ def test_planner_counts_the_vision_tower(multimodal_ckpt):
     assert streamed.dense["vision"] == resident and streamed.host_dense["vision blocks"] == extra - resident
     assert 1.40 * GiB < extra - resident < 1.42 * GiB and streamed.slots - with_vision.slots == 22
     assert streamed.used <= 24 * GiB < streamed.used + streamed.expert_bytes
+    # A tiny tower (the test checkpoint's): a round of tiles outweighs its blocks, so it stays whole.
+    small, small_text = VisionConfig.from_hf(raw), TextConfig.from_hf(raw)
+    more = vision_memory(small, 2) - vision_memory(small, 2, streamed=True)
+    assert more < 0
+    args = dict(vision=vision_memory(small, 2), vision_host=more)
+    full = plan_memory(small_text, 2**40, 256, 2, None, **args)
+    budget = full.used - full.dense["embeddings"] - (full.experts_total - 2) * full.expert_bytes
+    tight = plan_memory(small_text, budget, 256, 2, None, **args)
+    assert tight.slots == 2 and list(tight.host_dense) == ["embeddings"] and tight.dense["vision"] == args["vision"]
     # Where everything fits, the tower stays whole on the device.
     full = plan_memory(tcfg, 80 * GiB, 8192, 2, q, vision=extra, vision_host=extra - resident)
     assert full.all_resident and not full.host_dense and full.dense["vision"] == extra
