@@ -14,7 +14,7 @@ its weights are small and never quantized).
 Beside an expert cache on a GPU (a 24 GB card) the 34 ViT blocks' weights (1.5 GiB of Scout's
 1.6) can stay in host RAM: each block is copied into one block's room on the device when it
 runs, every tile of a round going through it before the next is copied (`load_vision(...,
-streamed=True)`): ~1.5 GB over PCIe an image, in exchange for ~22 more expert slots all the
+streamed=True)`): ~1.5 GB over PCIe an image, in exchange for ~23 more expert slots all the
 time. Same arithmetic as the resident tower.
 """
 
@@ -356,5 +356,5 @@ def vision_memory(cfg: VisionConfig, elt: int, tiles_per_pass: int = 8, streamed
     weights = vision_parameters(cfg)
     if streamed:
         weights -= (cfg.num_layers - 1) * _block_parameters(cfg)
-        acts += max(tiles_per_pass, STREAM_TILES) * length * cfg.hidden_size * elt
+        acts += (max(tiles_per_pass, STREAM_TILES) - tiles_per_pass) * length * cfg.hidden_size * elt  # the round's
     return weights * elt + acts + scores

@@ -5,7 +5,7 @@ MLPs, lm_head) lives on the device, with the KV cache for the requested context 
 workspace for activations. What is left of the budget becomes expert-cache slots of one
 expert block each. Where not every expert fits, the token embeddings (Scout's: 1.93 GiB, read
 one row a token) stay in host RAM instead, as llama.cpp keeps them, and so do the vision
-tower's blocks (1.5 GiB, copied in one at a time when an image comes): some 30 and 22 more
+tower's blocks (1.5 GiB, copied in one at a time when an image comes): some 30 and 23 more
 slots. Sizes are computed from the config and the quantization scheme, in the
 layout the device kernels use (INT4: half a byte per weight plus a bf16 scale and offset per
 group and row), so the plan can be made, printed and tested without any weights.

@@ -243,13 +243,16 @@ def test_image_features_and_logits_on_cuda(multimodal_ckpt):
     assert prepare(noise(30, 30), settings).pixels.shape[0] == 1
 
 
-def test_streamed_vision_and_host_embeddings_on_cuda(multimodal_ckpt):
+def test_streamed_vision_and_host_embeddings_on_cuda(multimodal_ckpt, monkeypatch):
     """Beside an expert cache the embeddings and the vision blocks stay in host RAM, each block
     copied into one block's room on the GPU as it runs: the same features bit for bit as the
     resident tower on the GPU, and the logits of an image prompt those of the resident model."""
+    from llama4_local import vision
     from llama4_local.vision import VisionConfig, vision_memory
     from offload.setup import OffloadOptions
     from tests.test_vision import _image_prompt, noise
+
+    monkeypatch.setattr(vision, "STREAM_TILES", 8)  # the tiny tower's extra round would outweigh its blocks
 
     ids, pixels = _image_prompt(multimodal_ckpt, [noise(100, 170, seed=5), noise(60, 50, seed=6)])
     whole, _ = load_model(multimodal_ckpt, "float32", "cuda", vision=True)

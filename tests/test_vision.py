@@ -414,11 +414,11 @@ def test_planner_counts_the_vision_tower(multimodal_ckpt):
     assert with_vision.dense["vision"] == extra
     assert with_vision.used <= 24 * GiB < with_vision.used + with_vision.expert_bytes
     assert with_vision.slots < without.slots
-    # Its blocks streamed in from host RAM (every expert does not fit): 1.41 GiB, 22 more slots.
+    # Its blocks streamed in from host RAM (every expert does not fit): 1.43 GiB, 23 more slots.
     resident = vision_memory(vcfg, 2, streamed=True)
     streamed = plan_memory(tcfg, 24 * GiB, 8192, 2, q, vision=extra, vision_host=extra - resident)
     assert streamed.dense["vision"] == resident and streamed.host_dense["vision blocks"] == extra - resident
-    assert 1.40 * GiB < extra - resident < 1.42 * GiB and streamed.slots - with_vision.slots == 22
+    assert 1.42 * GiB < extra - resident < 1.44 * GiB and streamed.slots - with_vision.slots == 23
     assert streamed.used <= 24 * GiB < streamed.used + streamed.expert_bytes
     # A tiny tower (the test checkpoint's): a round of tiles outweighs its blocks, so it stays whole.
     small, small_text = VisionConfig.from_hf(raw), TextConfig.from_hf(raw)
