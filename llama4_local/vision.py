@@ -278,7 +278,8 @@ class Vision(nn.Module):
             xs.append(vm.layernorm_pre(x + vm.positional_embedding_vlm))
         for block in vm.model.layers:
             block = self._on_device(block)
-            xs = [block(x, self.rope_cos, self.rope_sin) for x in xs]
+            for j, x in enumerate(xs):  # each pass's input freed as its output replaces it
+                xs[j] = block(x, self.rope_cos, self.rope_sin)
         out = []
         for x in xs:
             x = vm.layernorm_post(x)[:, :-1]
