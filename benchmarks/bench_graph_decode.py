@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_offload_gpu import build_model, random_int4, scout_config  # noqa: E402
+from bench_offload_gpu import build_model, random_int4, random_q6, scout_config  # noqa: E402
 
 from llama4_local.graph_decode import stepper  # noqa: E402
 from quant.kernels import Int4Linear  # noqa: E402
@@ -202,16 +202,6 @@ def main():
         print(json.dumps(row), flush=True)
     if args.profile and device.type == "cuda":
         profile_graph(model, prompt, feed, args.profile)
-
-
-def random_q6(n: int, k: int, device) -> torch.Tensor:
-    """Packed Q6 rows (quant/q6.py's layout) of random integers, every scale 2^-7."""
-    from quant import q6
-
-    rb = q6.row_bytes(k)
-    packed = torch.randint(0, 256, (n, rb // q6.SUPER_BYTES, q6.SUPER_BYTES), dtype=torch.uint8, device=device)
-    packed[..., 96:] = torch.tensor([0, 0x20] * 4, dtype=torch.uint8, device=device)
-    return packed.reshape(n, rb)
 
 
 def profile_graph(model, prompt, feed, out: str) -> None:

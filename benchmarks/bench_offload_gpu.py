@@ -3,7 +3,9 @@
 48 layers, 16 experts of 3 x 5120 x 8192 per layer as random INT4 (group 128, symmetric), the
 shared experts and attention projections INT4 as the default quantize makes them
 (`--bf16-attention` keeps those bf16), embeddings/lm_head bf16, Scout's real shapes: about 55 GB,
-built directly in memory (never through disk). For each setup it reports prefill and decode
+built directly in memory (never through disk). Where a budget's plan leaves experts off the GPU
+the run does what a loaded checkpoint does: embeddings in host RAM, the lm_head read in Q6
+(random blocks, as a default quantize's sidecar would give them). For each setup it reports prefill and decode
 tok/s, the cache hit rate, prefetch accuracy, bytes moved and the host-to-device bandwidth the
 copies reached against the measured peak of one large pinned copy.
 
@@ -48,6 +50,8 @@ from offload.manager import OffloadManager  # noqa: E402
 from offload.plan import GiB, Quantized, plan_memory  # noqa: E402
 from offload.policy import make_policy  # noqa: E402
 from offload.setup import replace_experts  # noqa: E402
+from quant import q6  # noqa: E402
+from quant.head import Q6Linear  # noqa: E402
 from quant.int4 import Int4Weight  # noqa: E402
 from quant.kernels import Int4Linear, kernel_for  # noqa: E402
 
@@ -118,6 +122,14 @@ def build_model(cfg: TextConfig, device: torch.device, dtype: torch.dtype, int4_
                 setattr(sh, proj, Int4Linear(random_int4(n, k, gen), device, dtype))
     model.inv_freq = rope_inv_freq(cfg).to(device)
     return model.eval()
+
+
+def random_q6(n: int, k: int, device) -> torch.Tensor:
+    """Packed Q6 rows (quant/q6.py's layout: an lm_head's sidecar) of random integers, every scale 2^-7."""
+    rb = q6.row_bytes(k)
+    packed = torch.randint(0, 256, (n, rb // q6.SUPER_BYTES, q6.SUPER_BYTES), dtype=torch.uint8, device=device)
+    packed[..., 96:] = torch.tensor([0, 0x20] * 4, dtype=torch.uint8, device=device)
+    return packed.reshape(n, rb)
 
 
 def random_routing(model, seed: int = 4) -> None:
@@ -308,17 +320,21 @@ def main():
         "host_tier": None if not held else "exclusive" if store.exclusive else "inclusive",
     }
     print(json.dumps(head), flush=True)
-    warmed = False
+    warmed, bf16, head_q6 = False, model.lm_head, None
     for gib in [int(b) for b in args.budgets.split(",")]:
         if device.type == "cuda":
             free, _ = torch.cuda.mem_get_info()
             used_now = torch.cuda.memory_allocated()
             budget = min(gib * GiB, free + used_now - GiB)
-            plan = plan_memory(cfg, budget, args.prompt_tokens + args.gen_tokens, 2, Quantized(GROUP))
-            slots = plan.slots
-            # Where the plan keeps the embeddings in host RAM (not every expert fits), so does the run.
+            d = cfg.hidden_size
+            head = cfg.vocab_size * q6.row_bytes(d)  # the default quantize's Q6 sidecar
+            plan = plan_memory(cfg, budget, args.prompt_tokens + args.gen_tokens, 2, Quantized(GROUP), head_q6=head)
+            slots, head_q6 = plan.slots, plan.head_q6
+            # Where the plan keeps the embeddings in host RAM and reads the head in Q6 (not every
+            # expert fits), so does the run (the Q6 head's blocks random, as every weight here).
             where = "cpu" if "embeddings" in plan.host_dense else device
             model.embed_tokens.weight = torch.nn.Parameter(model.embed_tokens.weight.to(where), requires_grad=False)
+            model.lm_head = Q6Linear(random_q6(cfg.vocab_size, d, device), d, torch.bfloat16) if plan.head_q6 else bf16
         else:
             slots = args.slots or len(keys) // 5
         for miss in args.miss_policies.split(","):
@@ -331,7 +347,7 @@ def main():
                     warmed = True
                 res = run_setup(model, device, args.prompt_tokens, args.gen_tokens)
                 row = {"gpu_memory_GiB": gib, "slots": slots, "miss_policy": miss, "prefetch": prefetch}
-                row.update(embeddings=str(model.embed_tokens.weight.device), **res)
+                row.update(embeddings=str(model.embed_tokens.weight.device), head_q6=head_q6, **res)
                 for mode in args.decode_modes.split(","):
                     if mode != "eager":
                         row[f"decode_{mode}"] = run_setup(model, device, 16, args.gen_tokens, mode)["decode"]
