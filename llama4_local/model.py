@@ -240,6 +240,9 @@ def _attention_kernel(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor)
     )
 
 
+SCORE_KEYS = 8192  # keys a prefill piece's queries attend in one SDPA call (offload.plan reserves their scores)
+
+
 def _sdpa_backends(device: torch.device):
     """SDPA without cuDNN's backend on CUDA: torch 2.11 picks cuDNN on Hopper, which builds an
     execution plan for every new query and key count (a one-query decode step spent 80 ms of host
@@ -300,11 +303,24 @@ class Attention(nn.Module):
                 qkv = tuple(a.float() for a in qkv)
             out = one_query_attention(*qkv)  # [H, 1, hd]
         else:
-            with _sdpa_backends(x.device):
-                out = F.scaled_dot_product_attention(
-                    *(a.unsqueeze(0) for a in qkv), attn_mask=mask, enable_gqa=self.n_kv != self.n_heads
-                )[0]  # [H, T, hd]
+            out = self._attend(q, keys, values, mask)
         return self.o_proj(out.transpose(0, 1).reshape(t, -1).to(x.dtype))
+
+    def _attend(self, q, keys, values, mask) -> torch.Tensor:
+        """SDPA of queries q [H, T, hd] on keys and values [KV, S, hd] under mask [T, S]: [H, T, hd].
+        Beyond SCORE_KEYS keys (a NoPE layer deep into a long context) the queries go a few at a
+        time, so that scores a backend materializes (CUDA's math one takes a mask with grouped
+        heads: [H, T, S]) stay within what offload.plan reserves for a prefill piece, T x
+        SCORE_KEYS a head: 128k tokens in would otherwise need 10 GB for one 512-token piece."""
+        step = q.shape[1] if keys.shape[1] <= SCORE_KEYS else max(1, q.shape[1] * SCORE_KEYS // keys.shape[1])
+        gqa = self.n_kv != self.n_heads
+        outs = []
+        with _sdpa_backends(q.device):
+            for i in range(0, q.shape[1], step):
+                qi, mi = q[None, :, i : i + step], mask[i : i + step]
+                out = F.scaled_dot_product_attention(qi, keys[None], values[None], attn_mask=mi, enable_gqa=gqa)
+                outs.append(out[0])
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
 
 
 class MLP(nn.Module):

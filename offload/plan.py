@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 
 from llama4_local.config import TextConfig
 from llama4_local.errors import UserError
+from llama4_local.model import SCORE_KEYS
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -103,7 +104,7 @@ def workspace_bytes(cfg: TextConfig, prefill_chunk: int, context: int) -> int:
     """Activations of one prefill piece, with room for attention scores if not fused (float32)."""
     d, i = cfg.hidden_size, max(cfg.intermediate_size, cfg.intermediate_size_mlp)
     act = prefill_chunk * (6 * d + 4 * i) * 4
-    scores = cfg.num_heads * prefill_chunk * min(context, 8192) * 4
+    scores = cfg.num_heads * prefill_chunk * min(context, SCORE_KEYS) * 4  # model.Attention._attend bounds them
     return WORKSPACE_FIXED + act + scores + cfg.vocab_size * 4
 
 

@@ -57,6 +57,18 @@ def test_incremental_decode_equals_full_forward(scout_ckpt):
     assert rel_err(steps, full) < 1e-5
 
 
+def test_queries_a_few_at_a_time_on_cuda(scout_ckpt, monkeypatch):
+    """Past SCORE_KEYS keys the queries attend a few at a time (CUDA's math SDPA backend would
+    materialize [H, T, S] scores): the same logits as one call."""
+    from llama4_local import model as model_mod
+
+    ours, _ = load_model(scout_ckpt, "float32", "cuda")
+    ids = torch.randint(0, 300, (60,), generator=torch.Generator().manual_seed(6)).cuda()
+    whole = ours(ids, ours.new_cache(60), last_only=False)
+    monkeypatch.setattr(model_mod, "SCORE_KEYS", 16)
+    assert rel_err(ours(ids, ours.new_cache(60), last_only=False), whole) < 1e-5
+
+
 def test_prompt_cli_on_cuda_matches_cpu(scout_ckpt):
     args = ("prompt", "The quick brown fox", "-m", scout_ckpt, "--raw", "--temperature", "0", "--ignore-eos")
     args += ("--dtype", "float32", "--json", "-n", "32")

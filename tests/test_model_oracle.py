@@ -52,6 +52,40 @@ def test_incremental_decode_equals_full_forward(models, kind):
     assert rel_err(torch.cat(pieces), full) < 1e-5
 
 
+@pytest.mark.parametrize("kind", ["scout", "maverick"])
+def test_queries_a_few_at_a_time_past_the_score_bound(models, kind, monkeypatch):
+    """Past SCORE_KEYS keys a prefill piece's queries attend a few at a time (bounding the scores
+    a backend materializes): the same logits as in one call, still the oracle's, with chunk
+    boundaries and NoPE layers in the pieces."""
+    from llama4_local import model as model_mod
+
+    ours, ref = models[kind]
+    torch.manual_seed(5)
+    ids = torch.randint(0, ours.cfg.vocab_size, (60,))
+    pieces = (23, 37)  # the second piece's NoPE layers see 60 keys: past the bound below
+
+    def run():
+        cache, out, s = ours.new_cache(60), [], 0
+        for size in pieces:
+            out.append(ours(ids[s : s + size], cache, last_only=False))
+            s += size
+        return torch.cat(out)
+
+    whole = run()
+    calls = []
+    real = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(model_mod, "SCORE_KEYS", 16)
+    monkeypatch.setattr(
+        model_mod.F, "scaled_dot_product_attention", lambda *a, **k: calls.append(a[0].shape[2]) or real(*a, **k)
+    )
+    split = run()
+    assert calls and max(calls) <= 16  # split: 16 + 7 queries, then at most 37 * 16 // 60 = 9 a call
+    assert rel_err(split, whole) < 1e-6
+    with torch.no_grad():
+        want = ref(input_ids=ids[None]).logits[0].float()
+    assert rel_err(split, want) < 1e-4
+
+
 def test_chunked_cache_is_bounded(models):
     ours, _ = models["scout"]
     cache = ours.new_cache(200)
