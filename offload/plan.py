@@ -150,7 +150,8 @@ class MemoryPlan:
         rows.append(
             (f"expert cache: {self.slots} of {self.experts_total} experts", "gpu", self.slots * self.expert_bytes)
         )
-        rows += [(name.replace("_", " "), "cpu", n) for name, n in self.host_dense.items()]
+        why = {"embeddings": "embeddings (a row a token)", "vision blocks": "vision blocks (copied in per image)"}
+        rows += [(why.get(name, name), "cpu", n) for name, n in self.host_dense.items()]
         if self.all_resident:
             return rows
         held = f"experts in host RAM: {self.host_experts}"

@@ -288,7 +288,7 @@ def test_plan_keeps_embeddings_in_host_ram_where_experts_do_not_fit(scout_cfg):
     for gib in (16, 24, 48):
         plan, kept = plan_memory(scout_cfg, gib * GiB, 8192, 2, q), plan_memory(tied, gib * GiB, 8192, 2, q)
         assert plan.host_dense == {"embeddings": emb} and "embeddings" not in plan.dense
-        assert ("embeddings", "cpu", emb) in plan.rows() and ("embeddings", "gpu", emb) in kept.rows()
+        assert ("embeddings (a row a token)", "cpu", emb) in plan.rows() and ("embeddings", "gpu", emb) in kept.rows()
         assert emb // one == 30 and plan.slots - kept.slots in (30, 31)
         assert plan.used <= gib * GiB < plan.used + one  # the room is the slots'
 
