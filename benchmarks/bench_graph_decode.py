@@ -67,6 +67,16 @@ def resident_experts(model, device, dtype) -> str:
     return protos["gate"].path
 
 
+def reset_peak(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_gb(device) -> float | None:
+    """GPU memory at its peak since reset_peak, GB (the model's weights included)."""
+    return round(torch.cuda.max_memory_allocated() / 1e9, 2) if device.type == "cuda" else None
+
+
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -151,18 +161,31 @@ def main():
             if limit is not None:
                 triton_moe.MAX_TOKENS = limit
             prefill(chunk)  # the first builds kernels and stacks
+            reset_peak(device)
             dt = min(prefill(chunk) for _ in range(2))
             row = {
                 "way": "prefill",
                 "tokens": args.prefill_tokens,
                 "chunk": chunk,
                 "tok_s": round(args.prefill_tokens / dt, 1),
+                "peak_GB": peak_gb(device),
             }
             if limit is not None:
                 row["grouped_max_tokens"] = limit
             print(json.dumps(row), flush=True)
         if path == "triton":
             triton_moe.MAX_TOKENS = grouped[0]
+        # attention with K/V repeated per query head (LLAMA4_LOCAL_SDPA_EXPAND): CUDA's
+        # memory-efficient kernel instead of the math one, which materializes the scores
+        os.environ["LLAMA4_LOCAL_SDPA_EXPAND"] = "1"
+        try:
+            prefill(chunk)
+            reset_peak(device)
+            dt = min(prefill(chunk) for _ in range(2))
+        finally:
+            del os.environ["LLAMA4_LOCAL_SDPA_EXPAND"]
+        row = {"way": "prefill", "tokens": args.prefill_tokens, "chunk": chunk, "sdpa": "expanded"}
+        print(json.dumps(row | {"tok_s": round(args.prefill_tokens / dt, 1), "peak_GB": peak_gb(device)}), flush=True)
 
     def plain_graph():  # the graph without fused.py's compiled regions
         os.environ["LLAMA4_LOCAL_COMPILE"] = "0"

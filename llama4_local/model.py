@@ -243,6 +243,14 @@ def _attention_kernel(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor)
 SCORE_KEYS = 8192  # keys a prefill piece's queries attend in one SDPA call (offload.plan reserves their scores)
 
 
+def _expand_kv() -> bool:
+    """LLAMA4_LOCAL_SDPA_EXPAND=1: a prefill piece's attention with K/V repeated per query head
+    instead of SDPA's grouped heads (a knob for a GPU session to time: bench_graph_decode.py)."""
+    import os
+
+    return os.environ.get("LLAMA4_LOCAL_SDPA_EXPAND") == "1"
+
+
 def _sdpa_backends(device: torch.device):
     """SDPA without cuDNN's backend on CUDA: torch 2.11 picks cuDNN on Hopper, which builds an
     execution plan for every new query and key count (a one-query decode step spent 80 ms of host
@@ -314,6 +322,10 @@ class Attention(nn.Module):
         SCORE_KEYS a head: 128k tokens in would otherwise need 10 GB for one 512-token piece."""
         step = q.shape[1] if keys.shape[1] <= SCORE_KEYS else max(1, q.shape[1] * SCORE_KEYS // keys.shape[1])
         gqa = self.n_kv != self.n_heads
+        if gqa and _expand_kv():  # every query head its own K/V copy: CUDA's memory-efficient kernel then
+            # takes the mask (no scores materialized) for [H, S, hd] twice; not yet timed on a GPU
+            keys, values = (a.repeat_interleave(self.n_heads // self.n_kv, dim=0) for a in (keys, values))
+            gqa = False
         outs = []
         with _sdpa_backends(q.device):
             for i in range(0, q.shape[1], step):

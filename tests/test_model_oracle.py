@@ -86,6 +86,17 @@ def test_queries_a_few_at_a_time_past_the_score_bound(models, kind, monkeypatch)
     assert rel_err(split, want) < 1e-4
 
 
+def test_kv_repeated_per_query_head_is_sdpa_with_grouped_heads(models, monkeypatch):
+    """LLAMA4_LOCAL_SDPA_EXPAND=1 (K/V repeated for each query head, for CUDA's memory-efficient
+    kernel): the same prefill logits as SDPA's grouped heads."""
+    ours, _ = models["scout"]
+    assert ours.cfg.num_kv_heads != ours.cfg.num_heads
+    ids = torch.randint(0, ours.cfg.vocab_size, (40,), generator=torch.Generator().manual_seed(8))
+    grouped = ours(ids, ours.new_cache(40), last_only=False)
+    monkeypatch.setenv("LLAMA4_LOCAL_SDPA_EXPAND", "1")
+    assert rel_err(ours(ids, ours.new_cache(40), last_only=False), grouped) < 1e-6
+
+
 def test_chunked_cache_is_bounded(models):
     ours, _ = models["scout"]
     cache = ours.new_cache(200)
