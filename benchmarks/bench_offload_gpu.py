@@ -328,7 +328,8 @@ def main():
             budget = min(gib * GiB, free + used_now - GiB)
             d = cfg.hidden_size
             head = cfg.vocab_size * q6.row_bytes(d)  # the default quantize's Q6 sidecar
-            plan = plan_memory(cfg, budget, args.prompt_tokens + args.gen_tokens, 2, Quantized(GROUP), head_q6=head)
+            q = Quantized(GROUP, attention=not args.bf16_attention)  # what build_model made
+            plan = plan_memory(cfg, budget, args.prompt_tokens + args.gen_tokens, 2, q, head_q6=head)
             slots, head_q6 = plan.slots, plan.head_q6
             # Where the plan keeps the embeddings in host RAM and reads the head in Q6 (not every
             # expert fits), so does the run (the Q6 head's blocks random, as every weight here).
