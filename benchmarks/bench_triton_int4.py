@@ -112,19 +112,18 @@ def main():
 def q6_head(dev, n: int = 202048, k: int = 5120) -> None:
     """Scout's lm_head in Q6 (quant/triton_q6.py) against bf16 at one and four rows: microseconds
     and GB/s of stored bytes, per block shape, replayed in a CUDA graph (two copies: past the L2)."""
-    from quant import q6, triton_q6
+    from bench_offload_gpu import random_q6
 
-    rb = q6.row_bytes(k)
-    packed = torch.randint(0, 256, (n, rb // q6.SUPER_BYTES, q6.SUPER_BYTES), dtype=torch.uint8, device=dev)
-    packed[..., 96:] = torch.tensor([0, 0x20] * 4, dtype=torch.uint8, device=dev)  # fp16 scales 2^-7
-    packed = packed.reshape(n, rb)
+    from quant import triton_q6
+
+    packed = random_q6(n, k, dev)
     copies = [packed, packed.clone()]
     w16 = torch.randn(n, k, device=dev).bfloat16()
     for rows in (1, 4):
         x = torch.randn(rows, k, device=dev).bfloat16()
         row = {"shape": "q6_lm_head", "rows": rows, "q6_MB": round(packed.nbytes / 1e6, 1)}
         for bn, w in ((16, 4), (32, 4), (32, 8), (64, 8), (128, 8)):
-            fns = [lambda c=c, a=(bn, w): triton_q6.q6_gemv(x, c, k, *a) for c in copies]
+            fns = [lambda c=c, a=(bn, w): triton_q6.q6_gemv(x, c, *a) for c in copies]
             t = graph_us(fns, 10)
             row[f"graph_q6_{bn}_{w}_us"] = round(t, 1)
             row[f"graph_q6_{bn}_{w}_GB_s"] = round(packed.nbytes / t / 1e3, 1)

@@ -122,7 +122,7 @@ def model_info(path: Path, budgets: list[int], context: int, hosts: list[int | N
             "parts": parts,
             "lm_head_cpu": sidecar_kind(path),  # the head's blocks a bf16 CPU run maps (quant/head.py)
         }
-    from .vision import VisionConfig, vision_memory, vision_parameters
+    from .vision import VisionConfig, vision_parameters, vision_plan_bytes
 
     vcfg = VisionConfig.from_dir(path) if cfg.multimodal else None
     head_q6 = 0  # a GPU run beside an expert cache reads a Q6 sidecar's head (quant/triton_q6.py)
@@ -130,8 +130,7 @@ def model_info(path: Path, budgets: list[int], context: int, hosts: list[int | N
         from quant.head import q6_sidecar_bytes
 
         head_q6 = q6_sidecar_bytes(path, ckpt, cfg.vocab_size, cfg.hidden_size)
-    vbytes = vision_memory(vcfg, 2) if vcfg is not None else 0  # what chat loads for /image
-    streamable = vbytes - vision_memory(vcfg, 2, streamed=True) if vcfg is not None else 0
+    vbytes, streamable = vision_plan_bytes(vcfg, 2) if vcfg is not None else (0, 0)  # what chat loads for /image
     if vcfg is not None and not vision:  # a config without weights: count from the config
         vision = vision_parameters(vcfg)
     plans = []

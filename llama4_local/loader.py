@@ -320,10 +320,9 @@ def _offload_slots(cfg, ckpt, scheme, torch_dtype, torch_device, opts, context: 
     q = quantized_parts(ckpt, cfg, scheme)
     vision = streamable = 0
     if vcfg is not None:
-        from .vision import vision_memory
+        from .vision import vision_plan_bytes
 
-        vision = vision_memory(vcfg, elt)
-        streamable = vision - vision_memory(vcfg, elt, streamed=True)
+        vision, streamable = vision_plan_bytes(vcfg, elt)
     plan = plan_memory(
         cfg,
         budget,
@@ -451,11 +450,11 @@ def load_model(
 
         apply_quantized(model, ckpt, scheme, torch_dtype, torch_device, routed=slots is None)
         if not stored_lm_head(model, ckpt, torch_dtype, torch_device):
-            q6_on_device = slots is not None and model.plan is not None and model.plan.head_q6
+            q6_on_device = model.plan is not None and model.plan.head_q6
             sidecar_lm_head(model, ckpt, model_dir, torch_dtype, torch_device, q6_on_device)
-    host = frozenset()
-    if slots is not None and model.plan is not None and "embeddings" in model.plan.host_dense:
-        host = frozenset({"embed_tokens.weight"})  # read a row a token: their GPU room holds experts
+    # The plan moves parts to host RAM only where it leaves experts off the device (an expert cache).
+    moved = model.plan.host_dense if model.plan is not None else {}
+    host = frozenset({"embed_tokens.weight"}) if "embeddings" in moved else frozenset()  # a row a token
     load_weights(model, ckpt, torch_dtype, torch_device, host)
     if slots is not None:
         from offload.setup import attach_offload
@@ -465,8 +464,7 @@ def load_model(
     if vcfg is not None:
         from .vision import load_vision
 
-        streamed = model.plan is not None and "vision blocks" in model.plan.host_dense
-        model.vision = load_vision(vckpt, vcfg, torch_dtype, torch_device, streamed)
+        model.vision = load_vision(vckpt, vcfg, torch_dtype, torch_device, "vision blocks" in moved)
         model.image_token_id = vcfg.image_token_id
     if int8_attention:  # bf16/fp16 CPU weights only; int8_attention checks each one
         from quant.kernels import int8_attention as to_int8

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import os
 
 import torch
 import torch.nn.functional as F
@@ -246,8 +247,6 @@ SCORE_KEYS = 8192  # keys a prefill piece's queries attend in one SDPA call (off
 def _expand_kv() -> bool:
     """LLAMA4_LOCAL_SDPA_EXPAND=1: a prefill piece's attention with K/V repeated per query head
     instead of SDPA's grouped heads (a knob for a GPU session to time: bench_graph_decode.py)."""
-    import os
-
     return os.environ.get("LLAMA4_LOCAL_SDPA_EXPAND") == "1"
 
 

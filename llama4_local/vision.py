@@ -348,6 +348,13 @@ def _block_parameters(cfg: VisionConfig) -> int:
     return 4 * (d * d + d) + (d * m + m) + (m * d + d) + 4 * d
 
 
+def vision_plan_bytes(cfg: VisionConfig, elt: int) -> tuple[int, int]:
+    """(device bytes of the whole tower with a pass's activations, how many of them streaming its
+    blocks leaves in host RAM instead): offload.plan_memory's `vision` and `vision_host`."""
+    whole = vision_memory(cfg, elt)
+    return whole, whole - vision_memory(cfg, elt, streamed=True)
+
+
 def vision_memory(cfg: VisionConfig, elt: int, tiles_per_pass: int = 8, streamed: bool = False) -> int:
     """Device bytes the vision tower needs: its weights plus the activations of one pass of tiles;
     `streamed`: one block's weights of the ViT blocks' and the residuals of a round of tiles."""

@@ -144,6 +144,10 @@ class HostStore:
         self.replaced += 1
         return self.blocks.pop(victim)
 
+    def _spare_row(self) -> torch.Tensor:
+        """A row for an expert joining the exclusive tier: a free one, else the policy's victim's."""
+        return self.free.pop() if self.free else self._victim_row()
+
     def block(self, key: Key) -> torch.Tensor:
         """The expert's block; for one not held, a staging buffer valid until the next call.
 
@@ -157,7 +161,7 @@ class HostStore:
                 self.policy.hit(key)
             return self._host(b, write=False)
         if self.policy is not None:  # into a free row (exclusive tier), else a held expert's the policy gives up
-            row = self.free.pop() if self.exclusive and self.free else self._victim_row()
+            row = self._spare_row() if self.exclusive else self._victim_row()
             out = self.blocks[key] = self._read(key, row)
             self.policy.insert(key)
             return out
@@ -174,15 +178,14 @@ class HostStore:
         if row is not None:
             self.policy.evict(key)
             return row
-        return self._read(key, self.free.pop() if self.free else self._victim_row())
+        return self._read(key, self._spare_row())
 
     def put_back(self, key: Key) -> torch.Tensor | None:
         """A row for `key`, which the device evicts, to be copied into (None: not exclusive, or
         already held)."""
         if not self.exclusive or key in self.blocks:
             return None
-        row = self.free.pop() if self.free else self._victim_row()
-        self.blocks[key] = row
+        row = self.blocks[key] = self._spare_row()
         self.policy.insert(key)
         return row
 

@@ -130,18 +130,13 @@ def sidecar_lm_head(
     if found is None:
         return False
     kind, tensors = found
-    if q6_on_device:
-        if kind == "q8_0":
+    if kind == "q8_0":
+        if q6_on_device:
             return False
+        model.lm_head = Int8Linear(None, stored=tensors, dtype=dtype)
+    else:  # the first layout repacked in anonymous memory; on the CPU the mapped view as it is
         w = tensors[0] if kind == q6.FORMAT else q6.repack_v1(tensors[0], k)
         model.lm_head = Q6Linear(w.to(device), k, dtype)
-    elif kind == "q8_0":
-        model.lm_head = Int8Linear(None, stored=tensors, dtype=dtype)
-    else:
-        module = Q6Linear(tensors[0], k, dtype)
-        if kind == q6.FORMAT_V1:  # in anonymous memory
-            module.q6 = q6.repack_v1(module.q6, k)
-        model.lm_head = module
     return True
 
 

@@ -80,7 +80,7 @@ def _permuted(x: torch.Tensor, supers: int) -> torch.Tensor:
     return xp.view(x.shape[0], supers, q6.SUPER)[:, :, order].reshape(x.shape[0], -1).contiguous()
 
 
-def q6_gemv(x: torch.Tensor, packed: torch.Tensor, k: int, block_n: int = BLOCK_N, warps: int = WARPS) -> torch.Tensor:
+def q6_gemv(x: torch.Tensor, packed: torch.Tensor, block_n: int = BLOCK_N, warps: int = WARPS) -> torch.Tensor:
     """x [M, K] (any float dtype) times the Q6 rows packed [N, q6.row_bytes(K)] (on x's device):
     [M, N] float32."""
     n, rb = packed.shape
@@ -96,7 +96,7 @@ def q6_matmul(x: torch.Tensor, packed: torch.Tensor, k: int) -> torch.Tensor:
     """x [M, K] times the Q6 rows: [M, N] float32; a few rows by q6_gemv, more by slabs of the
     head dequantized into x's dtype, one GEMM each."""
     if x.shape[0] <= GEMV_MAX_ROWS:
-        return q6_gemv(x, packed, k)
+        return q6_gemv(x, packed)
     y = torch.empty(x.shape[0], packed.shape[0], dtype=torch.float32, device=x.device)
     for r in range(0, packed.shape[0], SLAB):
         w = q6.dequantize(packed[r : r + SLAB], k, x.dtype)
