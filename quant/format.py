@@ -135,6 +135,12 @@ class QuantScheme:
                 f"{source}: only 4-bit int group quantization is supported, got "
                 f"{w.get('num_bits')}-bit {w.get('type')} {w.get('strategy')}"
             )
+        if w.get("actorder") in ("group", "dynamic"):  # columns in activation order, mapped by weight_g_idx
+            raise UserError(
+                f"{source}: activation ordering 'group' (weight_g_idx) is not supported (compressed-tensors "
+                "has dropped it too); use a checkpoint quantized with actorder 'weight' or none, or run "
+                "llama4-local quantize on the original"
+            )
         return cls(group_size=int(w["group_size"]), symmetric=bool(w.get("symmetric", True)))
 
 

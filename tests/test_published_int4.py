@@ -153,3 +153,20 @@ def test_published_layout_loads_and_computes_its_weights(published, multimodal_c
     # the others stay near 2e-2 (at most 0.04).
     errs = ((a - want).norm(dim=-1) / want.norm(dim=-1)).tolist()
     assert sorted(errs)[len(errs) // 2] < 3e-2 and sum(e > 5e-2 for e in errs) <= 3, errs
+
+
+def test_activation_order_by_group_is_refused(published, tmp_path):
+    """actorder "group" stores columns in activation order with a weight_g_idx map our kernels
+    do not read: one line saying what to use instead, not silently wrong output."""
+    from tests.cli_util import error_lines, run_cli
+
+    out, _ = published
+    for f in out.iterdir():
+        (tmp_path / f.name).symlink_to(f)
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["quantization_config"]["config_groups"]["group_0"]["weights"]["actorder"] = "group"
+    (tmp_path / "config.json").unlink()
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    r = run_cli("prompt", "hi", "-m", tmp_path, "--device", "cpu", "-n", "2")
+    lines = error_lines(r)
+    assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and "actorder" in lines[0], r.stderr
