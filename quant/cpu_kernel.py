@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import logging
 import os
 import sys
 import time
@@ -170,13 +171,27 @@ def extension_name(target: str, source: str, cflags: list[str]) -> str:
     return f"llama4_local_{target.replace('-', '_')}_{digest}"
 
 
+def _cpp_extension():
+    """torch.utils.cpp_extension's build-directory and load_inline, imported without the warning a
+    CUDA build of torch logs there when it finds a CUDA toolkit but no usable GPU ("No CUDA
+    runtime is found", e.g. under CUDA_VISIBLE_DEVICES= or on a machine with nvcc and no GPU): a
+    line on every run's stderr that says nothing about a CPU kernel."""
+    log = logging.getLogger("torch.utils.cpp_extension")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        from torch.utils.cpp_extension import _get_build_directory, load_inline
+    finally:
+        log.setLevel(level)
+    return _get_build_directory, load_inline
+
+
 def _load_or_build(target: str):
     """The compiled extension for `target`: imported directly where this source's build is
     already there (no ninja run: a process with another ninja on its PATH, whose build log hashes
     commands differently, would otherwise rebuild it, a minute each time), built first otherwise
     (torch's load_inline: the build directory's lock keeps concurrent builds apart)."""
-    from torch.utils.cpp_extension import _get_build_directory, load_inline
-
+    _get_build_directory, load_inline = _cpp_extension()
     source = _source()
     cflags = ["-O3", "-mtune=native", "-mavx2", "-mfma", "-mf16c", "-fopenmp", *_ISA_FLAGS[target]]
     name = extension_name(target, source, cflags)

@@ -47,37 +47,51 @@ def routes_eager(model, prompt, feed):
     return torch.cat(out), steps
 
 
-def routes_static(model, prompt, feed, monkeypatch):
-    """greedy_static(..., graph=False) fed `feed`, recording fused.route's choices the same way."""
+def routes_forced(model, prompt, feed, routes, monkeypatch):
+    """greedy_static(..., graph=False) fed `feed`, each step's experts forced to `routes` (eager's
+    choices; the static router's own scores for them), so both runs keep the same hidden states
+    and KV cache whatever a near tie does: (logits, [step][layer] the experts the static router
+    itself would have chosen)."""
     from llama4_local import fused
+    from llama4_local.model import top_k_scores
 
-    choices = []
-    route = fused.route
+    own, route = [], fused.route
 
-    def recording(logits, x, k, shared):
-        sel, rows = route(logits, x, k, shared)
-        choices.append(sel[:k].tolist())
-        return sel, rows
+    def forcing(logits, x, k, shared):
+        step, layer = divmod(len(own), len(routes[0]))
+        own.append(top_k_scores(logits, k, x.dtype)[0][0].tolist())
+        sel = torch.tensor(routes[step][layer], device=logits.device)
+        rows = x * torch.sigmoid(logits[0, sel].float()).to(x.dtype)[:, None]  # as fused.route scales them
+        if shared < 0:
+            return sel, rows
+        return torch.cat([sel, sel.new_full((1,), shared)]), torch.cat([rows, x])
 
-    monkeypatch.setattr(fused, "route", recording)
+    monkeypatch.setattr(fused, "route", forcing)
     _, logits = greedy_static(model, prompt, len(feed), graph=False, feed=feed)
     monkeypatch.setattr(fused, "route", route)
-    per = len(choices) // len(feed)
-    return logits, [choices[i * per : (i + 1) * per] for i in range(len(feed))]
+    per = len(routes[0])
+    return logits, [own[i * per : (i + 1) * per] for i in range(len(feed))]
 
 
-def assert_close_where_routed_alike(model, prompt, monkeypatch, n=16, tol=2e-2, flips=3):
-    """The static step against eager in bf16, step by step: where both chose the same experts in
-    every layer, logits within `tol`; a step where a near tie in a bf16 router went the other way
-    (one ulp of a norm's rounding flips it on a small random model) is allowed, at most `flips`."""
+def assert_as_close_as_eager(model, exact, prompt, monkeypatch, n=16, flips=3):
+    """The static step in bf16 against eager, both measured against `exact` (the same checkpoint
+    in float32), all three with eager's choice of experts: each step's static logits no farther
+    from float32 than 1.5x eager's distance plus 3e-3. bf16 itself is 1.6-3.4% from float32 on the
+    small random INT4 model, and compiled regions round in their own places where torch's
+    inductor does not emulate eager's roundings (torch 2.11, the GPU image's: 2-3.4% from eager,
+    as far from float32 as eager is); a wrong kernel is 10% and more off (the float32 tests hold
+    the same arithmetic to 1e-5 of eager: a 1% error in a compiled norm fails them). A near tie in a bf16
+    router may go the other way (one ulp of a norm's rounding flips it on a small random model),
+    so the static router's own choices may differ from eager's at `flips` steps at most."""
     want_tokens, _ = eager(model, prompt, n)
     want, eager_routes = routes_eager(model, prompt, want_tokens)
-    got, static_routes = routes_static(model, prompt, want_tokens, monkeypatch)
+    got, static_routes = routes_forced(model, prompt, want_tokens, eager_routes, monkeypatch)
+    ref, _ = routes_forced(exact, prompt.to(exact.device), want_tokens, eager_routes, monkeypatch)
     flipped = [i for i in range(n) if eager_routes[i] != static_routes[i]]
     assert len(flipped) <= flips, (flipped, eager_routes, static_routes)
     for i in range(n):
-        if i not in flipped:
-            assert rel_err(got[i], want[i]) < tol, (i, flipped)
+        far, eager_far = rel_err(got[i], ref[i]), rel_err(want[i], ref[i])
+        assert far < 1.5 * eager_far + 3e-3, (i, far, eager_far)
     return flipped
 
 
@@ -162,7 +176,8 @@ def test_static_steps_on_int4_experts_bf16(scout_int4):
 def test_compiled_static_steps_on_int4_experts_bf16(scout_int4, monkeypatch):
     monkeypatch.setenv("LLAMA4_LOCAL_COMPILE", "1")
     model, _ = load_model(scout_int4[0], "bfloat16", "cpu")
-    assert_close_where_routed_alike(model, PROMPT, monkeypatch)
+    exact, _ = load_model(scout_int4[0], "float32", "cpu")
+    assert_as_close_as_eager(model, exact, PROMPT, monkeypatch)
 
 
 def test_span_for_covers_the_position_in_powers_of_two(scout_ckpt):
@@ -242,7 +257,7 @@ def test_cuda_graph_replay_equals_the_static_step_and_the_cpu(scout_int4, scout_
     assert g_tokens == tokens
     assert rel_err(replayed, plain) < 1e-6  # the same kernels, replayed
     if dtype == "bfloat16":  # a bf16 router's near tie may go either way: compare step by step
-        assert_close_where_routed_alike(gpu, prompt, monkeypatch)
+        assert_as_close_as_eager(gpu, load_model(path, "float32", "cpu")[0], prompt, monkeypatch)
     else:
         assert rel_err(replayed, eager(gpu, prompt, 16, feed=tokens)[1]) < 1e-5
     if dtype == "float32":
