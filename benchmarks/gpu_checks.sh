@@ -31,8 +31,12 @@ if has env; then
 fi
 if has tests; then
   stamp tests
+  # The image has pytest-xdist: the tests' compiling (Triton, inductor) spreads over the host's
+  # cores in TEST_WORKERS processes, one CUDA context each (TEST_WORKERS=0: one process).
+  workers=()
+  if [ "${TEST_WORKERS:-4}" != 0 ] && python3 -c 'import xdist' 2>/dev/null; then workers=(-n "${TEST_WORKERS:-4}"); fi
   timeout "${TESTS_S:-150}" python3 -m pytest -q -m cuda tests/test_cuda.py tests/test_quant_kernels.py tests/test_graph_decode.py tests/test_piecewise_decode.py -p no:cacheprovider --timeout 100 \
-    --tb=short -rfE --durations=8 >"$OUT/pytest.txt" 2>&1
+    "${workers[@]}" --tb=short -rfE --durations=8 >"$OUT/pytest.txt" 2>&1
   tail -5 "$OUT/pytest.txt" | tee -a "$OUT/log.txt"
 fi
 if has offload; then
