@@ -172,7 +172,7 @@ def extension_name(target: str, source: str, cflags: list[str]) -> str:
 
 
 def _cpp_extension():
-    """torch.utils.cpp_extension's build-directory and load_inline, imported without the warning a
+    """torch.utils.cpp_extension, imported without the warning a
     CUDA build of torch logs there when it finds a CUDA toolkit but no usable GPU ("No CUDA
     runtime is found", e.g. under CUDA_VISIBLE_DEVICES= or on a machine with nvcc and no GPU): a
     line on every run's stderr that says nothing about a CPU kernel."""
@@ -180,10 +180,10 @@ def _cpp_extension():
     level = log.level
     log.setLevel(logging.ERROR)
     try:
-        from torch.utils.cpp_extension import _get_build_directory, load_inline
+        from torch.utils import cpp_extension
     finally:
         log.setLevel(level)
-    return _get_build_directory, load_inline
+    return cpp_extension
 
 
 def _load_or_build(target: str):
@@ -191,21 +191,47 @@ def _load_or_build(target: str):
     already there (no ninja run: a process with another ninja on its PATH, whose build log hashes
     commands differently, would otherwise rebuild it, a minute each time), built first otherwise
     (torch's load_inline: the build directory's lock keeps concurrent builds apart)."""
-    _get_build_directory, load_inline = _cpp_extension()
+    ext = _cpp_extension()
     source = _source()
     cflags = ["-O3", "-mtune=native", "-mavx2", "-mfma", "-mf16c", "-fopenmp", *_ISA_FLAGS[target]]
     name = extension_name(target, source, cflags)
-    build = Path(_get_build_directory(name, verbose=False))
+    build = Path(ext._get_build_directory(name, verbose=False))
     built = build / f"{name}.so"
-    clear_stale_lock(build)
-    if built.is_file() and not (build / "lock").exists():  # the lock: a build under way
+    flock = hasattr(ext, "FileLock")  # torch 2.15 on: build_under_way
+    if not flock:
+        clear_stale_lock(build)
+    if built.is_file() and not build_under_way(build, flock):
         try:
             return _import_extension(name, built)
         except ImportError:  # not loadable here: build it again
             pass
     else:
         sys.stderr.write("llama4-local: building the INT4 CPU kernel (once, about a minute)\n")
-    return load_inline(name=name, cpp_sources=[source], extra_cflags=cflags, extra_ldflags=["-fopenmp"], verbose=False)
+    flags = {"extra_cflags": cflags, "extra_ldflags": ["-fopenmp"]}
+    return ext.load_inline(name=name, cpp_sources=[source], verbose=False, **flags)
+
+
+def build_under_way(build: Path, flock: bool) -> bool:
+    """Whether a process is building in `build` now: its lock file exists (torch's FileBaton,
+    before 2.15), or is locked (`flock`: torch 2.15 on holds the lock with filelock, an OS
+    advisory lock the kernel releases when its holder dies, on a file that stays after every
+    build, so its existence says nothing)."""
+    lock = build / "lock"
+    if not flock or not lock.exists():
+        return lock.exists()
+    try:
+        import fcntl
+
+        fd = os.open(lock, os.O_RDONLY)
+    except (ImportError, OSError):  # no fcntl, or the file gone meanwhile
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # filelock holds LOCK_EX while it builds
+        return False
+    except OSError:
+        return True
+    finally:
+        os.close(fd)  # (closing releases a lock taken here)
 
 
 STALE_LOCK_S = 900  # a build takes about a minute; a lock this old is a killed build's
@@ -214,7 +240,9 @@ STALE_LOCK_S = 900  # a build takes about a minute; a lock this old is a killed 
 def clear_stale_lock(build: Path) -> bool:
     """Remove the build directory's lock when its build died with it (SIGKILL, the OOM killer, a
     closed laptop: torch releases it on every other exit), else every later process waits on it
-    for ever; returns whether one was removed."""
+    for ever; returns whether one was removed. Only for torch's FileBaton (torch before 2.15):
+    an advisory lock's file stays and is released by the kernel, and removing it while held
+    would let a second build into the directory."""
     lock = build / "lock"
     try:
         if time.time() - lock.stat().st_mtime > STALE_LOCK_S:

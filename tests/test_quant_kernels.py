@@ -565,6 +565,31 @@ def test_a_killed_builds_lock_is_cleared_and_a_live_one_kept(tmp_path):
     assert not cpu_kernel.clear_stale_lock(tmp_path)  # none there
 
 
+def test_a_build_under_way_is_told_by_its_lock(tmp_path):
+    """torch before 2.15 holds its build lock as a file that exists while it builds (FileBaton),
+    2.15 on as an advisory lock on a file that stays after every build (filelock): a finished
+    build is loaded directly under either, and a build under way waited for (under 2.15 every run
+    had said it was building the kernel again and gone through load_inline)."""
+    import fcntl
+    import os
+
+    from quant import cpu_kernel
+
+    assert not cpu_kernel.build_under_way(tmp_path, flock=False)
+    assert not cpu_kernel.build_under_way(tmp_path, flock=True)
+    lock = tmp_path / "lock"
+    lock.write_text("")
+    assert cpu_kernel.build_under_way(tmp_path, flock=False)
+    assert not cpu_kernel.build_under_way(tmp_path, flock=True)  # what a finished build leaves
+    fd = os.open(lock, os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # as filelock holds it while building
+    try:
+        assert cpu_kernel.build_under_way(tmp_path, flock=True)
+    finally:
+        os.close(fd)
+    assert not cpu_kernel.build_under_way(tmp_path, flock=True)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_activations_in_and_out_as_torch_rounds(dtype):
     """The kernels take bf16/fp16 activations and return that dtype: the same bits as widening
