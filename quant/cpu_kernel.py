@@ -172,10 +172,10 @@ def extension_name(target: str, source: str, cflags: list[str]) -> str:
 
 
 def _cpp_extension():
-    """torch.utils.cpp_extension, imported without the warning a
-    CUDA build of torch logs there when it finds a CUDA toolkit but no usable GPU ("No CUDA
-    runtime is found", e.g. under CUDA_VISIBLE_DEVICES= or on a machine with nvcc and no GPU): a
-    line on every run's stderr that says nothing about a CPU kernel."""
+    """torch.utils.cpp_extension, imported without the warning a CUDA build of torch logs there
+    when it finds a CUDA toolkit but no usable GPU ("No CUDA runtime is found", e.g. under
+    CUDA_VISIBLE_DEVICES= or on a machine with nvcc and no GPU): a line on every run's stderr
+    that says nothing about a CPU kernel."""
     log = logging.getLogger("torch.utils.cpp_extension")
     level = log.level
     log.setLevel(logging.ERROR)
