@@ -25,6 +25,7 @@ sidecar holds it.
 
 from __future__ import annotations
 
+import functools
 import sys
 
 import torch
@@ -39,6 +40,12 @@ ROWS = 16384  # GPTQ's rows per pass: at Scout's width two float32 copies of 335
 # ORDER[p]: which of a super-block's 128 inputs (block-major) sits at the kernel's position p
 ORDER = torch.tensor([32 * (g % 4) + 8 * v + 4 * (g // 4) + j for v in range(4) for g in range(8) for j in range(4)])
 TOP_SHIFTS = torch.tensor([0, 2, 4, 6], dtype=torch.uint8)[:, None]  # vector v's top bits at bits 2v, 2v + 1
+
+
+@functools.cache
+def constants_on(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ORDER, TOP_SHIFTS) on `device`, copied there once (no host-to-device copy per call)."""
+    return ORDER.to(device), TOP_SHIFTS.to(device)
 
 
 def row_bytes(k: int) -> int:
@@ -97,9 +104,10 @@ def unpack(w: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     s = b.shape[1]
     low = b[..., :64].reshape(n, s, 2, 1, 32)
     nib = torch.cat([low & 0xF, low >> 4], dim=3).reshape(n, s, 4, 32)
-    top = (b[..., None, 64:96] >> TOP_SHIFTS.to(w.device)) & 3
+    order, shifts = constants_on(w.device)
+    top = (b[..., None, 64:96] >> shifts) & 3
     u = torch.empty(n, s, SUPER, dtype=torch.uint8, device=w.device)
-    u[..., ORDER.to(w.device)] = (nib | (top << 4)).reshape(n, s, SUPER)
+    u[..., order] = (nib | (top << 4)).reshape(n, s, SUPER)
     q = (u - 32).view(torch.int8).reshape(n, -1)[:, :k]  # wraps back: u - 32
     d = b[..., 96:].contiguous().reshape(n, s, 4, 2)
     if sys.byteorder != "little":

@@ -66,17 +66,12 @@ if triton is not None:
         tl.store(y_ptr + m * n + rows, acc, mask=rows < n)
 
 
-_ORDER: dict[torch.device, torch.Tensor] = {}
-
-
 def _permuted(x: torch.Tensor, supers: int) -> torch.Tensor:
     """x [M, K] as the kernel reads it: float32 [M, supers * 128], each super-block's inputs in
     the layout's order (q6.ORDER), zero past K."""
     xp = torch.zeros(x.shape[0], supers * q6.SUPER, dtype=torch.float32, device=x.device)
     xp[:, : x.shape[1]] = x
-    order = _ORDER.get(x.device)
-    if order is None:  # once per device: no host-to-device copy per call
-        order = _ORDER[x.device] = q6.ORDER.to(x.device)
+    order = q6.constants_on(x.device)[0]
     return xp.view(x.shape[0], supers, q6.SUPER)[:, :, order].reshape(x.shape[0], -1).contiguous()
 
 
