@@ -61,10 +61,9 @@ def routes_forced(model, prompt, feed, routes, monkeypatch):
         step, layer = divmod(len(own), len(routes[0]))
         own.append(top_k_scores(logits, k, x.dtype)[0][0].tolist())
         sel = torch.tensor(routes[step][layer], device=logits.device)
-        rows = x * torch.sigmoid(logits[0, sel].float()).to(x.dtype)[:, None]  # as fused.route scales them
-        if shared < 0:
-            return sel, rows
-        return torch.cat([sel, sel.new_full((1,), shared)]), torch.cat([rows, x])
+        kept = torch.full_like(logits, -torch.inf)  # only eager's experts left to choose, at their own logits
+        kept[:, sel] = logits[:, sel]
+        return route(kept, x, k, shared)
 
     monkeypatch.setattr(fused, "route", forcing)
     _, logits = greedy_static(model, prompt, len(feed), graph=False, feed=feed)
