@@ -217,8 +217,10 @@ def build_under_way(build: Path, flock: bool) -> bool:
     advisory lock the kernel releases when its holder dies, on a file that stays after every
     build, so its existence says nothing)."""
     lock = build / "lock"
-    if not flock or not lock.exists():
-        return lock.exists()
+    if not lock.exists():
+        return False
+    if not flock:
+        return True
     try:
         import fcntl
 
