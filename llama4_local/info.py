@@ -127,9 +127,9 @@ def model_info(path: Path, budgets: list[int], context: int, hosts: list[int | N
     vcfg = VisionConfig.from_dir(path) if cfg.multimodal else None
     head_q6 = 0  # a GPU run beside an expert cache reads a Q6 sidecar's head (quant/triton_q6.py)
     if ckpt is not None and scheme is not None:
-        from quant.head import q6_sidecar_bytes
+        from quant.head import gpu_head_bytes
 
-        head_q6 = q6_sidecar_bytes(path, ckpt, cfg.vocab_size, cfg.hidden_size)
+        head_q6 = gpu_head_bytes(path, ckpt, cfg.vocab_size, cfg.hidden_size)
     vbytes, streamable = vision_plan_bytes(vcfg, 2) if vcfg is not None else (0, 0)  # what chat loads for /image
     if vcfg is not None and not vision:  # a config without weights: count from the config
         vision = vision_parameters(vcfg)

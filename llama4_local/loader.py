@@ -342,15 +342,10 @@ def _offload_slots(cfg, ckpt, scheme, torch_dtype, torch_device, opts, context: 
 
 
 def _q6_head_bytes(ckpt: Checkpoint, cfg, scheme) -> int:
-    """Bytes of the Q6 lm_head a GPU run could read from the checkpoint's sidecar (Triton's
-    kernel: quant/triton_q6.py), or 0."""
-    from quant import triton_q6
+    """Bytes of the Q6 lm_head a GPU run reads from the checkpoint's sidecar, or 0."""
+    from quant.head import gpu_head_bytes
 
-    if scheme is None or not triton_q6.available():
-        return 0
-    from quant.head import q6_sidecar_bytes
-
-    return q6_sidecar_bytes(ckpt.root, ckpt, cfg.vocab_size, cfg.hidden_size)
+    return 0 if scheme is None else gpu_head_bytes(ckpt.root, ckpt, cfg.vocab_size, cfg.hidden_size)
 
 
 def _host_note(manager) -> None:

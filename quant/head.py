@@ -140,6 +140,14 @@ def sidecar_lm_head(
     return True
 
 
+def gpu_head_bytes(model_dir, ckpt, n: int, k: int) -> int:
+    """Bytes of the Q6 head a GPU run here reads from the checkpoint's sidecar (its kernel is
+    Triton's: quant/triton_q6.py), or 0: what the loader and `info` plan with."""
+    from . import triton_q6
+
+    return q6_sidecar_bytes(model_dir, ckpt, n, k) if triton_q6.available() else 0
+
+
 def q6_sidecar_bytes(model_dir, ckpt, n: int, k: int) -> int:
     """Bytes of the Q6 head in `model_dir`'s sidecar where it holds one for this checkpoint's
     [n, k] lm_head (0: none, Q8_0 blocks, or an INT8 head in the checkpoint itself, which loads

@@ -198,10 +198,15 @@ def test_a_sidecar_in_the_first_q6_layout_is_repacked_at_load(calibrated, tmp_pa
     assert torch.equal(old(ids, old.new_cache(20)), new(ids, new.new_cache(20)))
 
 
-def test_a_gpu_plan_beside_an_expert_cache_counts_the_q6_head(calibrated, tmp_path):
+def test_a_gpu_plan_beside_an_expert_cache_counts_the_q6_head(calibrated, tmp_path, monkeypatch):
     """`info`'s plan for a GPU too small for every expert reads the head's Q6 blocks (what a GPU
-    run there loads: quant/triton_q6.py); a Q8_0 sidecar, or none, leaves the head as stored."""
+    run there loads: quant/triton_q6.py); a Q8_0 sidecar, or none, or no Triton to run the Q6
+    kernel, leaves the head as stored."""
+    from quant import triton_q6
     from quant.head import q6_sidecar_bytes
+
+    if not triton_q6.available():
+        pytest.skip("no Triton here: a GPU run here would not read the Q6 head")
 
     ckpt = open_checkpoint(calibrated)
     n, k = ckpt.get("lm_head.weight").shape
@@ -214,6 +219,10 @@ def test_a_gpu_plan_beside_an_expert_cache_counts_the_q6_head(calibrated, tmp_pa
     (small,) = model_info(calibrated, [budget], 64)["plans"]
     assert not p["head_q6"] and small["plan"]["head_q6"] and small["plan"]["slots"] == 2
     assert small["plan"]["dense"]["lm_head"] == n * q6.row_bytes(k)
+    with monkeypatch.context() as m:  # as the loader plans (loader._q6_head_bytes): the kernel is Triton's
+        m.setattr(triton_q6, "available", lambda: False)
+        (none,) = model_info(calibrated, [budget + p["dense"]["lm_head"] - n * q6.row_bytes(k)], 64)["plans"]
+        assert not none["plan"]["head_q6"] and none["plan"]["slots"] == 2  # the bf16 head's room
     copy = tmp_path / "copy"
     shutil.copytree(calibrated, copy)
     write_head_sidecar(copy / HEAD_SIDECAR, open_checkpoint(copy).get("lm_head.weight"))  # Q8_0
