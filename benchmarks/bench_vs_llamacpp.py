@@ -191,7 +191,12 @@ AS_AVX2 = {
 }
 
 
-def quantize_side_by_side(bin_dir: Path, files: dict[str, Path], threads: int, reps: int, avx2: bool) -> None:
+AVX2_PEER = "llama-quantize Q4_K_M, AVX2 build"
+
+
+def quantize_side_by_side(
+    cache: Path, bin_dir: Path, files: dict[str, Path], threads: int, reps: int, avx2: bool
+) -> None:
     """llama-quantize Q4_K_M against our quantize (default and --no-calibrate; `avx2`: also the
     default held to AVX2, AS_AVX2) on the slice, alternated `reps` times in one run (each output
     written to a scratch path, then removed)."""
@@ -209,7 +214,9 @@ def quantize_side_by_side(bin_dir: Path, files: dict[str, Path], threads: int, r
         "ours default (GPTQ)": ours(),
         "ours --no-calibrate": ours("--no-calibrate"),
     }
-    if avx2:
+    if avx2:  # both sides held to AVX2: llama.cpp built for it (no -march=native), ours under AS_AVX2
+        avx2_bin = llamacpp.build(cache, log=log, avx2=True)
+        sides[AVX2_PEER] = lambda out: llamacpp.quantize(avx2_bin, files["F16"], out, "Q4_K_M", threads)
         sides["ours default, held to AVX2 (emulated)"] = ours(env=AS_AVX2)
     for env in [{}] + [AS_AVX2] * avx2:  # the kernel extension each side loads, built before timing
         warm = [sys.executable, "-c", "from quant import cpu_kernel; cpu_kernel.available()"]
@@ -228,10 +235,11 @@ def quantize_side_by_side(bin_dir: Path, files: dict[str, Path], threads: int, r
                     out.unlink()
                 best[name] = min(best.get(name, seconds), seconds)
                 log(f"rep {rep + 1} {name}: {seconds:.1f} s")
-    peer = best["llama-quantize Q4_K_M"]
     print(f"\nquantize, {threads} threads, best of {reps} alternated:")
     for name, seconds in best.items():
-        print(f"  {name}: {seconds:.1f} s ({seconds / peer:.2f}x llama-quantize Q4_K_M)")
+        held = "AVX2" in name  # each side against the peer built for the same instructions
+        peer = AVX2_PEER if held else "llama-quantize Q4_K_M"
+        print(f"  {name}: {seconds:.1f} s ({seconds / best[peer]:.2f}x {peer})")
 
 
 def weight_files(model_dir: Path) -> list[Path]:
@@ -309,7 +317,7 @@ def main() -> None:
         ap.error("--layers: llama.cpp runs a Llama 4 of at least 4 layers")
     bin_dir, files, qtimes = prepare(args.cache, max(threads), shape, f16=args.quantize or not args.no_bf16)
     if args.quantize:
-        return quantize_side_by_side(bin_dir, files, max(threads), args.reps, args.avx2)
+        return quantize_side_by_side(args.cache, bin_dir, files, max(threads), args.reps, args.avx2)
 
     log("loading our INT4 and bf16 checkpoints")
     cpu_kernel.available()  # a (re)build of the kernel extension is not loading time

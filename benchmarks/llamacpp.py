@@ -28,13 +28,18 @@ def source_dir(cache: Path, version: str = VERSION) -> Path:
     return cache / f"llama.cpp-{version}"
 
 
-def build(cache: Path, version: str = VERSION, log=print, cuda_arch: str | None = None) -> Path:
+AVX2_ONLY = ("GGML_AVX", "GGML_AVX2", "GGML_FMA", "GGML_F16C", "GGML_BMI2")  # what an AVX2-only x86 has
+
+
+def build(cache: Path, version: str = VERSION, log=print, cuda_arch: str | None = None, avx2: bool = False) -> Path:
     """The directory holding llama-bench, llama-quantize and llama-imatrix, building them if needed.
-    With `cuda_arch` (e.g. "90"), a CUDA build for that architecture alone, in build-cuda/."""
+    With `cuda_arch` (e.g. "90"), a CUDA build for that architecture alone, in build-cuda/.
+    `avx2`: llama-bench and llama-quantize built for AVX2 alone (no AVX-512, not -march=native),
+    in build-avx2/: the peer of our side held to AVX2 (bench_vs_llamacpp.py --avx2)."""
     src = source_dir(cache, version)
-    build_dir = src / ("build-cuda" if cuda_arch else "build")
+    build_dir = src / ("build-cuda" if cuda_arch else "build-avx2" if avx2 else "build")
     bin_dir = build_dir / "bin"
-    tools = TOOLS[:2] if cuda_arch else TOOLS
+    tools = TOOLS[:2] if cuda_arch or avx2 else TOOLS
     if all((bin_dir / t).exists() for t in tools):
         return bin_dir
     if not (src / "CMakeLists.txt").exists():
@@ -52,10 +57,13 @@ def build(cache: Path, version: str = VERSION, log=print, cuda_arch: str | None 
                 for m in members:
                     m.name = m.name[len(prefix) :]
                 tar.extractall(src, members=[m for m in members if m.name], filter="data")
-    log(f"building llama.cpp's {'CUDA' if cuda_arch else 'CPU'} tools in {build_dir} (a few minutes)")
+    kind = "CUDA" if cuda_arch else "AVX2" if avx2 else "CPU"
+    log(f"building llama.cpp's {kind} tools in {build_dir} (a few minutes)")
     gen = ["-G", "Ninja"] if shutil.which("ninja") else []
     off = ("BUILD_SHARED_LIBS", "LLAMA_CURL", "LLAMA_OPENSSL", "LLAMA_BUILD_TESTS", "LLAMA_BUILD_SERVER")
-    flags = ["-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON", *(f"-D{name}=OFF" for name in off)]
+    flags = ["-DCMAKE_BUILD_TYPE=Release", f"-DGGML_NATIVE={'OFF' if avx2 else 'ON'}", *(f"-D{n}=OFF" for n in off)]
+    if avx2:
+        flags += [f"-D{name}=ON" for name in AVX2_ONLY]
     if cuda_arch:
         flags += ["-DGGML_CUDA=ON", f"-DCMAKE_CUDA_ARCHITECTURES={cuda_arch}", "-DGGML_CUDA_NCCL=OFF"]
     quiet = {"stdout": subprocess.DEVNULL}
