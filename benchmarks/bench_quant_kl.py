@@ -14,8 +14,9 @@ weight-only baselines sit beside ours: plain round-to-nearest (symmetric, per gr
 bitsandbytes is installed, its NF4 at the same group size, both applied to the same tensors.
 
 With --llamacpp it scores llama.cpp's own files instead: the model converted by its
-convert_hf_to_gguf.py, quantized to Q4_K_M by llama-quantize without and with an importance
-matrix (llama-imatrix over the same calibration text and token count our GPTQ uses), each GGUF
+convert_hf_to_gguf.py, quantized by llama-quantize to Q4_0 and Q4_K_M without and with an
+importance matrix (llama-imatrix over the same calibration text and token count our GPTQ uses)
+and to IQ4_XS with it (LLAMACPP_KINDS), each GGUF
 dequantized into our model (benchmarks/gguf_weights.py); the tools are built as
 bench_vs_llamacpp.py builds them (cached under benchmarks/.cache/).
 
@@ -170,12 +171,22 @@ def llamacpp_files(args, report):
         llamacpp.convert(cache, args.model, f16)
     if not imatrix.exists():
         llamacpp.imatrix(bin_dir, f16, DEFAULT_TEXT, imatrix, threads, DEFAULT_TOKENS, WINDOW)
-    for name, im in (("q4_k_m (llama-quantize)", None), ("q4_k_m + imatrix (llama-imatrix, llama-quantize)", imatrix)):
-        out = work / ("q4_k_m-imatrix.gguf" if im else "q4_k_m.gguf")
+    for kind, im in LLAMACPP_KINDS:
+        name = f"{kind.lower()} (llama-quantize{', imatrix' if im else ''})"
+        out = work / f"{kind.lower()}{'-imatrix' if im else ''}.gguf"
         if not out.exists():
-            llamacpp.quantize(bin_dir, f16, out, "Q4_K_M", threads, im)
+            llamacpp.quantize(bin_dir, f16, out, kind, threads, imatrix if im else None)
         model, types = dequantized_model(out, args.model, llamacpp.source_dir(cache))
         report(name, model, gguf_types=types)
+    with tempfile.TemporaryDirectory() as tmp:  # ours beside them, in the same run
+        quantize_checkpoint(args.model, Path(tmp) / "q", QuantizeOptions())
+        report("ours default (GPTQ int4 g128, attention + experts)", load_model(Path(tmp) / "q", "float32", "cpu")[0])
+
+
+# llama.cpp's 4-bit files a user picks among: Q4_0 (what its fast CPU paths favour), Q4_K_M (its
+# usual default), both calibrated by an importance matrix, and IQ4_XS (4.25 bits, its strongest
+# 4-bit type, which wants the importance matrix)
+LLAMACPP_KINDS = (("Q4_0", False), ("Q4_K_M", False), ("Q4_0", True), ("Q4_K_M", True), ("IQ4_XS", True))
 
 
 def bf16_costs(args, report):
@@ -329,7 +340,7 @@ def main():
     ap.add_argument("--parts", default="experts,attention", help="experts (+shared), attention (+experts), or both")
     ap.add_argument("--bf16", action="store_true", help="the cost of bf16 runs and of int8 activations instead")
     ap.add_argument("--precision", action="store_true", help="the quantizer's bf16 arithmetic against float32")
-    ap.add_argument("--llamacpp", action="store_true", help="llama.cpp's own Q4_K_M files, plain and with imatrix")
+    ap.add_argument("--llamacpp", action="store_true", help="llama.cpp's own 4-bit files (LLAMACPP_KINDS) beside ours")
     ap.add_argument("--lm-head", action="store_true", help="the lm_head kept, in Q6 (the sidecar), Q8_0, in place")
     ap.add_argument("--tokens", help="the default quantize at these calibration token counts (e.g. 2048,4096,8192)")
     args = ap.parse_args()
