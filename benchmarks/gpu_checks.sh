@@ -7,9 +7,9 @@
 # and peer (llama.cpp built with CUDA against us: most of a session's device time on its own;
 # make its source tarball first: python benchmarks/gpu_vs_llamacpp.py --pack .peer/llama.cpp-src.tar.xz).
 # A session has about 15 device minutes, a start costs about 40 s and each run rebuilds the CPU
-# kernel (~45 s, inside `tests`): e.g. `bash benchmarks/gpu_checks.sh tests,graph,triton` first
-# (about 7-8 minutes: graph runs its bench twice, stock and Triton INT4), then offload with
-# BUDGETS=24 MISS=auto if time is left (HOST_ROWS=379 for a 32 GB machine's host tier, INCLUSIVE_HOST=1
+# kernel (~45 s, inside `tests`): e.g. `STOCK=0 bash benchmarks/gpu_checks.sh env,tests,graph` first
+# (about 6-7 minutes; graph runs its bench twice, stock and Triton INT4, unless STOCK=0), then
+# offload with BUDGETS=24 MISS=auto,swap and triton if time is left (HOST_ROWS=379 for a 32 GB machine's host tier, INCLUSIVE_HOST=1
 # for the tier before session 31).
 set -u
 OUT=${OUT:-bench-out}
@@ -69,9 +69,11 @@ fi
 if has graph; then
   stamp graph
   ways=${WAYS:-eager,graph,graph_plain}
-  LLAMA4_LOCAL_CUDA_INT4=stock timeout "${GRAPH_S:-120}" python3 benchmarks/bench_graph_decode.py --ways "$ways" \
-    --profile "$OUT/profile.txt" \
-    >"$OUT/graph.jsonl" 2>&1
+  if [ "${STOCK:-1}" != 0 ]; then  # torch's stock INT4 kernel beside Triton's (STOCK=0: Triton's alone)
+    LLAMA4_LOCAL_CUDA_INT4=stock timeout "${GRAPH_S:-120}" python3 benchmarks/bench_graph_decode.py --ways "$ways" \
+      --profile "$OUT/profile.txt" \
+      >"$OUT/graph.jsonl" 2>&1
+  fi
   LLAMA4_LOCAL_CUDA_INT4=triton timeout "${GRAPH_S:-120}" python3 benchmarks/bench_graph_decode.py \
     --ways "${WAYS_TRITON:-eager,graph,graph_q6,graph_plain}" --profile "$OUT/profile_triton.txt" \
     >"$OUT/graph_triton.jsonl" 2>&1
