@@ -513,17 +513,18 @@ def half_vm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return _module().half_vm(x.contiguous(), w)
 
 
-def int8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def int8_rows(x: torch.Tensor, qmax: int = 127) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x [R, K] (float32, bf16 or fp16) -> (int8 [R, K], float32 scales [R], float32 crests [R]),
-    each row's largest magnitude to 127, nearest even; a row holding NaN or infinity gets a NaN
-    scale. A row's crest is its largest magnitude over its rms (0 for a zero or non-finite row)."""
-    q, s, c = _module().int8_rows(x.contiguous())
+    each row's largest magnitude to qmax (<= 127), nearest even; a row holding NaN or infinity
+    gets a NaN scale. A row's crest is its largest magnitude over its rms (0 for a zero or
+    non-finite row)."""
+    q, s, c = _module().int8_rows(x.contiguous(), qmax)
     return q, s, c
 
 
-def int8_cols(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def int8_cols(w: torch.Tensor, qmax: int = 127) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """w [K, O] -> (int8 [K, O], float32 scales [O], float32 crests [O]): int8_rows by columns."""
-    q, s, c = _module().int8_cols(w.contiguous())
+    q, s, c = _module().int8_cols(w.contiguous(), qmax)
     return q, s, c
 
 

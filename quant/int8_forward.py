@@ -10,9 +10,12 @@ on two Zen 4 threads 760-820 GOP/s against 390-430 for bf16; limited to AVX2, 41
 for float32) and scales back: an error of about 1% of a product, against bf16's 0.2%. What
 it costs GPTQ was measured on the trained 256-wide model (docs/benchmarks.md): within the spread
 that any perturbation of the forward gives its KL (GPTQ's choices are chaotic in its inputs).
-Without VNNI oneDNN multiplies by `vpmaddubsw`, whose 16-bit sums of two products saturate where
-two large weights meet two large activations: a little more error (1.24% -> 1.34% of a Gaussian
-row), and the KL of the result held to AVX2 stays in that spread (0.004145 against 0.004088).
+Without VNNI (AVX2 CPUs) oneDNN multiplies by `vpmaddubsw`, the activations shifted to unsigned
+bytes, and its 16-bit sums of two products saturate where two large weights meet two large
+activations (up to a fifth of a product's largest entry off on full-range operands): there the
+weights are rounded to 7 bits instead (|q| <= 63, where no pair sum can pass 32767), so every
+product is still exactly the rounded operands' product, at a coarser weight (weight_qmax: what
+oneDNN does here is probed once, not guessed from the CPU's flags).
 
 Only where the extension is built (x86 with AVX2), the activations are bf16 or float32 and
 there are at least MIN_ROWS rows; `LLAMA4_LOCAL_NO_INT8_CALIBRATION=1` keeps the forward in the
@@ -21,6 +24,7 @@ model's own dtype.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -36,6 +40,16 @@ CHUNK_ROWS = 2048  # int32 products [CHUNK_ROWS, O] at a time (8192 x 16384 at o
 
 def enabled() -> bool:
     return not os.environ.get("LLAMA4_LOCAL_NO_INT8_CALIBRATION") and cpu_kernel.available()
+
+
+@functools.cache
+def weight_qmax() -> int:
+    """127 where torch._int_mm's products are exact on full-range int8 here (VNNI, AMX), 63 where
+    its pair sums saturate (oneDNN's AVX2 kernels: 255 * 63 * 2 < 32767 keeps them exact)."""
+    a = torch.full((32, 64), 127, dtype=torch.int8)  # enough rows for oneDNN's GEMM, not a GEMV
+    b = torch.full((64, 32), 127, dtype=torch.int8)
+    exact = 64 * 127 * 127
+    return 127 if bool((torch._int_mm(a, b) == exact).all()) else 63
 
 
 # Rows (tokens) and outputs whose largest magnitude stands more than CREST times their rms above
@@ -56,18 +70,18 @@ class Int8Weight:
 
     def __init__(self, q: torch.Tensor, s: torch.Tensor, crest: torch.Tensor, src: torch.Tensor):
         self.q, self.s, self.src = q, s, src
-        self.exact = (crest > CREST).nonzero().flatten()
+        self.exact = (crest > CREST * weight_qmax() / 127).nonzero().flatten()  # the same error bound at 7 bits
 
     @classmethod
     def of_linear(cls, w: torch.Tensor) -> Int8Weight:
         """From a linear's weight [O, K]."""
-        q, s, crest = cpu_kernel.int8_rows(w)
+        q, s, crest = cpu_kernel.int8_rows(w, weight_qmax())
         return cls(q.t(), s, crest, w.t())
 
     @classmethod
     def of_in_out(cls, w: torch.Tensor) -> Int8Weight:
         """From a weight stored inputs by outputs [K, O] (the fused experts' layout)."""
-        q, s, crest = cpu_kernel.int8_cols(w)
+        q, s, crest = cpu_kernel.int8_cols(w, weight_qmax())
         return cls(q, s, crest, w)
 
 

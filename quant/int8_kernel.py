@@ -1,7 +1,8 @@
 """C++ source of the int8 rounding and rescaling around torch._int_mm, built into quant.cpu_kernel's
 extension: what quant/int8_forward.py needs to run the calibration forward's products in int8.
 
-`int8_rows` rounds each row of a matrix to int8 with one scale (its largest magnitude to 127)
+`int8_rows` rounds each row of a matrix to int8 with one scale (its largest magnitude to `qmax`,
+127 unless the caller asks for fewer levels)
 and reports each row's crest (largest magnitude over rms, which the rounding error relative to
 the row grows with), `int8_cols` the same by columns, and `int8_rescale` turns the int32
 products back into float32 or bf16 with a row scale and a column scale: one pass over memory
@@ -14,7 +15,7 @@ quant/attn_kernel.py's store1 / round_bf16_8 (cpu_kernel concatenates those sour
 """
 
 SOURCE = r"""
-// 8 floats times `inv`, rounded to nearest even, stored as 8 int8 (|v| inv <= 127 by construction).
+// 8 floats times `inv`, rounded to nearest even, stored as 8 int8 (|v| inv <= qmax <= 127 by construction).
 static inline void store_q8x8(int8_t* dst, __m256 v, __m256 inv) {
   const __m256i n = _mm256_cvtps_epi32(_mm256_mul_ps(v, inv));
   const __m128i p16 = _mm_packs_epi32(_mm256_castsi256_si128(n), _mm256_extracti128_si256(n, 1));
@@ -29,9 +30,11 @@ static inline float crest_of(float amax, double sumsq, int64_t n, bool finite) {
   return finite && sumsq > 0 ? (float)(amax / std::sqrt(sumsq / (double)n)) : 0.f;
 }
 
-// x [R, K] -> (int8 [R, K], float32 scales [R], float32 crests [R]): x[r] ~ q[r] s[r].
-std::vector<torch::Tensor> int8_rows(torch::Tensor x) {
+// x [R, K] -> (int8 [R, K], float32 scales [R], float32 crests [R]): x[r] ~ q[r] s[r], |q| <= qmax.
+std::vector<torch::Tensor> int8_rows(torch::Tensor x, double qmax_) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "int8_rows: contiguous [R, K]");
+  TORCH_CHECK(qmax_ >= 1 && qmax_ <= 127, "int8_rows: qmax in [1, 127]");
+  const float qmax = (float)qmax_;
   const int kind = load_kind(x);
   const int64_t R = x.size(0), K = x.size(1);
   auto q = torch::empty({R, K}, x.options().dtype(torch::kChar));
@@ -63,11 +66,11 @@ std::vector<torch::Tensor> int8_rows(torch::Tensor x) {
         sumsq += (double)v * v;
       }
       finite = finite && std::isfinite(amax);
-      const float id = finite && amax > 0.f ? 127.f / amax : 0.f;
+      const float id = finite && amax > 0.f ? qmax / amax : 0.f;
       const __m256 inv = _mm256_set1_ps(id);
       for (k = 0; k + 8 <= K; k += 8) store_q8x8(qp + base + k, load8(xp, kind, base + k), inv);
       for (; k < K; ++k) qp[base + k] = q8_one(load1_kind(xp, kind, base + k), id);
-      sp[r] = finite ? amax / 127.f : NAN;
+      sp[r] = finite ? amax / qmax : NAN;
       cp[r] = crest_of(amax, sumsq, K, finite);
     }
   });
@@ -77,8 +80,10 @@ std::vector<torch::Tensor> int8_rows(torch::Tensor x) {
 // w [K, O] -> (int8 [K, O], float32 scales [O], float32 crests [O]): w[:, o] ~ q[:, o] s[o].
 // Column maxima by chunks of 512 columns (2 KB of running maxima in L1, 1 KB read per row), then
 // the rounding row by row.
-std::vector<torch::Tensor> int8_cols(torch::Tensor w) {
+std::vector<torch::Tensor> int8_cols(torch::Tensor w, double qmax_) {
   TORCH_CHECK(w.dim() == 2 && w.is_contiguous(), "int8_cols: contiguous [K, O]");
+  TORCH_CHECK(qmax_ >= 1 && qmax_ <= 127, "int8_cols: qmax in [1, 127]");
+  const float qmax = (float)qmax_;
   const int kind = load_kind(w);
   const int64_t K = w.size(0), O = w.size(1);
   auto q = torch::empty({K, O}, w.options().dtype(torch::kChar));
@@ -115,8 +120,8 @@ std::vector<torch::Tensor> int8_cols(torch::Tensor w) {
       }
       for (int64_t j = 0; j < n; ++j) {
         const bool finite = bad[j] == 0.f && std::isfinite(m[j]);
-        inv[o0 + j] = finite && m[j] > 0.f ? 127.f / m[j] : 0.f;
-        sp[o0 + j] = finite ? m[j] / 127.f : NAN;
+        inv[o0 + j] = finite && m[j] > 0.f ? qmax / m[j] : 0.f;
+        sp[o0 + j] = finite ? m[j] / qmax : NAN;
         cp[o0 + j] = crest_of(m[j], ss[j], K, finite);
       }
     }

@@ -3,6 +3,7 @@ GPTQ's fit, and the calibrated quantize's sidecar that a bf16 CPU run maps (quan
 
 from __future__ import annotations
 
+import copy
 import shutil
 
 import pytest
@@ -168,13 +169,17 @@ def test_calibrated_quantize_writes_q6_a_bf16_run_maps(calibrated, scout_ckpt):
     assert not isinstance(f32.lm_head, Q6Linear)
     q8 = load_model(calibrated, "bfloat16", "cpu")[0]
     q8.lm_head = Int8Linear(f32.lm_head.weight.bfloat16())  # what the run made of a kept head before
+    kept = load_model(calibrated, "bfloat16", "cpu")[0]
+    kept.lm_head = copy.deepcopy(f32.lm_head).to(torch.bfloat16)  # the same bf16 run with the kept head
     ids = torch.arange(3, 40)
-    exact, got, before = (m(ids, m.new_cache(40), last_only=False).float() for m in (f32, model, q8))
+    got, before, want = (m(ids, m.new_cache(40), last_only=False).float() for m in (model, q8, kept))
 
     def rel(a, b):
         return ((a - b).norm() / b.norm()).item()
 
-    assert rel(got, before) < 0.04 and rel(got, exact) < 1.1 * rel(before, exact)
+    # each head's own error on the run's hidden states (measured 2.5% and 0.8%, with every CPU
+    # path: the rest of a bf16 run's error, 2.6-7.6% by path, cancels out of it)
+    assert rel(got, want) < 0.04 and rel(before, want) < 0.015 and rel(got, before) < 0.04
 
 
 def test_a_sidecar_in_the_first_q6_layout_is_repacked_at_load(calibrated, tmp_path):
