@@ -160,14 +160,14 @@ class FreshOurs:
     long-lived bench process that has run llama-bench beside it was seen to stay in a slow state
     on a 2-vCPU VM (two-thread decode 34-36 tok/s there, 46-48 in a fresh process right after)."""
 
-    def __init__(self, path: Path, dtype: str = "bfloat16", int8_attention: bool = False):
+    def __init__(self, path: Path, dtype: str = "bfloat16", int8_attention: bool = False, env: dict | None = None):
         self.spec = {"path": str(path), "dtype": dtype, "int8_attention": int8_attention}
+        self.env = {**os.environ, **(env or {})}  # e.g. AS_AVX2
 
     def run(self, threads: int, prompt: int, gen: int, depth: int = 0) -> dict[str, float]:
         spec = {**self.spec, "threads": threads, "prompt": prompt, "gen": gen, "depth": depth}
-        r = subprocess.run(
-            [sys.executable, __file__, "--child", json.dumps(spec)], check=True, capture_output=True, text=True
-        )
+        cmd = [sys.executable, __file__, "--child", json.dumps(spec)]
+        r = subprocess.run(cmd, check=True, capture_output=True, text=True, env=self.env)
         return json.loads(r.stdout.strip().splitlines()[-1])
 
 
@@ -194,6 +194,13 @@ AS_AVX2 = {
 AVX2_PEER = "llama-quantize Q4_K_M, AVX2 build"
 
 
+def build_kernels(avx2: bool) -> None:
+    """The kernel extension each side of ours loads (native, and held to AVX2), built before timing."""
+    for env in [{}] + [AS_AVX2] * avx2:
+        warm = [sys.executable, "-c", "from quant import cpu_kernel; cpu_kernel.available()"]
+        subprocess.run(warm, check=True, cwd=ROOT, env={**os.environ, **env})
+
+
 def quantize_side_by_side(
     cache: Path, bin_dir: Path, files: dict[str, Path], threads: int, reps: int, avx2: bool
 ) -> None:
@@ -218,9 +225,7 @@ def quantize_side_by_side(
         avx2_bin = llamacpp.build(cache, log=log, avx2=True)
         sides[AVX2_PEER] = lambda out: llamacpp.quantize(avx2_bin, files["F16"], out, "Q4_K_M", threads)
         sides["ours default, held to AVX2 (emulated)"] = ours(env=AS_AVX2)
-    for env in [{}] + [AS_AVX2] * avx2:  # the kernel extension each side loads, built before timing
-        warm = [sys.executable, "-c", "from quant import cpu_kernel; cpu_kernel.available()"]
-        subprocess.run(warm, check=True, cwd=ROOT, env={**os.environ, **env})
+    build_kernels(avx2)
     best: dict[str, float] = {}
     with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
         for rep in range(reps):
@@ -303,7 +308,12 @@ def main() -> None:
     ap.add_argument("--bf16-attention", action="store_true", help="also ours INT4 with attention kept in bf16")
     ap.add_argument("--also", action="append", default=[], metavar="NAME=DIR", help="another checkpoint of ours")
     ap.add_argument("--quantize", action="store_true", help="instead: quantize times, alternated --reps times")
-    ap.add_argument("--avx2", action="store_true", help="--quantize: also ours held to AVX2 (emulated, AS_AVX2)")
+    ap.add_argument(
+        "--avx2",
+        action="store_true",
+        help="both sides held to AVX2 (emulated): llama.cpp's AVX2 build, ours under AS_AVX2 "
+        "(with --quantize: beside the unheld sides)",
+    )
     ap.add_argument(
         "--in-process", action="store_true", help="time our side in this process (default: a fresh one per run)"
     )
@@ -318,6 +328,11 @@ def main() -> None:
     bin_dir, files, qtimes = prepare(args.cache, max(threads), shape, f16=args.quantize or not args.no_bf16)
     if args.quantize:
         return quantize_side_by_side(args.cache, bin_dir, files, max(threads), args.reps, args.avx2)
+    if args.avx2:  # an AVX2-only CPU's run, emulated: llama-bench built for it, ours held in each fresh process
+        if args.in_process:
+            ap.error("--avx2 holds our side in fresh processes; leave out --in-process")
+        bin_dir = llamacpp.build(args.cache, log=log, avx2=True)
+        build_kernels(avx2=True)
 
     log("loading our INT4 and bf16 checkpoints")
     cpu_kernel.available()  # a (re)build of the kernel extension is not loading time
@@ -340,7 +355,7 @@ def main() -> None:
         specs = {"ours INT4": (files["int4"], "bfloat16", True), "ours bf16": (files["bf16"], "bfloat16", False)}
         specs["ours INT4, bf16 attn"] = (files["int4"], "bfloat16", False)
         specs.update({item.partition("=")[0]: (Path(item.partition("=")[2]), "bfloat16", False) for item in args.also})
-        timed = {name: FreshOurs(*specs[name]) for name in ours}
+        timed = {name: FreshOurs(*specs[name], env=AS_AVX2 if args.avx2 else None) for name in ours}
     src = llamacpp.source_dir(args.cache)
     peers = {k: files[k] for k in ("Q4_0", "Q4_K_M", "F16") if k != "F16" or not args.no_bf16}
     nbytes = {k: llamacpp.decode_bytes(p, cfg.top_k, cfg.num_experts, src) for k, p in peers.items()}
@@ -366,6 +381,7 @@ def main() -> None:
     rows = []
     base = {name: "Q4_0" for name in ours} | {"ours bf16": "F16"}
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}"
+    machine += ", both sides held to AVX2 (emulated)" if args.avx2 else ""
     print(f"\n{machine}, llama-cpp-python {llamacpp.VERSION}; prefill {args.prompt}, decode {args.gen}, "
           f"depth {args.depth}, best of {args.reps}")  # fmt: skip
     print("| threads | side | prefill tok/s | decode tok/s | vs peer (prefill, decode) | MB/token | decode GB/s |")
