@@ -46,9 +46,9 @@ def enabled() -> bool:
 def weight_qmax() -> int:
     """127 where torch._int_mm's products are exact on full-range int8 here (VNNI, AMX), 63 where
     its pair sums saturate (oneDNN's AVX2 kernels: 255 * 63 * 2 < 32767 keeps them exact)."""
-    a = torch.full((32, 64), 127, dtype=torch.int8)  # enough rows for oneDNN's GEMM, not a GEMV
-    b = torch.full((64, 32), 127, dtype=torch.int8)
-    exact = 64 * 127 * 127
+    a = torch.full((256, 256), 127, dtype=torch.int8)  # a GEMM's shape, not a GEMV's (microseconds)
+    b = torch.full((256, 64), 127, dtype=torch.int8)
+    exact = 256 * 127 * 127
     return 127 if bool((torch._int_mm(a, b) == exact).all()) else 63
 
 
