@@ -179,16 +179,7 @@ def child(spec: dict) -> None:
     print(json.dumps(o.run(spec["threads"], spec["prompt"], spec["gen"], spec["depth"])))
 
 
-# What an AVX2-only CPU (CI's kind) has, imposed on this one: our kernels without VNNI and bf16
-# arithmetic, oneDNN's, MKL's and ATen's code paths held to AVX2. An emulation: the cores' own
-# rates and caches stay this machine's.
-AS_AVX2 = {
-    "LLAMA4_LOCAL_NO_VNNI": "1",
-    "LLAMA4_LOCAL_NO_BF16_GEMM": "1",
-    "ONEDNN_MAX_CPU_ISA": "AVX2",
-    "MKL_ENABLE_INSTRUCTIONS": "AVX2",
-    "ATEN_CPU_CAPABILITY": "avx2",
-}
+AS_AVX2 = cpu_kernel.AVX2_HOLD  # what an AVX2-only CPU (CI's kind) has, imposed on this one
 
 
 AVX2_PEER = "llama-quantize Q4_K_M, AVX2 build"

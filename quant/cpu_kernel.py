@@ -95,6 +95,19 @@ def native_bf16() -> bool:
     return bool({"avx512_bf16", "amx_bf16"} & _cpu_flags())
 
 
+# What an AVX2-only CPU (no VNNI, no bf16 arithmetic: CI's reference kind) runs, imposed on this
+# one through a new process's environment: our kernels without VNNI or bf16 GEMMs, oneDNN's, MKL's
+# and ATen's code paths held to AVX2. An emulation for benchmarks and tests (the cores' rates and
+# caches stay this machine's); give the process its own TORCHINDUCTOR_CACHE_DIR if it compiles.
+AVX2_HOLD = {
+    "LLAMA4_LOCAL_NO_VNNI": "1",
+    "LLAMA4_LOCAL_NO_BF16_GEMM": "1",
+    "ONEDNN_MAX_CPU_ISA": "AVX2",
+    "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+    "ATEN_CPU_CAPABILITY": "avx2",
+}
+
+
 def isa() -> str:
     """The instructions the int8-activation kernels are built with on this CPU: "avx512-vnni"
     (vpdpbusd; INT4 at groups of 128 or more in 512-bit tiles), "avx-vnni" (vpdpbusd on 256 bits)
