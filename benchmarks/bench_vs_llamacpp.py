@@ -182,9 +182,6 @@ def child(spec: dict) -> None:
 AS_AVX2 = cpu_kernel.AVX2_HOLD  # what an AVX2-only CPU (CI's kind) has, imposed on this one
 
 
-AVX2_PEER = "llama-quantize Q4_K_M, AVX2 build"
-
-
 def build_kernels(avx2: bool) -> None:
     """The kernel extension each side of ours loads (native, and held to AVX2), built before timing."""
     for env in [{}] + [AS_AVX2] * avx2:
@@ -207,15 +204,18 @@ def quantize_side_by_side(
 
         return run
 
+    native = "llama-quantize Q4_K_M"
     sides = {
-        "llama-quantize Q4_K_M": lambda out: llamacpp.quantize(bin_dir, files["F16"], out, "Q4_K_M", threads),
+        native: lambda out: llamacpp.quantize(bin_dir, files["F16"], out, "Q4_K_M", threads),
         "ours default (GPTQ)": ours(),
         "ours --no-calibrate": ours("--no-calibrate"),
     }
+    peer_of = dict.fromkeys(sides, native)  # each side against the peer built for the same instructions
     if avx2:  # both sides held to AVX2: llama.cpp built for it (no -march=native), ours under AS_AVX2
-        avx2_bin = llamacpp.build(cache, log=log, avx2=True)
-        sides[AVX2_PEER] = lambda out: llamacpp.quantize(avx2_bin, files["F16"], out, "Q4_K_M", threads)
+        avx2_bin, held = llamacpp.build(cache, log=log, avx2=True), "llama-quantize Q4_K_M, AVX2 build"
+        sides[held] = lambda out: llamacpp.quantize(avx2_bin, files["F16"], out, "Q4_K_M", threads)
         sides["ours default, held to AVX2 (emulated)"] = ours(env=AS_AVX2)
+        peer_of |= dict.fromkeys((held, "ours default, held to AVX2 (emulated)"), held)
     build_kernels(avx2)
     best: dict[str, float] = {}
     with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
@@ -233,8 +233,7 @@ def quantize_side_by_side(
                 log(f"rep {rep + 1} {name}: {seconds:.1f} s")
     print(f"\nquantize, {threads} threads, best of {reps} alternated:")
     for name, seconds in best.items():
-        held = "AVX2" in name  # each side against the peer built for the same instructions
-        peer = AVX2_PEER if held else "llama-quantize Q4_K_M"
+        peer = peer_of[name]
         print(f"  {name}: {seconds:.1f} s ({seconds / best[peer]:.2f}x {peer})")
 
 
