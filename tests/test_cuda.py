@@ -199,12 +199,11 @@ def test_q6_head_on_cuda_beside_an_expert_cache(tmp_path, scout_int4):
     and the logits stay within the Q6 head's rounding of the resident model's."""
     import shutil
 
-    from safetensors.torch import save_file
-
     from llama4_local.checkpoint import HEAD_SIDECAR, open_checkpoint
     from offload.setup import OffloadOptions
     from quant import q6
-    from quant.head import Q6Linear, head_digest
+    from quant.gptq import error_feedback
+    from quant.head import Q6Linear, sidecar_kind, write_head_sidecar
     from tests.test_offload import PROMPT, run
 
     pytest.importorskip("triton")
@@ -213,8 +212,9 @@ def test_q6_head_on_cuda_beside_an_expert_cache(tmp_path, scout_int4):
     for old in path.glob("lm_head.*llama4-local"):
         old.unlink()
     w = open_checkpoint(path).get("lm_head.weight")
-    meta = {"lm_head": head_digest(w), "format": q6.FORMAT}
-    save_file({"q6": q6.pack(*q6.rtn(w))}, str(path / HEAD_SIDECAR), metadata=meta)
+    x = torch.randn(4 * w.shape[1], w.shape[1], generator=torch.Generator().manual_seed(0))
+    write_head_sidecar(path / HEAD_SIDECAR, w, error_feedback(x.t() @ x))  # as `quantize` writes it
+    assert sidecar_kind(path).startswith("Q6 (")
     resident, _ = load_model(path, "bfloat16", "cuda")
     assert not isinstance(resident.lm_head, Q6Linear)
     want, want_tokens = run(resident, PROMPT.cuda())
