@@ -6,8 +6,8 @@
 # parts: any of env,tests,offload,threads,vision,triton,graph,matmul (default: all, in this order),
 # and peer (llama.cpp built with CUDA against us: most of a session's device time on its own;
 # make its source tarball first: python benchmarks/gpu_vs_llamacpp.py --pack .peer/llama.cpp-src.tar.xz).
-# A session has about 15 device minutes, a start costs about 40 s and each run rebuilds the CPU
-# kernel (~45 s, inside `tests`): e.g. `STOCK=0 bash benchmarks/gpu_checks.sh env,tests,graph` first
+# A session has about 15 device minutes, a start costs about 40 s and a fresh machine builds the CPU
+# kernel (~45 s, inside `tests`, unless .kbuild is carried): e.g. `STOCK=0 bash benchmarks/gpu_checks.sh env,tests,graph` first
 # (about 6-7 minutes; graph runs its bench twice, stock and Triton INT4, unless STOCK=0), then
 # offload with BUDGETS=24 MISS=auto,swap and triton if time is left (HOST_ROWS=379 for a 32 GB machine's host tier, INCLUSIVE_HOST=1
 # for the tier before session 31).
@@ -19,6 +19,9 @@ if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=/tmp/site
 fi
+# The CPU kernel prebuilt for the image's torch and Python (benchmarks/gpu_prebuild.sh here; carry
+# .kbuild): ~45 s of device time saved a machine; a build that does not import there is redone.
+if [ -d .kbuild ]; then export TORCH_EXTENSIONS_DIR=$PWD/.kbuild; fi
 parts=${1:-env,tests,offload,threads,vision,triton,graph,matmul}
 stamp() { echo "== $1 $(date -u +%FT%TZ)" | tee -a "$OUT/log.txt"; }
 has() { [[ ",$parts," == *",$1,"* ]]; }
