@@ -4,8 +4,9 @@
 # kernel's thread scaling on the GPU host (and decode's host time a layer), the vision tower on the GPU, offloaded Scout at 80 and
 # 24 GiB. Usage (repo root, on the GPU machine): OUT=dir bash benchmarks/gpu_checks.sh [parts]
 # parts: any of env,tests,offload,threads,vision,triton,graph,matmul (default: all, in this order),
-# and peer (llama.cpp built with CUDA against us: most of a session's device time on its own;
-# make its source tarball first: python benchmarks/gpu_vs_llamacpp.py --pack .peer/llama.cpp-src.tar.xz).
+# and peer (llama.cpp with CUDA against us; make its source tarball first: python
+# benchmarks/gpu_vs_llamacpp.py --pack .peer/llama.cpp-src.tar.xz, and its CUDA tools, or the device
+# spends most of a session building them: --prebuild .peer/llama.cpp-cuda90.tar.xz; carry .peer).
 # A session has about 15 device minutes, a start costs about 40 s and a fresh machine builds the CPU
 # kernel (~45 s, inside `tests`, unless .kbuild is carried): e.g. `STOCK=0 bash benchmarks/gpu_checks.sh env,tests,graph` first
 # (about 6-7 minutes; graph runs its bench twice, stock and Triton INT4, unless STOCK=0), then
@@ -83,7 +84,8 @@ if has graph; then
 fi
 if has peer; then  # llama.cpp with CUDA against us on the Scout-width slice; carry .peer (see the script)
   stamp peer
-  timeout "${PEER_S:-560}" python3 benchmarks/gpu_vs_llamacpp.py --source .peer/llama.cpp-src.tar.xz \
+  bins=(); if [ -f .peer/llama.cpp-cuda90.tar.xz ]; then bins=(--bins .peer/llama.cpp-cuda90.tar.xz); fi
+  timeout "${PEER_S:-560}" python3 benchmarks/gpu_vs_llamacpp.py --source .peer/llama.cpp-src.tar.xz "${bins[@]}" \
     --work /tmp/peer >"$OUT/peer.jsonl" 2>"$OUT/peer.err"
   tail -c 3000 "$OUT/peer.err" >"$OUT/peer_tail.txt"; rm -f "$OUT/peer.err"
 fi

@@ -15,6 +15,14 @@ CPU). Each step is timed and printed as a JSON line, so a run cut short still re
 
 The tarball, made where the source is (about 8 MB; `.peer/` is git-ignored, carried to the
 device): `python benchmarks/gpu_vs_llamacpp.py --pack .peer/llama.cpp-src.tar.xz`.
+
+The CUDA build takes minutes of device time; built here beforehand (benchmarks/llamacpp_cuda.py:
+portable, for sm_90, with a Python whose torch is a CUDA build for its cuBLAS), the tools travel
+as a second tarball and the device builds nothing where they run there:
+
+    python benchmarks/gpu_vs_llamacpp.py --prebuild .peer/llama.cpp-cuda90.tar.xz   # here
+    python benchmarks/gpu_vs_llamacpp.py --source .peer/llama.cpp-src.tar.xz \
+        --bins .peer/llama.cpp-cuda90.tar.xz --work /tmp/peer                       # there
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import llamacpp  # noqa: E402
+import llamacpp_cuda  # noqa: E402
 
 
 def emit(**row) -> None:
@@ -44,10 +53,10 @@ def timed(step: str, fn, *args, **kw):
     return out
 
 
-def llama_bench(bin_dir: Path, gguf: Path, threads: int, prompt: int, gen: int, extra: list[str]) -> dict:
+def llama_bench(bin_dir: Path, gguf: Path, threads: int, prompt: int, gen: int, extra: list[str], env=None) -> dict:
     cmd = [str(bin_dir / "llama-bench"), "-m", str(gguf), "-p", str(prompt), "-n", str(gen), "-t", str(threads),
            "-r", "3", "-o", "json", *extra]  # fmt: skip
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
     return {("prefill" if r["n_gen"] == 0 else "decode"): round(r["avg_ts"], 1) for r in json.loads(out)}
 
 
@@ -63,6 +72,15 @@ def ours_bench(model: Path, device: str, prompt: int, gen: int, extra: list[str]
     return row
 
 
+def prebuilt(tarball: Path, work: Path) -> tuple[Path | None, dict | None]:
+    """The prebuilt tools' directory and environment, or (None, None) where they do not run here."""
+    bin_dir = llamacpp_cuda.unpack(tarball, work)
+    env = llamacpp_cuda.runtime_env(bin_dir)
+    why = llamacpp_cuda.check(bin_dir, env)
+    emit(step="prebuilt llama.cpp", runs=why is None, **({"why_not": why} if why else {}))
+    return (bin_dir, env) if why is None else (None, None)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", type=Path, default=ROOT / "benchmarks" / ".cache")
@@ -73,17 +91,26 @@ def main() -> None:
     ap.add_argument("--gen", type=int, default=64)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--pack", type=Path, help="only write the source tarball here (from the CPU bench's cache)")
+    ap.add_argument("--prebuild", type=Path, help="only build the portable CUDA tools here and pack them to this file")
+    ap.add_argument("--bins", type=Path, help="the tools --prebuild packed (built there if they do not run)")
     args = ap.parse_args()
+    cache = ROOT / "benchmarks" / ".cache"
     if args.pack:
-        llamacpp.build(ROOT / "benchmarks" / ".cache")  # downloads the source if it is not there
-        emit(packed=str(llamacpp.pack_source(ROOT / "benchmarks" / ".cache", args.pack)))
+        llamacpp.ensure_source(cache)
+        emit(packed=str(llamacpp.pack_source(cache, args.pack)))
+        return
+    if args.prebuild:
+        bin_dir = timed("build portable CUDA tools", llamacpp_cuda.build, cache, args.arch)
+        emit(packed=str(llamacpp_cuda.pack(bin_dir, args.prebuild)), MB=round(args.prebuild.stat().st_size / 1e6, 1))
         return
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
     if args.source:
         llamacpp.unpack_source(args.source, work)
     cuda = not args.cpu_only
-    bin_dir = timed("build llama.cpp", llamacpp.build, work, cuda_arch=args.arch if cuda else None)
+    bin_dir, env = prebuilt(args.bins, work) if cuda and args.bins else (None, None)
+    if bin_dir is None:
+        bin_dir = timed("build llama.cpp", llamacpp.build, work, cuda_arch=args.arch if cuda else None)
 
     from scout_slice import write_slice
 
@@ -94,7 +121,7 @@ def main() -> None:
     if not f16.exists():
         timed("convert F16", llamacpp.convert, work, src, f16)
     if not q4.exists():
-        timed("llama-quantize Q4_0", llamacpp.quantize, bin_dir, f16, q4, "Q4_0", args.threads)
+        timed("llama-quantize Q4_0", llamacpp.quantize, bin_dir, f16, q4, "Q4_0", args.threads, env=env)
     ours = work / "scout-slice-int4-plain"
     if not (ours / "config.json").exists():
         cmd = [sys.executable, str(ROOT / "cli.py"), "quantize", str(src), str(ours), "--no-calibrate"]
@@ -106,11 +133,11 @@ def main() -> None:
     on_cpu = ["--expert-cache-slots", "1", "--miss-policy", "cpu", "--no-prefetch"]  # every miss on the CPU
     rows = {
         "all on the GPU": (
-            lambda: llama_bench(bin_dir, q4, t, p, n, ngl),
+            lambda: llama_bench(bin_dir, q4, t, p, n, ngl, env),
             lambda: ours_bench(ours, device, p, n, []),
         ),
         "experts on the CPU": (
-            lambda: llama_bench(bin_dir, q4, t, p, n, [*ngl, "-ot", "exps=CPU"]),
+            lambda: llama_bench(bin_dir, q4, t, p, n, [*ngl, "-ot", "exps=CPU"], env),
             lambda: ours_bench(ours, device, p, n, on_cpu),
         ),
     }

@@ -31,6 +31,28 @@ def source_dir(cache: Path, version: str = VERSION) -> Path:
 AVX2_ONLY = ("GGML_AVX", "GGML_AVX2", "GGML_FMA", "GGML_F16C", "GGML_BMI2")  # what an AVX2-only x86 has
 
 
+def ensure_source(cache: Path, log=print, version: str = VERSION) -> Path:
+    """The vendored llama.cpp source under `cache`, downloaded (the sdist) if it is not there."""
+    src = source_dir(cache, version)
+    if (src / "CMakeLists.txt").exists():
+        return src
+    with tempfile.TemporaryDirectory(dir=cache) as tmp:
+        log(f"downloading the llama-cpp-python {version} sdist")
+        subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--no-binary", ":all:", "--no-deps", "-q",
+             f"llama-cpp-python=={version}", "-d", tmp],
+            check=True,
+        )  # fmt: skip
+        (sdist,) = Path(tmp).glob("llama_cpp_python-*.tar.gz")
+        prefix = f"{sdist.name.removesuffix('.tar.gz')}/vendor/llama.cpp/"
+        with tarfile.open(sdist) as tar:
+            members = [m for m in tar.getmembers() if m.name.startswith(prefix)]
+            for m in members:
+                m.name = m.name[len(prefix) :]
+            tar.extractall(src, members=[m for m in members if m.name], filter="data")
+    return src
+
+
 def build(cache: Path, version: str = VERSION, log=print, cuda_arch: str | None = None, avx2: bool = False) -> Path:
     """The directory holding llama-bench, llama-quantize and llama-imatrix, building them if needed.
     With `cuda_arch` (e.g. "90"), a CUDA build for that architecture alone, in build-cuda/.
@@ -42,21 +64,7 @@ def build(cache: Path, version: str = VERSION, log=print, cuda_arch: str | None 
     tools = TOOLS[:2] if cuda_arch or avx2 else TOOLS
     if all((bin_dir / t).exists() for t in tools):
         return bin_dir
-    if not (src / "CMakeLists.txt").exists():
-        with tempfile.TemporaryDirectory(dir=cache) as tmp:
-            log(f"downloading the llama-cpp-python {version} sdist")
-            subprocess.run(
-                [sys.executable, "-m", "pip", "download", "--no-binary", ":all:", "--no-deps", "-q",
-                 f"llama-cpp-python=={version}", "-d", tmp],
-                check=True,
-            )  # fmt: skip
-            (sdist,) = Path(tmp).glob("llama_cpp_python-*.tar.gz")
-            prefix = f"{sdist.name.removesuffix('.tar.gz')}/vendor/llama.cpp/"
-            with tarfile.open(sdist) as tar:
-                members = [m for m in tar.getmembers() if m.name.startswith(prefix)]
-                for m in members:
-                    m.name = m.name[len(prefix) :]
-                tar.extractall(src, members=[m for m in members if m.name], filter="data")
+    ensure_source(cache, log, version)
     kind = "CUDA" if cuda_arch else "AVX2" if avx2 else "CPU"
     log(f"building llama.cpp's {kind} tools in {build_dir} (a few minutes)")
     gen = ["-G", "Ninja"] if shutil.which("ninja") else []
@@ -131,13 +139,16 @@ def imatrix(bin_dir: Path, f16: Path, text: Path, out: Path, threads: int, token
     return time.perf_counter() - t0
 
 
-def quantize(bin_dir: Path, f16: Path, out: Path, kind: str, threads: int, imatrix: Path | None = None) -> float:
-    """llama-quantize F16 -> kind (Q4_0, Q4_K_M, ...), with an importance matrix if given; seconds taken."""
+def quantize(
+    bin_dir: Path, f16: Path, out: Path, kind: str, threads: int, imatrix: Path | None = None, env=None
+) -> float:
+    """llama-quantize F16 -> kind (Q4_0, Q4_K_M, ...), with an importance matrix if given, in `env`
+    (None: this process's); seconds taken."""
     t0 = time.perf_counter()
     tmp = out.with_name(out.name + ".tmp")
     extra = ["--imatrix", str(imatrix)] if imatrix else []
     cmd = [str(bin_dir / "llama-quantize"), *extra, str(f16), str(tmp), kind, str(threads)]
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     os.replace(tmp, out)
     return time.perf_counter() - t0
 
