@@ -1,17 +1,22 @@
 #!/usr/bin/env bash
 # One device session's checks for the GPU issue, in one command, each part time-boxed and logged
 # under $OUT (the device tool brings $OUT back): environment, `pytest -m cuda`, the INT4 CPU
-# kernel's thread scaling on the GPU host (and decode's host time a layer), the vision tower on the GPU, offloaded Scout at 80 and
-# 24 GiB. Usage (repo root, on the GPU machine): OUT=dir bash benchmarks/gpu_checks.sh [parts]
+# kernel's thread scaling on the GPU host (and decode's host time a layer), the vision tower on
+# the GPU, offloaded Scout at 80 and 24 GiB.
+# Usage (repo root, on the GPU machine): OUT=dir bash benchmarks/gpu_checks.sh [parts]
 # parts: any of env,tests,offload,threads,vision,triton,graph,matmul (default: all, in this order),
-# and peer (llama.cpp with CUDA against us; make its source tarball first: python
-# benchmarks/gpu_vs_llamacpp.py --pack .peer/llama.cpp-src.tar.xz, and its CUDA tools, or the device
-# spends most of a session building them: --prebuild .peer/llama.cpp-cuda90.tar.xz; carry .peer).
-# A session has about 15 device minutes, a start costs about 40 s and a fresh machine builds the CPU
-# kernel (~45 s, inside `tests`, unless .kbuild is carried): e.g. `STOCK=0 bash benchmarks/gpu_checks.sh env,tests,graph` first
-# (about 6-7 minutes; graph runs its bench twice, stock and Triton INT4, unless STOCK=0), then
-# offload with BUDGETS=24 MISS=auto,swap and triton if time is left (HOST_ROWS=379 for a 32 GB machine's host tier, INCLUSIVE_HOST=1
-# for the tier before session 31).
+# and peer (llama.cpp with CUDA against us on the Scout-width slice).
+# Before the session, here: PY=<python 3.12 + torch 2.11> bash benchmarks/gpu_prebuild.sh (our
+# CPU kernel into .kbuild, ~45 s of device time saved a machine); for peer, `python
+# benchmarks/gpu_vs_llamacpp.py --pack .peer/llama.cpp-src.tar.xz` and, with that Python,
+# `--prebuild .peer/llama.cpp-cuda90.tar.xz` (30 minutes on 2 cores; the device would spend
+# ~4 of its minutes on it).
+# A session has about 15 device minutes and a start costs about 40 s: e.g. first
+# `STOCK=0 bash benchmarks/gpu_checks.sh env,tests,graph` carrying .whl and .kbuild (about 5-6
+# minutes; graph runs its bench twice, stock and Triton INT4, unless STOCK=0), then offload with
+# BUDGETS=24 MISS=auto,swap and triton (HOST_ROWS=379 for a 32 GB machine's host tier,
+# INCLUSIVE_HOST=1 for the tier before session 31), then peer carrying .peer and .kbuild
+# (57 MB of the 64 MiB a call carries; leave .whl out).
 set -u
 OUT=${OUT:-bench-out}
 mkdir -p "$OUT"
