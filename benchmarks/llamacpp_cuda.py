@@ -55,7 +55,8 @@ def cublas_dir() -> Path | None:
 def _driver_stub(work: Path) -> Path | None:
     """A stub libcuda.so (soname libcuda.so.1, no symbols) to link against where no driver library
     is installed; None where one is."""
-    found = subprocess.run(["ldconfig", "-p"], capture_output=True, text=True).stdout
+    ldconfig = shutil.which("ldconfig") or "/sbin/ldconfig"
+    found = subprocess.run([ldconfig, "-p"], capture_output=True, text=True).stdout if Path(ldconfig).exists() else ""
     if "libcuda.so" in found or any(_has(d, "stubs/libcuda.so") for d in TOOLKIT_LIBS):
         return None
     work.mkdir(parents=True, exist_ok=True)
