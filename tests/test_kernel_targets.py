@@ -1,0 +1,41 @@
+"""Our CPU kernel builds for every x86 target it picks among (quant.cpu_kernel.isa), not only for
+this CPU's. A target that failed to compile would go unnoticed where no machine of its kind runs
+the suite, and its users would get torch's slower kernels: a failed build falls back silently.
+AVX-VNNI (Intel's Alder Lake and later desktops, Zen 5) is one such: no CI or VM kind has it. The
+build is compiled and imported here (importing runs none of its instructions); what it contains
+is checked where objdump is present: the 256-bit VEX vpdpbusd for AVX-VNNI, 512-bit vpdpbusd for
+AVX512-VNNI."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from quant import cpu_kernel
+
+ROOT = Path(__file__).resolve().parent.parent
+# the target built here, and what its machine code must contain
+OTHERS = {"avx-vnni": r"\{vex\} vpdpbusd .*%ymm", "avx512-vnni": r"vpdpbusd .*%zmm"}
+
+
+@pytest.mark.parametrize("target", sorted(OTHERS))
+def test_kernel_builds_for_a_target_this_cpu_is_not(target, tmp_path):
+    if not cpu_kernel.available():
+        pytest.skip("no AVX2 kernel here (not x86, or no compiler)")
+    if target == cpu_kernel.isa():
+        pytest.skip(f"this CPU's own target ({target}): every kernel test built and ran it")
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path)}
+    code = f"from quant import cpu_kernel; cpu_kernel._load_or_build({target!r})"
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-4000:]
+    (so,) = tmp_path.glob(f"*/llama4_local_{target.replace('-', '_')}_*.so")
+    if shutil.which("objdump") is None:
+        return
+    asm = subprocess.run(["objdump", "-d", "--no-show-raw-insn", str(so)], capture_output=True, text=True).stdout
+    assert re.search(OTHERS[target], asm)
