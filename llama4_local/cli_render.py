@@ -48,7 +48,7 @@ def print_info(res: dict, name: str) -> None:
 
 def machine_line(m: dict) -> str:
     """info's summary of machine_info(): CPU, kernels, RAM, GPU."""
-    kernels = f"{m['cpu_kernels']} kernels" if m["cpu_kernels"] else "no AVX2/FMA: stock kernels"
+    kernels = f"{m['cpu_kernels']} kernels" if m["cpu_kernels"] else f"stock kernels ({m['cpu_kernels_missing']})"
     if m.get("int8_activation_span"):
         kernels += f" (int8 activations per {m['int8_activation_span']})"
     if m["native_bf16"]:

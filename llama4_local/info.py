@@ -35,7 +35,7 @@ def text_parameters(cfg: TextConfig) -> tuple[int, int, int]:
 
 def machine_info() -> dict:
     """What this machine runs a model with: the CPU, its physical cores (the default --threads),
-    the instruction set the CPU kernels are built for (None without AVX2/FMA), how many inputs
+    the instruction set the CPU kernels are built for (None where they are not used, and why), how many inputs
     share one int8 activation scale at INT4 groups of 128 in bf16 runs (32, or 128 on AVX2
     without VNNI), whether it multiplies bf16 natively, from how many rows an INT4 product goes
     through bf16 GEMMs (0: never; AMX CPUs), the RAM available now, and the first GPU, if any."""
@@ -50,16 +50,17 @@ def machine_info() -> dict:
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         gpu = {"name": props.name, "memory": props.total_memory}
-    avx2 = cpu_kernel._cpu_has_avx2_fma()
+    kern = cpu_kernel.available()  # builds it on a first run (about a minute)
     return {
         "cpu": cpu_name(),
         "physical_cores": physical_cores(),
-        "cpu_kernels": cpu_kernel.isa() if avx2 else None,
-        "int8_activation_span": cpu_kernel.int8_span(128) if avx2 else None,
+        "cpu_kernels": cpu_kernel.isa() if kern else None,
+        "cpu_kernels_missing": cpu_kernel.unavailable_reason(),
+        "int8_activation_span": cpu_kernel.int8_span(128) if kern else None,
         "native_bf16": cpu_kernel.native_bf16(),
-        "int4_bf16_gemm_from_rows": cpu_kernel.bf16_gemm_rows() if avx2 else 0,
-        "int4_outer_from_rows": cpu_kernel.outer_rows() if avx2 else 0,
-        "bf16_dot_decode": avx2 and cpu_kernel.available() and cpu_kernel.half_bf16_dot_default(),
+        "int4_bf16_gemm_from_rows": cpu_kernel.bf16_gemm_rows() if kern else 0,
+        "int4_outer_from_rows": cpu_kernel.outer_rows() if kern else 0,
+        "bf16_dot_decode": kern and cpu_kernel.half_bf16_dot_default(),
         "available_memory": available_memory(),
         "gpu": gpu,
     }

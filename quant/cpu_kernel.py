@@ -129,16 +129,52 @@ _ISA_FLAGS = {
 }
 
 
+_why_not: list[str] = []  # why _module() is None, once it has been asked
+
+
 @functools.cache
 def _module():
-    if os.environ.get("LLAMA4_LOCAL_NO_AVX2_KERNEL") or not _cpu_has_avx2_fma():
+    if os.environ.get("LLAMA4_LOCAL_NO_AVX2_KERNEL"):
+        _why_not.append("turned off by LLAMA4_LOCAL_NO_AVX2_KERNEL")
+        return None
+    if not _cpu_has_avx2_fma():
+        _why_not.append("this CPU has no AVX2/FMA")
         return None
     try:
+        missing = _missing_compiler()
+        if missing:
+            raise RuntimeError(missing)
         mod = _load_or_build(isa())
-    except Exception:  # no compiler, no ninja, a failed build: the stock kernel serves
+    except Exception as e:  # no compiler, no ninja, a failed build: the stock kernel serves, said once
+        _why_not.append(missing or _build_failure(e))
+        sys.stderr.write(
+            f"llama4-local: warning: the CPU kernel did not build ({_why_not[-1]}); running on PyTorch's "
+            "kernels, several times slower on the CPU (LLAMA4_LOCAL_NO_AVX2_KERNEL=1 silences this)\n"
+        )
         return None
     mod.set_half_bf16_dot(half_bf16_dot_default())
     return mod
+
+
+def _missing_compiler() -> str | None:
+    """What to do where the compiler torch's build would call (CXX, else c++) is not there."""
+    import shutil
+
+    cxx = os.environ.get("CXX", "c++")
+    if shutil.which(cxx) is None:
+        return f"no C++ compiler: {cxx!r} is not on PATH; install g++ or clang, or set CXX"
+    return None
+
+
+def _build_failure(e: Exception) -> str:
+    """One line on why the build failed."""
+    first = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+    return f"{type(e).__name__}: {first[:200]}"
+
+
+def unavailable_reason() -> str | None:
+    """Why the kernel is not used here (None: it is), for `info`."""
+    return None if available() else (_why_not[-1] if _why_not else "unknown")
 
 
 def _source() -> str:

@@ -39,3 +39,25 @@ def test_kernel_builds_for_a_target_this_cpu_is_not(target, tmp_path):
         return
     asm = subprocess.run(["objdump", "-d", "--no-show-raw-insn", str(so)], capture_output=True, text=True).stdout
     assert re.search(OTHERS[target], asm)
+
+
+def test_a_failed_build_says_why_once_and_falls_back(tmp_path):
+    """No compiler (CXX names none): one warning line with what to do, no traceback, the stock
+    kernels, and `info` says why."""
+    if not cpu_kernel._cpu_has_avx2_fma():
+        pytest.skip("no AVX2/FMA: the kernel is never built here")
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path), "CXX": str(tmp_path / "no-such-c++")}
+    env.pop("LLAMA4_LOCAL_NO_AVX2_KERNEL", None)
+    code = (
+        "from quant import cpu_kernel\n"
+        "from llama4_local.cli_render import machine_line\n"
+        "from llama4_local.info import machine_info\n"
+        "assert not cpu_kernel.available() and not cpu_kernel.available()\n"
+        "print(machine_line(machine_info()))\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    warnings = [line for line in r.stderr.splitlines() if "warning: the CPU kernel did not build" in line]
+    assert len(warnings) == 1 and "no C++ compiler" in warnings[0] and "install g++ or clang" in warnings[0]
+    assert "Traceback" not in r.stderr
+    assert "stock kernels (no C++ compiler" in r.stdout
