@@ -257,7 +257,21 @@ def _load_or_build(target: str):
     else:
         sys.stderr.write("llama4-local: building the INT4 CPU kernel (once, about a minute)\n")
     flags = {"extra_cflags": cflags, "extra_ldflags": ["-fopenmp"]}
+    _ninja_on_path()
     return ext.load_inline(name=name, cpp_sources=[source], verbose=False, **flags)
+
+
+def _ninja_on_path() -> None:
+    """torch's build runs `ninja` from PATH; where it is not there (an entry point run from a venv
+    that is not activated, as pipx installs them) the ninja package we depend on has one."""
+    import shutil
+
+    if shutil.which("ninja") is None:
+        try:
+            import ninja
+        except ImportError:
+            return  # the build says "Ninja is required": the warning passes it on
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
 
 
 def build_under_way(build: Path, flock: bool) -> bool:

@@ -61,3 +61,20 @@ def test_a_failed_build_says_why_once_and_falls_back(tmp_path):
     assert len(warnings) == 1 and "no C++ compiler" in warnings[0] and "install g++ or clang" in warnings[0]
     assert "Traceback" not in r.stderr
     assert "stock kernels (no C++ compiler" in r.stdout
+
+
+def test_kernel_builds_with_no_ninja_on_path(tmp_path):
+    """An entry point run from a venv that is not activated (pipx's way) has no `ninja` on PATH:
+    the build takes the one our `ninja` dependency installs."""
+    if not cpu_kernel._cpu_has_avx2_fma():
+        pytest.skip("no AVX2/FMA: the kernel is never built here")
+    tools = tmp_path / "bin"  # the compiler's tools alone
+    tools.mkdir()
+    for t in ("c++", "cc", "gcc", "g++", "as", "ld"):
+        if shutil.which(t):
+            (tools / t).symlink_to(shutil.which(t))
+    env = {**os.environ, "PATH": str(tools), "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext")}
+    env.pop("LLAMA4_LOCAL_NO_AVX2_KERNEL", None)
+    code = "import shutil\nfrom quant import cpu_kernel\nassert not shutil.which('ninja') and cpu_kernel.available()"
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
