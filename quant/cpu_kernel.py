@@ -141,12 +141,9 @@ def _module():
         _why_not.append("this CPU has no AVX2/FMA")
         return None
     try:
-        missing = _missing_compiler()
-        if missing:
-            raise RuntimeError(missing)
         mod = _load_or_build(isa())
     except Exception as e:  # no compiler, no ninja, a failed build: the stock kernel serves, said once
-        _why_not.append(missing or _build_failure(e))
+        _why_not.append(str(e) if isinstance(e, NoCompiler) else _build_failure(e))
         sys.stderr.write(
             f"llama4-local: warning: the CPU kernel did not build ({_why_not[-1]}); running on PyTorch's "
             "kernels, several times slower on the CPU (LLAMA4_LOCAL_NO_AVX2_KERNEL=1 silences this)\n"
@@ -156,14 +153,17 @@ def _module():
     return mod
 
 
-def _missing_compiler() -> str | None:
-    """What to do where the compiler torch's build would call (CXX, else c++) is not there."""
+class NoCompiler(RuntimeError):
+    """The compiler torch's build would call (CXX, else c++) is not there: checked before building,
+    so the message says what to do (and torch's multi-line compiler warning is not printed)."""
+
+
+def _check_compiler() -> None:
     import shutil
 
     cxx = os.environ.get("CXX", "c++")
     if shutil.which(cxx) is None:
-        return f"no C++ compiler: {cxx!r} is not on PATH; install g++ or clang, or set CXX"
-    return None
+        raise NoCompiler(f"no C++ compiler: {cxx!r} is not on PATH; install g++ or clang, or set CXX")
 
 
 def _build_failure(e: Exception) -> str:
@@ -249,12 +249,14 @@ def _load_or_build(target: str):
     flock = hasattr(ext, "FileLock")  # torch 2.15 on: build_under_way
     if not flock:
         clear_stale_lock(build)
-    if built.is_file() and not build_under_way(build, flock):
+    there = built.is_file() and not build_under_way(build, flock)
+    if there:
         try:
             return _import_extension(name, built)
         except ImportError:  # not loadable here: build it again
             pass
-    else:
+    _check_compiler()  # only now: a build that is there loads without one
+    if not there:
         sys.stderr.write("llama4-local: building the INT4 CPU kernel (once, about a minute)\n")
     flags = {"extra_cflags": cflags, "extra_ldflags": ["-fopenmp"]}
     _ninja_on_path()
