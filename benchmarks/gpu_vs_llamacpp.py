@@ -54,10 +54,8 @@ def timed(step: str, fn, *args, **kw):
 
 
 def llama_bench(bin_dir: Path, gguf: Path, threads: int, prompt: int, gen: int, extra: list[str], env=None) -> dict:
-    cmd = [str(bin_dir / "llama-bench"), "-m", str(gguf), "-p", str(prompt), "-n", str(gen), "-t", str(threads),
-           "-r", "3", "-o", "json", *extra]  # fmt: skip
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
-    return {("prefill" if r["n_gen"] == 0 else "decode"): round(r["avg_ts"], 1) for r in json.loads(out)}
+    res = llamacpp.bench(bin_dir, gguf, threads, prompt, gen, reps=3, extra=tuple(extra), env=env)
+    return {k: round(v, 1) for k, v in res.items()}
 
 
 def ours_bench(model: Path, device: str, prompt: int, gen: int, extra: list[str]) -> dict:

@@ -154,13 +154,14 @@ def quantize(
 
 
 def bench(
-    bin_dir: Path, gguf: Path, threads: int, prompt: int, gen: int, reps: int = 1, depth: int = 0
-) -> dict[str, float]:
+    bin_dir: Path, gguf: Path, threads: int, prompt: int, gen: int, reps: int = 1, depth: int = 0,
+    extra: tuple[str, ...] = (), env=None,
+) -> dict[str, float]:  # fmt: skip
     """llama-bench's tok/s: {"prefill": pp<prompt>, "decode": tg<gen>}, each after `depth` tokens
-    already in the context (`-d`)."""
+    already in the context (`-d`); `extra` arguments (e.g. -ngl 99), in `env` (None: this process's)."""
     cmd = [str(bin_dir / "llama-bench"), "-m", str(gguf), "-p", str(prompt), "-n", str(gen), "-t", str(threads),
-           "-r", str(reps), "-d", str(depth), "-o", "json"]  # fmt: skip
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+           "-r", str(reps), "-d", str(depth), "-o", "json", *extra]  # fmt: skip
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
     result = {}
     for rec in json.loads(out):
         result["prefill" if rec["n_gen"] == 0 else "decode"] = rec["avg_ts"]
