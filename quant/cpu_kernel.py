@@ -26,6 +26,7 @@ import functools
 import hashlib
 import logging
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -129,7 +130,7 @@ _ISA_FLAGS = {
 }
 
 
-_why_not: list[str] = []  # why _module() is None, once it has been asked
+_why_not: list[str] = []  # why _module() is None (its one entry, once it has been asked)
 
 
 @functools.cache
@@ -159,8 +160,6 @@ class NoCompiler(RuntimeError):
 
 
 def _check_compiler() -> None:
-    import shutil
-
     cxx = os.environ.get("CXX", "c++")
     if shutil.which(cxx) is None:
         raise NoCompiler(f"no C++ compiler: {cxx!r} is not on PATH; install g++ or clang, or set CXX")
@@ -174,7 +173,7 @@ def _build_failure(e: Exception) -> str:
 
 def unavailable_reason() -> str | None:
     """Why the kernel is not used here (None: it is), for `info`."""
-    return None if available() else (_why_not[-1] if _why_not else "unknown")
+    return None if available() else _why_not[-1]
 
 
 def _source() -> str:
@@ -266,8 +265,6 @@ def _load_or_build(target: str):
 def _ninja_on_path() -> None:
     """torch's build runs `ninja` from PATH; where it is not there (an entry point run from a venv
     that is not activated, as pipx installs them) the ninja package we depend on has one."""
-    import shutil
-
     if shutil.which("ninja") is None:
         try:
             import ninja
