@@ -27,7 +27,7 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 fi
 # The CPU kernel prebuilt for the image's torch and Python (benchmarks/gpu_prebuild.sh here; carry
 # .kbuild): ~45 s of device time saved a machine; a build that does not import there is redone.
-if [ -d .kbuild ]; then export TORCH_EXTENSIONS_DIR=$PWD/.kbuild/$(python3 -c "$(cat benchmarks/kbuild_tag.py)"); fi
+if [ -d .kbuild ]; then export TORCH_EXTENSIONS_DIR=$PWD/.kbuild/$(python3 benchmarks/kbuild_tag.py); fi
 parts=${1:-env,tests,offload,threads,vision,triton,graph,matmul}
 stamp() { echo "== $1 $(date -u +%FT%TZ)" | tee -a "$OUT/log.txt"; }
 has() { [[ ",$parts," == *",$1,"* ]]; }

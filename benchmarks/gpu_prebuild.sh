@@ -12,7 +12,7 @@ v = sys.version_info[:2]
 if v != (3, 12) or not torch.__version__.startswith("2.11."):
     sys.exit(f"need Python 3.12 and torch 2.11 (the GPU image), got {v[0]}.{v[1]} and torch {torch.__version__}")'
 # one folder per Python and torch: a run under another one neither imports nor overwrites these
-export TORCH_EXTENSIONS_DIR=$PWD/.kbuild/$("$PY" -c "$(cat benchmarks/kbuild_tag.py)")
+export TORCH_EXTENSIONS_DIR=$PWD/.kbuild/$("$PY" benchmarks/kbuild_tag.py)
 for target in avx512-vnni avx2; do  # one process each: a process imports one build
   PYTHONPATH=$PWD "$PY" -c "from quant import cpu_kernel; cpu_kernel._load_or_build('$target'); print('built $target')"
 done
