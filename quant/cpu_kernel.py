@@ -6,7 +6,8 @@ matrix-vector and prefill: the stored compressed-tensors bytes, no repack; with 
 per-128 tiles in int4_span_kernel.py and its 512-bit ones in int4_zmm_kernel.py), quant/
 matvec_kernel.py (bf16/fp16 and INT8 weights), quant/fit_kernel.py (the symmetric INT4 fit),
 fp8_kernel, gptq_kernel, gram_kernel, attn_kernel, glue_kernel, int8_kernel (the calibration
-forward's int8 roundings) and layer_kernel (a decoder layer's decode step in one call).
+forward's int8 roundings), int8_gemm_kernel (its int8 GEMM where torch's is a scalar loop) and
+layer_kernel (a decoder layer's decode step in one call).
 
 Built with torch.utils.cpp_extension on first use, for the CPU it runs on (needs a C++ compiler
 and ninja): where the CPU has VNNI (AVX-VNNI, or AVX512-VNNI: Intel since Ice Lake / Alder Lake,
@@ -66,6 +67,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int8_rows", &int8_rows, NOGIL, "rows rounded to int8, one scale each");
   m.def("int8_cols", &int8_cols, NOGIL, "columns rounded to int8, one scale each");
   m.def("int8_rescale", &int8_rescale, NOGIL, "int32 products times row and column scales");
+  m.def("int8_pack", &int8_pack, NOGIL, "an int8 weight [K, O] as int8_gemm's panels, and its sums");
+  m.def("int8_gemm", &int8_gemm, NOGIL, "int8 activations x packed int8 weights, scaled");
 """
 
 
@@ -186,6 +189,7 @@ def _source() -> str:
         gptq_kernel,
         gram_kernel,
         int4_kernel,
+        int8_gemm_kernel,
         int8_kernel,
         kernel_common,
         layer_kernel,
@@ -204,6 +208,7 @@ def _source() -> str:
         + attn_kernel.SOURCE
         + glue_kernel.SOURCE
         + int8_kernel.SOURCE
+        + int8_gemm_kernel.SOURCE
         + layer_kernel.SOURCE
         + _BINDINGS
         + layer_kernel.BINDINGS
@@ -595,6 +600,28 @@ def int8_rescale(acc: torch.Tensor, sx: torch.Tensor, sw: torch.Tensor, out: tor
     [O]; returns out."""
     _module().int8_rescale(acc, sx, sw, out)
     return out
+
+
+def int8_pack(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """An int8 weight q [K, O] (any strides) as int8_gemm's panels (int8 [ceil(O / 16), ceil(K /
+    4), 64]) and its per-output sums (int32 [O]) (quant/int8_gemm_kernel.py)."""
+    packed, sums = _module().int8_pack(q)
+    return packed, sums
+
+
+def int8_gemm(
+    xq: torch.Tensor, packed: torch.Tensor, sums: torch.Tensor, sx: torch.Tensor, sw: torch.Tensor, out: torch.Tensor
+) -> torch.Tensor:
+    """out [T, O] (contiguous float32 or bf16) = (xq [T, K] @ q) times sx [T] and sw [O], for q as
+    int8_pack left it: exact integer sums where |q| <= 63 (int8_gemm_exact_qmax); returns out."""
+    _module().int8_gemm(xq.contiguous(), packed, sums, sx, sw, out)
+    return out
+
+
+def int8_gemm_exact_qmax() -> int:
+    """The largest |q| whose products int8_gemm sums exactly: 127 with VNNI (vpdpbusd), 63 with
+    maddubs (its int16 pair sums of 255 * |q| * 2 stay below 32768)."""
+    return 127 if isa() != "avx2" else 63
 
 
 def int8_span(group_size: int) -> int:

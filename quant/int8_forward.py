@@ -5,17 +5,21 @@ bit: the forward that produces those inputs is a third of a calibrated quantize'
 issue's Scout-width slice, 63 of 206 s on two Zen 4 threads), all of it bf16 GEMMs (float32
 where the CPU lacks bf16). Here each product rounds its activations to int8 per row (token) and
 the weight to int8 per output (rows and outputs that one large value dominates stay in the
-model's dtype: CREST), multiplies in int32 through torch._int_mm (oneDNN's int8 GEMM:
-on two Zen 4 threads 760-820 GOP/s against 390-430 for bf16; limited to AVX2, 416 against 184
-for float32) and scales back: an error of about 1% of a product, against bf16's 0.2%. What
-it costs GPTQ was measured on the trained 256-wide model (docs/benchmarks.md): within the spread
-that any perturbation of the forward gives its KL (GPTQ's choices are chaotic in its inputs).
-Without VNNI (AVX2 CPUs) oneDNN multiplies by `vpmaddubsw`, the activations shifted to unsigned
-bytes, and its 16-bit sums of two products saturate where two large weights meet two large
-activations (up to a fifth of a product's largest entry off on full-range operands): there the
-weights are rounded to 7 bits instead (|q| <= 63, where no pair sum can pass 32767), so every
-product is still exactly the rounded operands' product, at a coarser weight (weight_qmax: what
-oneDNN does here is probed once, not guessed from the CPU's flags).
+model's dtype: CREST), multiplies in int32 and scales back: an error of about 1% of a product,
+against bf16's 0.2%. What it costs GPTQ was measured on the trained 256-wide model
+(docs/benchmarks.md): within the spread that any perturbation of the forward gives its KL
+(GPTQ's choices are chaotic in its inputs).
+
+Who multiplies (int8_gemm_by_torch): on a CPU with AVX512-VNNI, torch._int_mm (oneDNN's int8
+GEMM: on two Zen 4 threads 760-820 GOP/s against 390-430 for bf16). Anywhere else PyTorch's CPU
+_int_mm is a scalar loop (1.4 GMAC/s on two Zen 3 threads, 30-70x below its float32 GEMM), so
+there our own kernel does (quant/int8_gemm_kernel.py: `vpmaddubsw` + `vpmaddwd`, or `vpdpbusd`
+with AVX-VNNI; 118 GMAC/s on two Zen 3 threads against 53-70 for torch's float32). `vpmaddubsw`
+takes the activations as unsigned bytes (x + 128) and its 16-bit sums of two products saturate
+where two large weights meet two large activations: there the weights are rounded to 7 bits
+(|q| <= 63, where no pair sum can pass 32767), so every product is still exactly the rounded
+operands' product, at a coarser weight (weight_qmax). oneDNN held to AVX2 on a VNNI CPU
+(ONEDNN_MAX_CPU_ISA) does the same inside torch._int_mm: what it does is probed once there.
 
 Only where the extension is built (x86 with AVX2), the activations are bf16 or float32 and
 there are at least MIN_ROWS rows; `LLAMA4_LOCAL_NO_INT8_CALIBRATION=1` keeps the forward in the
@@ -43,9 +47,21 @@ def enabled() -> bool:
 
 
 @functools.cache
+def int8_gemm_by_torch() -> bool:
+    """Whether torch._int_mm multiplies (oneDNN: PyTorch takes it on CPUs with AVX512-VNNI, AMX
+    ones among them) rather than quant/int8_gemm_kernel.py (every other CPU, where PyTorch's is a
+    scalar loop). LLAMA4_LOCAL_NO_VNNI=1 (the AVX2 hold) picks ours, as on an AVX2 CPU."""
+    return cpu_kernel.isa() == "avx512-vnni"
+
+
+@functools.cache
 def weight_qmax() -> int:
-    """127 where torch._int_mm's products are exact on full-range int8 here (VNNI, AMX), 63 where
-    its pair sums saturate (oneDNN's AVX2 kernels: 255 * 63 * 2 < 32767 keeps them exact)."""
+    """The weights' levels: the most at which every product is exact. Ours: 127 with VNNI, 63
+    with maddubs. torch._int_mm's: 127 where its products are exact on full-range int8 (VNNI,
+    AMX), 63 where its pair sums saturate (oneDNN held to AVX2: 255 * 63 * 2 < 32767 keeps them
+    exact)."""
+    if not int8_gemm_by_torch():
+        return cpu_kernel.int8_gemm_exact_qmax()
     a = torch.full((256, 256), 127, dtype=torch.int8)  # a GEMM's shape, not a GEMV's (microseconds)
     b = torch.full((256, 64), 127, dtype=torch.int8)
     exact = 256 * 127 * 127
@@ -63,13 +79,14 @@ CREST = 24.0
 
 
 class Int8Weight:
-    """A weight rounded to int8 with one scale per output, as torch._int_mm's second operand:
-    q [K, O] (a transposed view for a [O, K] linear weight), s float32 [O]; `src` the weight
-    itself in the same orientation (a view), for the outputs whose crest is over CREST
-    (`exact`, their indices)."""
+    """A weight rounded to int8 with one scale per output: q [K, O] (a transposed view for a
+    [O, K] linear weight), s float32 [O], and where our kernel multiplies, q as its panels
+    (`packed`, `sums`: int8_pack's); `src` the weight itself in the same orientation (a view),
+    for the outputs whose crest is over CREST (`exact`, their indices)."""
 
     def __init__(self, q: torch.Tensor, s: torch.Tensor, crest: torch.Tensor, src: torch.Tensor):
         self.q, self.s, self.src = q, s, src
+        self.packed, self.sums = (None, None) if int8_gemm_by_torch() else cpu_kernel.int8_pack(q)
         self.exact = (crest > CREST * weight_qmax() / 127).nonzero().flatten()  # the same error bound at 7 bits
 
     @classmethod
@@ -105,7 +122,10 @@ def product(x: torch.Tensor, w: Int8Weight) -> torch.Tensor:
     for t0 in range(0, x.shape[0], CHUNK_ROWS):
         t1 = min(t0 + CHUNK_ROWS, x.shape[0])
         xq, sx, cx = cpu_kernel.int8_rows(x[t0:t1])
-        cpu_kernel.int8_rescale(torch._int_mm(xq, w.q), sx, w.s, out[t0:t1])
+        if w.packed is None:
+            cpu_kernel.int8_rescale(torch._int_mm(xq, w.q), sx, w.s, out[t0:t1])
+        else:
+            cpu_kernel.int8_gemm(xq, w.packed, w.sums, sx, w.s, out[t0:t1])
         crests.append(cx)
     rows = (torch.cat(crests) > CREST).nonzero().flatten()
     if rows.numel():

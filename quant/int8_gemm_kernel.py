@@ -1,0 +1,213 @@
+"""C++ source of an int8 GEMM for the calibration forward (quant/int8_forward.py) on CPUs where
+torch._int_mm has no fast kernel, built into quant.cpu_kernel's extension.
+
+PyTorch's CPU `_int_mm` hands the product to oneDNN only on CPUs with AVX512-VNNI (or AMX); on
+any other x86 CPU (every AVX2-only one: CI's Zen 3 kind, Intel before Ice Lake, Alder Lake's
+AVX-VNNI) it runs a plain scalar loop: 1.3-1.4 GMAC/s on two Zen 3 threads, 30-70x slower than
+torch's own float32 GEMM, so the int8 forward made a calibrated quantize an hour slower there
+instead of faster. This kernel is what runs there.
+
+`int8_pack` lays a weight q [K, O] (int8, any strides: a linear's [O, K] transposed, or the fused
+experts' [K, O]) out as panels of 16 outputs: per step of 4 inputs, 64 bytes, output o's 4 bytes
+in lane o, so one 256-bit load holds 8 outputs' next 4 weights; it also sums each output's
+weights. `int8_gemm` multiplies activations xq [T, K] (int8) by it in tiles of MR rows by 16
+outputs: each row's next 4 activations broadcast to every lane as unsigned bytes (x + 128), then
+`vpmaddubsw` + `vpmaddwd` (or one `vpdpbusd` where the build has VNNI) into int32 lanes; the
+shift comes back off as 128 times the output's weight sum. The int16 pair sums of `vpmaddubsw`
+saturate unless 255 * |q| * 2 <= 32767, so on the maddubs path the weights must be rounded to
+|q| <= 63 (int8_forward.weight_qmax), where every sum is the exact integer product, as
+torch._int_mm's; the int32 sums are then scaled back as int8_rescale does (the same float
+operations: bit for bit its output for the same integers). Threads take the panels; each panel
+(80-128 KB at Scout's widths) stays in L2 while every row tile passes over it.
+"""
+
+SOURCE = r"""
+constexpr int64_t I8_NR = 16;  // outputs per panel: two registers of 8 int32 lanes
+
+// 4 rows of 16 bytes (inputs k .. k + 3 of outputs o .. o + 15) as one 64-byte step: output o's
+// 4 bytes in lane o (a 4 x 16 byte transpose).
+static inline void i8_step4x16(const int8_t* r0, const int8_t* r1, const int8_t* r2, const int8_t* r3, int8_t* dst) {
+  const __m128i a = _mm_loadu_si128((const __m128i*)r0), b = _mm_loadu_si128((const __m128i*)r1);
+  const __m128i c = _mm_loadu_si128((const __m128i*)r2), d = _mm_loadu_si128((const __m128i*)r3);
+  const __m128i ab0 = _mm_unpacklo_epi8(a, b), ab1 = _mm_unpackhi_epi8(a, b);
+  const __m128i cd0 = _mm_unpacklo_epi8(c, d), cd1 = _mm_unpackhi_epi8(c, d);
+  _mm_storeu_si128((__m128i*)dst, _mm_unpacklo_epi16(ab0, cd0));
+  _mm_storeu_si128((__m128i*)(dst + 16), _mm_unpackhi_epi16(ab0, cd0));
+  _mm_storeu_si128((__m128i*)(dst + 32), _mm_unpacklo_epi16(ab1, cd1));
+  _mm_storeu_si128((__m128i*)(dst + 48), _mm_unpackhi_epi16(ab1, cd1));
+}
+
+// q [K, O] (int8, any strides) -> (panels int8 [P, K4, 64], sums int32 [O]): P = ceil(O / 16),
+// K4 = ceil(K / 4); step s of panel p holds q[4 s + j, 16 p + o] at byte 4 o + j (zero past K
+// and O); sums[o] = sum over k of q[k, o].
+std::vector<torch::Tensor> int8_pack(torch::Tensor q) {
+  TORCH_CHECK(q.dim() == 2 && q.scalar_type() == torch::kChar, "int8_pack: int8 [K, O]");
+  const int64_t K = q.size(0), O = q.size(1), sk = q.stride(0), so = q.stride(1);
+  const int64_t K4 = (K + 3) / 4, P = (O + I8_NR - 1) / I8_NR;
+  auto packed = torch::empty({P, K4, 64}, q.options());
+  auto sums = torch::empty({O}, q.options().dtype(torch::kInt));
+  const int8_t* qp = q.data_ptr<int8_t>();
+  int8_t* bp = packed.data_ptr<int8_t>();
+  int32_t* sp = sums.data_ptr<int32_t>();
+  at::parallel_for(0, P, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      int8_t* dst = bp + p * K4 * 64;
+      const int64_t o0 = p * I8_NR;
+      const bool full = o0 + I8_NR <= O;
+      int64_t s = 0;
+      if (full && so == 1) {  // rows of consecutive outputs: 16 bytes a row
+        for (; 4 * s + 4 <= K; ++s) {
+          const int8_t* r = qp + 4 * s * sk + o0;
+          i8_step4x16(r, r + sk, r + 2 * sk, r + 3 * sk, dst + s * 64);
+        }
+      } else if (full && sk == 1) {  // a linear's [O, K] rows: each output's 4 bytes are adjacent
+        for (; 4 * s + 4 <= K; ++s)
+          for (int64_t o = 0; o < I8_NR; ++o) std::memcpy(dst + s * 64 + 4 * o, qp + (o0 + o) * so + 4 * s, 4);
+      }
+      for (; s < K4; ++s)  // the rest (a partial panel, the last inputs, other strides) byte by byte
+        for (int64_t o = 0; o < I8_NR; ++o)
+          for (int64_t j = 0; j < 4; ++j) {
+            const int64_t k = 4 * s + j;
+            dst[s * 64 + 4 * o + j] = k < K && o0 + o < O ? qp[k * sk + (o0 + o) * so] : 0;
+          }
+      // Each lane's 4 bytes summed (ones as the unsigned operand): the outputs' weight sums.
+      const __m256i ones8 = _mm256_set1_epi8(1);
+      __m256i s0 = _mm256_setzero_si256(), s1 = _mm256_setzero_si256();
+      for (int64_t t = 0; t < K4; ++t) {
+        s0 = _mm256_add_epi32(s0, dot4(ones8, _mm256_loadu_si256((const __m256i*)(dst + t * 64))));
+        s1 = _mm256_add_epi32(s1, dot4(ones8, _mm256_loadu_si256((const __m256i*)(dst + t * 64 + 32))));
+      }
+      alignas(32) int32_t lanes[I8_NR];
+      _mm256_store_si256((__m256i*)lanes, s0);
+      _mm256_store_si256((__m256i*)(lanes + 8), s1);
+      for (int64_t o = 0; o < I8_NR && o0 + o < O; ++o) sp[o0 + o] = lanes[o];
+    }
+  });
+  return {packed, sums};
+}
+
+// Rows t .. t + MR of xu (unsigned: x + 128, rows of 4 * K4 bytes) by one panel, over every step;
+// the sums scaled and stored as int8_rescale stores them.
+template <int MR, bool BF16>
+static void i8_tile(const uint8_t* xu, int64_t ldx, const int8_t* B, int64_t K4, const int32_t* cs,
+                    const float* sx, const float* sw, int64_t n, void* out, int64_t ldo) {
+  __m256i c0[MR], c1[MR];
+  for (int r = 0; r < MR; ++r) c0[r] = c1[r] = _mm256_setzero_si256();
+#ifndef DPBUSD
+  const __m256i ones = _mm256_set1_epi16(1);
+#endif
+  for (int64_t s = 0; s < K4; ++s) {
+    const __m256i b0 = _mm256_load_si256((const __m256i*)(B + s * 64));
+    const __m256i b1 = _mm256_load_si256((const __m256i*)(B + s * 64 + 32));
+    __m256i a[MR];
+    for (int r = 0; r < MR; ++r) {
+      int32_t v;
+      std::memcpy(&v, xu + r * ldx + 4 * s, 4);
+      a[r] = _mm256_set1_epi32(v);
+    }
+#ifdef DPBUSD
+    for (int r = 0; r < MR; ++r) {
+      c0[r] = DPBUSD(c0[r], a[r], b0);
+      c1[r] = DPBUSD(c1[r], a[r], b1);
+    }
+#else
+    __m256i p0[MR], p1[MR];
+    for (int r = 0; r < MR; ++r) {
+      p0[r] = _mm256_maddubs_epi16(a[r], b0);
+      p1[r] = _mm256_maddubs_epi16(a[r], b1);
+    }
+    for (int r = 0; r < MR; ++r) {
+      c0[r] = _mm256_add_epi32(c0[r], _mm256_madd_epi16(p0[r], ones));
+      c1[r] = _mm256_add_epi32(c1[r], _mm256_madd_epi16(p1[r], ones));
+    }
+#endif
+  }
+  alignas(32) int32_t shift[I8_NR];
+  alignas(32) float scale[I8_NR];
+  for (int64_t o = 0; o < I8_NR; ++o) {
+    shift[o] = o < n ? 128 * cs[o] : 0;
+    scale[o] = o < n ? sw[o] : 0.f;
+  }
+  for (int r = 0; r < MR; ++r) {
+    const __m256 st = _mm256_set1_ps(sx[r]);
+    alignas(32) float y[I8_NR];
+    for (int h = 0; h < 2; ++h) {
+      const __m256i acc = _mm256_sub_epi32(h ? c1[r] : c0[r], _mm256_load_si256((const __m256i*)(shift + 8 * h)));
+      const __m256 v = _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(acc), _mm256_load_ps(scale + 8 * h)), st);
+      if (n == I8_NR) {
+        if (BF16) {
+          const __m256i b = _mm256_srli_epi32(_mm256_castps_si256(round_bf16_8(v)), 16);
+          const __m128i p = _mm_packus_epi32(_mm256_castsi256_si128(b), _mm256_extracti128_si256(b, 1));
+          _mm_storeu_si128((__m128i*)((uint16_t*)out + r * ldo + 8 * h), p);
+        } else {
+          _mm256_storeu_ps((float*)out + r * ldo + 8 * h, v);
+        }
+      } else {
+        _mm256_store_ps(y + 8 * h, v);
+      }
+    }
+    if (n < I8_NR)
+      for (int64_t o = 0; o < n; ++o) store1<BF16>(out, r * ldo + o, y[o]);
+  }
+}
+
+template <bool BF16>
+static void i8_rows(int64_t rows, const uint8_t* xu, int64_t ldx, const int8_t* B, int64_t K4, const int32_t* cs,
+                    const float* sx, const float* sw, int64_t n, void* out, int64_t ldo) {
+  switch (rows) {
+    case 1: return i8_tile<1, BF16>(xu, ldx, B, K4, cs, sx, sw, n, out, ldo);
+    case 2: return i8_tile<2, BF16>(xu, ldx, B, K4, cs, sx, sw, n, out, ldo);
+    case 3: return i8_tile<3, BF16>(xu, ldx, B, K4, cs, sx, sw, n, out, ldo);
+    default: return i8_tile<4, BF16>(xu, ldx, B, K4, cs, sx, sw, n, out, ldo);
+  }
+}
+
+// out [T, O] (float32 or bf16, contiguous) = (xq [T, K] @ q) sw[o] sx[t], q as int8_pack left it
+// (packed [P, K4, 64], sums [O]). Exact integer sums where |q| <= 63 (or with VNNI: any q).
+void int8_gemm(torch::Tensor xq, torch::Tensor packed, torch::Tensor sums, torch::Tensor sx, torch::Tensor sw,
+               torch::Tensor out) {
+  TORCH_CHECK(xq.dim() == 2 && xq.is_contiguous() && xq.scalar_type() == torch::kChar, "xq: contiguous int8 [T, K]");
+  const int64_t T = xq.size(0), K = xq.size(1), K4 = (K + 3) / 4, O = sums.numel();
+  const int64_t P = (O + I8_NR - 1) / I8_NR;
+  TORCH_CHECK(packed.dim() == 3 && packed.is_contiguous() && packed.scalar_type() == torch::kChar &&
+                  packed.size(0) == P && packed.size(1) == K4 && packed.size(2) == 64,
+              "packed: int8_pack's panels for K = xq's columns");
+  TORCH_CHECK(sums.scalar_type() == torch::kInt && sums.is_contiguous(), "sums: int32 [O]");
+  TORCH_CHECK(sx.scalar_type() == torch::kFloat && sx.is_contiguous() && sx.numel() == T, "sx: float32 [T]");
+  TORCH_CHECK(sw.scalar_type() == torch::kFloat && sw.is_contiguous() && sw.numel() == O, "sw: float32 [O]");
+  const auto dt = out.scalar_type();
+  TORCH_CHECK(out.is_contiguous() && out.dim() == 2 && out.size(0) == T && out.size(1) == O &&
+                  (dt == torch::kFloat || dt == torch::kBFloat16),
+              "out: contiguous float32 or bf16 [T, O]");
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(packed.data_ptr()) % 32 == 0, "packed: 32-byte aligned");
+  if (T == 0 || O == 0) return;
+  // The activations as unsigned bytes (x + 128), rows padded to 4 * K4 (the padding meets zero weights).
+  const int64_t ldx = 4 * K4;
+  std::vector<uint8_t> xu(T * ldx, 128);
+  const int8_t* xp = xq.data_ptr<int8_t>();
+  at::parallel_for(0, T, 64, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t)
+      for (int64_t k = 0; k < K; ++k) xu[t * ldx + k] = (uint8_t)(xp[t * K + k] ^ 0x80);
+  });
+  const int8_t* bp = packed.data_ptr<int8_t>();
+  const int32_t* cs = sums.data_ptr<int32_t>();
+  const float* sxp = sx.data_ptr<float>();
+  const float* swp = sw.data_ptr<float>();
+  const bool bf16 = dt == torch::kBFloat16;
+  const size_t esize = bf16 ? 2 : 4;
+  char* op = (char*)out.data_ptr();
+  at::parallel_for(0, P, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t o0 = p * I8_NR, n = std::min(I8_NR, O - o0);
+      for (int64_t t = 0; t < T; t += 4) {
+        const int64_t rows = std::min<int64_t>(4, T - t);
+        void* dst = op + (t * O + o0) * esize;
+        if (bf16)
+          i8_rows<true>(rows, xu.data() + t * ldx, ldx, bp + p * K4 * 64, K4, cs + o0, sxp + t, swp + o0, n, dst, O);
+        else
+          i8_rows<false>(rows, xu.data() + t * ldx, ldx, bp + p * K4 * 64, K4, cs + o0, sxp + t, swp + o0, n, dst, O);
+      }
+    }
+  });
+}
+"""
