@@ -25,19 +25,61 @@ ROOT = Path(__file__).resolve().parent.parent
 OTHERS = {"avx-vnni": r"\{vex\} vpdpbusd .*%ymm", "avx512-vnni": r"vpdpbusd .*%zmm"}
 
 
-@pytest.mark.parametrize("target", sorted(OTHERS))
-def test_kernel_builds_for_a_target_this_cpu_is_not(target, tmp_path):
+class _Build:
+    """A build in a child process, started at once: the builds of this file (one translation
+    unit each, so one core each) run side by side on a CI host's two cores."""
+
+    def __init__(self, code: str, env: dict[str, str], log: Path):
+        self.log = log
+        with open(log, "w") as f:
+            self.proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env, stdout=f, stderr=f)
+
+    def wait(self) -> tuple[int, str]:
+        rc = self.proc.wait(timeout=1200)
+        return rc, self.log.read_text()[-4000:]
+
+
+@pytest.fixture(scope="module")
+def builds(tmp_path_factory):
+    """Every build this file checks, started together: each target this CPU is not, and this
+    CPU's own with no ninja on PATH."""
     if not cpu_kernel.available():
         pytest.skip("no AVX2 kernel here (not x86, or no compiler)")
-    if target == cpu_kernel.isa():
+    started = {}
+    for target in OTHERS:
+        if target == cpu_kernel.isa():
+            continue
+        d = tmp_path_factory.mktemp(target)
+        env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(d)}
+        code = f"from quant import cpu_kernel; cpu_kernel._load_or_build({target!r})"
+        if target == "avx512-vnni" and "avx512f" not in cpu_kernel._cpu_flags():  # build it, do not import it
+            code = (
+                "import torch.utils.cpp_extension as e; e._import_module_from_library = lambda *a, **k: None\n" + code
+            )
+        started[target] = (_Build(code, env, d / "log"), d)
+    d = tmp_path_factory.mktemp("no-ninja")
+    tools = d / "bin"  # the compiler's tools alone
+    tools.mkdir()
+    for t in ("c++", "cc", "gcc", "g++", "as", "ld"):
+        if shutil.which(t):
+            (tools / t).symlink_to(shutil.which(t))
+    env = {**os.environ, "PATH": str(tools), "TORCH_EXTENSIONS_DIR": str(d / "ext")}
+    env.pop("LLAMA4_LOCAL_NO_AVX2_KERNEL", None)
+    code = "import shutil\nfrom quant import cpu_kernel\nassert not shutil.which('ninja') and cpu_kernel.available()"
+    started["no-ninja"] = (_Build(code, env, d / "log"), d)
+    yield started
+    for build, _ in started.values():
+        build.proc.kill()
+
+
+@pytest.mark.parametrize("target", sorted(OTHERS))
+def test_kernel_builds_for_a_target_this_cpu_is_not(target, builds):
+    if target not in builds:
         pytest.skip(f"this CPU's own target ({target}): every kernel test built and ran it")
-    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path)}
-    code = f"from quant import cpu_kernel; cpu_kernel._load_or_build({target!r})"
-    if target == "avx512-vnni" and "avx512f" not in cpu_kernel._cpu_flags():  # build it, do not import it
-        code = "import torch.utils.cpp_extension as e; e._import_module_from_library = lambda *a, **k: None\n" + code
-    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, r.stderr[-4000:]
-    (so,) = tmp_path.glob(f"*/llama4_local_{target.replace('-', '_')}_*.so")
+    build, d = builds[target]
+    rc, log = build.wait()
+    assert rc == 0, log
+    (so,) = d.glob(f"*/llama4_local_{target.replace('-', '_')}_*.so")
     if shutil.which("objdump") is None:
         return
     asm = subprocess.run(["objdump", "-d", "--no-show-raw-insn", str(so)], capture_output=True, text=True).stdout
@@ -66,18 +108,8 @@ def test_a_failed_build_says_why_once_and_falls_back(tmp_path):
     assert "stock kernels (no C++ compiler" in r.stdout
 
 
-def test_kernel_builds_with_no_ninja_on_path(tmp_path):
+def test_kernel_builds_with_no_ninja_on_path(builds):
     """An entry point run from a venv that is not activated (pipx's way) has no `ninja` on PATH:
     the build takes the one our `ninja` dependency installs."""
-    if not cpu_kernel._cpu_has_avx2_fma():
-        pytest.skip("no AVX2/FMA: the kernel is never built here")
-    tools = tmp_path / "bin"  # the compiler's tools alone
-    tools.mkdir()
-    for t in ("c++", "cc", "gcc", "g++", "as", "ld"):
-        if shutil.which(t):
-            (tools / t).symlink_to(shutil.which(t))
-    env = {**os.environ, "PATH": str(tools), "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext")}
-    env.pop("LLAMA4_LOCAL_NO_AVX2_KERNEL", None)
-    code = "import shutil\nfrom quant import cpu_kernel\nassert not shutil.which('ninja') and cpu_kernel.available()"
-    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, r.stderr[-3000:]
+    rc, log = builds["no-ninja"][0].wait()
+    assert rc == 0, log
