@@ -1,5 +1,6 @@
 """C++ source of an int8 GEMM for the calibration forward (quant/int8_forward.py) on CPUs where
-torch._int_mm has no fast kernel, built into quant.cpu_kernel's extension.
+torch._int_mm has no fast kernel, built into quant.cpu_kernel's extension (after
+quant/int8_kernel.py, whose check_scaled_out it uses).
 
 PyTorch's CPU `_int_mm` hands the product to oneDNN only on CPUs with AVX512-VNNI (or AMX); on
 any other x86 CPU (every AVX2-only one: CI's Zen 3 kind, Intel before Ice Lake, Alder Lake's
@@ -173,12 +174,7 @@ void int8_gemm(torch::Tensor xq, torch::Tensor packed, torch::Tensor sums, torch
                   packed.size(0) == P && packed.size(1) == K4 && packed.size(2) == 64,
               "packed: int8_pack's panels for K = xq's columns");
   TORCH_CHECK(sums.scalar_type() == torch::kInt && sums.is_contiguous(), "sums: int32 [O]");
-  TORCH_CHECK(sx.scalar_type() == torch::kFloat && sx.is_contiguous() && sx.numel() == T, "sx: float32 [T]");
-  TORCH_CHECK(sw.scalar_type() == torch::kFloat && sw.is_contiguous() && sw.numel() == O, "sw: float32 [O]");
-  const auto dt = out.scalar_type();
-  TORCH_CHECK(out.is_contiguous() && out.dim() == 2 && out.size(0) == T && out.size(1) == O &&
-                  (dt == torch::kFloat || dt == torch::kBFloat16),
-              "out: contiguous float32 or bf16 [T, O]");
+  const bool bf16 = check_scaled_out(sx, sw, out, T, O);
   TORCH_CHECK(reinterpret_cast<uintptr_t>(packed.data_ptr()) % 32 == 0, "packed: 32-byte aligned");
   if (T == 0 || O == 0) return;
   // The activations as unsigned bytes (x + 128), rows padded to 4 * K4 (the padding meets zero weights).
@@ -193,7 +189,6 @@ void int8_gemm(torch::Tensor xq, torch::Tensor packed, torch::Tensor sums, torch
   const int32_t* cs = sums.data_ptr<int32_t>();
   const float* sxp = sx.data_ptr<float>();
   const float* swp = sw.data_ptr<float>();
-  const bool bf16 = dt == torch::kBFloat16;
   const size_t esize = bf16 ? 2 : 4;
   char* op = (char*)out.data_ptr();
   at::parallel_for(0, P, 1, [&](int64_t p0, int64_t p1) {

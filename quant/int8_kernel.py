@@ -163,16 +163,23 @@ static void rescale_rows(const int32_t* ap, const float* sx, const float* sw, vo
 
 // out [T, O] (float32 or bf16, nearest even; contiguous) = acc[t, o] sw[o] sx[t] for int32 acc [T, O]
 // (torch._int_mm's).
-void int8_rescale(torch::Tensor acc, torch::Tensor sx, torch::Tensor sw, torch::Tensor out) {
-  TORCH_CHECK(acc.dim() == 2 && acc.is_contiguous() && acc.scalar_type() == torch::kInt, "acc: int32 [T, O]");
-  const int64_t T = acc.size(0), O = acc.size(1);
+// The row scales sx [T], column scales sw [O] and output [T, O] of a scaled int8 product (here and
+// in quant/int8_gemm_kernel.py); returns whether the output is bf16.
+static bool check_scaled_out(const torch::Tensor& sx, const torch::Tensor& sw, const torch::Tensor& out, int64_t T,
+                             int64_t O) {
   TORCH_CHECK(sx.scalar_type() == torch::kFloat && sx.is_contiguous() && sx.numel() == T, "sx: float32 [T]");
   TORCH_CHECK(sw.scalar_type() == torch::kFloat && sw.is_contiguous() && sw.numel() == O, "sw: float32 [O]");
   const auto dt = out.scalar_type();
   TORCH_CHECK(out.is_contiguous() && out.dim() == 2 && out.size(0) == T && out.size(1) == O &&
                   (dt == torch::kFloat || dt == torch::kBFloat16),
               "out: contiguous float32 or bf16 [T, O]");
-  if (dt == torch::kBFloat16)
+  return dt == torch::kBFloat16;
+}
+
+void int8_rescale(torch::Tensor acc, torch::Tensor sx, torch::Tensor sw, torch::Tensor out) {
+  TORCH_CHECK(acc.dim() == 2 && acc.is_contiguous() && acc.scalar_type() == torch::kInt, "acc: int32 [T, O]");
+  const int64_t T = acc.size(0), O = acc.size(1);
+  if (check_scaled_out(sx, sw, out, T, O))
     rescale_rows<true>(acc.data_ptr<int32_t>(), sx.data_ptr<float>(), sw.data_ptr<float>(), out.data_ptr(), T, O);
   else
     rescale_rows<false>(acc.data_ptr<int32_t>(), sx.data_ptr<float>(), sw.data_ptr<float>(), out.data_ptr(), T, O);
