@@ -1,6 +1,6 @@
 """C++ source of an int8 GEMM for the calibration forward (quant/int8_forward.py) on CPUs where
 torch._int_mm has no fast kernel, built into quant.cpu_kernel's extension (after
-quant/int8_kernel.py, whose check_scaled_out it uses).
+quant/int8_kernel.py, whose check_scaled_out and store8 it uses).
 
 PyTorch's CPU `_int_mm` hands the product to oneDNN only on CPUs with AVX512-VNNI (or AMX); on
 any other x86 CPU (every AVX2-only one: CI's Zen 3 kind, Intel before Ice Lake, Alder Lake's
@@ -135,17 +135,10 @@ static void i8_tile(const uint8_t* xu, int64_t ldx, const int8_t* B, int64_t K4,
     for (int h = 0; h < 2; ++h) {
       const __m256i acc = _mm256_sub_epi32(h ? c1[r] : c0[r], _mm256_load_si256((const __m256i*)(shift + 8 * h)));
       const __m256 v = _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(acc), _mm256_load_ps(scale + 8 * h)), st);
-      if (n == I8_NR) {
-        if (BF16) {
-          const __m256i b = _mm256_srli_epi32(_mm256_castps_si256(round_bf16_8(v)), 16);
-          const __m128i p = _mm_packus_epi32(_mm256_castsi256_si128(b), _mm256_extracti128_si256(b, 1));
-          _mm_storeu_si128((__m128i*)((uint16_t*)out + r * ldo + 8 * h), p);
-        } else {
-          _mm256_storeu_ps((float*)out + r * ldo + 8 * h, v);
-        }
-      } else {
+      if (n == I8_NR)
+        store8<BF16>(out, r * ldo + 8 * h, v);
+      else
         _mm256_store_ps(y + 8 * h, v);
-      }
     }
     if (n < I8_NR)
       for (int64_t o = 0; o < n; ++o) store1<BF16>(out, r * ldo + o, y[o]);

@@ -138,6 +138,18 @@ std::vector<torch::Tensor> int8_cols(torch::Tensor w, double qmax_) {
   return {q, s, cr};
 }
 
+// 8 floats stored at out + i as float32, or as bf16 rounded to nearest even.
+template <bool BF16>
+static inline void store8(void* out, int64_t i, __m256 y) {
+  if (BF16) {
+    const __m256i b = _mm256_srli_epi32(_mm256_castps_si256(round_bf16_8(y)), 16);
+    const __m128i h = _mm_packus_epi32(_mm256_castsi256_si128(b), _mm256_extracti128_si256(b, 1));
+    _mm_storeu_si128((__m128i*)((uint16_t*)out + i), h);
+  } else {
+    _mm256_storeu_ps((float*)out + i, y);
+  }
+}
+
 template <bool BF16>
 static void rescale_rows(const int32_t* ap, const float* sx, const float* sw, void* out, int64_t T, int64_t O) {
   at::parallel_for(0, T, 4, [&](int64_t t0, int64_t t1) {
@@ -147,22 +159,13 @@ static void rescale_rows(const int32_t* ap, const float* sx, const float* sw, vo
       int64_t o = 0;
       for (; o + 8 <= O; o += 8) {
         const __m256 a = _mm256_cvtepi32_ps(_mm256_loadu_si256((const __m256i*)(ap + base + o)));
-        const __m256 y = _mm256_mul_ps(_mm256_mul_ps(a, _mm256_loadu_ps(sw + o)), st);
-        if (BF16) {
-          const __m256i b = _mm256_srli_epi32(_mm256_castps_si256(round_bf16_8(y)), 16);
-          const __m128i h = _mm_packus_epi32(_mm256_castsi256_si128(b), _mm256_extracti128_si256(b, 1));
-          _mm_storeu_si128((__m128i*)((uint16_t*)out + base + o), h);
-        } else {
-          _mm256_storeu_ps((float*)out + base + o, y);
-        }
+        store8<BF16>(out, base + o, _mm256_mul_ps(_mm256_mul_ps(a, _mm256_loadu_ps(sw + o)), st));
       }
       for (; o < O; ++o) store1<BF16>(out, base + o, (float)ap[base + o] * sw[o] * sx[t]);
     }
   });
 }
 
-// out [T, O] (float32 or bf16, nearest even; contiguous) = acc[t, o] sw[o] sx[t] for int32 acc [T, O]
-// (torch._int_mm's).
 // The row scales sx [T], column scales sw [O] and output [T, O] of a scaled int8 product (here and
 // in quant/int8_gemm_kernel.py); returns whether the output is bf16.
 static bool check_scaled_out(const torch::Tensor& sx, const torch::Tensor& sw, const torch::Tensor& out, int64_t T,
@@ -176,6 +179,8 @@ static bool check_scaled_out(const torch::Tensor& sx, const torch::Tensor& sw, c
   return dt == torch::kBFloat16;
 }
 
+// out [T, O] (float32 or bf16, nearest even; contiguous) = acc[t, o] sw[o] sx[t] for int32 acc [T, O]
+// (torch._int_mm's).
 void int8_rescale(torch::Tensor acc, torch::Tensor sx, torch::Tensor sw, torch::Tensor out) {
   TORCH_CHECK(acc.dim() == 2 && acc.is_contiguous() && acc.scalar_type() == torch::kInt, "acc: int32 [T, O]");
   const int64_t T = acc.size(0), O = acc.size(1);
