@@ -1,12 +1,14 @@
 """GPTQ of one routed expert at Scout's shapes: through the Hessian's factor, and through the
-calibration rows (quant/gptq_lowrank.py), alternated.
+calibration rows (quant/gptq_lowrank.py), alternated; --updates times the Hessian's walk with
+each precision of its update products (quant/gptq.py: float32, int8, bfloat16) and prints each
+result's output error on the rows, ||(W - Q) x|| / ||W x||.
 
 Scout routes 8192 calibration tokens over 16 experts, about 512 rows each (unevenly). For each
 of gate (or up: 8192 x 5120) and down (5120 x 8192) this times the feedback (Gram product and
 Cholesky factor, or the rows' form) and the GPTQ walk, on random weights and rows with uneven
 feature scales, best of --reps, and prints the per-expert total (gate and up share a feedback).
 
-    python benchmarks/bench_gptq_lowrank.py [--rows 512] [--reps 3] [--threads 2]
+    python benchmarks/bench_gptq_lowrank.py [--rows 512] [--reps 3] [--threads 2] [--updates float32,int8]
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from quant.gptq import DAMP, error_feedback, gptq_int4, gram_lower  # noqa: E402
 from quant.gptq_lowrank import lowrank_feedback  # noqa: E402
+from quant.int4 import dequantize_int4  # noqa: E402
 
 
 def timed(fn):
@@ -35,38 +38,49 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=512)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--updates", default="", help="comma-separated: float32, int8, bfloat16 (default: the host's)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     best: dict[tuple[str, str, str], float] = {}
+    errors: dict[tuple[str, str], float] = {}
+    paths = [f"hessian:{u}" for u in args.updates.split(",") if u] or ["hessian"]
+    paths.append("rows")
     for _ in range(args.reps):
         for kind, (inputs, outputs) in {"gate": (5120, 8192), "down": (8192, 5120)}.items():
             g = torch.Generator().manual_seed(0)
             x = (torch.randn(args.rows, inputs, generator=g) * torch.linspace(0.2, 3.0, inputs)).bfloat16()
             w = torch.randn(outputs, inputs, generator=g).bfloat16()
-            for path in ("hessian", "rows"):
-                if path == "hessian":
+            for path in paths:
+                if path.startswith("hessian"):
                     f, t_f = timed(lambda: error_feedback(gram_lower(x), consume=True))
                 else:
                     f, t_f = timed(lambda: lowrank_feedback(x, DAMP))
-                _, t_q = timed(lambda: gptq_int4(w, f, 128))
+                updates = getattr(torch, path.split(":")[1]) if ":" in path else None
+                q, t_q = timed(lambda: gptq_int4(w, f, 128, updates=updates))
                 del f
+                errors[(kind, path)] = output_error(w, q, x)
                 for part, t in (("feedback", t_f), ("gptq", t_q)):
                     key = (kind, path, part)
                     best[key] = min(best.get(key, t), t)
     print(f"one routed expert at Scout's shapes, {args.rows} rows, {args.threads} threads, best of {args.reps} (s)")
-    print("| linear | path | feedback | GPTQ walk | total |")
-    print("|---|---|---|---|---|")
+    print("| linear | path | feedback | GPTQ walk | total | output error |")
+    print("|---|---|---|---|---|---|")
     expert = {}
     for kind in ("gate", "down"):
-        for path in ("hessian", "rows"):
+        for path in paths:
             f, q = best[(kind, path, "feedback")], best[(kind, path, "gptq")]
-            print(f"| {kind} | {path} | {f:.2f} | {q:.2f} | {f + q:.2f} |")
+            print(f"| {kind} | {path} | {f:.2f} | {q:.2f} | {f + q:.2f} | {errors[(kind, path)]:.5f} |")
             # gate and up share the feedback: an expert is one gate feedback, two walks, and down
             expert[path] = expert.get(path, 0.0) + (f + 2 * q if kind == "gate" else f + q)
-    print(
-        f"\nper expert (gate + up + down): hessian {expert['hessian']:.2f} s, rows {expert['rows']:.2f} s, "
-        f"{expert['hessian'] / expert['rows']:.2f}x"
-    )
+    per = ", ".join(f"{path} {t:.2f} s ({expert[paths[0]] / t:.2f}x)" for path, t in expert.items())
+    print(f"\nper expert (gate + up + down): {per}")
+
+
+def output_error(w: torch.Tensor, q, x: torch.Tensor) -> float:
+    """||(W - Q) x|| / ||W x|| over the rows x."""
+    wf, xf = w.float(), x.float()
+    ref = xf @ wf.t()
+    return float((xf @ (wf - dequantize_int4(q, torch.float32)).t()).norm() / ref.norm())
 
 
 if __name__ == "__main__":

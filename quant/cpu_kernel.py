@@ -69,6 +69,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int8_rescale", &int8_rescale, NOGIL, "int32 products times row and column scales");
   m.def("int8_pack", &int8_pack, NOGIL, "an int8 weight [K, O] as int8_gemm's panels, and its sums");
   m.def("int8_gemm", &int8_gemm, NOGIL, "int8 activations x packed int8 weights, scaled");
+  m.def("int8_gemm_add", &int8_gemm_add, NOGIL, "int8 x packed int8, scaled, added to float32");
+  m.def("int8_gemm_pairs", &int8_gemm_pairs, "whether narrow activations pair int8_gemm's steps");
 """
 
 
@@ -584,15 +586,23 @@ def int8_rows(x: torch.Tensor, qmax: int = 127) -> tuple[torch.Tensor, torch.Ten
     """x [R, K] (float32, bf16 or fp16) -> (int8 [R, K], float32 scales [R], float32 crests [R]),
     each row's largest magnitude to qmax (<= 127), nearest even; a row holding NaN or infinity
     gets a NaN scale. A row's crest is its largest magnitude over its rms (0 for a zero or
-    non-finite row)."""
-    q, s, c = _module().int8_rows(x.contiguous(), qmax)
+    non-finite row). Rows may lie any distance apart (a slice of a wider matrix: no copy)."""
+    q, s, c = _module().int8_rows(_unit_columns(x), qmax)
     return q, s, c
 
 
 def int8_cols(w: torch.Tensor, qmax: int = 127) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """w [K, O] -> (int8 [K, O], float32 scales [O], float32 crests [O]): int8_rows by columns."""
-    q, s, c = _module().int8_cols(w.contiguous(), qmax)
+    q, s, c = _module().int8_cols(_unit_columns(w), qmax)
     return q, s, c
+
+
+def _unit_columns(x: torch.Tensor) -> torch.Tensor:
+    """x itself where its elements within a row are adjacent and its rows do not overlap, else a
+    contiguous copy (what int8_rows / int8_cols read)."""
+    if x.dim() == 2 and x.stride(1) == 1 and x.stride(0) >= x.shape[1]:
+        return x
+    return x.contiguous()
 
 
 def int8_rescale(acc: torch.Tensor, sx: torch.Tensor, sw: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -610,12 +620,40 @@ def int8_pack(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def int8_gemm(
-    xq: torch.Tensor, packed: torch.Tensor, sums: torch.Tensor, sx: torch.Tensor, sw: torch.Tensor, out: torch.Tensor
+    xq: torch.Tensor,
+    packed: torch.Tensor,
+    sums: torch.Tensor,
+    sx: torch.Tensor,
+    sw: torch.Tensor,
+    out: torch.Tensor,
+    narrow: bool = False,
 ) -> torch.Tensor:
     """out [T, O] (contiguous float32 or bf16) = (xq [T, K] @ q) times sx [T] and sw [O], for q as
-    int8_pack left it: exact integer sums where |q| <= 63 (int8_gemm_exact_qmax); returns out."""
-    _module().int8_gemm(xq.contiguous(), packed, sums, sx, sw, out)
+    int8_pack left it: exact integer sums where |q| <= 63 (int8_gemm_exact_qmax); returns out.
+    `narrow`: |xq| <= 63 (beyond it clamped), so the maddubs build adds two steps' pair sums in
+    int16 before widening them (int8_gemm_pairs: a quarter fewer multiplies)."""
+    _module().int8_gemm(xq.contiguous(), packed, sums, sx, sw, out, narrow)
     return out
+
+
+def int8_gemm_add(
+    xq: torch.Tensor,
+    packed: torch.Tensor,
+    sums: torch.Tensor,
+    sx: torch.Tensor,
+    sw: torch.Tensor,
+    out: torch.Tensor,
+    narrow: bool = False,
+) -> torch.Tensor:
+    """out [T, O] (float32, unit column stride, any row stride) += (xq [T, K] @ q) times sx [T] and
+    sw [O], the sums (and `narrow`) as int8_gemm's; returns out."""
+    _module().int8_gemm_add(xq.contiguous(), packed, sums, sx, sw, out, narrow)
+    return out
+
+
+def int8_gemm_pairs() -> bool:
+    """Whether int8_gemm(..., narrow=True) pairs steps: the maddubs build (no VNNI)."""
+    return bool(_module().int8_gemm_pairs())
 
 
 def int8_gemm_exact_qmax() -> int:

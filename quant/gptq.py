@@ -19,12 +19,15 @@ expert, shared expert and attention projection at INT4 group 128 from 0.0103 (th
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import torch
 
 from . import cpu_kernel
 from .gptq_lowrank import LowRankFeedback
 from .int4 import QMAX, QMIN, Int4Weight, _grouped, fit_scales, pack_int4_transposed
+from .int8_forward import activation_qmax
 
 DAMP = 0.01  # added to H's diagonal, as a fraction of its mean: keeps rarely seen directions stable
 
@@ -182,7 +185,12 @@ def gptq_walk(w: torch.Tensor, f: torch.Tensor, group_size: int, fit, qmin: int,
     product just before it is walked, the pair's second block its first's in a small one
     (left-looking: a long inner dimension and 256 rows, which bf16 GEMMs need to run fast;
     float32 accumulation, the block's columns kept in float32). The rounding moves an
-    update by 2^-9 of itself, against a rounding step of the grid that is most of a weight."""
+    update by 2^-9 of itself, against a rounding step of the grid that is most of a weight.
+    int8 (the default on other CPUs with the extension, where float32 would be the only other
+    way): right-looking as float32, each block's product in quant/int8_gemm_kernel.py's int8
+    GEMM (_add_int8: about 1.6x float32's multiply-adds a second on Zen 3), the feedback and
+    errors rounded to 7 or 8 bits per later column and per output over the block: it moves the
+    output error by a few tenths of a percent either way (tests/test_gptq.py)."""
     out, inp = w.shape
     _grouped(w[:1], group_size)  # validate the shape
     if f.shape != (inp, inp):
@@ -190,7 +198,9 @@ def gptq_walk(w: torch.Tensor, f: torch.Tensor, group_size: int, fit, qmin: int,
     f = f.to(w.device)
     updates = updates or default_updates(w.device)
     lowrank = isinstance(f, LowRankFeedback)  # always left-looking, in `updates`' products
-    left = lowrank or updates != torch.float32
+    if lowrank and updates == torch.int8:
+        updates = torch.float32
+    left = lowrank or updates == torch.bfloat16
     q = torch.empty(inp, out, dtype=torch.int8, device=w.device)
     groups = inp // group_size
     scales = torch.empty(groups, out, device=w.device)
@@ -249,14 +259,35 @@ def gptq_walk(w: torch.Tensor, f: torch.Tensor, group_size: int, fit, qmin: int,
             f.record(b0, b1, err, updates)
         elif left:
             errs[b0:b1] = err
+        elif b1 < inp and updates == torch.int8:
+            _add_int8(wt[b1:], f[b1:, b0:b1], err)
         elif b1 < inp:
             wt[b1:].addmm_(f[b1:, b0:b1], err)  # every later column, at once
     return q, scales, zeros
 
 
+def _add_int8(out: torch.Tensor, f: torch.Tensor, err: torch.Tensor) -> None:
+    """out [M, O] += f [M, n] @ err [n, O] in int8 products (gptq_walk's int8 updates): f rounded
+    per later column (row) to the forward's activation levels (int8_forward.activation_qmax: 63
+    where the maddubs kernel pairs steps), err per output over the block to as many levels as
+    int8_gemm sums exactly (63 with maddubs); the int32 sums scaled back in float32 and added."""
+    levels = activation_qmax()
+    fq, fs, _ = cpu_kernel.int8_rows(f, levels)
+    eq, es, _ = cpu_kernel.int8_cols(err, cpu_kernel.int8_gemm_exact_qmax())
+    packed, sums = cpu_kernel.int8_pack(eq)
+    cpu_kernel.int8_gemm_add(fq, packed, sums, fs, es, out, narrow=levels < 64)
+
+
 def default_updates(device: torch.device) -> torch.dtype:
-    """bf16 updates on a CPU that multiplies bf16 natively, float32 elsewhere (gptq_int4)."""
-    return torch.bfloat16 if device.type == "cpu" and cpu_kernel.native_bf16() else torch.float32
+    """bf16 updates on a CPU that multiplies bf16 natively, int8 on other CPUs where the extension
+    is built (LLAMA4_LOCAL_NO_INT8_UPDATES=1: float32), float32 elsewhere (gptq_int4)."""
+    if device.type != "cpu":
+        return torch.float32
+    if cpu_kernel.native_bf16():
+        return torch.bfloat16
+    if cpu_kernel.available() and not os.environ.get("LLAMA4_LOCAL_NO_INT8_UPDATES"):
+        return torch.int8
+    return torch.float32
 
 
 def _walk_torch(wb, err, fb, s, z, qb, i0: int, i1: int, qmin: int, qmax: int) -> None:

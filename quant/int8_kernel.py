@@ -30,13 +30,15 @@ static inline float crest_of(float amax, double sumsq, int64_t n, bool finite) {
   return finite && sumsq > 0 ? (float)(amax / std::sqrt(sumsq / (double)n)) : 0.f;
 }
 
-// x [R, K] -> (int8 [R, K], float32 scales [R], float32 crests [R]): x[r] ~ q[r] s[r], |q| <= qmax.
+// x [R, K] (rows any distance apart) -> (int8 [R, K], float32 scales [R], float32 crests [R]):
+// x[r] ~ q[r] s[r], |q| <= qmax.
 std::vector<torch::Tensor> int8_rows(torch::Tensor x, double qmax_) {
-  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "int8_rows: contiguous [R, K]");
+  TORCH_CHECK(x.dim() == 2 && (x.stride(1) == 1 || x.size(1) <= 1) && x.stride(0) >= x.size(1),
+              "int8_rows: [R, K] with unit column stride");
   TORCH_CHECK(qmax_ >= 1 && qmax_ <= 127, "int8_rows: qmax in [1, 127]");
   const float qmax = (float)qmax_;
   const int kind = load_kind(x);
-  const int64_t R = x.size(0), K = x.size(1);
+  const int64_t R = x.size(0), K = x.size(1), ld = x.stride(0);
   auto q = torch::empty({R, K}, x.options().dtype(torch::kChar));
   auto s = torch::empty({R}, x.options().dtype(torch::kFloat));
   auto c = torch::empty({R}, x.options().dtype(torch::kFloat));
@@ -47,7 +49,7 @@ std::vector<torch::Tensor> int8_rows(torch::Tensor x, double qmax_) {
   const __m256 sign = _mm256_set1_ps(-0.f);
   at::parallel_for(0, R, 16, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
-      const int64_t base = r * K;
+      const int64_t base = r * ld, qbase = r * K;
       __m256 m = _mm256_setzero_ps(), bad = _mm256_setzero_ps(), ss = _mm256_setzero_ps();
       int64_t k = 0;
       for (; k + 8 <= K; k += 8) {
@@ -68,8 +70,8 @@ std::vector<torch::Tensor> int8_rows(torch::Tensor x, double qmax_) {
       finite = finite && std::isfinite(amax);
       const float id = finite && amax > 0.f ? qmax / amax : 0.f;
       const __m256 inv = _mm256_set1_ps(id);
-      for (k = 0; k + 8 <= K; k += 8) store_q8x8(qp + base + k, load8(xp, kind, base + k), inv);
-      for (; k < K; ++k) qp[base + k] = q8_one(load1_kind(xp, kind, base + k), id);
+      for (k = 0; k + 8 <= K; k += 8) store_q8x8(qp + qbase + k, load8(xp, kind, base + k), inv);
+      for (; k < K; ++k) qp[qbase + k] = q8_one(load1_kind(xp, kind, base + k), id);
       sp[r] = finite ? amax / qmax : NAN;
       cp[r] = crest_of(amax, sumsq, K, finite);
     }
@@ -77,15 +79,17 @@ std::vector<torch::Tensor> int8_rows(torch::Tensor x, double qmax_) {
   return {q, s, c};
 }
 
-// w [K, O] -> (int8 [K, O], float32 scales [O], float32 crests [O]): w[:, o] ~ q[:, o] s[o].
+// w [K, O] (rows any distance apart) -> (int8 [K, O], float32 scales [O], float32 crests [O]):
+// w[:, o] ~ q[:, o] s[o].
 // Column maxima by chunks of 512 columns (2 KB of running maxima in L1, 1 KB read per row), then
 // the rounding row by row.
 std::vector<torch::Tensor> int8_cols(torch::Tensor w, double qmax_) {
-  TORCH_CHECK(w.dim() == 2 && w.is_contiguous(), "int8_cols: contiguous [K, O]");
+  TORCH_CHECK(w.dim() == 2 && (w.stride(1) == 1 || w.size(1) <= 1) && w.stride(0) >= w.size(1),
+              "int8_cols: [K, O] with unit column stride");
   TORCH_CHECK(qmax_ >= 1 && qmax_ <= 127, "int8_cols: qmax in [1, 127]");
   const float qmax = (float)qmax_;
   const int kind = load_kind(w);
-  const int64_t K = w.size(0), O = w.size(1);
+  const int64_t K = w.size(0), O = w.size(1), ld = w.stride(0);
   auto q = torch::empty({K, O}, w.options().dtype(torch::kChar));
   auto s = torch::empty({O}, w.options().dtype(torch::kFloat));
   auto cr = torch::empty({O}, w.options().dtype(torch::kFloat));
@@ -104,7 +108,7 @@ std::vector<torch::Tensor> int8_cols(torch::Tensor w, double qmax_) {
       std::fill(bad, bad + n, 0.f);
       std::fill(ss, ss + n, 0.f);
       for (int64_t k = 0; k < K; ++k) {
-        const int64_t base = k * O + o0;
+        const int64_t base = k * ld + o0;
         for (int64_t j = 0; j < n8; j += 8) {
           const __m256 v = load8(wp, kind, base + j);
           _mm256_store_ps(m + j, _mm256_max_ps(_mm256_load_ps(m + j), _mm256_andnot_ps(sign, v)));
@@ -129,10 +133,10 @@ std::vector<torch::Tensor> int8_cols(torch::Tensor w, double qmax_) {
   const float* ip = inv.data();
   at::parallel_for(0, K, 16, [&](int64_t k0, int64_t k1) {
     for (int64_t k = k0; k < k1; ++k) {
-      const int64_t base = k * O;
+      const int64_t base = k * ld, qbase = k * O;
       int64_t o = 0;
-      for (; o + 8 <= O; o += 8) store_q8x8(qp + base + o, load8(wp, kind, base + o), _mm256_loadu_ps(ip + o));
-      for (; o < O; ++o) qp[base + o] = q8_one(load1_kind(wp, kind, base + o), ip[o]);
+      for (; o + 8 <= O; o += 8) store_q8x8(qp + qbase + o, load8(wp, kind, base + o), _mm256_loadu_ps(ip + o));
+      for (; o < O; ++o) qp[qbase + o] = q8_one(load1_kind(wp, kind, base + o), ip[o]);
     }
   });
   return {q, s, cr};
@@ -168,10 +172,14 @@ static void rescale_rows(const int32_t* ap, const float* sx, const float* sw, vo
 
 // The row scales sx [T], column scales sw [O] and output [T, O] of a scaled int8 product (here and
 // in quant/int8_gemm_kernel.py); returns whether the output is bf16.
-static bool check_scaled_out(const torch::Tensor& sx, const torch::Tensor& sw, const torch::Tensor& out, int64_t T,
-                             int64_t O) {
+static void check_scales(const torch::Tensor& sx, const torch::Tensor& sw, int64_t T, int64_t O) {
   TORCH_CHECK(sx.scalar_type() == torch::kFloat && sx.is_contiguous() && sx.numel() == T, "sx: float32 [T]");
   TORCH_CHECK(sw.scalar_type() == torch::kFloat && sw.is_contiguous() && sw.numel() == O, "sw: float32 [O]");
+}
+
+static bool check_scaled_out(const torch::Tensor& sx, const torch::Tensor& sw, const torch::Tensor& out, int64_t T,
+                             int64_t O) {
+  check_scales(sx, sw, T, O);
   const auto dt = out.scalar_type();
   TORCH_CHECK(out.is_contiguous() && out.dim() == 2 && out.size(0) == T && out.size(1) == O &&
                   (dt == torch::kFloat || dt == torch::kBFloat16),

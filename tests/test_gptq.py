@@ -170,13 +170,17 @@ def test_column_walk_kernel_equals_the_torch_walk(outputs, i0, i1, zero, grid):
         torch.testing.assert_close(a[:, same], b[:, same], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("updates", [torch.bfloat16, torch.int8])
 @pytest.mark.parametrize("group_size,symmetric", [(128, True), (64, False), (32, True)])
-def test_bf16_updates_cost_nothing_measurable(group_size, symmetric):
+def test_low_precision_updates_cost_nothing_measurable(group_size, symmetric, updates):
     """The left-looking bf16 updates (the default on CPUs with bf16 dot products) land on the
-    float32 form's output error (within its +-1% scatter from which ties flip; on average
-    within 0.5%), choosing nearly the same integers."""
+    float32 form's output error (within its +-1% scatter from which ties flip; on average within
+    0.5%), choosing nearly the same integers; the int8 ones (other CPUs: errors at 7 bits on the
+    maddubs build) scatter it a little more (+-2%; on average within 1%) and keep 85%+ of them."""
     from quant.int4 import unpack_int4
 
+    if updates == torch.int8 and not cpu_kernel.available():
+        pytest.skip("int8 updates need the built kernel")
     ratios = []
     for seed in range(4):
         w = torch.randn(96, 640, generator=torch.Generator().manual_seed(seed)).bfloat16()
@@ -184,12 +188,28 @@ def test_bf16_updates_cost_nothing_measurable(group_size, symmetric):
         h = HessianSum()
         h.add(x[:1024])
         f = error_feedback(h.mean())
-        got, want = (gptq_int4(w, f, group_size, symmetric, updates=u) for u in (torch.bfloat16, torch.float32))
+        got, want = (gptq_int4(w, f, group_size, symmetric, updates=u) for u in (updates, torch.float32))
         errs = [output_error(w.float(), dequantize_int4(q, torch.float32), x[1024:]) for q in (got, want)]
         ratios.append(errs[0] / errs[1])
-        assert (unpack_int4(got.packed) == unpack_int4(want.packed)).float().mean() > 0.9
+        same = (unpack_int4(got.packed) == unpack_int4(want.packed)).float().mean()
+        assert same > (0.9 if updates == torch.bfloat16 else 0.85)
         assert (got.zero is None) == symmetric
-    assert max(ratios) < 1.025 and sum(ratios) / len(ratios) < 1.005, ratios
+    mean = 1.005 if updates == torch.bfloat16 else 1.01
+    assert max(ratios) < 1.025 and sum(ratios) / len(ratios) < mean, ratios
+
+
+def test_default_updates(monkeypatch):
+    from quant.gptq import default_updates
+
+    monkeypatch.delenv("LLAMA4_LOCAL_NO_INT8_UPDATES", raising=False)
+    if cpu_kernel.native_bf16():
+        want = torch.bfloat16
+    else:
+        want = torch.int8 if cpu_kernel.available() else torch.float32
+    assert default_updates(torch.device("cpu")) == want
+    assert default_updates(torch.device("meta")) == torch.float32  # any device but the CPU
+    monkeypatch.setenv("LLAMA4_LOCAL_NO_INT8_UPDATES", "1")
+    assert default_updates(torch.device("cpu")) in (torch.bfloat16, torch.float32)
 
 
 def test_gram_in_blocks(monkeypatch):

@@ -277,11 +277,10 @@ def int4_kinds(scout_int4, maverick_ckpt, multimodal_ckpt, tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("kind", ["scout", "maverick", "top2"])
-def test_static_steps_on_triton_int4_in_the_interpreter(int4_kinds, kind):
-    """The GPU's decode step (experts stacked with the shared one, each row through its expert by a
-    device index in quant/triton_experts.py) on the CPU through Triton's interpreter, where Triton
-    is installed: equal to eager on the same kernels (tests/triton_decode_check.py)."""
+@pytest.fixture(scope="module")
+def interpreted(int4_kinds):
+    """tests/triton_decode_check.py on each of int4_kinds through Triton's interpreter, the three
+    started together (each is one Python thread: side by side on a CI host's two cores)."""
     import importlib.util
     import os
     import subprocess
@@ -290,6 +289,19 @@ def test_static_steps_on_triton_int4_in_the_interpreter(int4_kinds, kind):
     if importlib.util.find_spec("triton") is None:
         pytest.skip("no Triton (CPU wheels of torch come without it)")
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    cmd = [sys.executable, "-m", "tests.triton_decode_check", str(int4_kinds[kind])]
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    assert r.returncode == 0, r.stdout + r.stderr
+    runs = {}
+    for kind, ckpt in int4_kinds.items():
+        cmd = [sys.executable, "-m", "tests.triton_decode_check", str(ckpt)]
+        runs[kind] = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    yield runs
+    for proc in runs.values():
+        proc.kill()
+
+
+@pytest.mark.parametrize("kind", ["scout", "maverick", "top2"])
+def test_static_steps_on_triton_int4_in_the_interpreter(interpreted, kind):
+    """The GPU's decode step (experts stacked with the shared one, each row through its expert by a
+    device index in quant/triton_experts.py) on the CPU through Triton's interpreter, where Triton
+    is installed: equal to eager on the same kernels (tests/triton_decode_check.py)."""
+    out, _ = interpreted[kind].communicate(timeout=900)
+    assert interpreted[kind].returncode == 0, out

@@ -14,6 +14,12 @@ from quant.int8_forward import Int8Weight, product
 pytestmark = pytest.mark.skipif(not cpu_kernel.available(), reason="needs the AVX2 extension")
 
 
+def _slack() -> float:
+    """How much more error than 8-bit activations give: 1.5x where the activations are 7-bit
+    (int8_forward.activation_qmax: our maddubs kernel pairs steps)."""
+    return 1.5 if int8_forward.activation_qmax() < 127 else 1.0
+
+
 def _rounded(x: torch.Tensor, qmax: int = 127) -> tuple[torch.Tensor, torch.Tensor]:
     """int8_rows' rounding in torch: round(x * (qmax / max|row|)), nearest even; scale max / qmax."""
     xf = x.float()
@@ -37,6 +43,17 @@ def test_int8_rows_as_torch_rounds(rows, cols, dtype):
     torch.testing.assert_close(crest.double(), xf.abs().amax(1) / xf.pow(2).mean(1).sqrt(), rtol=1e-5, atol=0)
     with pytest.raises(RuntimeError, match="qmax"):
         cpu_kernel.int8_rows(x, 128)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_rows_and_cols_of_a_slice_read_it_in_place(dtype):
+    """A slice of a wider matrix (rows further apart than their width, as GPTQ's int8 updates
+    hand over) rounds as its contiguous copy does."""
+    big = torch.randn(40, 300).to(dtype)
+    part = big[3:30, 7:140]
+    for fn, qmax in ((cpu_kernel.int8_rows, 127), (cpu_kernel.int8_cols, 63)):
+        for got, want in zip(fn(part, qmax), fn(part.contiguous(), qmax), strict=True):
+            assert torch.equal(got, want)
 
 
 def test_int8_rows_nonfinite_and_zero_rows():
@@ -82,7 +99,7 @@ def test_int8_rescale(dtype):
 def test_product_is_the_rounded_operands_product(dtype, monkeypatch):
     monkeypatch.setattr(int8_forward, "CHUNK_ROWS", 48)  # three chunks, the last one short
     x, w = torch.randn(130, 272).to(dtype), (torch.randn(96, 272) * 0.02).to(dtype)
-    xq, sx = _rounded(x)
+    xq, sx = _rounded(x, int8_forward.activation_qmax())  # 7 bits where our kernel pairs steps
     wq, sw = _rounded(w, int8_forward.weight_qmax())  # 7 bits where oneDNN's pair sums saturate
     exact = (xq.double() @ wq.double().t()) * sw.double() * sx.double()[:, None]
     got = product(x, Int8Weight.of_linear(w))
@@ -93,9 +110,10 @@ def test_product_is_the_rounded_operands_product(dtype, monkeypatch):
     # the fused experts' layout [in, out] rounds the same integers
     w_io = Int8Weight.of_in_out(w.t().contiguous())
     assert torch.equal(w_io.q, Int8Weight.of_linear(w).q) and torch.equal(w_io.s, sw)
-    # and int8 costs about 1% of the product (2% with 7-bit weights)
+    # and int8 costs about 1% of the product (2% with 7-bit weights, 3% with 7-bit activations too)
     ref = x.double() @ w.double().t()
-    assert (got.double() - ref).norm() / ref.norm() < (0.02 if int8_forward.weight_qmax() == 127 else 0.03)
+    bits7 = (int8_forward.weight_qmax() < 127) + (int8_forward.activation_qmax() < 127)
+    assert (got.double() - ref).norm() / ref.norm() < (0.02, 0.03, 0.04)[bits7]
 
 
 def _exact(xq: torch.Tensor, q: torch.Tensor, sx: torch.Tensor, sw: torch.Tensor) -> torch.Tensor:
@@ -112,12 +130,40 @@ def test_int8_gemm_is_the_exact_integer_product(t, k, o):
     q = torch.randint(-qmax, qmax + 1, (k, o), dtype=torch.int8)
     sx, sw = torch.rand(t) + 0.5, torch.rand(o) + 0.5
     want = ((xq.long() @ q.long()).float() * sw) * sx[:, None]  # int8_rescale's float operations
+    # narrow: 7-bit activations (paired steps on the maddubs build), values past 63 clamped
+    xn = xq.clamp(-63, 63)
+    want_narrow = ((xn.long() @ q.long()).float() * sw) * sx[:, None]
     for layout in (q, q.t().contiguous().t(), q[:, :].clone()[:, torch.arange(o)]):
         packed, sums = cpu_kernel.int8_pack(layout)
         assert torch.equal(sums, q.sum(0, dtype=torch.int32))
         for dtype in (torch.float32, torch.bfloat16):
             got = cpu_kernel.int8_gemm(xq, packed, sums, sx, sw, torch.empty(t, o, dtype=dtype))
             assert torch.equal(got, want.to(dtype))
+            for x in (xn, xq if cpu_kernel.int8_gemm_pairs() else xn):
+                got = cpu_kernel.int8_gemm(x, packed, sums, sx, sw, torch.empty(t, o, dtype=dtype), narrow=True)
+                assert torch.equal(got, want_narrow.to(dtype))
+
+
+@pytest.mark.parametrize(("t", "k", "o"), [(1, 4, 16), (5, 7, 17), (33, 130, 50), (9, 128, 96)])
+def test_int8_gemm_add_adds_the_same_sums(t, k, o):
+    """int8_gemm_add (GPTQ's int8 updates): int8_gemm's scaled sums added to a float32 output
+    whose rows lie further apart than its width (to the last bit, which a fused multiply-add may
+    keep); the gaps between rows untouched."""
+    torch.manual_seed(t + k + o)
+    qmax = cpu_kernel.int8_gemm_exact_qmax()
+    xq = torch.randint(-127, 128, (t, k), dtype=torch.int8)
+    packed, sums = cpu_kernel.int8_pack(torch.randint(-qmax, qmax + 1, (k, o), dtype=torch.int8))
+    sx, sw = torch.rand(t) + 0.5, torch.rand(o) + 0.5
+    base = torch.randn(t, o + 16)
+    out = base.clone()
+    assert cpu_kernel.int8_gemm_add(xq, packed, sums, sx, sw, out[:, :o]) is not None
+    want = base[:, :o] + cpu_kernel.int8_gemm(xq, packed, sums, sx, sw, torch.empty(t, o))
+    torch.testing.assert_close(out[:, :o], want, rtol=2e-7, atol=0)
+    assert torch.equal(out[:, o:], base[:, o:])
+    with pytest.raises(RuntimeError, match="out"):
+        cpu_kernel.int8_gemm_add(xq, packed, sums, sx, sw, torch.empty(o, t + 1).t()[:t])
+    with pytest.raises(RuntimeError, match="out"):
+        cpu_kernel.int8_gemm_add(xq, packed, sums, sx, sw, out[:, :o].bfloat16())
 
 
 def test_int8_gemm_nan_scales_and_bad_operands():
@@ -147,11 +193,12 @@ def test_weights_take_the_most_levels_whose_products_are_exact():
     build, weights of 127 levels would not be (its int16 pair sums saturate: why 63 there)."""
     torch.manual_seed(0)
     x, w = torch.rand(64, 512) * 2 - 1, torch.rand(96, 512) * 2 - 1
-    xq, sx = _rounded(x)
+    xq, sx = _rounded(x, int8_forward.activation_qmax())
     iw = Int8Weight.of_linear(w)
     assert iw.q.abs().max() == int8_forward.weight_qmax()
     assert torch.allclose(product(x, iw).double(), _exact(xq, iw.q, sx, iw.s), rtol=1e-6, atol=1e-7)
     if not int8_forward.int8_gemm_by_torch():
+        xq, sx = _rounded(x)
         assert int8_forward.weight_qmax() == cpu_kernel.int8_gemm_exact_qmax()
         full, sw = _rounded(w)
         packed, sums = cpu_kernel.int8_pack(full.t())
@@ -211,7 +258,7 @@ def test_rows_and_outputs_with_a_high_crest_keep_the_dtype(dtype):
     rest = torch.ones_like(got, dtype=torch.bool)
     rest[5], rest[:, 40] = False, False
     assert not torch.equal(got[rest], exact[rest])
-    assert (got[rest] - exact[rest]).float().norm() <= 0.02 * exact[rest].float().norm()
+    assert (got[rest] - exact[rest]).float().norm() <= 0.02 * _slack() * exact[rest].float().norm()
     w_io = Int8Weight.of_in_out(w.t().contiguous())
     assert w_io.exact.tolist() == [40] and torch.allclose(product(x, w_io).float(), got.float(), rtol=1e-2, atol=1e-3)
 
@@ -229,7 +276,8 @@ def test_only_plain_weights_get_an_int8_forward():
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_layer_runner_with_int8_products(scout_ckpt, dtype, monkeypatch):
     """With int8 products the layer-by-layer hidden states stay within a few percent of the
-    model's forward (this random model's layers add 1-2% each), each routed expert still
+    model's forward (this random model's layers add 1-2% each, half as much again with 7-bit
+    activations), each routed expert still
     records the rows routed to it and what its down saw, and every wrapper is gone afterwards."""
     monkeypatch.delenv("LLAMA4_LOCAL_NO_INT8_CALIBRATION", raising=False)
     calls, experts_rounded = [], []
@@ -249,7 +297,7 @@ def test_layer_runner_with_int8_products(scout_ckpt, dtype, monkeypatch):
         for e in stats.expert_inputs:
             x, a = stats.expert_rows(e)
             want = ex.act(e, x).float()
-            assert (a.float() - want).norm() <= 0.03 * want.norm()
+            assert (a.float() - want).norm() <= 0.03 * _slack() * want.norm()
             routed += x.shape[0]
     assert routed == cfg.top_k * stats.tokens * cfg.num_layers
     assert calls and min(calls) >= int8_forward.MIN_ROWS
@@ -257,7 +305,7 @@ def test_layer_runner_with_int8_products(scout_ckpt, dtype, monkeypatch):
     for w, h in zip(windows, runner.hidden, strict=True):
         want = model(torch.tensor(w), model.new_cache(len(w)), last_only=False).float()
         got = model.lm_head(model.norm(h)).float()
-        assert (got - want).norm() <= 0.1 * want.norm()
+        assert (got - want).norm() <= 0.1 * _slack() * want.norm()
     layer = model.layers[0]
     mlp = layer.feed_forward.shared_expert
     for lin in (layer.self_attn.q_proj, layer.self_attn.o_proj, mlp.gate_proj, mlp.down_proj):
@@ -275,4 +323,4 @@ def test_experts_with_few_rows_keep_the_model_path(scout_ckpt):
     many = torch.randn(int8_forward.EXPERT_MIN_ROWS, experts.gate_up_proj.shape[1])
     want = experts.expert(0, many)
     got = expert(0, many)
-    assert not torch.equal(got, want) and (got - want).norm() <= 0.03 * want.norm()
+    assert not torch.equal(got, want) and (got - want).norm() <= 0.03 * _slack() * want.norm()
