@@ -252,29 +252,41 @@ def calibration_tokens(args, report):
 
 def quantizer_precision(args, report):
     """The default quantize (GPTQ) with its arithmetic in bf16 where the CPU multiplies bf16
-    natively (GPTQ's updates, the Hessians' products: float32 sums throughout) and its
-    calibration forward's products in int8 (quant/int8_forward.py) against the same run in
-    float32 (LLAMA4_LOCAL_NO_BF16_GEMM=1, LLAMA4_LOCAL_NO_INT8_CALIBRATION=1) and with only the
-    int8 forward off, scored in float32: what the faster arithmetic costs; with llama.cpp's
-    Q4_K_M beside them where the model's rows allow it."""
-    from quant import cpu_kernel
+    natively (GPTQ's updates, the Hessians' products: float32 sums throughout), its updates in
+    int8 elsewhere, and its calibration forward's products in int8 (quant/int8_forward.py; 7-bit
+    activations where our maddubs kernel pairs steps) against the same run in float32
+    (LLAMA4_LOCAL_NO_BF16_GEMM=1, LLAMA4_LOCAL_NO_INT8_CALIBRATION=1,
+    LLAMA4_LOCAL_NO_INT8_UPDATES=1), with only the int8 forward off, and with neither the int8
+    updates nor the paired steps (LLAMA4_LOCAL_NO_INT8_PAIRS=1), scored in float32: what the
+    faster arithmetic costs; with llama.cpp's Q4_K_M beside them where the model's rows allow it."""
+    from quant import cpu_kernel, int8_forward
 
     if q4_k_fits(args.model):
         report("q4_k_m (llama.cpp, whole model)", q4_k_m(args.model, only_ours=False))
     runs = (
         (
             "gptq int4 g128 default, float32 arithmetic",
-            {"LLAMA4_LOCAL_NO_BF16_GEMM": "1", "LLAMA4_LOCAL_NO_INT8_CALIBRATION": "1"},
+            {
+                "LLAMA4_LOCAL_NO_BF16_GEMM": "1",
+                "LLAMA4_LOCAL_NO_INT8_CALIBRATION": "1",
+                "LLAMA4_LOCAL_NO_INT8_UPDATES": "1",
+            },
         ),
         ("gptq int4 g128 default, forward in the model's dtype", {"LLAMA4_LOCAL_NO_INT8_CALIBRATION": "1"}),
+        (
+            "gptq int4 g128 default, no int8 updates or paired steps",
+            {"LLAMA4_LOCAL_NO_INT8_UPDATES": "1", "LLAMA4_LOCAL_NO_INT8_PAIRS": "1"},
+        ),
         ("gptq int4 g128 default", {}),
     )
+    keys = {key for _, env in runs for key in env}
     with tempfile.TemporaryDirectory() as tmp:
         for name, env in runs:
-            for key in ("LLAMA4_LOCAL_NO_BF16_GEMM", "LLAMA4_LOCAL_NO_INT8_CALIBRATION"):
+            for key in keys:
                 os.environ.pop(key, None)
             os.environ.update(env)
             cpu_kernel.native_bf16.cache_clear()
+            int8_forward.activation_qmax.cache_clear()
             out = Path(tmp) / name.replace(" ", "-").replace("'", "").replace(",", "")
             t0 = time.perf_counter()
             quantize_checkpoint(args.model, out, QuantizeOptions())

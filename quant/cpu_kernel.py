@@ -57,6 +57,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("transpose_widen", &transpose_widen, NOGIL, "dst (and dst2) = src^T in float32", py::arg("src"), py::arg("dst"),
         py::arg("dst2") = py::none());
   m.def("gram_bf16", &gram_bf16, NOGIL, "x^T x in float32 sums for bf16 x (AVX512-BF16)");
+  m.def("gram_f32", &gram_f32, NOGIL, "x^T x in float32 for bf16 or float32 x (AVX2 FMA)");
   m.def("attend_one", &attend_one, NOGIL, "decode attention for one query position (AVX2)", py::arg("q"), py::arg("k"),
         py::arg("v"), py::arg("parts") = 0);
   m.def("rms_norm", &rms_norm, NOGIL, "RMS norm over the last dimension, times an optional weight");
@@ -549,6 +550,12 @@ def gram_bf16(x: torch.Tensor, h: torch.Tensor, block: int, accumulate: bool = T
     blocks quant.gptq.add_gram fills (row m: the columns before the end of m's `block`);
     `accumulate=False`: h = x^T x there, h's old contents never read (T > 0)."""
     _module().gram_bf16(x.contiguous(), h, block, accumulate)
+
+
+def gram_f32(x: torch.Tensor, h: torch.Tensor, block: int, accumulate: bool = True) -> None:
+    """gram_bf16's blocks for bf16 or float32 x [T, N] (N a multiple of 16) with float32 products
+    (AVX2 FMA: where the CPU has no bf16 dot products)."""
+    _module().gram_f32(x.contiguous(), h, block, accumulate)
 
 
 def attend_one(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, parts: int = 0) -> torch.Tensor:

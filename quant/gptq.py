@@ -363,9 +363,14 @@ def add_gram(h: torch.Tensor, x: torch.Tensor, accumulate: bool = True) -> None:
     largest entries) breaks positive definiteness where one direction dominates the inputs
     (measured: Cholesky failed on the trained 128-wide model's Hessians). bf16 inputs on a CPU
     with AVX512-BF16 take quant/gram_kernel.py (float32 sums at twice the float32 GEMM's rate:
-    8192 bf16 rows at Scout's widths 1.6 against 4.0 s on two Zen 4 threads); others are widened."""
+    8192 bf16 rows at Scout's widths 1.6 against 4.0 s on two Zen 4 threads); on CPUs without
+    bf16 dot products its float32 form (gram_f32) takes bf16 or float32 inputs; others are
+    widened and multiplied by torch."""
     if x.shape[0] and _bf16_gram(h, x):
         cpu_kernel.gram_bf16(x, h, GRAM_BLOCK, accumulate)
+        return
+    if x.shape[0] and _f32_gram(h, x):
+        cpu_kernel.gram_f32(x, h, GRAM_BLOCK, accumulate)
         return
     x = x.float()
     edges = _edges(x.shape[1])
@@ -384,6 +389,19 @@ def _bf16_gram(h: torch.Tensor, x: torch.Tensor) -> bool:
         and x.shape[1] % 64 == 0
         and h.is_contiguous()
         and cpu_kernel.gram_bf16_available()
+    )
+
+
+def _f32_gram(h: torch.Tensor, x: torch.Tensor) -> bool:
+    """quant/gram_kernel.py's float32 form (AVX2 FMA; each input packed once where MKL re-packed
+    the long operand for every block): on CPUs without bf16 dot products."""
+    return (
+        x.dtype in (torch.bfloat16, torch.float32)
+        and x.device.type == "cpu"
+        and x.shape[1] % 16 == 0
+        and h.is_contiguous()
+        and not cpu_kernel.native_bf16()
+        and cpu_kernel.available()
     )
 
 

@@ -1,5 +1,6 @@
-"""C++ source of the bf16 Gram product (x^T x, float32 sums) for GPTQ's Hessians (quant/gptq.py),
-built into quant.cpu_kernel's extension and used where the CPU has AVX512-BF16.
+"""C++ source of the Gram products (x^T x, float32 sums) for GPTQ's Hessians (quant/gptq.py),
+built into quant.cpu_kernel's extension: `gram_bf16` where the CPU has AVX512-BF16, `gram_f32`
+(AVX2 FMA) elsewhere.
 
 A calibration forward in bf16 hands the Hessians bf16 inputs. Their products are exact in float32
 (8-bit by 8-bit significands), so what a Gram product in float32 adds is only the float32 sums;
@@ -13,6 +14,12 @@ pairs and a 32-bit broadcast is one column's pair. The output h [N, N] (float32,
 receives h[m][n] += sum_t x[t][m] x[t][n] for the blocks gptq.add_gram computes (every column
 up to the end of the row's GRAM_BLOCK) in tiles of 6 rows by 64 columns (24 accumulators),
 1024 row pairs at a time so a tile's 64 columns (256 KB) stay in L2.
+
+`gram_f32` is the same for CPUs without bf16 dot products (AVX2 FMA, float32 products of bf16 or
+float32 inputs): panels of 16 columns p[c / 16][t][c % 16] (one 64-byte row of a panel is two
+registers), tiles of 6 rows by 16 columns (12 accumulators), 512 rows at a time. MKL's float32
+GEMM in add_gram's blocks re-packs the long operand for every block of 256 columns and reached
+38-65 GMAC/s of the half computed on two Zen 3 cores; here each input is packed once.
 """
 
 SOURCE = r"""
@@ -99,6 +106,84 @@ void gram_bf16(torch::Tensor x, torch::Tensor h, int64_t block, bool accumulate)
         case 2: gram_rows<2>(pp, TP, m, cols, kp0, kp1, hp + m * N + n0, N, store); break;
         case 1: gram_rows<1>(pp, TP, m, cols, kp0, kp1, hp + m * N + n0, N, store); break;
         default: break;
+      }
+    }
+  }
+}
+
+// Rows m .. m + MR of h (x's columns, read from their panels) by the 16 columns of panel `cols`,
+// over rows t0 .. t1 of x; sums of SUB rows start from zero and are then added to h.
+template <int MR>
+static void gram_tile_f32(const float* p, int64_t T, int64_t m, const float* cols, int64_t t0, int64_t t1, float* h,
+                          int64_t ld, bool store) {
+  const float* rows[MR];
+  for (int r = 0; r < MR; ++r) rows[r] = p + ((m + r) / 16) * T * 16 + (m + r) % 16;
+  constexpr int64_t SUB = 64;
+  for (int64_t s0 = t0; s0 < t1; s0 += SUB) {
+    const int64_t s1 = std::min(s0 + SUB, t1);
+    __m256 a0[MR], a1[MR];
+    for (int r = 0; r < MR; ++r) a0[r] = a1[r] = _mm256_setzero_ps();
+    for (int64_t t = s0; t < s1; ++t) {
+      const __m256 b0 = _mm256_load_ps(cols + t * 16), b1 = _mm256_load_ps(cols + t * 16 + 8);
+      for (int r = 0; r < MR; ++r) {
+        const __m256 a = _mm256_broadcast_ss(rows[r] + t * 16);
+        a0[r] = _mm256_fmadd_ps(a, b0, a0[r]);
+        a1[r] = _mm256_fmadd_ps(a, b1, a1[r]);
+      }
+    }
+    for (int r = 0; r < MR; ++r) {
+      float* o = h + r * ld;  // `store`: the first sums overwrite h (no zeroing pass)
+      const bool first = store && s0 == t0;
+      _mm256_storeu_ps(o, first ? a0[r] : _mm256_add_ps(_mm256_loadu_ps(o), a0[r]));
+      _mm256_storeu_ps(o + 8, first ? a1[r] : _mm256_add_ps(_mm256_loadu_ps(o + 8), a1[r]));
+    }
+  }
+}
+
+// h [N, N] float32 += x^T x for x [T, N] (bf16 or float32, contiguous; h = x^T x when
+// !accumulate), in the blocks gptq.add_gram computes, as gram_bf16 does (float32 products here).
+void gram_f32(torch::Tensor x, torch::Tensor h, int64_t block, bool accumulate) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() &&
+                  (x.scalar_type() == torch::kBFloat16 || x.scalar_type() == torch::kFloat),
+              "x: contiguous bf16 or float32 [T, N]");
+  const int64_t T = x.size(0), N = x.size(1);
+  TORCH_CHECK(N % 16 == 0 && block % 16 == 0, "N and the block must be multiples of 16");
+  TORCH_CHECK(h.scalar_type() == torch::kFloat && h.is_contiguous() && h.size(0) == N && h.size(1) == N,
+              "h: contiguous float32 [N, N]");
+  TORCH_CHECK(T > 0 || accumulate, "x: at least one row, or accumulate");
+  const int64_t P = N / 16;
+  auto packed = torch::empty({P, T, 16}, x.options().dtype(torch::kFloat));
+  const int kind = load_kind(x);
+  const void* xp = x.data_ptr();
+  float* pp = packed.data_ptr<float>();
+  at::parallel_for(0, T, 64, [&](int64_t k0, int64_t k1) {
+    for (int64_t t = k0; t < k1; ++t)
+      for (int64_t c = 0; c < N; c += 8) {
+        const __m256 v = load8(xp, kind, t * N + c);
+        _mm256_store_ps(pp + ((c / 16) * T + t) * 16 + c % 16, v);
+      }
+  });
+  float* hp = h.data_ptr<float>();
+  constexpr int64_t KC = 512, MR = 6;
+  for (int64_t t0 = 0; t0 < T; t0 += KC) {
+    const int64_t t1 = std::min(t0 + KC, T);
+    const bool store = !accumulate && t0 == 0;
+    // One task per 64 columns (four panels), from the start of the columns' block to N.
+#pragma omp parallel for schedule(dynamic, 1)
+    for (int64_t n0 = 0; n0 < N; n0 += 64) {
+      const int64_t m0 = (n0 / block) * block;
+      for (int64_t c = n0; c < std::min(n0 + 64, N); c += 16) {
+        const float* cols = pp + (c / 16) * T * 16;
+        int64_t m = m0;
+        for (; m + MR <= N; m += MR) gram_tile_f32<MR>(pp, T, m, cols, t0, t1, hp + m * N + c, N, store);
+        switch (N - m) {
+          case 5: gram_tile_f32<5>(pp, T, m, cols, t0, t1, hp + m * N + c, N, store); break;
+          case 4: gram_tile_f32<4>(pp, T, m, cols, t0, t1, hp + m * N + c, N, store); break;
+          case 3: gram_tile_f32<3>(pp, T, m, cols, t0, t1, hp + m * N + c, N, store); break;
+          case 2: gram_tile_f32<2>(pp, T, m, cols, t0, t1, hp + m * N + c, N, store); break;
+          case 1: gram_tile_f32<1>(pp, T, m, cols, t0, t1, hp + m * N + c, N, store); break;
+          default: break;
+        }
       }
     }
   }

@@ -293,22 +293,26 @@ def test_error_feedback_reads_the_lower_triangle_of_any_multiple():
     assert acc.sum is None and acc.mean() is None
 
 
-@pytest.mark.skipif(not cpu_kernel.gram_bf16_available(), reason="needs AVX512-BF16 and the built kernel")
-@pytest.mark.parametrize("rows", [1, 2, 127, 300])
-def test_bf16_gram_kernel(monkeypatch, rows):
-    """The AVX512-BF16 Gram product equals float64 arithmetic on the same bf16 inputs within float32
-    sums (every product is exact), in the blocks add_gram fills; bf16 inputs through HessianSum
-    take it, and a dominant direction costs no more error than float32 GEMM's."""
+@pytest.mark.parametrize("kernel,dtype", [("bf16", torch.bfloat16), ("f32", torch.bfloat16), ("f32", torch.float32)])
+@pytest.mark.parametrize("rows", [1, 2, 127, 300, 1100])
+def test_gram_kernels(monkeypatch, rows, kernel, dtype):
+    """quant/gram_kernel.py's Gram products (AVX512-BF16's; AVX2 FMA's, for bf16 or float32 inputs,
+    past its chunk of 512 rows) equal float64 arithmetic on the same inputs within float32
+    sums, in the blocks add_gram fills; inputs through HessianSum take the kernel this CPU runs,
+    and a dominant direction costs no more error than float32 GEMM's."""
     from quant import gptq
 
+    if not (cpu_kernel.gram_bf16_available() if kernel == "bf16" else cpu_kernel.available()):
+        pytest.skip("needs AVX512-BF16 and the built kernel" if kernel == "bf16" else "needs the built kernel")
+    gram = cpu_kernel.gram_bf16 if kernel == "bf16" else cpu_kernel.gram_f32
     monkeypatch.setattr(gptq, "GRAM_BLOCK", 128)  # 320 columns: blocks of 128, 128 and 64
     g = torch.Generator().manual_seed(rows)
     x = torch.randn(rows, 320, generator=g)
     x[:, 3] *= 300  # a dominant column
-    x = x.bfloat16()
+    x = x.to(dtype)
     want = x.double().t() @ x.double()
     h = torch.full((320, 320), float("nan"))  # not read: overwritten where computed
-    cpu_kernel.gram_bf16(x, h, 128, accumulate=False)
+    gram(x, h, 128, accumulate=False)
     h = torch.where(h.isnan(), 0.0, h)  # (a NaN input gives NaN sums; none here)
     edges = [0, 128, 256, 320]
     for i0, i1 in zip(edges, edges[1:], strict=False):
@@ -324,7 +328,7 @@ def test_bf16_gram_kernel(monkeypatch, rows):
     nan = x.clone()
     nan[0, 5] = float("nan")
     h.zero_()
-    cpu_kernel.gram_bf16(nan, h, 128)
+    gram(nan, h, 128)
     assert h[5, 5].isnan()
 
 
