@@ -96,12 +96,16 @@ def test_feedback_form_is_the_papers_gptq(kernel, monkeypatch):
         pytest.skip("no AVX2 kernel here")
     if not kernel:
         monkeypatch.setattr(gptq, "_walk_kernel", gptq._walk_torch)
-    w = torch.randn(64, 384, generator=torch.Generator().manual_seed(3))
-    h = HessianSum()
-    h.add(correlated_inputs(1024, 384))
-    q = gptq_int4(w, error_feedback(h.mean()), 64, scale_dtype=torch.float32, updates=torch.float32)
-    want = _paper_gptq(w, h.mean(), 64)
-    assert (unpack_int4(q.packed).float() == want).float().mean() > 0.995  # float32 rounding may flip a few ties
+    same = []
+    for seed in (3, 4, 5, 6):
+        w = torch.randn(64, 384, generator=torch.Generator().manual_seed(seed))
+        h = HessianSum()
+        h.add(correlated_inputs(1024, 384, seed=seed))
+        q = gptq_int4(w, error_feedback(h.mean()), 64, scale_dtype=torch.float32, updates=torch.float32)
+        want = _paper_gptq(w, h.mean(), 64)
+        same.append((unpack_int4(q.packed).float() == want).float().mean().item())
+    # float32 rounding may flip a few ties (and what follows them in their rows): 98.9-100% a draw
+    assert min(same) > 0.985 and sum(same) / len(same) > 0.993, same
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
