@@ -634,27 +634,14 @@ def int8_gemm(
     sw: torch.Tensor,
     out: torch.Tensor,
     narrow: bool = False,
+    add: bool = False,
 ) -> torch.Tensor:
     """out [T, O] (contiguous float32 or bf16) = (xq [T, K] @ q) times sx [T] and sw [O], for q as
     int8_pack left it: exact integer sums where |q| <= 63 (int8_gemm_exact_qmax); returns out.
     `narrow`: |xq| <= 63 (beyond it clamped), so the maddubs build adds two steps' pair sums in
-    int16 before widening them (int8_gemm_pairs: a quarter fewer multiplies)."""
-    _module().int8_gemm(xq.contiguous(), packed, sums, sx, sw, out, narrow)
-    return out
-
-
-def int8_gemm_add(
-    xq: torch.Tensor,
-    packed: torch.Tensor,
-    sums: torch.Tensor,
-    sx: torch.Tensor,
-    sw: torch.Tensor,
-    out: torch.Tensor,
-    narrow: bool = False,
-) -> torch.Tensor:
-    """out [T, O] (float32, unit column stride, any row stride) += (xq [T, K] @ q) times sx [T] and
-    sw [O], the sums (and `narrow`) as int8_gemm's; returns out."""
-    _module().int8_gemm_add(xq.contiguous(), packed, sums, sx, sw, out, narrow)
+    int16 before widening them (int8_gemm_pairs: a quarter fewer multiplies). `add`: out
+    (float32, unit column stride, any row stride) += the same scaled sums (GPTQ's updates)."""
+    (_module().int8_gemm_add if add else _module().int8_gemm)(xq.contiguous(), packed, sums, sx, sw, out, narrow)
     return out
 
 

@@ -275,7 +275,7 @@ def _add_int8(out: torch.Tensor, f: torch.Tensor, err: torch.Tensor) -> None:
     fq, fs, _ = cpu_kernel.int8_rows(f, levels)
     eq, es, _ = cpu_kernel.int8_cols(err, cpu_kernel.int8_gemm_exact_qmax())
     packed, sums = cpu_kernel.int8_pack(eq)
-    cpu_kernel.int8_gemm_add(fq, packed, sums, fs, es, out, narrow=levels < 64)
+    cpu_kernel.int8_gemm(fq, packed, sums, fs, es, out, narrow=levels < 64, add=True)
 
 
 def default_updates(device: torch.device) -> torch.dtype:

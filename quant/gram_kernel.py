@@ -54,6 +54,19 @@ GRAM_TARGET static void gram_tile(const uint16_t* rows[MR], const uint16_t* cols
   }
 }
 
+// f(std::integral_constant<int, r>) for the r < 6 rows left after whole tiles of 6 (none: nothing).
+template <class F>
+static void gram_last_rows(int64_t r, F&& f) {
+  switch (r) {
+    case 5: return f(std::integral_constant<int, 5>{});
+    case 4: return f(std::integral_constant<int, 4>{});
+    case 3: return f(std::integral_constant<int, 3>{});
+    case 2: return f(std::integral_constant<int, 2>{});
+    case 1: return f(std::integral_constant<int, 1>{});
+    default: return;
+  }
+}
+
 template <int MR>
 GRAM_TARGET static void gram_rows(const uint16_t* p, int64_t TP, int64_t m, const uint16_t* cols, int64_t kp0,
                                   int64_t kp1, float* h, int64_t ld, bool store) {
@@ -99,14 +112,9 @@ void gram_bf16(torch::Tensor x, torch::Tensor h, int64_t block, bool accumulate)
       const uint16_t* cols = pp + (n0 / 16) * TP * 32;
       int64_t m = (n0 / block) * block;
       for (; m + MR <= N; m += MR) gram_rows<MR>(pp, TP, m, cols, kp0, kp1, hp + m * N + n0, N, store);
-      switch (N - m) {
-        case 5: gram_rows<5>(pp, TP, m, cols, kp0, kp1, hp + m * N + n0, N, store); break;
-        case 4: gram_rows<4>(pp, TP, m, cols, kp0, kp1, hp + m * N + n0, N, store); break;
-        case 3: gram_rows<3>(pp, TP, m, cols, kp0, kp1, hp + m * N + n0, N, store); break;
-        case 2: gram_rows<2>(pp, TP, m, cols, kp0, kp1, hp + m * N + n0, N, store); break;
-        case 1: gram_rows<1>(pp, TP, m, cols, kp0, kp1, hp + m * N + n0, N, store); break;
-        default: break;
-      }
+      gram_last_rows(N - m, [&](auto mr) {
+        gram_rows<decltype(mr)::value>(pp, TP, m, cols, kp0, kp1, hp + m * N + n0, N, store);
+      });
     }
   }
 }
@@ -176,14 +184,9 @@ void gram_f32(torch::Tensor x, torch::Tensor h, int64_t block, bool accumulate) 
         const float* cols = pp + (c / 16) * T * 16;
         int64_t m = m0;
         for (; m + MR <= N; m += MR) gram_tile_f32<MR>(pp, T, m, cols, t0, t1, hp + m * N + c, N, store);
-        switch (N - m) {
-          case 5: gram_tile_f32<5>(pp, T, m, cols, t0, t1, hp + m * N + c, N, store); break;
-          case 4: gram_tile_f32<4>(pp, T, m, cols, t0, t1, hp + m * N + c, N, store); break;
-          case 3: gram_tile_f32<3>(pp, T, m, cols, t0, t1, hp + m * N + c, N, store); break;
-          case 2: gram_tile_f32<2>(pp, T, m, cols, t0, t1, hp + m * N + c, N, store); break;
-          case 1: gram_tile_f32<1>(pp, T, m, cols, t0, t1, hp + m * N + c, N, store); break;
-          default: break;
-        }
+        gram_last_rows(N - m, [&](auto mr) {
+          gram_tile_f32<decltype(mr)::value>(pp, T, m, cols, t0, t1, hp + m * N + c, N, store);
+        });
       }
     }
   }

@@ -156,14 +156,14 @@ def test_int8_gemm_add_adds_the_same_sums(t, k, o):
     sx, sw = torch.rand(t) + 0.5, torch.rand(o) + 0.5
     base = torch.randn(t, o + 16)
     out = base.clone()
-    assert cpu_kernel.int8_gemm_add(xq, packed, sums, sx, sw, out[:, :o]) is not None
+    assert cpu_kernel.int8_gemm(xq, packed, sums, sx, sw, out[:, :o], add=True) is not None
     want = base[:, :o] + cpu_kernel.int8_gemm(xq, packed, sums, sx, sw, torch.empty(t, o))
     torch.testing.assert_close(out[:, :o], want, rtol=2e-7, atol=0)
     assert torch.equal(out[:, o:], base[:, o:])
     with pytest.raises(RuntimeError, match="out"):
-        cpu_kernel.int8_gemm_add(xq, packed, sums, sx, sw, torch.empty(o, t + 1).t()[:t])
+        cpu_kernel.int8_gemm(xq, packed, sums, sx, sw, torch.empty(o, t + 1).t()[:t], add=True)
     with pytest.raises(RuntimeError, match="out"):
-        cpu_kernel.int8_gemm_add(xq, packed, sums, sx, sw, out[:, :o].bfloat16())
+        cpu_kernel.int8_gemm(xq, packed, sums, sx, sw, out[:, :o].bfloat16(), add=True)
 
 
 def test_int8_gemm_nan_scales_and_bad_operands():
