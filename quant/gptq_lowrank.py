@@ -50,7 +50,9 @@ class LowRankFeedback:
         """Whether the rows' form is the faster for r rows and N inputs: the products alone pay
         from 4 r < N, but the feedback's column loop and float64 r x r work take their share.
         `dense_float32`: the Hessian's walk would update in float32 (a CPU without bf16 dot
-        products), twice its cost in bf16, so the rows' form pays longer. At Scout's shapes,
+        products where the int8 updates are off), twice its cost in bf16 or int8, so the rows'
+        form pays longer (with int8 updates on Zen 3: 512 rows 1.85x the Hessian's path, at
+        1024 gate 0.85x, down 1.39x; session 37). At Scout's shapes,
         two threads (benchmarks/bench_gptq_lowrank.py): Zen 4, bf16 updates: 1.59x a routed
         expert at 512 rows, at 1024 gate 0.66x, down 1.26x (8 r <= N); Zen 3, float32: gate
         1.26x at 768 rows, 0.79x at 1024, down 1.60x at 1024, 1.04x at 1536 (6 r <= N)."""
