@@ -91,15 +91,27 @@ CREST = 24.0
 
 
 class Int8Weight:
-    """A weight rounded to int8 with one scale per output: q [K, O] (a transposed view for a
-    [O, K] linear weight), s float32 [O], and where our kernel multiplies, q as its panels
-    (`packed`, `sums`: int8_pack's); `src` the weight itself in the same orientation (a view),
-    for the outputs whose crest is over CREST (`exact`, their indices)."""
+    """A weight rounded to int8 with one scale per output: where torch._int_mm multiplies, q [K, O]
+    (a transposed view for a [O, K] linear weight), elsewhere the same integers as our kernel's
+    panels only (`packed`, `sums`: int8_pack's; q None: no second int8 copy of each cached
+    weight, ~190 MB a layer at Scout's widths); s float32 [O]; `src` the weight itself in q's
+    orientation (a view), for the outputs whose crest is over CREST (`exact`, their indices)."""
 
     def __init__(self, q: torch.Tensor, s: torch.Tensor, crest: torch.Tensor, src: torch.Tensor):
-        self.q, self.s, self.src = q, s, src
-        self.packed, self.sums = (None, None) if int8_gemm_by_torch() else cpu_kernel.int8_pack(q)
+        self.s, self.src, self.outputs = s, src, q.shape[1]
+        if int8_gemm_by_torch():
+            self.q, self.packed, self.sums = q, None, None
+        else:
+            self.q, (self.packed, self.sums) = None, cpu_kernel.int8_pack(q)
         self.exact = (crest > CREST * weight_qmax() / 127).nonzero().flatten()  # the same error bound at 7 bits
+
+    def ints(self) -> torch.Tensor:
+        """The integers [K, O], from the panels where q is not kept (tests)."""
+        if self.q is not None:
+            return self.q
+        p, k4, _ = self.packed.shape
+        q = self.packed.view(p, k4, 16, 4).permute(1, 3, 0, 2).reshape(4 * k4, 16 * p)
+        return q[: self.src.shape[0], : self.outputs]
 
     @classmethod
     def of_linear(cls, w: torch.Tensor) -> Int8Weight:
@@ -129,7 +141,7 @@ def plain_weight(w) -> bool:
 def product(x: torch.Tensor, w: Int8Weight) -> torch.Tensor:
     """x [T, K] @ W [K, O] in int8: x rounded per row, W as stored in w; the result in x's dtype.
     Rows of x and outputs of W whose crest is over CREST are computed in x's dtype instead."""
-    out = torch.empty(x.shape[0], w.q.shape[1], dtype=x.dtype)
+    out = torch.empty(x.shape[0], w.outputs, dtype=x.dtype)
     crests = []
     for t0 in range(0, x.shape[0], CHUNK_ROWS):
         t1 = min(t0 + CHUNK_ROWS, x.shape[0])

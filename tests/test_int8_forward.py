@@ -109,7 +109,8 @@ def test_product_is_the_rounded_operands_product(dtype, monkeypatch):
     )
     # the fused experts' layout [in, out] rounds the same integers
     w_io = Int8Weight.of_in_out(w.t().contiguous())
-    assert torch.equal(w_io.q, Int8Weight.of_linear(w).q) and torch.equal(w_io.s, sw)
+    assert torch.equal(w_io.ints(), Int8Weight.of_linear(w).ints()) and torch.equal(w_io.s, sw)
+    assert torch.equal(w_io.ints(), wq.t())
     # and int8 costs about 1% of the product (2% with 7-bit weights, 3% with 7-bit activations too)
     ref = x.double() @ w.double().t()
     bits7 = (int8_forward.weight_qmax() < 127) + (int8_forward.activation_qmax() < 127)
@@ -184,7 +185,7 @@ def test_the_int8_gemm_is_ours_where_torch_has_no_fast_one():
     slower than its float32 GEMM), so our kernel multiplies there."""
     assert int8_forward.int8_gemm_by_torch() == (cpu_kernel.isa() == "avx512-vnni")
     w = Int8Weight.of_linear(torch.randn(24, 64))
-    assert (w.packed is None) == int8_forward.int8_gemm_by_torch()
+    assert (w.packed is None) == int8_forward.int8_gemm_by_torch() == (w.q is not None)  # one int8 copy
 
 
 def test_weights_take_the_most_levels_whose_products_are_exact():
@@ -195,8 +196,8 @@ def test_weights_take_the_most_levels_whose_products_are_exact():
     x, w = torch.rand(64, 512) * 2 - 1, torch.rand(96, 512) * 2 - 1
     xq, sx = _rounded(x, int8_forward.activation_qmax())
     iw = Int8Weight.of_linear(w)
-    assert iw.q.abs().max() == int8_forward.weight_qmax()
-    assert torch.allclose(product(x, iw).double(), _exact(xq, iw.q, sx, iw.s), rtol=1e-6, atol=1e-7)
+    assert iw.ints().abs().max() == int8_forward.weight_qmax()
+    assert torch.allclose(product(x, iw).double(), _exact(xq, iw.ints(), sx, iw.s), rtol=1e-6, atol=1e-7)
     if not int8_forward.int8_gemm_by_torch():
         xq, sx = _rounded(x)
         assert int8_forward.weight_qmax() == cpu_kernel.int8_gemm_exact_qmax()
