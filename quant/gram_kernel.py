@@ -17,7 +17,8 @@ up to the end of the row's GRAM_BLOCK) in tiles of 6 rows by 64 columns (24 accu
 
 `gram_f32` is the same for CPUs without bf16 dot products (AVX2 FMA, float32 products of bf16 or
 float32 inputs): panels of 16 columns p[c / 16][t][c % 16] (one 64-byte row of a panel is two
-registers), tiles of 6 rows by 16 columns (12 accumulators), 512 rows at a time. MKL's float32
+registers), tiles of 6 rows by 16 columns (12 accumulators), 512 rows at a time, each thread's
+task 96 rows across every column panel they need. MKL's float32
 GEMM in add_gram's blocks re-packs the long operand for every block of 256 columns and reached
 38-65 GMAC/s of the half computed on two Zen 3 cores; here each input is packed once.
 """
@@ -172,19 +173,27 @@ void gram_f32(torch::Tensor x, torch::Tensor h, int64_t block, bool accumulate) 
       }
   });
   float* hp = h.data_ptr<float>();
-  constexpr int64_t KC = 512, MR = 6;
+  constexpr int64_t KC = 512, MR = 6, MB = 96;
+  // Tasks: up to MB rows inside one of add_gram's row blocks, each crossing every column panel
+  // up to its block's end, so the rows' panels (MB x KC floats, 192 KB) stay in L2 while each
+  // column panel's KC x 16 floats are read once per task (by columns instead, every row's
+  // panels streamed from L3 once per column panel). The widest tasks (the last rows) first.
+  std::vector<std::array<int64_t, 2>> tasks;
+  for (int64_t i0 = 0; i0 < N; i0 += block)
+    for (int64_t m0 = i0; m0 < std::min(i0 + block, N); m0 += MB)
+      tasks.push_back({m0, std::min({m0 + MB, i0 + block, N})});
+  std::reverse(tasks.begin(), tasks.end());
   for (int64_t t0 = 0; t0 < T; t0 += KC) {
     const int64_t t1 = std::min(t0 + KC, T);
     const bool store = !accumulate && t0 == 0;
-    // One task per 64 columns (four panels), from the start of the columns' block to N.
 #pragma omp parallel for schedule(dynamic, 1)
-    for (int64_t n0 = 0; n0 < N; n0 += 64) {
-      const int64_t m0 = (n0 / block) * block;
-      for (int64_t c = n0; c < std::min(n0 + 64, N); c += 16) {
+    for (size_t k = 0; k < tasks.size(); ++k) {
+      const int64_t mb0 = tasks[k][0], mb1 = tasks[k][1], cend = std::min((mb0 / block + 1) * block, N);
+      for (int64_t c = 0; c < cend; c += 16) {
         const float* cols = pp + (c / 16) * T * 16;
-        int64_t m = m0;
-        for (; m + MR <= N; m += MR) gram_tile_f32<MR>(pp, T, m, cols, t0, t1, hp + m * N + c, N, store);
-        gram_last_rows(N - m, [&](auto mr) {
+        int64_t m = mb0;
+        for (; m + MR <= mb1; m += MR) gram_tile_f32<MR>(pp, T, m, cols, t0, t1, hp + m * N + c, N, store);
+        gram_last_rows(mb1 - m, [&](auto mr) {
           gram_tile_f32<decltype(mr)::value>(pp, T, m, cols, t0, t1, hp + m * N + c, N, store);
         });
       }
