@@ -86,7 +86,9 @@ def activation_qmax() -> int:
 # A massive activation (an attention sink's hidden state, 100x and more in one channel) or one
 # outsized weight in an output's row goes over; SwiGLU's heavy-tailed products (crests 10-24 on
 # the slice's expert inputs) do not, and 3% of error in every product of the forward left GPTQ's
-# KL on the trained model inside its spread (docs/benchmarks.md).
+# KL on the trained model inside its spread (docs/benchmarks.md). Activations at 7 bits
+# (activation_qmax) double a row's error (crest / 220) under the same limit: KL still inside the
+# spread (session 37); weights at 7 bits take a limit scaled down to keep theirs (Int8Weight).
 CREST = 24.0
 
 
