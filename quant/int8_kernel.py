@@ -170,13 +170,15 @@ static void rescale_rows(const int32_t* ap, const float* sx, const float* sw, vo
   });
 }
 
-// The row scales sx [T], column scales sw [O] and output [T, O] of a scaled int8 product (here and
-// in quant/int8_gemm_kernel.py); returns whether the output is bf16.
+// The row scales sx [T] and column scales sw [O] of a scaled int8 product (here and in
+// quant/int8_gemm_kernel.py).
 static void check_scales(const torch::Tensor& sx, const torch::Tensor& sw, int64_t T, int64_t O) {
   TORCH_CHECK(sx.scalar_type() == torch::kFloat && sx.is_contiguous() && sx.numel() == T, "sx: float32 [T]");
   TORCH_CHECK(sw.scalar_type() == torch::kFloat && sw.is_contiguous() && sw.numel() == O, "sw: float32 [O]");
 }
 
+// The scales and the contiguous output [T, O] of a scaled int8 product that stores its result;
+// returns whether the output is bf16.
 static bool check_scaled_out(const torch::Tensor& sx, const torch::Tensor& sw, const torch::Tensor& out, int64_t T,
                              int64_t O) {
   check_scales(sx, sw, T, O);
