@@ -121,7 +121,9 @@ def _exact(xq: torch.Tensor, q: torch.Tensor, sx: torch.Tensor, sw: torch.Tensor
     return (xq.long() @ q.long()).double() * sw.double() * sx.double()[:, None]
 
 
-@pytest.mark.parametrize(("t", "k", "o"), [(1, 4, 16), (5, 7, 17), (33, 130, 50), (9, 1024, 96), (4, 3, 1)])
+@pytest.mark.parametrize(
+    ("t", "k", "o"), [(1, 4, 16), (5, 7, 17), (33, 130, 50), (9, 1024, 96), (4, 3, 1), (6, 300, 40)]
+)
 def test_int8_gemm_is_the_exact_integer_product(t, k, o):
     """quant/int8_gemm_kernel.py: every tail (rows past a tile of 4, inputs past a step of 4,
     outputs past a panel of 16), weights packed from either layout, both output dtypes."""
@@ -145,7 +147,7 @@ def test_int8_gemm_is_the_exact_integer_product(t, k, o):
                 assert torch.equal(got, want_narrow.to(dtype))
 
 
-@pytest.mark.parametrize(("t", "k", "o"), [(1, 4, 16), (5, 7, 17), (33, 130, 50), (9, 128, 96)])
+@pytest.mark.parametrize(("t", "k", "o"), [(1, 4, 16), (5, 7, 17), (33, 130, 50), (9, 128, 96), (19, 132, 40)])
 def test_int8_gemm_add_adds_the_same_sums(t, k, o):
     """int8_gemm_add (GPTQ's int8 updates): int8_gemm's scaled sums added to a float32 output
     whose rows lie further apart than its width (to the last bit, which a fused multiply-add may
