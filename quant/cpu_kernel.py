@@ -71,6 +71,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int8_pack", &int8_pack, NOGIL, "an int8 weight [K, O] as int8_gemm's panels, and its sums");
   m.def("int8_gemm", &int8_gemm, NOGIL, "int8 activations x packed int8 weights, scaled");
   m.def("int8_gemm_add", &int8_gemm_add, NOGIL, "int8 x packed int8, scaled, added to float32");
+  m.def("int8_gemm_add_groups", &int8_gemm_add_groups, NOGIL, "int8_gemm_add over groups of inputs");
   m.def("int8_gemm_pairs", &int8_gemm_pairs, "whether narrow activations pair int8_gemm's steps");
 """
 
@@ -640,8 +641,15 @@ def int8_gemm(
     int8_pack left it: exact integer sums where |q| <= 63 (int8_gemm_exact_qmax); returns out.
     `narrow`: |xq| <= 63 (beyond it clamped), so the maddubs build adds two steps' pair sums in
     int16 before widening them (int8_gemm_pairs: a quarter fewer multiplies). `add`: out
-    (float32, unit column stride, any row stride) += the same scaled sums (GPTQ's updates)."""
-    (_module().int8_gemm_add if add else _module().int8_gemm)(xq.contiguous(), packed, sums, sx, sw, out, narrow)
+    (float32, unit column stride, any row stride) += the same scaled sums (GPTQ's updates); with
+    sums [G, O] (add only), K is G groups of K / G inputs, each with its own scales (sx [G, T],
+    sw [G, O]) and weight sums, added to out one group after another."""
+    if sums.dim() == 2:
+        if not add:
+            raise ValueError("int8_gemm: groups of inputs (sums [G, O]) only with add=True")
+        _module().int8_gemm_add_groups(xq.contiguous(), packed, sums, sx, sw, out, narrow)
+    else:
+        (_module().int8_gemm_add if add else _module().int8_gemm)(xq.contiguous(), packed, sums, sx, sw, out, narrow)
     return out
 
 

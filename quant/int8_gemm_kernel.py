@@ -178,13 +178,13 @@ static void i8_tile(const uint8_t* xu, int64_t ldx, const int8_t* B, int64_t K4,
 
 // PAIR (maddubs build, activations of 7 bits: x + 64 <= 127): two steps' `vpmaddubsw` sums added
 // in int16 before one `vpmaddwd` (4 x 127 x 63 < 32768: still exact), a quarter fewer multiplies.
-// MR rows by the panel at B and, TWO, the next one (K4 * 64 bytes on: up to 32 outputs), so each
+// MR rows by the panel at B and, TWO, the next one (pstride bytes on: up to 32 outputs), so each
 // row's broadcast feeds four multiplies: at 2 rows no accumulator leaves the 16 registers (4 rows
 // by one panel spilled three, with every weight load folded into its multiply): one Zen 3 thread
 // 67-74 -> 85-90 GMAC/s over [5120]-input panels in a standalone test of the two loops.
 template <int MR, int MODE, bool TWO>
-static void i8_tile_pair(const uint8_t* xu, int64_t ldx, const int8_t* B, int64_t K4, const int32_t* cs,
-                         const float* sx, const float* sw, int64_t n, void* out, int64_t ldo) {
+static void i8_tile_pair(const uint8_t* xu, int64_t ldx, const int8_t* B, int64_t pstride, int64_t K4,
+                         const int32_t* cs, const float* sx, const float* sw, int64_t n, void* out, int64_t ldo) {
   constexpr int groups = TWO ? 4 : 2;  // of 8 outputs: two per panel
   __m256i c[groups][MR];
   for (int g = 0; g < groups; ++g)
@@ -200,7 +200,7 @@ static void i8_tile_pair(const uint8_t* xu, int64_t ldx, const int8_t* B, int64_
       a2[r] = _mm256_set1_epi32(v[1]);
     }
     for (int g = 0; g < groups; ++g) {
-      const int8_t* b = B + (g / 2) * K4 * 64 + s * 64 + 32 * (g % 2);
+      const int8_t* b = B + (g / 2) * pstride + s * 64 + 32 * (g % 2);
       const __m256i b0 = _mm256_load_si256((const __m256i*)b), b2 = _mm256_load_si256((const __m256i*)(b + 64));
       for (int r = 0; r < MR; ++r) {
         const __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(a[r], b0), _mm256_maddubs_epi16(a2[r], b2));
@@ -209,7 +209,7 @@ static void i8_tile_pair(const uint8_t* xu, int64_t ldx, const int8_t* B, int64_
     }
   }
   if (s < K4)  // an odd last step
-    for (int h = 0; h < groups / 2; ++h) i8_step<MR>(xu, ldx, s, B + h * K4 * 64 + s * 64, c[2 * h], c[2 * h + 1]);
+    for (int h = 0; h < groups / 2; ++h) i8_step<MR>(xu, ldx, s, B + h * pstride + s * 64, c[2 * h], c[2 * h + 1]);
   i8_store<MR, MODE, true>(c[0], c[1], cs, sx, sw, std::min<int64_t>(n, I8_NR), out, ldo);
   if (TWO) {
     char* out2 = (char*)out + I8_NR * (MODE == I8_BF16 ? 2 : 4);
@@ -217,16 +217,18 @@ static void i8_tile_pair(const uint8_t* xu, int64_t ldx, const int8_t* B, int64_
   }
 }
 
-// Rows t .. t + rows of xu by the panels at B (two: also the next one; PAIR only), n outputs.
+// Rows t .. t + rows of xu by K4 steps of the panels at B (two: also the next one, pstride bytes
+// on; PAIR only), n outputs.
 template <int MODE, bool PAIR>
-static void i8_rows(int64_t rows, const uint8_t* xu, int64_t ldx, const int8_t* B, bool two, int64_t K4,
-                    const int32_t* cs, const float* sx, const float* sw, int64_t n, void* out, int64_t ldo) {
+static void i8_rows(int64_t rows, const uint8_t* xu, int64_t ldx, const int8_t* B, bool two, int64_t pstride,
+                    int64_t K4, const int32_t* cs, const float* sx, const float* sw, int64_t n, void* out,
+                    int64_t ldo) {
   if (PAIR) {
     if (two)
-      return rows == 1 ? i8_tile_pair<1, MODE, true>(xu, ldx, B, K4, cs, sx, sw, n, out, ldo)
-                       : i8_tile_pair<2, MODE, true>(xu, ldx, B, K4, cs, sx, sw, n, out, ldo);
-    return rows == 1 ? i8_tile_pair<1, MODE, false>(xu, ldx, B, K4, cs, sx, sw, n, out, ldo)
-                     : i8_tile_pair<2, MODE, false>(xu, ldx, B, K4, cs, sx, sw, n, out, ldo);
+      return rows == 1 ? i8_tile_pair<1, MODE, true>(xu, ldx, B, pstride, K4, cs, sx, sw, n, out, ldo)
+                       : i8_tile_pair<2, MODE, true>(xu, ldx, B, pstride, K4, cs, sx, sw, n, out, ldo);
+    return rows == 1 ? i8_tile_pair<1, MODE, false>(xu, ldx, B, pstride, K4, cs, sx, sw, n, out, ldo)
+                     : i8_tile_pair<2, MODE, false>(xu, ldx, B, pstride, K4, cs, sx, sw, n, out, ldo);
   }
   switch (rows) {
     case 1: return i8_tile<1, MODE>(xu, ldx, B, K4, cs, sx, sw, n, out, ldo);
@@ -240,21 +242,24 @@ static void i8_rows(int64_t rows, const uint8_t* xu, int64_t ldx, const int8_t* 
 static std::array<int64_t, 4> i8_shapes(const torch::Tensor& xq, const torch::Tensor& packed,
                                         const torch::Tensor& sums) {
   TORCH_CHECK(xq.dim() == 2 && xq.is_contiguous() && xq.scalar_type() == torch::kChar, "xq: contiguous int8 [T, K]");
-  const int64_t T = xq.size(0), K = xq.size(1), K4 = (K + 3) / 4, O = sums.numel();
+  TORCH_CHECK(sums.scalar_type() == torch::kInt && sums.is_contiguous() && (sums.dim() == 1 || sums.dim() == 2),
+              "sums: int32 [O] (or [G, O] for groups)");
+  const int64_t T = xq.size(0), K = xq.size(1), K4 = (K + 3) / 4, O = sums.size(-1);
   const int64_t P = (O + I8_NR - 1) / I8_NR;
   TORCH_CHECK(packed.dim() == 3 && packed.is_contiguous() && packed.scalar_type() == torch::kChar &&
                   packed.size(0) == P && packed.size(1) == K4 && packed.size(2) == 64,
               "packed: int8_pack's panels for K = xq's columns");
-  TORCH_CHECK(sums.scalar_type() == torch::kInt && sums.is_contiguous(), "sums: int32 [O]");
   TORCH_CHECK(reinterpret_cast<uintptr_t>(packed.data_ptr()) % 32 == 0, "packed: 32-byte aligned");
   return {T, K4, O, P};
 }
 
-// out rows ldo elements apart (MODE's dtype) [T, O] (=, or += for I8_ADD) (xq @ q) sw[o] sx[t].
+// out rows ldo elements apart (MODE's dtype) [T, O] (=, or += for I8_ADD) (xq @ q) sw[o] sx[t];
+// G > 1 (I8_ADD): K in G groups of K4 / G steps, each with its own scales and sums (sx [G, T],
+// sw and sums [G, O]), added to out one group after another.
 template <int MODE, bool PAIR>
 static void i8_gemm(const torch::Tensor& xq, const torch::Tensor& packed, const torch::Tensor& sums,
                     const torch::Tensor& sx, const torch::Tensor& sw, void* op, int64_t ldo, int64_t T, int64_t K4,
-                    int64_t O, int64_t P) {
+                    int64_t O, int64_t P, int64_t G = 1) {
   if (T == 0 || O == 0) return;
   // The activations as unsigned bytes (x + 128), rows padded to 4 * K4 (the padding meets zero weights).
   const int64_t K = xq.size(1), ldx = 4 * K4;
@@ -273,12 +278,15 @@ static void i8_gemm(const torch::Tensor& xq, const torch::Tensor& packed, const 
   const size_t esize = MODE == I8_BF16 ? 2 : 4;
   // Tiles of PAIR ? 2 rows by two panels : 4 rows by one; units of panels: pairs of them when PAIR.
   const int64_t mr = PAIR ? 2 : 4, per = PAIR ? 2 : 1, units = (P + per - 1) / per;
+  const int64_t KG = K4 / G;  // steps per group
   auto tiles = [&](int64_t u0, int64_t u1, int64_t t0, int64_t t1) {
     for (int64_t u = u0; u < u1; ++u) {
       const int64_t p = u * per, o0 = p * I8_NR, n = std::min(per * I8_NR, O - o0);
       for (int64_t t = t0; t < t1; t += mr)
-        i8_rows<MODE, PAIR>(std::min(mr, t1 - t), xu.data() + t * ldx, ldx, bp + p * K4 * 64, n > I8_NR, K4,
-                            cs + o0, sxp + t, swp + o0, n, (char*)op + (t * ldo + o0) * esize, ldo);
+        for (int64_t g = 0; g < G; ++g)  // a tile's output lines stay in L1 from one group to the next
+          i8_rows<MODE, PAIR>(std::min(mr, t1 - t), xu.data() + t * ldx + 4 * g * KG, ldx,
+                              bp + p * K4 * 64 + g * KG * 64, n > I8_NR, K4 * 64, KG, cs + g * O + o0,
+                              sxp + g * T + t, swp + g * O + o0, n, (char*)op + (t * ldo + o0) * esize, ldo);
     }
   };
   if (K4 > I8_SHORT_K4) {  // threads take panels; each stays in L2 while every row passes over it
@@ -306,11 +314,11 @@ bool int8_gemm_pairs() {
 template <int MODE>
 static void i8_gemm_narrow(bool narrow, const torch::Tensor& xq, const torch::Tensor& packed, const torch::Tensor& sums,
                            const torch::Tensor& sx, const torch::Tensor& sw, void* op, int64_t ldo, int64_t T,
-                           int64_t K4, int64_t O, int64_t P) {
+                           int64_t K4, int64_t O, int64_t P, int64_t G = 1) {
   if (narrow && int8_gemm_pairs())
-    i8_gemm<MODE, true>(xq, packed, sums, sx, sw, op, ldo, T, K4, O, P);
+    i8_gemm<MODE, true>(xq, packed, sums, sx, sw, op, ldo, T, K4, O, P, G);
   else
-    i8_gemm<MODE, false>(xq, packed, sums, sx, sw, op, ldo, T, K4, O, P);
+    i8_gemm<MODE, false>(xq, packed, sums, sx, sw, op, ldo, T, K4, O, P, G);
 }
 
 // out [T, O] (float32 or bf16, contiguous) = (xq [T, K] @ q) sw[o] sx[t], q as int8_pack left it
@@ -319,6 +327,7 @@ static void i8_gemm_narrow(bool narrow, const torch::Tensor& xq, const torch::Te
 void int8_gemm(torch::Tensor xq, torch::Tensor packed, torch::Tensor sums, torch::Tensor sx, torch::Tensor sw,
                torch::Tensor out, bool narrow) {
   const auto [T, K4, O, P] = i8_shapes(xq, packed, sums);
+  TORCH_CHECK(sums.dim() == 1, "sums: int32 [O]");
   if (check_scaled_out(sx, sw, out, T, O))
     i8_gemm_narrow<I8_BF16>(narrow, xq, packed, sums, sx, sw, out.data_ptr(), O, T, K4, O, P);
   else
@@ -330,10 +339,28 @@ void int8_gemm(torch::Tensor xq, torch::Tensor packed, torch::Tensor sums, torch
 void int8_gemm_add(torch::Tensor xq, torch::Tensor packed, torch::Tensor sums, torch::Tensor sx, torch::Tensor sw,
                    torch::Tensor out, bool narrow) {
   const auto [T, K4, O, P] = i8_shapes(xq, packed, sums);
+  TORCH_CHECK(sums.dim() == 1, "sums: int32 [O]");
   check_scales(sx, sw, T, O);
   TORCH_CHECK(out.scalar_type() == torch::kFloat && out.dim() == 2 && out.size(0) == T && out.size(1) == O &&
                   out.stride(1) == 1 && out.stride(0) >= O,
               "out: float32 [T, O] with unit column stride");
   i8_gemm_narrow<I8_ADD>(narrow, xq, packed, sums, sx, sw, out.data_ptr(), out.stride(0), T, K4, O, P);
+}
+
+// int8_gemm_add over G groups of K / G inputs (K4 / G steps each), each with its own scales and
+// weight sums: out += sum over g of (xq_g @ q_g) sw[g, o] sx[g, t], group after group (the same
+// float additions as G int8_gemm_add calls in order). GPTQ's int8 updates (quant/gptq.py) give
+// far columns four blocks' errors in one pass over them instead of four.
+void int8_gemm_add_groups(torch::Tensor xq, torch::Tensor packed, torch::Tensor sums, torch::Tensor sx,
+                          torch::Tensor sw, torch::Tensor out, bool narrow) {
+  const auto [T, K4, O, P] = i8_shapes(xq, packed, sums);
+  const int64_t G = sums.dim() == 2 ? sums.size(0) : 1;
+  TORCH_CHECK(G >= 1 && K4 % G == 0 && xq.size(1) == 4 * K4, "xq: K a multiple of 4 G (sums [G, O])");
+  TORCH_CHECK(sx.scalar_type() == torch::kFloat && sx.is_contiguous() && sx.numel() == G * T, "sx: float32 [G, T]");
+  TORCH_CHECK(sw.scalar_type() == torch::kFloat && sw.is_contiguous() && sw.numel() == G * O, "sw: float32 [G, O]");
+  TORCH_CHECK(out.scalar_type() == torch::kFloat && out.dim() == 2 && out.size(0) == T && out.size(1) == O &&
+                  out.stride(1) == 1 && out.stride(0) >= O,
+              "out: float32 [T, O] with unit column stride");
+  i8_gemm_narrow<I8_ADD>(narrow, xq, packed, sums, sx, sw, out.data_ptr(), out.stride(0), T, K4, O, P, G);
 }
 """

@@ -202,6 +202,25 @@ def test_low_precision_updates_cost_nothing_measurable(group_size, symmetric, up
     assert max(ratios) < 1.025 and sum(ratios) / len(ratios) < mean, ratios
 
 
+@pytest.mark.skipif(not cpu_kernel.available(), reason="the int8 updates run in the CPU kernel")
+def test_int8_updates_by_spans_are_the_blocks_updates(monkeypatch):
+    """Columns past a span of blocks get the span's errors in one pass (gptq._Int8Updates): the
+    same integers and scales as every block's update on its own (1280 inputs: spans of 4, 4 and
+    2 blocks of 128; groups of 32 and 128)."""
+    from quant import gptq
+
+    torch.manual_seed(5)
+    x = (torch.randn(1500, 1280) * torch.linspace(0.2, 3.0, 1280)).bfloat16()
+    w = torch.randn(72, 1280).bfloat16()
+    f = gptq.error_feedback(gptq.gram_lower(x), consume=True)
+    for group_size in (32, 128):
+        got = gptq_int4(w, f, group_size, updates=torch.int8)
+        monkeypatch.setattr(gptq, "SPAN_BLOCKS", 1)
+        want = gptq_int4(w, f, group_size, updates=torch.int8)
+        monkeypatch.undo()
+        assert torch.equal(got.packed, want.packed) and torch.equal(got.scale, want.scale)
+
+
 def test_default_updates(monkeypatch):
     from quant.gptq import default_updates
 

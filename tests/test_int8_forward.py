@@ -169,6 +169,33 @@ def test_int8_gemm_add_adds_the_same_sums(t, k, o):
         cpu_kernel.int8_gemm(xq, packed, sums, sx, sw, out[:, :o].bfloat16(), add=True)
 
 
+@pytest.mark.parametrize(("t", "o", "groups", "k"), [(7, 40, 3, 128), (33, 17, 4, 128), (20, 64, 2, 8)])
+def test_int8_gemm_groups_add_as_the_groups_one_after_another(t, o, groups, k):
+    """int8_gemm with sums [G, O] (GPTQ's updates of far columns, four blocks in one pass): the
+    same float additions as one int8_gemm_add per group in order, to the last bit, in both the
+    threads-take-rows form (short K) and the threads-take-panels one."""
+    torch.manual_seed(t + o + groups)
+    qmax = cpu_kernel.int8_gemm_exact_qmax()
+    parts = []
+    for _ in range(groups):
+        xq = torch.randint(-63, 64, (t, k), dtype=torch.int8)
+        packed, sums = cpu_kernel.int8_pack(torch.randint(-qmax, qmax + 1, (k, o), dtype=torch.int8))
+        parts.append((xq, packed, sums, torch.rand(t) + 0.5, torch.rand(o) + 0.5))
+    base = torch.randn(t, o + 8)
+    want = base.clone()
+    for xq, packed, sums, sx, sw in parts:
+        cpu_kernel.int8_gemm(xq, packed, sums, sx, sw, want[:, :o], narrow=True, add=True)
+    got = base.clone()
+    cat = [torch.cat([p[0] for p in parts], 1), torch.cat([p[1] for p in parts], 1)]
+    stacked = [torch.stack([p[i] for p in parts]) for i in (2, 3, 4)]
+    cpu_kernel.int8_gemm(cat[0], cat[1], stacked[0], stacked[1], stacked[2], got[:, :o], narrow=True, add=True)
+    assert torch.equal(got, want)
+    with pytest.raises(ValueError, match="add=True"):
+        cpu_kernel.int8_gemm(cat[0], cat[1], stacked[0], stacked[1], stacked[2], torch.empty(t, o))
+    with pytest.raises(RuntimeError, match="sx"):
+        cpu_kernel.int8_gemm(cat[0], cat[1], stacked[0], stacked[1][:1], stacked[2], got[:, :o], add=True)
+
+
 def test_int8_gemm_nan_scales_and_bad_operands():
     xq, q = torch.randint(-127, 128, (6, 40), dtype=torch.int8), torch.randint(-63, 64, (40, 20), dtype=torch.int8)
     sx, sw = torch.rand(6), torch.rand(20)
