@@ -71,7 +71,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int8_pack", &int8_pack, NOGIL, "an int8 weight [K, O] as int8_gemm's panels, and its sums");
   m.def("int8_gemm", &int8_gemm, NOGIL, "int8 activations x packed int8 weights, scaled");
   m.def("int8_gemm_add", &int8_gemm_add, NOGIL, "int8 x packed int8, scaled, added to float32");
-  m.def("int8_gemm_add_groups", &int8_gemm_add_groups, NOGIL, "int8_gemm_add over groups of inputs");
   m.def("int8_gemm_pairs", &int8_gemm_pairs, "whether narrow activations pair int8_gemm's steps");
 """
 
@@ -644,12 +643,9 @@ def int8_gemm(
     (float32, unit column stride, any row stride) += the same scaled sums (GPTQ's updates); with
     sums [G, O] (add only), K is G groups of K / G inputs, each with its own scales (sx [G, T],
     sw [G, O]) and weight sums, added to out one group after another."""
-    if sums.dim() == 2:
-        if not add:
-            raise ValueError("int8_gemm: groups of inputs (sums [G, O]) only with add=True")
-        _module().int8_gemm_add_groups(xq.contiguous(), packed, sums, sx, sw, out, narrow)
-    else:
-        (_module().int8_gemm_add if add else _module().int8_gemm)(xq.contiguous(), packed, sums, sx, sw, out, narrow)
+    if sums.dim() == 2 and not add:
+        raise ValueError("int8_gemm: groups of inputs (sums [G, O]) only with add=True")
+    (_module().int8_gemm_add if add else _module().int8_gemm)(xq.contiguous(), packed, sums, sx, sw, out, narrow)
     return out
 
 

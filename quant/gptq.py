@@ -287,7 +287,8 @@ class _Int8Updates:
 
     def __init__(self, wt: torch.Tensor, f: torch.Tensor, block: int):
         self.wt, self.f, self.span = wt, f, block * SPAN_BLOCKS
-        self.levels, self.narrow = activation_qmax(), activation_qmax() < 64
+        self.levels = activation_qmax()
+        self.narrow = self.levels < 64
         self.done: list[tuple[int, int, torch.Tensor, torch.Tensor, torch.Tensor]] = []  # the span's blocks
 
     def walked(self, b0: int, b1: int, err: torch.Tensor) -> None:
@@ -307,8 +308,6 @@ class _Int8Updates:
         fs = torch.stack([s for _, s in rows])
         packed = torch.cat([d[2] for d in self.done], dim=1)
         sums, es = torch.stack([d[3] for d in self.done]), torch.stack([d[4] for d in self.done])
-        if len(self.done) == 1:
-            fs, sums, es = fs[0], sums[0], es[0]
         cpu_kernel.int8_gemm(fq, packed, sums, fs, es, self.wt[s1:], narrow=self.narrow, add=True)
         self.done.clear()
 

@@ -24,10 +24,11 @@ operations: bit for bit its output for the same integers). Threads take the pane
 `narrow` activations (|x| <= 63, int8_forward.activation_qmax on this build) go in as x + 64, so
 two steps' `vpmaddubsw` results add in int16 before one `vpmaddwd` (4 x 127 x 63 < 32768: still
 exact): a quarter fewer multiplies, 1.2-1.3x on Zen 3; those tiles are 2 rows by two panels
-(each broadcast feeds four multiplies, and no accumulator spills: 1.1x again). `int8_gemm_add` adds the scaled sums to a
-float32 output with any row stride (GPTQ's int8 updates, quant/gptq.py: an inner dimension of
-one block, 128, where threads take chunks of rows instead of panels so that each row's outputs
-are written in order rather than one cache line per row per panel).
+(each broadcast feeds four multiplies, and no accumulator spills: 1.1x again). `int8_gemm_add`
+adds the scaled sums to a float32 output with any row stride (GPTQ's int8 updates,
+quant/gptq.py: an inner dimension of one block, 128, where threads take chunks of rows instead of
+panels so that each row's outputs are written in order rather than one cache line per row per
+panel; or four blocks as groups with their own scales, where threads take panels).
 """
 
 SOURCE = r"""
@@ -335,29 +336,21 @@ void int8_gemm(torch::Tensor xq, torch::Tensor packed, torch::Tensor sums, torch
 }
 
 // out [T, O] (float32, unit column stride, any row stride) += (xq [T, K] @ q) sw[o] sx[t]: GPTQ's
-// update products (quant/gptq.py), the same sums as int8_gemm's.
+// update products (quant/gptq.py), the same sums as int8_gemm's. With sums [G, O]: K in G groups of
+// K / G inputs (K a multiple of 4 G), each with its own scales and weight sums (sx [G, T], sw
+// [G, O]), out += sum over g of (xq_g @ q_g) sw[g, o] sx[g, t], group after group: the same float
+// additions as G calls in order, so far columns take four blocks' errors in one pass over them.
 void int8_gemm_add(torch::Tensor xq, torch::Tensor packed, torch::Tensor sums, torch::Tensor sx, torch::Tensor sw,
                    torch::Tensor out, bool narrow) {
   const auto [T, K4, O, P] = i8_shapes(xq, packed, sums);
-  TORCH_CHECK(sums.dim() == 1, "sums: int32 [O]");
-  check_scales(sx, sw, T, O);
-  TORCH_CHECK(out.scalar_type() == torch::kFloat && out.dim() == 2 && out.size(0) == T && out.size(1) == O &&
-                  out.stride(1) == 1 && out.stride(0) >= O,
-              "out: float32 [T, O] with unit column stride");
-  i8_gemm_narrow<I8_ADD>(narrow, xq, packed, sums, sx, sw, out.data_ptr(), out.stride(0), T, K4, O, P);
-}
-
-// int8_gemm_add over G groups of K / G inputs (K4 / G steps each), each with its own scales and
-// weight sums: out += sum over g of (xq_g @ q_g) sw[g, o] sx[g, t], group after group (the same
-// float additions as G int8_gemm_add calls in order). GPTQ's int8 updates (quant/gptq.py) give
-// far columns four blocks' errors in one pass over them instead of four.
-void int8_gemm_add_groups(torch::Tensor xq, torch::Tensor packed, torch::Tensor sums, torch::Tensor sx,
-                          torch::Tensor sw, torch::Tensor out, bool narrow) {
-  const auto [T, K4, O, P] = i8_shapes(xq, packed, sums);
   const int64_t G = sums.dim() == 2 ? sums.size(0) : 1;
-  TORCH_CHECK(G >= 1 && K4 % G == 0 && xq.size(1) == 4 * K4, "xq: K a multiple of 4 G (sums [G, O])");
-  TORCH_CHECK(sx.scalar_type() == torch::kFloat && sx.is_contiguous() && sx.numel() == G * T, "sx: float32 [G, T]");
-  TORCH_CHECK(sw.scalar_type() == torch::kFloat && sw.is_contiguous() && sw.numel() == G * O, "sw: float32 [G, O]");
+  if (G == 1) {
+    check_scales(sx, sw, T, O);
+  } else {
+    TORCH_CHECK(K4 % G == 0 && xq.size(1) == 4 * K4, "xq: K a multiple of 4 G (sums [G, O])");
+    TORCH_CHECK(sx.scalar_type() == torch::kFloat && sx.is_contiguous() && sx.numel() == G * T, "sx: float32 [G, T]");
+    TORCH_CHECK(sw.scalar_type() == torch::kFloat && sw.is_contiguous() && sw.numel() == G * O, "sw: float32 [G, O]");
+  }
   TORCH_CHECK(out.scalar_type() == torch::kFloat && out.dim() == 2 && out.size(0) == T && out.size(1) == O &&
                   out.stride(1) == 1 && out.stride(0) >= O,
               "out: float32 [T, O] with unit column stride");
