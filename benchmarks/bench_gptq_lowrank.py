@@ -1,7 +1,10 @@
 """GPTQ of one routed expert at Scout's shapes: through the Hessian's factor, and through the
 calibration rows (quant/gptq_lowrank.py), alternated; --updates times the Hessian's walk with
-each precision of its update products (quant/gptq.py: float32, int8, bfloat16) and prints each
-result's output error on the rows, ||(W - Q) x|| / ||W x||.
+each precision of its update products (quant/gptq.py: float32, int8, bfloat16), --gram int8
+adds the Hessian from the int8 Gram products (quant/int8_gram_kernel.py) beside the float one,
+and each result's output error on the rows, ||(W - Q) x|| / ||W x||, is printed. --heavy draws
+the rows heavy-tailed (Student-t with 3 degrees of freedom, every 64th row 30x: BOS-like tokens)
+instead of Gaussian.
 
 Scout routes 8192 calibration tokens over 16 experts, about 512 rows each (unevenly). For each
 of gate (or up: 8192 x 5120) and down (5120 x 8192) this times the feedback (Gram product and
@@ -9,6 +12,7 @@ Cholesky factor, or the rows' form) and the GPTQ walk, on random weights and row
 feature scales, best of --reps, and prints the per-expert total (gate and up share a feedback).
 
     python benchmarks/bench_gptq_lowrank.py [--rows 512] [--reps 3] [--threads 2] [--updates float32,int8]
+        [--gram int8] [--heavy]
 """
 
 from __future__ import annotations
@@ -39,23 +43,29 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--updates", default="", help="comma-separated: float32, int8, bfloat16 (default: the host's)")
+    ap.add_argument("--gram", default="", help="int8: also the Hessian from the int8 Gram products")
+    ap.add_argument("--heavy", action="store_true", help="heavy-tailed rows with BOS-like outliers")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
     best: dict[tuple[str, str, str], float] = {}
     errors: dict[tuple[str, str], float] = {}
     paths = [f"hessian:{u}" for u in args.updates.split(",") if u] or ["hessian"]
+    if args.gram == "int8":
+        paths += [p + "+gram8" for p in paths]
     paths.append("rows")
     for _ in range(args.reps):
         for kind, (inputs, outputs) in {"gate": (5120, 8192), "down": (8192, 5120)}.items():
             g = torch.Generator().manual_seed(0)
-            x = (torch.randn(args.rows, inputs, generator=g) * torch.linspace(0.2, 3.0, inputs)).bfloat16()
+            x = rows(args.rows, inputs, g, args.heavy)
             w = torch.randn(outputs, inputs, generator=g).bfloat16()
             for path in paths:
                 if path.startswith("hessian"):
-                    f, t_f = timed(lambda: error_feedback(gram_lower(x), consume=True))
+                    int8 = path.endswith("+gram8")
+                    f, t_f = timed(lambda: error_feedback(gram_lower(x, int8=int8), consume=True))
                 else:
                     f, t_f = timed(lambda: lowrank_feedback(x, DAMP))
-                updates = getattr(torch, path.split(":")[1]) if ":" in path else None
+                updates = getattr(torch, path.removesuffix("+gram8").split(":")[1]) if ":" in path else None
                 q, t_q = timed(lambda: gptq_int4(w, f, 128, updates=updates))
                 del f
                 errors[(kind, path)] = output_error(w, q, x)
@@ -74,6 +84,17 @@ def main() -> None:
             expert[path] = expert.get(path, 0.0) + (f + 2 * q if kind == "gate" else f + q)
     per = ", ".join(f"{path} {t:.2f} s ({expert[paths[0]] / t:.2f}x)" for path, t in expert.items())
     print(f"\nper expert (gate + up + down): {per}")
+
+
+def rows(n: int, inputs: int, g: torch.Generator, heavy: bool) -> torch.Tensor:
+    """Calibration-like rows [n, inputs] (bf16) with uneven feature scales; `heavy`: Student-t(3)
+    entries and every 64th row 30x larger."""
+    if heavy:
+        x = torch.distributions.StudentT(3.0).sample((n, inputs))  # (the global generator: seeded below)
+        x[::64] *= 30
+    else:
+        x = torch.randn(n, inputs, generator=g)
+    return (x * torch.linspace(0.2, 3.0, inputs)).bfloat16()
 
 
 def output_error(w: torch.Tensor, q, x: torch.Tensor) -> float:

@@ -257,7 +257,8 @@ def quantizer_precision(args, report):
     activations where our maddubs kernel pairs steps) against the same run in float32
     (LLAMA4_LOCAL_NO_BF16_GEMM=1, LLAMA4_LOCAL_NO_INT8_CALIBRATION=1,
     LLAMA4_LOCAL_NO_INT8_UPDATES=1), with only the int8 forward off, and with neither the int8
-    updates nor the paired steps (LLAMA4_LOCAL_NO_INT8_PAIRS=1), scored in float32: what the
+    updates nor the paired steps (LLAMA4_LOCAL_NO_INT8_PAIRS=1), and with the Hessians' Gram
+    products in float32 rather than int8 (LLAMA4_LOCAL_NO_INT8_GRAM=1), scored in float32: what the
     faster arithmetic costs; with llama.cpp's Q4_K_M beside them where the model's rows allow it."""
     from quant import cpu_kernel, int8_forward
 
@@ -277,6 +278,7 @@ def quantizer_precision(args, report):
             "gptq int4 g128 default, no int8 updates or paired steps",
             {"LLAMA4_LOCAL_NO_INT8_UPDATES": "1", "LLAMA4_LOCAL_NO_INT8_PAIRS": "1"},
         ),
+        ("gptq int4 g128 default, float32 Gram products", {"LLAMA4_LOCAL_NO_INT8_GRAM": "1"}),
         ("gptq int4 g128 default", {}),
     )
     keys = {key for _, env in runs for key in env}

@@ -106,9 +106,10 @@ class LayerRunner:
         afterwards)."""
         layer, stats = self.model.layers[i], LayerStats()
         hooks = []
+        gram8 = int8_forward.gram_int8()
 
         def record(module, role: str):
-            h = stats.hessians.setdefault(role, HessianSum())
+            h = stats.hessians.setdefault(role, HessianSum(int8=gram8))
             hooks.append(module.register_forward_pre_hook(lambda _m, inp: h.add(inp[0])))
 
         attn = layer.self_attn
@@ -172,7 +173,7 @@ class LayerRunner:
     def head_feedback(self) -> torch.Tensor | None:
         """GPTQ's error feedback for the lm_head's inputs: the final norm of the hidden states that
         came out of the last layer (run with `output`)."""
-        h = HessianSum()
+        h = HessianSum(int8=int8_forward.gram_int8())
         for x in self.hidden:
             h.add(self.model.norm(x))
         return factor_or_none(h.take_lower(), consume=True)

@@ -20,6 +20,7 @@ from safetensors import safe_open
 from llama4_local import pages
 from llama4_local.checkpoint import tensor_offsets
 
+from . import int8_forward
 from .calibrate import LayerRunner, LayerStats, factor_or_none
 from .format import to_tensors
 from .gptq import DAMP, default_updates, gram_lower
@@ -164,7 +165,7 @@ def _feedback(rows: torch.Tensor):
     None where they are not finite."""
     if LowRankFeedback.pays(*rows.shape, dense_float32=default_updates(rows.device) == torch.float32):
         return lowrank_feedback(rows, DAMP)
-    return factor_or_none(gram_lower(rows), consume=True)
+    return factor_or_none(gram_lower(rows, int8=int8_forward.gram_int8()), consume=True)
 
 
 def _expert(ctx, reader: _Reader, stats: LayerStats, prefix: str, e: int, projs: dict[str, str]) -> None:

@@ -6,8 +6,9 @@ matrix-vector and prefill: the stored compressed-tensors bytes, no repack; with 
 per-128 tiles in int4_span_kernel.py and its 512-bit ones in int4_zmm_kernel.py), quant/
 matvec_kernel.py (bf16/fp16 and INT8 weights), quant/fit_kernel.py (the symmetric INT4 fit),
 fp8_kernel, gptq_kernel, gram_kernel, attn_kernel, glue_kernel, int8_kernel (the calibration
-forward's int8 roundings), int8_gemm_kernel (its int8 GEMM where torch's is a scalar loop) and
-layer_kernel (a decoder layer's decode step in one call).
+forward's int8 roundings), int8_gemm_kernel (its int8 GEMM where torch's is a scalar loop),
+int8_gram_kernel (the calibration's Gram products through it) and layer_kernel (a decoder
+layer's decode step in one call).
 
 Built with torch.utils.cpp_extension on first use, for the CPU it runs on (needs a C++ compiler
 and ninja): where the CPU has VNNI (AVX-VNNI, or AVX512-VNNI: Intel since Ice Lake / Alder Lake,
@@ -58,6 +59,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("dst2") = py::none());
   m.def("gram_bf16", &gram_bf16, NOGIL, "x^T x in float32 sums for bf16 x (AVX512-BF16)");
   m.def("gram_f32", &gram_f32, NOGIL, "x^T x in float32 for bf16 or float32 x (AVX2 FMA)");
+  m.def("int8_gram", &int8_gram, NOGIL, "x^T x of x rounded to int8 per column and group of rows");
   m.def("attend_one", &attend_one, NOGIL, "decode attention for one query position (AVX2)", py::arg("q"), py::arg("k"),
         py::arg("v"), py::arg("parts") = 0);
   m.def("rms_norm", &rms_norm, NOGIL, "RMS norm over the last dimension, times an optional weight");
@@ -193,6 +195,7 @@ def _source() -> str:
         gram_kernel,
         int4_kernel,
         int8_gemm_kernel,
+        int8_gram_kernel,
         int8_kernel,
         kernel_common,
         layer_kernel,
@@ -212,6 +215,7 @@ def _source() -> str:
         + glue_kernel.SOURCE
         + int8_kernel.SOURCE
         + int8_gemm_kernel.SOURCE
+        + int8_gram_kernel.SOURCE
         + layer_kernel.SOURCE
         + _BINDINGS
         + layer_kernel.BINDINGS
@@ -556,6 +560,12 @@ def gram_f32(x: torch.Tensor, h: torch.Tensor, block: int, accumulate: bool = Tr
     """gram_bf16's blocks for bf16 or float32 x [T, N] (N a multiple of 16) with float32 products
     (AVX2 FMA: where the CPU has no bf16 dot products)."""
     _module().gram_f32(x.contiguous(), h, block, accumulate)
+
+
+def int8_gram(x: torch.Tensor, h: torch.Tensor, block: int, accumulate: bool = True) -> None:
+    """h [N, N] (float32) += x^T x for x [T, N] (float32, bf16 or fp16) rounded to int8 per column
+    and group of rows (quant/int8_gram_kernel.py), in the blocks quant.gptq.add_gram fills."""
+    _module().int8_gram(x.contiguous(), h, block, accumulate)
 
 
 def attend_one(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, parts: int = 0) -> torch.Tensor:

@@ -389,7 +389,7 @@ def _edges(n: int) -> list[int]:
     return list(range(0, n, GRAM_BLOCK)) + [n]
 
 
-def add_gram(h: torch.Tensor, x: torch.Tensor, accumulate: bool = True) -> None:
+def add_gram(h: torch.Tensor, x: torch.Tensor, accumulate: bool = True, int8: bool = False) -> None:
     """h += x^T x for x [T, N], h float32 [N, N], in the blocks on and below the diagonal only (a
     little over half the products of one matrix product); mirror(h) fills the rest.
     `accumulate=False`: h = x^T x in those blocks (h's old contents unread: no zeroing pass).
@@ -399,7 +399,15 @@ def add_gram(h: torch.Tensor, x: torch.Tensor, accumulate: bool = True) -> None:
     with AVX512-BF16 take quant/gram_kernel.py (float32 sums at twice the float32 GEMM's rate:
     8192 bf16 rows at Scout's widths 1.6 against 4.0 s on two Zen 4 threads); on CPUs without
     bf16 dot products its float32 form (gram_f32) takes bf16 or float32 inputs; others are
-    widened and multiplied by torch."""
+    widened and multiplied by torch.
+
+    `int8`: where quant/int8_gram_kernel.py can take it (the CPUs that would take gram_f32 and
+    multiply int8 by maddubs), the Gram of x rounded to int8 per column and group of like rows
+    instead, 1.6-2.1x the rate on two Zen 3 cores, for a measured cost in GPTQ's fit (the
+    calibration's Hessians: int8_forward.gram_int8; docs/benchmarks.md)."""
+    if int8 and x.shape[0] and _int8_gram(h, x):
+        cpu_kernel.int8_gram(x, h, GRAM_BLOCK, accumulate)
+        return
     if x.shape[0] and _bf16_gram(h, x):
         cpu_kernel.gram_bf16(x, h, GRAM_BLOCK, accumulate)
         return
@@ -439,6 +447,10 @@ def _f32_gram(h: torch.Tensor, x: torch.Tensor) -> bool:
     )
 
 
+def _int8_gram(h: torch.Tensor, x: torch.Tensor) -> bool:
+    return x.dtype in (torch.bfloat16, torch.float32) and _f32_gram(h, x) and cpu_kernel.int8_gemm_pairs()
+
+
 def mirror(h: torch.Tensor) -> torch.Tensor:
     """The blocks above the diagonal from those below (after add_gram), in place."""
     edges = _edges(h.shape[0])
@@ -447,20 +459,21 @@ def mirror(h: torch.Tensor) -> torch.Tensor:
     return h
 
 
-def gram_lower(x: torch.Tensor) -> torch.Tensor:
-    """x^T x [N, N] (float32) for x [T, N] in add_gram's blocks, the rest of the matrix undefined:
-    what error_feedback reads."""
+def gram_lower(x: torch.Tensor, int8: bool = False) -> torch.Tensor:
+    """x^T x [N, N] (float32) for x [T, N] in add_gram's blocks (`int8` as there), the rest of the
+    matrix undefined: what error_feedback reads."""
     h = torch.empty(x.shape[1], x.shape[1], device=x.device)
-    add_gram(h, x, accumulate=False)
+    add_gram(h, x, accumulate=False, int8=int8)
     return h
 
 
 class HessianSum:
     """Accumulates sum x x^T over a linear's input rows (float32 on x's device) and their count."""
 
-    def __init__(self):
+    def __init__(self, int8: bool = False):
         self.sum: torch.Tensor | None = None  # add_gram's blocks; the rest undefined
         self.rows = 0
+        self.int8 = int8  # add_gram's
 
     def add(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1])
@@ -469,7 +482,7 @@ class HessianSum:
         first = self.sum is None
         if first:
             self.sum = torch.empty(x.shape[1], x.shape[1], device=x.device)
-        add_gram(self.sum, x, accumulate=not first)
+        add_gram(self.sum, x, accumulate=not first, int8=self.int8)
         self.rows += x.shape[0]
 
     def mean(self) -> torch.Tensor | None:

@@ -48,6 +48,13 @@ def enabled() -> bool:
     return not os.environ.get("LLAMA4_LOCAL_NO_INT8_CALIBRATION") and cpu_kernel.available()
 
 
+def gram_int8() -> bool:
+    """Whether the calibration's Hessians take the int8 Gram products (quant.gptq.add_gram's
+    `int8`, where the CPU would take the float32 kernel): with the int8 forward, unless
+    LLAMA4_LOCAL_NO_INT8_GRAM=1 (to measure what it costs)."""
+    return enabled() and not os.environ.get("LLAMA4_LOCAL_NO_INT8_GRAM")
+
+
 @functools.cache
 def int8_gemm_by_torch() -> bool:
     """Whether torch._int_mm multiplies (oneDNN: PyTorch takes it on CPUs with AVX512-VNNI, AMX

@@ -10,6 +10,9 @@ SOURCE = r"""
 #include <ATen/Parallel.h>
 #include <atomic>
 #include <immintrin.h>
+#include <algorithm>
+#include <limits>
+#include <numeric>
 #include <cmath>
 #include <cstring>
 #include <type_traits>
