@@ -3,9 +3,10 @@ on CPUs without bf16 dot products (quant/gptq.py, add_gram with int8=True), buil
 quant.cpu_kernel's extension after quant/int8_gemm_kernel.py (whose panels and tiles it uses).
 
 The float32 Gram kernel (quant/gram_kernel.py, gram_f32) makes 57-65% of the FMA peak in real use
-on two Zen 3 cores, ~50 GMAC/s: a fifth of a calibrated quantize's time at Scout's widths. The
-int8 tiles multiply at 2-3x that rate, so here x is rounded to int8 first and the Gram is that of
-the rounded x: H ~= sum over groups g of D_g Q_g^T Q_g D_g, still positive semidefinite.
+on two Zen 3 cores, ~50-70 GMAC/s: a fifth of a calibrated quantize's time at Scout's widths.
+The int8 tiles multiply at 2-3x that rate, so here x is rounded to int8 first and the Gram is
+that of the rounded x: H ~= sum over groups g of D_g Q_g^T Q_g D_g, still positive semidefinite
+(1.6-2.1x the float32 kernel at the benchmark slice's shapes, about 30 s of its ~270 s quantize).
 
 Rounding: x's rows (tokens) are sorted by their largest magnitude and cut into groups of at most
 IG_TOKENS rows whose largest magnitudes lie within IG_SPREAD (2x) of each other (each padded with
@@ -14,9 +15,9 @@ maddubs steps take; int8_gemm_kernel.py: this build only, where the CPU has no V
 float32 kernel stays). The order of the rows does not change a Gram; sorting them puts tokens of
 like size together, and the spread bound keeps a few large ones (a BOS token's activations, tens
 of times the others') in groups of their own, where one group for all would round the ordinary
-rows beside them to almost nothing. The error is rounding noise of about scale^2 / 12 per row on
-the diagonal; what it costs GPTQ's fit is measured on the trained model and on heavy-tailed rows
-(docs/benchmarks.md). A column whose group holds NaN or infinity gets a NaN scale, so its
+rows beside them to almost nothing. The error is rounding noise of about scale^2 / 12 per entry,
+and GPTQ's fit feels it: on heavy-tailed rows its output error grows ~0.5%, on the trained test
+model the mean KL ~5% (docs/benchmarks.md); LLAMA4_LOCAL_NO_INT8_GRAM=1 keeps float32. A column whose group holds NaN or infinity gets a NaN scale, so its
 diagonal is NaN, as a float Gram's would be (gptq.hessian_finite rejects it).
 
 Products: the rounded x is packed both ways (int8_gemm's panels for the columns, unsigned rows
