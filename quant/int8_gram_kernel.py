@@ -17,8 +17,9 @@ like size together, and the spread bound keeps a few large ones (a BOS token's a
 of times the others') in groups of their own, where one group for all would round the ordinary
 rows beside them to almost nothing. The error is rounding noise of about scale^2 / 12 per entry,
 and GPTQ's fit feels it: on heavy-tailed rows its output error grows ~0.5%, on the trained test
-model the mean KL ~5% (docs/benchmarks.md); LLAMA4_LOCAL_NO_INT8_GRAM=1 keeps float32. A column whose group holds NaN or infinity gets a NaN scale, so its
-diagonal is NaN, as a float Gram's would be (gptq.hessian_finite rejects it).
+model the mean KL ~5% (docs/benchmarks.md); LLAMA4_LOCAL_NO_INT8_GRAM=1 keeps float32. A column
+whose group holds NaN or infinity gets a NaN scale, so its diagonal is NaN, as a float Gram's
+would be (gptq.hessian_finite rejects it).
 
 Products: the rounded x is packed both ways (int8_gemm's panels for the columns, unsigned rows
 for the rows), and threads take pairs of column panels (32 columns), each crossing the rows that
