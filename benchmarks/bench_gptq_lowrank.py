@@ -90,7 +90,7 @@ def rows(n: int, inputs: int, g: torch.Generator, heavy: bool) -> torch.Tensor:
     """Calibration-like rows [n, inputs] (bf16) with uneven feature scales; `heavy`: Student-t(3)
     entries and every 64th row 30x larger."""
     if heavy:
-        x = torch.distributions.StudentT(3.0).sample((n, inputs))  # (the global generator: seeded below)
+        x = torch.distributions.StudentT(3.0).sample((n, inputs))  # (the global generator: main seeds it)
         x[::64] *= 30
     else:
         x = torch.randn(n, inputs, generator=g)

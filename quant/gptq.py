@@ -27,7 +27,7 @@ import torch
 from . import cpu_kernel
 from .gptq_lowrank import LowRankFeedback
 from .int4 import QMAX, QMIN, Int4Weight, _grouped, fit_scales, pack_int4_transposed
-from .int8_forward import activation_qmax
+from .int8_forward import activation_qmax, activations_narrow
 
 DAMP = 0.01  # added to H's diagonal, as a fraction of its mean: keeps rarely seen directions stable
 
@@ -288,7 +288,7 @@ class _Int8Updates:
     def __init__(self, wt: torch.Tensor, f: torch.Tensor, block: int):
         self.wt, self.f, self.span = wt, f, block * SPAN_BLOCKS
         self.levels = activation_qmax()
-        self.narrow = self.levels < 64
+        self.narrow = activations_narrow()
         self.done: list[tuple[int, int, torch.Tensor, torch.Tensor, torch.Tensor]] = []  # the span's blocks
 
     def walked(self, b0: int, b1: int, err: torch.Tensor) -> None:
@@ -448,7 +448,7 @@ def _f32_gram(h: torch.Tensor, x: torch.Tensor) -> bool:
 
 
 def _int8_gram(h: torch.Tensor, x: torch.Tensor) -> bool:
-    return x.dtype in (torch.bfloat16, torch.float32) and _f32_gram(h, x) and cpu_kernel.int8_gemm_pairs()
+    return _f32_gram(h, x) and cpu_kernel.int8_gemm_pairs()
 
 
 def mirror(h: torch.Tensor) -> torch.Tensor:

@@ -87,6 +87,11 @@ def activation_qmax() -> int:
     return 63
 
 
+def activations_narrow() -> bool:
+    """Whether activations rounded to activation_qmax() are int8_gemm's `narrow` (|x| <= 63)."""
+    return activation_qmax() < 64
+
+
 # Rows (tokens) and outputs whose largest magnitude stands more than CREST times their rms above
 # it keep the model's dtype: per-row int8's error relative to a row's rms is about crest / 440 (a
 # rounding step of max / 127, uniform): 1% for a Gaussian row of 5120 (crest ~4.5), 5.5% at 24.
@@ -158,7 +163,7 @@ def product(x: torch.Tensor, w: Int8Weight) -> torch.Tensor:
         if w.packed is None:
             cpu_kernel.int8_rescale(torch._int_mm(xq, w.q), sx, w.s, out[t0:t1])
         else:
-            cpu_kernel.int8_gemm(xq, w.packed, w.sums, sx, w.s, out[t0:t1], narrow=activation_qmax() < 64)
+            cpu_kernel.int8_gemm(xq, w.packed, w.sums, sx, w.s, out[t0:t1], narrow=activations_narrow())
         crests.append(cx)
     rows = (torch.cat(crests) > CREST).nonzero().flatten()
     if rows.numel():
