@@ -24,7 +24,8 @@ operations: bit for bit its output for the same integers). Threads take the pane
 `narrow` activations (|x| <= 63, int8_forward.activation_qmax on this build) go in as x + 64, so
 two steps' `vpmaddubsw` results add in int16 before one `vpmaddwd` (4 x 127 x 63 < 32768: still
 exact): a quarter fewer multiplies, 1.2-1.3x on Zen 3; those tiles are 2 rows by two panels
-(each broadcast feeds four multiplies, and no accumulator spills: 1.1x again). `int8_gemm_add`
+(each broadcast feeds four multiplies: 1.1x again), their steps in inline assembly so that all
+eight accumulators stay in registers (GCC spilled four: 1.1-1.3x again). `int8_gemm_add`
 adds the scaled sums to a float32 output with any row stride (GPTQ's int8 updates,
 quant/gptq.py: an inner dimension of one block, 128, where threads take chunks of rows instead of
 panels so that each row's outputs are written in order rather than one cache line per row per
@@ -237,9 +238,10 @@ static inline void i8_pair_2x32(const uint8_t* xu, int64_t ldx, const int8_t* B,
 // PAIR (maddubs build, activations of 7 bits: x + 64 <= 127): two steps' `vpmaddubsw` sums added
 // in int16 before one `vpmaddwd` (4 x 127 x 63 < 32768: still exact), a quarter fewer multiplies.
 // MR rows by the panel at B and, TWO, the next one (pstride bytes on: up to 32 outputs), so each
-// row's broadcast feeds four multiplies: at 2 rows no accumulator leaves the 16 registers (4 rows
-// by one panel spilled three, with every weight load folded into its multiply): one Zen 3 thread
-// 67-74 -> 85-90 GMAC/s over [5120]-input panels in a standalone test of the two loops.
+// row's broadcast feeds four multiplies (4 rows by one panel spilled three accumulators, with
+// every weight load folded into its multiply): one Zen 3 thread 67-74 -> 85-90 GMAC/s over
+// [5120]-input panels in a standalone test of the two loops. The 2 x 32 tile's steps go through
+// i8_pair_2x32 (GCC's own loop spilled four of its eight accumulators).
 template <int MR, int MODE, bool TWO>
 static void i8_tile_pair(const uint8_t* xu, int64_t ldx, const int8_t* B, int64_t pstride, int64_t K4,
                          const int32_t* cs, const float* sx, const float* sw, int64_t n, void* out, int64_t ldo) {
