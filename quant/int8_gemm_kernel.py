@@ -192,11 +192,12 @@ static void i8_tile(const uint8_t* xu, int64_t ldx, const int8_t* B, int64_t K4,
   i8_store<MR, MODE, false>(c0, c1, cs, sx, sw, n, out, ldo);
 }
 
-// The 2 x 32 pair tile's steps (i8_tile_pair<2, MODE, true>) written out in assembly: n pairs of
-// steps of rows xu and xu + ldx by the panels at B and B + pstride, into c[g][r] (g: outputs
-// 8 g .. 8 g + 7 of the two panels). The same instructions as the loop below, but GCC keeps only
-// four of its eight accumulators in registers there (with four broadcasts, the ones and a weight
-// register, 17 would be live): each pair of steps stored and reloaded four, and moved four more.
+// The 2 x 32 pair tile's steps (i8_tile_pair<2, MODE, true>) written out in assembly: n >= 1 pairs
+// of steps (the loop tests at its end) of rows xu and xu + ldx by the panels at B and B + pstride,
+// into c[g][r] (g: outputs 8 g .. 8 g + 7 of the two panels). The same instructions as the loop
+// below, but GCC keeps only four of its eight accumulators in registers there (with four
+// broadcasts, the ones and a weight register, 17 would be live): each pair of steps stored and
+// reloaded four, and moved four more.
 // Here the broadcasts and two temporaries take ymm10-15, the weights are memory operands, and
 // nothing spills: 1.15x (median of 30 alternations) on one Zen 3 thread over [5120]-input panels.
 #define I8_PAIR_STEP(BASE, OFF, A, A2, C)                       \
