@@ -53,6 +53,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("half_vm", &half_vm, NOGIL, "vector x bf16/fp16 matrix stored [in, out] (AVX2)");
   m.def("set_half_bf16_dot", &set_half_bf16_dot, "bf16 x bf16 decode products through vdpbf16ps");
   m.def("fit_symmetric", &fit_symmetric, NOGIL, "symmetric INT4 group scales (AVX2)");
+  m.def("gptq_group_scales", &gptq_group_scales, NOGIL, "GPTQ's symmetric group fit from its state");
   m.def("gptq_columns", &gptq_columns, NOGIL, "GPTQ's walk over one group's columns");
   m.def("lowrank_columns", &lowrank_columns, NOGIL, "the low-rank GPTQ feedback's column loop for one block");
   m.def("transpose_widen", &transpose_widen, NOGIL, "dst (and dst2) = src^T in float32", py::arg("src"), py::arg("dst"),
@@ -525,6 +526,13 @@ def fit_symmetric(w: torch.Tensor, group_size: int, ratios: list[float], iters: 
     if not (w.stride(0) == 1 and w.stride(1) >= w.shape[0] > 1):  # a transposed [K, O] is read as it is
         w = w.contiguous()
     return _module().fit_symmetric(w, group_size, [float(r) for r in ratios], iters)
+
+
+def gptq_group_scales(w, e, lower, ratios: list[float], iters: int) -> torch.Tensor:
+    """The symmetric INT4 fit's scales [O] for one group of GPTQ's walk, fitted to its columns as
+    GPTQ's update leaves them (quant/fit_kernel.py): w, e [g, O] the state and the original
+    columns, lower [g, g] the strictly lower part of (I + F_gg)^-1."""
+    return _module().gptq_group_scales(w, e, lower.contiguous(), [float(r) for r in ratios], iters)
 
 
 def gptq_columns(w, e, f, s, z, q, i0: int, i1: int, qmin: int, qmax: int) -> None:

@@ -1,5 +1,7 @@
 """The symmetric INT4 group fit of quant/int4.py in C++ (`fit_symmetric`, compiled by
-quant/cpu_kernel.py): one group at a time in registers.
+quant/cpu_kernel.py): one group at a time in registers. Also GPTQ's group fit straight from its
+walk's state (`gptq_group_scales`: the columns as GPTQ sees them, then the same fit, per tile of
+outputs).
 """
 
 SOURCE = r"""
@@ -164,6 +166,79 @@ torch::Tensor fit_symmetric(torch::Tensor w, int64_t group, std::vector<double> 
         for (int64_t r = 0; r < rows; ++r)
           sp[(o0 + r) * G + g] = fit_group_symmetric(buf.data() + r * group, group, ratios, iters);
       }
+    }
+  });
+  return out;
+}
+
+// GPTQ's group fit straight from its state (quant/gptq.py, gptq_walk's `fused` fit): w, e [g, O]
+// rows one stride apart, the group's columns as the walk holds them (w: with the feedback of the
+// columns before the group; e: as they started); l [g, g] the strictly lower part of
+// (I + F_gg)^-1 (zero elsewhere). The columns as GPTQ's update leaves them when the walk reaches
+// the group, a_k = w_k - sum_{j<k} l_kj (e_j - w_j) (quant/gptq.py's _as_gptq_sees in another
+// form: orig - inv (orig - state)), go into a tile buffer of 256 outputs (in L1/L2 where the
+// product and the subtraction it replaces took two passes over [g, O] and a matrix product of
+// K = g, which MKL runs at a third of its rate), then fit_lanes_symmetric fits them from there.
+// Returns the scales [O] (float32, not yet rounded to the stored dtype).
+constexpr int64_t GF_TILE = 256, GF_LD = GF_TILE + 8;  // outputs per tile; its buffers' row stride
+
+// a_k for the tile's n outputs, 16 at a time (the last 8 alone where n is not a multiple of 16),
+// each strip down all g rows: its differences (g x 16 floats) stay in L1 for every row's sum.
+template <int H>
+static void gf_strip(const float* w, int64_t ld, const float* l, int64_t g, const float* d, float* a) {
+  for (int64_t k = 0; k < g; k += 4) {  // rows k .. k + 3
+    const float* lk = l + k * g;
+    __m256 acc[4][H];
+    for (int r = 0; r < 4; ++r)
+      for (int h = 0; h < H; ++h) acc[r][h] = _mm256_loadu_ps(w + (k + r) * ld + 8 * h);
+    for (int64_t j = 0; j < k + 3; ++j) {  // l[k + r][j] = 0 for j >= k + r
+      __m256 dj[H];
+      for (int h = 0; h < H; ++h) {
+        dj[h] = _mm256_loadu_ps(d + j * GF_LD + 8 * h);
+        asm("" : "+x"(dj[h]));  // in a register: GCC folded the load into each row's FMA (twice the loads)
+      }
+      for (int r = 0; r < 4; ++r) {
+        const __m256 lv = _mm256_broadcast_ss(lk + r * g + j);
+        for (int h = 0; h < H; ++h) acc[r][h] = _mm256_fnmadd_ps(lv, dj[h], acc[r][h]);
+      }
+    }
+    for (int r = 0; r < 4; ++r)
+      for (int h = 0; h < H; ++h) _mm256_storeu_ps(a + (k + r) * GF_LD + 8 * h, acc[r][h]);
+  }
+}
+
+static void gf_ahead(const float* w, const float* e, int64_t ld, const float* l, int64_t g, int64_t n, float* d,
+                     float* a) {
+  for (int64_t j = 0; j < g; ++j)
+    for (int64_t c = 0; c < n; c += 8)
+      _mm256_storeu_ps(d + j * GF_LD + c,
+                       _mm256_sub_ps(_mm256_loadu_ps(e + j * ld + c), _mm256_loadu_ps(w + j * ld + c)));
+  int64_t c = 0;
+  for (; c + 16 <= n; c += 16) gf_strip<2>(w + c, ld, l, g, d + c, a + c);
+  if (c < n) gf_strip<1>(w + c, ld, l, g, d + c, a + c);
+}
+
+torch::Tensor gptq_group_scales(torch::Tensor w, torch::Tensor e, torch::Tensor l, std::vector<double> ratios,
+                                int64_t iters) {
+  TORCH_CHECK(w.scalar_type() == torch::kFloat && e.scalar_type() == torch::kFloat && l.scalar_type() == torch::kFloat,
+              "gptq_group_scales: float32");
+  TORCH_CHECK(w.dim() == 2 && w.stride(1) == 1 && e.stride(1) == 1 && e.stride(0) == w.stride(0) &&
+                  e.sizes() == w.sizes(),
+              "gptq_group_scales: w and e [g, O], rows of consecutive floats, one row stride");
+  const int64_t g = w.size(0), O = w.size(1), ld = w.stride(0);
+  TORCH_CHECK(l.is_contiguous() && l.size(0) == g && l.size(1) == g, "gptq_group_scales: l [g, g] contiguous");
+  TORCH_CHECK(g % 8 == 0 && O % 8 == 0, "gptq_group_scales: g and O multiples of 8");
+  auto out = torch::empty({O}, w.options().memory_format(at::MemoryFormat::Contiguous));
+  const float* wp = w.data_ptr<float>();
+  const float* ep = e.data_ptr<float>();
+  const float* lp = l.data_ptr<float>();
+  float* sp = out.data_ptr<float>();
+  at::parallel_for(0, (O + GF_TILE - 1) / GF_TILE, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> d(g * GF_LD), a(g * GF_LD);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t o0 = t * GF_TILE, n = std::min(GF_TILE, O - o0);
+      gf_ahead(wp + o0, ep + o0, ld, lp, g, n, d.data(), a.data());
+      for (int64_t c = 0; c < n; c += 8) fit_lanes_symmetric(a.data() + c, GF_LD, g, ratios, iters, sp + o0 + c, 1);
     }
   });
   return out;

@@ -26,7 +26,7 @@ import torch
 
 from . import cpu_kernel
 from .gptq_lowrank import LowRankFeedback
-from .int4 import QMAX, QMIN, Int4Weight, _grouped, fit_scales, pack_int4_transposed
+from .int4 import QMAX, QMIN, SYM_RATIOS, Int4Weight, _grouped, fit_scales, pack_int4_transposed
 from .int8_forward import activation_qmax, activations_narrow
 
 DAMP = 0.01  # added to H's diagonal, as a fraction of its mean: keeps rarely seen directions stable
@@ -161,7 +161,8 @@ def gptq_int4(
     def fit(wg):
         return _fit_group(wg, symmetric, scale_dtype, iters)
 
-    q, scales, zeros = gptq_walk(w, f, group_size, fit, QMIN, QMAX, updates)
+    fused = _fused_fit(w, group_size, symmetric, scale_dtype, iters)
+    q, scales, zeros = gptq_walk(w, f, group_size, fit, QMIN, QMAX, updates, fused)
     return Int4Weight(
         packed=pack_int4_transposed(q),
         scale=scales.t().contiguous().to(scale_dtype),
@@ -171,7 +172,30 @@ def gptq_int4(
     )
 
 
-def gptq_walk(w: torch.Tensor, f: torch.Tensor, group_size: int, fit, qmin: int, qmax: int, updates=None):
+def _fused_fit(w: torch.Tensor, group_size: int, symmetric: bool, scale_dtype, iters: int):
+    """gptq_walk's `fused` fit where the extension has it (quant/fit_kernel.py, gptq_group_scales:
+    the symmetric fit on the CPU, outputs and groups multiples of 8), else None: a group's
+    columns as GPTQ sees them and their fit in one pass over 256 outputs at a time. At Scout's
+    gate/up width (16384 outputs), two Zen 3 threads: 9.5-13.6 ms a group against 16-22 for
+    _as_gptq_sees (an MKL product of K = 128 at a third of its rate, two passes over [128, O])
+    and the fit of its result. The same scales as _fit_group's to float32 rounding (the sums
+    go in another order), so a near tie between two candidate scales may go the other way."""
+    if not (symmetric and w.device.type == "cpu" and w.shape[0] % 8 == 0 and group_size % 8 == 0):
+        return None
+    if not cpu_kernel.available():
+        return None
+    tiny = torch.finfo(scale_dtype).tiny
+
+    def fused(state, orig, f_gg):
+        eye = torch.eye(f_gg.shape[0], dtype=f_gg.dtype)
+        lower = torch.linalg.solve_triangular(f_gg + eye, eye, upper=False, unitriangular=True).tril_(-1)
+        s = cpu_kernel.gptq_group_scales(state, orig, lower, SYM_RATIOS, iters)
+        return s.to(scale_dtype).float().clamp_min_(tiny), None  # as fit_scales stores it
+
+    return fused
+
+
+def gptq_walk(w: torch.Tensor, f: torch.Tensor, group_size: int, fit, qmin: int, qmax: int, updates=None, fused=None):
     """GPTQ's walk of w [O, N] onto a grid of integers [qmin, qmax] with one scale (and zero) per
     output and group of `group_size` inputs: fit(wg [O, g]) gives a group's (scales [O], zeros
     [O] or None for 0), as stored, from its columns as GPTQ's update leaves them. Returns (q int8
@@ -190,7 +214,11 @@ def gptq_walk(w: torch.Tensor, f: torch.Tensor, group_size: int, fit, qmin: int,
     way): right-looking as float32, each block's product in quant/int8_gemm_kernel.py's int8
     GEMM (_Int8Updates: about 1.6x float32's multiply-adds a second on Zen 3), the feedback and
     errors rounded to 7 or 8 bits per later column and per output over the block: it moves the
-    output error by a few tenths of a percent either way (tests/test_gptq.py)."""
+    output error by a few tenths of a percent either way (tests/test_gptq.py).
+
+    `fused`: fused(state, orig, f_gg) gives a group's (scales, zeros) from the walk's state, the
+    original columns and the group's own feedback directly, in place of _as_gptq_sees then fit
+    (_fused_fit)."""
     out, inp = w.shape
     _grouped(w[:1], group_size)  # validate the shape
     if f.shape != (inp, inp):
@@ -250,8 +278,10 @@ def gptq_walk(w: torch.Tensor, f: torch.Tensor, group_size: int, fit, qmin: int,
         err = err_buf[:n].copy_(ob)  # the original columns, less what they round to
         for i in range(0, n, group_size):
             g, j = (b0 + i) // group_size, i + group_size
-            ahead = _as_gptq_sees(wb[i:j], err[i:j], fb[i:j, i:j], ahead_buf)
-            sg, zg = fit(ahead.t())
+            if fused is not None:
+                sg, zg = fused(wb[i:j], err[i:j], fb[i:j, i:j])
+            else:
+                sg, zg = fit(_as_gptq_sees(wb[i:j], err[i:j], fb[i:j, i:j], ahead_buf).t())
             scales[g] = sg
             if zg is not None:
                 zeros[g] = zg
