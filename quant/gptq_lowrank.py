@@ -114,9 +114,11 @@ def lowrank_feedback(x: torch.Tensor, damp: float) -> LowRankFeedback | None:
     for j1 in range(n, 0, -BLOCK):
         j0 = max(0, j1 - BLOCK)
         xj = xd[:, j0:j1]
-        px = p @ xj
+        # p is symmetric (to rounding): px = p @ xj as (xj^T p)^T, whose operands MKL takes 1.5-2x
+        # faster (a strided [r, 128] right-hand side ran at ~10 GMAC/s on two Zen 3 threads).
+        px = (xj.t().contiguous() @ p).t().contiguous()
         u, aj = torch.empty_like(xj), torch.empty_like(xj)
         columns(px, xj, d[j0:j1], u, aj)
-        p -= aj @ u.t()  # M_k^-1 = M_{k+1}^-1 - a_k u_k^T, for the block's columns at once
+        p.addmm_(aj, u.t().contiguous(), alpha=-1)  # M_k^-1 = M_{k+1}^-1 - a_k u_k^T, the block's columns at once
         a[:, j0:j1] = aj
     return LowRankFeedback(a.float(), x.float())

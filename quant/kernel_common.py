@@ -8,6 +8,7 @@ activations in and results out in the run's dtype.
 SOURCE = r"""
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <omp.h>
 #include <atomic>
 #include <immintrin.h>
 #include <algorithm>

@@ -30,16 +30,23 @@ def test_the_feedback_equals_the_hessians(r, n):
     torch.testing.assert_close(got.block(128, 256), want[128:256, 128:256], rtol=0, atol=2e-4 * want.abs().max().item())
 
 
-@pytest.mark.parametrize(("r", "n"), [(40, 300), (300, 131), (2, 9)])
+@pytest.mark.parametrize(("r", "n"), [(40, 300), (300, 131), (2, 9), (700, 600)])
 def test_the_column_kernel_is_the_torch_loop(r, n, monkeypatch):
     """The block's column loop in C++ (quant/gptq_kernel.py) against the torch loop it replaces:
-    float64, only the order of the sums differs (blocks of 128, a partial one, odd widths)."""
+    float64, only the order of the sums differs (blocks of 128, a partial one, odd widths); on any
+    number of threads the same bits (700 rows: the threaded loop)."""
     from quant import cpu_kernel, gptq_lowrank
 
     if not cpu_kernel.available():
         pytest.skip("no AVX2/FMA CPU or no C++ compiler")
     x = rows(r, n)
     got = lowrank_feedback(x, 0.01)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the kernel's threads split each sum's terms never: the same bits
+    try:
+        assert torch.equal(lowrank_feedback(x, 0.01).a, got.a)
+    finally:
+        torch.set_num_threads(threads)
     monkeypatch.setattr(gptq_lowrank, "_columns_kernel", gptq_lowrank._columns_torch)
     want = lowrank_feedback(x, 0.01)
     torch.testing.assert_close(got.a, want.a, rtol=1e-6, atol=1e-6 * want.a.abs().max().item())
