@@ -234,7 +234,7 @@ def gptq_walk(w: torch.Tensor, f: torch.Tensor, group_size: int, fit, qmin: int,
     scales = torch.empty(groups, out, device=w.device)
     zeros = torch.zeros(groups, out, device=w.device)
     block = group_size * -(-128 // group_size)  # whole groups
-    ahead_buf = _rows(group_size, out, torch.float32, w.device)
+    ahead_buf = None if fused is not None else _rows(group_size, out, torch.float32, w.device)
     if left:  # each block's columns are read from w when it is reached: no transposed copy of w
         # One set of block buffers for the whole walk (fresh ones per block cost as much again).
         ob_buf, wb_buf, err_buf = (_rows(block, out, torch.float32, w.device) for _ in range(3))
