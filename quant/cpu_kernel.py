@@ -247,14 +247,16 @@ def _cpp_extension():
     return cpp_extension
 
 
-def _load_or_build(target: str):
+def _load_or_build(target: str, opt: str = "-O3"):
     """The compiled extension for `target`: imported directly where this source's build is
     already there (no ninja run: a process with another ninja on its PATH, whose build log hashes
     commands differently, would otherwise rebuild it, a minute each time), built first otherwise
-    (torch's load_inline: the build directory's lock keeps concurrent builds apart)."""
+    (torch's load_inline: the build directory's lock keeps concurrent builds apart). `opt`: the
+    optimisation level (tests/test_kernel_targets.py builds other targets at -O1: whether they
+    compile and what instructions they hold, in less time)."""
     ext = _cpp_extension()
     source = _source()
-    cflags = ["-O3", "-mtune=native", "-mavx2", "-mfma", "-mf16c", "-fopenmp", *_ISA_FLAGS[target]]
+    cflags = [opt, "-mtune=native", "-mavx2", "-mfma", "-mf16c", "-fopenmp", *_ISA_FLAGS[target]]
     name = extension_name(target, source, cflags)
     build = Path(ext._get_build_directory(name, verbose=False))
     built = build / f"{name}.so"
