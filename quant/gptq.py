@@ -187,8 +187,7 @@ def _fused_fit(w: torch.Tensor, group_size: int, symmetric: bool, scale_dtype, i
     tiny = torch.finfo(scale_dtype).tiny
 
     def fused(state, orig, f_gg):
-        eye = torch.eye(f_gg.shape[0], dtype=f_gg.dtype)
-        lower = torch.linalg.solve_triangular(f_gg + eye, eye, upper=False, unitriangular=True).tril_(-1)
+        lower = _group_inverse(f_gg).tril_(-1)
         s = cpu_kernel.gptq_group_scales(state, orig, lower, SYM_RATIOS, iters)
         return s.to(scale_dtype).float().clamp_min_(tiny), None  # as fit_scales stores it
 
@@ -400,9 +399,14 @@ def _as_gptq_sees(state: torch.Tensor, orig: torch.Tensor, f: torch.Tensor, out:
     scale is fitted to the latter, as GPTQ fits it: solve (I + F_gg) y = orig - state, then
     orig - y. The solve goes through the small [g, g] inverse and one matrix product, several
     times faster than a triangular solve with O right-hand sides (LAPACK's wants them by column)."""
+    return torch.addmm(orig, _group_inverse(f), orig - state, alpha=-1, out=out[: f.shape[0]])
+
+
+def _group_inverse(f: torch.Tensor) -> torch.Tensor:
+    """(I + f)^-1 for a group's own feedback f [g, g] (strictly lower triangular): unit lower
+    triangular (_as_gptq_sees, and _fused_fit's kernel takes its part below the diagonal)."""
     eye = torch.eye(f.shape[0], dtype=f.dtype, device=f.device)
-    inv = torch.linalg.solve_triangular(f + eye, eye, upper=False, unitriangular=True)
-    return torch.addmm(orig, inv, orig - state, alpha=-1, out=out[: f.shape[0]])
+    return torch.linalg.solve_triangular(f + eye, eye, upper=False, unitriangular=True)
 
 
 def _fit_group(wg: torch.Tensor, symmetric: bool, scale_dtype, iters: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -334,8 +334,9 @@ void transpose_widen(torch::Tensor src, torch::Tensor dst, c10::optional<torch::
 // [r, n] row-major: u_k = px_k - A_{>k} (U_{>k}^T x_k), a_k = u_k / (d_k + x_k . u_k), written
 // into u and a (their columns past k are read; column k written). Sequential in k; within a
 // column the threads split s = U_{>k}^T x_k by its entries and u_k by rows, each sum taken in
-// the one thread's order (the same bits for any thread count), with three barriers per column
-// (at 1200 rows one thread took 1.0 of 3.0 s of a feedback at 8192 inputs).
+// the one thread's order (the same bits for any thread count), with four synchronisations per
+// column: three barriers and the single thread's sum (at 1200 rows one thread took 1.0 of 3.0 s
+// of a feedback at 8192 inputs).
 // s[jb + j] = sum_i u[i][jb + j] x[i][k] for j < nj <= 4 NV, in order of i (one FMA each): the
 // sums held in NV registers down all r rows, where a store and reload of s per row made a
 // latency chain of them.
