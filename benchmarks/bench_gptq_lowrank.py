@@ -1,6 +1,6 @@
 """GPTQ of one routed expert at Scout's shapes: through the Hessian's factor, and through the
-calibration rows (quant/gptq_lowrank.py), alternated; --updates times the Hessian's walk with
-each precision of its update products (quant/gptq.py: float32, int8, bfloat16), --gram int8
+calibration rows (quant/gptq_lowrank.py), alternated; --updates times both walks with
+each precision of their update products (quant/gptq.py: float32, int8, bfloat16), --gram int8
 adds the Hessian from the int8 Gram products (quant/int8_gram_kernel.py) beside the float one,
 and each result's output error on the rows, ||(W - Q) x|| / ||W x||, is printed. --heavy draws
 the rows heavy-tailed (Student-t with 3 degrees of freedom, every 64th row 30x: BOS-like tokens)
@@ -50,10 +50,11 @@ def main() -> None:
     torch.manual_seed(0)
     best: dict[tuple[str, str, str], float] = {}
     errors: dict[tuple[str, str], float] = {}
-    paths = [f"hessian:{u}" for u in args.updates.split(",") if u] or ["hessian"]
+    ups = [u for u in args.updates.split(",") if u]
+    paths = [f"hessian:{u}" for u in ups] or ["hessian"]
     if args.gram == "int8":
         paths += [p + "+gram8" for p in paths]
-    paths.append("rows")
+    paths += [f"rows:{u}" for u in ups if u != "bfloat16" or len(ups) == 1] or ["rows"]
     for _ in range(args.reps):
         for kind, (inputs, outputs) in {"gate": (5120, 8192), "down": (8192, 5120)}.items():
             g = torch.Generator().manual_seed(0)

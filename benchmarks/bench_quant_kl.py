@@ -33,8 +33,13 @@ With --tokens 2048,4096,8192 it runs the default quantize with each calibration 
 (`--calibration-tokens`) and times it: how much of GPTQ's gain fewer tokens keep, for hosts
 where the calibrated quantize is slow (CPUs without bf16 dot products).
 
+With --rows it runs the default quantize with every routed expert through its calibration rows
+(quant/gptq_lowrank.py, which Scout's experts take: the trained model's see more rows than
+inputs, so the Hessian's path is theirs by default), that walk's products in int8 (the default
+on CPUs without bf16 dot products) and in float32, beside the default: what int8 costs there.
+
     python benchmarks/bench_quant_kl.py [--model benchmarks/.cache/small-llama4] [--ctx 256]
-        [--bf16 | --llamacpp | --precision | --lm-head | --tokens N,..]
+        [--bf16 | --llamacpp | --precision | --lm-head | --tokens N,.. | --rows]
 """
 
 from __future__ import annotations
@@ -296,6 +301,32 @@ def quantizer_precision(args, report):
             report(name, load_model(out, "float32", "cpu")[0], native_bf16=cpu_kernel.native_bf16(), seconds=seconds)
 
 
+def rows_cost(args, report):
+    """The default quantize with every routed expert's feedback from its rows (LowRankFeedback.pays
+    forced), that walk's products in int8 (the default here) and in float32 (int8_available
+    off: the other linears' walks unchanged), and the default beside them, scored in float32."""
+    from quant.gptq_lowrank import LowRankFeedback
+
+    pays, int8 = LowRankFeedback.pays, LowRankFeedback.int8_available
+    runs = (
+        ("gptq int4 g128 default", False, int8),
+        ("gptq int4 g128, routed experts through their rows, int8 products", True, int8),
+        ("gptq int4 g128, routed experts through their rows, float32 products", True, lambda device: False),
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, (name, rows, available) in enumerate(runs):
+            LowRankFeedback.pays = staticmethod(lambda *a, **k: True) if rows else pays
+            LowRankFeedback.int8_available = staticmethod(available)
+            try:
+                out = Path(tmp) / str(i)
+                t0 = time.perf_counter()
+                quantize_checkpoint(args.model, out, QuantizeOptions())
+                seconds = round(time.perf_counter() - t0, 1)
+            finally:
+                LowRankFeedback.pays, LowRankFeedback.int8_available = staticmethod(pays), staticmethod(int8)
+            report(name, load_model(out, "float32", "cpu")[0], seconds=seconds)
+
+
 def lm_head_cost(args, report):
     """What the lm_head's forms cost on top of the default quantize: kept (float32 runs), its Q6
     blocks from the sidecar (GPTQ against the head's inputs: what a bf16 CPU run maps), Q8_0
@@ -357,6 +388,7 @@ def main():
     ap.add_argument("--llamacpp", action="store_true", help="llama.cpp's own 4-bit files (LLAMACPP_KINDS) beside ours")
     ap.add_argument("--lm-head", action="store_true", help="the lm_head kept, in Q6 (the sidecar), Q8_0, in place")
     ap.add_argument("--tokens", help="the default quantize at these calibration token counts (e.g. 2048,4096,8192)")
+    ap.add_argument("--rows", action="store_true", help="routed experts through their rows, int8 against float32")
     args = ap.parse_args()
     tok = Tokenizer(args.model)
     ids = tok.encode((args.model / "eval.txt").read_text(), add_special_tokens=False)
@@ -389,6 +421,8 @@ def main():
         return llamacpp_files(args, report)
     if args.tokens:
         return calibration_tokens(args, report)
+    if args.rows:
+        return rows_cost(args, report)
     if q4_k_fits(args.model):
         # The anchor: llama.cpp's Q4_K_M (whole model), and its Q4_K on our default's tensors.
         report("q4_k_m (llama.cpp, whole model)", q4_k_m(args.model, only_ours=False))

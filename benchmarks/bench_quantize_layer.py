@@ -68,8 +68,8 @@ def main() -> None:
         calibrated._expert = timed(experts, expert)
         pays = LowRankFeedback.pays
 
-        def counted(rows, inputs, dense_float32=False):
-            ok = pays(rows, inputs, dense_float32)
+        def counted(rows, inputs, updates=torch.bfloat16):
+            ok = pays(rows, inputs, updates)
             paths["rows" if ok else "hessian"] += 1
             return ok
 

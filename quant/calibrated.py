@@ -163,7 +163,7 @@ def _feedback(rows: torch.Tensor):
     """GPTQ's feedback for a linear that saw `rows` [r, N]: from the rows themselves where they
     are few (quant/gptq_lowrank.py: Scout's routed experts), else through the Hessian's factor;
     None where they are not finite."""
-    if LowRankFeedback.pays(*rows.shape, dense_float32=default_updates(rows.device) == torch.float32):
+    if LowRankFeedback.pays(*rows.shape, default_updates(rows.device)):
         return lowrank_feedback(rows, DAMP)
     return factor_or_none(gram_lower(rows, int8=int8_forward.gram_int8()), consume=True)
 

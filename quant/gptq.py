@@ -225,7 +225,7 @@ def gptq_walk(w: torch.Tensor, f: torch.Tensor, group_size: int, fit, qmin: int,
     f = f.to(w.device)
     updates = updates or default_updates(w.device)
     lowrank = isinstance(f, LowRankFeedback)  # always left-looking, in `updates`' products
-    if lowrank and updates == torch.int8:
+    if lowrank and updates == torch.int8 and not LowRankFeedback.int8_available(w.device):
         updates = torch.float32
     left = lowrank or updates == torch.bfloat16
     q = torch.empty(inp, out, dtype=torch.int8, device=w.device)
@@ -238,7 +238,7 @@ def gptq_walk(w: torch.Tensor, f: torch.Tensor, group_size: int, fit, qmin: int,
         # One set of block buffers for the whole walk (fresh ones per block cost as much again).
         ob_buf, wb_buf, err_buf = (_rows(block, out, torch.float32, w.device) for _ in range(3))
         if lowrank:
-            upd = _rows(block, out, updates, w.device)
+            upd = _rows(block, out, torch.float32 if updates == torch.int8 else updates, w.device)
         else:
             f_low = f.to(torch.bfloat16)
             errs = _rows(inp, out, torch.bfloat16, w.device)  # every walked column's error

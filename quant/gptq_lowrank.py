@@ -12,8 +12,8 @@ Woodbury,
 the errors of every earlier column as A_J^T v, with v the running sum of x_j times column j's
 error ([r, O]): 2 r N O multiply-adds in all instead of N^2 O / 2, and no N x N Cholesky
 factor. The products alone pay from 4 r < N; with the feedback's column loop and its float64
-r x r work, 8 r <= N (6 r <= N where the Hessian's walk would run in float32:
-LowRankFeedback.pays). The a_k come from the last column backwards, 128 at a time, in float64:
+r x r work, 8 r <= N where both walks update in bf16 (6 r <= N in float32, 4.5 r <= N in
+int8: LowRankFeedback.pays). The a_k come from the last column backwards, 128 at a time, in float64:
 M_{k+1}^-1 as the block's starting inverse P less the rank-one terms of the block's later
 columns, so each column costs O(r * 128) and each block one r x r x 128
 product.
@@ -24,39 +24,55 @@ from __future__ import annotations
 import torch
 
 from . import cpu_kernel
+from .int8_forward import activation_qmax, activations_narrow
 
 BLOCK = 128
+SPAN_BLOCKS = 4  # the int8 walk's blocks per span (LowRankFeedback)
 
 
 class LowRankFeedback:
     """F = tril(A^T X, -1) for A, X [r, N] (float32), with the running sum v of GPTQ's left-looking
     walk: update() gives a block's share of every earlier column's error, record() adds a block's
     errors once walked. v belongs to one walk: quant.gptq.gptq_int4 starts from a copy (to()),
-    so one feedback serves the linears that share an input (gate and up)."""
+    so one feedback serves the linears that share an input (gate and up); the copies share the
+    int8 operands, which depend on A and X alone.
 
-    def __init__(self, a: torch.Tensor, x: torch.Tensor):
+    In int8 (the products of quant/int8_gemm_kernel.py, where the Hessian's walk would take its
+    int8 updates) the walk goes by spans of SPAN_BLOCKS blocks, as gptq._Int8Updates: the first
+    block of a span takes the whole span's share of v at once (A_S^T rounded per column of A,
+    once per feedback; v rounded per output over its r entries and packed, once per span: r x O,
+    as much memory traffic as the product's output), each later block adds its share of the
+    span's earlier blocks' errors (F_JC = A_J^T X_C, [n, n], times E_C), and the span's end adds
+    X_S E_S to v in one product (X rounded per row over each block, the errors per output over
+    theirs, as the Hessian's int8 walk rounds them; each block a group with its own scales)."""
+
+    def __init__(self, a: torch.Tensor, x: torch.Tensor, packed: dict | None = None):
         self.a, self.x = a, x
-        self.v: torch.Tensor | None = None
+        self.v: torch.Tensor | None = None  # [r, O]
+        self._packed = {} if packed is None else packed  # (which, c0, c1) -> int8_gemm's left operand
+        self._span, self._ahead, self._walked = 0, None, []  # the int8 walk's current span
 
     @property
     def shape(self) -> tuple[int, int]:
         return (self.x.shape[1], self.x.shape[1])
 
     def to(self, device) -> LowRankFeedback:
-        return LowRankFeedback(self.a.to(device), self.x.to(device))
+        same = self.a.device == torch.device(device)
+        return LowRankFeedback(self.a.to(device), self.x.to(device), self._packed if same else None)
 
     @staticmethod
-    def pays(rows: int, inputs: int, dense_float32: bool = False) -> bool:
-        """Whether the rows' form is the faster for r rows and N inputs: the products alone pay
-        from 4 r < N, but the feedback's column loop and float64 r x r work take their share.
-        `dense_float32`: the Hessian's walk would update in float32 (a CPU without bf16 dot
-        products where the int8 updates are off), twice its cost in bf16 or int8, so the rows'
-        form pays longer (with int8 updates on Zen 3: 512 rows 1.85x the Hessian's path, at
-        1024 gate 0.85x, down 1.39x; session 37). At Scout's shapes,
-        two threads (benchmarks/bench_gptq_lowrank.py): Zen 4, bf16 updates: 1.59x a routed
-        expert at 512 rows, at 1024 gate 0.66x, down 1.26x (8 r <= N); Zen 3, float32: gate
-        1.26x at 768 rows, 0.79x at 1024, down 1.60x at 1024, 1.04x at 1536 (6 r <= N)."""
-        return (6 if dense_float32 else 8) * rows <= inputs
+    def pays(rows: int, inputs: int, updates: torch.dtype = torch.bfloat16) -> bool:
+        """Whether the rows' form is the faster for r rows and N inputs, where the Hessian's walk
+        would update in `updates` (and the rows' walk with it): the products alone pay from
+        4 r < N, but the feedback's column loop and float64 r x r work (2 N r^2) take their
+        share. At Scout's shapes, two threads (benchmarks/bench_gptq_lowrank.py, the Hessian from
+        the int8 Gram where the updates are int8): Zen 4, bf16: 1.59x a routed expert at 512
+        rows, at 1024 gate 0.66x, down 1.26x (8 r <= N); Zen 3, float32: gate 1.26x at 768
+        rows, 0.79x at 1024, down 1.60x at 1024, 1.04x at 1536 (6 r <= N); Zen 3, int8 both
+        ways: gate (and up) 1.65x at 768 rows, 1.0x at 1280, 0.75x at 1536, down 2.3x at 768,
+        1.55x at 1280, 1.37x at 1536, 0.90x at 2048 (4.5 r <= N)."""
+        per_row = {torch.float32: 6.0, torch.int8: 4.5}.get(updates, 8.0)
+        return per_row * rows <= inputs
 
     def block(self, b0: int, b1: int) -> torch.Tensor:
         """The feedback among columns [b0, b1): [n, n] float32, strictly lower triangular."""
@@ -68,19 +84,80 @@ class LowRankFeedback:
 
     def update(self, b0: int, b1: int, dtype: torch.dtype, out: torch.Tensor) -> torch.Tensor:
         """Columns [b0, b1)'s share of the errors recorded so far: A_J^T v [n, O] in `dtype`'s
-        products (bf16: both sides rounded, float32 sums), written to out."""
+        products (bf16: both sides rounded, float32 sums; int8: see the class), written to out
+        (float32 for int8)."""
+        if dtype == torch.int8:
+            return self._update_int8(b0, b1, out)
         if self.v is None:
             return out.zero_()
         return torch.mm(self.a[:, b0:b1].t().to(dtype), self.v.to(dtype), out=out)
 
     def record(self, b0: int, b1: int, err: torch.Tensor, dtype: torch.dtype) -> None:
         """Add columns [b0, b1)'s errors (err [n, O], original minus quantized) to v (float32),
-        the product in `dtype`'s arithmetic (bf16: both sides rounded, float32 sums)."""
+        the product in `dtype`'s arithmetic (bf16: both sides rounded, float32 sums; int8: see
+        the class)."""
+        if dtype == torch.int8:
+            return self._record_int8(b0, b1, err)
         if dtype == torch.float32 and self.v is not None:  # in place: no [r, O] temporary per block
             self.v.addmm_(self.x[:, b0:b1], err)
             return
         term = (self.x[:, b0:b1].to(dtype) @ err.to(dtype)).float()
         self.v = term if self.v is None else self.v.add_(term)
+
+    def _update_int8(self, b0: int, b1: int, out: torch.Tensor) -> torch.Tensor:
+        if b0 == 0:
+            self._span = SPAN_BLOCKS * (b1 - b0)
+        s0 = b0 - b0 % self._span
+        if b0 == s0:  # the span's share of every column before it, in one product
+            self._ahead = None
+            if self.v is not None:
+                s1 = min(s0 + self._span, self.x.shape[1])
+                vq, vs, _ = cpu_kernel.int8_cols(self.v, cpu_kernel.int8_gemm_exact_qmax())
+                packed, sums = cpu_kernel.int8_pack(vq)
+                aq, sa = self._rounded("a", s0, s1)
+                self._ahead = torch.empty(s1 - s0, self.v.shape[1], device=out.device)
+                cpu_kernel.int8_gemm(aq, packed, sums, sa, vs, self._ahead, narrow=activations_narrow())
+        if self._ahead is None:
+            out.zero_()
+        else:
+            out.copy_(self._ahead[b0 - s0 : b1 - s0])
+        for c0, c1, packed, sums, es in self._walked:  # the span's earlier blocks: F_JC E_C
+            fq, fs, _ = cpu_kernel.int8_rows(self.a[:, b0:b1].t() @ self.x[:, c0:c1], activation_qmax())
+            cpu_kernel.int8_gemm(fq, packed, sums, fs, es, out, narrow=activations_narrow(), add=True)
+        return out
+
+    def _record_int8(self, b0: int, b1: int, err: torch.Tensor) -> None:
+        eq, es, _ = cpu_kernel.int8_cols(err, cpu_kernel.int8_gemm_exact_qmax())
+        self._walked.append((b0, b1, *cpu_kernel.int8_pack(eq), es))
+        n = self.x.shape[1]
+        if b1 % self._span and b1 < n:
+            return
+        # The span's end: v += X_S E_S, each block a group with its own scales.
+        if self.v is None:  # [r, O], rows 64 bytes apart from a multiple of 4 KB
+            self.v = torch.zeros(self.x.shape[0], err.shape[1] + 16, device=err.device)[:, : err.shape[1]]
+        walked, self._walked = self._walked, []
+        sizes = {c1 - c0 for c0, c1, *_ in walked}
+        parts = [walked] if len(sizes) == 1 else [[w] for w in walked]  # groups need equal blocks
+        for part in parts:
+            rows = [self._rounded("x", c0, c1) for c0, c1, *_ in part]
+            xq = torch.cat([q for q, _ in rows], dim=1)
+            sx, packed = torch.stack([s for _, s in rows]), torch.cat([w[2] for w in part], dim=1)
+            sums, es = torch.stack([w[3] for w in part]), torch.stack([w[4] for w in part])
+            cpu_kernel.int8_gemm(xq, packed, sums, sx, es, self.v, narrow=activations_narrow(), add=True)
+
+    def _rounded(self, which: str, c0: int, c1: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """int8_gemm's left operand for columns [c0, c1), rounded once per feedback (the copies of
+        to() share them): A_C^T by rows ("a": the span's update) or X_C by rows ("x": record)."""
+        key = (which, c0, c1)
+        if key not in self._packed:
+            m = self.a[:, c0:c1].t() if which == "a" else self.x[:, c0:c1]
+            self._packed[key] = cpu_kernel.int8_rows(m, activation_qmax())[:2]
+        return self._packed[key]
+
+    @staticmethod
+    def int8_available(device) -> bool:
+        """Whether the int8 products can run (the extension, on the CPU)."""
+        return torch.device(device).type == "cpu" and cpu_kernel.available()
 
 
 def _columns_torch(px, xj, d, u, aj) -> None:
