@@ -213,7 +213,8 @@ def gptq_walk(w: torch.Tensor, f: torch.Tensor, group_size: int, fit, qmin: int,
     way): right-looking as float32, each block's product in quant/int8_gemm_kernel.py's int8
     GEMM (_Int8Updates: about 1.6x float32's multiply-adds a second on Zen 3), the feedback and
     errors rounded to 7 or 8 bits per later column and per output over the block: it moves the
-    output error by a few tenths of a percent either way (tests/test_gptq.py).
+    output error by a few tenths of a percent either way (tests/test_gptq.py). The rows' feedback
+    (quant/gptq_lowrank.py) is always left-looking, in its own products of the same precision.
 
     `fused`: fused(state, orig, f_gg) gives a group's (scales, zeros) from the walk's state, the
     original columns and the group's own feedback directly, in place of _as_gptq_sees then fit

@@ -46,10 +46,10 @@ class LowRankFeedback:
     X_S E_S to v in one product (X rounded per row over each block, the errors per output over
     theirs, as the Hessian's int8 walk rounds them; each block a group with its own scales)."""
 
-    def __init__(self, a: torch.Tensor, x: torch.Tensor, packed: dict | None = None):
+    def __init__(self, a: torch.Tensor, x: torch.Tensor, operands: dict | None = None):
         self.a, self.x = a, x
         self.v: torch.Tensor | None = None  # [r, O]
-        self._packed = {} if packed is None else packed  # (which, c0, c1) -> int8_gemm's left operand
+        self._operands = {} if operands is None else operands  # (which, c0, c1) -> int8_gemm's left operand
         self._span, self._ahead, self._walked = 0, None, []  # the int8 walk's current span
 
     @property
@@ -58,7 +58,7 @@ class LowRankFeedback:
 
     def to(self, device) -> LowRankFeedback:
         same = self.a.device == torch.device(device)
-        return LowRankFeedback(self.a.to(device), self.x.to(device), self._packed if same else None)
+        return LowRankFeedback(self.a.to(device), self.x.to(device), self._operands if same else None)
 
     @staticmethod
     def pays(rows: int, inputs: int, updates: torch.dtype = torch.bfloat16) -> bool:
@@ -105,8 +105,8 @@ class LowRankFeedback:
         self.v = term if self.v is None else self.v.add_(term)
 
     def _update_int8(self, b0: int, b1: int, out: torch.Tensor) -> torch.Tensor:
-        if b0 == 0:
-            self._span = SPAN_BLOCKS * (b1 - b0)
+        if b0 == 0:  # a walk's first block: its blocks' width sets the spans
+            self._span, self._walked = SPAN_BLOCKS * (b1 - b0), []
         s0 = b0 - b0 % self._span
         if b0 == s0:  # the span's share of every column before it, in one product
             self._ahead = None
@@ -149,10 +149,10 @@ class LowRankFeedback:
         """int8_gemm's left operand for columns [c0, c1), rounded once per feedback (the copies of
         to() share them): A_C^T by rows ("a": the span's update) or X_C by rows ("x": record)."""
         key = (which, c0, c1)
-        if key not in self._packed:
+        if key not in self._operands:
             m = self.a[:, c0:c1].t() if which == "a" else self.x[:, c0:c1]
-            self._packed[key] = cpu_kernel.int8_rows(m, activation_qmax())[:2]
-        return self._packed[key]
+            self._operands[key] = cpu_kernel.int8_rows(m, activation_qmax())[:2]
+        return self._operands[key]
 
     @staticmethod
     def int8_available(device) -> bool:
