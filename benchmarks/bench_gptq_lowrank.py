@@ -54,7 +54,7 @@ def main() -> None:
     paths = [f"hessian:{u}" for u in ups] or ["hessian"]
     if args.gram == "int8":
         paths += [p + "+gram8" for p in paths]
-    paths += [f"rows:{u}" for u in ups if u != "bfloat16" or len(ups) == 1] or ["rows"]
+    paths += [f"rows:{u}" for u in ups] or ["rows"]
     for _ in range(args.reps):
         for kind, (inputs, outputs) in {"gate": (5120, 8192), "down": (8192, 5120)}.items():
             g = torch.Generator().manual_seed(0)

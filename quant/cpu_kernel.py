@@ -669,6 +669,31 @@ def int8_gemm(
     return out
 
 
+def int8_packed_cols(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """w [K, O] rounded per column to what int8_gemm sums exactly (int8_gemm_exact_qmax) and laid
+    out as its right operand: (packed, sums [O], scales [O]) (GPTQ's errors per block, the rows'
+    running sum)."""
+    q, s, _ = int8_cols(w, int8_gemm_exact_qmax())
+    packed, sums = int8_pack(q)
+    return packed, sums, s
+
+
+def int8_gemm_add_groups(lefts, rights, out: torch.Tensor, narrow: bool = False) -> torch.Tensor:
+    """out += sum over g of lefts[g] @ rights[g], scaled, in order of g: lefts [(xq [T, k_g], sx
+    [T])], rights [(packed, sums [O], sw [O])] (int8_packed_cols'). Groups of one width, a
+    multiple of 4, go in one int8_gemm with groups (the same float additions in the same order as
+    a call each), others a call each; returns out."""
+    widths = {q.shape[1] for q, _ in lefts}
+    if len(lefts) == 1 or len(widths) > 1 or widths.pop() % 4:
+        for (xq, sx), (packed, sums, sw) in zip(lefts, rights, strict=True):
+            int8_gemm(xq, packed, sums, sx, sw, out, narrow=narrow, add=True)
+        return out
+    xq, sx = torch.cat([q for q, _ in lefts], dim=1), torch.stack([s for _, s in lefts])
+    packed = torch.cat([r[0] for r in rights], dim=1)
+    sums, sw = torch.stack([r[1] for r in rights]), torch.stack([r[2] for r in rights])
+    return int8_gemm(xq, packed, sums, sx, sw, out, narrow=narrow, add=True)
+
+
 def int8_gemm_pairs() -> bool:
     """Whether int8_gemm(..., narrow=True) pairs steps: the maddubs build (no VNNI)."""
     return bool(_module().int8_gemm_pairs())

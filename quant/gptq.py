@@ -325,20 +325,15 @@ class _Int8Updates:
         """Block [b0, b1) is walked, its errors err [n, O]: update what lies after it."""
         n = self.wt.shape[0]
         s1 = min(n, (b0 // self.span + 1) * self.span)  # the span's end
-        eq, es, _ = cpu_kernel.int8_cols(err, cpu_kernel.int8_gemm_exact_qmax())
-        packed, sums = cpu_kernel.int8_pack(eq)
+        packed, sums, es = cpu_kernel.int8_packed_cols(err)
         if b1 < s1:  # the span's later columns, now
             fq, fs, _ = cpu_kernel.int8_rows(self.f[b1:s1, b0:b1], self.levels)
             cpu_kernel.int8_gemm(fq, packed, sums, fs, es, self.wt[b1:s1], narrow=self.narrow, add=True)
         self.done.append((b0, b1, packed, sums, es))
         if b1 < s1 or s1 == n:
             return
-        rows = [cpu_kernel.int8_rows(self.f[s1:, c0:c1], self.levels)[:2] for c0, c1, *_ in self.done]
-        fq = torch.cat([q for q, _ in rows], dim=1)
-        fs = torch.stack([s for _, s in rows])
-        packed = torch.cat([d[2] for d in self.done], dim=1)
-        sums, es = torch.stack([d[3] for d in self.done]), torch.stack([d[4] for d in self.done])
-        cpu_kernel.int8_gemm(fq, packed, sums, fs, es, self.wt[s1:], narrow=self.narrow, add=True)
+        lefts = [cpu_kernel.int8_rows(self.f[s1:, c0:c1], self.levels)[:2] for c0, c1, *_ in self.done]
+        cpu_kernel.int8_gemm_add_groups(lefts, [d[2:] for d in self.done], self.wt[s1:], self.narrow)
         self.done.clear()
 
 

@@ -112,8 +112,7 @@ class LowRankFeedback:
             self._ahead = None
             if self.v is not None:
                 s1 = min(s0 + self._span, self.x.shape[1])
-                vq, vs, _ = cpu_kernel.int8_cols(self.v, cpu_kernel.int8_gemm_exact_qmax())
-                packed, sums = cpu_kernel.int8_pack(vq)
+                packed, sums, vs = cpu_kernel.int8_packed_cols(self.v)
                 aq, sa = self._rounded("a", s0, s1)
                 self._ahead = torch.empty(s1 - s0, self.v.shape[1], device=out.device)
                 cpu_kernel.int8_gemm(aq, packed, sums, sa, vs, self._ahead, narrow=activations_narrow())
@@ -127,23 +126,15 @@ class LowRankFeedback:
         return out
 
     def _record_int8(self, b0: int, b1: int, err: torch.Tensor) -> None:
-        eq, es, _ = cpu_kernel.int8_cols(err, cpu_kernel.int8_gemm_exact_qmax())
-        self._walked.append((b0, b1, *cpu_kernel.int8_pack(eq), es))
-        n = self.x.shape[1]
-        if b1 % self._span and b1 < n:
+        self._walked.append((b0, b1, *cpu_kernel.int8_packed_cols(err)))
+        if b1 % self._span and b1 < self.x.shape[1]:
             return
         # The span's end: v += X_S E_S, each block a group with its own scales.
         if self.v is None:  # [r, O], rows 64 bytes apart from a multiple of 4 KB
             self.v = torch.zeros(self.x.shape[0], err.shape[1] + 16, device=err.device)[:, : err.shape[1]]
         walked, self._walked = self._walked, []
-        sizes = {c1 - c0 for c0, c1, *_ in walked}
-        parts = [walked] if len(sizes) == 1 else [[w] for w in walked]  # groups need equal blocks
-        for part in parts:
-            rows = [self._rounded("x", c0, c1) for c0, c1, *_ in part]
-            xq = torch.cat([q for q, _ in rows], dim=1)
-            sx, packed = torch.stack([s for _, s in rows]), torch.cat([w[2] for w in part], dim=1)
-            sums, es = torch.stack([w[3] for w in part]), torch.stack([w[4] for w in part])
-            cpu_kernel.int8_gemm(xq, packed, sums, sx, es, self.v, narrow=activations_narrow(), add=True)
+        lefts = [self._rounded("x", c0, c1) for c0, c1, *_ in walked]
+        cpu_kernel.int8_gemm_add_groups(lefts, [w[2:] for w in walked], self.v, activations_narrow())
 
     def _rounded(self, which: str, c0: int, c1: int) -> tuple[torch.Tensor, torch.Tensor]:
         """int8_gemm's left operand for columns [c0, c1), rounded once per feedback (the copies of
