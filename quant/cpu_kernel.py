@@ -5,10 +5,10 @@ one extension: quant/kernel_common.py (what the kernels share), quant/int4_kerne
 matrix-vector and prefill: the stored compressed-tensors bytes, no repack; with its AVX2
 per-128 tiles in int4_span_kernel.py and its 512-bit ones in int4_zmm_kernel.py), quant/
 matvec_kernel.py (bf16/fp16 and INT8 weights), quant/fit_kernel.py (the symmetric INT4 fit),
-fp8_kernel, gptq_kernel, gram_kernel, attn_kernel, glue_kernel, int8_kernel (the calibration
-forward's int8 roundings), int8_gemm_kernel (its int8 GEMM where torch's is a scalar loop),
-int8_gram_kernel (the calibration's Gram products through it) and layer_kernel (a decoder
-layer's decode step in one call).
+fp8_kernel, gptq_kernel, gram_kernel, chol_kernel (the Cholesky factors' products), attn_kernel,
+glue_kernel, int8_kernel (the calibration forward's int8 roundings), int8_gemm_kernel (its int8
+GEMM where torch's is a scalar loop), int8_gram_kernel (the calibration's Gram products through
+it) and layer_kernel (a decoder layer's decode step in one call).
 
 Built with torch.utils.cpp_extension on first use, for the CPU it runs on (needs a C++ compiler
 and ninja): where the CPU has VNNI (AVX-VNNI, or AVX512-VNNI: Intel since Ice Lake / Alder Lake,
@@ -61,6 +61,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gram_bf16", &gram_bf16, NOGIL, "x^T x in float32 sums for bf16 x (AVX512-BF16)");
   m.def("gram_f32", &gram_f32, NOGIL, "x^T x in float32 for bf16 or float32 x (AVX2 FMA)");
   m.def("int8_gram", &int8_gram, NOGIL, "x^T x of x rounded to int8 per column and group of rows");
+  m.def("gemm_tn_sub", &gemm_tn_sub, NOGIL, "c -= a^T b in float32 (the Cholesky factor's products)");
   m.def("attend_one", &attend_one, NOGIL, "decode attention for one query position (AVX2)", py::arg("q"), py::arg("k"),
         py::arg("v"), py::arg("parts") = 0);
   m.def("rms_norm", &rms_norm, NOGIL, "RMS norm over the last dimension, times an optional weight");
@@ -188,6 +189,7 @@ def unavailable_reason() -> str | None:
 def _source() -> str:
     from . import (
         attn_kernel,
+        chol_kernel,
         fit_kernel,
         fp8_kernel,
         gemm_kernel,
@@ -212,6 +214,7 @@ def _source() -> str:
         + fp8_kernel.SOURCE
         + gptq_kernel.SOURCE
         + gram_kernel.SOURCE
+        + chol_kernel.SOURCE
         + attn_kernel.SOURCE
         + glue_kernel.SOURCE
         + int8_kernel.SOURCE
@@ -570,6 +573,13 @@ def gram_f32(x: torch.Tensor, h: torch.Tensor, block: int, accumulate: bool = Tr
     """gram_bf16's blocks for bf16 or float32 x [T, N] (N a multiple of 16) with float32 products
     (AVX2 FMA: where the CPU has no bf16 dot products)."""
     _module().gram_f32(x.contiguous(), h, block, accumulate)
+
+
+def gemm_tn_sub(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """c [M, N] -= a^T b for a [K, M], b [K, N] (float32 on the CPU, unit column strides, c apart from
+    a and b), in the extension's FMA tiles (quant/chol_kernel.py); returns c."""
+    _module().gemm_tn_sub(a, b, c)
+    return c
 
 
 def int8_gram(x: torch.Tensor, h: torch.Tensor, block: int, accumulate: bool = True) -> None:

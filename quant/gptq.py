@@ -73,18 +73,19 @@ CHOLESKY_BLOCK = 256
 def cholesky_upper_(m: torch.Tensor, block: int = CHOLESKY_BLOCK) -> torch.Tensor:
     """U with m = U^T U, written over m (a contiguous float32 matrix, only its upper triangle
     read; the lower one zeroed); returns m. Left-looking by rows of `block`: each row block
-    takes the rows above it in one matrix product, then its diagonal block's factor, and its
-    part right of the diagonal a triangular solve with that factor. Nearly all of the
-    arithmetic is the products, with a long inner dimension, row-major: at 8192 on two Zen 4
-    threads 1.13-1.19 s against LAPACK's 1.35 (torch.linalg.cholesky); error_feedback in all
-    1.24 against 1.42 s, at 5120 0.34 against 0.42. A diagonal block that float32 cannot
-    factor (not positive definite after rounding) sends the rest of the matrix to float64."""
+    takes the rows above it in one matrix product (_sub_products), then its diagonal block's
+    factor, and its part right of the diagonal a triangular solve with that factor. Nearly all
+    of the arithmetic is the products, with a long inner dimension, row-major: at 8192 on two
+    Zen 4 threads 1.13-1.19 s against LAPACK's 1.35 (torch.linalg.cholesky) with MKL's GEMM;
+    on two Zen 3 threads with the extension's tiles 1.4-1.7 s against LAPACK's 1.9-2.1. A
+    diagonal block that float32 cannot factor (not positive definite after rounding) sends the
+    rest of the matrix to float64."""
     n = m.shape[0]
     for j0 in range(0, n, block):
         j1 = min(j0 + block, n)
         rows = m[j0:j1, j0:]  # [b, n - j0]: the diagonal block, then what lies right of it
         if j0:
-            rows.addmm_(m[:j0, j0:j1].mT, m[:j0, j0:], alpha=-1)
+            _sub_products(m[:j0, j0:j1], m[:j0, j0:], rows)
         try:
             diag = torch.linalg.cholesky(rows[:, : j1 - j0], upper=True)
         except torch.linalg.LinAlgError:
@@ -97,6 +98,16 @@ def cholesky_upper_(m: torch.Tensor, block: int = CHOLESKY_BLOCK) -> torch.Tenso
             right = rows[:, j1 - j0 :]
             right.copy_(torch.linalg.solve_triangular(diag, right.mT, upper=True, left=False).mT)
     return m.triu_()
+
+
+def _sub_products(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> None:
+    """c -= a^T b: the factor's rows above a row block times their columns. On the CPU in the
+    extension's FMA tiles (quant/chol_kernel.py: 1.2-1.4x MKL's float32 GEMM on two Zen 3 cores),
+    elsewhere torch's addmm."""
+    if c.device.type == "cpu" and c.dtype == torch.float32 and cpu_kernel.available():
+        cpu_kernel.gemm_tn_sub(a, b, c)
+    else:
+        c.addmm_(a.mT, b, alpha=-1)
 
 
 def _finish_double(m: torch.Tensor, j0: int) -> None:

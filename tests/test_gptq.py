@@ -304,6 +304,42 @@ def test_blocked_cholesky(n, block):
     assert (m.double() - exact).abs().max() <= 2 * lapack + 1e-6  # float32's rounding, as LAPACK's
 
 
+@pytest.mark.skipif(not cpu_kernel.available(), reason="the Cholesky products' tiles are the CPU kernel's")
+@pytest.mark.parametrize("k,m,n", [(1, 1, 1), (5, 7, 17), (130, 256, 700), (300, 250, 33), (257, 12, 16)])
+def test_factor_products_kernel(k, m, n):
+    """gemm_tn_sub: c -= a^T b for views with row strides (the factor's parts), edges of both
+    tiles, inner dimensions across its chunks; c's other entries and a and b untouched."""
+    g = torch.Generator().manual_seed(k + m + n)
+    big = torch.randn(k + m + 3, max(m, n) + 40, generator=g)
+    a, b = big[:k, 3 : 3 + m], big[:k, 5 : 5 + n]
+    c_all = torch.randn(m + 2, n + 9, generator=g)
+    c = c_all[1 : 1 + m, 4 : 4 + n]
+    want_c = c.double() - a.double().t() @ b.double()
+    before_big, before_all = big.clone(), c_all.clone()
+    assert cpu_kernel.gemm_tn_sub(a, b, c) is c
+    tol = 1e-5 * (a.double().abs().t() @ b.double().abs()).max().item() + 1e-6
+    assert (c.double() - want_c).abs().max().item() <= tol
+    assert torch.equal(big, before_big)
+    outside = torch.ones_like(c_all, dtype=torch.bool)
+    outside[1 : 1 + m, 4 : 4 + n] = False
+    assert torch.equal(c_all[outside], before_all[outside])
+
+
+def test_blocked_cholesky_without_the_kernel(monkeypatch):
+    """Where the extension is not built the products are torch's: the same factor to rounding."""
+    from quant import gptq
+
+    x = correlated_inputs(1200, 600)
+    h = x.t() @ x / 1200 + 0.01 * torch.eye(600)
+    ours = gptq.cholesky_upper_(h.clone(), 128)
+    monkeypatch.setattr(cpu_kernel, "available", lambda: False)
+    stock = gptq.cholesky_upper_(h.clone(), 128)
+    exact = torch.linalg.cholesky(h.double(), upper=True)
+    lapack = (torch.linalg.cholesky(h, upper=True).double() - exact).abs().max()
+    assert (ours.double() - exact).abs().max() <= 2 * lapack + 1e-6
+    assert (stock.double() - exact).abs().max() <= 4 * lapack + 1e-6  # MKL's sums: a longer chain
+
+
 def test_blocked_cholesky_finishes_in_float64(monkeypatch):
     """A diagonal block float32 cannot factor: the rows above it stay, the rest is float64's."""
     from quant.gptq import cholesky_upper_
