@@ -344,18 +344,28 @@ static void i8_gemm(const torch::Tensor& xq, const torch::Tensor& packed, const 
   // Tiles of PAIR ? 2 rows by two panels : 4 rows by one; units of panels: pairs of them when PAIR.
   const int64_t mr = PAIR ? 2 : 4, per = PAIR ? 2 : 1, units = (P + per - 1) / per;
   const int64_t KG = K4 / G;  // steps per group
-  auto tiles = [&](int64_t u0, int64_t u1, int64_t t0, int64_t t1) {
+  // `ahead` (a panel's pass down the rows, adding to out): the next tile's output lines are asked
+  // for before this tile's products. Each tile reads and writes its own lines (rows of a large
+  // output, far apart: GPTQ's later columns), and without the hint their fetch from memory, in
+  // the tile's last instructions, stalled it: 8-18% faster per grouped update on Zen 3.
+  auto tiles = [&](int64_t u0, int64_t u1, int64_t t0, int64_t t1, bool ahead) {
     for (int64_t u = u0; u < u1; ++u) {
       const int64_t p = u * per, o0 = p * I8_NR, n = std::min(per * I8_NR, O - o0);
-      for (int64_t t = t0; t < t1; t += mr)
+      for (int64_t t = t0; t < t1; t += mr) {
+        if (ahead && t + mr < t1)
+          for (int64_t r = 0; r < std::min(mr, t1 - t - mr); ++r) {
+            const char* line = (const char*)op + ((t + mr + r) * ldo + o0) * esize;
+            for (int64_t b = 0; b < n * (int64_t)esize; b += 64) _mm_prefetch(line + b, _MM_HINT_T0);
+          }
         for (int64_t g = 0; g < G; ++g)  // a tile's output lines stay in L1 from one group to the next
           i8_rows<MODE, PAIR>(std::min(mr, t1 - t), xu.data() + t * ldx + 4 * g * KG, ldx,
                               bp + p * K4 * 64 + g * KG * 64, n > I8_NR, K4 * 64, KG, cs + g * O + o0,
                               sxp + g * T + t, swp + g * O + o0, n, (char*)op + (t * ldo + o0) * esize, ldo);
+      }
     }
   };
   if (K4 > I8_SHORT_K4) {  // threads take panels; each stays in L2 while every row passes over it
-    at::parallel_for(0, units, 1, [&](int64_t u0, int64_t u1) { tiles(u0, u1, 0, T); });
+    at::parallel_for(0, units, 1, [&](int64_t u0, int64_t u1) { tiles(u0, u1, 0, T, MODE == I8_ADD); });
     return;
   }
   // A short inner dimension (GPTQ's updates: one block of 128 inputs) gives each output line only
@@ -363,7 +373,7 @@ static void i8_gemm(const torch::Tensor& xq, const torch::Tensor& packed, const 
   // far apart) waited on memory: threads take chunks of I8_ROWS rows instead, each crossing every
   // panel, so each row's outputs are written in order.
   at::parallel_for(0, (T + I8_ROWS - 1) / I8_ROWS, 1, [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c) tiles(0, units, c * I8_ROWS, std::min(T, (c + 1) * I8_ROWS));
+    for (int64_t c = c0; c < c1; ++c) tiles(0, units, c * I8_ROWS, std::min(T, (c + 1) * I8_ROWS), false);
   });
 }
 
