@@ -52,7 +52,8 @@ static void tn_tile(const float* ap, const float* bp, int64_t kc, float* c, int6
 // strides; c must not overlap a or b. Sums of TN_KC steps at a time, each taken from c.
 void gemm_tn_sub(torch::Tensor a, torch::Tensor b, torch::Tensor c) {
   for (const auto* t : {&a, &b, &c})
-    TORCH_CHECK(t->dim() == 2 && t->scalar_type() == torch::kFloat && t->stride(1) == 1 && t->device().is_cpu(),
+    TORCH_CHECK(t->dim() == 2 && t->scalar_type() == torch::kFloat && (t->stride(1) == 1 || t->size(1) == 1) &&
+                    t->device().is_cpu(),
                 "gemm_tn_sub: float32 CPU matrices with unit column strides");
   const int64_t K = a.size(0), M = a.size(1), N = b.size(1);
   TORCH_CHECK(b.size(0) == K && c.size(0) == M && c.size(1) == N, "gemm_tn_sub: c [M, N] -= a^T [M, K] b [K, N]");
