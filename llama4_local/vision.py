@@ -260,8 +260,8 @@ class Vision(nn.Module):
     @torch.inference_mode()
     def forward(self, pixels: torch.Tensor, tiles_per_pass: int = 8) -> torch.Tensor:
         """Features of every tile, in order; tiles go through the tower a few at a time (bounded
-        memory), a streamed tower's blocks copied in once for every STREAM_TILES tiles."""
-        group = tiles_per_pass if self.slot is None else max(tiles_per_pass, STREAM_TILES)
+        memory), a streamed tower's blocks copied in once for every round of tiles (stream_round)."""
+        group = tiles_per_pass if self.slot is None else stream_round(tiles_per_pass)
         out = [self._tiles(pixels[i : i + group], tiles_per_pass) for i in range(0, pixels.shape[0], group)]
         return torch.cat(out).flatten(0, 1)
 
@@ -355,6 +355,14 @@ def vision_plan_bytes(cfg: VisionConfig, elt: int) -> tuple[int, int]:
     return whole, whole - vision_memory(cfg, elt, streamed=True)
 
 
+def stream_round(tiles_per_pass: int) -> int:
+    """Tiles a streamed tower takes through each block before the next is copied in: about
+    STREAM_TILES, in whole passes, so its passes hold the tiles a resident tower's do (the same
+    products' shapes, so the same features bit for bit: BLAS kernels may round a product of other
+    rows otherwise)."""
+    return max(1, STREAM_TILES // tiles_per_pass) * tiles_per_pass
+
+
 def vision_memory(cfg: VisionConfig, elt: int, tiles_per_pass: int = 8, streamed: bool = False) -> int:
     """Device bytes the vision tower needs: its weights plus the activations of one pass of tiles;
     `streamed`: one block's weights of the ViT blocks' and the residuals of a round of tiles."""
@@ -364,5 +372,5 @@ def vision_memory(cfg: VisionConfig, elt: int, tiles_per_pass: int = 8, streamed
     weights = vision_parameters(cfg)
     if streamed:
         weights -= (cfg.num_layers - 1) * _block_parameters(cfg)
-        acts += (max(tiles_per_pass, STREAM_TILES) - tiles_per_pass) * length * cfg.hidden_size * elt  # the round's
+        acts += (stream_round(tiles_per_pass) - tiles_per_pass) * length * cfg.hidden_size * elt  # the round's
     return weights * elt + acts + scores

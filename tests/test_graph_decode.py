@@ -230,8 +230,10 @@ def test_generation_through_static_steps_equals_eager(scout_ckpt, monkeypatch):
     for a, b in zip(cache.layers, want_cache.layers, strict=True):
         held = a.length - (a.start if a.chunked else 0)
         assert a.length == b.length and (not a.chunked or a.start == b.start)
-        assert torch.allclose(a.buf.k[:, :held], b.buf.k[:, :held], rtol=1e-5, atol=1e-6)
-        assert torch.allclose(a.buf.v[:, :held], b.buf.v[:, :held], rtol=1e-5, atol=1e-6)
+        # float32 rounding apart: one row's products against several rows' (1.4e-6 on values up
+        # to 2.8 where MKL's kernels depend on the row count, an Intel CPU's AVX-512 ones)
+        assert torch.allclose(a.buf.k[:, :held], b.buf.k[:, :held], rtol=1e-5, atol=1e-5)
+        assert torch.allclose(a.buf.v[:, :held], b.buf.v[:, :held], rtol=1e-5, atol=1e-5)
 
 
 def test_an_unknown_decode_mode_is_a_user_error(scout_ckpt, monkeypatch):
