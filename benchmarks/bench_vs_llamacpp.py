@@ -324,6 +324,15 @@ def main() -> None:
         bin_dir = llamacpp.build(args.cache, log=log, avx2=True)
         build_kernels(avx2=True)
 
+    if not args.avx2 and not llamacpp.runs_here(bin_dir, files["Q4_0"]):
+        log("llama-bench (native build) died on Q4_0 here (its AMX backend): the peer is its AVX-512 build without AMX")
+        bin_dir = llamacpp.build(args.cache, log=log, no_amx=True)
+        if not llamacpp.runs_here(bin_dir, files["Q4_0"]):
+            raise SystemExit("llama-bench dies on Q4_0 here without AMX too: no peer to measure")
+        peer_note = ", llama.cpp built without AMX (its AMX backend dies here)"
+    else:
+        peer_note = ""
+
     log("loading our INT4 and bf16 checkpoints")
     cpu_kernel.available()  # a (re)build of the kernel extension is not loading time
     read_s = read_once(files["int4"])  # the bytes once (what a cold start adds), and a warm page cache
@@ -371,7 +380,7 @@ def main() -> None:
     rows = []
     base = {name: "Q4_0" for name in ours} | {"ours bf16": "F16"}
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}"
-    machine += ", both sides held to AVX2 (emulated)" if args.avx2 else ""
+    machine += ", both sides held to AVX2 (emulated)" if args.avx2 else peer_note
     print(f"\n{machine}, llama-cpp-python {llamacpp.VERSION}; prefill {args.prompt}, decode {args.gen}, "
           f"depth {args.depth}, best of {args.reps}")  # fmt: skip
     print("| threads | side | prefill tok/s | decode tok/s | vs peer (prefill, decode) | MB/token | decode GB/s |")

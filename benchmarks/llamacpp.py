@@ -29,6 +29,8 @@ def source_dir(cache: Path, version: str = VERSION) -> Path:
 
 
 AVX2_ONLY = ("GGML_AVX", "GGML_AVX2", "GGML_FMA", "GGML_F16C", "GGML_BMI2")  # what an AVX2-only x86 has
+# An AMX Xeon's instructions less AMX: where ggml's AMX backend dies (no_amx)
+AVX512_NO_AMX = (*AVX2_ONLY, "GGML_AVX_VNNI", "GGML_AVX512", "GGML_AVX512_VBMI", "GGML_AVX512_VNNI", "GGML_AVX512_BF16")
 
 
 def ensure_source(cache: Path, log=print, version: str = VERSION) -> Path:
@@ -53,25 +55,31 @@ def ensure_source(cache: Path, log=print, version: str = VERSION) -> Path:
     return src
 
 
-def build(cache: Path, version: str = VERSION, log=print, cuda_arch: str | None = None, avx2: bool = False) -> Path:
+def build(
+    cache: Path, version: str = VERSION, log=print, cuda_arch: str | None = None, avx2: bool = False,
+    no_amx: bool = False,
+) -> Path:  # fmt: skip
     """The directory holding llama-bench, llama-quantize and llama-imatrix, building them if needed.
     With `cuda_arch` (e.g. "90"), a CUDA build for that architecture alone, in build-cuda/.
     `avx2`: llama-bench and llama-quantize built for AVX2 alone (no AVX-512, not -march=native),
-    in build-avx2/: the peer of our side held to AVX2 (bench_vs_llamacpp.py --avx2)."""
+    in build-avx2/: the peer of our side held to AVX2 (bench_vs_llamacpp.py --avx2). `no_amx`:
+    llama-bench and llama-quantize for an AMX Xeon's AVX-512 (VNNI, BF16, VBMI) without AMX, in
+    build-noamx/: the peer where the native build's AMX backend dies (runs_here)."""
     src = source_dir(cache, version)
-    build_dir = src / ("build-cuda" if cuda_arch else "build-avx2" if avx2 else "build")
+    build_dir = src / ("build-cuda" if cuda_arch else "build-avx2" if avx2 else "build-noamx" if no_amx else "build")
     bin_dir = build_dir / "bin"
-    tools = TOOLS[:2] if cuda_arch or avx2 else TOOLS
+    tools = TOOLS[:2] if cuda_arch or avx2 or no_amx else TOOLS
     if all((bin_dir / t).exists() for t in tools):
         return bin_dir
     ensure_source(cache, log, version)
-    kind = "CUDA" if cuda_arch else "AVX2" if avx2 else "CPU"
+    kind = "CUDA" if cuda_arch else "AVX2" if avx2 else "AVX-512 (no AMX)" if no_amx else "CPU"
     log(f"building llama.cpp's {kind} tools in {build_dir} (a few minutes)")
     gen = ["-G", "Ninja"] if shutil.which("ninja") else []
     off = ("BUILD_SHARED_LIBS", "LLAMA_CURL", "LLAMA_OPENSSL", "LLAMA_BUILD_TESTS", "LLAMA_BUILD_SERVER")
-    flags = ["-DCMAKE_BUILD_TYPE=Release", f"-DGGML_NATIVE={'OFF' if avx2 else 'ON'}", *(f"-D{n}=OFF" for n in off)]
-    if avx2:
-        flags += [f"-D{name}=ON" for name in AVX2_ONLY]
+    native = "OFF" if avx2 or no_amx else "ON"
+    flags = ["-DCMAKE_BUILD_TYPE=Release", f"-DGGML_NATIVE={native}", *(f"-D{n}=OFF" for n in off)]
+    if avx2 or no_amx:
+        flags += [f"-D{name}=ON" for name in (AVX2_ONLY if avx2 else AVX512_NO_AMX)]
     if cuda_arch:
         flags += ["-DGGML_CUDA=ON", f"-DCMAKE_CUDA_ARCHITECTURES={cuda_arch}", "-DGGML_CUDA_NCCL=OFF"]
     quiet = {"stdout": subprocess.DEVNULL}
@@ -166,6 +174,15 @@ def bench(
     for rec in json.loads(out):
         result["prefill" if rec["n_gen"] == 0 else "decode"] = rec["avg_ts"]
     return result
+
+
+def runs_here(bin_dir: Path, gguf: Path) -> bool:
+    """Whether llama-bench gets through a short run of `gguf` here (a few seconds). The native
+    build's AMX backend (repacked Q4 weights in AMX tiles) died with SIGSEGV in
+    ggml_backend_amx_mul_mat on a 2-vCPU Xeon VM with AMX for every quantized GGUF of the slice
+    (2026-12-07; llama.cpp issue 20824 reports the same crash, machine-dependent)."""
+    cmd = [str(bin_dir / "llama-bench"), "-m", str(gguf), "-p", "8", "-n", "1", "-t", "1", "-r", "1", "-o", "json"]
+    return subprocess.run(cmd, capture_output=True).returncode == 0
 
 
 def gguf_py(src: Path):

@@ -206,8 +206,9 @@ static void tile_q8(const int8_t* xq, const float* xd, const uint8_t* qp, const 
 }
 
 // The INT4 decode stream's software prefetch: how far ahead (STREAM_AHEAD, tuned on AMD cores)
-// and with which hint (NTA: into L1 past L2). Variables so that a benchmark can sweep them on
-// other CPUs (set_int4_stream_prefetch; bench_cpu_threads.py --stream-prefetch).
+// and with which hint (NTA: into L1 past L2). Variables: the Python side sets each CPU's own on
+// loading (cpu_kernel.stream_prefetch_default: T0 on Intel cores), and a benchmark can sweep them
+// (set_int4_stream_prefetch; bench_cpu_threads.py --stream-prefetch).
 static int64_t int4_stream_ahead = STREAM_AHEAD;
 static bool int4_stream_nta = true;
 void set_int4_stream_prefetch(int64_t ahead, bool nta) {

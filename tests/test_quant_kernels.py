@@ -485,6 +485,15 @@ def test_the_decode_streams_prefetch_settings_change_no_result():
         cpu_kernel.set_int4_stream_prefetch()
 
 
+def test_stream_prefetch_default_follows_the_vendor(monkeypatch):
+    """T0 on Intel cores (NTA held a Xeon's decode stream to ~60%), AMD's tuned NTA elsewhere."""
+    from quant import cpu_kernel
+
+    for vendor, want in (("GenuineIntel", (4096, False)), ("AuthenticAMD", (2048, True)), ("", (2048, True))):
+        monkeypatch.setattr(cpu_kernel, "_cpu_vendor", lambda v=vendor: v)
+        assert cpu_kernel.stream_prefetch_default() == want
+
+
 def kernel_outputs() -> dict[str, torch.Tensor]:
     """The int8-activation kernels on fixed inputs: INT4 at groups 32 and 64 for 1, 3 and 20
     rows and at 128 for one (the per-128 stream), and the INT8 weight kernel."""
