@@ -40,6 +40,37 @@ from .int4_zmm_kernel import SOURCE as ZMM_SOURCE
 
 # The per-32 tiles and what they share; then the per-128 and 512-bit tiles; then the dispatch.
 _TILES = r"""
+// The INT4 weights' software prefetch: how far ahead the decode stream asks (STREAM_AHEAD, tuned
+// on AMD cores; the tiles ask AHEAD rows ahead) and with which hint (NTA: into L1 past L2).
+// Variables: the Python side sets each CPU's own on loading (cpu_kernel.stream_prefetch_default:
+// T0 on Intel cores, where NTA held a Xeon's stream to half its bandwidth), and a benchmark can
+// sweep them (set_int4_stream_prefetch; bench_cpu_threads.py --stream-prefetch).
+static int64_t int4_stream_ahead = STREAM_AHEAD;
+static bool int4_stream_nta = true;
+void set_int4_stream_prefetch(int64_t ahead, bool nta) {
+  TORCH_CHECK(ahead >= 0 && ahead % 64 == 0, "ahead: a multiple of 64 bytes");
+  int4_stream_ahead = ahead;
+  int4_stream_nta = nta;
+}
+
+// One line of weights ahead, with the hint set (the tiles' prefetch).
+static inline void prefetch_weights(const void* p, bool nta) {
+  if (nta)
+    _mm_prefetch((const char*)p, _MM_HINT_NTA);
+  else
+    _mm_prefetch((const char*)p, _MM_HINT_T0);
+}
+
+// The decode stream's prefetch of `bytes` from p on, a line at a time, with its hint.
+static inline void prefetch_lines(const char* p, int64_t bytes, bool nta) {
+  for (int64_t line = 0; line < bytes; line += 64) {
+    if (nta)
+      _mm_prefetch(p + line, _MM_HINT_NTA);
+    else
+      _mm_prefetch(p + line, _MM_HINT_T0);
+  }
+}
+
 // Float activations. Rows n0..n1 of y[t, n]; xs[t, g] = sum of x over group g.
 // T is a template parameter so the accumulators live in registers; A accumulators per row break
 // the FMA dependency chain when there are few rows (FMA latency, not bandwidth, bounds T = 1).
@@ -156,11 +187,12 @@ static void tile_q8(const int8_t* xq, const float* xd, const uint8_t* qp, const 
   __m256 acc[T][R];
   for (int t = 0; t < T; ++t)
     for (int r = 0; r < R; ++r) acc[t][r] = _mm256_setzero_ps();
+  const bool nta = int4_stream_nta;
   for (int64_t g = 0; g < G; ++g) {
-    // Non-temporal: the streamed weights go to L1 without displacing L2/L3 (decode reads each
-    // once). On two threads 38 -> 41-42 GB/s for the kernel alone, a decode token 18.5 -> 16.8-17.2
-    // ms on the slice; one thread +2-7%; prefill (weights reused from L2 per block) unchanged.
-    for (int r = 0; r < R; ++r) _mm_prefetch((const char*)(qrow[r] + AHEAD * (K / 2) + g * group / 2), _MM_HINT_NTA);
+    // Non-temporal on AMD: the streamed weights go to L1 without displacing L2/L3 (decode reads
+    // each once). On two Zen 4 threads 38 -> 41-42 GB/s for the kernel alone, a decode token 18.5
+    // -> 16.8-17.2 ms on the slice; one thread +2-7%; prefill (weights reused from L2) unchanged.
+    for (int r = 0; r < R; ++r) prefetch_weights(qrow[r] + AHEAD * (K / 2) + g * group / 2, nta);
     __m256 ga[T][R];
     for (int t = 0; t < T; ++t)
       for (int r = 0; r < R; ++r) ga[t][r] = _mm256_setzero_ps();
@@ -203,28 +235,6 @@ static void tile_q8(const int8_t* xq, const float* xd, const uint8_t* qp, const 
     }
   }
   finish_tile<T, R, S>(acc, srow, xs, G, sym, yp, N, n);
-}
-
-// The INT4 decode stream's software prefetch: how far ahead (STREAM_AHEAD, tuned on AMD cores)
-// and with which hint (NTA: into L1 past L2). Variables: the Python side sets each CPU's own on
-// loading (cpu_kernel.stream_prefetch_default: T0 on Intel cores), and a benchmark can sweep them
-// (set_int4_stream_prefetch; bench_cpu_threads.py --stream-prefetch).
-static int64_t int4_stream_ahead = STREAM_AHEAD;
-static bool int4_stream_nta = true;
-void set_int4_stream_prefetch(int64_t ahead, bool nta) {
-  TORCH_CHECK(ahead >= 0 && ahead % 64 == 0, "ahead: a multiple of 64 bytes");
-  int4_stream_ahead = ahead;
-  int4_stream_nta = nta;
-}
-
-// The decode stream's prefetch of `bytes` from p on, a line at a time, with its hint.
-static inline void prefetch_lines(const char* p, int64_t bytes, bool nta) {
-  for (int64_t line = 0; line < bytes; line += 64) {
-    if (nta)
-      _mm_prefetch(p + line, _MM_HINT_NTA);
-    else
-      _mm_prefetch(p + line, _MM_HINT_T0);
-  }
 }
 
 // One activation row (decode), pairs: weight rows one after another, so a thread's rows are one
