@@ -507,18 +507,25 @@ def bf16_gemm_rows() -> int:
 # against the better of int4_mv's tiles and the bf16 GEMM path, 0.96-1.07x at 16 rows, 1.11-1.33x
 # at 32, 1.39-1.42x at 64, 1.61-1.63x at 128, 1.64-1.67x at 512 (docs/benchmarks.md).
 OUTER_ROWS = 32
+# ... and on AMX CPUs, below the bf16 GEMM's AMX_GEMM_ROWS: on two threads of an AMX Xeon VM
+# (T0 prefetch, 8192 x 5120 matrices) the tiles against int4_mv 0.92-0.95x at 8 rows, 0.97-1.01x
+# at 10, 1.17x at 12, 1.29-1.46x at 16, 1.06-1.27x at 20-28 (and 0.6-0.8 of the GEMM's time
+# there), even with the GEMM at 32 (bench_cpu_threads.py --crossover, 2026-12-08).
+AMX_OUTER_ROWS = 12
 
 
 @functools.cache
 def outer_rows() -> int:
     """From how many activation rows a bf16 or fp16 run's INT4 product (groups of 128, weight
     rows a multiple of 32) goes through int4_gemm_outer instead of int4_mv; 0: never. By default
-    OUTER_ROWS on AVX-512 VNNI builds without AMX (with AMX the bf16 GEMM path is several times
-    faster), else never; LLAMA4_LOCAL_INT4_OUTER=N sets it (0: never). The bf16 GEMM path, where
-    bf16_gemm_rows() asks for it, goes first."""
+    on AVX-512 VNNI builds OUTER_ROWS, or AMX_OUTER_ROWS with AMX (where the bf16 GEMM path takes
+    AMX_GEMM_ROWS and more), else never; LLAMA4_LOCAL_INT4_OUTER=N sets it (0: never). The bf16
+    GEMM path, where bf16_gemm_rows() asks for it, goes first."""
     v = os.environ.get("LLAMA4_LOCAL_INT4_OUTER", "auto")
     if v == "auto":
-        return OUTER_ROWS if outer_available() and not has_amx() else 0
+        if not outer_available():
+            return 0
+        return AMX_OUTER_ROWS if has_amx() else OUTER_ROWS
     if not v.isdigit():
         from llama4_local.errors import UserError
 

@@ -1,6 +1,6 @@
 """INT4 products of many rows in the outer-product form, for AVX-512 VNNI builds (C++, a part of
 quant/int4_kernel.py's source). quant/kernels.py takes them for bf16/fp16 runs' INT4 products of
-cpu_kernel.outer_rows() rows or more (32 by default on AVX-512 VNNI builds without AMX).
+cpu_kernel.outer_rows() rows or more (32 by default on AVX-512 VNNI builds without AMX, 12 with AMX).
 
 The tiles of quant/int4_zmm_kernel.py dot a weight row with an activation row: two `vpdpbusd`,
 then a conversion and an FMA per 128 weights. Here 16 weight rows sit in the lanes of a register

@@ -120,7 +120,7 @@ def test_many_rows_take_the_outer_product_tiles_from_the_row_count_set(gemm_rows
     outer("0")
     assert torch.equal(lin(x), dots)
     outer("auto")
-    assert cpu_kernel.outer_rows() == (0 if cpu_kernel.has_amx() else cpu_kernel.OUTER_ROWS)
+    assert cpu_kernel.outer_rows() == (cpu_kernel.AMX_OUTER_ROWS if cpu_kernel.has_amx() else cpu_kernel.OUTER_ROWS)
     outer("many")
     with pytest.raises(UserError, match="LLAMA4_LOCAL_INT4_OUTER"):
         cpu_kernel.outer_rows()
