@@ -63,12 +63,7 @@ static inline void prefetch_weights(const void* p, bool nta) {
 
 // The decode stream's prefetch of `bytes` from p on, a line at a time, with its hint.
 static inline void prefetch_lines(const char* p, int64_t bytes, bool nta) {
-  for (int64_t line = 0; line < bytes; line += 64) {
-    if (nta)
-      _mm_prefetch(p + line, _MM_HINT_NTA);
-    else
-      _mm_prefetch(p + line, _MM_HINT_T0);
-  }
+  for (int64_t line = 0; line < bytes; line += 64) prefetch_weights(p + line, nta);
 }
 
 // Float activations. Rows n0..n1 of y[t, n]; xs[t, g] = sum of x over group g.
