@@ -461,7 +461,7 @@ def stream_prefetch_default() -> tuple[int, bool]:
     prefetches its weights on this CPU. AMD: 2048 bytes, NTA (tuned on Zen 4). Intel: 4096, T0:
     on a 2-vCPU Xeon VM with AMX, NTA (into L1, past L2) held the stream to 7 GB/s on one core
     and 13-14 on two, against 11.8 and 24.0 with T0 (bench_cpu_threads.py --stream-prefetch,
-    2026-12-07; 2048 to 16384 bytes ahead within 5% of each other there)."""
+    2026-12-08; 2048 to 16384 bytes ahead within 5% of each other there)."""
     if _cpu_vendor() == "GenuineIntel":
         return 4096, False
     return 2048, True
