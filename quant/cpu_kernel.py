@@ -79,29 +79,27 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 """
 
 
-@functools.cache
-def _cpu_flags() -> frozenset[str]:
+def _cpuinfo(key: str) -> str:
+    """The first CPU's `key` line of /proc/cpuinfo, its value; "" where there is none."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("flags"):
-                    return frozenset(line.partition(":")[2].split())
-    except OSError:
-        pass
-    return frozenset()
-
-
-@functools.cache
-def _cpu_vendor() -> str:
-    """/proc/cpuinfo's vendor_id (GenuineIntel, AuthenticAMD), or "" where it cannot be read."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("vendor_id"):
+                if line.startswith(key):
                     return line.partition(":")[2].strip()
     except OSError:
         pass
     return ""
+
+
+@functools.cache
+def _cpu_flags() -> frozenset[str]:
+    return frozenset(_cpuinfo("flags").split())
+
+
+@functools.cache
+def _cpu_vendor() -> str:
+    """vendor_id: GenuineIntel, AuthenticAMD, or "" where it cannot be read."""
+    return _cpuinfo("vendor_id")
 
 
 def _cpu_has_avx2_fma() -> bool:
