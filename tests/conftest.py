@@ -19,6 +19,20 @@ def pytest_sessionstart(session):
     cpu_kernel.available()
 
 
+@pytest.fixture
+def gemm_rows(monkeypatch):
+    """Set LLAMA4_LOCAL_INT4_BF16_GEMM for one test (the choice is cached per process)."""
+    from quant import cpu_kernel
+
+    def set_rows(value: str):
+        monkeypatch.setenv("LLAMA4_LOCAL_INT4_BF16_GEMM", value)
+        cpu_kernel.bf16_gemm_rows.cache_clear()
+
+    yield set_rows
+    monkeypatch.delenv("LLAMA4_LOCAL_INT4_BF16_GEMM", raising=False)
+    cpu_kernel.bf16_gemm_rows.cache_clear()
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

@@ -23,19 +23,6 @@ def weights(n, k, group, symmetric, scale_dtype, seed=0):
     return qw, cpu_kernel.stored_bytes(qw.packed), cpu_kernel.pack_scales(qw.scale, offset)
 
 
-@pytest.fixture
-def gemm_rows(monkeypatch):
-    """Set LLAMA4_LOCAL_INT4_BF16_GEMM for one test (the choice is cached per process)."""
-
-    def set_rows(value: str):
-        monkeypatch.setenv("LLAMA4_LOCAL_INT4_BF16_GEMM", value)
-        cpu_kernel.bf16_gemm_rows.cache_clear()
-
-    yield set_rows
-    monkeypatch.delenv("LLAMA4_LOCAL_INT4_BF16_GEMM", raising=False)
-    cpu_kernel.bf16_gemm_rows.cache_clear()
-
-
 @pytest.mark.parametrize(
     "group,symmetric,scale_dtype", [(32, True, torch.bfloat16), (64, True, torch.float32), (128, False, torch.float32)]
 )

@@ -11,27 +11,17 @@ def rel_err(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
-@pytest.fixture
-def int4_dots(monkeypatch):
-    """The kernels' own dot products at every row count: on AMX CPUs a run's products of 32 rows
-    and more go through bf16 GEMMs instead (tests/test_int4_gemm.py: that path, and when)."""
-    from quant import cpu_kernel
-
-    monkeypatch.setenv("LLAMA4_LOCAL_INT4_BF16_GEMM", "0")
-    cpu_kernel.bf16_gemm_rows.cache_clear()
-    yield
-    monkeypatch.delenv("LLAMA4_LOCAL_INT4_BF16_GEMM")
-    cpu_kernel.bf16_gemm_rows.cache_clear()
-
-
 @pytest.mark.parametrize("group_size", [32, 64, 128])
 @pytest.mark.parametrize("symmetric", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows", [1, 5, 33, 34])
 @pytest.mark.parametrize("path", ["cpu", "avx2", "avx2_q8"])
-def test_cpu_kernels_match_reference(group_size, symmetric, dtype, rows, path, int4_dots):
+def test_cpu_kernels_match_reference(group_size, symmetric, dtype, rows, path, gemm_rows):
     from quant import cpu_kernel
 
+    # The kernels' own dot products at every row count: on AMX CPUs a run's products of 32 rows
+    # and more go through bf16 GEMMs instead (tests/test_int4_gemm.py: that path, and when).
+    gemm_rows("0")
     if path.startswith("avx2") and not cpu_kernel.available():
         pytest.skip("no AVX2/FMA CPU or no C++ compiler")
     g = torch.Generator().manual_seed(group_size + rows)
