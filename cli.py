@@ -523,7 +523,12 @@ def serve(
 
 @app.command()
 def info(
-    model: Annotated[str, typer.Argument(help="Checkpoint directory or hub repo id.")],
+    model: Annotated[
+        str | None, typer.Argument(help="Checkpoint directory or hub repo id (or give it with -m, as elsewhere).")
+    ] = None,
+    model_opt: Annotated[
+        str | None, typer.Option("--model", "-m", help="The same as MODEL.", show_default=False)
+    ] = None,
     revision: RevisionOpt = None,
     gpu_memory: Annotated[
         str | None,
@@ -547,7 +552,7 @@ def info(
 
     Examples:
 
-      llama4-local info ~/models/scout-int4
+      llama4-local info ~/models/scout-int4   (or: llama4-local info -m ~/models/scout-int4)
 
       llama4-local info ./scout-int4 --gpu-memory 24GiB --context 32768 --json
 
@@ -561,7 +566,11 @@ def info(
 
         if context < 1:
             raise UserError(f"--context must be at least 1, not {context}")
-        path = check_model_dir(_model(model, revision))
+        if model and model_opt and model != model_opt:
+            raise UserError(f"two models given ({model} and -m {model_opt}); give one")
+        if not (model or model_opt):
+            raise UserError("which checkpoint? give it as `llama4-local info MODEL` or with -m MODEL")
+        path = check_model_dir(_model(model or model_opt, revision))
         if gpu_memory:
             budgets = [_parse_size(g) for g in gpu_memory.split(",")]
         else:

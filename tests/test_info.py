@@ -67,6 +67,16 @@ def test_bad_info_input(tmp_path, scout_ckpt):
     assert_user_error(run_cli("info", tmp_path / "missing"), "does not exist")
     assert_user_error(run_cli("info", scout_ckpt, "--context", "0"), "--context")
     assert_user_error(run_cli("info", scout_ckpt, "--gpu-memory", "lots"), "size")
+    assert_user_error(run_cli("info"), "which checkpoint")
+    assert_user_error(run_cli("info", scout_ckpt, "-m", tmp_path), "two models")
+
+
+def test_info_takes_the_model_by_m_too(tmp_path):
+    (tmp_path / "config.json").write_text((DATA / "scout-instruct-config.json").read_text())
+    by_m, by_arg = (info(*m, "--gpu-memory", "24GiB") for m in (("-m", tmp_path), (tmp_path,)))
+    assert by_m["parameters_total"] > 1e11 and by_m["plans"][0]["gpu_memory"] == 24 * 2**30
+    steady = ("machine", "plans")  # this machine's free memory, read at each run
+    assert {k: v for k, v in by_m.items() if k not in steady} == {k: v for k, v in by_arg.items() if k not in steady}
 
 
 def maverick_dir(tmp_path, quantized: bool):
