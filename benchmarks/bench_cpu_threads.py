@@ -29,7 +29,11 @@ import os
 import sys
 from pathlib import Path
 
-import torch
+# Weights in 2 MB pages, as a run has them (the page cache's large folios, or cli.py's huge-page
+# copies): in 4 KB pages the decode stream read 10.6 against 14.2 GB/s on one Xeon thread.
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+
+import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
