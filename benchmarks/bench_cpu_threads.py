@@ -10,14 +10,14 @@ sum over 1 GiB at that thread count. Scout's decode reads about 12 such matrices
 layer. With --crossover, at the last thread count: one matrix's time by each INT4 path at each
 of those row counts, where the GEMM starts to pay (quant.cpu_kernel.AMX_GEMM_ROWS). With
 --stream-prefetch, at the first and last thread counts: decode's GB/s with each prefetch distance
-and hint of the INT4 decode stream (e.g. 1024:nta,4096:t0; the default 2048:nta was tuned on AMD).
+and hint (t0, t1, t2, nta) of the INT4 decode stream (e.g. 2048:nta,4096:t1: each vendor's default).
 Also decode attention (`cpu_kernel.attend_one`) at Scout's 40 query / 8 KV heads of 128 against
 `--attention-keys` keys of a bf16 cache, in GB/s of keys and values read: as it runs (each KV
 head's keys cut into ranges where there are more threads than KV heads) and, past 8 threads,
 with one range a head (8 threads at most).
 
     python benchmarks/bench_cpu_threads.py [--threads 1,2,4,8,16] [--matrices 32] [--chunks 2,8,32]
-        [--crossover 8,16,32,64,128,512] [--stream-prefetch 1024:nta,2048:nta,4096:nta,2048:t0,4096:t0]
+        [--crossover 8,16,32,64,128,512] [--stream-prefetch 2048:nta,4096:t0,4096:t1,8192:t1]
         [--attention-keys 16000]
 """
 
@@ -63,7 +63,7 @@ def main():
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--chunks", default="8", help="MB of bf16 weights per GEMM chunk, comma-separated")
     ap.add_argument("--crossover", help="row counts at which to time both INT4 paths (last thread count)")
-    ap.add_argument("--stream-prefetch", help="decode prefetch settings to sweep, as BYTES:nta or BYTES:t0")
+    ap.add_argument("--stream-prefetch", help="decode prefetch settings to sweep, as BYTES:HINT (t0, t1, t2, nta)")
     ap.add_argument("--attention-keys", type=int, default=16000, help="keys for decode attention (0: skip)")
     args = ap.parse_args()
     cpu = torch.device("cpu")
@@ -109,7 +109,7 @@ def main():
         if args.stream_prefetch and n in (counts[0], counts[-1]):
             for setting in args.stream_prefetch.split(","):
                 ahead, hint = setting.split(":")
-                cpu_kernel.set_int4_stream_prefetch(int(ahead), hint == "nta")
+                cpu_kernel.set_int4_stream_prefetch(int(ahead), hint)
                 extra[f"decode_GB_s_{setting}"] = round(nbytes / best_time(decode, cpu, args.reps) / 1e9, 2)
             cpu_kernel.set_int4_stream_prefetch()
         if cpu_kernel.isa() == "avx512-vnni":  # decode's one row through the 512-bit tiles too

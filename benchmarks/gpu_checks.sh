@@ -61,7 +61,7 @@ if has threads; then
   timeout 60 python3 -m pytest -q tests/test_int4_gemm.py -p no:cacheprovider >"$OUT/int4_gemm_tests.txt" 2>&1
   tail -1 "$OUT/int4_gemm_tests.txt" | tee -a "$OUT/log.txt"
   timeout "${THREADS_S:-90}" python3 benchmarks/bench_cpu_threads.py --threads 1,2,4,8,16 --chunks 2,8,32 \
-    --crossover 8,16,32,64,128,512 --stream-prefetch 1024:nta,4096:nta,8192:nta,2048:t0,4096:t0 \
+    --crossover 8,16,32,64,128,512 --stream-prefetch 1024:nta,2048:nta,4096:nta,4096:t0,4096:t1,8192:t1,4096:t2 \
     >"$OUT/threads.jsonl" 2>&1
   # decode's host time a layer, Python layer against the one-call C++ layer (~15 s on 2 cores)
   timeout "${HOST_S:-60}" python3 benchmarks/bench_decode_host.py --threads 1,4,16 --reps 3 >"$OUT/decode_host.jsonl" 2>&1

@@ -172,7 +172,8 @@ def _module():
         )
         return None
     mod.set_half_bf16_dot(half_bf16_dot_default())
-    mod.set_int4_stream_prefetch(*stream_prefetch_default())
+    ahead, hint = stream_prefetch_default()
+    mod.set_int4_stream_prefetch(ahead, STREAM_HINTS[hint])
     return mod
 
 
@@ -454,23 +455,30 @@ def set_zmm_one_row(on: bool) -> None:
     _module().set_zmm_one_row(on)
 
 
-def stream_prefetch_default() -> tuple[int, bool]:
-    """How far ahead (bytes) and whether with the NTA hint (else T0) the INT4 decode stream
-    prefetches its weights on this CPU. AMD: 2048 bytes, NTA (tuned on Zen 4). Intel: 4096, T0:
-    on a 2-vCPU Xeon VM with AMX, NTA (into L1, past L2) held the stream to 7 GB/s on one core
-    and 13-14 on two, against 11.8 and 24.0 with T0 (bench_cpu_threads.py --stream-prefetch,
-    2026-12-08; 2048 to 16384 bytes ahead within 5% of each other there)."""
+# The INT4 decode stream's prefetch hints, as int4_kernel.py numbers them.
+STREAM_HINTS = {"t0": 0, "t1": 1, "t2": 2, "nta": 3}
+
+
+def stream_prefetch_default() -> tuple[int, str]:
+    """How far ahead (bytes) and with which hint (STREAM_HINTS) the INT4 decode stream prefetches
+    its weights on this CPU. AMD: 2048 bytes, NTA (tuned on Zen 4). Intel: 4096, T1: on a 2-vCPU
+    Xeon VM with AMX (weights in 2 MB pages), NTA (into L1, past L2) held the stream to 6.7 GB/s on
+    one core and 13 on two, T0 to 14.2 and 25, T1 to 14.8 and 27.5 (bench_cpu_threads.py
+    --stream-prefetch, 2026-12-08; 4096 to 8192 bytes ahead within 2% of each other there)."""
     if _cpu_vendor() == "GenuineIntel":
-        return 4096, False
-    return 2048, True
+        return 4096, "t1"
+    return 2048, "nta"
 
 
-def set_int4_stream_prefetch(ahead: int | None = None, nta: bool | None = None) -> None:
-    """How far ahead (bytes, a multiple of 64) and with which hint (NTA, else T0) the INT4
-    decode stream prefetches its weights; None: this CPU's default (stream_prefetch_default).
+def set_int4_stream_prefetch(ahead: int | None = None, hint: str | None = None) -> None:
+    """How far ahead (bytes, a multiple of 64) and with which hint ("t0", "t1", "t2" or "nta") the
+    INT4 decode stream prefetches its weights; None: this CPU's default (stream_prefetch_default).
     For benchmarks (bench_cpu_threads.py --stream-prefetch) and tests."""
     default = stream_prefetch_default()
-    _module().set_int4_stream_prefetch(default[0] if ahead is None else ahead, default[1] if nta is None else nta)
+    hint = default[1] if hint is None else hint
+    if hint not in STREAM_HINTS:
+        raise ValueError(f"prefetch hint {hint!r}: one of {', '.join(STREAM_HINTS)}")
+    _module().set_int4_stream_prefetch(default[0] if ahead is None else ahead, STREAM_HINTS[hint])
 
 
 def has_amx() -> bool:

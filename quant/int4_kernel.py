@@ -41,29 +41,34 @@ from .int4_zmm_kernel import SOURCE as ZMM_SOURCE
 # The per-32 tiles and what they share; then the per-128 and 512-bit tiles; then the dispatch.
 _TILES = r"""
 // The INT4 weights' software prefetch: how far ahead the decode stream asks (STREAM_AHEAD, tuned
-// on AMD cores; the tiles ask AHEAD rows ahead) and with which hint (NTA: into L1 past L2).
-// Variables: the Python side sets each CPU's own on loading (cpu_kernel.stream_prefetch_default:
-// T0 on Intel cores, where NTA held a Xeon's stream to half its bandwidth), and a benchmark can
-// sweep them (set_int4_stream_prefetch; bench_cpu_threads.py --stream-prefetch).
+// on AMD cores; the tiles ask AHEAD rows ahead) and with which hint: STREAM_T0 (into L1),
+// STREAM_T1 (L2), STREAM_T2 (L3) or STREAM_NTA (into L1 past L2). Variables: the Python side sets
+// each CPU's own on loading (cpu_kernel.stream_prefetch_default: T1 on Intel cores, where NTA held
+// a Xeon's stream to half its bandwidth and T0 to ~90% of T1's), and a benchmark can sweep them
+// (set_int4_stream_prefetch; bench_cpu_threads.py --stream-prefetch).
+enum StreamHint : int64_t { STREAM_T0 = 0, STREAM_T1 = 1, STREAM_T2 = 2, STREAM_NTA = 3 };
 static int64_t int4_stream_ahead = STREAM_AHEAD;
-static bool int4_stream_nta = true;
-void set_int4_stream_prefetch(int64_t ahead, bool nta) {
+static int64_t int4_stream_hint = STREAM_NTA;
+void set_int4_stream_prefetch(int64_t ahead, int64_t hint) {
   TORCH_CHECK(ahead >= 0 && ahead % 64 == 0, "ahead: a multiple of 64 bytes");
+  TORCH_CHECK(hint >= STREAM_T0 && hint <= STREAM_NTA, "hint: 0 (T0), 1 (T1), 2 (T2) or 3 (NTA)");
   int4_stream_ahead = ahead;
-  int4_stream_nta = nta;
+  int4_stream_hint = hint;
 }
 
 // One line of weights ahead, with the hint set (the tiles' prefetch).
-static inline void prefetch_weights(const void* p, bool nta) {
-  if (nta)
-    _mm_prefetch((const char*)p, _MM_HINT_NTA);
-  else
-    _mm_prefetch((const char*)p, _MM_HINT_T0);
+static inline void prefetch_weights(const void* p, int64_t hint) {
+  switch (hint) {
+    case STREAM_T0: _mm_prefetch((const char*)p, _MM_HINT_T0); break;
+    case STREAM_T1: _mm_prefetch((const char*)p, _MM_HINT_T1); break;
+    case STREAM_T2: _mm_prefetch((const char*)p, _MM_HINT_T2); break;
+    default: _mm_prefetch((const char*)p, _MM_HINT_NTA); break;
+  }
 }
 
 // The decode stream's prefetch of `bytes` from p on, a line at a time, with its hint.
-static inline void prefetch_lines(const char* p, int64_t bytes, bool nta) {
-  for (int64_t line = 0; line < bytes; line += 64) prefetch_weights(p + line, nta);
+static inline void prefetch_lines(const char* p, int64_t bytes, int64_t hint) {
+  for (int64_t line = 0; line < bytes; line += 64) prefetch_weights(p + line, hint);
 }
 
 // Float activations. Rows n0..n1 of y[t, n]; xs[t, g] = sum of x over group g.
@@ -182,12 +187,12 @@ static void tile_q8(const int8_t* xq, const float* xd, const uint8_t* qp, const 
   __m256 acc[T][R];
   for (int t = 0; t < T; ++t)
     for (int r = 0; r < R; ++r) acc[t][r] = _mm256_setzero_ps();
-  const bool nta = int4_stream_nta;
+  const int64_t hint = int4_stream_hint;
   for (int64_t g = 0; g < G; ++g) {
     // Non-temporal on AMD: the streamed weights go to L1 without displacing L2/L3 (decode reads
     // each once). On two Zen 4 threads 38 -> 41-42 GB/s for the kernel alone, a decode token 18.5
     // -> 16.8-17.2 ms on the slice; one thread +2-7%; prefill (weights reused from L2) unchanged.
-    for (int r = 0; r < R; ++r) prefetch_weights(qrow[r] + AHEAD * (K / 2) + g * group / 2, nta);
+    for (int r = 0; r < R; ++r) prefetch_weights(qrow[r] + AHEAD * (K / 2) + g * group / 2, hint);
     __m256 ga[T][R];
     for (int t = 0; t < T; ++t)
       for (int r = 0; r < R; ++r) ga[t][r] = _mm256_setzero_ps();
@@ -245,9 +250,9 @@ static void row_q8_stream(const int8_t* xq, const float* xd, const uint8_t* qp, 
   const __m256i low = _mm256_set1_epi8(0x0F);
   __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
   const char* ahead = (const char*)q + int4_stream_ahead;
-  const bool nta = int4_stream_nta;
+  const int64_t hint = int4_stream_hint;
   for (int64_t g = 0; g < G; ++g) {
-    prefetch_lines(ahead + g * group / 2, group / 2, nta);
+    prefetch_lines(ahead + g * group / 2, group / 2, hint);
     __m256 ga = _mm256_setzero_ps();
     for (int64_t j = 0; j < steps; ++j) {
       const int64_t b = g * steps + j;

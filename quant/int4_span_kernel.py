@@ -59,9 +59,9 @@ static void tile_q8_span(const int8_t* xq, const float* xd, const uint8_t* qp, c
   __m256 acc[T][R];
   for (int t = 0; t < T; ++t)
     for (int r = 0; r < R; ++r) acc[t][r] = _mm256_setzero_ps();
-  const bool nta = int4_stream_nta;
+  const int64_t hint = int4_stream_hint;
   for (int64_t g = 0; g < G; ++g) {
-    for (int r = 0; r < R; ++r) prefetch_weights(qrow[r] + AHEAD * (K / 2) + g * group / 2, nta);
+    for (int r = 0; r < R; ++r) prefetch_weights(qrow[r] + AHEAD * (K / 2) + g * group / 2, hint);
     float s[R];
     for (int r = 0; r < R; ++r) s[r] = scale_at(srow[r], g);
     for (int64_t j = 0; j < spans; ++j) {
@@ -91,9 +91,9 @@ static void row_q8_span_stream(const int8_t* xq, const float* xd, const uint8_t*
   const __m256i low = _mm256_set1_epi8(0x0F);
   __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
   const char* ahead = (const char*)q + int4_stream_ahead;
-  const bool nta = int4_stream_nta;
+  const int64_t hint = int4_stream_hint;
   for (int64_t g = 0; g < G; ++g) {
-    prefetch_lines(ahead + g * group / 2, group / 2, nta);
+    prefetch_lines(ahead + g * group / 2, group / 2, hint);
     const float s = scale_at(srow, g);
     for (int64_t j = 0; j < spans; ++j) {
       const int64_t c = g * spans + j;

@@ -39,9 +39,9 @@ static void tile_q8_zmm(const int8_t* xq, const float* xd, const uint8_t* qp, co
   __m512 acc[T][R];
   for (int t = 0; t < T; ++t)
     for (int r = 0; r < R; ++r) acc[t][r] = _mm512_setzero_ps();
-  const bool nta = int4_stream_nta;
+  const int64_t hint = int4_stream_hint;
   for (int64_t g = 0; g < G; ++g) {
-    for (int r = 0; r < R; ++r) prefetch_weights(qrow[r] + AHEAD * (K / 2) + g * group / 2, nta);
+    for (int r = 0; r < R; ++r) prefetch_weights(qrow[r] + AHEAD * (K / 2) + g * group / 2, hint);
     __m512 ga[T][R];
     for (int t = 0; t < T; ++t)
       for (int r = 0; r < R; ++r) ga[t][r] = _mm512_setzero_ps();

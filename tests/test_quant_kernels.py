@@ -466,20 +466,22 @@ def test_the_decode_streams_prefetch_settings_change_no_result():
     x = torch.randn(1, 512, generator=g).bfloat16()
     want = lin(x)
     try:
-        for ahead, nta in ((0, True), (64, False), (8192, True), (1 << 20, False)):
-            cpu_kernel.set_int4_stream_prefetch(ahead, nta)
+        for ahead, hint in ((0, "nta"), (64, "t0"), (8192, "t1"), (1 << 20, "t2"), (4096, "nta")):
+            cpu_kernel.set_int4_stream_prefetch(ahead, hint)
             assert torch.equal(lin(x), want)
         with pytest.raises(RuntimeError, match="multiple of 64"):
-            cpu_kernel.set_int4_stream_prefetch(100, True)
+            cpu_kernel.set_int4_stream_prefetch(100, "t0")
+        with pytest.raises(ValueError, match="one of t0, t1, t2, nta"):
+            cpu_kernel.set_int4_stream_prefetch(64, "t3")
     finally:
         cpu_kernel.set_int4_stream_prefetch()
 
 
 def test_stream_prefetch_default_follows_the_vendor(monkeypatch):
-    """T0 on Intel cores (NTA held a Xeon's decode stream to ~60%), AMD's tuned NTA elsewhere."""
+    """T1 on Intel cores (NTA held a Xeon's decode stream to half of it), AMD's tuned NTA elsewhere."""
     from quant import cpu_kernel
 
-    for vendor, want in (("GenuineIntel", (4096, False)), ("AuthenticAMD", (2048, True)), ("", (2048, True))):
+    for vendor, want in (("GenuineIntel", (4096, "t1")), ("AuthenticAMD", (2048, "nta")), ("", (2048, "nta"))):
         monkeypatch.setattr(cpu_kernel, "_cpu_vendor", lambda v=vendor: v)
         assert cpu_kernel.stream_prefetch_default() == want
 
