@@ -1,0 +1,65 @@
+"""A checkpoint of ours decoding with each INT4 stream prefetch setting, alternated in one process.
+
+bench_cpu_threads.py --stream-prefetch times the kernel alone on Scout's expert matrices; this
+times what a user sees: `--prompt` tokens of prefill and `--gen` decode steps of a loaded
+checkpoint (the issue's slice by default, timed as bench_vs_llamacpp.py times ours), each
+setting (BYTES:HINT, hint t0, t1, t2 or nta) in turn, `--reps` rounds. Prefetching changes no
+result, only where the weights' lines wait; the medians and ranges are printed per setting.
+
+    python benchmarks/bench_stream_prefetch.py [--model DIR] [--settings 4096:t0,4096:t1]
+        [--threads 1,2] [--reps 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_vs_llamacpp import CACHE, Ours  # noqa: E402  (sets THP_MEM_ALLOC_ENABLE before torch)
+
+from quant import cpu_kernel  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", type=Path, default=CACHE / "scout-slice-int4")
+    ap.add_argument("--settings", default="4096:t0,4096:t1", help="BYTES:HINT, comma-separated")
+    ap.add_argument("--threads", default="1,2")
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--prompt", type=int, default=128)
+    ap.add_argument("--gen", type=int, default=32)
+    args = ap.parse_args()
+    if not args.model.is_dir():
+        sys.exit(f"no checkpoint at {args.model}: run bench_vs_llamacpp.py once to write the slice, or pass --model")
+    if not cpu_kernel.available():
+        sys.exit("the CPU kernel is not built here: nothing to set")
+    settings = [(int(a), h) for a, h in (s.split(":") for s in args.settings.split(","))]
+    ours = Ours(args.model)
+    print(json.dumps({"default": cpu_kernel.stream_prefetch_default(), "model": str(args.model)}), flush=True)
+    try:
+        for threads in (int(t) for t in args.threads.split(",")):
+            ours.run(threads, 16, 8)  # warm-up
+            runs: dict[str, list[dict]] = {f"{a}:{h}": [] for a, h in settings}
+            for _ in range(args.reps):
+                for ahead, hint in settings:
+                    cpu_kernel.set_int4_stream_prefetch(ahead, hint)
+                    runs[f"{ahead}:{hint}"].append(ours.run(threads, args.prompt, args.gen))
+            for name, rs in runs.items():
+                row = {"threads": threads, "setting": name}
+                for key in ("prefill", "decode"):
+                    v = [r[key] for r in rs]
+                    row[key] = {"median": statistics.median(v), "min": min(v), "max": max(v)}
+                    row[key] = {k: round(x, 2) for k, x in row[key].items()}
+                print(json.dumps(row), flush=True)
+    finally:
+        cpu_kernel.set_int4_stream_prefetch()
+
+
+if __name__ == "__main__":
+    main()
