@@ -109,9 +109,9 @@ def main():
         if args.stream_prefetch and n in (counts[0], counts[-1]):
             for setting in args.stream_prefetch.split(","):
                 ahead, hint = setting.split(":")
-                cpu_kernel.set_int4_stream_prefetch(int(ahead), hint)
+                cpu_kernel.set_stream_prefetch(int(ahead), hint)
                 extra[f"decode_GB_s_{setting}"] = round(nbytes / best_time(decode, cpu, args.reps) / 1e9, 2)
-            cpu_kernel.set_int4_stream_prefetch()
+            cpu_kernel.set_stream_prefetch()
         if cpu_kernel.isa() == "avx512-vnni":  # decode's one row through the 512-bit tiles too
             cpu_kernel.set_zmm_one_row(True)
             extra["decode_zmm_one_row_GB_s"] = round(nbytes / best_time(decode, cpu, args.reps) / 1e9, 2)

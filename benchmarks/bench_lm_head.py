@@ -10,6 +10,10 @@ model's are (4 KB pages; huge pages with LLAMA4_LOCAL_HUGE_PAGES=1, as copy_mapp
 places them). Also the load-time cost of the INT8 copy.
 
     python benchmarks/bench_lm_head.py [--threads 1,2] [--vocab 202048]
+    THP_MEM_ALLOC_ENABLE=1 python benchmarks/bench_lm_head.py --stream-prefetch 2048:t0,4096:t1 [--rounds 4]
+
+`--stream-prefetch`: instead, the Q6 head alone with each prefetch setting of its stream (how far
+ahead, which hint), alternated (THP_MEM_ALLOC_ENABLE=1: in 2 MB pages, as a run maps its sidecar).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -40,12 +45,19 @@ def main():
     ap.add_argument("--vocab", type=int, default=202048)
     ap.add_argument("--hidden", type=int, default=5120)
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument(
+        "--stream-prefetch",
+        help="instead: the Q6 head's GB/s with each prefetch setting, BYTES:HINT (t0, t1, t2, nta), alternated",
+    )
+    ap.add_argument("--rounds", type=int, default=4, help="with --stream-prefetch: rounds of the settings")
     args = ap.parse_args()
     if not cpu_kernel.available():
         sys.exit("our CPU kernel is not available here (needs AVX2/FMA and a C++ compiler)")
     cpu = torch.device("cpu")
     w = torch.randn(args.vocab, args.hidden, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
     x = torch.randn(1, args.hidden, dtype=torch.bfloat16)
+    if args.stream_prefetch:
+        return sweep_q6(w, x, cpu, args)
     for threads in (int(t) for t in args.threads.split(",")):
         torch.set_num_threads(threads)
         for row in run(w, x, cpu, args.reps):
@@ -72,6 +84,29 @@ def run(w: torch.Tensor, x: torch.Tensor, cpu: torch.device, reps: int) -> list[
         rows.append({"lm_head": name, "ms": round(seconds * 1e3, 1), "GB": round(nbytes / 1e9, 2)})
         rows[-1]["GB_s"] = round(nbytes / seconds / 1e9, 1)
     return rows
+
+
+def sweep_q6(w: torch.Tensor, x: torch.Tensor, cpu: torch.device, args) -> None:
+    """The Q6 head's decode GB/s with each prefetch setting of its stream, alternated in rounds
+    (the same results whatever the setting: checked each time)."""
+    six = Q6Linear(q6.pack(*q6.rtn(w)), w.shape[1], w.dtype)
+    want, settings = six(x), [(int(a), h) for a, h in (s.split(":") for s in args.stream_prefetch.split(","))]
+    print(json.dumps({"default": cpu_kernel.stream_prefetch_default("q6")}))
+    try:
+        for threads in (int(t) for t in args.threads.split(",")):
+            torch.set_num_threads(threads)
+            runs: dict[str, list[float]] = {f"{a}:{h}": [] for a, h in settings}
+            for _ in range(args.rounds):
+                for ahead, hint in settings:
+                    cpu_kernel.set_stream_prefetch(ahead, hint, "q6")
+                    if not torch.equal(six(x), want):
+                        sys.exit(f"the Q6 head's result moved with prefetch {ahead}:{hint}")
+                    runs[f"{ahead}:{hint}"].append(six.q6.numel() / best_time(lambda: six(x), cpu, args.reps) / 1e9)
+            for name, v in runs.items():
+                row = {"median": statistics.median(v), "min": min(v), "max": max(v)}
+                print(json.dumps({"threads": threads, "q6_prefetch": name, **{k: round(g, 2) for k, g in row.items()}}))
+    finally:
+        cpu_kernel.set_stream_prefetch(stream="q6")
 
 
 if __name__ == "__main__":

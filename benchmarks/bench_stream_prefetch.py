@@ -3,11 +3,12 @@
 bench_cpu_threads.py --stream-prefetch times the kernel alone on Scout's expert matrices; this
 times what a user sees: `--prompt` tokens of prefill and `--gen` decode steps of a loaded
 checkpoint (the issue's slice by default, timed as bench_vs_llamacpp.py times ours), each
-setting (BYTES:HINT, hint t0, t1, t2 or nta) in turn, `--reps` rounds. Prefetching changes no
+setting (BYTES:HINT, hint t0, t1, t2 or nta) of the `--streams` named (the INT4 weights', the Q6
+lm_head's; the others keep this CPU's default) in turn, `--reps` rounds. Prefetching changes no
 result, only where the weights' lines wait; the medians and ranges are printed per setting.
 
     python benchmarks/bench_stream_prefetch.py [--model DIR] [--settings 4096:t0,4096:t1]
-        [--threads 1,2] [--reps 5]
+        [--streams int4,q6] [--threads 1,2] [--reps 5]
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", type=Path, default=CACHE / "scout-slice-int4")
     ap.add_argument("--settings", default="4096:t0,4096:t1", help="BYTES:HINT, comma-separated")
+    ap.add_argument("--streams", default="int4", help="which streams each setting applies to: int4, q6")
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--prompt", type=int, default=128)
@@ -40,6 +42,9 @@ def main() -> None:
     if not cpu_kernel.available():
         sys.exit("the CPU kernel is not built here: nothing to set")
     settings = [(int(a), h) for a, h in (s.split(":") for s in args.settings.split(","))]
+    streams = args.streams.split(",")
+    if not set(streams) <= set(cpu_kernel.STREAMS):
+        sys.exit(f"--streams: some of {', '.join(cpu_kernel.STREAMS)}")
     ours = Ours(args.model)
     print(json.dumps({"default": cpu_kernel.stream_prefetch_default(), "model": str(args.model)}), flush=True)
     try:
@@ -48,7 +53,8 @@ def main() -> None:
             runs: dict[str, list[dict]] = {f"{a}:{h}": [] for a, h in settings}
             for _ in range(args.reps):
                 for ahead, hint in settings:
-                    cpu_kernel.set_int4_stream_prefetch(ahead, hint)
+                    for stream in streams:
+                        cpu_kernel.set_stream_prefetch(ahead, hint, stream)
                     runs[f"{ahead}:{hint}"].append(ours.run(threads, args.prompt, args.gen))
             for name, rs in runs.items():
                 row = {"threads": threads, "setting": name}
@@ -58,7 +64,8 @@ def main() -> None:
                     row[key] = {k: round(x, 2) for k, x in row[key].items()}
                 print(json.dumps(row), flush=True)
     finally:
-        cpu_kernel.set_int4_stream_prefetch()
+        for stream in streams:
+            cpu_kernel.set_stream_prefetch(stream=stream)
 
 
 if __name__ == "__main__":

@@ -44,7 +44,7 @@ _BINDINGS = r"""
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int4_mv", &int4_mv, NOGIL, "INT4 matrix-vector (AVX2)");
   m.def("int4_dequant_bf16", &int4_dequant_bf16, NOGIL, "rows of INT4 weights dequantized to bf16");
-  m.def("set_int4_stream_prefetch", &set_int4_stream_prefetch, "the INT4 decode stream's prefetch distance and hint");
+  m.def("set_stream_prefetch", &set_stream_prefetch, "a decode weight stream's prefetch distance and hint");
   m.def("set_zmm_one_row", &set_zmm_one_row, "one activation row through the 512-bit INT4 tiles too");
   m.def("int4_gemm_bf16", &int4_gemm_bf16, NOGIL, "INT4 weights x many rows through bf16 GEMMs per chunk");
   m.def("int4_gemm_outer", &int4_gemm_outer, NOGIL, "INT4 weights x many rows, outer-product VNNI tiles");
@@ -172,8 +172,9 @@ def _module():
         )
         return None
     mod.set_half_bf16_dot(half_bf16_dot_default())
-    ahead, hint = stream_prefetch_default()
-    mod.set_int4_stream_prefetch(ahead, STREAM_HINTS[hint])
+    for i, stream in enumerate(STREAMS):
+        ahead, hint = stream_prefetch_default(stream)
+        mod.set_stream_prefetch(i, ahead, STREAM_HINTS[hint])
     return mod
 
 
@@ -455,30 +456,36 @@ def set_zmm_one_row(on: bool) -> None:
     _module().set_zmm_one_row(on)
 
 
-# The INT4 decode stream's prefetch hints, as int4_kernel.py numbers them.
+# The decode weight streams' prefetch hints, as int4_kernel.py numbers them, and the streams: the
+# INT4 weights' and the lm_head's Q6 blocks'.
 STREAM_HINTS = {"t0": 0, "t1": 1, "t2": 2, "nta": 3}
+STREAMS = ("int4", "q6")
 
 
-def stream_prefetch_default() -> tuple[int, str]:
-    """How far ahead (bytes) and with which hint (STREAM_HINTS) the INT4 decode stream prefetches
-    its weights on this CPU. AMD: 2048 bytes, NTA (tuned on Zen 4). Intel: 4096, T1: on a 2-vCPU
-    Xeon VM with AMX (weights in 2 MB pages), NTA (into L1, past L2) held the stream to 6.7 GB/s on
-    one core and 13 on two, T0 to 14.2 and 25, T1 to 14.8 and 27.5 (bench_cpu_threads.py
-    --stream-prefetch, 2026-12-08; 4096 to 8192 bytes ahead within 2% of each other there)."""
+def stream_prefetch_default(stream: str = "int4") -> tuple[int, str]:
+    """How far ahead (bytes) and with which hint (STREAM_HINTS) a decode weight stream prefetches
+    on this CPU. Intel: 4096 bytes, T1 (into L2), both streams: on a 2-vCPU Xeon VM with AMX
+    (weights in 2 MB pages) the INT4 stream read 6.7 GB/s on one core and 13 on two with NTA (into
+    L1, past L2), 14.2 and 25 with T0, 14.8 and 27.5 with T1 (4096 to 8192 bytes ahead within 2%),
+    and the Q6 head 13.7 / 27.8 with 2048:t0, 11.5 / 23.2 with 4096:t0, 15.2 / 31.1 with 4096:t1
+    (bench_cpu_threads.py --stream-prefetch, bench_lm_head.py --stream-prefetch; 2026-12-08).
+    Elsewhere (AMD) 2048 bytes, NTA for the INT4 stream (tuned on Zen 4), T0 for the head."""
     if _cpu_vendor() == "GenuineIntel":
         return 4096, "t1"
-    return 2048, "nta"
+    return 2048, "nta" if stream == "int4" else "t0"
 
 
-def set_int4_stream_prefetch(ahead: int | None = None, hint: str | None = None) -> None:
-    """How far ahead (bytes, a multiple of 64) and with which hint ("t0", "t1", "t2" or "nta") the
-    INT4 decode stream prefetches its weights; None: this CPU's default (stream_prefetch_default).
-    For benchmarks (bench_cpu_threads.py --stream-prefetch) and tests."""
-    default = stream_prefetch_default()
+def set_stream_prefetch(ahead: int | None = None, hint: str | None = None, stream: str = "int4") -> None:
+    """How far ahead (bytes, a multiple of 64) and with which hint ("t0", "t1", "t2" or "nta") a
+    decode weight stream (STREAMS: the INT4 weights', or "q6": the lm_head's) prefetches; None:
+    this CPU's default (stream_prefetch_default). For benchmarks (bench_cpu_threads.py,
+    bench_lm_head.py --stream-prefetch) and tests."""
+    default = stream_prefetch_default(stream)
     hint = default[1] if hint is None else hint
     if hint not in STREAM_HINTS:
         raise ValueError(f"prefetch hint {hint!r}: one of {', '.join(STREAM_HINTS)}")
-    _module().set_int4_stream_prefetch(default[0] if ahead is None else ahead, STREAM_HINTS[hint])
+    ahead = default[0] if ahead is None else ahead
+    _module().set_stream_prefetch(STREAMS.index(stream), ahead, STREAM_HINTS[hint])
 
 
 def has_amx() -> bool:

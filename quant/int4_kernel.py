@@ -45,15 +45,18 @@ _TILES = r"""
 // STREAM_T1 (L2), STREAM_T2 (L3) or STREAM_NTA (into L1 past L2). Variables: the Python side sets
 // each CPU's own on loading (cpu_kernel.stream_prefetch_default: T1 on Intel cores, where NTA held
 // a Xeon's stream to half its bandwidth and T0 to ~90% of T1's), and a benchmark can sweep them
-// (set_int4_stream_prefetch; bench_cpu_threads.py --stream-prefetch).
+// (set_stream_prefetch; bench_cpu_threads.py --stream-prefetch).
 enum StreamHint : int64_t { STREAM_T0 = 0, STREAM_T1 = 1, STREAM_T2 = 2, STREAM_NTA = 3 };
-static int64_t int4_stream_ahead = STREAM_AHEAD;
-static int64_t int4_stream_hint = STREAM_NTA;
-void set_int4_stream_prefetch(int64_t ahead, int64_t hint) {
+// The lm_head's Q6 stream (matvec_kernel.py's tile_q6) has its own pair.
+static int64_t int4_stream_ahead = STREAM_AHEAD, q6_stream_ahead = STREAM_AHEAD;
+static int64_t int4_stream_hint = STREAM_NTA, q6_stream_hint = STREAM_T0;
+// stream 0: the INT4 weights', 1: the Q6 head's
+void set_stream_prefetch(int64_t stream, int64_t ahead, int64_t hint) {
+  TORCH_CHECK(stream == 0 || stream == 1, "stream: 0 (INT4) or 1 (Q6)");
   TORCH_CHECK(ahead >= 0 && ahead % 64 == 0, "ahead: a multiple of 64 bytes");
   TORCH_CHECK(hint >= STREAM_T0 && hint <= STREAM_NTA, "hint: 0 (T0), 1 (T1), 2 (T2) or 3 (NTA)");
-  int4_stream_ahead = ahead;
-  int4_stream_hint = hint;
+  (stream == 0 ? int4_stream_ahead : q6_stream_ahead) = ahead;
+  (stream == 0 ? int4_stream_hint : q6_stream_hint) = hint;
 }
 
 // One line of weights ahead, with the hint set (the tiles' prefetch).

@@ -468,9 +468,9 @@ static void tile_q6(const int8_t* xq, const float* xd, const int32_t* xs, const 
   for (int64_t s = 0; s < S; ++s) {
     for (int r = 0; r < R; ++r) {
       const uint8_t* p = wp + (n + r) * row + s * Q6_SUPER;
-      const int64_t ahead = R == 1 ? STREAM_AHEAD : AHEAD * row;
-      _mm_prefetch((const char*)p + ahead, _MM_HINT_T0);
-      _mm_prefetch((const char*)p + ahead + 64, _MM_HINT_T0);
+      const int64_t ahead = R == 1 ? q6_stream_ahead : AHEAD * row;
+      prefetch_weights((const char*)p + ahead, q6_stream_hint);
+      prefetch_weights((const char*)p + ahead + 64, q6_stream_hint);
       const __m256i l0 = _mm256_loadu_si256((const __m256i*)p), l1 = _mm256_loadu_si256((const __m256i*)(p + 32));
       const __m256i tb = _mm256_loadu_si256((const __m256i*)(p + 64));
       // 16-bit shifts move bits across bytes; the masks keep each byte's own

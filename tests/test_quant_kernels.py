@@ -3,6 +3,8 @@
 import pytest
 import torch
 
+from quant import q6
+from quant.head import Q6Linear
 from quant.int4 import quantize_int4
 from quant.kernels import Int4Linear, kernel_for
 
@@ -463,27 +465,34 @@ def test_the_decode_streams_prefetch_settings_change_no_result():
     g = torch.Generator().manual_seed(3)
     qw = quantize_int4(torch.randn(300, 512, generator=g), 128, True, scale_dtype=torch.bfloat16)
     lin = Int4Linear(qw, "cpu", torch.bfloat16)
+    head = Q6Linear(q6.pack(*q6.rtn(torch.randn(300, 512, generator=g))), 512, torch.bfloat16)
     x = torch.randn(1, 512, generator=g).bfloat16()
-    want = lin(x)
+    want, want_head = lin(x), head(x)
     try:
         for ahead, hint in ((0, "nta"), (64, "t0"), (8192, "t1"), (1 << 20, "t2"), (4096, "nta")):
-            cpu_kernel.set_int4_stream_prefetch(ahead, hint)
-            assert torch.equal(lin(x), want)
+            for stream in cpu_kernel.STREAMS:
+                cpu_kernel.set_stream_prefetch(ahead, hint, stream)
+            assert torch.equal(lin(x), want) and torch.equal(head(x), want_head)
         with pytest.raises(RuntimeError, match="multiple of 64"):
-            cpu_kernel.set_int4_stream_prefetch(100, "t0")
+            cpu_kernel.set_stream_prefetch(100, "t0")
         with pytest.raises(ValueError, match="one of t0, t1, t2, nta"):
-            cpu_kernel.set_int4_stream_prefetch(64, "t3")
+            cpu_kernel.set_stream_prefetch(64, "t3")
     finally:
-        cpu_kernel.set_int4_stream_prefetch()
+        for stream in cpu_kernel.STREAMS:
+            cpu_kernel.set_stream_prefetch(stream=stream)
 
 
 def test_stream_prefetch_default_follows_the_vendor(monkeypatch):
     """T1 on Intel cores (NTA held a Xeon's decode stream to half of it), AMD's tuned NTA elsewhere."""
     from quant import cpu_kernel
 
-    for vendor, want in (("GenuineIntel", (4096, "t1")), ("AuthenticAMD", (2048, "nta")), ("", (2048, "nta"))):
+    for vendor, int4, head in (
+        ("GenuineIntel", (4096, "t1"), (4096, "t1")),
+        ("AuthenticAMD", (2048, "nta"), (2048, "t0")),
+        ("", (2048, "nta"), (2048, "t0")),
+    ):
         monkeypatch.setattr(cpu_kernel, "_cpu_vendor", lambda v=vendor: v)
-        assert cpu_kernel.stream_prefetch_default() == want
+        assert cpu_kernel.stream_prefetch_default() == int4 and cpu_kernel.stream_prefetch_default("q6") == head
 
 
 def kernel_outputs() -> dict[str, torch.Tensor]:
