@@ -467,8 +467,8 @@ def stream_prefetch_default(stream: str = "int4") -> tuple[int, str]:
     on this CPU. Intel: 4096 bytes, T1 (into L2), both streams: on a 2-vCPU Xeon VM with AMX
     (weights in 2 MB pages) the INT4 stream read 6.7 GB/s on one core and 13 on two with NTA (into
     L1, past L2), 14.2 and 25 with T0, 14.8 and 27.5 with T1 (4096 to 8192 bytes ahead within 2%),
-    and the Q6 head 13.7 / 27.8 with 2048:t0, 11.5 / 23.2 with 4096:t0, 15.2 / 31.1 with 4096:t1
-    (bench_cpu_threads.py --stream-prefetch, bench_lm_head.py --stream-prefetch; 2026-12-08).
+    and the Q6 head 14.6 / 28.8 with 2048:t0 (its setting before), 7.1 / 13.9 with 2048:nta, 15.4 /
+    30.2 with 4096:t1 (bench_cpu_threads.py and bench_lm_head.py --stream-prefetch; 2026-12-08).
     Elsewhere (AMD) 2048 bytes, NTA for the INT4 stream (tuned on Zen 4), T0 for the head."""
     if _cpu_vendor() == "GenuineIntel":
         return 4096, "t1"
