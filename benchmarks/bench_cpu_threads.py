@@ -38,7 +38,7 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from timing import best_time  # noqa: E402
+from timing import best_time, prefetch_settings  # noqa: E402
 
 from llama4_local.model import linear  # noqa: E402
 from llama4_local.threads import cpu_name, physical_cores  # noqa: E402
@@ -107,10 +107,9 @@ def main():
         t_dec = best_time(decode, cpu, args.reps)
         extra = {}
         if args.stream_prefetch and n in (counts[0], counts[-1]):
-            for setting in args.stream_prefetch.split(","):
-                ahead, hint = setting.split(":")
-                cpu_kernel.set_stream_prefetch(int(ahead), hint)
-                extra[f"decode_GB_s_{setting}"] = round(nbytes / best_time(decode, cpu, args.reps) / 1e9, 2)
+            for ahead, hint in prefetch_settings(args.stream_prefetch):
+                cpu_kernel.set_stream_prefetch(ahead, hint)
+                extra[f"decode_GB_s_{ahead}:{hint}"] = round(nbytes / best_time(decode, cpu, args.reps) / 1e9, 2)
             cpu_kernel.set_stream_prefetch()
         if cpu_kernel.isa() == "avx512-vnni":  # decode's one row through the 512-bit tiles too
             cpu_kernel.set_zmm_one_row(True)

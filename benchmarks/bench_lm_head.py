@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -31,7 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from timing import best_time  # noqa: E402
+from timing import best_time, prefetch_settings, spread  # noqa: E402
 
 from llama4_local.loader import _page_slots  # noqa: E402
 from quant import cpu_kernel, q6  # noqa: E402
@@ -90,7 +89,7 @@ def sweep_q6(w: torch.Tensor, x: torch.Tensor, cpu: torch.device, args) -> None:
     """The Q6 head's decode GB/s with each prefetch setting of its stream, alternated in rounds
     (the same results whatever the setting: checked each time)."""
     six = Q6Linear(q6.pack(*q6.rtn(w)), w.shape[1], w.dtype)
-    want, settings = six(x), [(int(a), h) for a, h in (s.split(":") for s in args.stream_prefetch.split(","))]
+    want, settings = six(x), prefetch_settings(args.stream_prefetch)
     print(json.dumps({"default": cpu_kernel.stream_prefetch_default("q6")}))
     try:
         for threads in (int(t) for t in args.threads.split(",")):
@@ -103,8 +102,7 @@ def sweep_q6(w: torch.Tensor, x: torch.Tensor, cpu: torch.device, args) -> None:
                         sys.exit(f"the Q6 head's result moved with prefetch {ahead}:{hint}")
                     runs[f"{ahead}:{hint}"].append(six.q6.numel() / best_time(lambda: six(x), cpu, args.reps) / 1e9)
             for name, v in runs.items():
-                row = {"median": statistics.median(v), "min": min(v), "max": max(v)}
-                print(json.dumps({"threads": threads, "q6_prefetch": name, **{k: round(g, 2) for k, g in row.items()}}))
+                print(json.dumps({"threads": threads, "q6_prefetch": name, **spread(v)}))
     finally:
         cpu_kernel.set_stream_prefetch(stream="q6")
 

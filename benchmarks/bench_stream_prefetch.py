@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from pathlib import Path
 
@@ -23,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_vs_llamacpp import CACHE, Ours  # noqa: E402  (sets THP_MEM_ALLOC_ENABLE before torch)
+from timing import prefetch_settings, spread  # noqa: E402
 
 from quant import cpu_kernel  # noqa: E402
 
@@ -41,12 +41,13 @@ def main() -> None:
         sys.exit(f"no checkpoint at {args.model}: run bench_vs_llamacpp.py once to write the slice, or pass --model")
     if not cpu_kernel.available():
         sys.exit("the CPU kernel is not built here: nothing to set")
-    settings = [(int(a), h) for a, h in (s.split(":") for s in args.settings.split(","))]
+    settings = prefetch_settings(args.settings)
     streams = args.streams.split(",")
     if not set(streams) <= set(cpu_kernel.STREAMS):
         sys.exit(f"--streams: some of {', '.join(cpu_kernel.STREAMS)}")
     ours = Ours(args.model)
-    print(json.dumps({"default": cpu_kernel.stream_prefetch_default(), "model": str(args.model)}), flush=True)
+    defaults = {stream: cpu_kernel.stream_prefetch_default(stream) for stream in streams}
+    print(json.dumps({"default": defaults, "model": str(args.model)}), flush=True)
     try:
         for threads in (int(t) for t in args.threads.split(",")):
             ours.run(threads, 16, 8)  # warm-up
@@ -57,12 +58,8 @@ def main() -> None:
                         cpu_kernel.set_stream_prefetch(ahead, hint, stream)
                     runs[f"{ahead}:{hint}"].append(ours.run(threads, args.prompt, args.gen))
             for name, rs in runs.items():
-                row = {"threads": threads, "setting": name}
-                for key in ("prefill", "decode"):
-                    v = [r[key] for r in rs]
-                    row[key] = {"median": statistics.median(v), "min": min(v), "max": max(v)}
-                    row[key] = {k: round(x, 2) for k, x in row[key].items()}
-                print(json.dumps(row), flush=True)
+                row = {key: spread([r[key] for r in rs]) for key in ("prefill", "decode")}
+                print(json.dumps({"threads": threads, "setting": name, **row}), flush=True)
     finally:
         for stream in streams:
             cpu_kernel.set_stream_prefetch(stream=stream)

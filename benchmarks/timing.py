@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 import time
 
 import torch
@@ -23,6 +24,16 @@ def best_time(fn, device: torch.device, reps: int) -> float:
         sync(device)
         best = min(best, time.perf_counter() - t)
     return best
+
+
+def spread(values: list[float], digits: int = 2) -> dict[str, float]:
+    """The median and range of alternated runs' figures, rounded."""
+    return {k: round(f(values), digits) for k, f in (("median", statistics.median), ("min", min), ("max", max))}
+
+
+def prefetch_settings(text: str) -> list[tuple[int, str]]:
+    """BYTES:HINT,... (e.g. 2048:t0,4096:t1) as (bytes, hint) pairs for cpu_kernel.set_stream_prefetch."""
+    return [(int(a), h) for a, h in (s.split(":") for s in text.split(","))]
 
 
 def copy_bandwidth(device: torch.device, nbytes: int = 1 << 29, reps: int = 5) -> float:
