@@ -239,6 +239,27 @@ def test_four_concurrent_streams(server, client):
     assert got == want
 
 
+def test_the_queue_holds_max_queue_behind_the_job_about_to_run():
+    """Requests that arrive together at an idle server: the first is the worker's next even before
+    the worker wakes to take it, so max_queue more wait behind it (CI saw the fourth of four
+    concurrent streams refused at --max-queue 3 when the worker had not woken yet)."""
+    from types import SimpleNamespace
+
+    from llama4_local.server.app import APIError, Scheduler
+
+    def job():
+        return SimpleNamespace(cancelled=threading.Event())
+
+    sched = Scheduler(max_queue=3)
+    for _ in range(4):
+        sched.submit(job())
+    with pytest.raises(APIError, match="3 requests waiting"):
+        sched.submit(job())
+    assert sched.next() is not None  # the worker takes the first: 3 wait behind it
+    with pytest.raises(APIError, match="3 requests waiting"):
+        sched.submit(job())
+
+
 def test_queue_full_is_429_and_server_stays_usable(server):
     body = {"messages": [{"role": "user", "content": "go"}], "max_tokens": 600, "ignore_eos": True, "temperature": 0}
     results = []

@@ -82,11 +82,14 @@ class Scheduler:
     def submit(self, job: Job) -> None:
         with self._cv:
             self._waiting = deque(j for j in self._waiting if not j.cancelled.is_set())
-            if len(self._waiting) >= self.max_queue:
-                wait = max(1, round(self.seconds_per_job * (len(self._waiting) + 1)))
+            # With no job running, the first in line is the idle worker's next (it may not have
+            # woken to take it yet): it waits behind nothing.
+            behind = len(self._waiting) - (self.running is None and bool(self._waiting))
+            if behind >= self.max_queue:
+                wait = max(1, round(self.seconds_per_job * (behind + 1)))
                 raise APIError(
                     429,
-                    f"the server is busy ({len(self._waiting)} requests waiting); retry in about {wait} s",
+                    f"the server is busy ({behind} requests waiting); retry in about {wait} s",
                     code="queue_full",
                     headers={"Retry-After": str(wait)},
                 )
